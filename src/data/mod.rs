@@ -1,0 +1,1 @@
+//! Data: the shard format, packing, decoding, two-view augmentation and the loader.

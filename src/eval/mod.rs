@@ -1,0 +1,1 @@
+//! Evaluation: k-NN and linear probes on frozen features.

@@ -1,0 +1,4 @@
+//! Networks: the flat parameter store, ResNet (torchvision layout), the projection head and
+//! the weight-normalized prototypes.
+
+pub mod params;

@@ -1,0 +1,4 @@
+//! LARS and the cosine schedules (learning rate, teacher momentum).
+
+pub mod lars;
+pub mod schedule;

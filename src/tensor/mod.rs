@@ -1,0 +1,213 @@
+//! Tensors: a shape and an immutable, shared storage. Ops produce new tensors; the storage
+//! enum is where a backend joins (`Storage::Cuda` with the `cuda` feature) without touching the
+//! callers of any op.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::bail;
+use crate::error::Result;
+
+/// Where a tensor lives. Ops dispatch on the storage; callers only ever name a `Device` when
+/// they create inputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The n-th CUDA device (only usable with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// The bytes behind a tensor. f32 everywhere for now; the CPU layout is row-major NCHW.
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(Vec<f32>),
+}
+
+impl Storage {
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Identifies a tensor on the tape. Every new tensor (including a reshape) gets a fresh id.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl TensorId {
+    fn fresh() -> Self {
+        TensorId(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: TensorId,
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+}
+
+/// A cheaply clonable handle to an immutable tensor.
+#[derive(Clone, Debug)]
+pub struct Tensor(Arc<Inner>);
+
+impl Tensor {
+    /// Wraps a storage; checks the element count against the shape.
+    pub fn new(storage: Storage, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != storage.len() {
+            bail!(
+                Shape,
+                "shape {shape:?} needs {n} elements, storage has {}",
+                storage.len()
+            );
+        }
+        Ok(Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape: shape.to_vec(),
+            storage: Arc::new(storage),
+        })))
+    }
+
+    /// A CPU tensor from a host vector.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::new(Storage::Cpu(data), shape)
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::full(0.0, shape, device)
+    }
+
+    pub fn full(value: f32, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        match device {
+            Device::Cpu => Tensor::from_vec(vec![value; n], shape),
+            Device::Cuda(_) => bail!(
+                Device,
+                "CUDA tensors need a build with `--features cuda` and a GPU"
+            ),
+        }
+    }
+
+    /// A tensor of the same shape and device holding `data` (used by ops for their outputs).
+    pub fn like(&self, data: Vec<f32>) -> Result<Tensor> {
+        Tensor::from_vec(data, self.shape())
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    pub fn rank(&self) -> usize {
+        self.0.shape.len()
+    }
+    /// The size of dimension `d`; panics on a bad index (a programming error, not user input).
+    pub fn dim(&self, d: usize) -> usize {
+        self.0.shape[d]
+    }
+    pub fn numel(&self) -> usize {
+        self.0.shape.iter().product()
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+    pub fn device(&self) -> Device {
+        self.0.storage.device()
+    }
+
+    /// The host slice of a CPU tensor; an error for other devices.
+    pub fn cpu(&self) -> Result<&[f32]> {
+        match self.storage() {
+            Storage::Cpu(v) => Ok(v),
+        }
+    }
+
+    /// Copies the data to a host vector, whatever the device.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match self.storage() {
+            Storage::Cpu(v) => Ok(v.clone()),
+        }
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn scalar(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            bail!(Shape, "scalar() on a tensor of shape {:?}", self.shape());
+        }
+        Ok(self.to_vec()?[0])
+    }
+
+    /// Same storage, new shape and new id. Not recorded on a tape: use `Tape::reshape` inside a
+    /// differentiated computation.
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            bail!(
+                Shape,
+                "cannot reshape {:?} ({} elements) to {shape:?}",
+                self.shape(),
+                self.numel()
+            );
+        }
+        Ok(Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape: shape.to_vec(),
+            storage: self.0.storage.clone(),
+        })))
+    }
+
+    /// A copy with a fresh id: the tape sees it as a new leaf with no history.
+    pub fn detach(&self) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape: self.0.shape.clone(),
+            storage: self.0.storage.clone(),
+        }))
+    }
+
+    /// Checks the shape, for op argument validation.
+    pub fn expect_shape(&self, what: &str, shape: &[usize]) -> Result<()> {
+        if self.shape() != shape {
+            bail!(
+                Shape,
+                "{what}: expected shape {shape:?}, got {:?}",
+                self.shape()
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the rank, for op argument validation.
+    pub fn expect_rank(&self, what: &str, rank: usize) -> Result<()> {
+        if self.rank() != rank {
+            bail!(
+                Shape,
+                "{what}: expected a rank-{rank} tensor, got shape {:?}",
+                self.shape()
+            );
+        }
+        Ok(())
+    }
+}

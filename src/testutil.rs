@@ -1,0 +1,149 @@
+//! Helpers for tests: seeded random tensors and a finite-difference gradient checker.
+//! Public (but hidden) so the integration tests under `tests/` can use them too.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// A seeded RNG for tests.
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Standard-normal values, seeded.
+pub fn randn_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = rng(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut r)).collect()
+}
+
+/// A CPU tensor of standard-normal values, seeded.
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(randn_vec(n, seed), shape).expect("shape matches")
+}
+
+/// Compares the tape's gradient of `L = sum(f(x) * R)` (R a fixed random projection, so every
+/// output element matters with a different weight) with central finite differences of L,
+/// evaluated in f64 from the f32 forward. Fails if `||g_tape - g_fd|| / ||g_fd||` exceeds
+/// `rel_tol` for any input, or if any single element is off by more than
+/// `10 * rel_tol * max|g_fd|`.
+pub fn check_grad(
+    inputs: &[Tensor],
+    rel_tol: f64,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    check_grad_eps(inputs, rel_tol, 1e-3, f)
+}
+
+/// [`check_grad`] with an explicit finite-difference step.
+pub fn check_grad_eps(
+    inputs: &[Tensor],
+    rel_tol: f64,
+    eps: f64,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    // Analytic gradients from the tape.
+    let mut tape = Tape::new();
+    let tracked: Vec<Tensor> = inputs.iter().map(|t| tape.track(t)).collect();
+    let out = f(&mut tape, &tracked)?;
+    let r = randn(out.shape(), 0xfeed);
+    let grads = tape.backward_from(vec![(out.clone(), r.clone())])?;
+    let rv: Vec<f64> = r.to_vec()?.iter().map(|&v| v as f64).collect();
+
+    let project = |xs: &[Tensor]| -> Result<f64> {
+        let mut tape = Tape::no_grad();
+        let y = f(&mut tape, xs)?;
+        Ok(y.to_vec()?
+            .iter()
+            .zip(&rv)
+            .map(|(&a, &b)| a as f64 * b)
+            .sum())
+    };
+
+    for (k, x) in tracked.iter().enumerate() {
+        let g = match grads.get(x) {
+            Some(g) => g.to_vec()?,
+            None => vec![0.0; x.numel()],
+        };
+        let base = x.to_vec()?;
+        let mut fd = vec![0.0f64; base.len()];
+        for i in 0..base.len() {
+            let mut xs: Vec<Tensor> = inputs.to_vec();
+            let mut plus = base.clone();
+            plus[i] += eps as f32;
+            let h_plus = plus[i] as f64 - base[i] as f64;
+            xs[k] = x.like(plus)?;
+            let lp = project(&xs)?;
+            let mut minus = base.clone();
+            minus[i] -= eps as f32;
+            let h_minus = base[i] as f64 - minus[i] as f64;
+            xs[k] = x.like(minus)?;
+            let lm = project(&xs)?;
+            fd[i] = (lp - lm) / (h_plus + h_minus);
+        }
+        let num: f64 = g
+            .iter()
+            .zip(&fd)
+            .map(|(&a, &b)| (a as f64 - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let den: f64 = fd.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-12);
+        let max_fd = fd.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+        let rel = num / den;
+        if rel > rel_tol {
+            bail!(
+                Msg,
+                "input {k} (shape {:?}): relative gradient error {rel:.3e} > {rel_tol:.1e}",
+                x.shape()
+            );
+        }
+        for (i, (&a, &b)) in g.iter().zip(&fd).enumerate() {
+            if (a as f64 - b).abs() > 10.0 * rel_tol * max_fd {
+                bail!(
+                    Msg,
+                    "input {k} (shape {:?}) element {i}: tape {a} vs finite difference {b}",
+                    x.shape()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Max |a - b| / max(|b|_inf, floor): a relative error over a whole buffer.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel_err: lengths differ");
+    let scale = b
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+        .max(1e-6);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
+        / scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checker_rejects_a_wrong_backward() {
+        // A deliberately wrong gradient (2x the true one) must be caught.
+        let x = randn(&[4, 3], 9);
+        let err = check_grad(&[x], 1e-2, |tape, xs| {
+            let y = xs[0].like(xs[0].to_vec()?)?;
+            tape.record("double-wrong", &y, &[&xs[0]], |dy| {
+                let d: Vec<f32> = dy.to_vec()?.iter().map(|v| 2.0 * v).collect();
+                Ok(vec![Some(dy.like(d)?)])
+            });
+            Ok(y)
+        });
+        assert!(err.is_err(), "a wrong backward passed the gradient check");
+    }
+}
