@@ -111,7 +111,10 @@ impl Conv2dShape {
             bail!(Shape, "conv2d: input must be (N, C, H, W), got shape {x:?}");
         }
         if w.len() != 4 {
-            bail!(Shape, "conv2d: weight must be (O, C, KH, KW), got shape {w:?}");
+            bail!(
+                Shape,
+                "conv2d: weight must be (O, C, KH, KW), got shape {w:?}"
+            );
         }
         if x[1] != w[1] {
             bail!(
@@ -150,11 +153,19 @@ struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// A row-major (rows x cols) matrix.
     fn rm(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, rs: cols, cs: 1 }
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major (rows x cols) matrix, i.e. a (cols x rows) operand.
     fn rm_t(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, rs: 1, cs: cols }
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
     /// Panics unless every element of a (rows x cols) view is inside `data`.
     fn check(&self, rows: usize, cols: usize, what: &str) {
@@ -169,9 +180,7 @@ impl<'a> Mat<'a> {
 
 /// dst (m x n, row-major) = a (m x k) * b (k x n), or dst += a * b when `accumulate`.
 fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     a: Mat,
     b: Mat,
@@ -257,7 +266,9 @@ fn im2col(x: &[f32], s: &Conv2dShape, col: &mut [f32]) {
                         if s.stride == 1 {
                             d[lo..hi].copy_from_slice(&xr[ix0..ix0 + (hi - lo)]);
                         } else {
-                            for (dv, &xv) in d[lo..hi].iter_mut().zip(xr[ix0..].iter().step_by(s.stride)) {
+                            for (dv, &xv) in
+                                d[lo..hi].iter_mut().zip(xr[ix0..].iter().step_by(s.stride))
+                            {
                                 *dv = xv;
                             }
                         }
@@ -391,7 +402,7 @@ pub fn conv2d_forward_cpu(x: &[f32], w: &[f32], s: &Conv2dShape, y: &mut [f32]) 
     let ys = SampleChunks::new(y, y_per);
     for_each_sample(s.n, col_len, outer, |i, col, par| {
         let x_n = &x[i * x_per..(i + 1) * x_per]; // (C, H, W)
-        // SAFETY: sample i is visited exactly once, and `y` stays borrowed for this call.
+                                                  // SAFETY: sample i is visited exactly once, and `y` stays borrowed for this call.
         let y_n = unsafe { ys.get(i) }; // (O, HO*WO)
         let cols: &[f32] = if pointwise {
             x_n // (C, H*W)
@@ -401,9 +412,7 @@ pub fn conv2d_forward_cpu(x: &[f32], w: &[f32], s: &Conv2dShape, y: &mut [f32]) 
         };
         // y_n (O, HO*WO) = w (O, C*KH*KW) * cols (C*KH*KW, HO*WO)
         matmul(
-            s.o,
-            ncols,
-            k,
+            (s.o, ncols, k),
             y_n,
             Mat::rm(w, k),
             Mat::rm(cols, ncols),
@@ -433,15 +442,13 @@ pub fn conv2d_backward_data_cpu(dy: &[f32], w: &[f32], s: &Conv2dShape, dx: &mut
     let dxs = SampleChunks::new(dx, x_per);
     for_each_sample(s.n, col_len, outer, |i, dcol, par| {
         let dy_n = &dy[i * y_per..(i + 1) * y_per]; // (O, HO*WO)
-        // SAFETY: sample i is visited exactly once, and `dx` stays borrowed for this call.
+                                                    // SAFETY: sample i is visited exactly once, and `dx` stays borrowed for this call.
         let dx_n = unsafe { dxs.get(i) }; // (C, H, W)
-        // dcol (C*KH*KW, HO*WO) = w^T (C*KH*KW, O) * dy_n (O, HO*WO); written straight into dx_n
-        // for pointwise convs, where dx_n (C, H*W) is the column matrix.
+                                          // dcol (C*KH*KW, HO*WO) = w^T (C*KH*KW, O) * dy_n (O, HO*WO); written straight into dx_n
+                                          // for pointwise convs, where dx_n (C, H*W) is the column matrix.
         let dst: &mut [f32] = if pointwise { dx_n } else { dcol };
         matmul(
-            k,
-            ncols,
-            s.o,
+            (k, ncols, s.o),
             dst,
             Mat::rm_t(w, k),
             Mat::rm(dy_n, ncols),
@@ -487,9 +494,7 @@ pub fn conv2d_backward_filter_cpu(x: &[f32], dy: &[f32], s: &Conv2dShape, dw: &m
             };
             // acc (O, C*KH*KW) (+)= dy_n (O, HO*WO) * cols^T (HO*WO, C*KH*KW)
             matmul(
-                s.o,
-                k,
-                ncols,
+                (s.o, k, ncols),
                 acc,
                 Mat::rm(dy_n, ncols),
                 Mat::rm_t(cols, ncols),
@@ -776,12 +781,8 @@ mod tests {
         let y = tape.conv2d(&x, &w, s.stride, s.padding).unwrap();
         let grads = tape.backward_from(vec![(y, dy.clone())]).unwrap();
         assert!(grads.get(&x).is_none());
-        let (_, want_dw) = naive_backward(
-            x.cpu().unwrap(),
-            w.cpu().unwrap(),
-            dy.cpu().unwrap(),
-            &s,
-        );
+        let (_, want_dw) =
+            naive_backward(x.cpu().unwrap(), w.cpu().unwrap(), dy.cpu().unwrap(), &s);
         let dw = grads.get(&w).unwrap();
         assert_eq!(dw.shape(), w.shape());
         assert!(rel_err(dw.cpu().unwrap(), &to_f32(&want_dw)) < 1e-5);
@@ -799,12 +800,22 @@ mod tests {
         // Stride 0.
         assert!(tape.conv2d(&x, &randn(&[4, 3, 3, 3], 2), 0, 1).is_err());
         // Wrong ranks.
-        assert!(tape.conv2d(&randn(&[3, 5, 5], 1), &randn(&[4, 3, 3, 3], 2), 1, 1).is_err());
+        assert!(tape
+            .conv2d(&randn(&[3, 5, 5], 1), &randn(&[4, 3, 3, 3], 2), 1, 1)
+            .is_err());
         assert!(tape.conv2d(&x, &randn(&[4, 3, 9], 2), 1, 1).is_err());
     }
 
     /// Sum over (c, ki, kj) for one output element, in f64.
-    fn naive_at(x: &[f32], w: &[f32], s: &Conv2dShape, n: usize, o: usize, oy: usize, ox: usize) -> f64 {
+    fn naive_at(
+        x: &[f32],
+        w: &[f32],
+        s: &Conv2dShape,
+        n: usize,
+        o: usize,
+        oy: usize,
+        ox: usize,
+    ) -> f64 {
         let mut acc = 0.0f64;
         for c in 0..s.c {
             for ki in 0..s.kh {
@@ -830,10 +841,19 @@ mod tests {
         let y = tape.conv2d(&x, &w, 1, 1).unwrap();
         assert_eq!(y.shape(), &[2, 64, 56, 56]);
         let (xv, wv, yv) = (x.cpu().unwrap(), w.cpu().unwrap(), y.cpu().unwrap());
-        for &(n, o, oy, ox) in &[(0, 0, 0, 0), (1, 63, 55, 55), (0, 17, 0, 31), (1, 5, 28, 55), (1, 40, 23, 7)] {
+        for &(n, o, oy, ox) in &[
+            (0, 0, 0, 0),
+            (1, 63, 55, 55),
+            (0, 17, 0, 31),
+            (1, 5, 28, 55),
+            (1, 40, 23, 7),
+        ] {
             let want = naive_at(xv, wv, &s, n, o, oy, ox);
             let got = yv[((n * 64 + o) * 56 + oy) * 56 + ox] as f64;
-            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "y[{n},{o},{oy},{ox}] = {got}, want {want}");
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "y[{n},{o},{oy},{ox}] = {got}, want {want}"
+            );
         }
         let dy = randn(&[2, 64, 56, 56], 13);
         let grads = tape.backward_from(vec![(y, dy)]).unwrap();
@@ -841,7 +861,12 @@ mod tests {
         let dw = grads.get(&w).unwrap();
         assert_eq!(dx.shape(), x.shape());
         assert_eq!(dw.shape(), w.shape());
-        assert!(dx.cpu().unwrap().iter().chain(dw.cpu().unwrap()).all(|v| v.is_finite()));
+        assert!(dx
+            .cpu()
+            .unwrap()
+            .iter()
+            .chain(dw.cpu().unwrap())
+            .all(|v| v.is_finite()));
     }
 
     /// The convolutions of ResNet50 at 224x224, as (C, H, O, k, stride, padding, count).
@@ -849,7 +874,11 @@ mod tests {
         let mut v = vec![(3, 224, 64, 7, 2, 3, 1)];
         let mut inp = 64;
         let mut h = 56;
-        for (stage, (&width, &blocks)) in [64usize, 128, 256, 512].iter().zip(&[3usize, 4, 6, 3]).enumerate() {
+        for (stage, (&width, &blocks)) in [64usize, 128, 256, 512]
+            .iter()
+            .zip(&[3usize, 4, 6, 3])
+            .enumerate()
+        {
             let out = width * 4;
             let stride = if stage == 0 { 1 } else { 2 };
             let ho = h / stride;
@@ -872,7 +901,10 @@ mod tests {
     #[test]
     #[ignore = "timing; run with --ignored --nocapture"]
     fn time_resnet50_convs_batch2() {
-        let n: usize = std::env::var("CONV_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        let n: usize = std::env::var("CONV_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
         let (mut tf, mut td, mut tw) = (0.0, 0.0, 0.0);
         for (c, h, o, k, stride, padding, count) in resnet50_convs() {
             let s = shape(n, c, h, h, o, k, stride, padding);
