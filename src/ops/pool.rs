@@ -1,1 +1,492 @@
-//! (to be written)
+//! Pooling over (N, C, H, W): max pool (ResNet's 3x3/2 stem pool) and global average pool.
+//!
+//! Max pool's backward does not save argmax indices: it recomputes each window's argmax from the
+//! saved input (cheap next to the convolutions, and it keeps the saved state to the input,
+//! which the graph holds anyway). The argmax is the first maximum in row-major window order, with
+//! NaN winning, exactly as PyTorch's CPU kernel, so gradients agree on ties.
+
+use rayon::prelude::*;
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// The sizes of one max pool: input (N, C, H, W), square window `kernel`, `stride`, `padding`
+/// (padding acts as -inf), output (N, C, HO, WO) with floor rounding (PyTorch's default
+/// `ceil_mode=False`, no dilation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2dShape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Pool2dShape {
+    /// Output height: (H + 2*padding - kernel) / stride + 1.
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+    /// Output width: (W + 2*padding - kernel) / stride + 1.
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+    /// Elements of the input (N, C, H, W).
+    pub fn x_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    /// Elements of the output (N, C, HO, WO).
+    pub fn y_len(&self) -> usize {
+        self.n * self.c * self.ho() * self.wo()
+    }
+
+    /// Checks the sizes. As PyTorch, padding may be at most kernel / 2, which guarantees that
+    /// every window holds at least one real input pixel.
+    pub fn validate(&self) -> Result<()> {
+        let dims = [
+            ("N", self.n),
+            ("C", self.c),
+            ("H", self.h),
+            ("W", self.w),
+            ("kernel", self.kernel),
+            ("stride", self.stride),
+        ];
+        for (name, v) in dims {
+            if v == 0 {
+                bail!(Shape, "max_pool2d: {name} must be positive ({self:?})");
+            }
+        }
+        if 2 * self.padding > self.kernel {
+            bail!(
+                Shape,
+                "max_pool2d: padding {} must be at most half the kernel {}",
+                self.padding,
+                self.kernel
+            );
+        }
+        if self.h + 2 * self.padding < self.kernel || self.w + 2 * self.padding < self.kernel {
+            bail!(
+                Shape,
+                "max_pool2d: kernel {k}x{k} is larger than the padded input {}x{} (H={}, W={}, padding={})",
+                self.h + 2 * self.padding,
+                self.w + 2 * self.padding,
+                self.h,
+                self.w,
+                self.padding,
+                k = self.kernel
+            );
+        }
+        Ok(())
+    }
+
+    /// The shape of `max_pool2d(x, ..)` for x (N, C, H, W), validated.
+    pub fn from_shape(
+        x: &[usize],
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Pool2dShape> {
+        if x.len() != 4 {
+            bail!(
+                Shape,
+                "max_pool2d: input must be (N, C, H, W), got shape {x:?}"
+            );
+        }
+        let s = Pool2dShape {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            kernel,
+            stride,
+            padding,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The input index range [lo, hi) covered by output position `o` along a side of `len`.
+    fn window(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = o * self.stride;
+        let lo = start.saturating_sub(self.padding);
+        let hi = (start + self.kernel).saturating_sub(self.padding).min(len);
+        (lo, hi)
+    }
+
+    /// The index (within the plane) of the max of window (oy, ox) of one (H, W) plane: the
+    /// first maximum in row-major order, NaN winning (PyTorch's rule).
+    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
+        let (y0, y1) = self.window(oy, self.h);
+        let (x0, x1) = self.window(ox, self.w);
+        let mut best = f32::NEG_INFINITY;
+        let mut best_i = y0 * self.w + x0;
+        for iy in y0..y1 {
+            for ix in x0..x1 {
+                let i = iy * self.w + ix;
+                let v = plane[i];
+                if v > best || v.is_nan() {
+                    best = v;
+                    best_i = i;
+                }
+            }
+        }
+        best_i
+    }
+}
+
+// ---------- CPU kernels ----------
+
+/// Planes per rayon task: enough work to amortize scheduling.
+fn planes_per_task(plane_len: usize) -> usize {
+    (1 << 14) / plane_len.max(1) + 1
+}
+
+/// y (N, C, HO, WO) = max over each window of x (N, C, H, W). Overwrites y.
+///
+/// # Panics
+/// If a buffer length does not match `s`, or `s` is invalid (see [`Pool2dShape::validate`]).
+pub fn max_pool2d_forward_cpu(x: &[f32], s: &Pool2dShape, y: &mut [f32]) {
+    s.validate().expect("max_pool2d_forward_cpu: invalid shape");
+    assert_eq!(x.len(), s.x_len(), "max_pool2d_forward_cpu: x length");
+    assert_eq!(y.len(), s.y_len(), "max_pool2d_forward_cpu: y length");
+    let (ho, wo) = (s.ho(), s.wo());
+    let (xp, yp) = (s.h * s.w, ho * wo);
+    let per = planes_per_task(xp);
+    y.par_chunks_mut(yp * per)
+        .zip(x.par_chunks(xp * per))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(yp).zip(x.chunks(xp)) {
+                // y (HO, WO), x (H, W)
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        y[oy * wo + ox] = x[s.argmax(x, oy, ox)];
+                    }
+                }
+            }
+        });
+}
+
+/// dx (N, C, H, W): each dy (N, C, HO, WO) entry added at its window's argmax in x (first max on
+/// ties, as PyTorch). Overwrites dx.
+///
+/// # Panics
+/// If a buffer length does not match `s`, or `s` is invalid.
+pub fn max_pool2d_backward_cpu(x: &[f32], dy: &[f32], s: &Pool2dShape, dx: &mut [f32]) {
+    s.validate()
+        .expect("max_pool2d_backward_cpu: invalid shape");
+    assert_eq!(x.len(), s.x_len(), "max_pool2d_backward_cpu: x length");
+    assert_eq!(dy.len(), s.y_len(), "max_pool2d_backward_cpu: dy length");
+    assert_eq!(dx.len(), s.x_len(), "max_pool2d_backward_cpu: dx length");
+    let (ho, wo) = (s.ho(), s.wo());
+    let (xp, yp) = (s.h * s.w, ho * wo);
+    let per = planes_per_task(xp);
+    dx.par_chunks_mut(xp * per)
+        .zip(x.par_chunks(xp * per).zip(dy.par_chunks(yp * per)))
+        .for_each(|(dx, (x, dy))| {
+            for (dx, (x, dy)) in dx.chunks_mut(xp).zip(x.chunks(xp).zip(dy.chunks(yp))) {
+                // dx (H, W), x (H, W), dy (HO, WO); windows overlap, so accumulate.
+                dx.fill(0.0);
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        dx[s.argmax(x, oy, ox)] += dy[oy * wo + ox];
+                    }
+                }
+            }
+        });
+}
+
+/// Global average pool: y (rows) = mean of each of the `rows` planes of `hw` values in
+/// x (rows, hw), i.e. (N, C, H, W) -> (N, C) with rows = N*C and hw = H*W. Sums in f64.
+/// Overwrites y.
+///
+/// # Panics
+/// If a buffer length does not match, or `hw` is 0.
+pub fn avg_pool_forward_cpu(x: &[f32], rows: usize, hw: usize, y: &mut [f32]) {
+    assert!(hw > 0, "avg_pool_forward_cpu: empty planes");
+    assert_eq!(x.len(), rows * hw, "avg_pool_forward_cpu: x length");
+    assert_eq!(y.len(), rows, "avg_pool_forward_cpu: y length");
+    let per = planes_per_task(hw);
+    y.par_chunks_mut(per)
+        .zip(x.par_chunks(hw * per))
+        .for_each(|(y, x)| {
+            for (y, x) in y.iter_mut().zip(x.chunks(hw)) {
+                *y = (x.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32;
+            }
+        });
+}
+
+/// The global average pool's backward: dx (rows, hw) = dy (rows) / hw, broadcast over each
+/// plane. Overwrites dx.
+///
+/// # Panics
+/// If a buffer length does not match, or `hw` is 0.
+pub fn avg_pool_backward_cpu(dy: &[f32], rows: usize, hw: usize, dx: &mut [f32]) {
+    assert!(hw > 0, "avg_pool_backward_cpu: empty planes");
+    assert_eq!(dy.len(), rows, "avg_pool_backward_cpu: dy length");
+    assert_eq!(dx.len(), rows * hw, "avg_pool_backward_cpu: dx length");
+    let per = planes_per_task(hw);
+    let scale = 1.0 / hw as f32;
+    dx.par_chunks_mut(hw * per)
+        .zip(dy.par_chunks(per))
+        .for_each(|(dx, dy)| {
+            for (dx, &g) in dx.chunks_mut(hw).zip(dy) {
+                dx.fill(g * scale);
+            }
+        });
+}
+
+// ---------- tape ops ----------
+
+impl Tape {
+    /// Max pool (kernel, stride, padding) over (N, C, H, W); padding acts as -inf. Backward
+    /// routes the gradient to the argmax (first max on ties, as PyTorch).
+    pub fn max_pool2d(
+        &mut self,
+        x: &Tensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
+        let mut y = vec![0.0f32; s.y_len()]; // (N, C, HO, WO)
+        max_pool2d_forward_cpu(x.cpu()?, &s, &mut y);
+        let y_shape = [s.n, s.c, s.ho(), s.wo()];
+        let y = Tensor::from_vec(y, &y_shape)?;
+        let xs = x.clone();
+        self.record("max_pool2d", &y, &[x], move |dy| {
+            dy.expect_shape("max_pool2d output gradient", &y_shape)?;
+            let mut dx = vec![0.0f32; s.x_len()]; // (N, C, H, W)
+            max_pool2d_backward_cpu(xs.cpu()?, dy.cpu()?, &s, &mut dx);
+            Ok(vec![Some(xs.like(dx)?)])
+        });
+        Ok(y)
+    }
+
+    /// (N, C, H, W) -> (N, C): mean over H*W.
+    pub fn global_avg_pool(&mut self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() != 4 {
+            bail!(
+                Shape,
+                "global_avg_pool: input must be (N, C, H, W), got shape {:?}",
+                x.shape()
+            );
+        }
+        let x_shape = x.shape().to_vec();
+        let (rows, hw) = (x_shape[0] * x_shape[1], x_shape[2] * x_shape[3]);
+        if hw == 0 {
+            bail!(
+                Shape,
+                "global_avg_pool: empty spatial size in shape {x_shape:?}"
+            );
+        }
+        let mut y = vec![0.0f32; rows]; // (N, C)
+        avg_pool_forward_cpu(x.cpu()?, rows, hw, &mut y);
+        let y_shape = [x_shape[0], x_shape[1]];
+        let y = Tensor::from_vec(y, &y_shape)?;
+        self.record("global_avg_pool", &y, &[x], move |dy| {
+            dy.expect_shape("global_avg_pool output gradient", &y_shape)?;
+            let mut dx = vec![0.0f32; rows * hw]; // (N, C, H, W)
+            avg_pool_backward_cpu(dy.cpu()?, rows, hw, &mut dx);
+            Ok(vec![Some(Tensor::from_vec(dx, &x_shape)?)])
+        });
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn, randn_vec, rng};
+    use rand::seq::SliceRandom;
+
+    fn pshape(
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        st: usize,
+        p: usize,
+    ) -> Pool2dShape {
+        let s = Pool2dShape {
+            n,
+            c,
+            h,
+            w,
+            kernel: k,
+            stride: st,
+            padding: p,
+        };
+        s.validate().unwrap();
+        s
+    }
+
+    /// Naive max pool: (y, argmax index into x) per output, scanning every window position and
+    /// skipping the padding; strict `>` keeps the first maximum.
+    fn naive_max_pool(x: &[f32], s: &Pool2dShape) -> (Vec<f32>, Vec<usize>) {
+        let (ho, wo) = (s.ho(), s.wo());
+        let mut y = Vec::new();
+        let mut arg = Vec::new();
+        for n in 0..s.n {
+            for c in 0..s.c {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut best = f32::NEG_INFINITY;
+                        let mut bi = usize::MAX;
+                        for ky in 0..s.kernel {
+                            for kx in 0..s.kernel {
+                                let iy = (oy * s.stride + ky) as isize - s.padding as isize;
+                                let ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                let i = ((n * s.c + c) * s.h + iy as usize) * s.w + ix as usize;
+                                if bi == usize::MAX || x[i] > best {
+                                    best = x[i];
+                                    bi = i;
+                                }
+                            }
+                        }
+                        y.push(best);
+                        arg.push(bi);
+                    }
+                }
+            }
+        }
+        (y, arg)
+    }
+
+    /// Distinct values (a shuffled ramp, spacing 0.05 >> the finite-difference step), so that
+    /// every window's argmax is stable under the checker's perturbations.
+    fn distinct(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut v: Vec<f32> = (0..n).map(|i| i as f32 * 0.05 - n as f32 * 0.025).collect();
+        v.shuffle(&mut rng(seed));
+        Tensor::from_vec(v, shape).unwrap()
+    }
+
+    fn pool_cases() -> Vec<Pool2dShape> {
+        vec![
+            pshape(2, 3, 9, 8, 3, 2, 1),     // ResNet's stem pool, odd H
+            pshape(1, 2, 7, 7, 3, 2, 1),     // batch 1, odd both
+            pshape(3, 2, 6, 5, 2, 2, 0),     // 2x2/2 no padding, odd W (last column dropped)
+            pshape(2, 2, 5, 6, 3, 1, 1),     // stride 1: heavily overlapping windows
+            pshape(2, 1, 1, 1, 3, 2, 1),     // 1x1 input
+            pshape(2, 3, 112, 112, 3, 2, 1), // the real stem size
+        ]
+    }
+
+    #[test]
+    fn max_pool_forward_matches_naive() {
+        for (t, s) in pool_cases().iter().enumerate() {
+            let x = randn_vec(s.x_len(), 50 + t as u64);
+            let mut y = vec![f32::NAN; s.y_len()];
+            max_pool2d_forward_cpu(&x, s, &mut y);
+            let (want, _) = naive_max_pool(&x, s);
+            assert_eq!(y, want, "{s:?}");
+        }
+        let x = randn(&[2, 3, 9, 8], 1);
+        let y = Tape::no_grad().max_pool2d(&x, 3, 2, 1).unwrap();
+        assert_eq!(y.shape(), &[2, 3, 5, 4]);
+    }
+
+    #[test]
+    fn max_pool_backward_matches_naive_scatter() {
+        for (t, s) in pool_cases().iter().enumerate() {
+            let x = randn_vec(s.x_len(), 60 + t as u64);
+            let dy = randn_vec(s.y_len(), 70 + t as u64);
+            let (_, arg) = naive_max_pool(&x, s);
+            let mut want = vec![0.0f32; s.x_len()];
+            for (&i, &g) in arg.iter().zip(&dy) {
+                want[i] += g;
+            }
+            let mut dx = vec![f32::NAN; s.x_len()];
+            max_pool2d_backward_cpu(&x, &dy, s, &mut dx);
+            for (i, (&a, &b)) in dx.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{s:?} dx[{i}] = {a}, want {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_ties_route_to_the_first_max() {
+        // One 2x4 plane of equal values except a -1; 2x2/2 windows: each window's gradient must
+        // land on its top-left element (the first in row-major order), as PyTorch.
+        let s = pshape(1, 1, 2, 4, 2, 2, 0);
+        let x = [5.0, 5.0, -1.0, 5.0, 5.0, 5.0, 5.0, 5.0];
+        let dy = [1.0, 2.0];
+        let mut dx = [0.0f32; 8];
+        max_pool2d_backward_cpu(&x, &dy, &s, &mut dx);
+        assert_eq!(dx, [1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+        // Overlapping 3x3/1 windows on a constant plane with padding: every window's first real
+        // pixel gets its gradient.
+        let s = pshape(1, 1, 2, 2, 3, 1, 1);
+        let mut dx = [0.0f32; 4];
+        max_pool2d_backward_cpu(&[1.0; 4], &[1.0; 4], &s, &mut dx);
+        assert_eq!(dx, [4.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn max_pool_gradient_matches_finite_differences() {
+        // Relative error bound 1e-3: with distinct inputs the pool is locally linear (a
+        // selection), so central differences are exact up to f32 rounding.
+        for (t, shape) in [[2, 3, 7, 6], [1, 2, 5, 5], [2, 1, 6, 9]]
+            .iter()
+            .enumerate()
+        {
+            let x = distinct(shape, 80 + t as u64);
+            check_grad(&[x], 1e-3, |tape, xs| tape.max_pool2d(&xs[0], 3, 2, 1)).unwrap();
+        }
+        let x = distinct(&[2, 2, 6, 5], 90);
+        check_grad(&[x], 1e-3, |tape, xs| tape.max_pool2d(&xs[0], 2, 2, 0)).unwrap();
+    }
+
+    #[test]
+    fn global_avg_pool_forward_and_gradient() {
+        let x = randn(&[3, 5, 7, 6], 3);
+        let y = Tape::no_grad().global_avg_pool(&x).unwrap();
+        assert_eq!(y.shape(), &[3, 5]);
+        let xv = x.to_vec().unwrap();
+        for (r, &got) in y.cpu().unwrap().iter().enumerate() {
+            let want = xv[r * 42..(r + 1) * 42]
+                .iter()
+                .map(|&v| v as f64)
+                .sum::<f64>()
+                / 42.0;
+            assert!((got as f64 - want).abs() < 1e-6, "row {r}: {got} vs {want}");
+        }
+        // Hand-derived: d mean / dx = 1 / (H*W) for every pixel of the plane.
+        let dy = randn(&[3, 5], 4);
+        let mut tape = Tape::new();
+        let xt = tape.track(&x);
+        let y = tape.global_avg_pool(&xt).unwrap();
+        let g = tape.backward_from(vec![(y, dy.clone())]).unwrap();
+        let dx = g.get(&xt).unwrap();
+        assert_eq!(dx.shape(), x.shape());
+        let dyv = dy.to_vec().unwrap();
+        for (i, &v) in dx.cpu().unwrap().iter().enumerate() {
+            assert!((v - dyv[i / 42] / 42.0).abs() < 1e-7);
+        }
+        // And against finite differences (bound 1e-3: the op is linear).
+        let x = randn(&[2, 3, 3, 5], 5);
+        check_grad(&[x], 1e-3, |tape, xs| tape.global_avg_pool(&xs[0])).unwrap();
+    }
+
+    #[test]
+    fn bad_pool_shapes_are_errors() {
+        let mut tape = Tape::new();
+        let x = randn(&[2, 3, 5, 5], 1);
+        assert!(tape.max_pool2d(&x, 3, 2, 2).is_err()); // padding > kernel / 2
+        assert!(tape.max_pool2d(&x, 7, 1, 0).is_err()); // kernel > input
+        assert!(tape.max_pool2d(&x, 3, 0, 1).is_err()); // stride 0
+        assert!(tape.max_pool2d(&randn(&[3, 5, 5], 1), 3, 2, 1).is_err());
+        assert!(tape.global_avg_pool(&randn(&[3, 5], 1)).is_err());
+    }
+}
