@@ -1,1 +1,888 @@
-//! (to be written)
+//! Batch normalization over (N, C, H, W) or (N, C) inputs: statistics per channel C over N (and
+//! H, W). Training mode normalizes with the batch mean and biased variance and has the full
+//! batch-statistics backward; eval mode uses running statistics. The running update follows
+//! PyTorch (unbiased variance, momentum 0.1).
+//!
+//! The CPU kernels view the input as (N, C, S) with S = H * W (S = 1 for 2-d inputs): channel
+//! reductions run in parallel over channels, elementwise passes in parallel over (n, c) planes.
+
+use rayon::prelude::*;
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+pub const BN_EPS: f32 = 1e-5;
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// Elementwise passes hand rayon at least this many elements per task.
+const MIN_ELEMS_PER_TASK: usize = 1 << 12;
+
+/// The (N, C, S) view of a batch-norm input: S = H * W for 4-d inputs, 1 for 2-d ones.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BnDims {
+    pub n: usize,
+    pub c: usize,
+    pub s: usize,
+}
+
+impl BnDims {
+    /// The dims of a (N, C, H, W) or (N, C) shape.
+    pub fn of(op: &str, shape: &[usize]) -> Result<BnDims> {
+        match *shape {
+            [n, c] => Ok(BnDims { n, c, s: 1 }),
+            [n, c, h, w] => Ok(BnDims { n, c, s: h * w }),
+            _ => bail!(
+                Shape,
+                "{op}: input must be (N, C, H, W) or (N, C), got shape {shape:?}"
+            ),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.s
+    }
+    /// Elements per channel: the count the statistics average over.
+    pub fn per_channel(&self) -> usize {
+        self.n * self.s
+    }
+}
+
+fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        bail!(Shape, "{op}: {what} has {got} elements, expected {want}");
+    }
+    Ok(())
+}
+
+// ---------- CPU reference kernels ----------
+
+/// Per-channel sums over (n, s) of f(channel, x) and g(channel, x), accumulated in f64 (a channel
+/// of the stem holds N * 112 * 112 elements: far too many for an f32 accumulator). `f` gets the
+/// channel and the flat index of an element of that channel.
+fn channel_sums2(d: BnDims, f: impl Fn(usize, usize) -> (f64, f64) + Sync, out: &mut [(f64, f64)]) {
+    out.par_iter_mut().enumerate().for_each(|(ch, acc)| {
+        let (mut a, mut b) = (0.0f64, 0.0f64);
+        for i in 0..d.n {
+            let base = (i * d.c + ch) * d.s;
+            for j in base..base + d.s {
+                let (fa, fb) = f(ch, j);
+                a += fa;
+                b += fb;
+            }
+        }
+        *acc = (a, b);
+    });
+}
+
+/// Per-channel mean (C,) and biased variance (C,) of x (N, C, S).
+pub fn batch_norm_stats_cpu(x: &[f32], d: BnDims, mean: &mut [f32], var: &mut [f32]) -> Result<()> {
+    let op = "batch_norm_stats_cpu";
+    check_len(op, "x", x.len(), d.numel())?;
+    check_len(op, "mean", mean.len(), d.c)?;
+    check_len(op, "var", var.len(), d.c)?;
+    let m = d.per_channel();
+    if m == 0 {
+        bail!(
+            Shape,
+            "{op}: no elements per channel (N={}, S={})",
+            d.n,
+            d.s
+        );
+    }
+    // One pass over x: sums of (x - k) and (x - k)^2 with a per-channel shift k (the channel's
+    // first element) so the variance formula does not cancel catastrophically when |mean| >> std.
+    let shift: Vec<f64> = (0..d.c).map(|ch| x[ch * d.s] as f64).collect();
+    let mut sums = vec![(0.0, 0.0); d.c];
+    channel_sums2(
+        d,
+        |ch, j| {
+            let v = x[j] as f64 - shift[ch];
+            (v, v * v)
+        },
+        &mut sums,
+    );
+    let mf = m as f64;
+    for ch in 0..d.c {
+        let (s1, s2) = sums[ch];
+        let dm = s1 / mf;
+        mean[ch] = (shift[ch] + dm) as f32;
+        var[ch] = (s2 / mf - dm * dm).max(0.0) as f32;
+    }
+    Ok(())
+}
+
+/// Per-channel (scale, shift) such that y = x * scale + shift normalizes and applies the affine.
+fn scale_shift(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> Vec<(f32, f32)> {
+    (0..gamma.len())
+        .map(|ch| {
+            let invstd = 1.0 / (var[ch] as f64 + eps as f64).sqrt();
+            let scale = gamma[ch] as f64 * invstd;
+            (
+                scale as f32,
+                (beta[ch] as f64 - mean[ch] as f64 * scale) as f32,
+            )
+        })
+        .collect()
+}
+
+/// Runs `f(channel, plane_index, plane)` over the (n, c) planes of length S of a buffer
+/// (N, C, S), in parallel, with enough elements per task for small S (S = 1 for 2-d inputs).
+fn for_each_plane(y: &mut [f32], d: BnDims, f: impl Fn(usize, usize, &mut [f32]) + Sync + Send) {
+    if d.s == 0 {
+        return;
+    }
+    let min_len = (MIN_ELEMS_PER_TASK / d.s).max(1);
+    y.par_chunks_mut(d.s)
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each(|(p, plane)| f(p % d.c, p, plane));
+}
+
+/// y = (x - mean) / sqrt(var + eps) * gamma + beta, per channel: x, y (N, C, S); the rest (C,).
+/// This is the eval-mode forward when mean and var are the running statistics.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn batch_norm_apply_cpu(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    let op = "batch_norm_apply_cpu";
+    check_len(op, "x", x.len(), d.numel())?;
+    check_len(op, "y", y.len(), d.numel())?;
+    for (what, v) in [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("mean", mean),
+        ("var", var),
+    ] {
+        check_len(op, what, v.len(), d.c)?;
+    }
+    let ss = scale_shift(gamma, beta, mean, var, eps);
+    for_each_plane(y, d, |ch, p, plane| {
+        let (scale, shift) = ss[ch];
+        let xs = &x[p * d.s..(p + 1) * d.s];
+        for (y, &x) in plane.iter_mut().zip(xs) {
+            *y = x * scale + shift;
+        }
+    });
+    Ok(())
+}
+
+/// Training-mode forward: batch statistics into mean (C,) and var (C,) (biased), then the
+/// normalization and affine into y (N, C, S).
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn batch_norm_train_forward_cpu(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+) -> Result<()> {
+    batch_norm_stats_cpu(x, d, mean, var)?;
+    batch_norm_apply_cpu(x, gamma, beta, mean, var, d, eps, y)
+}
+
+/// Shared backward. With `batch_stats`, mean/var are the batch statistics of x and dx includes
+/// their dependence on x: dx = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M), M = N*S.
+/// Without, mean/var are constants (eval mode): dx = dy * gamma * invstd.
+/// Always dgamma = sum(dy * xhat), dbeta = sum(dy), xhat = (x - mean) * invstd.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_backward(
+    op: &str,
+    batch_stats: bool,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.len())] {
+        check_len(op, what, len, d.numel())?;
+    }
+    for (what, len) in [
+        ("gamma", gamma.len()),
+        ("mean", mean.len()),
+        ("var", var.len()),
+        ("dgamma", dgamma.len()),
+        ("dbeta", dbeta.len()),
+    ] {
+        check_len(op, what, len, d.c)?;
+    }
+    let m = d.per_channel();
+    if m == 0 {
+        bail!(Shape, "{op}: no elements per channel");
+    }
+    let invstd: Vec<f64> = var
+        .iter()
+        .map(|&v| 1.0 / (v as f64 + eps as f64).sqrt())
+        .collect();
+    // Reductions over each channel: sum(dy) and sum(dy * (x - mean)).
+    let mut sums = vec![(0.0, 0.0); d.c];
+    channel_sums2(
+        d,
+        |ch, j| {
+            let g = dy[j] as f64;
+            (g, g * (x[j] as f64 - mean[ch] as f64))
+        },
+        &mut sums,
+    );
+    for ch in 0..d.c {
+        dbeta[ch] = sums[ch].0 as f32;
+        dgamma[ch] = (sums[ch].1 * invstd[ch]) as f32;
+    }
+    // dx = a * dy + b * (x - mean) + c per channel, with the constants folded in f64 once per
+    // channel (centering before the multiply keeps f32 accuracy when |mean| >> std).
+    let coef: Vec<(f32, f32, f32)> = (0..d.c)
+        .map(|ch| {
+            let gi = gamma[ch] as f64 * invstd[ch];
+            if batch_stats {
+                let mf = m as f64;
+                let (sdy, sdyx) = sums[ch];
+                // xhat * dgamma / M = (x - mean) * invstd^2 * sdyx / M
+                let k = invstd[ch] * invstd[ch] * sdyx / mf;
+                let a = gi;
+                let b = -gi * k;
+                let c = -gi * sdy / mf;
+                (a as f32, b as f32, c as f32)
+            } else {
+                (gi as f32, 0.0, 0.0)
+            }
+        })
+        .collect();
+    for_each_plane(dx, d, |ch, p, plane| {
+        let (a, b, c) = coef[ch];
+        let mu = mean[ch];
+        let r = p * d.s..(p + 1) * d.s;
+        for ((dx, &g), &x) in plane.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
+            *dx = a * g + b * (x - mu) + c;
+        }
+    });
+    Ok(())
+}
+
+/// Training-mode backward (the full batch-statistics backward): x, dy, dx (N, C, S); gamma and
+/// the saved batch mean/var (biased) (C,); outputs dgamma, dbeta (C,).
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn batch_norm_train_backward_cpu(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    batch_norm_backward(
+        "batch_norm_train_backward_cpu",
+        true,
+        x,
+        dy,
+        gamma,
+        mean,
+        var,
+        d,
+        eps,
+        dx,
+        dgamma,
+        dbeta,
+    )
+}
+
+/// Eval-mode backward with constant (running) mean/var: dx = dy * gamma / sqrt(var + eps).
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn batch_norm_eval_backward_cpu(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    d: BnDims,
+    eps: f32,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    batch_norm_backward(
+        "batch_norm_eval_backward_cpu",
+        false,
+        x,
+        dy,
+        gamma,
+        running_mean,
+        running_var,
+        d,
+        eps,
+        dx,
+        dgamma,
+        dbeta,
+    )
+}
+
+/// r = (1 - momentum) * r + momentum * stat, elementwise (C,), into `out`.
+pub fn bn_running_update_cpu(r: &[f32], stat: &[f32], momentum: f32, out: &mut [f32]) {
+    for ((o, &r), &s) in out.iter_mut().zip(r).zip(stat) {
+        *o = (1.0 - momentum) * r + momentum * s;
+    }
+}
+
+// ---------- tape ops ----------
+
+/// Checks the per-channel parameter tensors of a batch norm against the input's channel count.
+fn check_channel_params(op: &str, x: &Tensor, c: usize, params: &[(&str, &Tensor)]) -> Result<()> {
+    for (what, t) in params {
+        if t.shape() != [c] {
+            bail!(
+                Shape,
+                "{op}: {what} must have shape [{c}] for input {:?}, got {:?}",
+                x.shape(),
+                t.shape()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_eps(op: &str, eps: f32) -> Result<()> {
+    if !(eps >= 0.0 && eps.is_finite()) {
+        bail!(Config, "{op}: eps must be finite and >= 0, got {eps}");
+    }
+    Ok(())
+}
+
+impl Tape {
+    /// Training mode: normalizes with the batch mean and the biased variance. Returns
+    /// (y, batch_mean (C,), batch_var_unbiased (C,)) - the latter two for the running update,
+    /// not differentiated. Backward: dx, dgamma, dbeta (the full batch-stat backward).
+    pub fn batch_norm_train(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let op = "batch_norm_train";
+        let d = BnDims::of(op, x.shape())?;
+        check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
+        check_eps(op, eps)?;
+        let m = d.per_channel();
+        if m < 2 {
+            // As PyTorch: one value per channel has no variance to normalize with.
+            bail!(
+                Shape,
+                "{op}: expected more than 1 value per channel in training mode, got input {:?}",
+                x.shape()
+            );
+        }
+        let mut y = vec![0.0; d.numel()]; // (N, C, S)
+        let mut mean = vec![0.0; d.c]; // (C,)
+        let mut var = vec![0.0; d.c]; // (C,) biased
+        batch_norm_train_forward_cpu(
+            x.cpu()?,
+            gamma.cpu()?,
+            beta.cpu()?,
+            d,
+            eps,
+            &mut y,
+            &mut mean,
+            &mut var,
+        )?;
+        let y = x.like(y)?;
+        let unbiased = m as f32 / (m - 1) as f32;
+        let var_unbiased: Vec<f32> = var.iter().map(|&v| v * unbiased).collect();
+        let mean_t = Tensor::from_vec(mean.clone(), &[d.c])?;
+        let var_t = Tensor::from_vec(var_unbiased, &[d.c])?;
+        if self.is_recording() {
+            let (sx, sg) = (x.clone(), gamma.clone());
+            self.record(op, &y, &[x, gamma, beta], move |dy| {
+                dy.expect_shape("batch_norm_train backward dy", sx.shape())?;
+                let mut dx = vec![0.0; d.numel()];
+                let mut dgamma = vec![0.0; d.c];
+                let mut dbeta = vec![0.0; d.c];
+                batch_norm_train_backward_cpu(
+                    sx.cpu()?,
+                    dy.cpu()?,
+                    sg.cpu()?,
+                    &mean,
+                    &var,
+                    d,
+                    eps,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                )?;
+                Ok(vec![
+                    Some(sx.like(dx)?),
+                    Some(Tensor::from_vec(dgamma, &[d.c])?),
+                    Some(Tensor::from_vec(dbeta, &[d.c])?),
+                ])
+            });
+        }
+        Ok((y, mean_t, var_t))
+    }
+
+    /// Eval mode with running statistics; differentiable w.r.t. x, gamma, beta.
+    pub fn batch_norm_eval(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let op = "batch_norm_eval";
+        let d = BnDims::of(op, x.shape())?;
+        check_channel_params(
+            op,
+            x,
+            d.c,
+            &[
+                ("gamma", gamma),
+                ("beta", beta),
+                ("running_mean", running_mean),
+                ("running_var", running_var),
+            ],
+        )?;
+        check_eps(op, eps)?;
+        let mut y = vec![0.0; d.numel()]; // (N, C, S)
+        batch_norm_apply_cpu(
+            x.cpu()?,
+            gamma.cpu()?,
+            beta.cpu()?,
+            running_mean.cpu()?,
+            running_var.cpu()?,
+            d,
+            eps,
+            &mut y,
+        )?;
+        let y = x.like(y)?;
+        let (sx, sg, rm, rv) = (
+            x.clone(),
+            gamma.clone(),
+            running_mean.clone(),
+            running_var.clone(),
+        );
+        self.record(op, &y, &[x, gamma, beta], move |dy| {
+            dy.expect_shape("batch_norm_eval backward dy", sx.shape())?;
+            let mut dx = vec![0.0; d.numel()];
+            let mut dgamma = vec![0.0; d.c];
+            let mut dbeta = vec![0.0; d.c];
+            batch_norm_eval_backward_cpu(
+                sx.cpu()?,
+                dy.cpu()?,
+                sg.cpu()?,
+                rm.cpu()?,
+                rv.cpu()?,
+                d,
+                eps,
+                &mut dx,
+                &mut dgamma,
+                &mut dbeta,
+            )?;
+            Ok(vec![
+                Some(sx.like(dx)?),
+                Some(Tensor::from_vec(dgamma, &[d.c])?),
+                Some(Tensor::from_vec(dbeta, &[d.c])?),
+            ])
+        });
+        Ok(y)
+    }
+}
+
+/// PyTorch's update: r = (1 - momentum) * r + momentum * batch_stat (unbiased var for r_var).
+/// Returns the new (running_mean, running_var).
+pub fn bn_running_update(
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    batch_mean: &Tensor,
+    batch_var_unbiased: &Tensor,
+    momentum: f32,
+) -> Result<(Tensor, Tensor)> {
+    let c = running_mean.numel();
+    for (what, t) in [
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("batch_mean", batch_mean),
+        ("batch_var_unbiased", batch_var_unbiased),
+    ] {
+        if t.shape() != [c] {
+            bail!(
+                Shape,
+                "bn_running_update: {what} must have shape [{c}], got {:?}",
+                t.shape()
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&momentum) {
+        bail!(
+            Config,
+            "bn_running_update: momentum must be in [0, 1], got {momentum}"
+        );
+    }
+    let mut new_mean = vec![0.0; c];
+    let mut new_var = vec![0.0; c];
+    bn_running_update_cpu(
+        running_mean.cpu()?,
+        batch_mean.cpu()?,
+        momentum,
+        &mut new_mean,
+    );
+    bn_running_update_cpu(
+        running_var.cpu()?,
+        batch_var_unbiased.cpu()?,
+        momentum,
+        &mut new_var,
+    );
+    Ok((
+        Tensor::from_vec(new_mean, &[c])?,
+        Tensor::from_vec(new_var, &[c])?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad_eps, randn};
+
+    /// f64 reference of the training forward on (N, C, S): (y, mean, biased var).
+    fn reference_train(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        d: BnDims,
+        eps: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let m = (d.n * d.s) as f64;
+        let idx = |i: usize, ch: usize, j: usize| (i * d.c + ch) * d.s + j;
+        let mut mean = vec![0.0; d.c];
+        let mut var = vec![0.0; d.c];
+        for ch in 0..d.c {
+            for i in 0..d.n {
+                for j in 0..d.s {
+                    mean[ch] += x[idx(i, ch, j)] as f64 / m;
+                }
+            }
+            for i in 0..d.n {
+                for j in 0..d.s {
+                    var[ch] += (x[idx(i, ch, j)] as f64 - mean[ch]).powi(2) / m;
+                }
+            }
+        }
+        let y = reference_apply(x, gamma, beta, &mean, &var, d, eps);
+        (y, mean, var)
+    }
+
+    /// f64 reference of (x - mean) / sqrt(var + eps) * gamma + beta.
+    fn reference_apply(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f64],
+        var: &[f64],
+        d: BnDims,
+        eps: f64,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; d.numel()];
+        for i in 0..d.n {
+            for ch in 0..d.c {
+                for j in 0..d.s {
+                    let k = (i * d.c + ch) * d.s + j;
+                    y[k] = (x[k] as f64 - mean[ch]) / (var[ch] + eps).sqrt() * gamma[ch] as f64
+                        + beta[ch] as f64;
+                }
+            }
+        }
+        y
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}[{i}]: {g} vs {w}"
+            );
+        }
+    }
+
+    /// Input with per-channel offsets and scales, so channels really differ (and the shifted
+    /// variance formula is exercised with |mean| >> 0).
+    fn channel_input(shape: &[usize], seed: u64) -> Tensor {
+        let d = BnDims::of("test", shape).unwrap();
+        let mut x = randn(shape, seed).to_vec().unwrap();
+        for (p, plane) in x.chunks_mut(d.s).enumerate() {
+            let ch = p % d.c;
+            for v in plane {
+                *v = *v * (0.5 + ch as f32) + 3.0 * ch as f32 - 2.0;
+            }
+        }
+        Tensor::from_vec(x, shape).unwrap()
+    }
+
+    #[test]
+    fn train_forward_matches_f64_formula_4d_and_2d() {
+        for (shape, seed) in [
+            (vec![3, 4, 5, 3], 41u64),
+            (vec![5, 6], 42),
+            (vec![2, 3, 1, 1], 43),
+        ] {
+            let d = BnDims::of("test", &shape).unwrap();
+            let x = channel_input(&shape, seed);
+            let gamma = randn(&[d.c], seed + 100);
+            let beta = randn(&[d.c], seed + 200);
+            let (y, mean, var_u) = Tape::no_grad()
+                .batch_norm_train(&x, &gamma, &beta, BN_EPS)
+                .unwrap();
+            assert_eq!(y.shape(), &shape[..]);
+            let (gv, bv) = (gamma.to_vec().unwrap(), beta.to_vec().unwrap());
+            let (ry, rmean, rvar) = reference_train(x.cpu().unwrap(), &gv, &bv, d, BN_EPS as f64);
+            assert_close(y.cpu().unwrap(), &ry, 1e-5, "y");
+            assert_close(mean.cpu().unwrap(), &rmean, 1e-6, "mean");
+            let m = (d.n * d.s) as f64;
+            let r_unbiased: Vec<f64> = rvar.iter().map(|v| v * m / (m - 1.0)).collect();
+            assert_close(var_u.cpu().unwrap(), &r_unbiased, 1e-5, "unbiased var");
+        }
+    }
+
+    #[test]
+    fn train_forward_parallel_path_matches_formula() {
+        // Big enough planes that the elementwise pass splits into several rayon tasks.
+        let shape = [3, 5, 37, 41];
+        let d = BnDims::of("test", &shape).unwrap();
+        let x = channel_input(&shape, 44);
+        let gamma = randn(&[5], 45);
+        let beta = randn(&[5], 46);
+        let (y, _, _) = Tape::no_grad()
+            .batch_norm_train(&x, &gamma, &beta, BN_EPS)
+            .unwrap();
+        let (ry, _, _) = reference_train(
+            x.cpu().unwrap(),
+            gamma.cpu().unwrap(),
+            beta.cpu().unwrap(),
+            d,
+            BN_EPS as f64,
+        );
+        assert_close(y.cpu().unwrap(), &ry, 1e-5, "y");
+    }
+
+    #[test]
+    fn running_statistics_after_two_steps_match_hand_recomputation() {
+        let c = 4;
+        let mut rm = Tensor::from_vec(vec![0.0; c], &[c]).unwrap();
+        let mut rv = Tensor::from_vec(vec![1.0; c], &[c]).unwrap();
+        let gamma = Tensor::full(1.0, &[c], &crate::tensor::Device::Cpu).unwrap();
+        let beta = Tensor::zeros(&[c], &crate::tensor::Device::Cpu).unwrap();
+        let xs = [
+            channel_input(&[3, c, 2, 5], 47),
+            channel_input(&[3, c, 2, 5], 48),
+        ];
+        let mut want_m = vec![0.0f64; c];
+        let mut want_v = vec![1.0f64; c];
+        let mom = BN_MOMENTUM as f64;
+        for x in &xs {
+            let (_, bm, bvu) = Tape::no_grad()
+                .batch_norm_train(x, &gamma, &beta, BN_EPS)
+                .unwrap();
+            (rm, rv) = bn_running_update(&rm, &rv, &bm, &bvu, BN_MOMENTUM).unwrap();
+            // Hand recomputation from the raw data: mean and unbiased variance over 30 values.
+            let xv = x.cpu().unwrap();
+            for ch in 0..c {
+                let vals: Vec<f64> = (0..3)
+                    .flat_map(|i| (0..10).map(move |j| (i * c + ch) * 10 + j))
+                    .map(|k| xv[k] as f64)
+                    .collect();
+                let mu = vals.iter().sum::<f64>() / 30.0;
+                let var_u = vals.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / 29.0;
+                want_m[ch] = (1.0 - mom) * want_m[ch] + mom * mu;
+                want_v[ch] = (1.0 - mom) * want_v[ch] + mom * var_u;
+            }
+        }
+        assert_close(rm.cpu().unwrap(), &want_m, 1e-5, "running mean");
+        assert_close(rv.cpu().unwrap(), &want_v, 1e-5, "running var");
+        assert!(bn_running_update(&rm, &rv, &gamma, &randn(&[c + 1], 1), 0.1).is_err());
+    }
+
+    #[test]
+    fn eval_forward_matches_formula() {
+        for (shape, seed) in [(vec![3, 4, 5, 3], 51u64), (vec![5, 6], 52)] {
+            let d = BnDims::of("test", &shape).unwrap();
+            let x = randn(&shape, seed);
+            let gamma = randn(&[d.c], seed + 1);
+            let beta = randn(&[d.c], seed + 2);
+            let rm = randn(&[d.c], seed + 3);
+            let rv: Vec<f32> = randn(&[d.c], seed + 4)
+                .to_vec()
+                .unwrap()
+                .iter()
+                .map(|v| 0.2 + v * v)
+                .collect();
+            let rvt = Tensor::from_vec(rv.clone(), &[d.c]).unwrap();
+            let y = Tape::no_grad()
+                .batch_norm_eval(&x, &gamma, &beta, &rm, &rvt, BN_EPS)
+                .unwrap();
+            let rm64: Vec<f64> = rm.cpu().unwrap().iter().map(|&v| v as f64).collect();
+            let rv64: Vec<f64> = rv.iter().map(|&v| v as f64).collect();
+            let want = reference_apply(
+                x.cpu().unwrap(),
+                gamma.cpu().unwrap(),
+                beta.cpu().unwrap(),
+                &rm64,
+                &rv64,
+                d,
+                BN_EPS as f64,
+            );
+            assert_close(y.cpu().unwrap(), &want, 1e-5, "eval y");
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_op() {
+        let x = randn(&[2, 3, 4], 1);
+        let g = randn(&[3], 2);
+        let e = Tape::no_grad()
+            .batch_norm_train(&x, &g, &g, BN_EPS)
+            .unwrap_err();
+        assert!(e.to_string().contains("batch_norm_train"), "{e}");
+        let x = randn(&[2, 3], 1);
+        let e = Tape::no_grad()
+            .batch_norm_train(&x, &randn(&[4], 2), &g, BN_EPS)
+            .unwrap_err();
+        assert!(e.to_string().contains("gamma"), "{e}");
+        // One value per channel: no variance.
+        assert!(Tape::no_grad()
+            .batch_norm_train(&randn(&[1, 3], 3), &g, &g, BN_EPS)
+            .is_err());
+        assert!(Tape::no_grad()
+            .batch_norm_eval(&x, &g, &g, &g, &randn(&[2], 4), BN_EPS)
+            .is_err());
+    }
+
+    // Gradient checks: inputs of std 1, step 1e-2, relative error bound 1e-2. The step is
+    // large because BN's output is invariant to shifting and scaling x per channel, so the
+    // projected loss changes little with x and an f32 forward with a 1e-3 step loses too many
+    // digits to the rounding of the (normalized, O(1)) outputs; the function is smooth enough that
+    // the O(eps^2) truncation error of central differences stays far below 1e-2 (these checks
+    // also pass at 1e-3 today; 1e-2 leaves room for other seeds). Dropping the batch-statistics
+    // terms from the train backward gives errors of about 0.2-0.3 here.
+
+    #[test]
+    fn train_backward_matches_finite_differences_4d() {
+        let x = randn(&[3, 4, 5, 3], 61);
+        let gamma = randn(&[4], 62);
+        let beta = randn(&[4], 63);
+        check_grad_eps(&[x, gamma, beta], 1e-2, 1e-2, |tape, xs| {
+            Ok(tape.batch_norm_train(&xs[0], &xs[1], &xs[2], BN_EPS)?.0)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn train_backward_matches_finite_differences_2d() {
+        let x = randn(&[5, 6], 64);
+        let gamma = randn(&[6], 65);
+        let beta = randn(&[6], 66);
+        check_grad_eps(&[x, gamma, beta], 1e-2, 1e-2, |tape, xs| {
+            Ok(tape.batch_norm_train(&xs[0], &xs[1], &xs[2], BN_EPS)?.0)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn eval_backward_matches_finite_differences() {
+        for (shape, seed) in [(vec![3, 4, 5, 3], 67u64), (vec![5, 6], 68)] {
+            let c = shape[1];
+            let x = randn(&shape, seed);
+            let gamma = randn(&[c], seed + 1);
+            let beta = randn(&[c], seed + 2);
+            let rm = randn(&[c], seed + 3);
+            let rv = Tensor::from_vec(
+                randn(&[c], seed + 4)
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|v| 0.5 + v * v)
+                    .collect(),
+                &[c],
+            )
+            .unwrap();
+            check_grad_eps(&[x, gamma, beta], 1e-2, 1e-2, |tape, xs| {
+                tape.batch_norm_eval(&xs[0], &xs[1], &xs[2], &rm, &rv, BN_EPS)
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn train_backward_kernel_matches_f64_formula() {
+        // An independent check of the closed form: the f64 backward written out term by term
+        // (dxhat = dy * gamma; dvar, dmean by the chain rule through the statistics).
+        let shape = [4, 3, 2, 5];
+        let d = BnDims::of("test", &shape).unwrap();
+        let x = channel_input(&shape, 69).to_vec().unwrap();
+        let dy = randn(&shape, 70).to_vec().unwrap();
+        let gamma = randn(&[3], 71).to_vec().unwrap();
+        let (mut mean, mut var) = (vec![0.0; 3], vec![0.0; 3]);
+        batch_norm_stats_cpu(&x, d, &mut mean, &mut var).unwrap();
+        let (mut dx, mut dg, mut db) = (vec![0.0; d.numel()], vec![0.0; 3], vec![0.0; 3]);
+        batch_norm_train_backward_cpu(
+            &x, &dy, &gamma, &mean, &var, d, BN_EPS, &mut dx, &mut dg, &mut db,
+        )
+        .unwrap();
+        let m = d.per_channel() as f64;
+        let eps = BN_EPS as f64;
+        for ch in 0..3 {
+            let ks: Vec<usize> = (0..d.n)
+                .flat_map(|i| (0..d.s).map(move |j| (i * d.c + ch) * d.s + j))
+                .collect();
+            let mu = ks.iter().map(|&k| x[k] as f64).sum::<f64>() / m;
+            let var = ks.iter().map(|&k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / m;
+            let istd = 1.0 / (var + eps).sqrt();
+            let g = gamma[ch] as f64;
+            let dxhat = |k: usize| dy[k] as f64 * g;
+            let dvar: f64 = ks
+                .iter()
+                .map(|&k| dxhat(k) * (x[k] as f64 - mu) * -0.5 * istd.powi(3))
+                .sum();
+            let dmean: f64 = ks.iter().map(|&k| -dxhat(k) * istd).sum::<f64>()
+                + dvar * ks.iter().map(|&k| -2.0 * (x[k] as f64 - mu)).sum::<f64>() / m;
+            let want_db: f64 = ks.iter().map(|&k| dy[k] as f64).sum();
+            let want_dg: f64 = ks
+                .iter()
+                .map(|&k| dy[k] as f64 * (x[k] as f64 - mu) * istd)
+                .sum();
+            assert!((db[ch] as f64 - want_db).abs() < 1e-4 * (1.0 + want_db.abs()));
+            assert!((dg[ch] as f64 - want_dg).abs() < 1e-4 * (1.0 + want_dg.abs()));
+            for &k in &ks {
+                let want = dxhat(k) * istd + dvar * 2.0 * (x[k] as f64 - mu) / m + dmean / m;
+                assert!(
+                    (dx[k] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "dx[{k}] = {} vs {want}",
+                    dx[k]
+                );
+            }
+        }
+    }
+}

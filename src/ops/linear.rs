@@ -1,1 +1,645 @@
-//! (to be written)
+//! Matrix products and reductions: matmul, linear (x W^T + b), the weight-normalized linear of
+//! the CARP prototypes (rows used as v / ||v||, gain fixed at 1), sum and mean of all elements.
+//!
+//! Every product goes through the `gemm` crate; transposed operands are passed as strides, never
+//! materialized (the prototype matrix is 65536 x 256, the head's linears 2048 x 2048).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::error::Result;
+use crate::ops::elementwise::PAR_CHUNK;
+use crate::tensor::Tensor;
+
+/// Below this many multiply-adds a product runs on one thread: spawning costs more than it saves.
+const GEMM_PAR_THRESHOLD: usize = 1 << 18;
+
+fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        bail!(Shape, "{op}: {what} has {got} elements, expected {want}");
+    }
+    Ok(())
+}
+
+// ---------- CPU reference kernels ----------
+
+/// out (M, N) = op(a) (M, K) x op(b) (K, N), all row-major. With `trans_a`, `a` is stored as
+/// (K, M) and used transposed; with `trans_b`, `b` is stored as (N, K) and used transposed (the
+/// transposes are gemm strides, nothing is copied). With `accumulate`, the product is added to
+/// `out`; otherwise `out` is overwritten.
+#[allow(clippy::too_many_arguments)] // the BLAS-like signature the CUDA tests mirror
+pub fn matmul_cpu(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    check_len("matmul_cpu", "a", a.len(), m * k)?;
+    check_len("matmul_cpu", "b", b.len(), k * n)?;
+    check_len("matmul_cpu", "out", out.len(), m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // An empty sum: the product is zero.
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return Ok(());
+    }
+    // Strides in elements: (column stride, row stride) of each operand as gemm sees it.
+    let (a_cs, a_rs) = if trans_a { (m, 1) } else { (1, k) };
+    let (b_cs, b_rs) = if trans_b { (k, 1) } else { (1, n) };
+    let par = if m * n * k >= GEMM_PAR_THRESHOLD {
+        Parallelism::Rayon(0) // 0: rayon's current thread count
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the length checks above guarantee that every index gemm forms from these
+    // dimensions and strides is in bounds: out is (m, n) row-major (row stride n); a is (m, k)
+    // with strides (1, k), or stored (k, m) with strides (m, 1) when transposed; b likewise.
+    // `out` is a unique borrow and does not alias `a` or `b` (shared borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0, // alpha: weight of the old out (read only when accumulating)
+            1.0, // beta: weight of the product
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// y (N, OUT) += b (OUT,) on every row.
+pub fn add_bias_rows_cpu(y: &mut [f32], b: &[f32]) -> Result<()> {
+    if b.is_empty() || !y.len().is_multiple_of(b.len()) {
+        bail!(
+            Shape,
+            "add_bias_rows_cpu: {} outputs are not rows of the bias length {}",
+            y.len(),
+            b.len()
+        );
+    }
+    y.par_chunks_mut(b.len()).for_each(|row| {
+        for (v, &bi) in row.iter_mut().zip(b) {
+            *v += bi;
+        }
+    });
+    Ok(())
+}
+
+/// out (COLS,) = sum over rows of x (ROWS, COLS) (the bias gradient).
+pub fn sum_rows_cpu(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Result<()> {
+    check_len("sum_rows_cpu", "x", x.len(), rows * cols)?;
+    check_len("sum_rows_cpu", "out", out.len(), cols)?;
+    // Parallel over blocks of columns; each block walks the rows, reading contiguous runs.
+    const BLOCK: usize = 256;
+    out.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            let c0 = blk * BLOCK;
+            let mut acc = vec![0.0f64; out.len()];
+            for r in 0..rows {
+                let row = &x[r * cols + c0..r * cols + c0 + out.len()];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as f64;
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        });
+    Ok(())
+}
+
+/// norms (ROWS,) = Euclidean norm of each row of v (ROWS, COLS), accumulated in f64.
+pub fn row_norms_cpu(v: &[f32], rows: usize, cols: usize, norms: &mut [f32]) -> Result<()> {
+    check_len("row_norms_cpu", "v", v.len(), rows * cols)?;
+    check_len("row_norms_cpu", "norms", norms.len(), rows)?;
+    if cols == 0 {
+        norms.fill(0.0);
+        return Ok(());
+    }
+    norms
+        .par_iter_mut()
+        .zip(v.par_chunks(cols))
+        .with_min_len(64)
+        .for_each(|(nr, row)| {
+            *nr = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+        });
+    Ok(())
+}
+
+/// w (ROWS, COLS) = v / norms, row by row.
+pub fn normalize_rows_cpu(
+    v: &[f32],
+    norms: &[f32],
+    rows: usize,
+    cols: usize,
+    w: &mut [f32],
+) -> Result<()> {
+    check_len("normalize_rows_cpu", "v", v.len(), rows * cols)?;
+    check_len("normalize_rows_cpu", "norms", norms.len(), rows)?;
+    check_len("normalize_rows_cpu", "w", w.len(), rows * cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    w.par_chunks_mut(cols)
+        .zip(v.par_chunks(cols).zip(norms.par_iter()))
+        .with_min_len(64)
+        .for_each(|(w, (v, &nr))| {
+            let inv = 1.0 / nr;
+            for (w, &v) in w.iter_mut().zip(v) {
+                *w = v * inv;
+            }
+        });
+    Ok(())
+}
+
+/// The weight-norm backward, in place: given dW (ROWS, COLS) for the normalized rows
+/// w = v / ||v||, turns each row into dv_r = (dW_r - (dW_r . w_r) w_r) / ||v_r||.
+pub fn wn_backward_cpu(
+    w: &[f32],
+    norms: &[f32],
+    rows: usize,
+    cols: usize,
+    dw_to_dv: &mut [f32],
+) -> Result<()> {
+    check_len("wn_backward_cpu", "w", w.len(), rows * cols)?;
+    check_len("wn_backward_cpu", "norms", norms.len(), rows)?;
+    check_len("wn_backward_cpu", "dw", dw_to_dv.len(), rows * cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    dw_to_dv
+        .par_chunks_mut(cols)
+        .zip(w.par_chunks(cols).zip(norms.par_iter()))
+        .with_min_len(64)
+        .for_each(|(d, (w, &nr))| {
+            let dot = d
+                .iter()
+                .zip(w)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+            let inv = 1.0 / nr;
+            for (d, &w) in d.iter_mut().zip(w) {
+                *d = (*d - dot * w) * inv;
+            }
+        });
+    Ok(())
+}
+
+/// Sum of all elements, accumulated in f64 per chunk.
+pub fn sum_all_cpu(x: &[f32]) -> f64 {
+    x.par_chunks(PAR_CHUNK)
+        .map(|c| c.iter().map(|&v| v as f64).sum::<f64>())
+        .sum()
+}
+
+// ---------- tape ops ----------
+
+/// (rows, cols) of a rank-2 tensor, or a shape error naming the op.
+fn dims2(op: &str, what: &str, t: &Tensor) -> Result<(usize, usize)> {
+    if t.rank() != 2 {
+        bail!(
+            Shape,
+            "{op}: {what} must be a matrix, got shape {:?}",
+            t.shape()
+        );
+    }
+    Ok((t.dim(0), t.dim(1)))
+}
+
+impl Tape {
+    /// (M, K) x (K, N) -> (M, N).
+    pub fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (m, k) = dims2("matmul", "a", a)?;
+        let (k2, n) = dims2("matmul", "b", b)?;
+        if k != k2 {
+            bail!(
+                Shape,
+                "matmul: inner dimensions differ: a {:?} x b {:?}",
+                a.shape(),
+                b.shape()
+            );
+        }
+        let mut y = vec![0.0; m * n]; // (M, N)
+        matmul_cpu(a.cpu()?, b.cpu()?, m, k, n, false, false, &mut y, false)?;
+        let y = Tensor::from_vec(y, &[m, n])?;
+        let (sa, sb) = (a.clone(), b.clone());
+        self.record("matmul", &y, &[a, b], move |dy| {
+            dy.expect_shape("matmul backward dy", &[m, n])?;
+            // da (M, K) = dy (M, N) x b^T
+            let mut da = vec![0.0; m * k];
+            matmul_cpu(dy.cpu()?, sb.cpu()?, m, n, k, false, true, &mut da, false)?;
+            // db (K, N) = a^T x dy
+            let mut db = vec![0.0; k * n];
+            matmul_cpu(sa.cpu()?, dy.cpu()?, k, m, n, true, false, &mut db, false)?;
+            Ok(vec![
+                Some(Tensor::from_vec(da, &[m, k])?),
+                Some(Tensor::from_vec(db, &[k, n])?),
+            ])
+        });
+        Ok(y)
+    }
+
+    /// x (N, IN), w (OUT, IN), b (OUT,) optional: y = x W^T + b.
+    pub fn linear(&mut self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let (n, cin) = dims2("linear", "x", x)?;
+        let (cout, cin2) = dims2("linear", "w", w)?;
+        if cin != cin2 {
+            bail!(
+                Shape,
+                "linear: x {:?} has {cin} features but w {:?} expects {cin2}",
+                x.shape(),
+                w.shape()
+            );
+        }
+        if let Some(b) = b {
+            b.expect_shape("linear bias", &[cout])?;
+        }
+        let mut y = vec![0.0; n * cout]; // (N, OUT)
+        matmul_cpu(x.cpu()?, w.cpu()?, n, cin, cout, false, true, &mut y, false)?;
+        if let Some(b) = b {
+            add_bias_rows_cpu(&mut y, b.cpu()?)?;
+        }
+        let y = Tensor::from_vec(y, &[n, cout])?;
+        let (sx, sw) = (x.clone(), w.clone());
+        let has_bias = b.is_some();
+        let backward = move |dy: &Tensor| -> Result<Vec<Option<Tensor>>> {
+            dy.expect_shape("linear backward dy", &[n, cout])?;
+            let dyv = dy.cpu()?;
+            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+            let mut dx = vec![0.0; n * cin];
+            matmul_cpu(dyv, sw.cpu()?, n, cout, cin, false, false, &mut dx, false)?;
+            // dw (OUT, IN) = dy^T x x
+            let mut dw = vec![0.0; cout * cin];
+            matmul_cpu(dyv, sx.cpu()?, cout, n, cin, true, false, &mut dw, false)?;
+            let mut grads = vec![
+                Some(Tensor::from_vec(dx, &[n, cin])?),
+                Some(Tensor::from_vec(dw, &[cout, cin])?),
+            ];
+            if has_bias {
+                let mut db = vec![0.0; cout]; // (OUT,)
+                sum_rows_cpu(dyv, n, cout, &mut db)?;
+                grads.push(Some(Tensor::from_vec(db, &[cout])?));
+            }
+            Ok(grads)
+        };
+        match b {
+            Some(b) => self.record("linear", &y, &[x, w, b], backward),
+            None => self.record("linear", &y, &[x, w], backward),
+        }
+        Ok(y)
+    }
+
+    /// Weight-normalized linear without bias, gain fixed at 1: each row of v (OUT, IN) is used
+    /// as v_r / ||v_r||. y = x * (v / ||v||_rows)^T. Differentiable w.r.t. x and v
+    /// (dv_r = (dW_r - (dW_r . w_r) w_r) / ||v_r||, with w_r = v_r/||v_r||).
+    pub fn wn_linear(&mut self, x: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (n, cin) = dims2("wn_linear", "x", x)?;
+        let (cout, cin2) = dims2("wn_linear", "v", v)?;
+        if cin != cin2 {
+            bail!(
+                Shape,
+                "wn_linear: x {:?} has {cin} features but v {:?} expects {cin2}",
+                x.shape(),
+                v.shape()
+            );
+        }
+        let mut norms = vec![0.0; cout]; // (OUT,)
+        row_norms_cpu(v.cpu()?, cout, cin, &mut norms)?;
+        if let Some(r) = norms.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
+            bail!(
+                NonFinite,
+                "wn_linear: row {r} of v {:?} has norm {} (rows must be non-zero and finite)",
+                v.shape(),
+                norms[r]
+            );
+        }
+        // The normalized weights are materialized once: the product and the backward both use
+        // them, and gemm needs a plain matrix.
+        let mut w = vec![0.0; cout * cin]; // (OUT, IN)
+        normalize_rows_cpu(v.cpu()?, &norms, cout, cin, &mut w)?;
+        let mut y = vec![0.0; n * cout]; // (N, OUT)
+        matmul_cpu(x.cpu()?, &w, n, cin, cout, false, true, &mut y, false)?;
+        let y = Tensor::from_vec(y, &[n, cout])?;
+        if !self.is_recording() {
+            return Ok(y);
+        }
+        let sx = x.clone();
+        self.record("wn_linear", &y, &[x, v], move |dy| {
+            dy.expect_shape("wn_linear backward dy", &[n, cout])?;
+            let dyv = dy.cpu()?;
+            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+            let mut dx = vec![0.0; n * cin];
+            matmul_cpu(dyv, &w, n, cout, cin, false, false, &mut dx, false)?;
+            // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
+            let mut dv = vec![0.0; cout * cin];
+            matmul_cpu(dyv, sx.cpu()?, cout, n, cin, true, false, &mut dv, false)?;
+            wn_backward_cpu(&w, &norms, cout, cin, &mut dv)?;
+            Ok(vec![
+                Some(Tensor::from_vec(dx, &[n, cin])?),
+                Some(Tensor::from_vec(dv, &[cout, cin])?),
+            ])
+        });
+        Ok(y)
+    }
+
+    /// Sum of all elements -> shape (1,).
+    pub fn sum_all(&mut self, x: &Tensor) -> Result<Tensor> {
+        let s = sum_all_cpu(x.cpu()?) as f32;
+        let y = Tensor::from_vec(vec![s], &[1])?;
+        let shape = x.shape().to_vec();
+        self.record("sum_all", &y, &[x], move |dy| {
+            let g = dy.scalar()?;
+            Ok(vec![Some(Tensor::from_vec(
+                vec![g; shape.iter().product()],
+                &shape,
+            )?)])
+        });
+        Ok(y)
+    }
+
+    /// Mean of all elements -> shape (1,).
+    pub fn mean_all(&mut self, x: &Tensor) -> Result<Tensor> {
+        let count = x.numel();
+        if count == 0 {
+            bail!(Shape, "mean_all of an empty tensor {:?}", x.shape());
+        }
+        let s = (sum_all_cpu(x.cpu()?) / count as f64) as f32;
+        let y = Tensor::from_vec(vec![s], &[1])?;
+        let shape = x.shape().to_vec();
+        self.record("mean_all", &y, &[x], move |dy| {
+            let g = dy.scalar()? / count as f32;
+            Ok(vec![Some(Tensor::from_vec(vec![g; count], &shape)?)])
+        });
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn};
+
+    /// Naive f64 product of row-major a (M, K) and b (K, N).
+    fn naive_mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    y[i * n + j] += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+            }
+        }
+        y
+    }
+
+    /// Explicit transpose of a row-major (R, C) matrix (test reference only).
+    fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+        let mut t = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                t[j * r + i] = a[i * c + j];
+            }
+        }
+        t
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * scale,
+                "{what}[{i}]: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_kernel_all_transposes_and_accumulate_match_naive() {
+        // Odd sizes; one product large enough to take the parallel gemm path.
+        for &(m, k, n) in &[(5, 7, 3), (1, 9, 4), (67, 45, 93)] {
+            let a = randn(&[m, k], 21).to_vec().unwrap();
+            let b = randn(&[k, n], 22).to_vec().unwrap();
+            let want = naive_mm(&a, &b, m, k, n);
+            let at = transpose(&a, m, k); // stored (K, M)
+            let bt = transpose(&b, k, n); // stored (N, K)
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let aa = if ta { &at } else { &a };
+                let bb = if tb { &bt } else { &b };
+                let mut out = vec![f32::NAN; m * n]; // overwritten, never read
+                matmul_cpu(aa, bb, m, k, n, ta, tb, &mut out, false).unwrap();
+                assert_close(
+                    &out,
+                    &want,
+                    1e-5,
+                    &format!("mm {m}x{k}x{n} ta={ta} tb={tb}"),
+                );
+                // accumulate: out += product
+                let init = randn(&[m, n], 23).to_vec().unwrap();
+                let mut acc = init.clone();
+                matmul_cpu(aa, bb, m, k, n, ta, tb, &mut acc, true).unwrap();
+                let want_acc: Vec<f64> =
+                    want.iter().zip(&init).map(|(w, &i)| w + i as f64).collect();
+                assert_close(&acc, &want_acc, 1e-5, "accumulate");
+            }
+        }
+        // A bad length is an error, not UB.
+        let mut out = vec![0.0; 6];
+        assert!(matmul_cpu(&[0.0; 5], &[0.0; 6], 2, 3, 3, false, false, &mut out, false).is_err());
+    }
+
+    #[test]
+    fn matmul_op_forward_and_gradients() {
+        let a = randn(&[4, 6], 24);
+        let b = randn(&[6, 5], 25);
+        let y = Tape::no_grad().matmul(&a, &b).unwrap();
+        assert_eq!(y.shape(), &[4, 5]);
+        let want = naive_mm(a.cpu().unwrap(), b.cpu().unwrap(), 4, 6, 5);
+        assert_close(y.cpu().unwrap(), &want, 1e-5, "matmul op");
+        assert!(Tape::no_grad().matmul(&a, &a).is_err());
+        // Relative error bound 1e-2 (f32 central differences, step 1e-3).
+        check_grad(&[a, b], 1e-2, |tape, xs| tape.matmul(&xs[0], &xs[1])).unwrap();
+    }
+
+    /// Naive f64 x W^T + b.
+    fn naive_linear(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        n: usize,
+        ci: usize,
+        co: usize,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0f64; n * co];
+        for i in 0..n {
+            for o in 0..co {
+                let mut s = b.map_or(0.0, |b| b[o] as f64);
+                for p in 0..ci {
+                    s += x[i * ci + p] as f64 * w[o * ci + p] as f64;
+                }
+                y[i * co + o] = s;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn linear_forward_matches_naive_with_and_without_bias() {
+        let (n, ci, co) = (7, 11, 5);
+        let x = randn(&[n, ci], 26);
+        let w = randn(&[co, ci], 27);
+        let b = randn(&[co], 28);
+        let mut tape = Tape::no_grad();
+        let y = tape.linear(&x, &w, Some(&b)).unwrap();
+        let y0 = tape.linear(&x, &w, None).unwrap();
+        let (xv, wv, bv) = (x.cpu().unwrap(), w.cpu().unwrap(), b.cpu().unwrap());
+        assert_close(
+            y.cpu().unwrap(),
+            &naive_linear(xv, wv, Some(bv), n, ci, co),
+            1e-5,
+            "bias",
+        );
+        assert_close(
+            y0.cpu().unwrap(),
+            &naive_linear(xv, wv, None, n, ci, co),
+            1e-5,
+            "no bias",
+        );
+        // Shape errors name the op.
+        let e = tape.linear(&x, &randn(&[co, ci + 1], 1), None).unwrap_err();
+        assert!(e.to_string().contains("linear"), "{e}");
+        assert!(tape.linear(&x, &w, Some(&randn(&[co + 1], 1))).is_err());
+    }
+
+    #[test]
+    fn linear_gradients_match_finite_differences() {
+        // Relative error bound 1e-2 (f32 central differences, step 1e-3).
+        let x = randn(&[5, 4], 29);
+        let w = randn(&[3, 4], 30);
+        let b = randn(&[3], 31);
+        check_grad(&[x.clone(), w.clone(), b], 1e-2, |tape, xs| {
+            tape.linear(&xs[0], &xs[1], Some(&xs[2]))
+        })
+        .unwrap();
+        check_grad(&[x, w], 1e-2, |tape, xs| tape.linear(&xs[0], &xs[1], None)).unwrap();
+    }
+
+    #[test]
+    fn sum_rows_kernel_matches_naive_across_blocks() {
+        let (r, c) = (3, 600); // more than two column blocks
+        let x = randn(&[r, c], 32).to_vec().unwrap();
+        let mut out = vec![0.0; c];
+        sum_rows_cpu(&x, r, c, &mut out).unwrap();
+        for j in 0..c {
+            let s: f64 = (0..r).map(|i| x[i * c + j] as f64).sum();
+            assert!((out[j] as f64 - s).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn wn_linear_forward_matches_explicitly_normalized_rows() {
+        let (n, ci, co) = (6, 9, 13);
+        let x = randn(&[n, ci], 33);
+        // Rows of very different scales: the output must not depend on them.
+        let mut v = randn(&[co, ci], 34).to_vec().unwrap();
+        for (r, row) in v.chunks_mut(ci).enumerate() {
+            for e in row {
+                *e *= 0.1 + r as f32;
+            }
+        }
+        let vt = Tensor::from_vec(v.clone(), &[co, ci]).unwrap();
+        let y = Tape::no_grad().wn_linear(&x, &vt).unwrap();
+        // Reference: normalize in f64, then the naive product.
+        let xv = x.cpu().unwrap();
+        for i in 0..n {
+            for o in 0..co {
+                let row = &v[o * ci..(o + 1) * ci];
+                let nr = row.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+                let want: f64 = (0..ci)
+                    .map(|p| xv[i * ci + p] as f64 * row[p] as f64 / nr)
+                    .sum();
+                let got = y.cpu().unwrap()[i * co + o] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
+            }
+        }
+        // A zero row is reported, not turned into NaNs.
+        let z = Tensor::from_vec(vec![0.0; co * ci], &[co, ci]).unwrap();
+        assert!(Tape::no_grad().wn_linear(&x, &z).is_err());
+    }
+
+    #[test]
+    fn wn_linear_gradients_match_finite_differences() {
+        // Relative error bound 1e-2 (f32 central differences, step 1e-3); v has rows of norm
+        // about 2, so the step is small against each row's length.
+        let x = randn(&[4, 5], 35);
+        let v = randn(&[3, 5], 36);
+        check_grad(&[x, v], 1e-2, |tape, xs| tape.wn_linear(&xs[0], &xs[1])).unwrap();
+    }
+
+    #[test]
+    fn row_norms_kernel_matches_naive() {
+        let v = randn(&[70, 3], 37).to_vec().unwrap();
+        let mut nr = vec![0.0; 70];
+        row_norms_cpu(&v, 70, 3, &mut nr).unwrap();
+        for r in 0..70 {
+            let want = (0..3)
+                .map(|j| (v[r * 3 + j] as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!((nr[r] as f64 - want).abs() < 1e-6 * (1.0 + want));
+        }
+    }
+
+    #[test]
+    fn sum_and_mean_all_forward_and_gradients() {
+        let x = randn(&[3, 7, 11], 38);
+        let want: f64 = x.cpu().unwrap().iter().map(|&v| v as f64).sum();
+        let mut tape = Tape::no_grad();
+        let s = tape.sum_all(&x).unwrap();
+        let m = tape.mean_all(&x).unwrap();
+        assert_eq!(s.shape(), &[1]);
+        assert_eq!(m.shape(), &[1]);
+        assert!((s.scalar().unwrap() as f64 - want).abs() < 1e-4);
+        assert!((m.scalar().unwrap() as f64 - want / 231.0).abs() < 1e-6);
+        // Larger than one rayon chunk: exercises the chunked f64 reduction.
+        let big = randn(&[PAR_CHUNK + 1001], 39);
+        let want_big: f64 = big.cpu().unwrap().iter().map(|&v| v as f64).sum();
+        let got_big = Tape::no_grad().sum_all(&big).unwrap().scalar().unwrap() as f64;
+        assert!((got_big - want_big).abs() < 1e-3);
+        // Relative error bound 1e-2 (f32 central differences, step 1e-3).
+        check_grad(std::slice::from_ref(&x), 1e-2, |tape, xs| {
+            tape.sum_all(&xs[0])
+        })
+        .unwrap();
+        check_grad(&[x], 1e-2, |tape, xs| tape.mean_all(&xs[0])).unwrap();
+    }
+}

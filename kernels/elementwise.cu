@@ -1,0 +1,78 @@
+// Elementwise kernels (f32, any shape flattened to n elements) plus two small reductions the
+// other ops need (bias add / column sums for linear layers, and a one-block sum).
+// All are grid-stride loops: any grid size is correct; the launcher picks one that fills the GPU.
+#include "common.cuh"
+
+// y = a + b. a, b, y: (n,). y may alias a or b.
+extern "C" __global__ void add_f32(const float* a, const float* b, float* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = a[i] + b[i];
+}
+
+// y += x (gradient accumulation). x, y: (n,).
+extern "C" __global__ void accumulate_f32(float* y, const float* x, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] += x[i];
+}
+
+// y = alpha * x. x, y: (n,).
+extern "C" __global__ void scale_f32(const float* x, float alpha, float* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = alpha * x[i];
+}
+
+// y[i] = value (zeroing, or NaN poisoning in tests). y: (n,).
+extern "C" __global__ void fill_f32(float* y, float value, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = value;
+}
+
+// y = max(x, 0). x, y: (n,).
+extern "C" __global__ void relu_fwd_f32(const float* x, float* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = fmaxf(x[i], 0.0f);
+}
+
+// dx = dy where x > 0, else 0 (x may be the forward input or output: same sign test).
+// x, dy, dx: (n,).
+extern "C" __global__ void relu_bwd_f32(const float* x, const float* dy, float* dx, i64 n) {
+    GRID_STRIDE_LOOP(i, n) dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+// Exact GELU: y = 0.5 x (1 + erf(x / sqrt 2)). x, y: (n,).
+extern "C" __global__ void gelu_fwd_f32(const float* x, float* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float v = x[i];
+        y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    }
+}
+
+// dx = dy * (Phi(x) + x phi(x)), Phi the normal CDF, phi its density. x, dy, dx: (n,).
+extern "C" __global__ void gelu_bwd_f32(const float* x, const float* dy, float* dx, i64 n) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float v = x[i];
+        const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+        dx[i] = dy[i] * (cdf + v * pdf);
+    }
+}
+
+// y[r, c] += b[c]. y: (rows, cols), b: (cols,).
+extern "C" __global__ void bias_add_f32(float* y, const float* b, i64 rows, i64 cols) {
+    GRID_STRIDE_LOOP(i, rows * cols) y[i] += b[i % cols];
+}
+
+// out[c] = sum_r x[r, c] (bias gradient). x: (rows, cols), out: (cols,).
+// One thread per column; consecutive threads read consecutive columns (coalesced).
+extern "C" __global__ void col_sum_f32(const float* x, float* out, i64 rows, i64 cols) {
+    GRID_STRIDE_LOOP(c, cols) {
+        float acc = 0.0f;
+        for (i64 r = 0; r < rows; ++r) acc += x[r * cols + c];
+        out[c] = acc;
+    }
+}
+
+// out[0] = sum of x. x: (n,). Launch with ONE block (any multiple of 32 up to 1024 threads):
+// meant for small buffers (loss partials), deterministic order.
+extern "C" __global__ void sum_f32(const float* x, float* out, i64 n) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = acc;
+}

@@ -1,0 +1,69 @@
+// LARS over the flat parameter buffer (SPEC.md "Optimizer"): momentum, trust coefficient, no
+// Nesterov; 1-d parameters (biases, BN) get neither weight decay nor adaptation; the trust ratio
+// is per tensor.
+//
+// The flat buffer is cut into chunks that never straddle two tensors (the host builds the chunk
+// table once from the parameter table: static shapes). One block per chunk:
+//   chunk_seg[b]   the tensor (segment) index of chunk b
+//   chunk_start[b] its first element in the flat buffer
+//   chunk_len[b]   its length (<= the host's chunk size)
+//   seg_is_1d[s]   1 for a 1-d tensor
+// Pass 1 accumulates per-tensor ||w||^2 and ||g + wd w||^2 with atomics (zero them first);
+// pass 2 applies the update. Two launches, each one read of w and g.
+#include "common.cuh"
+
+// wnorm2, gnorm2: (n_segments,), zero-filled before the launch. w, g: (numel,).
+extern "C" __global__ void lars_norms_f32(const float* w, const float* g, const int* chunk_seg,
+                                          const i64* chunk_start, const int* chunk_len,
+                                          const int* seg_is_1d, float wd, float* wnorm2,
+                                          float* gnorm2) {
+    __shared__ float scratch[32];
+    const int seg = chunk_seg[blockIdx.x];
+    if (seg_is_1d[seg]) return;  // block-uniform: no barrier is skipped by part of a block
+    const i64 start = chunk_start[blockIdx.x];
+    const int len = chunk_len[blockIdx.x];
+    float sw = 0.0f, sg = 0.0f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const float wv = w[start + j];
+        const float gv = g[start + j] + wd * wv;
+        sw += wv * wv;
+        sg += gv * gv;
+    }
+    sw = block_sum(sw, scratch);
+    sg = block_sum(sg, scratch);
+    if (threadIdx.x == 0) {
+        atomicAdd(&wnorm2[seg], sw);
+        atomicAdd(&gnorm2[seg], sg);
+    }
+}
+
+// The update, in place on w and mu (the momentum buffer, same layout as w):
+//   multi-d: g' = (g + wd w) * q, q = trust * ||w|| / ||g + wd w|| (1 when either norm is 0)
+//   1-d:     g' = g
+//   mu = momentum * mu + g';  w -= lr * mu
+extern "C" __global__ void lars_update_f32(float* w, const float* g, float* mu,
+                                           const int* chunk_seg, const i64* chunk_start,
+                                           const int* chunk_len, const int* seg_is_1d,
+                                           const float* wnorm2, const float* gnorm2, float lr,
+                                           float momentum, float trust, float wd) {
+    const int seg = chunk_seg[blockIdx.x];
+    const i64 start = chunk_start[blockIdx.x];
+    const int len = chunk_len[blockIdx.x];
+    const bool one_d = seg_is_1d[seg] != 0;
+    float q = 1.0f;
+    float decay = 0.0f;
+    if (!one_d) {
+        decay = wd;
+        const float wn = sqrtf(wnorm2[seg]);
+        const float gn = sqrtf(gnorm2[seg]);
+        if (wn > 0.0f && gn > 0.0f) q = trust * wn / gn;
+    }
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const i64 i = start + j;
+        const float wv = w[i];
+        const float gp = (g[i] + decay * wv) * q;
+        const float m = momentum * mu[i] + gp;
+        mu[i] = m;
+        w[i] = wv - lr * m;
+    }
+}
