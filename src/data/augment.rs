@@ -1,0 +1,594 @@
+//! The two views of SPEC.md ("Views") and the evaluation transform.
+//!
+//! The work is split in two so a GPU backend can take over the second half:
+//! 1. geometry on the CPU (`sample_view`): random resized crop with bicubic resampling and the
+//!    horizontal flip, producing a u8 (S, S, 3) crop, plus the view's drawn colour parameters
+//!    (`ColorParams`: jitter factors and order, grayscale, blur sigma, solarize);
+//! 2. colour (`finish`): applies those parameters and the normalization, writing f32 (3, S, S).
+//!
+//! Colour operations follow torchvision's tensor definitions on [0, 1] floats (each clamps to
+//! [0, 1]); grayscale weights 0.299/0.587/0.114.
+
+use rand::Rng;
+
+use crate::data::decode::Image;
+
+/// ImageNet normalization (SPEC.md "Views").
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// View parameters; `Default` is SPEC.md's 224x224 recipe, `imagenet(size)` the same at `size`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViewConfig {
+    /// Output side S.
+    pub size: usize,
+    /// Random resized crop: area fraction range and aspect ratio range.
+    pub min_scale: f32,
+    pub max_scale: f32,
+    pub min_ratio: f32,
+    pub max_ratio: f32,
+    pub flip_p: f32,
+    /// Colour jitter probability and strengths (torchvision ColorJitter semantics).
+    pub jitter_p: f32,
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+    pub grayscale_p: f32,
+    /// Gaussian blur probability per view (view 1, view 2) and the sigma range in output pixels.
+    pub blur_p: [f32; 2],
+    pub blur_sigma: (f32, f32),
+    /// Solarize probability per view and its threshold on the 0..255 scale.
+    pub solarize_p: [f32; 2],
+    pub solarize_threshold: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl ViewConfig {
+    /// SPEC.md's view recipe at output side `size`.
+    pub fn imagenet(size: usize) -> ViewConfig {
+        ViewConfig {
+            size,
+            min_scale: 0.2,
+            max_scale: 1.0,
+            min_ratio: 3.0 / 4.0,
+            max_ratio: 4.0 / 3.0,
+            flip_p: 0.5,
+            jitter_p: 0.8,
+            brightness: 0.4,
+            contrast: 0.4,
+            saturation: 0.2,
+            hue: 0.1,
+            grayscale_p: 0.2,
+            blur_p: [1.0, 0.1],
+            blur_sigma: (0.1, 2.0),
+            solarize_p: [0.0, 0.2],
+            solarize_threshold: 128.0,
+            mean: MEAN,
+            std: STD,
+        }
+    }
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig::imagenet(224)
+    }
+}
+
+/// The colour half of one view, drawn on the CPU with the geometry; applied by `finish`
+/// (or, later, by a GPU kernel). `#[repr(C)]` and Pod so it can be uploaded as is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ColorParams {
+    /// Multiplicative factors (1 = identity) and the hue shift (0 = identity, in turns).
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+    /// Blur sigma in output pixels; 0 = no blur.
+    pub blur_sigma: f32,
+    /// Order of the four jitter operations: 0 brightness, 1 contrast, 2 saturation, 3 hue.
+    pub order: [u8; 4],
+    /// 1 when colour jitter is applied.
+    pub jitter: u8,
+    /// 1 when converted to grayscale (after jitter).
+    pub grayscale: u8,
+    /// 1 when solarized (after blur).
+    pub solarize: u8,
+    pub flipped: u8,
+}
+
+impl ColorParams {
+    /// No colour change (evaluation): normalization only.
+    pub fn identity() -> ColorParams {
+        ColorParams {
+            brightness: 1.0,
+            contrast: 1.0,
+            saturation: 1.0,
+            hue: 0.0,
+            blur_sigma: 0.0,
+            order: [0, 1, 2, 3],
+            jitter: 0,
+            grayscale: 0,
+            solarize: 0,
+            flipped: 0,
+        }
+    }
+}
+
+/// A crop rectangle in source pixels (integers, as torchvision draws them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropBox {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: ten tries at a random area fraction and
+/// log-uniform aspect ratio, then a centre crop clamped to the ratio range.
+pub fn random_resized_crop_box<R: Rng>(
+    rng: &mut R,
+    h: usize,
+    w: usize,
+    scale: (f32, f32),
+    ratio: (f32, f32),
+) -> CropBox {
+    let area = (h * w) as f64;
+    let (lr0, lr1) = ((ratio.0 as f64).ln(), (ratio.1 as f64).ln());
+    for _ in 0..10 {
+        let target = area * uniform(rng, scale.0 as f64, scale.1 as f64);
+        let aspect = uniform(rng, lr0, lr1).exp();
+        let cw = (target * aspect).sqrt().round() as usize;
+        let ch = (target / aspect).sqrt().round() as usize;
+        if cw > 0 && cw <= w && ch > 0 && ch <= h {
+            let top = rng.gen_range(0..=h - ch);
+            let left = rng.gen_range(0..=w - cw);
+            return CropBox {
+                top,
+                left,
+                height: ch,
+                width: cw,
+            };
+        }
+    }
+    let in_ratio = w as f64 / h as f64;
+    let (ch, cw) = if in_ratio < ratio.0 as f64 {
+        (((w as f64) / ratio.0 as f64).round() as usize, w)
+    } else if in_ratio > ratio.1 as f64 {
+        (h, ((h as f64) * ratio.1 as f64).round() as usize)
+    } else {
+        (h, w)
+    };
+    let (ch, cw) = (ch.clamp(1, h), cw.clamp(1, w));
+    CropBox {
+        top: (h - ch) / 2,
+        left: (w - cw) / 2,
+        height: ch,
+        width: cw,
+    }
+}
+
+fn uniform<R: Rng>(rng: &mut R, lo: f64, hi: f64) -> f64 {
+    if hi > lo {
+        rng.gen_range(lo..hi)
+    } else {
+        lo
+    }
+}
+
+fn uniform32<R: Rng>(rng: &mut R, lo: f32, hi: f32) -> f32 {
+    if hi > lo {
+        rng.gen_range(lo..hi)
+    } else {
+        lo
+    }
+}
+
+/// Bicubic kernel with a = -0.5 (PIL's, which torchvision uses on PIL images).
+fn cubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output coordinate: first input index and normalized weights (PIL's antialiased
+/// resampling: the kernel widens by the scale factor when shrinking).
+struct Taps {
+    start: Vec<usize>,
+    /// (out, ksize) weights, zero-padded.
+    weights: Vec<f32>,
+    ksize: usize,
+}
+
+fn taps(in_size: usize, box0: f64, box_len: f64, out_size: usize) -> Taps {
+    let scale = box_len / out_size as f64;
+    let fscale = scale.max(1.0);
+    let support = 2.0 * fscale;
+    let ksize = (support.ceil() as usize) * 2 + 1;
+    let mut start = Vec::with_capacity(out_size);
+    let mut weights = vec![0f32; out_size * ksize];
+    for i in 0..out_size {
+        let center = box0 + (i as f64 + 0.5) * scale;
+        let xmin = ((center - support + 0.5).floor().max(0.0) as usize).min(in_size - 1);
+        let xmax = ((center + support + 0.5).floor() as isize)
+            .clamp(xmin as isize + 1, in_size as isize) as usize;
+        let n = (xmax - xmin).min(ksize);
+        let wrow = &mut weights[i * ksize..i * ksize + n];
+        let mut total = 0.0f64;
+        for (k, wk) in wrow.iter_mut().enumerate() {
+            let v = cubic((k as f64 + xmin as f64 - center + 0.5) / fscale);
+            *wk = v as f32;
+            total += v;
+        }
+        if total != 0.0 {
+            let inv = (1.0 / total) as f32;
+            wrow.iter_mut().for_each(|v| *v *= inv);
+        }
+        start.push(xmin);
+    }
+    Taps {
+        start,
+        weights,
+        ksize,
+    }
+}
+
+/// Resamples the box (top, left, height, width) — real-valued, in source pixels — of `img`
+/// to (out_h, out_w, 3) u8 with antialiased bicubic, mirrored horizontally if `flip`.
+#[allow(clippy::too_many_arguments)] // a box and an output shape: clearer flat than bundled
+pub fn resample(
+    img: &Image,
+    top: f64,
+    left: f64,
+    height: f64,
+    width: f64,
+    out_h: usize,
+    out_w: usize,
+    flip: bool,
+) -> Vec<u8> {
+    let (h, w) = (img.height, img.width);
+    let tx = taps(w, left, width, out_w);
+    let ty = taps(h, top, height, out_h);
+    // Source rows touched by the vertical taps.
+    let r0 = ty.start.iter().copied().min().unwrap_or(0);
+    let r1 = ty
+        .start
+        .iter()
+        .map(|&s| (s + ty.ksize).min(h))
+        .max()
+        .unwrap_or(0)
+        .max(r0 + 1);
+    // Horizontal pass: (r1 - r0, out_w, 3)
+    let mut tmp = vec![0f32; (r1 - r0) * out_w * 3];
+    for y in r0..r1 {
+        let row = &img.data[y * w * 3..(y + 1) * w * 3];
+        let trow = &mut tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3];
+        for x in 0..out_w {
+            let s = tx.start[x];
+            let ws = &tx.weights[x * tx.ksize..(x + 1) * tx.ksize];
+            let mut acc = [0f32; 3];
+            for (k, &wk) in ws.iter().enumerate() {
+                if s + k >= w {
+                    break;
+                }
+                let p = &row[(s + k) * 3..(s + k) * 3 + 3];
+                acc[0] += wk * p[0] as f32;
+                acc[1] += wk * p[1] as f32;
+                acc[2] += wk * p[2] as f32;
+            }
+            let xo = if flip { out_w - 1 - x } else { x };
+            trow[xo * 3..xo * 3 + 3].copy_from_slice(&acc);
+        }
+    }
+    // Vertical pass: (out_h, out_w, 3) u8, rounded and clamped as PIL does.
+    let mut out = vec![0u8; out_h * out_w * 3];
+    for y in 0..out_h {
+        let s = ty.start[y];
+        let ws = &ty.weights[y * ty.ksize..(y + 1) * ty.ksize];
+        let orow = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
+        for (i, o) in orow.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (k, &wk) in ws.iter().enumerate() {
+                if s + k >= r1 {
+                    break;
+                }
+                acc += wk * tmp[(s + k - r0) * out_w * 3 + i];
+            }
+            *o = acc.round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// Draws one view's geometry and colour parameters; returns the u8 (S, S, 3) crop.
+/// `view` is 0 for view 1 and 1 for view 2 (they differ in blur and solarize probability).
+pub fn sample_view<R: Rng>(
+    img: &Image,
+    cfg: &ViewConfig,
+    view: usize,
+    rng: &mut R,
+) -> (Vec<u8>, ColorParams) {
+    let v = view.min(1);
+    let b = random_resized_crop_box(
+        rng,
+        img.height,
+        img.width,
+        (cfg.min_scale, cfg.max_scale),
+        (cfg.min_ratio, cfg.max_ratio),
+    );
+    let flip = rng.gen::<f32>() < cfg.flip_p;
+    let crop = resample(
+        img,
+        b.top as f64,
+        b.left as f64,
+        b.height as f64,
+        b.width as f64,
+        cfg.size,
+        cfg.size,
+        flip,
+    );
+    let mut p = ColorParams::identity();
+    p.flipped = flip as u8;
+    if rng.gen::<f32>() < cfg.jitter_p {
+        p.jitter = 1;
+        // torchvision ColorJitter.get_params: a random permutation, then the four factors.
+        let mut order = [0u8, 1, 2, 3];
+        for i in (1..4).rev() {
+            let j = rng.gen_range(0..=i);
+            order.swap(i, j);
+        }
+        p.order = order;
+        p.brightness = uniform32(rng, (1.0 - cfg.brightness).max(0.0), 1.0 + cfg.brightness);
+        p.contrast = uniform32(rng, (1.0 - cfg.contrast).max(0.0), 1.0 + cfg.contrast);
+        p.saturation = uniform32(rng, (1.0 - cfg.saturation).max(0.0), 1.0 + cfg.saturation);
+        p.hue = uniform32(rng, -cfg.hue, cfg.hue);
+    }
+    p.grayscale = (rng.gen::<f32>() < cfg.grayscale_p) as u8;
+    if rng.gen::<f32>() < cfg.blur_p[v] {
+        p.blur_sigma = uniform32(rng, cfg.blur_sigma.0, cfg.blur_sigma.1);
+    }
+    p.solarize = (rng.gen::<f32>() < cfg.solarize_p[v]) as u8;
+    (crop, p)
+}
+
+/// Evaluation geometry: resize the short side to `round(size * 256 / 224)` (bicubic) and take
+/// the centre `size` x `size`; an image whose short side is below that is resized straight to
+/// `size` x `size` (small datasets such as 28x28 Fashion-MNIST keep their whole frame).
+pub fn eval_crop(img: &Image, size: usize) -> Vec<u8> {
+    let (h, w) = (img.height, img.width);
+    let short = h.min(w);
+    let target = ((size as f64) * 256.0 / 224.0).round() as usize;
+    if short < target {
+        return resample(img, 0.0, 0.0, h as f64, w as f64, size, size, false);
+    }
+    // torchvision Resize(int): short side -> target, long side -> int(target * long / short).
+    let (nh, nw) = if h <= w {
+        (target, (target as f64 * w as f64 / h as f64) as usize)
+    } else {
+        ((target as f64 * h as f64 / w as f64) as usize, target)
+    };
+    // The centre crop of the resized image, mapped back to a box in source pixels so that
+    // one resampling pass does both.
+    let top = ((nh - size) as f64 / 2.0).round();
+    let left = ((nw - size) as f64 / 2.0).round();
+    let (sy, sx) = (h as f64 / nh as f64, w as f64 / nw as f64);
+    resample(
+        img,
+        top * sy,
+        left * sx,
+        size as f64 * sy,
+        size as f64 * sx,
+        size,
+        size,
+        false,
+    )
+}
+
+/// ITU-R 601 luma, the weights of SPEC.md.
+#[inline]
+pub fn gray(r: f32, g: f32, b: f32) -> f32 {
+    0.299 * r + 0.587 * g + 0.114 * b
+}
+
+/// torchvision `_rgb2hsv` for one pixel in [0, 1].
+pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    let eqc = maxc == minc;
+    let cr = maxc - minc;
+    let s = cr / if eqc { 1.0 } else { maxc };
+    let crd = if eqc { 1.0 } else { cr };
+    let rc = (maxc - r) / crd;
+    let gc = (maxc - g) / crd;
+    let bc = (maxc - b) / crd;
+    let h = if maxc == r {
+        bc - gc
+    } else if maxc == g {
+        2.0 + rc - bc
+    } else {
+        4.0 + gc - rc
+    };
+    let h = (h / 6.0 + 1.0).rem_euclid(1.0);
+    (h, s, maxc)
+}
+
+/// torchvision `_hsv2rgb` for one pixel.
+pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
+    let i = (h * 6.0).floor();
+    let f = h * 6.0 - i;
+    let i = (i as i32).rem_euclid(6);
+    let p = (v * (1.0 - s)).clamp(0.0, 1.0);
+    let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
+    let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
+    match i {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    }
+}
+
+/// Applies brightness (`x * f`), clamped, to a (3, n) planar image in [0, 1].
+pub fn adjust_brightness(x: &mut [f32], f: f32) {
+    for v in x.iter_mut() {
+        *v = (*v * f).clamp(0.0, 1.0);
+    }
+}
+
+/// Contrast: blend with the mean of the grayscale image, `f * x + (1 - f) * mean`.
+pub fn adjust_contrast(x: &mut [f32], n: usize, f: f32) {
+    let (r, rest) = x.split_at(n);
+    let (g, b) = rest.split_at(n);
+    let mean = (0..n).map(|i| gray(r[i], g[i], b[i]) as f64).sum::<f64>() / n.max(1) as f64;
+    let m = (1.0 - f) * mean as f32;
+    for v in x.iter_mut() {
+        *v = (f * *v + m).clamp(0.0, 1.0);
+    }
+}
+
+/// Saturation: blend each pixel with its gray value, `f * x + (1 - f) * gray`.
+pub fn adjust_saturation(x: &mut [f32], n: usize, f: f32) {
+    for i in 0..n {
+        let l = (1.0 - f) * gray(x[i], x[n + i], x[2 * n + i]);
+        for c in 0..3 {
+            x[c * n + i] = (f * x[c * n + i] + l).clamp(0.0, 1.0);
+        }
+    }
+}
+
+/// Hue: rotate the HSV hue by `f` turns.
+pub fn adjust_hue(x: &mut [f32], n: usize, f: f32) {
+    for i in 0..n {
+        let (h, s, v) = rgb_to_hsv(x[i], x[n + i], x[2 * n + i]);
+        let (r, g, b) = hsv_to_rgb((h + f).rem_euclid(1.0), s, v);
+        x[i] = r;
+        x[n + i] = g;
+        x[2 * n + i] = b;
+    }
+}
+
+/// Grayscale: L replicated to the three channels.
+pub fn to_grayscale(x: &mut [f32], n: usize) {
+    for i in 0..n {
+        let l = gray(x[i], x[n + i], x[2 * n + i]);
+        x[i] = l;
+        x[n + i] = l;
+        x[2 * n + i] = l;
+    }
+}
+
+/// Separable Gaussian blur of a (3, h, w) planar image, radius ceil(3 sigma), edges clamped.
+pub fn gaussian_blur(x: &mut [f32], h: usize, w: usize, sigma: f32) {
+    if sigma <= 0.0 || h == 0 || w == 0 {
+        return;
+    }
+    let r = (3.0 * sigma).ceil() as isize;
+    let k: Vec<f32> = (-r..=r)
+        .map(|d| (-(d * d) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let s: f32 = k.iter().sum();
+    let k: Vec<f32> = k.iter().map(|v| v / s).collect();
+    let mut tmp = vec![0f32; h * w];
+    for c in 0..3 {
+        let plane = &mut x[c * h * w..(c + 1) * h * w];
+        for y in 0..h {
+            for xx in 0..w {
+                let mut acc = 0.0;
+                for (j, kj) in k.iter().enumerate() {
+                    let sx = (xx as isize + j as isize - r).clamp(0, w as isize - 1) as usize;
+                    acc += kj * plane[y * w + sx];
+                }
+                tmp[y * w + xx] = acc;
+            }
+        }
+        for y in 0..h {
+            for xx in 0..w {
+                let mut acc = 0.0;
+                for (j, kj) in k.iter().enumerate() {
+                    let sy = (y as isize + j as isize - r).clamp(0, h as isize - 1) as usize;
+                    acc += kj * tmp[sy * w + xx];
+                }
+                plane[y * w + xx] = acc;
+            }
+        }
+    }
+}
+
+/// Solarize: values at or above `threshold` (on [0, 1]) become `1 - x`.
+pub fn solarize(x: &mut [f32], threshold: f32) {
+    for v in x.iter_mut() {
+        if *v >= threshold {
+            *v = 1.0 - *v;
+        }
+    }
+}
+
+/// Converts a u8 (S, S, 3) crop to planar [0, 1] floats, applies the view's colour operations
+/// (jitter in its drawn order, grayscale, blur, solarize) and normalizes into `out` (3, S, S).
+pub fn finish(
+    crop: &[u8],
+    p: &ColorParams,
+    size: usize,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    threshold: f32,
+    out: &mut [f32],
+) {
+    let n = size * size;
+    // (S, S, 3) u8 -> (3, S, S) f32 in [0, 1]
+    for i in 0..n {
+        for c in 0..3 {
+            out[c * n + i] = crop[i * 3 + c] as f32 * (1.0 / 255.0);
+        }
+    }
+    let x = &mut out[..3 * n];
+    if p.jitter != 0 {
+        for &op in &p.order {
+            match op {
+                0 => adjust_brightness(x, p.brightness),
+                1 => adjust_contrast(x, n, p.contrast),
+                2 => adjust_saturation(x, n, p.saturation),
+                _ => adjust_hue(x, n, p.hue),
+            }
+        }
+    }
+    if p.grayscale != 0 {
+        to_grayscale(x, n);
+    }
+    if p.blur_sigma > 0.0 {
+        gaussian_blur(x, size, size, p.blur_sigma);
+    }
+    if p.solarize != 0 {
+        solarize(x, threshold / 255.0);
+    }
+    for c in 0..3 {
+        let (m, s) = (mean[c], 1.0 / std[c]);
+        for v in &mut x[c * n..(c + 1) * n] {
+            *v = (*v - m) * s;
+        }
+    }
+}
+
+/// `finish` with the configuration's normalization.
+pub fn finish_view(crop: &[u8], p: &ColorParams, cfg: &ViewConfig, out: &mut [f32]) {
+    finish(
+        crop,
+        p,
+        cfg.size,
+        &cfg.mean,
+        &cfg.std,
+        cfg.solarize_threshold,
+        out,
+    );
+}

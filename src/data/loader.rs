@@ -1,0 +1,450 @@
+//! The two-view training loader, the evaluation batches and the loader benchmark.
+//!
+//! Determinism: an epoch's order is a shuffle seeded by (seed, epoch); each image's
+//! augmentation RNG is seeded by (seed, epoch, dataset index), so batches do not depend on
+//! thread scheduling, worker count or prefetch depth.
+
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::data::augment::{eval_crop, finish_view, sample_view, ColorParams, ViewConfig};
+use crate::data::dataset::Dataset;
+use crate::error::{Error, Result};
+
+/// Loader settings. `workers` 0 = all cores; `prefetch` = batches decoded ahead (>= 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoaderConfig {
+    pub batch: usize,
+    pub seed: u64,
+    pub rank: usize,
+    pub world: usize,
+    pub workers: usize,
+    pub prefetch: usize,
+    pub drop_last: bool,
+    pub view: ViewConfig,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch: 256,
+            seed: 0,
+            rank: 0,
+            world: 1,
+            workers: 0,
+            prefetch: 2,
+            drop_last: true,
+            view: ViewConfig::default(),
+        }
+    }
+}
+
+/// Two normalized views per image, each (B, 3, S, S).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TwoViewBatch {
+    /// (B, 3, S, S)
+    pub view1: Vec<f32>,
+    /// (B, 3, S, S)
+    pub view2: Vec<f32>,
+    pub labels: Vec<u32>,
+    /// Dataset indices of the images.
+    pub indices: Vec<usize>,
+    pub batch: usize,
+    pub size: usize,
+}
+
+/// The geometric half of a two-view batch: u8 crops plus per-view colour parameters, for a
+/// backend that finishes the colour work itself (the GPU); `finish` does it on the CPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CropBatch {
+    /// (B, S, S, 3) u8
+    pub view1: Vec<u8>,
+    /// (B, S, S, 3) u8
+    pub view2: Vec<u8>,
+    pub params1: Vec<ColorParams>,
+    pub params2: Vec<ColorParams>,
+    pub labels: Vec<u32>,
+    pub indices: Vec<usize>,
+    pub batch: usize,
+    pub size: usize,
+}
+
+impl CropBatch {
+    /// Applies the colour operations and normalization on the CPU (in parallel).
+    pub fn finish(&self, view: &ViewConfig) -> TwoViewBatch {
+        let s = self.size;
+        let per_img = 3 * s * s;
+        let run = |crops: &[u8], params: &[ColorParams]| {
+            let mut out = vec![0f32; self.batch * per_img];
+            out.par_chunks_mut(per_img)
+                .zip(crops.par_chunks(s * s * 3))
+                .zip(params.par_iter())
+                .for_each(|((o, c), p)| finish_view(c, p, view, o));
+            out
+        };
+        TwoViewBatch {
+            view1: run(&self.view1, &self.params1),
+            view2: run(&self.view2, &self.params2),
+            labels: self.labels.clone(),
+            indices: self.indices.clone(),
+            batch: self.batch,
+            size: s,
+        }
+    }
+}
+
+/// SplitMix64 finalizer: decorrelates nearby seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The augmentation RNG of one image in one epoch.
+pub fn image_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(mix(mix(mix(seed) ^ epoch as u64) ^ index as u64))
+}
+
+/// Builds the crops of the images `indices` (in parallel on the current rayon pool).
+pub fn make_crops(
+    ds: &Dataset,
+    view: &ViewConfig,
+    seed: u64,
+    epoch: usize,
+    indices: &[usize],
+) -> Result<CropBatch> {
+    let s = view.size;
+    let per = s * s * 3;
+    let b = indices.len();
+    let mut view1 = vec![0u8; b * per];
+    let mut view2 = vec![0u8; b * per];
+    let mut params = vec![(ColorParams::default(), ColorParams::default()); b];
+    view1
+        .par_chunks_mut(per)
+        .zip(view2.par_chunks_mut(per))
+        .zip(params.par_iter_mut())
+        .zip(indices.par_iter())
+        .try_for_each(|(((v1, v2), p), &i)| -> Result<()> {
+            let img = ds.image(i)?;
+            let mut rng = image_rng(seed, epoch, i);
+            let (c1, p1) = sample_view(&img, view, 0, &mut rng);
+            let (c2, p2) = sample_view(&img, view, 1, &mut rng);
+            v1.copy_from_slice(&c1);
+            v2.copy_from_slice(&c2);
+            *p = (p1, p2);
+            Ok(())
+        })?;
+    Ok(CropBatch {
+        view1,
+        view2,
+        params1: params.iter().map(|p| p.0).collect(),
+        params2: params.iter().map(|p| p.1).collect(),
+        labels: indices.iter().map(|&i| ds.label(i)).collect(),
+        indices: indices.to_vec(),
+        batch: b,
+        size: s,
+    })
+}
+
+/// The memory-mapped, shuffling, prefetching two-view loader.
+pub struct TwoViewLoader {
+    ds: Arc<Dataset>,
+    cfg: LoaderConfig,
+    pool: Arc<rayon::ThreadPool>,
+    per_rank: usize,
+}
+
+impl TwoViewLoader {
+    pub fn new(ds: Arc<Dataset>, cfg: LoaderConfig) -> Result<TwoViewLoader> {
+        if cfg.batch == 0 {
+            return Err(Error::Config("loader batch must be at least 1".into()));
+        }
+        if cfg.world == 0 || cfg.rank >= cfg.world {
+            return Err(Error::Config(format!(
+                "loader rank {} of world {}: need rank < world",
+                cfg.rank, cfg.world
+            )));
+        }
+        if cfg.view.size == 0 {
+            return Err(Error::Config("view size must be at least 1".into()));
+        }
+        // Every rank gets the same number of images (the remainder of len / world is
+        // skipped each epoch, a different remainder every epoch since the order is shuffled).
+        let per_rank = ds.len() / cfg.world;
+        let nb = if cfg.drop_last {
+            per_rank / cfg.batch
+        } else {
+            per_rank.div_ceil(cfg.batch)
+        };
+        if nb == 0 {
+            return Err(Error::Config(format!(
+                "{} images over {} rank(s) make no batch of {} (drop_last {}); lower the batch",
+                ds.len(),
+                cfg.world,
+                cfg.batch,
+                cfg.drop_last
+            )));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.workers)
+            .thread_name(|i| format!("carp-loader-{i}"))
+            .build()
+            .map_err(|e| Error::Msg(format!("loader thread pool: {e}")))?;
+        Ok(TwoViewLoader {
+            ds,
+            cfg,
+            pool: Arc::new(pool),
+            per_rank,
+        })
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.ds
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        if self.cfg.drop_last {
+            self.per_rank / self.cfg.batch
+        } else {
+            self.per_rank.div_ceil(self.cfg.batch)
+        }
+    }
+
+    /// This rank's dataset indices for `epoch`, in order: a permutation seeded by
+    /// (seed, epoch), the same on every rank, of which rank r takes positions r, r+world, ...
+    pub fn epoch_indices(&self, epoch: usize) -> Vec<usize> {
+        let mut perm: Vec<usize> = (0..self.ds.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.cfg.seed ^ mix(epoch as u64 + 1)));
+        perm.shuffle(&mut rng);
+        perm.into_iter()
+            .skip(self.cfg.rank)
+            .step_by(self.cfg.world)
+            .take(self.per_rank)
+            .collect()
+    }
+
+    /// The batches of one epoch (shuffled by seed and epoch), prefetched in the background.
+    pub fn epoch(&self, epoch: usize) -> impl Iterator<Item = Result<TwoViewBatch>> {
+        let view = self.cfg.view.clone();
+        self.spawn(epoch, move |c| c.finish(&view))
+    }
+
+    /// Like `epoch`, but yields the u8 crops and colour parameters (for a GPU `finish`).
+    pub fn epoch_crops(&self, epoch: usize) -> impl Iterator<Item = Result<CropBatch>> {
+        self.spawn(epoch, |c| c)
+    }
+
+    fn spawn<T: Send + 'static>(
+        &self,
+        epoch: usize,
+        post: impl Fn(CropBatch) -> T + Send + Sync + 'static,
+    ) -> Prefetch<T> {
+        let indices = self.epoch_indices(epoch);
+        let nb = self.batches_per_epoch();
+        let batch = self.cfg.batch;
+        let (tx, rx) = sync_channel::<Result<T>>(self.cfg.prefetch.max(1));
+        let ds = self.ds.clone();
+        let pool = self.pool.clone();
+        let view = self.cfg.view.clone();
+        let seed = self.cfg.seed;
+        // The producer holds at most one batch in the making plus `prefetch` in the channel:
+        // memory stays bounded however slow the consumer is.
+        let handle = std::thread::Builder::new()
+            .name("carp-prefetch".into())
+            .spawn(move || {
+                for b in 0..nb {
+                    let idx = &indices[b * batch..((b + 1) * batch).min(indices.len())];
+                    let res = pool.install(|| make_crops(&ds, &view, seed, epoch, idx).map(&post));
+                    let failed = res.is_err();
+                    if tx.send(res).is_err() || failed {
+                        return; // consumer gone, or the error was delivered
+                    }
+                }
+            });
+        match handle {
+            Ok(h) => Prefetch {
+                rx: Some(rx),
+                handle: Some(h),
+                err: None,
+            },
+            Err(e) => Prefetch {
+                rx: None,
+                handle: None,
+                err: Some(Error::Msg(format!("cannot start the prefetch thread: {e}"))),
+            },
+        }
+    }
+}
+
+/// Receives prefetched batches; dropping it stops the producer.
+struct Prefetch<T> {
+    rx: Option<Receiver<Result<T>>>,
+    handle: Option<JoinHandle<()>>,
+    err: Option<Error>,
+}
+
+impl<T> Iterator for Prefetch<T> {
+    type Item = Result<T>;
+    fn next(&mut self) -> Option<Result<T>> {
+        if let Some(e) = self.err.take() {
+            return Some(Err(e));
+        }
+        let item = self.rx.as_ref()?.recv().ok();
+        if item.is_none() {
+            // Producer finished: reap it; a panic there is reported, not swallowed.
+            self.rx = None;
+            if let Some(h) = self.handle.take() {
+                if h.join().is_err() {
+                    return Some(Err(Error::Msg("the prefetch thread panicked".into())));
+                }
+            }
+        }
+        item
+    }
+}
+
+impl<T> Drop for Prefetch<T> {
+    fn drop(&mut self) {
+        // Close the channel first so a blocked producer wakes up and exits, then join it.
+        self.rx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Evaluation transform (resize short side to size*256/224 then centre crop `size`; for
+/// images smaller than that just resize), normalized (B, 3, S, S), in dataset order.
+pub fn eval_batches(
+    ds: &Dataset,
+    size: usize,
+    batch: usize,
+) -> impl Iterator<Item = Result<(Vec<f32>, Vec<u32>)>> + '_ {
+    let bad = if batch == 0 || size == 0 {
+        Some(Err(Error::Config(format!(
+            "eval batch {batch} and size {size} must both be at least 1"
+        ))))
+    } else {
+        None
+    };
+    let n = if bad.is_some() { 0 } else { ds.len() };
+    let step = batch.max(1);
+    let view = ViewConfig::imagenet(size);
+    bad.into_iter()
+        .chain((0..n).step_by(step).map(move |start| {
+            let end = (start + step).min(n);
+            let per = 3 * size * size;
+            let mut out = vec![0f32; (end - start) * per]; // (B, 3, S, S)
+            out.par_chunks_mut(per)
+                .enumerate()
+                .try_for_each(|(k, o)| -> Result<()> {
+                    let img = ds.image(start + k)?;
+                    let crop = eval_crop(&img, size);
+                    finish_view(&crop, &ColorParams::identity(), &view, o);
+                    Ok(())
+                })?;
+            Ok((out, (start..end).map(|i| ds.label(i)).collect()))
+        }))
+}
+
+/// Loader throughput, as `carp-bench --loader` prints it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoaderBenchReport {
+    pub records: usize,
+    pub batch: usize,
+    pub size: usize,
+    pub batches: usize,
+    pub workers: usize,
+    pub seconds: f64,
+    /// Images per second, each yielding two finished (normalized f32) views.
+    pub images_per_sec: f64,
+    /// Images per second for the geometric half only (u8 crops + colour parameters), what a
+    /// GPU-finishing backend would need from the CPU.
+    pub crop_images_per_sec: f64,
+}
+
+impl std::fmt::Display for LoaderBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "loader: {} batches of {} at {}x{} with {} worker(s): {:.0} two-view images/s \
+             ({:.0} views/s); crops only {:.0} images/s",
+            self.batches,
+            self.batch,
+            self.size,
+            self.size,
+            self.workers,
+            self.images_per_sec,
+            2.0 * self.images_per_sec,
+            self.crop_images_per_sec
+        )
+    }
+}
+
+/// Measures two-view loading from a packed folder: `batches` batches of `batch` images at
+/// `size`, with `workers` threads (0 = all cores).
+pub fn bench_loader(
+    dir: &Path,
+    batch: usize,
+    size: usize,
+    batches: usize,
+    workers: usize,
+) -> Result<LoaderBenchReport> {
+    let ds = Arc::new(Dataset::open(dir)?);
+    let batch = batch.min(ds.len()).max(1);
+    let cfg = LoaderConfig {
+        batch,
+        workers,
+        view: ViewConfig::imagenet(size),
+        ..LoaderConfig::default()
+    };
+    let loader = TwoViewLoader::new(ds.clone(), cfg)?;
+    let actual_workers = loader.pool.current_num_threads();
+    let batches = batches.max(1);
+    let time = |finish: bool| -> Result<f64> {
+        let t0 = Instant::now();
+        let mut done = 0;
+        let mut epoch = 0;
+        while done < batches {
+            if finish {
+                for b in loader.epoch(epoch).take(batches - done) {
+                    std::hint::black_box(b?);
+                    done += 1;
+                }
+            } else {
+                for b in loader.epoch_crops(epoch).take(batches - done) {
+                    std::hint::black_box(b?);
+                    done += 1;
+                }
+            }
+            epoch += 1;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let seconds = time(true)?;
+    let crop_seconds = time(false)?;
+    let images = (batches * batch) as f64;
+    Ok(LoaderBenchReport {
+        records: ds.len(),
+        batch,
+        size,
+        batches,
+        workers: actual_workers,
+        seconds,
+        images_per_sec: images / seconds,
+        crop_images_per_sec: images / crop_seconds,
+    })
+}
