@@ -153,6 +153,7 @@ pub fn random_partition(k: usize, rng: &mut impl rand::Rng) -> Vec<u32> {
     p
 }
 
+#[derive(Clone, Debug)]
 pub struct CarpLossOutput {
     pub loss: f32,        // consistency + entropy
     pub consistency: f32, // the pairs' mean of -log clamp(<p_a, q_b>)
@@ -176,6 +177,7 @@ pub fn carp_pairs(views: usize) -> Vec<(usize, usize)> {
 }
 
 /// What pass 1 leaves for pass 2 (and for the all-reduce of pbar between them).
+#[derive(Clone, Debug)]
 pub struct CarpPass1 {
     /// Student views V.
     pub views: usize,
