@@ -267,6 +267,21 @@ mod tests {
         assert_eq!(lars.tensor_scale(false, &[0.0, 0.0], &[1.0, 2.0]).0, 1.0);
         // Zero weights and zero grads: ratio 1.
         assert_eq!(lars.tensor_scale(false, &[0.0, 0.0], &[0.0, 0.0]).0, 1.0);
+        // Zero gradient without weight decay: ||g'|| = 0 -> ratio 1 (not inf), and a step
+        // leaves the weights as they are (no 0 * inf = NaN).
+        let no_wd = Lars::new(
+            LarsConfig {
+                weight_decay: 0.0,
+                ..cfg
+            },
+            2,
+        );
+        assert_eq!(no_wd.tensor_scale(false, &w, &g).0, 1.0);
+        let mut store = ParamStore::new();
+        store.add("w", &[1, 2], w.to_vec()).unwrap();
+        let mut no_wd = no_wd;
+        no_wd.step(&mut store, 0.5).unwrap();
+        assert_eq!(store.data, w.to_vec());
         // 1-d: no adaptation, no weight decay.
         assert_eq!(lars.tensor_scale(true, &w, &[1.0, 1.0]), (1.0, 0.0));
 
