@@ -47,6 +47,30 @@ pub fn check_grad_eps(
     eps: f64,
     f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
 ) -> Result<()> {
+    check_grad_impl(inputs, rel_tol, eps, None, f)
+}
+
+/// [`check_grad_eps`] for functions with kinks (ReLU, max pool): each element's difference is
+/// also taken with step `4 eps`; where the two disagree by more than `rel_tol` of the
+/// tensor's largest gradient, the element sits at a non-differentiable point and is left out.
+/// Fails if more than `max_kink_frac` of all inputs' elements are left out.
+pub fn check_grad_kinks(
+    inputs: &[Tensor],
+    rel_tol: f64,
+    eps: f64,
+    max_kink_frac: f64,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    check_grad_impl(inputs, rel_tol, eps, Some(max_kink_frac), f)
+}
+
+fn check_grad_impl(
+    inputs: &[Tensor],
+    rel_tol: f64,
+    eps: f64,
+    kinks: Option<f64>,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
     // Analytic gradients from the tape.
     let mut tape = Tape::new();
     let tracked: Vec<Tensor> = inputs.iter().map(|t| tape.track(t)).collect();
@@ -65,14 +89,15 @@ pub fn check_grad_eps(
             .sum())
     };
 
+    let total: usize = inputs.iter().map(|t| t.numel()).sum();
+    let mut kinked = 0usize;
     for (k, x) in tracked.iter().enumerate() {
         let g = match grads.get(x) {
             Some(g) => g.to_vec()?,
             None => vec![0.0; x.numel()],
         };
         let base = x.to_vec()?;
-        let mut fd = vec![0.0f64; base.len()];
-        for i in 0..base.len() {
+        let central = |i: usize, eps: f64| -> Result<f64> {
             let mut xs: Vec<Tensor> = inputs.to_vec();
             let mut plus = base.clone();
             plus[i] += eps as f32;
@@ -84,7 +109,34 @@ pub fn check_grad_eps(
             let h_minus = base[i] as f64 - minus[i] as f64;
             xs[k] = x.like(minus)?;
             let lm = project(&xs)?;
-            fd[i] = (lp - lm) / (h_plus + h_minus);
+            Ok((lp - lm) / (h_plus + h_minus))
+        };
+        let mut fd = vec![0.0f64; base.len()];
+        for (i, v) in fd.iter_mut().enumerate() {
+            *v = central(i, eps)?;
+        }
+        let mut g = g;
+        if let Some(max_frac) = kinks {
+            let scale = fd.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+            let mut skipped = 0;
+            for i in 0..fd.len() {
+                let coarse = central(i, eps * 4.0)?;
+                if (coarse - fd[i]).abs() > rel_tol * scale {
+                    // Non-differentiable here: compare nothing for this element.
+                    fd[i] = 0.0;
+                    g[i] = 0.0;
+                    skipped += 1;
+                }
+            }
+            kinked += skipped;
+            if kinked as f64 > max_frac * total as f64 {
+                bail!(
+                    Msg,
+                    "{kinked} of {total} input elements look non-differentiable (more than {:.0}%), last in input {k} (shape {:?})",
+                    100.0 * max_frac,
+                    x.shape()
+                );
+            }
         }
         let num: f64 = g
             .iter()
@@ -95,6 +147,14 @@ pub fn check_grad_eps(
         let den: f64 = fd.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-12);
         let max_fd = fd.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
         let rel = num / den;
+        if std::env::var("CARP_GRAD_DEBUG").is_ok() {
+            eprintln!(
+                "input {k} {:?}: rel {rel:.3e}\n tape {:?}\n fd   {:?}",
+                x.shape(),
+                &g[..g.len().min(8)],
+                &fd[..fd.len().min(8)]
+            );
+        }
         if rel > rel_tol {
             bail!(
                 Msg,

@@ -1,15 +1,362 @@
-//! The carp CLI.
+//! The carp CLI: train, evaluate, export, pack data.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use carp::nn::{ModelConfig, Network};
+use carp::train::checkpoint;
+use carp::train::config::TrainConfig;
+use carp::train::step::CarpState;
+use carp::train::trainer::{self, TrainOptions};
+use carp::{Error, Result};
 
 #[derive(Parser)]
 #[command(
     name = "carp",
     version,
-    about = "Train ResNet50 with CARP (self-supervised), evaluate, pack data"
+    about = "Train ResNet50 with CARP (self-supervised), evaluate it, pack datasets",
+    long_about = "carp trains a ResNet with the CARP self-supervised method (a student and an EMA \
+teacher, a projection head and weight-normalized prototypes, the partitioned consistency + \
+uniformity loss, LARS).\n\nStart with `carp train`: with no arguments it trains the small variant \
+on the embedded Fashion-MNIST subset and prints the k-NN accuracy of the learned features next \
+to that of the same network at random initialization."
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train (or resume) a CARP run.
+    Train(TrainArgs),
+    /// Pack an ImageFolder tree or IDX files into carp's shard format.
+    Pack(carp::data::PackArgs),
+    /// k-NN evaluation of a checkpoint's teacher backbone (or of a random init).
+    Knn(KnnArgs),
+    /// Export the teacher backbone with torchvision's names (safetensors, f32).
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Start from a preset: `tiny` (the default: small ResNet on the embedded Fashion-MNIST) or
+    /// `imagenet-200ep` (the seed paper's run). Explicit flags override preset values.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Architecture: resnet50 or tiny.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Packed training dataset (from `carp pack`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Packed dataset for the k-NN evaluation queries.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Run folder (config.json, checkpoints, metrics.jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Images per step (each gives two views).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Total optimizer steps (overrides --epochs).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Epochs over the training set.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Side of the square views.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Number of prototypes K.
+    #[arg(long)]
+    k: Option<usize>,
+    /// Prototype block size NB (must divide K).
+    #[arg(long)]
+    nb: Option<usize>,
+    /// Projection head hidden width.
+    #[arg(long)]
+    head_hidden: Option<usize>,
+    /// Embedding size d.
+    #[arg(long)]
+    head_out: Option<usize>,
+    /// Base learning rate (cosine to --lr-final).
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    lr_final: Option<f32>,
+    /// Linear warmup steps before the cosine.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Teacher EMA momentum at the start (cosine to --momentum-end).
+    #[arg(long)]
+    momentum_start: Option<f32>,
+    #[arg(long)]
+    momentum_end: Option<f32>,
+    /// Number of views (2 global views; multi-crop is not in the loader yet).
+    #[arg(long)]
+    views: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Checkpoint every N steps (and always at the end).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// k-NN evaluation every N steps (0: at the end only).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Loader threads (0: all cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Gaussian blur in the views (on for ImageNet, off for the 32x32 variant).
+    #[arg(long)]
+    blur: Option<bool>,
+    /// Minimum random-resized-crop scale.
+    #[arg(long)]
+    min_scale: Option<f32>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps in this invocation (checkpointed; continue with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Print the resolved configuration and parameter counts, then exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// Skip the k-NN evaluations.
+    #[arg(long)]
+    no_eval: bool,
+    /// The last line printed is one JSON object with the run's summary.
+    #[arg(long)]
+    json: bool,
+    /// Testing aid: inject a NaN at this step to exercise the NaN guard.
+    #[arg(long, hide = true)]
+    inject_nan_at_step: Option<usize>,
+}
+
+impl TrainArgs {
+    fn resolve(&self) -> Result<TrainConfig> {
+        let mut c = TrainConfig::preset(self.preset.as_deref().unwrap_or("tiny"))?;
+        if let Some(a) = &self.arch {
+            let m = ModelConfig::named(a)?;
+            // A different arch brings its own head sizes unless given explicitly below.
+            if m.arch != c.model.arch {
+                c.model = m;
+            }
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            batch,
+            image_size,
+            nb,
+            lr,
+            lr_final,
+            warmup_steps,
+            weight_decay,
+            momentum_start,
+            momentum_end,
+            views,
+            seed,
+            device,
+            checkpoint_every,
+            eval_every,
+            workers,
+            blur,
+            min_scale,
+            out,
+            data
+        );
+        if self.eval_data.is_some() {
+            c.eval_data = self.eval_data.clone();
+        }
+        if let Some(s) = self.steps {
+            c.steps = Some(s);
+        }
+        if let Some(e) = self.epochs {
+            c.epochs = Some(e);
+            if self.steps.is_none() {
+                c.steps = None;
+            }
+        }
+        if let Some(k) = self.k {
+            c.model.head.prototypes = k;
+        }
+        if let Some(h) = self.head_hidden {
+            c.model.head.hidden = h;
+        }
+        if let Some(d) = self.head_out {
+            c.model.head.out = d;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct KnnArgs {
+    /// A checkpoint (checkpoint.safetensors of a run folder).
+    #[arg(long, required_unless_present = "random_init")]
+    checkpoint: Option<PathBuf>,
+    /// Evaluate the architecture at random initialization instead (the baseline).
+    #[arg(long)]
+    random_init: bool,
+    /// Architecture for --random-init.
+    #[arg(long, default_value = "tiny")]
+    arch: String,
+    /// Seed for --random-init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The packed training split (the neighbour bank).
+    #[arg(long)]
+    data: PathBuf,
+    /// The packed evaluation split (queries).
+    #[arg(long)]
+    eval_data: PathBuf,
+    /// Image side (defaults to the checkpoint's training size, or 32 for tiny / 224).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// The last line printed is one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint (checkpoint.safetensors of a run folder).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Rebuilds a training state from a checkpoint file's embedded config and loads it.
+fn load_checkpoint(path: &std::path::Path) -> Result<(TrainConfig, CarpState)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, format!("not a carp checkpoint: {e}")))?;
+    let cfg_json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("config").cloned())
+        .ok_or_else(|| Error::format(path, "not a carp checkpoint (no config)"))?;
+    let cfg: TrainConfig = serde_json::from_str(&cfg_json)
+        .map_err(|e| Error::format(path, format!("bad config in checkpoint: {e}")))?;
+    let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
+    checkpoint::from_bytes(&bytes, path, &mut state)?;
+    Ok((cfg, state))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train(args) => {
+            let cfg = args.resolve()?;
+            if args.dry_run {
+                let net = Network::new(&cfg.model, cfg.seed)?;
+                let (b, h, p) = net.param_counts();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?
+                );
+                println!(
+                    "parameters: backbone {b}, head {h}, prototypes {p}, total {}",
+                    b + h + p
+                );
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"config": cfg, "params_backbone": b, "params_head": h, "params_prototypes": p})
+                    );
+                }
+                return Ok(());
+            }
+            let opts = TrainOptions {
+                resume: args.resume,
+                stop_after: args.stop_after,
+                no_eval: args.no_eval,
+                inject_nan_at_step: args.inject_nan_at_step,
+                quiet: false,
+            };
+            let report = trainer::train(&cfg, &opts)?;
+            if args.json {
+                let knn: serde_json::Map<String, serde_json::Value> = report
+                    .knn
+                    .iter()
+                    .map(|(k, a)| (k.to_string(), serde_json::json!(a)))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "steps": report.steps, "total_steps": report.total_steps,
+                        "loss": report.loss, "consistency": report.consistency,
+                        "entropy": report.entropy, "knn_top1": report.knn_top1,
+                        "knn_top1_random_init": report.knn_top1_random_init, "knn": knn,
+                        "images_per_s": report.images_per_s, "device": report.device,
+                        "run_dir": report.run_dir,
+                    })
+                );
+            }
+            Ok(())
+        }
+        Cmd::Pack(args) => {
+            let report = carp::data::run_pack(&args)?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::Knn(args) => {
+            let (net, size) = if args.random_init {
+                let m = ModelConfig::named(&args.arch)?;
+                let size = args
+                    .image_size
+                    .unwrap_or(if m.arch == "tiny" { 32 } else { 224 });
+                (Network::new(&m, args.seed)?, size)
+            } else {
+                let path = args
+                    .checkpoint
+                    .as_ref()
+                    .ok_or_else(|| Error::Config("give --checkpoint or --random-init".into()))?;
+                let (cfg, state) = load_checkpoint(path)?;
+                (state.teacher, args.image_size.unwrap_or(cfg.image_size))
+            };
+            let train_ds = carp::data::Dataset::open(&args.data)?;
+            let test_ds = carp::data::Dataset::open(&args.eval_data)?;
+            let r = trainer::knn_eval(&net, &train_ds, &test_ds, size)?;
+            for (k, a) in &r {
+                println!("k={k:<4} top-1 {:.2}%", 100.0 * a);
+            }
+            if args.json {
+                let per_k: serde_json::Map<String, serde_json::Value> = r
+                    .iter()
+                    .map(|(k, a)| (k.to_string(), serde_json::json!(a)))
+                    .collect();
+                let top1 = r.iter().find(|(k, _)| *k == 20).map(|(_, a)| *a);
+                println!("{}", serde_json::json!({"top1": top1, "per_k": per_k}));
+            }
+            Ok(())
+        }
+        Cmd::Export(args) => {
+            let (_, state) = load_checkpoint(&args.checkpoint)?;
+            checkpoint::export_backbone(&state.teacher, &args.out)?;
+            println!("wrote {}", args.out.display());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

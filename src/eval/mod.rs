@@ -1,1 +1,3 @@
 //! Evaluation: k-NN and linear probes on frozen features.
+
+pub mod knn;

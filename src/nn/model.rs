@@ -1,0 +1,156 @@
+//! One CARP network (student or teacher): backbone + head + prototypes, its flat parameter
+//! store and its BN running-statistics store.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::error::Result;
+use crate::nn::head::{Head, HeadConfig};
+use crate::nn::params::{ParamLeaves, ParamStore};
+use crate::nn::resnet::{BnUpdate, ResNet, ResNetConfig};
+use crate::ops::batchnorm::{bn_running_update, BN_MOMENTUM};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    /// Variant name (`resnet50`, `tiny`).
+    pub arch: String,
+    pub backbone: ResNetConfig,
+    pub head: HeadConfig,
+}
+
+impl ModelConfig {
+    pub fn resnet50() -> Self {
+        ModelConfig {
+            arch: "resnet50".into(),
+            backbone: ResNetConfig::resnet50(),
+            head: HeadConfig {
+                hidden: 2048,
+                out: 256,
+                prototypes: 65536,
+            },
+        }
+    }
+    pub fn tiny() -> Self {
+        ModelConfig {
+            arch: "tiny".into(),
+            backbone: ResNetConfig::tiny(),
+            head: HeadConfig {
+                hidden: 512,
+                out: 128,
+                prototypes: 1024,
+            },
+        }
+    }
+    /// The named variant, with the head's default sizes.
+    pub fn named(arch: &str) -> Result<Self> {
+        match arch {
+            "resnet50" => Ok(Self::resnet50()),
+            "tiny" => Ok(Self::tiny()),
+            other => bail!(Config, "unknown arch {other:?}: use resnet50 or tiny"),
+        }
+    }
+}
+
+/// What one forward pass returns.
+pub struct Forward {
+    /// (N, feature_dim) pooled backbone features.
+    pub features: Tensor,
+    /// (N, d) embedding.
+    pub embedding: Tensor,
+    /// (N, K) logits against the normalized prototypes.
+    pub logits: Tensor,
+    /// Queued BN running-statistics updates (training mode).
+    pub bn_updates: Vec<BnUpdate>,
+}
+
+#[derive(Clone)]
+pub struct Network {
+    pub cfg: ModelConfig,
+    pub params: ParamStore,
+    pub buffers: ParamStore,
+    pub backbone: ResNet,
+    pub head: Head,
+}
+
+impl Network {
+    /// A freshly initialized network; the same seed gives the same weights.
+    pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Network> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut params = ParamStore::new();
+        let mut buffers = ParamStore::new();
+        let backbone = ResNet::new(&cfg.backbone, &mut params, &mut buffers, &mut rng)?;
+        let head = Head::new(
+            &cfg.head,
+            cfg.backbone.feature_dim(),
+            &mut params,
+            &mut buffers,
+            &mut rng,
+        )?;
+        Ok(Network {
+            cfg: cfg.clone(),
+            params,
+            buffers,
+            backbone,
+            head,
+        })
+    }
+
+    /// Trainable scalars of the backbone (torchvision names), the head, and the prototypes.
+    pub fn param_counts(&self) -> (usize, usize, usize) {
+        let head = self.params.numel_with_prefix("head.");
+        let protos = self.params.numel_with_prefix("prototypes.");
+        (self.params.numel() - head - protos, head, protos)
+    }
+
+    /// The full forward. `leaves` come from `self.params.leaves(tape)`.
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        leaves: &ParamLeaves,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Forward> {
+        let mut bn_updates = Vec::new();
+        let features =
+            self.backbone
+                .forward(tape, leaves, &self.buffers, x, train, &mut bn_updates)?;
+        let (embedding, logits) = self.head.forward(
+            tape,
+            leaves,
+            &self.buffers,
+            &features,
+            train,
+            &mut bn_updates,
+        )?;
+        Ok(Forward {
+            features,
+            embedding,
+            logits,
+            bn_updates,
+        })
+    }
+
+    /// Backbone features only (evaluation), BN in eval mode, nothing recorded.
+    pub fn features_eval(&self, x: &Tensor) -> Result<Tensor> {
+        let mut tape = Tape::no_grad();
+        let leaves = self.params.leaves(&mut tape)?;
+        let mut updates = Vec::new();
+        self.backbone
+            .forward(&mut tape, &leaves, &self.buffers, x, false, &mut updates)
+    }
+
+    /// Applies queued running-statistics updates (PyTorch's momentum 0.1).
+    pub fn apply_bn_updates(&mut self, updates: Vec<BnUpdate>) -> Result<()> {
+        for u in updates {
+            let rm = self.buffers.tensor(u.ids.running_mean)?;
+            let rv = self.buffers.tensor(u.ids.running_var)?;
+            let (rm, rv) = bn_running_update(&rm, &rv, &u.batch_mean, &u.batch_var, BN_MOMENTUM)?;
+            self.buffers.set(u.ids.running_mean, &rm)?;
+            self.buffers.set(u.ids.running_var, &rv)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,374 @@
+//! The training loop: data → step → metrics → checkpoints → k-NN, top to bottom.
+
+use std::fs::{self, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::bail;
+use crate::data::{eval_batches, Dataset, LoaderConfig, TwoViewLoader, ViewConfig};
+use crate::error::{Error, Result};
+use crate::eval::knn::{knn_top1, l2_normalize_rows, KNN_KS};
+use crate::nn::Network;
+use crate::optim::schedule::{cosine_lr, teacher_momentum};
+use crate::tensor::Tensor;
+use crate::train::checkpoint::{self, CheckpointMeta};
+use crate::train::config::TrainConfig;
+use crate::train::step::CarpState;
+
+/// How to run (not part of the model's configuration).
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Continue from the run folder's last checkpoint.
+    pub resume: bool,
+    /// Stop (after checkpointing) once this invocation has taken this many steps.
+    pub stop_after: Option<usize>,
+    /// Skip the k-NN evaluations (random-init baseline and final).
+    pub no_eval: bool,
+    /// Testing aid: poison the input at this step so the NaN guard fires.
+    pub inject_nan_at_step: Option<usize>,
+    /// Print nothing but errors (the JSON line still prints when asked).
+    pub quiet: bool,
+}
+
+/// The summary of a run (the `--json` line).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub loss: f32,
+    pub consistency: f32,
+    pub entropy: f32,
+    pub knn_top1: Option<f64>,
+    pub knn_top1_random_init: Option<f64>,
+    /// k -> top-1 for the trained teacher.
+    pub knn: Vec<(usize, f64)>,
+    pub images_per_s: f64,
+    pub device: String,
+    pub run_dir: PathBuf,
+}
+
+/// Resolves `--device`: this build runs on the CPU; the CUDA training path is not wired yet.
+pub fn resolve_device(spec: &str) -> Result<String> {
+    match spec {
+        "auto" | "cpu" => Ok("cpu".into()),
+        s if s == "cuda" || s.starts_with("cuda:") => bail!(
+            Device,
+            "--device {s}: the CUDA training path is not available in this build yet; use --device cpu"
+        ),
+        other => bail!(Config, "unknown device {other:?}: use auto, cpu, cuda or cuda:N"),
+    }
+}
+
+/// The view recipe a config asks for.
+pub fn view_config(cfg: &TrainConfig) -> ViewConfig {
+    let mut v = ViewConfig::imagenet(cfg.image_size);
+    v.min_scale = cfg.min_scale;
+    if !cfg.blur {
+        v.blur_p = [0.0, 0.0];
+    }
+    v
+}
+
+/// Pooled, L2-normalized backbone features (eval-mode BN) of a whole dataset, in order.
+pub fn extract_features(
+    net: &Network,
+    ds: &Dataset,
+    size: usize,
+    batch: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let d = net.cfg.backbone.feature_dim();
+    let mut feats = Vec::with_capacity(ds.len() * d);
+    let mut labels = Vec::with_capacity(ds.len());
+    for b in eval_batches(ds, size, batch) {
+        let (x, y) = b?;
+        let n = y.len();
+        let t = Tensor::from_vec(x, &[n, 3, size, size])?;
+        feats.extend_from_slice(&net.features_eval(&t)?.to_vec()?);
+        labels.extend_from_slice(&y);
+    }
+    l2_normalize_rows(&mut feats, d);
+    Ok((feats, labels))
+}
+
+/// k-NN top-1 for every k in `KNN_KS`, with `train_ds` as the bank and `test_ds` as queries.
+pub fn knn_eval(
+    net: &Network,
+    train_ds: &Dataset,
+    test_ds: &Dataset,
+    size: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let d = net.cfg.backbone.feature_dim();
+    let (trf, trl) = extract_features(net, train_ds, size, 256)?;
+    let (tef, tel) = extract_features(net, test_ds, size, 256)?;
+    let classes = train_ds.num_classes().max(test_ds.num_classes());
+    let acc = knn_top1(&trf, &trl, &tef, &tel, d, classes, &KNN_KS)?;
+    Ok(KNN_KS.iter().copied().zip(acc).collect())
+}
+
+fn top1_k20(knn: &[(usize, f64)]) -> Option<f64> {
+    knn.iter().find(|(k, _)| *k == 20).map(|(_, a)| *a)
+}
+
+struct Metrics {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(run_dir: &Path) -> Result<Metrics> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Metrics { file, path })
+    }
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
+    Dataset::open(path).map_err(|e| {
+        Error::Msg(format!(
+            "cannot open the {what} dataset {}: {e}\n(make one with `carp pack`, or pass --data)",
+            path.display()
+        ))
+    })
+}
+
+/// Runs (or resumes) a training run as configured; returns its summary.
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
+    cfg.validate()?;
+    let device = resolve_device(&cfg.device)?;
+    let say = |s: String| {
+        if !opts.quiet {
+            eprintln!("{s}");
+        }
+    };
+    let run_dir = cfg.out.clone();
+    fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+
+    let train_ds = Arc::new(open_dataset(&cfg.data, "training")?);
+    let eval_ds = match &cfg.eval_data {
+        Some(p) if !opts.no_eval => Some(open_dataset(p, "evaluation")?),
+        _ => None,
+    };
+    let view = view_config(cfg);
+    let loader = TwoViewLoader::new(
+        train_ds.clone(),
+        LoaderConfig {
+            batch: cfg.batch,
+            seed: cfg.seed,
+            rank: 0,
+            world: 1,
+            workers: cfg.workers,
+            prefetch: 4,
+            drop_last: true,
+            view: view.clone(),
+        },
+    )?;
+    let bpe = loader.batches_per_epoch();
+    if bpe == 0 {
+        bail!(
+            Config,
+            "the dataset {} has {} images, fewer than one batch of {}",
+            cfg.data.display(),
+            train_ds.len(),
+            cfg.batch
+        );
+    }
+    let total = cfg.total_steps(bpe)?;
+    let config_json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+
+    let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
+    let mut metrics = Metrics::open(&run_dir)?;
+    if opts.resume {
+        let (path, meta, warnings) = checkpoint::load_latest(&run_dir, &mut state)?;
+        for w in warnings {
+            say(format!("warning: {w}"));
+        }
+        let saved: TrainConfig = serde_json::from_str(&meta.config_json)
+            .map_err(|e| Error::format(&path, format!("bad config in checkpoint: {e}")))?;
+        if saved.model != cfg.model
+            || saved.nb != cfg.nb
+            || saved.seed != cfg.seed
+            || saved.batch != cfg.batch
+        {
+            bail!(
+                Config,
+                "--resume: the checkpoint {} was made with another model/seed/batch/NB; resume with the run's own config.json",
+                path.display()
+            );
+        }
+        say(format!(
+            "resumed from {} at step {}",
+            path.display(),
+            state.step
+        ));
+    } else {
+        if run_dir.join(checkpoint::LATEST).exists() {
+            bail!(
+                Config,
+                "{} already holds a run: pass --resume to continue it, or choose another --out",
+                run_dir.display()
+            );
+        }
+        checkpoint::write_atomic(&run_dir.join("config.json"), config_json.as_bytes())?;
+    }
+    let (backbone, head, protos) = state.student.param_counts();
+    say(format!(
+        "carp: {} ({backbone} backbone + {head} head + {protos} prototype parameters) on {device}, {} images, batch {}, {total} steps ({bpe} per epoch)",
+        cfg.model.arch,
+        train_ds.len(),
+        cfg.batch
+    ));
+
+    // The baseline: the same network (same seed) at random initialization.
+    let mut knn_random = None;
+    if let Some(eval_ds) = &eval_ds {
+        let init = Network::new(&cfg.model, cfg.seed)?;
+        let r = knn_eval(&init, &train_ds, eval_ds, cfg.image_size)?;
+        say(format!(
+            "k-NN at random init: top-1 {:.2}% (k=20)",
+            100.0 * top1_k20(&r).unwrap_or(0.0)
+        ));
+        knn_random = top1_k20(&r);
+    }
+
+    let pb = if opts.quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
+            .map_err(|e| Error::Msg(e.to_string()))?,
+    );
+    pb.set_position(state.step as u64);
+    let log_every = (total / 20).max(1);
+
+    let start_step = state.step;
+    let mut last = Default::default();
+    let mut train_secs = 0.0f64;
+    let mut images = 0usize;
+    'outer: while state.step < total {
+        let epoch = state.step / bpe;
+        let done_in_epoch = state.step % bpe;
+        for batch in loader.epoch(epoch).skip(done_in_epoch) {
+            if state.step >= total
+                || opts
+                    .stop_after
+                    .is_some_and(|s| state.step - start_step >= s)
+            {
+                break 'outer;
+            }
+            let batch = batch?;
+            let t0 = Instant::now();
+            let s = cfg.image_size;
+            let mut v1 = batch.view1;
+            if opts.inject_nan_at_step == Some(state.step) {
+                v1[0] = f32::NAN;
+            }
+            let v1 = Tensor::from_vec(v1, &[batch.batch, 3, s, s])?;
+            let v2 = Tensor::from_vec(batch.view2, &[batch.batch, 3, s, s])?;
+            let lr = cosine_lr(state.step, total, cfg.warmup_steps, cfg.lr, cfg.lr_final);
+            let m = teacher_momentum(state.step, total, cfg.momentum_start, cfg.momentum_end);
+            let stats = match state.train_step(&v1, &v2, lr, m) {
+                Ok(s) => s,
+                Err(e) => {
+                    pb.abandon();
+                    return Err(Error::Msg(format!(
+                        "{e}\nthe run stopped; the last good checkpoint in {} is untouched",
+                        run_dir.display()
+                    )));
+                }
+            };
+            let dt = t0.elapsed().as_secs_f64();
+            train_secs += dt;
+            images += batch.batch;
+            let ips = batch.batch as f64 / dt;
+            last = stats;
+            metrics.write(serde_json::json!({
+                "type": "step", "step": state.step, "epoch": epoch, "loss": stats.loss,
+                "consistency": stats.consistency, "entropy": stats.entropy, "lr": stats.lr,
+                "teacher_momentum": stats.momentum, "images_per_s": ips,
+            }))?;
+            pb.set_position(state.step as u64);
+            pb.set_message(format!(
+                "loss {:.4} (H {:.4}) | {:.0} img/s",
+                stats.loss, stats.entropy, ips
+            ));
+            if pb.is_hidden() && !opts.quiet && (state.step % log_every == 0 || state.step == total)
+            {
+                eprintln!(
+                    "step {}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s",
+                    state.step, stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips
+                );
+            }
+            if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
+                let meta = CheckpointMeta {
+                    step: state.step,
+                    epoch: state.step / bpe,
+                    config_json: config_json.clone(),
+                };
+                checkpoint::save(&run_dir, &state, &meta)?;
+            }
+            if let (Some(eval_ds), true) = (
+                &eval_ds,
+                cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total,
+            ) {
+                let r = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size)?;
+                metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": r}))?;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let meta = CheckpointMeta {
+        step: state.step,
+        epoch: state.step / bpe,
+        config_json: config_json.clone(),
+    };
+    let ckpt = checkpoint::save(&run_dir, &state, &meta)?;
+    say(format!("checkpoint: {}", ckpt.display()));
+
+    let mut knn = Vec::new();
+    if let Some(eval_ds) = &eval_ds {
+        if state.step >= total {
+            knn = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size)?;
+            metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": knn}))?;
+        }
+    }
+    let report = TrainReport {
+        steps: state.step,
+        total_steps: total,
+        loss: last.loss,
+        consistency: last.consistency,
+        entropy: last.entropy,
+        knn_top1: top1_k20(&knn),
+        knn_top1_random_init: knn_random,
+        knn,
+        images_per_s: if train_secs > 0.0 {
+            images as f64 / train_secs
+        } else {
+            0.0
+        },
+        device,
+        run_dir,
+    };
+    if let (Some(a), Some(b)) = (report.knn_top1, report.knn_top1_random_init) {
+        say(format!(
+            "k-NN top-1 (k=20): {:.2}% trained vs {:.2}% at random init ({:+.2} points)",
+            100.0 * a,
+            100.0 * b,
+            100.0 * (a - b)
+        ));
+    }
+    Ok(report)
+}
