@@ -164,23 +164,13 @@ pub fn batch_norm_stats_cpu(x: &[f32], d: BnDims, mean: &mut [f32], var: &mut [f
     Ok(())
 }
 
-/// Per-channel (scale, shift) such that y = x * scale + shift normalizes and applies the affine.
-fn scale_shift(
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    var: &[f32],
-    eps: f32,
-) -> Vec<(f32, f32)> {
-    (0..gamma.len())
-        .map(|ch| {
-            let invstd = 1.0 / (var[ch] as f64 + eps as f64).sqrt();
-            let scale = gamma[ch] as f64 * invstd;
-            (
-                scale as f32,
-                (beta[ch] as f64 - mean[ch] as f64 * scale) as f32,
-            )
-        })
+/// Per-channel scale gamma / sqrt(var + eps), so that y = (x - mean) * scale + beta. Centering
+/// first (rather than folding mean into a shift) keeps f32 accuracy when |mean| >> std.
+fn bn_scale(gamma: &[f32], var: &[f32], eps: f32) -> Vec<f32> {
+    gamma
+        .iter()
+        .zip(var)
+        .map(|(&g, &v)| (g as f64 / (v as f64 + eps as f64).sqrt()) as f32)
         .collect()
 }
 
@@ -232,12 +222,12 @@ pub fn batch_norm_apply_cpu(
     ] {
         check_len(op, what, v.len(), d.c)?;
     }
-    let ss = scale_shift(gamma, beta, mean, var, eps);
+    let scale = bn_scale(gamma, var, eps);
     for_each_plane(y, d, |ch, p, plane| {
-        let (scale, shift) = ss[ch];
+        let (sc, mu, b) = (scale[ch], mean[ch], beta[ch]);
         let xs = &x[p * d.s..(p + 1) * d.s];
         for (y, &x) in plane.iter_mut().zip(xs) {
-            *y = x * scale + shift;
+            *y = (x - mu) * sc + b;
         }
     });
     Ok(())
