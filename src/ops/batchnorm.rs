@@ -233,6 +233,22 @@ pub fn batch_norm_apply_cpu(
     Ok(())
 }
 
+/// Eval-mode forward with the running statistics: the same computation as
+/// [`batch_norm_apply_cpu`], named for the CUDA backend's tests.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn batch_norm_eval_forward_cpu(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    batch_norm_apply_cpu(x, gamma, beta, running_mean, running_var, d, eps, y)
+}
+
 /// Training-mode forward: batch statistics into mean (C,) and var (C,) (biased), then the
 /// normalization and affine into y (N, C, S).
 #[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
@@ -518,7 +534,7 @@ impl Tape {
         )?;
         check_eps(op, eps)?;
         let mut y = vec![0.0; d.numel()]; // (N, C, S)
-        batch_norm_apply_cpu(
+        batch_norm_eval_forward_cpu(
             x.cpu()?,
             gamma.cpu()?,
             beta.cpu()?,
