@@ -1,13 +1,23 @@
 //! 2-D convolution (NCHW, no bias): forward, backward data, backward filter.
 //!
-//! The CPU path is im2col + GEMM (the `gemm` crate), one sample at a time so the column buffer
-//! stays small (C*KH*KW x HO*WO floats per worker). 1x1 stride-1 unpadded convolutions skip
-//! im2col: the input plane (C, H*W) already is the column matrix.
+//! The CPU path is im2col + GEMM (the `gemm` crate). The batch is cut into groups of G
+//! consecutive samples; each group is unfolded into one column matrix (C*KH*KW, G*HO*WO) and
+//! multiplied by the weight in one GEMM, so the scratch stays small (one group per worker, not
+//! the whole batch). G is 1 for large planes and grows for small ones (deep layers of small
+//! images, HO*WO down to 1), where a one-sample GEMM would be a near matrix-vector product;
+//! those groups go through a gather/scatter between (G, O, HO*WO) and (O, G*HO*WO). 1x1
+//! stride-1 unpadded convolutions with G = 1 skip im2col: the input plane (C, H*W) already is
+//! the column matrix.
 //!
-//! Parallelism: with at least as many samples as rayon threads, samples run in parallel and each
-//! GEMM is single-threaded (`Parallelism::None`), which keeps every core busy with no
-//! synchronization inside the GEMM. With fewer samples than threads (batch 1), samples run one
-//! after the other and each GEMM uses all threads (`Parallelism::Rayon`).
+//! Parallelism: with at least as many groups as rayon threads, groups run in parallel and each
+//! GEMM is single-threaded (`Parallelism::None`); otherwise (batch 1) groups run one after the
+//! other and each GEMM uses all threads (`Parallelism::Rayon`). On the 2-core development
+//! machine the first was ~10% faster than one multi-threaded GEMM per sample for ResNet50's
+//! convolutions at batch 2 (see the ignored `time_resnet50_convs_batch2` test).
+//!
+//! Backward data: dcol = W^T * dy per group, then col2im. Backward filter: dW = sum over groups
+//! of dy * col^T, one partial sum per thread over a contiguous range of groups, added in a
+//! fixed order (deterministic).
 
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -33,7 +43,8 @@ pub struct Conv2dShape {
 }
 
 impl Conv2dShape {
-    /// Output height: (H + 2*padding - KH) / stride + 1 (floor, as PyTorch).
+    /// Output height: (H + 2*padding - KH) / stride + 1 (floor, as PyTorch). Meaningful only
+    /// for a shape that passes [`Conv2dShape::validate`].
     pub fn ho(&self) -> usize {
         (self.h + 2 * self.padding - self.kh) / self.stride + 1
     }
@@ -237,9 +248,11 @@ fn valid_range(k: usize, padding: usize, stride: usize, len: usize, out: usize) 
     (lo, hi.clamp(lo, out))
 }
 
-/// Unfolds one sample x (C, H, W) into col (C*KH*KW, HO*WO): row (c, ki, kj) holds the input
-/// pixel under kernel tap (ki, kj) for every output position, 0 where it falls in the padding.
-fn im2col(x: &[f32], s: &Conv2dShape, col: &mut [f32]) {
+/// Unfolds one sample x (C, H, W) into its block of a column matrix: row (c, ki, kj) of the
+/// block holds the input pixel under kernel tap (ki, kj) for every output position (HO*WO
+/// values, 0 where the tap falls in the padding). Rows are `ld` apart in `col`, so several
+/// samples can sit side by side in one (C*KH*KW, G*HO*WO) matrix.
+fn im2col(x: &[f32], s: &Conv2dShape, col: &mut [f32], ld: usize) {
     let (ho, wo) = (s.ho(), s.wo());
     let plane = s.h * s.w;
     let ncols = ho * wo;
@@ -248,7 +261,7 @@ fn im2col(x: &[f32], s: &Conv2dShape, col: &mut [f32]) {
         for ki in 0..s.kh {
             for kj in 0..s.kw {
                 let row = (c * s.kh + ki) * s.kw + kj;
-                let dst = &mut col[row * ncols..(row + 1) * ncols]; // (HO, WO)
+                let dst = &mut col[row * ld..row * ld + ncols]; // (HO, WO)
                 let (lo, hi) = valid_range(kj, s.padding, s.stride, s.w, wo);
                 for oy in 0..ho {
                     let d = &mut dst[oy * wo..(oy + 1) * wo];
@@ -279,9 +292,9 @@ fn im2col(x: &[f32], s: &Conv2dShape, col: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: dx (C, H, W) = sum of the col (C*KH*KW, HO*WO) entries over every
-/// tap that reads each input pixel. Overwrites dx.
-fn col2im(col: &[f32], s: &Conv2dShape, dx: &mut [f32]) {
+/// The adjoint of [`im2col`]: dx (C, H, W) = for each input pixel, the sum of the entries of
+/// its sample's column block (rows `ld` apart) at every tap that reads it. Overwrites dx.
+fn col2im(col: &[f32], s: &Conv2dShape, ld: usize, dx: &mut [f32]) {
     let (ho, wo) = (s.ho(), s.wo());
     let plane = s.h * s.w;
     let ncols = ho * wo;
@@ -291,7 +304,7 @@ fn col2im(col: &[f32], s: &Conv2dShape, dx: &mut [f32]) {
         for ki in 0..s.kh {
             for kj in 0..s.kw {
                 let row = (c * s.kh + ki) * s.kw + kj;
-                let src = &col[row * ncols..(row + 1) * ncols]; // (HO, WO)
+                let src = &col[row * ld..row * ld + ncols]; // (HO, WO)
                 let (lo, hi) = valid_range(kj, s.padding, s.stride, s.w, wo);
                 if lo >= hi {
                     continue;
@@ -319,67 +332,171 @@ fn col2im(col: &[f32], s: &Conv2dShape, dx: &mut [f32]) {
     }
 }
 
-/// How the batch is spread over rayon's threads (see the module comment).
-fn batch_parallel(n: usize) -> bool {
-    n >= rayon::current_num_threads()
-}
-
-fn inner_parallelism(outer: bool) -> Parallelism {
-    let t = rayon::current_num_threads();
-    if outer || t <= 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(t)
-    }
-}
-
-/// Runs `f(sample index, col scratch)` for every sample, in parallel when the batch allows.
-/// `f` gets the GEMM parallelism to use.
-fn for_each_sample<F>(n: usize, col_len: usize, outer: bool, f: F)
-where
-    F: Fn(usize, &mut [f32], Parallelism) + Sync,
-{
-    let par = inner_parallelism(outer);
-    if outer {
-        (0..n)
-            .into_par_iter()
-            .for_each_init(|| vec![0.0f32; col_len], |col, i| f(i, col, par));
-    } else {
-        let mut col = vec![0.0f32; col_len];
-        for i in 0..n {
-            f(i, &mut col, par);
+/// Copies per-sample blocks src[g] (rows, cols), g < G, into dst (rows, G*cols) side by side.
+fn gather_blocks(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    let g_count = src.len() / (rows * cols);
+    let ld = g_count * cols;
+    for (g, block) in src.chunks_exact(rows * cols).enumerate() {
+        for (r, row) in block.chunks_exact(cols).enumerate() {
+            dst[r * ld + g * cols..r * ld + (g + 1) * cols].copy_from_slice(row);
         }
     }
 }
 
-/// Hands out disjoint per-sample chunks of an output buffer to parallel workers.
-struct SampleChunks {
+/// The inverse of [`gather_blocks`]: src (rows, G*cols) -> dst[g] (rows, cols).
+fn scatter_blocks(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    let g_count = dst.len() / (rows * cols);
+    let ld = g_count * cols;
+    for (g, block) in dst.chunks_exact_mut(rows * cols).enumerate() {
+        for (r, row) in block.chunks_exact_mut(cols).enumerate() {
+            row.copy_from_slice(&src[r * ld + g * cols..r * ld + (g + 1) * cols]);
+        }
+    }
+}
+
+/// Narrowest GEMM (in output columns) worth running alone: below this, samples are batched
+/// into one GEMM (deep layers of small images have HO*WO of 1..16, and a GEMM with so few
+/// columns runs several times below the machine's peak).
+const MIN_GEMM_COLS: usize = 128;
+
+/// How a convolution's batch is spread over GEMMs and rayon's threads.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Samples per group: one im2col matrix (C*KH*KW, G*HO*WO) and one GEMM per group.
+    g: usize,
+    /// Number of groups: ceil(N / G).
+    groups: usize,
+    /// Groups run in parallel with single-threaded GEMMs (true), or one after the other with
+    /// multi-threaded GEMMs (false, when there are fewer groups than threads).
+    outer: bool,
+    /// The parallelism of each GEMM.
+    par: Parallelism,
+}
+
+impl Plan {
+    fn new(s: &Conv2dShape) -> Plan {
+        let threads = rayon::current_num_threads().max(1);
+        let ncols = s.col_cols();
+        // Enough samples for MIN_GEMM_COLS columns, but not so many that threads go idle.
+        let g = MIN_GEMM_COLS
+            .div_ceil(ncols)
+            .min(s.n.div_ceil(threads))
+            .max(1);
+        let groups = s.n.div_ceil(g);
+        let outer = groups >= threads;
+        let par = if outer || threads == 1 {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(threads)
+        };
+        Plan {
+            g,
+            groups,
+            outer,
+            par,
+        }
+    }
+    /// The samples of group `i`.
+    fn samples(&self, i: usize, n: usize) -> std::ops::Range<usize> {
+        i * self.g..((i + 1) * self.g).min(n)
+    }
+    /// Whether the input plane can serve as the column matrix directly (1x1 stride-1 unpadded
+    /// convs, one sample per GEMM).
+    fn direct(&self, s: &Conv2dShape) -> bool {
+        self.g == 1 && s.is_pointwise()
+    }
+}
+
+/// Per-worker scratch: a column matrix and a gathered (O, G*HO*WO) block.
+struct Scratch {
+    col: Vec<f32>,
+    ybuf: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(s: &Conv2dShape, plan: &Plan) -> Scratch {
+        let gcols = plan.g * s.col_cols();
+        Scratch {
+            col: if plan.direct(s) {
+                Vec::new()
+            } else {
+                vec![0.0; s.col_rows() * gcols]
+            },
+            ybuf: if plan.g > 1 {
+                vec![0.0; s.o * gcols]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Runs `f(group index, scratch)` for every group, in parallel when the plan says so.
+fn for_each_group<F>(s: &Conv2dShape, plan: &Plan, f: F)
+where
+    F: Fn(usize, &mut Scratch) + Sync,
+{
+    if plan.outer {
+        (0..plan.groups)
+            .into_par_iter()
+            .for_each_init(|| Scratch::new(s, plan), |sc, i| f(i, sc));
+    } else {
+        let mut sc = Scratch::new(s, plan);
+        for i in 0..plan.groups {
+            f(i, &mut sc);
+        }
+    }
+}
+
+/// Hands out disjoint per-group chunks of an output buffer to parallel workers.
+struct GroupChunks {
     ptr: *mut f32,
     len: usize,
-    per: usize,
 }
 
-// SAFETY: the pointer is only used through `get`, whose callers access disjoint chunks (one per
-// sample index) and the borrow it came from outlives every use (the scope of the kernel).
-unsafe impl Sync for SampleChunks {}
+// SAFETY: the pointer is only used through `get`, whose callers access disjoint ranges (one per
+// group) while the borrow it came from is alive (the body of the kernel that made it).
+unsafe impl Sync for GroupChunks {}
 
-impl SampleChunks {
-    fn new(buf: &mut [f32], per: usize) -> Self {
-        SampleChunks {
+impl GroupChunks {
+    fn new(buf: &mut [f32]) -> Self {
+        GroupChunks {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
-            per,
         }
     }
+    /// The elements [start, end) of the buffer.
+    ///
     /// # Safety
-    /// Each index must be taken by at most one caller at a time, and the buffer passed to
-    /// `new` must still be mutably borrowed by the caller of `new`.
+    /// Ranges handed out at the same time must be disjoint, and the buffer passed to `new` must
+    /// still be mutably borrowed by the caller of `new`.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn get(&self, i: usize) -> &mut [f32] {
-        assert!((i + 1) * self.per <= self.len, "sample chunk out of range");
+    unsafe fn get(&self, start: usize, end: usize) -> &mut [f32] {
+        assert!(start <= end && end <= self.len, "group chunk out of range");
         // SAFETY: in range (assert above); exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.per), self.per) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), end - start) }
     }
+}
+
+/// Fills `sc.col` with the column matrix (C*KH*KW, G*HO*WO) of the samples `r` of x and
+/// returns it, or returns the input plane itself for direct (pointwise, single-sample) convs.
+fn columns<'a>(
+    x: &'a [f32],
+    s: &Conv2dShape,
+    plan: &Plan,
+    r: &std::ops::Range<usize>,
+    col: &'a mut [f32],
+) -> &'a [f32] {
+    let x_per = s.c * s.h * s.w;
+    let ncols = s.col_cols();
+    let ld = r.len() * ncols;
+    if plan.direct(s) {
+        return &x[r.start * x_per..r.end * x_per]; // (C, H*W)
+    }
+    for (j, i) in r.clone().enumerate() {
+        im2col(&x[i * x_per..(i + 1) * x_per], s, &mut col[j * ncols..], ld);
+    }
+    &col[..s.col_rows() * ld]
 }
 
 // ---------- CPU kernels ----------
@@ -394,36 +511,40 @@ pub fn conv2d_forward_cpu(x: &[f32], w: &[f32], s: &Conv2dShape, y: &mut [f32]) 
     assert_eq!(w.len(), s.w_len(), "conv2d_forward_cpu: w length");
     assert_eq!(y.len(), s.y_len(), "conv2d_forward_cpu: y length");
     let (k, ncols) = (s.col_rows(), s.col_cols());
-    let x_per = s.c * s.h * s.w;
     let y_per = s.o * ncols;
-    let pointwise = s.is_pointwise();
-    let col_len = if pointwise { 0 } else { k * ncols };
-    let outer = batch_parallel(s.n);
-    let ys = SampleChunks::new(y, y_per);
-    for_each_sample(s.n, col_len, outer, |i, col, par| {
-        let x_n = &x[i * x_per..(i + 1) * x_per]; // (C, H, W)
-                                                  // SAFETY: sample i is visited exactly once, and `y` stays borrowed for this call.
-        let y_n = unsafe { ys.get(i) }; // (O, HO*WO)
-        let cols: &[f32] = if pointwise {
-            x_n // (C, H*W)
-        } else {
-            im2col(x_n, s, col);
-            col // (C*KH*KW, HO*WO)
+    let plan = Plan::new(s);
+    let ys = GroupChunks::new(y);
+    for_each_group(s, &plan, |gi, sc| {
+        let r = plan.samples(gi, s.n);
+        let gcols = r.len() * ncols;
+        // SAFETY: groups cover disjoint sample ranges, each visited once; `y` stays borrowed
+        // for this call.
+        let y_g = unsafe { ys.get(r.start * y_per, r.end * y_per) }; // (G, O, HO*WO)
+        let cols = columns(x, s, &plan, &r, &mut sc.col); // (C*KH*KW, G*HO*WO)
+                                                          // dst (O, G*HO*WO) = w (O, C*KH*KW) * cols (C*KH*KW, G*HO*WO)
+        let gemm_into = |dst: &mut [f32]| {
+            matmul(
+                (s.o, gcols, k),
+                dst,
+                Mat::rm(w, k),
+                Mat::rm(cols, gcols),
+                false,
+                plan.par,
+            )
         };
-        // y_n (O, HO*WO) = w (O, C*KH*KW) * cols (C*KH*KW, HO*WO)
-        matmul(
-            (s.o, ncols, k),
-            y_n,
-            Mat::rm(w, k),
-            Mat::rm(cols, ncols),
-            false,
-            par,
-        );
+        if r.len() == 1 {
+            // One sample: its output (O, HO*WO) is the GEMM's destination.
+            gemm_into(y_g);
+        } else {
+            // Several: (O, G*HO*WO) in scratch, scattered to (G, O, HO*WO).
+            gemm_into(&mut sc.ybuf);
+            scatter_blocks(&sc.ybuf[..s.o * gcols], s.o, ncols, y_g);
+        }
     });
 }
 
 /// dx (N, C, H, W) = the gradient of conv2d w.r.t. its input, given dy (N, O, HO, WO) and
-/// w (O, C, KH, KW): per sample dcol = w^T * dy, then col2im. Overwrites dx.
+/// w (O, C, KH, KW): per group dcol = w^T * dy, then col2im. Overwrites dx.
 ///
 /// # Panics
 /// If a buffer length does not match `s`, or `s` is invalid.
@@ -436,34 +557,47 @@ pub fn conv2d_backward_data_cpu(dy: &[f32], w: &[f32], s: &Conv2dShape, dx: &mut
     let (k, ncols) = (s.col_rows(), s.col_cols());
     let x_per = s.c * s.h * s.w;
     let y_per = s.o * ncols;
-    let pointwise = s.is_pointwise();
-    let col_len = if pointwise { 0 } else { k * ncols };
-    let outer = batch_parallel(s.n);
-    let dxs = SampleChunks::new(dx, x_per);
-    for_each_sample(s.n, col_len, outer, |i, dcol, par| {
-        let dy_n = &dy[i * y_per..(i + 1) * y_per]; // (O, HO*WO)
-                                                    // SAFETY: sample i is visited exactly once, and `dx` stays borrowed for this call.
-        let dx_n = unsafe { dxs.get(i) }; // (C, H, W)
-                                          // dcol (C*KH*KW, HO*WO) = w^T (C*KH*KW, O) * dy_n (O, HO*WO); written straight into dx_n
-                                          // for pointwise convs, where dx_n (C, H*W) is the column matrix.
-        let dst: &mut [f32] = if pointwise { dx_n } else { dcol };
-        matmul(
-            (k, ncols, s.o),
-            dst,
-            Mat::rm_t(w, k),
-            Mat::rm(dy_n, ncols),
-            false,
-            par,
-        );
-        if !pointwise {
-            col2im(dcol, s, dx_n);
+    let plan = Plan::new(s);
+    let dxs = GroupChunks::new(dx);
+    for_each_group(s, &plan, |gi, sc| {
+        let r = plan.samples(gi, s.n);
+        let gcols = r.len() * ncols;
+        // SAFETY: groups cover disjoint sample ranges, each visited once; `dx` stays borrowed
+        // for this call.
+        let dx_g = unsafe { dxs.get(r.start * x_per, r.end * x_per) }; // (G, C, H, W)
+        let dy_g = &dy[r.start * y_per..r.end * y_per]; // (G, O, HO*WO)
+        let dy_cols: &[f32] = if r.len() == 1 {
+            dy_g // (O, HO*WO)
+        } else {
+            gather_blocks(dy_g, s.o, ncols, &mut sc.ybuf);
+            &sc.ybuf[..s.o * gcols] // (O, G*HO*WO)
+        };
+        // dcol (C*KH*KW, G*HO*WO) = w^T (C*KH*KW, O) * dy_cols (O, G*HO*WO)
+        let gemm_into = |dst: &mut [f32]| {
+            matmul(
+                (k, gcols, s.o),
+                dst,
+                Mat::rm_t(w, k),
+                Mat::rm(dy_cols, gcols),
+                false,
+                plan.par,
+            )
+        };
+        if plan.direct(s) {
+            // dx (C, H*W) is the column matrix itself.
+            gemm_into(dx_g);
+        } else {
+            gemm_into(&mut sc.col);
+            for (j, dx_n) in dx_g.chunks_exact_mut(x_per).enumerate() {
+                col2im(&sc.col[j * ncols..], s, gcols, dx_n);
+            }
         }
     });
 }
 
 /// dw (O, C, KH, KW) = the gradient of conv2d w.r.t. its weight, given x (N, C, H, W) and
-/// dy (N, O, HO, WO): sum over the batch of dy_n * col_n^T. Each worker accumulates a partial
-/// sum over a contiguous range of samples; the partials are added in a fixed order, so the
+/// dy (N, O, HO, WO): the sum over groups of dy_g * col_g^T. Each worker accumulates a partial
+/// sum over a contiguous range of groups; the partials are added in a fixed order, so the
 /// result does not depend on scheduling. Overwrites dw.
 ///
 /// # Panics
@@ -475,58 +609,58 @@ pub fn conv2d_backward_filter_cpu(x: &[f32], dy: &[f32], s: &Conv2dShape, dw: &m
     assert_eq!(dy.len(), s.y_len(), "conv2d_backward_filter_cpu: dy length");
     assert_eq!(dw.len(), s.w_len(), "conv2d_backward_filter_cpu: dw length");
     let (k, ncols) = (s.col_rows(), s.col_cols());
-    let x_per = s.c * s.h * s.w;
     let y_per = s.o * ncols;
-    let pointwise = s.is_pointwise();
-    let col_len = if pointwise { 0 } else { k * ncols };
+    let plan = Plan::new(s);
 
-    // Accumulates sum over samples in `range` of dy_n * col_n^T into acc (O, C*KH*KW).
-    let accumulate_range = |range: std::ops::Range<usize>, acc: &mut [f32], par: Parallelism| {
-        let mut col = vec![0.0f32; col_len];
-        for (j, i) in range.enumerate() {
-            let x_n = &x[i * x_per..(i + 1) * x_per]; // (C, H, W)
-            let dy_n = &dy[i * y_per..(i + 1) * y_per]; // (O, HO*WO)
-            let cols: &[f32] = if pointwise {
-                x_n
+    // Accumulates, over the groups in `range`, dy_g * col_g^T into acc (O, C*KH*KW).
+    let accumulate_range = |range: std::ops::Range<usize>, acc: &mut [f32]| {
+        let mut sc = Scratch::new(s, &plan);
+        for (j, gi) in range.enumerate() {
+            let r = plan.samples(gi, s.n);
+            let gcols = r.len() * ncols;
+            let dy_g = &dy[r.start * y_per..r.end * y_per]; // (G, O, HO*WO)
+            let dy_cols: &[f32] = if r.len() == 1 {
+                dy_g // (O, HO*WO)
             } else {
-                im2col(x_n, s, &mut col);
-                &col
+                gather_blocks(dy_g, s.o, ncols, &mut sc.ybuf);
+                &sc.ybuf[..s.o * gcols] // (O, G*HO*WO)
             };
-            // acc (O, C*KH*KW) (+)= dy_n (O, HO*WO) * cols^T (HO*WO, C*KH*KW)
+            let cols = columns(x, s, &plan, &r, &mut sc.col); // (C*KH*KW, G*HO*WO)
+                                                              // acc (O, C*KH*KW) (+)= dy_cols (O, G*HO*WO) * cols^T (G*HO*WO, C*KH*KW)
             matmul(
-                (s.o, k, ncols),
+                (s.o, k, gcols),
                 acc,
-                Mat::rm(dy_n, ncols),
-                Mat::rm_t(cols, ncols),
+                Mat::rm(dy_cols, gcols),
+                Mat::rm_t(cols, gcols),
                 j > 0,
-                par,
+                plan.par,
             );
         }
     };
 
-    let threads = rayon::current_num_threads();
-    if !batch_parallel(s.n) || threads <= 1 {
-        accumulate_range(0..s.n, dw, inner_parallelism(false));
+    let threads = rayon::current_num_threads().max(1);
+    if !plan.outer || threads == 1 {
+        accumulate_range(0..plan.groups, dw);
         return;
     }
-    // One contiguous range of samples per thread; the first range accumulates into dw itself.
-    let per = s.n.div_ceil(threads);
-    let ranges: Vec<std::ops::Range<usize>> = (0..s.n)
+    // One contiguous range of groups per thread; the first range accumulates into dw itself.
+    let per = plan.groups.div_ceil(threads);
+    let ranges: Vec<std::ops::Range<usize>> = (0..plan.groups)
         .step_by(per)
-        .map(|a| a..(a + per).min(s.n))
+        .map(|a| a..(a + per).min(plan.groups))
         .collect();
-    let (first, rest) = ranges.split_first().expect("n > 0");
+    let (first, rest) = ranges.split_first().expect("at least one group");
     let w_len = dw.len();
     let mut partials: Vec<Vec<f32>> = vec![Vec::new(); rest.len()];
     rayon::join(
-        || accumulate_range(first.clone(), dw, Parallelism::None),
+        || accumulate_range(first.clone(), dw),
         || {
             partials
                 .par_iter_mut()
                 .zip(rest.par_iter())
                 .for_each(|(p, r)| {
                     *p = vec![0.0f32; w_len];
-                    accumulate_range(r.clone(), p, Parallelism::None);
+                    accumulate_range(r.clone(), p);
                 })
         },
     );
@@ -697,20 +831,70 @@ mod tests {
             shape(2, 3, 1, 1, 2, 3, 1, 1),   // 1x1 input under a padded 3x3 kernel
             shape(2, 3, 2, 3, 2, 3, 2, 1),   // tiny input, stride 2
             shape(2, 2, 3, 9, 3, 7, 1, 3),   // kernel taller than the input (padding covers it)
+            shape(4, 5, 3, 3, 6, 1, 1, 0),   // pointwise on a small plane: samples share a GEMM
+            shape(7, 3, 5, 4, 5, 1, 2, 0),   // 1x1 stride 2, grouped, uneven last group
+            shape(6, 8, 2, 2, 4, 3, 1, 1),   // a deep layer of a small image (2x2 planes)
         ]
     }
 
+    /// Forward, backward data and backward filter of one case against the f64 references.
+    fn check_against_naive(s: &Conv2dShape, seed: u64) {
+        let x = randn_vec(s.x_len(), seed);
+        let w = randn_vec(s.w_len(), seed + 1);
+        let dy = randn_vec(s.y_len(), seed + 2);
+        let mut y = vec![f32::NAN; s.y_len()];
+        conv2d_forward_cpu(&x, &w, s, &mut y);
+        let want = to_f32(&naive_forward(&x, &w, s));
+        let e = rel_err(&y, &want);
+        // f32 GEMM vs f64 sums of at most a few hundred products: well under 1e-5 of the max.
+        let threads = rayon::current_num_threads();
+        assert!(
+            e < 1e-5,
+            "{s:?} ({threads} threads): y relative error {e:.3e}"
+        );
+        let (want_dx, want_dw) = naive_backward(&x, &w, &dy, s);
+        let mut dx = vec![f32::NAN; s.x_len()];
+        let mut dw = vec![f32::NAN; s.w_len()];
+        conv2d_backward_data_cpu(&dy, &w, s, &mut dx);
+        conv2d_backward_filter_cpu(&x, &dy, s, &mut dw);
+        let ex = rel_err(&dx, &to_f32(&want_dx));
+        let ew = rel_err(&dw, &to_f32(&want_dw));
+        assert!(
+            ex < 1e-5,
+            "{s:?} ({threads} threads): dx relative error {ex:.3e}"
+        );
+        assert!(
+            ew < 1e-5,
+            "{s:?} ({threads} threads): dw relative error {ew:.3e}"
+        );
+    }
+
     #[test]
-    fn forward_matches_naive_f64() {
-        for (t, s) in cases().iter().enumerate() {
-            let x = randn_vec(s.x_len(), 10 + t as u64);
-            let w = randn_vec(s.w_len(), 100 + t as u64);
-            let mut y = vec![f32::NAN; s.y_len()];
-            conv2d_forward_cpu(&x, &w, s, &mut y);
-            let want = to_f32(&naive_forward(&x, &w, s));
-            let e = rel_err(&y, &want);
-            // f32 GEMM vs f64 sums of at most 147 products: well under 1e-5 of the max.
-            assert!(e < 1e-5, "{s:?}: relative error {e:.3e}");
+    fn forward_and_backward_match_naive_f64() {
+        let mut all = cases();
+        all.push(shape(3, 8, 13, 11, 6, 3, 2, 1)); // a larger one
+        for (t, s) in all.iter().enumerate() {
+            check_against_naive(s, 10 * t as u64);
+        }
+    }
+
+    #[test]
+    fn every_batch_plan_matches_naive_f64() {
+        // The batch is split differently with 1, 2 or 3 threads (samples in parallel or not,
+        // several samples per GEMM or one, uneven last groups): all must agree with the naive
+        // reference, whatever the machine's core count.
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for (t, s) in cases().iter().enumerate() {
+                    let plan = Plan::new(s);
+                    assert!(plan.g >= 1 && plan.groups * plan.g >= s.n);
+                    check_against_naive(s, 1000 + 10 * t as u64);
+                }
+            });
         }
     }
 
@@ -723,27 +907,6 @@ mod tests {
         let s = shape(2, 3, 15, 13, 4, 7, 2, 3);
         let want = to_f32(&naive_forward(x.cpu().unwrap(), w.cpu().unwrap(), &s));
         assert!(rel_err(y.cpu().unwrap(), &want) < 1e-5);
-    }
-
-    #[test]
-    fn backward_matches_naive_f64() {
-        let mut all = cases();
-        all.push(shape(3, 8, 13, 11, 6, 3, 2, 1)); // a larger one
-        for (t, s) in all.iter().enumerate() {
-            let x = randn_vec(s.x_len(), 20 + t as u64);
-            let w = randn_vec(s.w_len(), 200 + t as u64);
-            let dy = randn_vec(s.y_len(), 300 + t as u64);
-            let (want_dx, want_dw) = naive_backward(&x, &w, &dy, s);
-            let mut dx = vec![f32::NAN; s.x_len()];
-            let mut dw = vec![f32::NAN; s.w_len()];
-            conv2d_backward_data_cpu(&dy, &w, s, &mut dx);
-            conv2d_backward_filter_cpu(&x, &dy, s, &mut dw);
-            let ex = rel_err(&dx, &to_f32(&want_dx));
-            let ew = rel_err(&dw, &to_f32(&want_dw));
-            // dw sums up to N*HO*WO (~ 200) products per element.
-            assert!(ex < 1e-5, "{s:?}: dx relative error {ex:.3e}");
-            assert!(ew < 1e-5, "{s:?}: dw relative error {ew:.3e}");
-        }
     }
 
     #[test]
@@ -869,11 +1032,12 @@ mod tests {
             .all(|v| v.is_finite()));
     }
 
-    /// The convolutions of ResNet50 at 224x224, as (C, H, O, k, stride, padding, count).
-    fn resnet50_convs() -> Vec<(usize, usize, usize, usize, usize, usize, usize)> {
-        let mut v = vec![(3, 224, 64, 7, 2, 3, 1)];
+    /// The convolutions of ResNet50 at image x image, as (C, H, O, k, stride, padding, count).
+    fn resnet50_convs(image: usize) -> Vec<(usize, usize, usize, usize, usize, usize, usize)> {
+        let mut v = vec![(3, image, 64, 7, 2, 3, 1)];
         let mut inp = 64;
-        let mut h = 56;
+        // After the stride-2 stem and the 3x3/2 pad-1 max pool.
+        let mut h = ((image - 1) / 2 + 1 - 1) / 2 + 1;
         for (stage, (&width, &blocks)) in [64usize, 128, 256, 512]
             .iter()
             .zip(&[3usize, 4, 6, 3])
@@ -881,7 +1045,7 @@ mod tests {
         {
             let out = width * 4;
             let stride = if stage == 0 { 1 } else { 2 };
-            let ho = h / stride;
+            let ho = (h - 1) / stride + 1;
             // First block: 1x1 in->width at h, 3x3 width stride at h, 1x1 width->out at ho,
             // projection 1x1 in->out stride.
             v.push((inp, h, width, 1, 1, 0, 1));
@@ -901,12 +1065,16 @@ mod tests {
     #[test]
     #[ignore = "timing; run with --ignored --nocapture"]
     fn time_resnet50_convs_batch2() {
+        let image: usize = std::env::var("CONV_IMAGE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(224);
         let n: usize = std::env::var("CONV_BATCH")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(2);
         let (mut tf, mut td, mut tw) = (0.0, 0.0, 0.0);
-        for (c, h, o, k, stride, padding, count) in resnet50_convs() {
+        for (c, h, o, k, stride, padding, count) in resnet50_convs(image) {
             let s = shape(n, c, h, h, o, k, stride, padding);
             let x = randn_vec(s.x_len(), 1);
             let w = randn_vec(s.w_len(), 2);
@@ -933,6 +1101,6 @@ mod tests {
             td += d;
             tw += ww;
         }
-        println!("ResNet50 convs, batch {n}: forward {tf:.2}s, backward data {td:.2}s, backward filter {tw:.2}s, total {:.2}s", tf + td + tw);
+        println!("ResNet50 convs, {image}x{image}, batch {n}: forward {tf:.2}s, backward data {td:.2}s, backward filter {tw:.2}s, total {:.2}s", tf + td + tw);
     }
 }

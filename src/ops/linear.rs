@@ -642,4 +642,40 @@ mod tests {
         .unwrap();
         check_grad(&[x], 1e-2, |tape, xs| tape.mean_all(&xs[0])).unwrap();
     }
+
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn time_head_linear_and_prototypes() {
+        // The head's linear (batch 256, 2048 -> 2048) and the prototype layer (256 x 256 against
+        // 65536 x 256), forward and backward, as the training step runs them.
+        let time = |name: &str, f: &mut dyn FnMut()| {
+            f(); // warm-up
+            let t = std::time::Instant::now();
+            f();
+            let dt = t.elapsed().as_secs_f64();
+            println!("{name}: {:.1} ms", dt * 1e3);
+        };
+        let x = randn(&[256, 2048], 1);
+        let w = randn(&[2048, 2048], 2);
+        let b = randn(&[2048], 3);
+        time("linear 256x2048x2048 fwd+bwd", &mut || {
+            let mut tape = Tape::new();
+            let w = tape.track(&w);
+            let y = tape.linear(&x, &w, Some(&b)).unwrap();
+            let dy = randn(&[256, 2048], 4);
+            tape.backward_from(vec![(y, dy)]).unwrap();
+        });
+        let e = randn(&[256, 256], 5);
+        let v = randn(&[65536, 256], 6);
+        time("wn_linear 256x256 . (65536x256)^T fwd", &mut || {
+            Tape::no_grad().wn_linear(&e, &v).unwrap();
+        });
+        let dy = randn(&[256, 65536], 7);
+        time("wn_linear fwd+bwd", &mut || {
+            let mut tape = Tape::new();
+            let v = tape.track(&v);
+            let y = tape.wn_linear(&e, &v).unwrap();
+            tape.backward_from(vec![(y, dy.clone())]).unwrap();
+        });
+    }
 }

@@ -27,7 +27,8 @@ pub struct Pool2dShape {
 }
 
 impl Pool2dShape {
-    /// Output height: (H + 2*padding - kernel) / stride + 1.
+    /// Output height: (H + 2*padding - kernel) / stride + 1. Meaningful only for a shape that
+    /// passes [`Pool2dShape::validate`].
     pub fn ho(&self) -> usize {
         (self.h + 2 * self.padding - self.kernel) / self.stride + 1
     }
