@@ -204,6 +204,8 @@ fn cubic(x: f64) -> f64 {
 /// resampling: the kernel widens by the scale factor when shrinking).
 struct Taps {
     start: Vec<usize>,
+    /// Number of taps in bounds for each output coordinate (start + len <= in_size).
+    len: Vec<usize>,
     /// (out, ksize) weights, zero-padded.
     weights: Vec<f32>,
     ksize: usize,
@@ -215,6 +217,7 @@ fn taps(in_size: usize, box0: f64, box_len: f64, out_size: usize) -> Taps {
     let support = 2.0 * fscale;
     let ksize = (support.ceil() as usize) * 2 + 1;
     let mut start = Vec::with_capacity(out_size);
+    let mut lens = Vec::with_capacity(out_size);
     let mut weights = vec![0f32; out_size * ksize];
     for i in 0..out_size {
         let center = box0 + (i as f64 + 0.5) * scale;
@@ -234,9 +237,11 @@ fn taps(in_size: usize, box0: f64, box_len: f64, out_size: usize) -> Taps {
             wrow.iter_mut().for_each(|v| *v *= inv);
         }
         start.push(xmin);
+        lens.push(n);
     }
     Taps {
         start,
+        len: lens,
         weights,
         ksize,
     }
@@ -263,7 +268,8 @@ pub fn resample(
     let r1 = ty
         .start
         .iter()
-        .map(|&s| (s + ty.ksize).min(h))
+        .zip(&ty.len)
+        .map(|(&s, &n)| s + n)
         .max()
         .unwrap_or(0)
         .max(r0 + 1);
@@ -273,14 +279,10 @@ pub fn resample(
         let row = &img.data[y * w * 3..(y + 1) * w * 3];
         let trow = &mut tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3];
         for x in 0..out_w {
-            let s = tx.start[x];
-            let ws = &tx.weights[x * tx.ksize..(x + 1) * tx.ksize];
+            let (s, n) = (tx.start[x], tx.len[x]);
+            let ws = &tx.weights[x * tx.ksize..x * tx.ksize + n];
             let mut acc = [0f32; 3];
-            for (k, &wk) in ws.iter().enumerate() {
-                if s + k >= w {
-                    break;
-                }
-                let p = &row[(s + k) * 3..(s + k) * 3 + 3];
+            for (&wk, p) in ws.iter().zip(row[s * 3..(s + n) * 3].chunks_exact(3)) {
                 acc[0] += wk * p[0] as f32;
                 acc[1] += wk * p[1] as f32;
                 acc[2] += wk * p[2] as f32;
@@ -291,19 +293,21 @@ pub fn resample(
     }
     // Vertical pass: (out_h, out_w, 3) u8, rounded and clamped as PIL does.
     let mut out = vec![0u8; out_h * out_w * 3];
+    let mut acc = vec![0f32; out_w * 3];
     for y in 0..out_h {
-        let s = ty.start[y];
-        let ws = &ty.weights[y * ty.ksize..(y + 1) * ty.ksize];
-        let orow = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
-        for (i, o) in orow.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for (k, &wk) in ws.iter().enumerate() {
-                if s + k >= r1 {
-                    break;
-                }
-                acc += wk * tmp[(s + k - r0) * out_w * 3 + i];
+        let (s, n) = (ty.start[y], ty.len[y]);
+        let ws = &ty.weights[y * ty.ksize..y * ty.ksize + n];
+        // Whole-row multiply-adds (vectorizes).
+        acc.fill(0.0);
+        for (k, &wk) in ws.iter().enumerate() {
+            let trow = &tmp[(s + k - r0) * out_w * 3..(s + k - r0 + 1) * out_w * 3];
+            for (a, &t) in acc.iter_mut().zip(trow) {
+                *a += wk * t;
             }
-            *o = acc.round().clamp(0.0, 255.0) as u8;
+        }
+        let orow = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
+        for (o, &a) in orow.iter_mut().zip(&acc) {
+            *o = a.round().clamp(0.0, 255.0) as u8;
         }
     }
     out
@@ -499,27 +503,34 @@ pub fn gaussian_blur(x: &mut [f32], h: usize, w: usize, sigma: f32) {
         .collect();
     let s: f32 = k.iter().sum();
     let k: Vec<f32> = k.iter().map(|v| v / s).collect();
+    // Row pass on an edge-padded copy of each row (no clamping in the inner loop), then a
+    // column pass as whole-row multiply-adds (vectorizes), edges clamped.
+    let ru = r as usize;
+    let mut padded = vec![0f32; w + 2 * ru];
     let mut tmp = vec![0f32; h * w];
     for c in 0..3 {
         let plane = &mut x[c * h * w..(c + 1) * h * w];
         for y in 0..h {
-            for xx in 0..w {
-                let mut acc = 0.0;
-                for (j, kj) in k.iter().enumerate() {
-                    let sx = (xx as isize + j as isize - r).clamp(0, w as isize - 1) as usize;
-                    acc += kj * plane[y * w + sx];
+            let row = &plane[y * w..(y + 1) * w];
+            padded[..ru].fill(row[0]);
+            padded[ru..ru + w].copy_from_slice(row);
+            padded[ru + w..].fill(row[w - 1]);
+            let trow = &mut tmp[y * w..(y + 1) * w];
+            trow.fill(0.0);
+            for (j, &kj) in k.iter().enumerate() {
+                for (t, &p) in trow.iter_mut().zip(&padded[j..j + w]) {
+                    *t += kj * p;
                 }
-                tmp[y * w + xx] = acc;
             }
         }
         for y in 0..h {
-            for xx in 0..w {
-                let mut acc = 0.0;
-                for (j, kj) in k.iter().enumerate() {
-                    let sy = (y as isize + j as isize - r).clamp(0, h as isize - 1) as usize;
-                    acc += kj * tmp[sy * w + xx];
+            let orow = &mut plane[y * w..(y + 1) * w];
+            orow.fill(0.0);
+            for (j, &kj) in k.iter().enumerate() {
+                let sy = (y as isize + j as isize - r).clamp(0, h as isize - 1) as usize;
+                for (o, &t) in orow.iter_mut().zip(&tmp[sy * w..(sy + 1) * w]) {
+                    *o += kj * t;
                 }
-                plane[y * w + xx] = acc;
             }
         }
     }

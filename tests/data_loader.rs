@@ -1,0 +1,347 @@
+//! The two-view loader and evaluation batches: epoch shuffles, rank slices, determinism
+//! across worker counts and prefetch depths, the u8-crop + finish split, errors, and the
+//! benchmark function.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use carp::data::augment::{eval_crop, finish_view, sample_view, ColorParams};
+use carp::data::decode::encode_jpeg;
+use carp::data::idx::write_idx;
+use carp::data::loader::image_rng;
+use carp::data::{
+    bench_loader, eval_batches, run_pack, Dataset, LoaderConfig, PackArgs, TwoViewLoader,
+    ViewConfig,
+};
+use carp::Error;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("carp-loader-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A packed raw dataset of `n` random 12x10 gray images over 5 classes.
+fn small_dataset(name: &str, n: usize) -> Arc<Dataset> {
+    let dir = tmpdir(name);
+    let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
+    let px: Vec<u8> = (0..n * 120).map(|_| rng.gen()).collect();
+    let lb: Vec<u8> = (0..n).map(|i| (i % 5) as u8).collect();
+    write_idx(&dir.join("i.idx"), &[n, 12, 10], &px).unwrap();
+    write_idx(&dir.join("l.idx"), &[n], &lb).unwrap();
+    let mut a = PackArgs::new(dir.join("i.idx"), dir.join("out"));
+    a.labels = Some(dir.join("l.idx"));
+    a.shard_records = 17;
+    run_pack(&a).unwrap();
+    Arc::new(Dataset::open(&dir.join("out")).unwrap())
+}
+
+fn cfg(batch: usize, seed: u64) -> LoaderConfig {
+    LoaderConfig {
+        batch,
+        seed,
+        workers: 2,
+        prefetch: 2,
+        view: ViewConfig::imagenet(16),
+        ..LoaderConfig::default()
+    }
+}
+
+#[test]
+fn epochs_are_seeded_shuffles_and_ranks_partition_them() {
+    let ds = small_dataset("perm", 50);
+    let l = TwoViewLoader::new(ds.clone(), cfg(8, 3)).unwrap();
+    let e0 = l.epoch_indices(0);
+    let mut sorted = e0.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+    assert_ne!(e0, l.epoch_indices(1), "a new order every epoch");
+    assert_ne!(e0, (0..50).collect::<Vec<_>>());
+    let same = TwoViewLoader::new(ds.clone(), cfg(8, 3)).unwrap();
+    assert_eq!(e0, same.epoch_indices(0), "same seed, same order");
+    let other = TwoViewLoader::new(ds.clone(), cfg(8, 4)).unwrap();
+    assert_ne!(e0, other.epoch_indices(0));
+    // World 3: equal, disjoint slices (50 / 3 = 16 each; 2 left out this epoch).
+    let slices: Vec<Vec<usize>> = (0..3)
+        .map(|rank| {
+            let c = LoaderConfig {
+                rank,
+                world: 3,
+                ..cfg(4, 3)
+            };
+            TwoViewLoader::new(ds.clone(), c).unwrap().epoch_indices(5)
+        })
+        .collect();
+    let mut all: Vec<usize> = slices.concat();
+    assert!(slices.iter().all(|s| s.len() == 16));
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 48);
+}
+
+#[test]
+fn batches_cover_the_epoch_with_matching_labels() {
+    let ds = small_dataset("cover", 50);
+    let l = TwoViewLoader::new(ds.clone(), cfg(8, 1)).unwrap();
+    assert_eq!(l.batches_per_epoch(), 6);
+    let batches: Vec<_> = l.epoch(2).map(|b| b.unwrap()).collect();
+    assert_eq!(batches.len(), 6);
+    let idx: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+    assert_eq!(idx, l.epoch_indices(2)[..48]);
+    for b in &batches {
+        assert_eq!((b.batch, b.size), (8, 16));
+        assert_eq!(b.view1.len(), 8 * 3 * 16 * 16);
+        assert_eq!(b.view2.len(), 8 * 3 * 16 * 16);
+        assert_ne!(b.view1, b.view2);
+        for (k, &i) in b.indices.iter().enumerate() {
+            assert_eq!(b.labels[k], ds.label(i));
+            assert_eq!(b.labels[k], (i % 5) as u32);
+        }
+    }
+    // drop_last = false: a last, short batch.
+    let l = TwoViewLoader::new(
+        ds.clone(),
+        LoaderConfig {
+            drop_last: false,
+            ..cfg(8, 1)
+        },
+    )
+    .unwrap();
+    assert_eq!(l.batches_per_epoch(), 7);
+    let last = l.epoch(0).last().unwrap().unwrap();
+    assert_eq!(last.batch, 2);
+    assert_eq!(last.view1.len(), 2 * 3 * 16 * 16);
+}
+
+#[test]
+fn batches_do_not_depend_on_workers_or_prefetch_and_match_the_recipe() {
+    let ds = small_dataset("determinism", 30);
+    let a: Vec<_> = TwoViewLoader::new(
+        ds.clone(),
+        LoaderConfig {
+            workers: 1,
+            prefetch: 1,
+            ..cfg(7, 9)
+        },
+    )
+    .unwrap()
+    .epoch(4)
+    .map(|b| b.unwrap())
+    .collect();
+    let loader = TwoViewLoader::new(
+        ds.clone(),
+        LoaderConfig {
+            workers: 3,
+            prefetch: 5,
+            ..cfg(7, 9)
+        },
+    )
+    .unwrap();
+    let b: Vec<_> = loader.epoch(4).map(|b| b.unwrap()).collect();
+    assert_eq!(a, b);
+    // The u8 crops + parameters, finished on the CPU, give the same batches.
+    let crops: Vec<_> = loader.epoch_crops(4).map(|b| b.unwrap()).collect();
+    let view = &loader.config().view;
+    for (c, full) in crops.iter().zip(&b) {
+        assert_eq!(&c.finish(view), full);
+        assert_eq!(c.view1.len(), 7 * 16 * 16 * 3);
+    }
+    // Each image's views are the per-image recipe with its own RNG (seed, epoch, index).
+    let first = &crops[0];
+    for (k, &i) in first.indices.iter().enumerate() {
+        let img = ds.image(i).unwrap();
+        let mut rng = image_rng(9, 4, i);
+        let (c1, p1) = sample_view(&img, view, 0, &mut rng);
+        let (c2, p2) = sample_view(&img, view, 1, &mut rng);
+        let per = 16 * 16 * 3;
+        assert_eq!(&first.view1[k * per..(k + 1) * per], &c1[..]);
+        assert_eq!(&first.view2[k * per..(k + 1) * per], &c2[..]);
+        assert_eq!((first.params1[k], first.params2[k]), (p1, p2));
+        let mut out = vec![0f32; 3 * 16 * 16];
+        finish_view(&c1, &p1, view, &mut out);
+        assert_eq!(&b[0].view1[k * out.len()..(k + 1) * out.len()], &out[..]);
+    }
+}
+
+#[test]
+fn dropping_an_epoch_early_stops_the_producer() {
+    let ds = small_dataset("drop", 40);
+    let l = TwoViewLoader::new(
+        ds,
+        LoaderConfig {
+            prefetch: 1,
+            ..cfg(2, 0)
+        },
+    )
+    .unwrap();
+    for e in 0..5 {
+        let mut it = l.epoch(e);
+        assert!(it.next().unwrap().is_ok());
+        drop(it); // must not hang
+    }
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    let ds = small_dataset("badcfg", 10);
+    assert!(matches!(
+        TwoViewLoader::new(ds.clone(), cfg(0, 0)),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        TwoViewLoader::new(
+            ds.clone(),
+            LoaderConfig {
+                rank: 2,
+                world: 2,
+                ..cfg(2, 0)
+            }
+        ),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        TwoViewLoader::new(ds.clone(), cfg(11, 0)),
+        Err(Error::Config(_))
+    ));
+    assert!(TwoViewLoader::new(
+        ds.clone(),
+        LoaderConfig {
+            drop_last: false,
+            ..cfg(11, 0)
+        }
+    )
+    .is_ok());
+    assert!(eval_batches(&ds, 16, 0).next().unwrap().is_err());
+}
+
+#[test]
+fn a_corrupt_record_surfaces_as_an_error_naming_it() {
+    let dir = tmpdir("corrupt");
+    let root = dir.join("folder");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for i in 0..6 {
+        let px: Vec<u8> = (0..20 * 20 * 3).map(|_| rng.gen()).collect();
+        std::fs::write(
+            root.join(format!("a/{i}.jpg")),
+            encode_jpeg(20, 20, 3, &px, 80).unwrap(),
+        )
+        .unwrap();
+    }
+    let out = dir.join("out");
+    run_pack(&PackArgs::new(&root, &out)).unwrap();
+    // Wreck every record's entropy-coded data after the headers.
+    let shard = out.join("shard-00000.bin");
+    let mut b = std::fs::read(&shard).unwrap();
+    let data_start = 32 + 6 * 24;
+    let n = b.len();
+    for v in &mut b[data_start + 200..n] {
+        *v = 0xFF;
+    }
+    std::fs::write(&shard, &b).unwrap();
+    let ds = Arc::new(Dataset::open(&out).unwrap());
+    let l = TwoViewLoader::new(ds.clone(), cfg(3, 0)).unwrap();
+    let results: Vec<_> = l.epoch(0).collect();
+    assert_eq!(results.len(), 1, "the epoch stops at the first error");
+    match &results[0] {
+        Err(Error::Format { path, msg }) => {
+            assert!(path.ends_with("shard-00000.bin"));
+            assert!(msg.contains("record"), "{msg}");
+        }
+        other => panic!("expected a format error, got {other:?}"),
+    }
+    assert!(eval_batches(&ds, 8, 2).next().unwrap().is_err());
+}
+
+#[test]
+fn eval_batches_are_in_order_and_normalized() {
+    let ds = small_dataset("eval", 23);
+    let batches: Vec<_> = eval_batches(&ds, 16, 10).map(|b| b.unwrap()).collect();
+    assert_eq!(batches.len(), 3);
+    assert_eq!(batches[2].1.len(), 3);
+    let labels: Vec<u32> = batches.iter().flat_map(|b| b.1.clone()).collect();
+    assert_eq!(labels, (0..23).map(|i| ds.label(i)).collect::<Vec<_>>());
+    let cfg = ViewConfig::imagenet(16);
+    let per = 3 * 16 * 16;
+    for i in [0, 9, 10, 22] {
+        let crop = eval_crop(&ds.image(i).unwrap(), 16);
+        let mut want = vec![0f32; per];
+        finish_view(&crop, &ColorParams::identity(), &cfg, &mut want);
+        let (x, _) = &batches[i / 10];
+        assert_eq!(&x[(i % 10) * per..(i % 10 + 1) * per], &want[..]);
+    }
+    // A constant gray image: each channel is (v / 255 - mean) / std everywhere.
+    let dir = tmpdir("const");
+    write_idx(&dir.join("i.idx"), &[2, 28, 28], &[128; 2 * 784]).unwrap();
+    write_idx(&dir.join("l.idx"), &[2], &[0, 1]).unwrap();
+    let mut a = PackArgs::new(dir.join("i.idx"), dir.join("out"));
+    a.labels = Some(dir.join("l.idx"));
+    run_pack(&a).unwrap();
+    let ds = Dataset::open(&dir.join("out")).unwrap();
+    let (x, y) = eval_batches(&ds, 32, 4).next().unwrap().unwrap();
+    assert_eq!(y, vec![0, 1]);
+    let mean = [0.485f32, 0.456, 0.406];
+    let std = [0.229f32, 0.224, 0.225];
+    for (k, v) in x.iter().enumerate() {
+        let c = (k / 1024) % 3;
+        let want = (128.0 / 255.0 - mean[c]) / std[c];
+        assert!((v - want).abs() < 1e-5, "{k}: {v} vs {want}");
+    }
+}
+
+/// Synthetic photo-like JPEGs (smooth gradients plus noise) in an ImageFolder of 2 classes.
+fn synthetic_jpeg_set(dir: &Path, n: usize, h: usize, w: usize) -> PathBuf {
+    let root = dir.join("folder");
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    for i in 0..n {
+        let class = root.join(format!("c{}", i % 2));
+        std::fs::create_dir_all(&class).unwrap();
+        let (a, b): (f32, f32) = (rng.gen_range(0.2..1.0), rng.gen_range(0.2..1.0));
+        let px: Vec<u8> = (0..h * w * 3)
+            .map(|k| {
+                let (y, x, c) = (k / (w * 3), (k / 3) % w, k % 3);
+                let v = 128.0
+                    + 100.0
+                        * ((x as f32 * a / 17.0 + c as f32).sin() * (y as f32 * b / 23.0).cos());
+                (v + rng.gen_range(-12.0..12.0)).clamp(0.0, 255.0) as u8
+            })
+            .collect();
+        std::fs::write(
+            class.join(format!("{i}.jpg")),
+            encode_jpeg(h, w, 3, &px, 90).unwrap(),
+        )
+        .unwrap();
+    }
+    let out = dir.join("packed");
+    run_pack(&PackArgs::new(&root, &out)).unwrap();
+    out
+}
+
+#[test]
+fn bench_loader_runs_on_packed_jpegs() {
+    let dir = tmpdir("bench-small");
+    let out = synthetic_jpeg_set(&dir, 8, 48, 64);
+    let r = bench_loader(&out, 4, 32, 3, 1).unwrap();
+    assert_eq!(
+        (r.batch, r.size, r.batches, r.workers, r.records),
+        (4, 32, 3, 1, 8)
+    );
+    assert!(r.images_per_sec > 0.0 && r.crop_images_per_sec > 0.0);
+    println!("{r}");
+}
+
+/// The number reported for this machine: `cargo test --release --test data_loader --
+/// --ignored bench_loader_imagenet_like --nocapture`.
+#[test]
+#[ignore = "a throughput measurement (several seconds), run by hand"]
+fn bench_loader_imagenet_like() {
+    let dir = tmpdir("bench-big");
+    let out = synthetic_jpeg_set(&dir, 256, 375, 500);
+    for (size, batch) in [(224, 64), (32, 256)] {
+        let r = bench_loader(&out, batch, size, 8, 0).unwrap();
+        println!("{r}");
+    }
+}
