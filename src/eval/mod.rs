@@ -1,1 +1,2 @@
 //! Evaluation: k-NN and linear probes on frozen features.
+pub mod linear;
