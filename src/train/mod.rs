@@ -1,1 +1,2 @@
 //! Training: configuration, the loop, checkpoints, metrics.
+pub mod plot;
