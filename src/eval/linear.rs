@@ -8,7 +8,8 @@
 //! standardizing makes one learning rate fit every dimension (the role BatchNorm-without-affine
 //! plays in front of the classifier in MAE/MoCo-v3 linear probes), and it leaves a linear problem
 //! linear (an affine change of the inputs), so no accuracy is lost by it. Dimensions that are
-//! constant on the training set (std < 1e-6) are only centred.
+//! constant on the training set (std < 1e-6) are only centred. The map is applied to each
+//! gathered batch, never to a copy of the whole feature matrix.
 //!
 //! Optimization: weights and bias start at zero (the problem is convex, so no symmetry to break);
 //! mini-batches of a seeded (ChaCha8) permutation per epoch, the last batch may be short; loss is
@@ -95,10 +96,9 @@ pub fn linear_probe(
     check_inputs(train, train_labels, test, test_labels, d, classes, cfg)?;
     let n_train = train_labels.len();
 
-    // Standardize: (n, d) -> (n, d), with the training mean / std.
+    // Standardization statistics of the training features (d,); applied to each gathered batch
+    // rather than to a copy of the features, which may be gigabytes (ImageNet: 1.28M x 2048).
     let (mean, inv_std) = feature_stats(train, d);
-    let train = standardize(train, d, &mean, &inv_std);
-    let test = standardize(test, d, &mean, &inv_std);
 
     let mut w = vec![0.0f32; classes * d]; // (classes, d)
     let mut b = vec![0.0f32; classes]; // (classes,)
@@ -120,11 +120,13 @@ pub fn linear_probe(
         let mut loss_sum = 0.0f64;
         for idx in order.chunks(cfg.batch) {
             let bsz = idx.len();
-            // Gather the batch rows (B, d).
+            // Gather and standardize the batch rows (B, d).
             xb[..bsz * d]
                 .par_chunks_mut(d)
                 .zip(idx.par_iter())
-                .for_each(|(dst, &i)| dst.copy_from_slice(&train[i * d..(i + 1) * d]));
+                .for_each(|(dst, &i)| {
+                    standardize_row(&train[i * d..(i + 1) * d], &mean, &inv_std, dst)
+                });
             for (y, &i) in yb.iter_mut().zip(idx) {
                 *y = train_labels[i];
             }
@@ -154,7 +156,7 @@ pub fn linear_probe(
         train_loss.push((loss_sum / n_train as f64) as f32);
     }
 
-    let (top1, top5) = accuracy(&test, test_labels, &w, &b, d, classes)?;
+    let (top1, top5) = accuracy(test, test_labels, &mean, &inv_std, &w, &b, d, classes)?;
     Ok(LinearProbeReport {
         top1,
         top5,
@@ -265,15 +267,11 @@ fn feature_stats(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
     (mean, inv_std)
 }
 
-/// (x - mean) * inv_std on every row of x (n, d).
-fn standardize(x: &[f32], d: usize, mean: &[f32], inv_std: &[f32]) -> Vec<f32> {
-    let mut out = x.to_vec();
-    out.par_chunks_mut(d).for_each(|row| {
-        for ((v, &m), &s) in row.iter_mut().zip(mean).zip(inv_std) {
-            *v = (*v - m) * s;
-        }
-    });
-    out
+/// dst (d,) = (src - mean) * inv_std.
+fn standardize_row(src: &[f32], mean: &[f32], inv_std: &[f32], dst: &mut [f32]) {
+    for (((o, &v), &m), &s) in dst.iter_mut().zip(src).zip(mean).zip(inv_std) {
+        *o = (v - m) * s;
+    }
 }
 
 /// Gradient buffers of one step: dw (classes, d), db (classes,), and the scratch logits /
@@ -369,10 +367,13 @@ fn sgd_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f
         });
 }
 
-/// (top-1, top-5) of `x w^T + b` on x (n, d) against labels (n,).
+/// (top-1, top-5) of `z w^T + b` against labels (n,), z the standardized rows of x (n, d).
+#[allow(clippy::too_many_arguments)] // data, statistics and weights, all needed
 fn accuracy(
     x: &[f32],
     labels: &[u32],
+    mean: &[f32],
+    inv_std: &[f32],
     w: &[f32],
     b: &[f32],
     d: usize,
@@ -381,11 +382,17 @@ fn accuracy(
     let n = labels.len();
     let mut hits1 = 0usize;
     let mut hits5 = 0usize;
-    let mut logits = vec![0.0f32; EVAL_CHUNK.min(n) * classes]; // (chunk, C)
+    let chunk = EVAL_CHUNK.min(n);
+    let mut z = vec![0.0f32; chunk * d]; // (chunk, d) standardized rows
+    let mut logits = vec![0.0f32; chunk * classes]; // (chunk, C)
     for (xc, yc) in x.chunks(EVAL_CHUNK * d).zip(labels.chunks(EVAL_CHUNK)) {
         let rows = yc.len();
+        let zc = &mut z[..rows * d];
+        zc.par_chunks_mut(d)
+            .zip(xc.par_chunks(d))
+            .for_each(|(dst, src)| standardize_row(src, mean, inv_std, dst));
         let lg = &mut logits[..rows * classes];
-        matmul_cpu(xc, w, rows, d, classes, false, true, lg, false)?;
+        matmul_cpu(zc, w, rows, d, classes, false, true, lg, false)?;
         let ranks: Vec<usize> = lg
             .par_chunks_mut(classes)
             .zip(yc.par_iter())
@@ -624,6 +631,41 @@ mod tests {
         )
         .unwrap();
         assert_ne!(a.train_loss, other.train_loss);
+    }
+
+    #[test]
+    fn standardization_makes_per_dimension_affine_maps_irrelevant() {
+        // z-scoring with training statistics undoes any per-dimension x -> a x + c (a > 0), so
+        // the probe must train the same on both versions (up to f32 rounding).
+        let (d, c) = (6, 4);
+        let (xtr, ytr) = clusters(120, d, c, 51);
+        let (xte, yte) = clusters(80, d, c, 52);
+        let noisy: Vec<f32> = xtr
+            .iter()
+            .zip(randn_vec(xtr.len(), 53))
+            .map(|(&v, n)| v + 4.0 * n)
+            .collect();
+        let affine = |x: &[f32]| -> Vec<f32> {
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| (0.01 + 3.0 * (i % d) as f32) * v - 50.0 + (i % d) as f32)
+                .collect()
+        };
+        let cfg = LinearProbeConfig {
+            epochs: 4,
+            ..small_cfg()
+        };
+        let a = linear_probe(&noisy, &ytr, &xte, &yte, d, c, &cfg).unwrap();
+        let b = linear_probe(&affine(&noisy), &ytr, &affine(&xte), &yte, d, c, &cfg).unwrap();
+        for (la, lb) in a.train_loss.iter().zip(&b.train_loss) {
+            assert!((la - lb).abs() < 1e-3 * la.abs().max(1.0), "{la} vs {lb}");
+        }
+        assert!(
+            (a.top1 - b.top1).abs() <= 2.0 / 80.0,
+            "{} vs {}",
+            a.top1,
+            b.top1
+        );
     }
 
     #[test]
