@@ -109,9 +109,11 @@ pub fn linear_probe(
     let total_steps = steps_per_epoch * cfg.epochs;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..n_train).collect();
-    let mut xb = vec![0.0f32; cfg.batch * d]; // (B, d) gathered batch
-    let mut yb = vec![0u32; cfg.batch]; // (B,)
-    let mut grads = Grads::new(classes, d, cfg.batch);
+    // A batch larger than the training set is the whole set: size the buffers by the smaller.
+    let bmax = cfg.batch.min(n_train);
+    let mut xb = vec![0.0f32; bmax * d]; // (B, d) gathered batch
+    let mut yb = vec![0u32; bmax]; // (B,)
+    let mut grads = Grads::new(classes, d, bmax);
     let mut train_loss = Vec::with_capacity(cfg.epochs);
     let mut step = 0usize;
 
