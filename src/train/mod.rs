@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod plot;
 pub mod step;
 pub mod trainer;
