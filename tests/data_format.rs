@@ -199,6 +199,14 @@ fn encoders_round_trip() {
         .max()
         .unwrap();
     assert!(maxd < 24, "{maxd}");
+    // A grayscale JPEG decodes to RGB with equal channels.
+    let g: Vec<u8> = (0..20 * 30).map(|i| (i % 30 * 8) as u8).collect();
+    let img = decode_bytes(&encode_jpeg(20, 30, 1, &g, 95).unwrap()).unwrap();
+    assert_eq!((img.height, img.width), (20, 30));
+    for (k, p) in img.data.chunks(3).enumerate() {
+        assert!(p[0] == p[1] && p[1] == p[2]);
+        assert!((p[0] as i32 - g[k] as i32).abs() < 12, "pixel {k}");
+    }
 }
 
 fn expect_format(r: Result<impl std::fmt::Debug, Error>, path_part: &str, msg_part: &str) {

@@ -342,6 +342,8 @@ fn bench_loader_imagenet_like() {
     let out = synthetic_jpeg_set(&dir, 256, 375, 500);
     for (size, batch) in [(224, 64), (32, 256)] {
         let r = bench_loader(&out, batch, size, 8, 0).unwrap();
-        println!("{r}");
+        println!("synthetic 375x500 JPEGs: {r}");
     }
+    let r = bench_loader(&carp::data::embedded_dir("train"), 256, 32, 20, 0).unwrap();
+    println!("embedded Fashion-MNIST (PNG 28x28): {r}");
 }
