@@ -414,3 +414,52 @@ fn arbitrary_bytes_never_panic() {
         "some mutated shards (data bytes only) should still validate"
     );
 }
+
+/// `PackArgs` embeds in a clap CLI the way `carp pack` will use it.
+#[test]
+fn pack_args_parse_as_a_subcommand() {
+    use clap::{Parser, Subcommand};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+    #[derive(Subcommand)]
+    enum Cmd {
+        Pack(PackArgs),
+    }
+    let cli = Cli::try_parse_from([
+        "carp",
+        "pack",
+        "train.idx.gz",
+        "--out",
+        "o",
+        "--labels",
+        "l.gz",
+        "--max-side",
+        "256",
+        "--per-class",
+        "5",
+        "--idx-encoding",
+        "png",
+        "--class-names",
+        "a,b,c",
+    ])
+    .unwrap();
+    let Cmd::Pack(a) = cli.cmd;
+    assert_eq!(a.src, PathBuf::from("train.idx.gz"));
+    assert_eq!(a.out, PathBuf::from("o"));
+    assert_eq!(a.labels, Some(PathBuf::from("l.gz")));
+    assert_eq!(a.max_side, Some(256));
+    assert_eq!(a.per_class, Some(5));
+    assert_eq!(a.idx_encoding, "png");
+    assert_eq!(a.class_names, ["a", "b", "c"]);
+    assert_eq!(
+        (a.quality, a.shard_records, a.no_progress),
+        (90, 4096, false)
+    );
+    assert!(
+        Cli::try_parse_from(["carp", "pack", "src"]).is_err(),
+        "--out is required"
+    );
+}
