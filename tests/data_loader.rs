@@ -142,6 +142,10 @@ fn batches_do_not_depend_on_workers_or_prefetch_and_match_the_recipe() {
     .unwrap();
     let b: Vec<_> = loader.epoch(4).map(|b| b.unwrap()).collect();
     assert_eq!(a, b);
+    // Resuming inside the epoch gives the same remaining batches.
+    let resumed: Vec<_> = loader.epoch_from(4, 2).map(|b| b.unwrap()).collect();
+    assert_eq!(resumed, b[2..]);
+    assert_eq!(loader.epoch_from(4, 99).count(), 0);
     // The u8 crops + parameters, finished on the CPU, give the same batches.
     let crops: Vec<_> = loader.epoch_crops(4).map(|b| b.unwrap()).collect();
     let view = &loader.config().view;
