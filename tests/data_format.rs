@@ -199,6 +199,14 @@ fn encoders_round_trip() {
         .max()
         .unwrap();
     assert!(maxd < 24, "{maxd}");
+    // A grayscale JPEG decodes to RGB with equal channels.
+    let g: Vec<u8> = (0..20 * 30).map(|i| (i % 30 * 8) as u8).collect();
+    let img = decode_bytes(&encode_jpeg(20, 30, 1, &g, 95).unwrap()).unwrap();
+    assert_eq!((img.height, img.width), (20, 30));
+    for (k, p) in img.data.chunks(3).enumerate() {
+        assert!(p[0] == p[1] && p[1] == p[2]);
+        assert!((p[0] as i32 - g[k] as i32).abs() < 12, "pixel {k}");
+    }
 }
 
 fn expect_format(r: Result<impl std::fmt::Debug, Error>, path_part: &str, msg_part: &str) {
@@ -404,5 +412,54 @@ fn arbitrary_bytes_never_panic() {
     assert!(
         ok_shards > 0,
         "some mutated shards (data bytes only) should still validate"
+    );
+}
+
+/// `PackArgs` embeds in a clap CLI the way `carp pack` will use it.
+#[test]
+fn pack_args_parse_as_a_subcommand() {
+    use clap::{Parser, Subcommand};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+    #[derive(Subcommand)]
+    enum Cmd {
+        Pack(PackArgs),
+    }
+    let cli = Cli::try_parse_from([
+        "carp",
+        "pack",
+        "train.idx.gz",
+        "--out",
+        "o",
+        "--labels",
+        "l.gz",
+        "--max-side",
+        "256",
+        "--per-class",
+        "5",
+        "--idx-encoding",
+        "png",
+        "--class-names",
+        "a,b,c",
+    ])
+    .unwrap();
+    let Cmd::Pack(a) = cli.cmd;
+    assert_eq!(a.src, PathBuf::from("train.idx.gz"));
+    assert_eq!(a.out, PathBuf::from("o"));
+    assert_eq!(a.labels, Some(PathBuf::from("l.gz")));
+    assert_eq!(a.max_side, Some(256));
+    assert_eq!(a.per_class, Some(5));
+    assert_eq!(a.idx_encoding, "png");
+    assert_eq!(a.class_names, ["a", "b", "c"]);
+    assert_eq!(
+        (a.quality, a.shard_records, a.no_progress),
+        (90, 4096, false)
+    );
+    assert!(
+        Cli::try_parse_from(["carp", "pack", "src"]).is_err(),
+        "--out is required"
     );
 }

@@ -142,6 +142,10 @@ fn batches_do_not_depend_on_workers_or_prefetch_and_match_the_recipe() {
     .unwrap();
     let b: Vec<_> = loader.epoch(4).map(|b| b.unwrap()).collect();
     assert_eq!(a, b);
+    // Resuming inside the epoch gives the same remaining batches.
+    let resumed: Vec<_> = loader.epoch_from(4, 2).map(|b| b.unwrap()).collect();
+    assert_eq!(resumed, b[2..]);
+    assert_eq!(loader.epoch_from(4, 99).count(), 0);
     // The u8 crops + parameters, finished on the CPU, give the same batches.
     let crops: Vec<_> = loader.epoch_crops(4).map(|b| b.unwrap()).collect();
     let view = &loader.config().view;
@@ -342,6 +346,8 @@ fn bench_loader_imagenet_like() {
     let out = synthetic_jpeg_set(&dir, 256, 375, 500);
     for (size, batch) in [(224, 64), (32, 256)] {
         let r = bench_loader(&out, batch, size, 8, 0).unwrap();
-        println!("{r}");
+        println!("synthetic 375x500 JPEGs: {r}");
     }
+    let r = bench_loader(&carp::data::embedded_dir("train"), 256, 32, 20, 0).unwrap();
+    println!("embedded Fashion-MNIST (PNG 28x28): {r}");
 }

@@ -238,18 +238,29 @@ impl TwoViewLoader {
 
     /// The batches of one epoch (shuffled by seed and epoch), prefetched in the background.
     pub fn epoch(&self, epoch: usize) -> impl Iterator<Item = Result<TwoViewBatch>> {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (exact resume inside an epoch: the
+    /// skipped batches are not decoded, and the rest are identical to `epoch(epoch)`'s).
+    pub fn epoch_from(
+        &self,
+        epoch: usize,
+        first: usize,
+    ) -> impl Iterator<Item = Result<TwoViewBatch>> {
         let view = self.cfg.view.clone();
-        self.spawn(epoch, move |c| c.finish(&view))
+        self.spawn(epoch, first, move |c| c.finish(&view))
     }
 
     /// Like `epoch`, but yields the u8 crops and colour parameters (for a GPU `finish`).
     pub fn epoch_crops(&self, epoch: usize) -> impl Iterator<Item = Result<CropBatch>> {
-        self.spawn(epoch, |c| c)
+        self.spawn(epoch, 0, |c| c)
     }
 
     fn spawn<T: Send + 'static>(
         &self,
         epoch: usize,
+        first: usize,
         post: impl Fn(CropBatch) -> T + Send + Sync + 'static,
     ) -> Prefetch<T> {
         let indices = self.epoch_indices(epoch);
@@ -265,7 +276,7 @@ impl TwoViewLoader {
         let handle = std::thread::Builder::new()
             .name("carp-prefetch".into())
             .spawn(move || {
-                for b in 0..nb {
+                for b in first..nb {
                     let idx = &indices[b * batch..((b + 1) * batch).min(indices.len())];
                     let res = pool.install(|| make_crops(&ds, &view, seed, epoch, idx).map(&post));
                     let failed = res.is_err();

@@ -911,8 +911,9 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        // Relative error bound 1e-2 on f32 central differences (step 1e-3); conv is linear in
-        // each input, so the differences are exact up to rounding.
+        // Relative error bound 2e-3 on f32 central differences (step 1e-3): conv is linear in
+        // each input, so the differences are exact up to the f32 rounding of the outputs
+        // (passes at 1e-3; 2x margin).
         for (t, s) in [
             shape(2, 3, 5, 4, 2, 3, 1, 1), // 3x3 pad 1
             shape(2, 2, 5, 6, 3, 3, 2, 1), // 3x3 stride 2 pad 1
@@ -925,7 +926,7 @@ mod tests {
         {
             let x = randn(&[s.n, s.c, s.h, s.w], 40 + t as u64);
             let w = randn(&[s.o, s.c, s.kh, s.kw], 400 + t as u64);
-            check_grad(&[x, w], 1e-2, |tape, xs| {
+            check_grad(&[x, w], 2e-3, |tape, xs| {
                 tape.conv2d(&xs[0], &xs[1], s.stride, s.padding)
             })
             .unwrap_or_else(|e| panic!("{s:?}: {e}"));
