@@ -36,8 +36,110 @@ enum Cmd {
     Pack(carp::data::PackArgs),
     /// k-NN evaluation of a checkpoint's teacher backbone (or of a random init).
     Knn(KnnArgs),
+    /// Linear evaluation of a checkpoint's frozen teacher backbone (features cached).
+    Linear(LinearArgs),
     /// Export the teacher backbone with torchvision's names (safetensors, f32).
     Export(ExportArgs),
+    /// Draw a run's loss and k-NN curves into a PNG.
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct LinearArgs {
+    /// A checkpoint (checkpoint.safetensors of a run folder).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The packed training split.
+    #[arg(long)]
+    data: PathBuf,
+    /// The packed evaluation split.
+    #[arg(long)]
+    eval_data: PathBuf,
+    /// Epochs of SGD on the frozen features.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Learning rate (cosine to 0); scale as 0.1 * batch / 256.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Recompute the features even if a cache exists.
+    #[arg(long)]
+    no_cache: bool,
+    /// The last line printed is one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A run folder (with metrics.jsonl).
+    run_dir: PathBuf,
+    /// Output PNG (default: RUN_DIR/plot.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Features of one split, cached next to the checkpoint and keyed by the checkpoint's CRC and
+/// the dataset's manifest, so a stale cache is never used.
+fn cached_features(
+    ckpt: &std::path::Path,
+    net: &Network,
+    data: &std::path::Path,
+    size: usize,
+    no_cache: bool,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let crc = {
+        let bytes = std::fs::read(ckpt).map_err(|e| Error::io(ckpt, e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::format(ckpt, e.to_string()))?;
+        header.metadata().as_ref().and_then(|m| m.get("crc32").cloned()).unwrap_or_default()
+    };
+    let manifest = std::fs::read(data.join("manifest.json")).map_err(|e| Error::io(data, e))?;
+    let key = format!("{crc}-{:08x}-{size}", crc32fast::hash(&manifest));
+    let split = data.file_name().and_then(|s| s.to_str()).unwrap_or("data");
+    let cache = ckpt.with_extension(format!("features-{split}.bin"));
+    if !no_cache {
+        if let Ok(bytes) = std::fs::read(&cache) {
+            if let Some(v) = parse_cache(&bytes, &key) {
+                eprintln!("features: using the cache {}", cache.display());
+                return Ok(v);
+            }
+        }
+    }
+    eprintln!("features: extracting {} ...", data.display());
+    let ds = carp::data::Dataset::open(data)?;
+    let (f, l) = trainer::extract_pooled(net, &ds, size, 256)?;
+    let mut out = Vec::new();
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&(l.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytemuck::cast_slice(&l));
+    out.extend_from_slice(bytemuck::cast_slice(&f));
+    checkpoint::write_atomic(&cache, &out)?;
+    Ok((f, l))
+}
+
+/// Reads a feature cache written by `cached_features`; `None` if it is stale or malformed.
+fn parse_cache(b: &[u8], key: &str) -> Option<(Vec<f32>, Vec<u32>)> {
+    let kl = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?) as usize;
+    if b.get(4..4 + kl)? != key.as_bytes() {
+        return None;
+    }
+    let mut o = 4 + kl;
+    let n = u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?) as usize;
+    o += 8;
+    let lb = b.get(o..o + 4 * n)?;
+    let labels: Vec<u32> = lb.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    o += 4 * n;
+    let rest = b.get(o..)?;
+    if n == 0 || rest.len() % (4 * n) != 0 {
+        return None;
+    }
+    let f = rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Some((f, labels))
 }
 
 #[derive(Args)]
@@ -340,6 +442,34 @@ fn run(cli: Cli) -> Result<()> {
                 let top1 = r.iter().find(|(k, _)| *k == 20).map(|(_, a)| *a);
                 println!("{}", serde_json::json!({"top1": top1, "per_k": per_k}));
             }
+            Ok(())
+        }
+        Cmd::Linear(args) => {
+            let (cfg, state) = load_checkpoint(&args.checkpoint)?;
+            let net = &state.teacher;
+            let d = net.cfg.backbone.feature_dim();
+            let (trf, trl) = cached_features(&args.checkpoint, net, &args.data, cfg.image_size, args.no_cache)?;
+            let (tef, tel) = cached_features(&args.checkpoint, net, &args.eval_data, cfg.image_size, args.no_cache)?;
+            let classes = (trl.iter().chain(&tel).copied().max().unwrap_or(0) + 1) as usize;
+            let probe = carp::eval::linear::LinearProbeConfig {
+                epochs: args.epochs,
+                batch: args.batch,
+                lr: args.lr,
+                weight_decay: args.weight_decay,
+                ..Default::default()
+            };
+            eprintln!("linear probe: {} x {d} features, {classes} classes, {} epochs", trl.len(), args.epochs);
+            let r = carp::eval::linear::linear_probe(&trf, &trl, &tef, &tel, d, classes, &probe)?;
+            println!("linear top-1 {:.2}%  top-5 {:.2}%", 100.0 * r.top1, 100.0 * r.top5);
+            if args.json {
+                println!("{}", serde_json::json!({"top1": r.top1, "top5": r.top5, "train_loss": r.train_loss}));
+            }
+            Ok(())
+        }
+        Cmd::Plot(args) => {
+            let out = args.out.unwrap_or_else(|| args.run_dir.clone());
+            let path = carp::train::plot::plot_run(&args.run_dir, &out)?;
+            println!("wrote {}", path.display());
             Ok(())
         }
         Cmd::Export(args) => {

@@ -81,6 +81,18 @@ pub fn extract_features(
     size: usize,
     batch: usize,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (mut feats, labels) = extract_pooled(net, ds, size, batch)?;
+    l2_normalize_rows(&mut feats, net.cfg.backbone.feature_dim());
+    Ok((feats, labels))
+}
+
+/// Pooled backbone features (eval-mode BN) of a whole dataset, in order, unnormalized (N, D).
+pub fn extract_pooled(
+    net: &Network,
+    ds: &Dataset,
+    size: usize,
+    batch: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
     let d = net.cfg.backbone.feature_dim();
     let mut feats = Vec::with_capacity(ds.len() * d);
     let mut labels = Vec::with_capacity(ds.len());
@@ -91,7 +103,6 @@ pub fn extract_features(
         feats.extend_from_slice(&net.features_eval(&t)?.to_vec()?);
         labels.extend_from_slice(&y);
     }
-    l2_normalize_rows(&mut feats, d);
     Ok((feats, labels))
 }
 
