@@ -219,6 +219,44 @@ fn bad_configs_are_errors() {
     )
     .is_ok());
     assert!(eval_batches(&ds, 16, 0).next().unwrap().is_err());
+    // View settings that would make sampling panic or produce NaNs are refused up front.
+    for bad in [
+        ViewConfig {
+            min_ratio: 0.0,
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            min_scale: 0.5,
+            max_scale: 0.4,
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            flip_p: 1.5,
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            blur_sigma: (2.0, 1.0),
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            std: [0.2, 0.0, 0.2],
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            size: 0,
+            ..ViewConfig::imagenet(8)
+        },
+    ] {
+        let c = LoaderConfig {
+            view: bad.clone(),
+            ..cfg(2, 0)
+        };
+        assert!(
+            matches!(TwoViewLoader::new(ds.clone(), c), Err(Error::Config(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(ViewConfig::default().validate().is_ok());
 }
 
 #[test]

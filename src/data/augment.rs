@@ -7,7 +7,11 @@
 //! 2. colour (`finish`): applies those parameters and the normalization, writing f32 (3, S, S).
 //!
 //! Colour operations follow torchvision's tensor definitions on [0, 1] floats (each clamps to
-//! [0, 1]); grayscale weights 0.299/0.587/0.114.
+//! [0, 1]); grayscale weights 0.299/0.587/0.114. Where the reference (DINO's PIL pipeline)
+//! works on u8 images between operations, this works on f32 and rounds nothing: the results
+//! differ by less than one grey level per operation. The blur is an exact separable Gaussian
+//! of radius ceil(3 sigma) with clamped edges (PIL's GaussianBlur approximates the same
+//! Gaussian with box passes); the resampling is PIL's antialiased bicubic (a = -0.5).
 
 use rand::Rng;
 
@@ -68,6 +72,62 @@ impl ViewConfig {
             mean: MEAN,
             std: STD,
         }
+    }
+}
+
+impl ViewConfig {
+    /// Checks ranges so that sampling can never panic or produce NaNs.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let bad = |m: String| Err(crate::error::Error::Config(format!("view config: {m}")));
+        if self.size == 0 {
+            return bad("size must be at least 1".into());
+        }
+        if !(self.min_scale > 0.0 && self.min_scale <= self.max_scale && self.max_scale <= 1.0) {
+            return bad(format!(
+                "crop scale ({}, {}) must satisfy 0 < min <= max <= 1",
+                self.min_scale, self.max_scale
+            ));
+        }
+        if !(self.min_ratio > 0.0 && self.min_ratio <= self.max_ratio && self.max_ratio.is_finite())
+        {
+            return bad(format!(
+                "crop ratio ({}, {}) must satisfy 0 < min <= max",
+                self.min_ratio, self.max_ratio
+            ));
+        }
+        let probs = [
+            self.flip_p,
+            self.jitter_p,
+            self.grayscale_p,
+            self.blur_p[0],
+            self.blur_p[1],
+            self.solarize_p[0],
+            self.solarize_p[1],
+        ];
+        if probs.iter().any(|p| !(0.0..=1.0).contains(p)) {
+            return bad(format!("probabilities {probs:?} must lie in [0, 1]"));
+        }
+        let strengths = [self.brightness, self.contrast, self.saturation];
+        if strengths.iter().any(|v| !(v.is_finite() && *v >= 0.0))
+            || !(0.0..=0.5).contains(&self.hue)
+        {
+            return bad(format!(
+                "jitter strengths {strengths:?} must be >= 0 and hue {} in [0, 0.5]",
+                self.hue
+            ));
+        }
+        let (s0, s1) = self.blur_sigma;
+        if !(s0 >= 0.0 && s0 <= s1 && s1 <= 100.0) {
+            return bad(format!(
+                "blur sigma ({s0}, {s1}) must satisfy 0 <= min <= max <= 100"
+            ));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || !self.solarize_threshold.is_finite()
+        {
+            return bad(format!("std {:?} must be positive", self.std));
+        }
+        Ok(())
     }
 }
 

@@ -174,9 +174,7 @@ impl TwoViewLoader {
                 cfg.rank, cfg.world
             )));
         }
-        if cfg.view.size == 0 {
-            return Err(Error::Config("view size must be at least 1".into()));
-        }
+        cfg.view.validate()?;
         // Every rank gets the same number of images (the remainder of len / world is
         // skipped each epoch, a different remainder every epoch since the order is shuffled).
         let per_rank = ds.len() / cfg.world;
