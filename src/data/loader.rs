@@ -168,9 +168,9 @@ pub fn make_crops(
     let mut view2 = vec![0u8; b * per];
     let mut params = vec![(ColorParams::default(), ColorParams::default()); b];
     let (nl, ls) = (view.local_count, view.local_size);
-    let lper = nl * ls * ls * 3; // one image's local crops, (L, s, s, 3)
-                                 // With no local views these are one-element placeholders per image, cleared below, so
-                                 // that the parallel zip stays simple.
+    // One image's local crops, (L, s, s, 3). With no local views these are one-element
+    // placeholders per image, cleared below, so that the parallel zip stays simple.
+    let lper = nl * ls * ls * 3;
     let mut locals = vec![0u8; b * lper.max(1)];
     let mut local_params = vec![ColorParams::default(); b * nl.max(1)];
     view1
