@@ -242,6 +242,7 @@ fn corrupt_shards_are_refused_with_the_file_and_record() {
     expect_format(write_and_open(&b), "shard-00000.bin", "version");
     // Truncated in the header, in the index, in the data.
     expect_format(write_and_open(&good[..20]), "shard-00000.bin", "truncated");
+    expect_format(write_and_open(&[]), "shard-00000.bin", "truncated");
     expect_format(
         write_and_open(&good[..HEADER_BYTES + 5 * ENTRY_BYTES]),
         "shard-00000.bin",

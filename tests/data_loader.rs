@@ -219,6 +219,44 @@ fn bad_configs_are_errors() {
     )
     .is_ok());
     assert!(eval_batches(&ds, 16, 0).next().unwrap().is_err());
+    // View settings that would make sampling panic or produce NaNs are refused up front.
+    for bad in [
+        ViewConfig {
+            min_ratio: 0.0,
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            min_scale: 0.5,
+            max_scale: 0.4,
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            flip_p: 1.5,
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            blur_sigma: (2.0, 1.0),
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            std: [0.2, 0.0, 0.2],
+            ..ViewConfig::imagenet(8)
+        },
+        ViewConfig {
+            size: 0,
+            ..ViewConfig::imagenet(8)
+        },
+    ] {
+        let c = LoaderConfig {
+            view: bad.clone(),
+            ..cfg(2, 0)
+        };
+        assert!(
+            matches!(TwoViewLoader::new(ds.clone(), c), Err(Error::Config(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(ViewConfig::default().validate().is_ok());
 }
 
 #[test]
@@ -350,4 +388,68 @@ fn bench_loader_imagenet_like() {
     }
     let r = bench_loader(&carp::data::embedded_dir("train"), 256, 32, 20, 0).unwrap();
     println!("embedded Fashion-MNIST (PNG 28x28): {r}");
+}
+
+/// Optional multi-crop: local views of their own size and scale range, blur p 0.5, never
+/// solarized, drawn after the global views (which stay as they were).
+#[test]
+fn local_views_follow_their_recipe_and_leave_global_views_unchanged() {
+    let ds = small_dataset("locals", 40);
+    let mut view = ViewConfig::imagenet(16);
+    assert_eq!(view.local_size, 7); // 96/224 of 16, rounded up
+    view.local_count = 3;
+    let c = LoaderConfig {
+        view: view.clone(),
+        ..cfg(8, 2)
+    };
+    let l = TwoViewLoader::new(ds.clone(), c).unwrap();
+    let plain = TwoViewLoader::new(ds.clone(), cfg(8, 2)).unwrap();
+    let with: Vec<_> = l.epoch_multi(1).map(|b| b.unwrap()).collect();
+    let without: Vec<_> = plain.epoch(1).map(|b| b.unwrap()).collect();
+    assert_eq!(with.len(), without.len());
+    for ((g, loc), w) in with.iter().zip(&without) {
+        assert_eq!(g, w, "global views unchanged by multi-crop");
+        assert_eq!((loc.count, loc.batch, loc.size), (3, 8, 7));
+        assert_eq!(loc.views.len(), 3 * 8 * 3 * 7 * 7);
+        assert!(loc.views.iter().all(|v| v.is_finite()));
+    }
+    // Layout (L, B, 3, s, s): block (l, i) is image i's l-th local crop, finished.
+    let crops = l.epoch_crops(1).next().unwrap().unwrap();
+    assert_eq!(crops.locals.len(), 8 * 3 * 7 * 7 * 3);
+    let per = 3 * 7 * 7;
+    let (li, bi) = (2, 5);
+    let src = bi * 3 + li;
+    let mut want = vec![0f32; per];
+    finish_view(
+        &crops.locals[src * 147..(src + 1) * 147],
+        &crops.local_params[src],
+        &view,
+        &mut want,
+    );
+    let blk = li * 8 + bi;
+    assert_eq!(&with[0].1.views[blk * per..(blk + 1) * per], &want[..]);
+    // Rates over many draws: blur ~0.5, no solarize; area fraction within (0.05, 0.2).
+    let img = carp::data::decode::Image::new(300, 300, vec![100; 300 * 300 * 3]);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (mut blur, n) = (0, 3000);
+    for _ in 0..n {
+        let b = carp::data::augment::random_resized_crop_box(
+            &mut rng,
+            300,
+            300,
+            (0.05, 0.2),
+            (0.75, 4.0 / 3.0),
+        );
+        let area = (b.height * b.width) as f64 / 90000.0;
+        assert!(area > 0.05 * 0.97 && area < 0.2 * 1.03, "{area}");
+        let (crop, p) = sample_view(&img, &view, 2, &mut rng);
+        assert_eq!(crop.len(), 7 * 7 * 3);
+        assert_eq!(p.solarize, 0);
+        blur += (p.blur_sigma > 0.0) as usize;
+    }
+    assert!(
+        (blur as f64 / n as f64 - 0.5).abs() < 0.04,
+        "blur rate {}",
+        blur as f64 / n as f64
+    );
 }

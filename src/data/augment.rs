@@ -7,7 +7,11 @@
 //! 2. colour (`finish`): applies those parameters and the normalization, writing f32 (3, S, S).
 //!
 //! Colour operations follow torchvision's tensor definitions on [0, 1] floats (each clamps to
-//! [0, 1]); grayscale weights 0.299/0.587/0.114.
+//! [0, 1]); grayscale weights 0.299/0.587/0.114. Where the reference (DINO's PIL pipeline)
+//! works on u8 images between operations, this works on f32 and rounds nothing: the results
+//! differ by less than one grey level per operation. The blur is an exact separable Gaussian
+//! of radius ceil(3 sigma) with clamped edges (PIL's GaussianBlur approximates the same
+//! Gaussian with box passes); the resampling is PIL's antialiased bicubic (a = -0.5).
 
 use rand::Rng;
 
@@ -43,6 +47,14 @@ pub struct ViewConfig {
     pub solarize_threshold: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Optional multi-crop (SPEC.md, beyond the seed): this many local views per image
+    /// (0 = none), of side `local_size`, area fraction (`local_min_scale`, `local_max_scale`),
+    /// blur probability `local_blur_p`, never solarized; the rest as the global views.
+    pub local_count: usize,
+    pub local_size: usize,
+    pub local_min_scale: f32,
+    pub local_max_scale: f32,
+    pub local_blur_p: f32,
 }
 
 impl ViewConfig {
@@ -67,7 +79,81 @@ impl ViewConfig {
             solarize_threshold: 128.0,
             mean: MEAN,
             std: STD,
+            local_count: 0,
+            // 96 at 224, in proportion otherwise.
+            local_size: (size * 96).div_ceil(224).max(1),
+            local_min_scale: 0.05,
+            local_max_scale: 0.2,
+            local_blur_p: 0.5,
         }
+    }
+}
+
+impl ViewConfig {
+    /// Checks ranges so that sampling can never panic or produce NaNs.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let bad = |m: String| Err(crate::error::Error::Config(format!("view config: {m}")));
+        if self.size == 0 {
+            return bad("size must be at least 1".into());
+        }
+        if !(self.min_scale > 0.0 && self.min_scale <= self.max_scale && self.max_scale <= 1.0) {
+            return bad(format!(
+                "crop scale ({}, {}) must satisfy 0 < min <= max <= 1",
+                self.min_scale, self.max_scale
+            ));
+        }
+        if !(self.min_ratio > 0.0 && self.min_ratio <= self.max_ratio && self.max_ratio.is_finite())
+        {
+            return bad(format!(
+                "crop ratio ({}, {}) must satisfy 0 < min <= max",
+                self.min_ratio, self.max_ratio
+            ));
+        }
+        if self.local_count > 0
+            && !(self.local_size > 0
+                && self.local_min_scale > 0.0
+                && self.local_min_scale <= self.local_max_scale
+                && self.local_max_scale <= 1.0)
+        {
+            return bad(format!(
+                "local views: size {} and scale ({}, {}) must satisfy size >= 1, 0 < min <= max <= 1",
+                self.local_size, self.local_min_scale, self.local_max_scale
+            ));
+        }
+        let probs = [
+            self.local_blur_p,
+            self.flip_p,
+            self.jitter_p,
+            self.grayscale_p,
+            self.blur_p[0],
+            self.blur_p[1],
+            self.solarize_p[0],
+            self.solarize_p[1],
+        ];
+        if probs.iter().any(|p| !(0.0..=1.0).contains(p)) {
+            return bad(format!("probabilities {probs:?} must lie in [0, 1]"));
+        }
+        let strengths = [self.brightness, self.contrast, self.saturation];
+        if strengths.iter().any(|v| !(v.is_finite() && *v >= 0.0))
+            || !(0.0..=0.5).contains(&self.hue)
+        {
+            return bad(format!(
+                "jitter strengths {strengths:?} must be >= 0 and hue {} in [0, 0.5]",
+                self.hue
+            ));
+        }
+        let (s0, s1) = self.blur_sigma;
+        if !(s0 >= 0.0 && s0 <= s1 && s1 <= 100.0) {
+            return bad(format!(
+                "blur sigma ({s0}, {s1}) must satisfy 0 <= min <= max <= 100"
+            ));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || !self.solarize_threshold.is_finite()
+        {
+            return bad(format!("std {:?} must be positive", self.std));
+        }
+        Ok(())
     }
 }
 
@@ -314,19 +400,27 @@ pub fn resample(
 }
 
 /// Draws one view's geometry and colour parameters; returns the u8 (S, S, 3) crop.
-/// `view` is 0 for view 1 and 1 for view 2 (they differ in blur and solarize probability).
+/// `view` is 0 for view 1 and 1 for view 2 (they differ in blur and solarize probability);
+/// 2 (or more) draws a local view: side `local_size`, local scale range and blur probability,
+/// no solarize.
 pub fn sample_view<R: Rng>(
     img: &Image,
     cfg: &ViewConfig,
     view: usize,
     rng: &mut R,
 ) -> (Vec<u8>, ColorParams) {
+    let local = view >= 2;
     let v = view.min(1);
+    let (size, scale) = if local {
+        (cfg.local_size, (cfg.local_min_scale, cfg.local_max_scale))
+    } else {
+        (cfg.size, (cfg.min_scale, cfg.max_scale))
+    };
     let b = random_resized_crop_box(
         rng,
         img.height,
         img.width,
-        (cfg.min_scale, cfg.max_scale),
+        scale,
         (cfg.min_ratio, cfg.max_ratio),
     );
     let flip = rng.gen::<f32>() < cfg.flip_p;
@@ -336,8 +430,8 @@ pub fn sample_view<R: Rng>(
         b.left as f64,
         b.height as f64,
         b.width as f64,
-        cfg.size,
-        cfg.size,
+        size,
+        size,
         flip,
     );
     let mut p = ColorParams::identity();
@@ -357,10 +451,15 @@ pub fn sample_view<R: Rng>(
         p.hue = uniform32(rng, -cfg.hue, cfg.hue);
     }
     p.grayscale = (rng.gen::<f32>() < cfg.grayscale_p) as u8;
-    if rng.gen::<f32>() < cfg.blur_p[v] {
+    let (blur_p, solarize_p) = if local {
+        (cfg.local_blur_p, 0.0)
+    } else {
+        (cfg.blur_p[v], cfg.solarize_p[v])
+    };
+    if rng.gen::<f32>() < blur_p {
         p.blur_sigma = uniform32(rng, cfg.blur_sigma.0, cfg.blur_sigma.1);
     }
-    p.solarize = (rng.gen::<f32>() < cfg.solarize_p[v]) as u8;
+    p.solarize = (rng.gen::<f32>() < solarize_p) as u8;
     (crop, p)
 }
 
@@ -591,12 +690,14 @@ pub fn finish(
     }
 }
 
-/// `finish` with the configuration's normalization.
+/// `finish` with the configuration's normalization; the side comes from the crop's length
+/// (so it serves global and local views alike).
 pub fn finish_view(crop: &[u8], p: &ColorParams, cfg: &ViewConfig, out: &mut [f32]) {
+    let side = ((crop.len() / 3) as f64).sqrt().round() as usize;
     finish(
         crop,
         p,
-        cfg.size,
+        side,
         &cfg.mean,
         &cfg.std,
         cfg.solarize_threshold,

@@ -75,9 +75,48 @@ pub struct CropBatch {
     pub indices: Vec<usize>,
     pub batch: usize,
     pub size: usize,
+    /// Optional local views (multi-crop): (B, L, s, s, 3) u8 and (B, L) parameters; empty
+    /// when `local_count` is 0.
+    pub locals: Vec<u8>,
+    pub local_params: Vec<ColorParams>,
+    pub local_count: usize,
+    pub local_size: usize,
+}
+
+/// The finished local views of a batch (multi-crop), (L, B, 3, s, s): local view l of the
+/// whole batch is one contiguous (B, 3, s, s) block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalViews {
+    pub views: Vec<f32>,
+    pub count: usize,
+    pub batch: usize,
+    pub size: usize,
 }
 
 impl CropBatch {
+    /// Finishes the local views on the CPU into (L, B, 3, s, s).
+    pub fn finish_locals(&self, view: &ViewConfig) -> LocalViews {
+        let (l, b, s) = (self.local_count, self.batch, self.local_size);
+        let per_img = 3 * s * s;
+        let mut views = vec![0f32; l * b * per_img];
+        views
+            .par_chunks_mut(per_img)
+            .enumerate()
+            .for_each(|(k, o)| {
+                // Output block k = (local l, image i); the crops are stored (image, local).
+                let (li, bi) = (k / b.max(1), k % b.max(1));
+                let src = bi * l + li;
+                let crop = &self.locals[src * s * s * 3..(src + 1) * s * s * 3];
+                finish_view(crop, &self.local_params[src], view, o);
+            });
+        LocalViews {
+            views,
+            count: l,
+            batch: b,
+            size: s,
+        }
+    }
+
     /// Applies the colour operations and normalization on the CPU (in parallel).
     pub fn finish(&self, view: &ViewConfig) -> TwoViewBatch {
         let s = self.size;
@@ -128,12 +167,20 @@ pub fn make_crops(
     let mut view1 = vec![0u8; b * per];
     let mut view2 = vec![0u8; b * per];
     let mut params = vec![(ColorParams::default(), ColorParams::default()); b];
+    let (nl, ls) = (view.local_count, view.local_size);
+    // One image's local crops, (L, s, s, 3). With no local views these are one-element
+    // placeholders per image, cleared below, so that the parallel zip stays simple.
+    let lper = nl * ls * ls * 3;
+    let mut locals = vec![0u8; b * lper.max(1)];
+    let mut local_params = vec![ColorParams::default(); b * nl.max(1)];
     view1
         .par_chunks_mut(per)
         .zip(view2.par_chunks_mut(per))
         .zip(params.par_iter_mut())
         .zip(indices.par_iter())
-        .try_for_each(|(((v1, v2), p), &i)| -> Result<()> {
+        .zip(locals.par_chunks_mut(lper.max(1)))
+        .zip(local_params.par_chunks_mut(nl.max(1)))
+        .try_for_each(|(((((v1, v2), p), &i), lc), lp)| -> Result<()> {
             let img = ds.image(i)?;
             let mut rng = image_rng(seed, epoch, i);
             let (c1, p1) = sample_view(&img, view, 0, &mut rng);
@@ -141,8 +188,19 @@ pub fn make_crops(
             v1.copy_from_slice(&c1);
             v2.copy_from_slice(&c2);
             *p = (p1, p2);
+            // Local views come after both global views from the same stream, so turning
+            // multi-crop on leaves the global views unchanged.
+            for l in 0..nl {
+                let (c, q) = sample_view(&img, view, 2, &mut rng);
+                lc[l * ls * ls * 3..(l + 1) * ls * ls * 3].copy_from_slice(&c);
+                lp[l] = q;
+            }
             Ok(())
         })?;
+    if nl == 0 {
+        locals = Vec::new();
+        local_params = Vec::new();
+    }
     Ok(CropBatch {
         view1,
         view2,
@@ -152,6 +210,10 @@ pub fn make_crops(
         indices: indices.to_vec(),
         batch: b,
         size: s,
+        locals,
+        local_params,
+        local_count: nl,
+        local_size: if nl > 0 { ls } else { 0 },
     })
 }
 
@@ -174,9 +236,7 @@ impl TwoViewLoader {
                 cfg.rank, cfg.world
             )));
         }
-        if cfg.view.size == 0 {
-            return Err(Error::Config("view size must be at least 1".into()));
-        }
+        cfg.view.validate()?;
         // Every rank gets the same number of images (the remainder of len / world is
         // skipped each epoch, a different remainder every epoch since the order is shuffled).
         let per_rank = ds.len() / cfg.world;
@@ -250,6 +310,15 @@ impl TwoViewLoader {
     ) -> impl Iterator<Item = Result<TwoViewBatch>> {
         let view = self.cfg.view.clone();
         self.spawn(epoch, first, move |c| c.finish(&view))
+    }
+
+    /// Like `epoch`, plus the finished local views (multi-crop; `view.local_count` > 0).
+    pub fn epoch_multi(
+        &self,
+        epoch: usize,
+    ) -> impl Iterator<Item = Result<(TwoViewBatch, LocalViews)>> {
+        let view = self.cfg.view.clone();
+        self.spawn(epoch, 0, move |c| (c.finish(&view), c.finish_locals(&view)))
     }
 
     /// Like `epoch`, but yields the u8 crops and colour parameters (for a GPU `finish`).

@@ -20,8 +20,8 @@ pub use augment::{finish, finish_view, sample_view, ColorParams, ViewConfig};
 pub use dataset::{Dataset, Manifest};
 pub use decode::Image;
 pub use loader::{
-    bench_loader, eval_batches, CropBatch, LoaderBenchReport, LoaderConfig, TwoViewBatch,
-    TwoViewLoader,
+    bench_loader, eval_batches, CropBatch, LoaderBenchReport, LoaderConfig, LocalViews,
+    TwoViewBatch, TwoViewLoader,
 };
 pub use pack::{run_pack, PackArgs, PackReport};
 
