@@ -272,7 +272,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     'outer: while state.step < total {
         let epoch = state.step / bpe;
         let done_in_epoch = state.step % bpe;
-        for batch in loader.epoch(epoch).skip(done_in_epoch) {
+        for batch in loader.epoch_from(epoch, done_in_epoch) {
             if state.step >= total
                 || opts
                     .stop_after
