@@ -481,6 +481,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+// Ops allocate fresh buffers; mimalloc keeps freed pages instead of returning them to the
+// kernel, which removed ~15% of the CPU step time spent in page faults with glibc's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
