@@ -52,6 +52,40 @@ impl Blas {
     }
 }
 
+/// The column-major cuBLAS call that computes a row-major product: C^T = op(B)^T op(A)^T, so
+/// the "first" operand is B and the "second" is A. Kept apart from the FFI so that the mapping
+/// is unit-tested on the CPU against a column-major reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ColMajorCall {
+    pub trans_first: bool,
+    pub trans_second: bool,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub ld_first: i32,
+    pub ld_second: i32,
+    pub ldc: i32,
+}
+
+impl ColMajorCall {
+    /// Row-major C (m, n) = op(A) (m, k) op(B) (k, n); A stored (m, k) or (k, m) when
+    /// trans_a, B stored (k, n) or (n, k) when trans_b.
+    pub(crate) fn for_row_major(trans_a: bool, trans_b: bool, m: i32, n: i32, k: i32) -> Self {
+        ColMajorCall {
+            trans_first: trans_b,
+            trans_second: trans_a,
+            m: n,
+            n: m,
+            k,
+            // Row-major B (k, n) is column-major (n, k) with leading dimension n; stored (n, k)
+            // it is column-major (k, n), leading dimension k. Likewise for A.
+            ld_first: if trans_b { k } else { n },
+            ld_second: if trans_a { m } else { k },
+            ldc: n,
+        }
+    }
+}
+
 fn dim(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::Device(format!("gemm: {what} = {x} exceeds i32")))
 }
@@ -101,6 +135,7 @@ impl CudaBackend {
                 self.scale_in_place(c, beta)
             };
         }
+        let call = ColMajorCall::for_row_major(trans_a, trans_b, mi, ni, ki);
         let op = |t: bool| {
             if t {
                 cbs::cublasOperation_t::CUBLAS_OP_T
@@ -108,9 +143,6 @@ impl CudaBackend {
                 cbs::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        // Column-major view: C^T (n x m) = op(B)^T (n x k) * op(A)^T (k x m).
-        let lda_b = if trans_b { ki } else { ni };
-        let ldb_a = if trans_a { mi } else { ki };
         let h = self
             .blas()?
             .handle
@@ -124,21 +156,90 @@ impl CudaBackend {
         unsafe {
             cb::sgemm(
                 h.0,
-                op(trans_b),
-                op(trans_a),
-                ni,
-                mi,
-                ki,
+                op(call.trans_first),
+                op(call.trans_second),
+                call.m,
+                call.n,
+                call.k,
                 &alpha,
                 b.ptr() as *const f32,
-                lda_b,
+                call.ld_first,
                 a.ptr() as *const f32,
-                ldb_a,
+                call.ld_second,
                 &beta,
                 c.ptr() as *mut f32,
-                ni,
+                call.ldc,
             )
         }
         .map_err(|e| Error::Device(format!("cublasSgemm(m={m}, n={n}, k={k}): {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ColMajorCall;
+
+    /// Reference column-major sgemm (BLAS semantics): C = op(A) op(B), C m x n, ldc.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm_col_major(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f64],
+        lda: usize,
+        b: &[f64],
+        ldb: usize,
+        ldc: usize,
+    ) -> Vec<f64> {
+        let mut c = vec![f64::NAN; ldc * n];
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0.0;
+                for l in 0..k {
+                    let av = if ta { a[l + i * lda] } else { a[i + l * lda] };
+                    let bv = if tb { b[j + l * ldb] } else { b[l + j * ldb] };
+                    acc += av * bv;
+                }
+                c[i + j * ldc] = acc;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn row_major_mapping_matches_a_direct_product() {
+        let (m, n, k) = (5usize, 7usize, 3usize);
+        let val = |s: usize, i: usize| ((i * 7 + s * 13) % 11) as f64 - 5.0;
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a: Vec<f64> = (0..m * k).map(|i| val(1, i)).collect();
+            let b: Vec<f64> = (0..k * n).map(|i| val(2, i)).collect();
+            let call = ColMajorCall::for_row_major(ta, tb, m as i32, n as i32, k as i32);
+            let c = sgemm_col_major(
+                call.trans_first,
+                call.trans_second,
+                call.m as usize,
+                call.n as usize,
+                call.k as usize,
+                &b,
+                call.ld_first as usize,
+                &a,
+                call.ld_second as usize,
+                call.ldc as usize,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|l| {
+                            let av = if ta { a[l * m + i] } else { a[i * k + l] };
+                            let bv = if tb { b[j * k + l] } else { b[l * n + j] };
+                            av * bv
+                        })
+                        .sum();
+                    assert_eq!(c[i * n + j], want, "ta={ta} tb={tb} ({i}, {j})");
+                }
+            }
+        }
     }
 }
