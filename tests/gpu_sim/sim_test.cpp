@@ -225,7 +225,70 @@ void test_lars() {
     check("lars w", w, w6, 1e-5); check("lars mu", mu, mu6, 1e-4);
 }
 
+void test_misc() {
+    const int n = 1003;
+    auto a = randn(n), b = randn(n);
+    std::vector<float> y = nanv(n);
+    std::vector<double> r(n);
+    launch({2}, 64, gelu_fwd_f32, (const float*)a.data(), y.data(), (i64)n);
+    for (int i = 0; i < n; ++i) r[i] = 0.5 * a[i] * (1 + std::erf(a[i] / std::sqrt(2.0)));
+    check("gelu", y, r, 1e-6);
+    y = nanv(n);
+    launch({2}, 64, gelu_bwd_f32, (const float*)a.data(), (const float*)b.data(), y.data(), (i64)n);
+    for (int i = 0; i < n; ++i) {
+        double x = a[i];
+        r[i] = b[i] * (0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * 3.14159265358979323846));
+    }
+    check("gelu_bwd", y, r, 1e-6);
+    y = nanv(n);
+    launch({2}, 64, relu_bwd_f32, (const float*)a.data(), (const float*)b.data(), y.data(), (i64)n);
+    for (int i = 0; i < n; ++i) r[i] = a[i] > 0 ? b[i] : 0;
+    check("relu_bwd", y, r, 0);
+    std::vector<float> t = a;
+    launch({3}, 32, ema_update_f32, t.data(), (const float*)b.data(), 0.99f, (i64)n);
+    for (int i = 0; i < n; ++i) r[i] = 0.99 * a[i] + 0.01 * (double)b[i];
+    check("ema", t, r, 1e-6);
+    // bias add / column sums over (17, 59)
+    int rows = 17, cols = 59;
+    auto m = randn(rows * cols), bias = randn(cols);
+    std::vector<float> yy = m, cs = nanv(cols);
+    std::vector<double> ry(rows * cols), rc(cols, 0);
+    launch({2}, 64, bias_add_f32, yy.data(), (const float*)bias.data(), (i64)rows, (i64)cols);
+    launch({1}, 32, col_sum_f32, (const float*)m.data(), cs.data(), (i64)rows, (i64)cols);
+    for (int i = 0; i < rows * cols; ++i) { ry[i] = m[i] + (double)bias[i % cols]; rc[i % cols] += m[i]; }
+    check("bias_add", yy, ry, 1e-6);
+    check("col_sum", cs, rc, 1e-5);
+    // eval-mode BN backward and running update; global average pool backward
+    int N = 3, C = 4, HW = 5;
+    auto dy = randn(N * C * HW), is = randn(C), gm = randn(C);
+    std::vector<float> dx = nanv(N * C * HW);
+    launch({2}, 32, bn_eval_backward_dx_f32, (const float*)dy.data(), (const float*)is.data(), (const float*)gm.data(), dx.data(), (i64)N, C, (i64)HW);
+    std::vector<double> rdx(N * C * HW);
+    for (int i = 0; i < N * C * HW; ++i) rdx[i] = (double)dy[i] * gm[(i / HW) % C] * is[(i / HW) % C];
+    check("bn_eval_dx", dx, rdx, 1e-6);
+    std::vector<float> rm = {0, 0, 0, 0}, rv = {1, 1, 1, 1}, bm = randn(C), bv = {1.5f, 2.f, .5f, 3.f};
+    launch({1}, 32, bn_running_update_f32, rm.data(), rv.data(), (const float*)bm.data(), (const float*)bv.data(), 0.1f, C);
+    std::vector<double> wm(C), wv(C);
+    for (int c = 0; c < C; ++c) { wm[c] = 0.1 * bm[c]; wv[c] = 0.9 + 0.1 * bv[c]; }
+    check("bn_running_mean", rm, wm, 1e-6);
+    check("bn_running_var", rv, wv, 1e-6);
+    auto g1 = randn(7);
+    std::vector<float> gx = nanv(7 * 9);
+    std::vector<double> rg(7 * 9);
+    launch({1}, 32, global_avgpool_bwd_f32, (const float*)g1.data(), gx.data(), (i64)7, (i64)9);
+    for (int i = 0; i < 63; ++i) rg[i] = g1[i / 9] / 9.0;
+    check("gap_bwd", gx, rg, 1e-6);
+    // max pool ties (first max wins) and NaN propagation
+    std::vector<float> px = {1, 5, 5, 5, 2, NAN, 3, 1}, py = nanv(2);
+    std::vector<int> pa(2, -7);
+    launch({1}, 32, maxpool2d_fwd_f32, (const float*)px.data(), py.data(), pa.data(), (i64)2, 2, 2, 1, 1, 2, 2, 0);
+    bool ok = pa[0] == 1 && py[0] == 5 && std::isnan(py[1]) && pa[1] == 1;
+    printf("%s maxpool ties/NaN: arg %d %d\n", ok ? "ok  " : "FAIL", pa[0], pa[1]);
+    if (!ok) fails++;
+}
+
 int main() {
+    test_misc();
     test_carp(2, 3, 48, 16, 32);
     test_carp(4, 3, 80, 40, 32);
     test_carp(2, 2, 1024, 512, 512);
