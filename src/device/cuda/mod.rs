@@ -48,16 +48,19 @@ pub(crate) fn driver_err(what: &str, e: result::DriverError) -> Error {
 }
 
 /// One GPU: context, stream, allocator, kernels, library handles.
+///
+/// Field order is drop order: the library handles go first (they may synchronize on the stream
+/// when destroyed), then the kernels, the allocator, the stream, and the context last.
 pub struct CudaBackend {
-    ordinal: usize,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    pool: Arc<Pool>,
-    funcs: HashMap<&'static str, CudaFunction>,
     blas: Option<blas::Blas>,
     blas_missing: String,
     dnn: Option<Mutex<dnn::Dnn>>,
     dnn_missing: String,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pool: Arc<Pool>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
     num_sms: u32,
     name: String,
 }
