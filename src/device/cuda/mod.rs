@@ -1,6 +1,33 @@
-//! The CUDA backend (feature `cuda`).
+//! The CUDA backend (feature `cuda`): one device, one stream, a caching allocator, the PTX
+//! modules that build.rs compiled from `kernels/*.cu`, cuBLAS for matrix products and cuDNN for
+//! convolutions.
+//!
+//! Everything returns `Result`: no driver, no GPU, no cuBLAS/cuDNN library, or out of memory are
+//! `Error::Device` with a message saying what is missing, never a panic. (cudarc panics when a
+//! dynamically loaded library is absent, so each library's presence is checked before its first
+//! call.)
+//!
+//! Layout: `alloc` (pool + DeviceBuffer), `blas` (row-major gemm over cuBLAS), `dnn` (cuDNN
+//! convolutions, per-shape algorithm + workspace cache), `ops` (typed launchers for every
+//! kernel), `nvtx` (profiler ranges).
 
+pub mod alloc;
+pub mod blas;
+pub mod dnn;
 pub mod kernels;
+pub mod nvtx;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
+
+pub use alloc::{DeviceBuffer, Pool, PoolStats};
+pub use dnn::ConvShape;
+pub use ops::{CarpLossGpu, LarsPlan, PbarHook, Pool2dShape};
+
+use crate::error::{Error, Result};
 
 /// Number of CUDA devices, 0 when no driver (libcuda) is installed or it reports none.
 pub fn device_count() -> usize {
@@ -8,10 +35,366 @@ pub fn device_count() -> usize {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return 0;
     }
-    if cudarc::driver::result::init().is_err() {
+    if result::init().is_err() {
         return 0;
     }
-    cudarc::driver::CudaContext::device_count()
+    CudaContext::device_count()
         .map(|n| n.max(0) as usize)
         .unwrap_or(0)
 }
+
+pub(crate) fn driver_err(what: &str, e: result::DriverError) -> Error {
+    Error::Device(format!("{what}: {e:?}"))
+}
+
+/// One GPU: context, stream, allocator, kernels, library handles.
+///
+/// Field order is drop order: the library handles go first (they may synchronize on the stream
+/// when destroyed), then the kernels, the allocator, the stream, and the context last.
+pub struct CudaBackend {
+    blas: Option<blas::Blas>,
+    blas_missing: String,
+    dnn: Option<Mutex<dnn::Dnn>>,
+    dnn_missing: String,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pool: Arc<Pool>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
+    num_sms: u32,
+    name: String,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend(cuda:{}, {})", self.ordinal, self.name)
+    }
+}
+
+/// Every kernel entry point in kernels/*.cu, by module. `CudaBackend::new` loads them all, so a
+/// kernel renamed in a .cu file without updating this list fails at start-up, not mid-step.
+const KERNELS: &[(&str, &[&str])] = &[
+    (
+        "elementwise",
+        &[
+            "add_f32",
+            "accumulate_f32",
+            "scale_f32",
+            "fill_f32",
+            "relu_fwd_f32",
+            "relu_bwd_f32",
+            "gelu_fwd_f32",
+            "gelu_bwd_f32",
+            "bias_add_f32",
+            "col_sum_f32",
+            "sum_f32",
+        ],
+    ),
+    (
+        "batchnorm",
+        &[
+            "bn_stats_f32",
+            "bn_forward_f32",
+            "bn_invstd_f32",
+            "bn_backward_reduce_f32",
+            "bn_backward_dx_f32",
+            "bn_eval_backward_dx_f32",
+            "bn_running_update_f32",
+        ],
+    ),
+    (
+        "pool",
+        &[
+            "maxpool2d_fwd_f32",
+            "maxpool2d_bwd_f32",
+            "global_avgpool_fwd_f32",
+            "global_avgpool_bwd_f32",
+        ],
+    ),
+    (
+        "weightnorm",
+        &[
+            "row_norms_f32",
+            "row_normalize_f32",
+            "row_normalize_bwd_f32",
+        ],
+    ),
+    (
+        "carp_loss",
+        &[
+            "carp_softmax_gather_f32",
+            "carp_entropy_f32",
+            "carp_consistency_grad_f32",
+        ],
+    ),
+    ("lars", &["lars_norms_f32", "lars_update_f32"]),
+    ("ema", &["ema_update_f32"]),
+];
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`. Fails with `Error::Device` when there is no CUDA driver, no such
+    /// GPU, or the PTX does not load (e.g. a driver older than the PTX's CUDA 13.0).
+    /// cuBLAS and cuDNN are optional at this point: their absence is reported when an op
+    /// first needs them.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        // SAFETY: only tries to dlopen libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "no CUDA driver (libcuda.so) found: this machine has no NVIDIA driver; use \
+                 --device cpu"
+                    .into(),
+            ));
+        }
+        result::init().map_err(|e| driver_err("cuInit (is an NVIDIA GPU present?)", e))?;
+        let count = CudaContext::device_count().map_err(|e| driver_err("cuDeviceGetCount", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} requested but this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_err("creating a stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let num_sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| driver_err("reading the multiprocessor count", e))?
+            .max(1) as u32;
+        let mut funcs = HashMap::new();
+        for (module, names) in KERNELS {
+            let ptx = kernels::MODULES
+                .iter()
+                .find(|(m, _)| m == module)
+                .map(|(_, p)| *p)
+                .ok_or_else(|| {
+                    Error::Device(format!("kernel module {module} missing from the build"))
+                })?;
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| {
+                    driver_err(
+                        &format!(
+                            "loading the PTX of kernels/{module}.cu (is the driver older than \
+                             CUDA 13.0?)"
+                        ),
+                        e,
+                    )
+                })?;
+            for &n in names.iter() {
+                let f = m
+                    .load_function(n)
+                    .map_err(|e| driver_err(&format!("kernel {n} in {module}.ptx"), e))?;
+                funcs.insert(n, f);
+            }
+        }
+        let pool = Pool::new(ctx.clone());
+        let (blas, blas_missing) = match blas::Blas::new(&ctx, &stream) {
+            Ok(b) => (Some(b), String::new()),
+            Err(e) => (None, e.to_string()),
+        };
+        let (dnn, dnn_missing) = match dnn::Dnn::new(&ctx, &stream) {
+            Ok(d) => (Some(Mutex::new(d)), String::new()),
+            Err(e) => (None, e.to_string()),
+        };
+        Ok(CudaBackend {
+            ordinal,
+            ctx,
+            stream,
+            pool,
+            funcs,
+            blas,
+            blas_missing,
+            dnn,
+            dnn_missing,
+            num_sms,
+            name,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+    /// Frees the allocator's cached blocks (e.g. before a phase with different shapes).
+    pub fn release_cached(&self) -> Result<()> {
+        self.pool.release_cached()
+    }
+
+    /// Waits for all queued work; surfaces asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("stream synchronize (a kernel failed?)", e))
+    }
+
+    /// Uninitialized device memory for `bytes` bytes, from the pool.
+    pub fn alloc_bytes(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.pool.alloc(bytes)
+    }
+    /// Uninitialized room for `n` f32 values.
+    pub fn alloc_f32(&self, n: usize) -> Result<DeviceBuffer> {
+        self.pool.alloc(n * 4)
+    }
+    /// `n` f32 zeros.
+    pub fn zeros_f32(&self, n: usize) -> Result<DeviceBuffer> {
+        let mut b = self.alloc_f32(n)?;
+        self.fill(&mut b, 0.0)?;
+        Ok(b)
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the CUDA context", e))
+    }
+
+    fn htod<T: Copy>(&self, host: &[T]) -> Result<DeviceBuffer> {
+        let buf = self.alloc_bytes(std::mem::size_of_val(host))?;
+        if !host.is_empty() {
+            self.bind()?;
+            // SAFETY: buf holds at least size_of_val(host) bytes; the copy is waited for before
+            // `host` can go away, so the async read of host memory stays valid.
+            unsafe { result::memcpy_htod_async(buf.ptr(), host, self.stream.cu_stream()) }
+                .map_err(|e| driver_err("host-to-device copy", e))?;
+            self.synchronize()?;
+        }
+        Ok(buf)
+    }
+
+    fn dtoh<T: Copy + Default>(&self, buf: &DeviceBuffer, n: usize) -> Result<Vec<T>> {
+        if n * std::mem::size_of::<T>() > buf.bytes() {
+            return Err(Error::Device(format!(
+                "device-to-host copy of {n} elements from a buffer of {} bytes",
+                buf.bytes()
+            )));
+        }
+        let mut host = vec![T::default(); n];
+        if n > 0 {
+            self.bind()?;
+            // SAFETY: host has room for n elements, the buffer holds at least as many bytes;
+            // we wait for the copy before returning host.
+            unsafe { result::memcpy_dtoh_async(&mut host, buf.ptr(), self.stream.cu_stream()) }
+                .map_err(|e| driver_err("device-to-host copy", e))?;
+            self.synchronize()?;
+        }
+        Ok(host)
+    }
+
+    /// Copies f32 values to a new device buffer.
+    pub fn upload_f32(&self, host: &[f32]) -> Result<DeviceBuffer> {
+        self.htod(host)
+    }
+    /// Copies i32 values (permutations, indices) to a new device buffer.
+    pub fn upload_i32(&self, host: &[i32]) -> Result<DeviceBuffer> {
+        self.htod(host)
+    }
+    /// Copies the buffer's f32 contents back (all of it).
+    pub fn download_f32(&self, buf: &DeviceBuffer) -> Result<Vec<f32>> {
+        self.dtoh(buf, buf.bytes() / 4)
+    }
+    /// Copies the buffer's i32 contents back (all of it).
+    pub fn download_i32(&self, buf: &DeviceBuffer) -> Result<Vec<i32>> {
+        self.dtoh(buf, buf.bytes() / 4)
+    }
+    /// Overwrites a device buffer with host values (same byte length).
+    pub fn copy_from_host_f32(&self, dst: &mut DeviceBuffer, host: &[f32]) -> Result<()> {
+        if std::mem::size_of_val(host) != dst.bytes() {
+            return Err(Error::Device(format!(
+                "copy of {} f32 values into a buffer of {} bytes",
+                host.len(),
+                dst.bytes()
+            )));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: sizes checked above; waited for before `host` can go away.
+        unsafe { result::memcpy_htod_async(dst.ptr(), host, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("host-to-device copy", e))?;
+        self.synchronize()
+    }
+    /// Device-to-device copy of a whole buffer into another of the same size.
+    pub fn copy_dtod(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer) -> Result<()> {
+        if src.bytes() != dst.bytes() {
+            return Err(Error::Device(format!(
+                "device copy of {} bytes into {} bytes",
+                src.bytes(),
+                dst.bytes()
+            )));
+        }
+        if src.bytes() == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both buffers are live and hold `bytes` bytes; stream-ordered.
+        unsafe {
+            result::memcpy_dtod_async(dst.ptr(), src.ptr(), src.bytes(), self.stream.cu_stream())
+        }
+        .map_err(|e| driver_err("device-to-device copy", e))
+    }
+
+    pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| Error::Device(format!("kernel {name} not loaded")))
+    }
+
+    /// A 1-d grid for a grid-stride kernel over `n` elements: enough blocks to fill the GPU
+    /// (32 per multiprocessor), no more than the elements need.
+    pub(crate) fn grid_1d(&self, n: usize, threads: u32) -> LaunchConfig {
+        let want = n.div_ceil(threads as usize).max(1);
+        let cap = (self.num_sms as usize) * 32;
+        LaunchConfig {
+            grid_dim: (want.min(cap) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(crate) fn blas(&self) -> Result<&blas::Blas> {
+        self.blas
+            .as_ref()
+            .ok_or_else(|| Error::Device(format!("cuBLAS is not available: {}", self.blas_missing)))
+    }
+
+    pub(crate) fn dnn(&self) -> Result<std::sync::MutexGuard<'_, dnn::Dnn>> {
+        let m = self.dnn.as_ref().ok_or_else(|| {
+            Error::Device(format!("cuDNN is not available: {}", self.dnn_missing))
+        })?;
+        Ok(m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Launches kernel `$name` with config `$cfg` and the listed arguments (device pointers as
+/// u64, sizes as i64/i32, scalars as f32). Every argument must be a local of the exact type the
+/// kernel declares.
+macro_rules! launch {
+    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let f = $be.func($name)?;
+        let mut b = $be.stream().launch_builder(f);
+        $( b.arg(&$arg); )*
+        // SAFETY: the argument list matches the kernel's signature in kernels/*.cu (checked by
+        // the typed launcher that calls this), and every pointer is a live pool buffer whose
+        // size the launcher checked against the kernel's index range.
+        unsafe { b.launch($cfg) }
+            .map_err(|e| $crate::device::cuda::driver_err(&format!("launching {}", $name), e))?;
+    }};
+}
+pub(crate) use launch;

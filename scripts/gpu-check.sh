@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repo root, with gpu-bundle/ (made by scripts/gpu-bundle.sh)
+# present: the GPU tests, compute-sanitizer memcheck over the GPU op tests, and one ResNet50
+# training step through carp-bench when it supports one. Prints a short table at the end.
+# Fits in 10 minutes: every step has its own timeout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=gpu-bundle
+if [ ! -d "$B/tests" ]; then
+    echo "no $B/tests: run scripts/gpu-bundle.sh on the build machine first" >&2
+    exit 2
+fi
+LOG="${OUT:-/tmp}/gpu-check.log"
+: >"$LOG"
+
+# cuBLAS / cuDNN / NCCL: the image ships them as Python wheels (nvidia-cublas, nvidia-cudnn-cu13,
+# ...); put their lib folders on the loader path for cudarc's dlopen.
+for lib in 'libcudnn.so.9*' 'libcublas.so.13*' 'libcublasLt.so.13*' 'libnccl.so.2*'; do
+    for d in $(find /opt /usr/local /usr/lib /usr/lib64 -name "$lib" -printf '%h\n' 2>/dev/null | sort -u); do
+        case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+    done
+done
+export LD_LIBRARY_PATH
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$LOG"
+nvidia-smi -L 2>&1 | tee -a "$LOG"
+
+declare -a ROWS
+row() { ROWS+=("$(printf '%-44s %-6s %8s  %s' "$1" "$2" "$3" "$4")"); }
+
+run_step() { # name timeout_s command...
+    local name=$1 t=$2
+    shift 2
+    local start end rc
+    start=$(date +%s.%N)
+    echo "=== $name: $*" | tee -a "$LOG"
+    timeout "$t" "$@" >>"$LOG" 2>&1
+    rc=$?
+    end=$(date +%s.%N)
+    local secs
+    secs=$(awk -v a="$start" -v b="$end" 'BEGIN{printf "%.1f", b-a}')
+    local status=PASS
+    [ $rc -ne 0 ] && status=FAIL
+    [ $rc -eq 124 ] && status=TIMEOUT
+    row "$name" "$status" "${secs}s" "rc=$rc"
+    return $rc
+}
+
+overall=0
+# 1. The GPU tests (gpu_* binaries), then the rest of the suite built with --features cuda.
+for t in "$B"/tests/gpu_*; do
+    [ -x "$t" ] || continue
+    # The kernel emulator is a CPU test (needs the sources and g++), not a GPU check.
+    [ "$(basename "$t")" = gpu_kernels_sim ] && continue
+    run_step "test $(basename "$t")" 300 "$t" || overall=1
+done
+if grep -q "^SKIPPED" "$LOG"; then
+    row "GPU tests skipped (no GPU seen)" FAIL "-" "$(grep -m1 '^SKIPPED' "$LOG")"
+    overall=1
+fi
+# 2. memcheck over the op tests, without the large ResNet50 conv shapes (slow under the tool).
+if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+    CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    run_step "memcheck gpu_ops" 240 "$CS" --tool memcheck --error-exitcode 1 \
+        "$B/tests/gpu_ops" --test-threads=1 --skip conv2d_resnet50_shapes || overall=1
+else
+    row "memcheck gpu_ops" SKIP "-" "compute-sanitizer not found"
+fi
+# 3. One ResNet50 training step at batch 64, when carp-bench supports it.
+if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
+    run_step "carp-bench resnet50 step (batch 64)" 180 "$B/bin/carp-bench" --device cuda \
+        --model resnet50 --batch 64 --steps 1 || overall=1
+else
+    row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
+fi
+
+echo
+echo "---- log tail ----"
+tail -n 40 "$LOG"
+echo
+echo "==== gpu-check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1) ===="
+printf '%-44s %-6s %8s  %s\n' step status time note
+for r in "${ROWS[@]}"; do echo "$r"; done
+[ $overall -eq 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"
+exit $overall

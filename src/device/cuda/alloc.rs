@@ -1,0 +1,235 @@
+//! A caching device allocator: freed blocks go to per-size free lists and are handed out again,
+//! so a training step with static shapes calls `cuMemAlloc` only during its first iteration.
+//!
+//! All work runs on the backend's one stream, so a block returned to the pool while kernels
+//! that use it are still queued is safe to hand out again: the next user's work is queued
+//! behind them (stream order). A second stream would need an event per block.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext};
+
+use crate::error::{Error, Result};
+
+/// Rounds a request up to its bucket: 512-byte steps below 1 MiB, above that steps of 1/8 of
+/// the enclosing power of two (at most 12.5% waste). Equal requests share a bucket, which is
+/// all that static shapes need.
+pub fn bucket_size(bytes: usize) -> usize {
+    let bytes = bytes.max(1);
+    if bytes < (1 << 20) {
+        return bytes.div_ceil(512) * 512;
+    }
+    let pow = usize::BITS - 1 - bytes.leading_zeros(); // 2^pow <= bytes
+    let step = 1usize << (pow - 3);
+    bytes.div_ceil(step) * step
+}
+
+/// Counters for tests and the benchmark (is the steady state free of cudaMalloc?).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Calls to cuMemAlloc so far.
+    pub device_allocs: u64,
+    /// Requests served from a free list.
+    pub reuses: u64,
+    /// Bytes held in live buffers (bucket sizes).
+    pub bytes_in_use: usize,
+    /// Bytes held in free lists.
+    pub bytes_cached: usize,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    stats: PoolStats,
+}
+
+/// The pool; shared (`Arc`) by the backend and every live buffer.
+pub struct Pool {
+    ctx: Arc<CudaContext>,
+    inner: Mutex<PoolInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({:?})", self.stats())
+    }
+}
+
+fn driver_err(what: &str, e: result::DriverError) -> Error {
+    Error::Device(format!("{what}: {e:?}"))
+}
+
+impl Pool {
+    pub fn new(ctx: Arc<CudaContext>) -> Arc<Pool> {
+        Arc::new(Pool {
+            ctx,
+            inner: Mutex::new(PoolInner::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        // A poisoned lock only means another thread panicked mid-update of plain counters and
+        // lists of pointers; they stay usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.lock().stats
+    }
+
+    /// A buffer of at least `bytes` bytes (contents undefined).
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        let cap = bucket_size(bytes);
+        {
+            let mut inner = self.lock();
+            if let Some(ptr) = inner.free.get_mut(&cap).and_then(|v| v.pop()) {
+                inner.stats.reuses += 1;
+                inner.stats.bytes_cached -= cap;
+                inner.stats.bytes_in_use += cap;
+                return Ok(DeviceBuffer {
+                    ptr,
+                    bytes,
+                    cap,
+                    pool: self.clone(),
+                });
+            }
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the CUDA context", e))?;
+        // SAFETY: cuMemAlloc with a valid, current context; the memory is only used through
+        // the returned buffer and freed once (Pool::release_cached or Pool's drop).
+        let ptr = match unsafe { result::malloc_sync(cap) } {
+            Ok(p) => p,
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                // Give the cached blocks back to the driver and try once more.
+                self.release_cached()?;
+                // SAFETY: as above.
+                unsafe { result::malloc_sync(cap) }.map_err(|_| {
+                    let s = self.stats();
+                    Error::Device(format!(
+                        "out of GPU memory allocating {:.1} MiB ({:.1} MiB in use by live \
+                         buffers); lower the batch size",
+                        cap as f64 / (1 << 20) as f64,
+                        s.bytes_in_use as f64 / (1 << 20) as f64
+                    ))
+                })?
+            }
+            Err(e) => return Err(driver_err(&format!("cuMemAlloc({cap} bytes)"), e)),
+        };
+        let mut inner = self.lock();
+        inner.stats.device_allocs += 1;
+        inner.stats.bytes_in_use += cap;
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            cap,
+            pool: self.clone(),
+        })
+    }
+
+    /// Frees every cached (unused) block back to the driver. Waits for the device first, since
+    /// queued kernels may still use a block that went back to its free list.
+    pub fn release_cached(&self) -> Result<()> {
+        self.ctx
+            .synchronize()
+            .map_err(|e| driver_err("cuCtxSynchronize", e))?;
+        let mut inner = self.lock();
+        let lists: Vec<(usize, Vec<sys::CUdeviceptr>)> = inner.free.drain().collect();
+        for (cap, ptrs) in lists {
+            for p in ptrs {
+                // SAFETY: p came from cuMemAlloc, sits in a free list (no live buffer holds
+                // it) and the device is idle.
+                unsafe { result::free_sync(p) }.map_err(|e| driver_err("cuMemFree", e))?;
+                inner.stats.bytes_cached -= cap;
+            }
+        }
+        Ok(())
+    }
+
+    fn give_back(&self, ptr: sys::CUdeviceptr, cap: usize) {
+        let mut inner = self.lock();
+        inner.stats.bytes_in_use -= cap;
+        inner.stats.bytes_cached += cap;
+        inner.free.entry(cap).or_default().push(ptr);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Every live buffer holds an Arc<Pool>, so only cached blocks are left here.
+        if self.ctx.bind_to_thread().is_err() || self.ctx.synchronize().is_err() {
+            return; // the context is gone; the driver reclaims its memory
+        }
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, ptrs) in inner.free.drain() {
+            for p in ptrs {
+                // SAFETY: as in release_cached; errors at teardown are ignored on purpose.
+                let _ = unsafe { result::free_sync(p) };
+            }
+        }
+    }
+}
+
+/// Device memory from the pool; returns to the pool when dropped. Untyped bytes (f32 today;
+/// bf16 and int32 argmax buffers use the same type), so layouts and dtypes stay open.
+pub struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    cap: usize,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl DeviceBuffer {
+    /// The device address (a kernel argument).
+    pub fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+    /// Requested size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Number of 4-byte elements (f32 or i32).
+    pub fn len32(&self) -> usize {
+        self.bytes / 4
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.pool.give_back(self.ptr, self.cap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_size;
+
+    #[test]
+    fn buckets_cover_the_request_with_bounded_waste() {
+        for &b in &[
+            1usize,
+            511,
+            512,
+            513,
+            4096,
+            (1 << 20) - 1,
+            1 << 20,
+            3_000_001,
+            1 << 30,
+        ] {
+            let c = bucket_size(b);
+            assert!(c >= b, "{b} -> {c}");
+            assert!(c as f64 <= (b as f64) * 1.125 + 512.0, "{b} -> {c}");
+        }
+        assert_eq!(bucket_size(1000), bucket_size(1000));
+        assert_eq!(bucket_size(1), 512);
+    }
+}

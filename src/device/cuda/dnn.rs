@@ -1,0 +1,427 @@
+//! cuDNN convolutions (NCHW, f32): forward, backward-data, backward-filter. For every distinct
+//! shape the descriptors, the three algorithms (cuDNN's heuristic ranking, first one that runs
+//! within the workspace limit) and their workspace sizes are chosen once and cached; one
+//! workspace buffer, grown to the largest need, serves every call.
+//!
+//! Math mode: FMA only (no TF32), so f32 results match the CPU reference to f32 rounding; the
+//! bf16/NHWC path of the performance work will add its own plans.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cudnn::{result as dr, sys as ds};
+use cudarc::driver::{CudaContext, CudaStream};
+
+use super::{CudaBackend, DeviceBuffer};
+use crate::error::{Error, Result};
+
+/// Largest workspace an algorithm may ask for.
+const WORKSPACE_LIMIT: usize = 1 << 30;
+
+/// A 2-d convolution: x (n, c, h, w), weights (o, c, kh, kw), no bias, the same stride and
+/// zero padding in both directions; y (n, o, ho, wo) with ho = (h + 2 padding - kh) / stride + 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvShape {
+    /// (ho, wo), or a shape error naming the sizes.
+    pub fn out_hw(&self) -> Result<(usize, usize)> {
+        let ok = self.stride > 0
+            && self.n > 0
+            && self.c > 0
+            && self.o > 0
+            && self.kh > 0
+            && self.kw > 0
+            && self.h + 2 * self.padding >= self.kh
+            && self.w + 2 * self.padding >= self.kw;
+        if !ok {
+            return Err(Error::Shape(format!("conv2d: invalid shape {self:?}")));
+        }
+        Ok((
+            (self.h + 2 * self.padding - self.kh) / self.stride + 1,
+            (self.w + 2 * self.padding - self.kw) / self.stride + 1,
+        ))
+    }
+    pub fn x_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn w_len(&self) -> usize {
+        self.o * self.c * self.kh * self.kw
+    }
+    pub fn y_len(&self) -> Result<usize> {
+        let (ho, wo) = self.out_hw()?;
+        Ok(self.n * self.o * ho * wo)
+    }
+}
+
+fn dnn_err(what: &str, e: dr::CudnnError) -> Error {
+    Error::Device(format!("cuDNN {what}: {e:?}"))
+}
+
+fn c_int(x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::Shape(format!("conv2d: size {x} exceeds i32")))
+}
+
+struct TensorDesc(ds::cudnnTensorDescriptor_t);
+impl Drop for TensorDesc {
+    fn drop(&mut self) {
+        // SAFETY: created once by cudnnCreateTensorDescriptor, destroyed once here.
+        let _ = unsafe { dr::destroy_tensor_descriptor(self.0) };
+    }
+}
+struct FilterDesc(ds::cudnnFilterDescriptor_t);
+impl Drop for FilterDesc {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { dr::destroy_filter_descriptor(self.0) };
+    }
+}
+struct ConvDesc(ds::cudnnConvolutionDescriptor_t);
+impl Drop for ConvDesc {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { dr::destroy_convolution_descriptor(self.0) };
+    }
+}
+
+fn tensor_desc(dims: [usize; 4]) -> Result<TensorDesc> {
+    let d = TensorDesc(dr::create_tensor_descriptor().map_err(|e| dnn_err("tensor desc", e))?);
+    let dims = [
+        c_int(dims[0])?,
+        c_int(dims[1])?,
+        c_int(dims[2])?,
+        c_int(dims[3])?,
+    ];
+    // SAFETY: d.0 was just created.
+    unsafe {
+        dr::set_tensor4d_descriptor(
+            d.0,
+            ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            dims,
+        )
+    }
+    .map_err(|e| dnn_err("set tensor desc", e))?;
+    Ok(d)
+}
+
+/// Everything one shape needs, chosen once.
+struct Plan {
+    x: TensorDesc,
+    y: TensorDesc,
+    w: FilterDesc,
+    conv: ConvDesc,
+    fwd: (ds::cudnnConvolutionFwdAlgo_t, usize),
+    bwd_data: (ds::cudnnConvolutionBwdDataAlgo_t, usize),
+    bwd_filter: (ds::cudnnConvolutionBwdFilterAlgo_t, usize),
+}
+
+struct Handle(ds::cudnnHandle_t);
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate, destroyed once here.
+        let _ = unsafe { dr::destroy_handle(self.0) };
+    }
+}
+
+/// The cuDNN handle, the plan cache and the shared workspace (behind the backend's Mutex).
+pub struct Dnn {
+    handle: Handle,
+    plans: HashMap<ConvShape, Plan>,
+    workspace: Option<DeviceBuffer>,
+}
+
+// SAFETY: the handle and descriptors are plain driver objects usable from any thread; the
+// backend only reaches them through a Mutex, so calls never overlap.
+unsafe impl Send for Dnn {}
+
+impl Dnn {
+    pub(crate) fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Dnn> {
+        // SAFETY: only tries to dlopen libcudnn (cudarc panics on first use when it is absent).
+        if !unsafe { ds::is_culib_present() } {
+            return Err(Error::Device(
+                "libcudnn.so not found (install cuDNN 9 for CUDA 13, e.g. the nvidia-cudnn-cu13 \
+                 PyPI wheel, and add its lib/ to LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        ctx.bind_to_thread()
+            .map_err(|e| super::driver_err("binding the CUDA context", e))?;
+        let handle = Handle(dr::create_handle().map_err(|e| dnn_err("cudnnCreate", e))?);
+        // SAFETY: valid handle; the stream outlives the backend's Dnn.
+        unsafe { dr::set_stream(handle.0, stream.cu_stream() as ds::cudaStream_t) }
+            .map_err(|e| dnn_err("cudnnSetStream", e))?;
+        Ok(Dnn {
+            handle,
+            plans: HashMap::new(),
+            workspace: None,
+        })
+    }
+
+    fn plan(&mut self, s: &ConvShape) -> Result<&Plan> {
+        if !self.plans.contains_key(s) {
+            let p = self.make_plan(s)?;
+            self.plans.insert(*s, p);
+        }
+        self.plans
+            .get(s)
+            .ok_or_else(|| Error::Device("conv plan cache".into()))
+    }
+
+    fn make_plan(&self, s: &ConvShape) -> Result<Plan> {
+        let (ho, wo) = s.out_hw()?;
+        let x = tensor_desc([s.n, s.c, s.h, s.w])?;
+        let y = tensor_desc([s.n, s.o, ho, wo])?;
+        let w = FilterDesc(dr::create_filter_descriptor().map_err(|e| dnn_err("filter", e))?);
+        let conv =
+            ConvDesc(dr::create_convolution_descriptor().map_err(|e| dnn_err("conv desc", e))?);
+        let h = self.handle.0;
+        // SAFETY: every descriptor was just created and is set before use; the algorithm
+        // queries write at most `requested` entries into arrays of that length.
+        unsafe {
+            dr::set_filter4d_descriptor(
+                w.0,
+                ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                [c_int(s.o)?, c_int(s.c)?, c_int(s.kh)?, c_int(s.kw)?],
+            )
+            .map_err(|e| dnn_err("set filter", e))?;
+            let (p, st) = (c_int(s.padding)?, c_int(s.stride)?);
+            dr::set_convolution2d_descriptor(
+                conv.0,
+                p,
+                p,
+                st,
+                st,
+                1,
+                1,
+                ds::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+            .map_err(|e| dnn_err("set conv", e))?;
+            dr::set_convolution_math_type(conv.0, ds::cudnnMathType_t::CUDNN_FMA_MATH)
+                .map_err(|e| dnn_err("set math type", e))?;
+
+            const REQ: usize = 16;
+            let ok = ds::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+            let mut n = 0;
+            let mut fwd: [ds::cudnnConvolutionFwdAlgoPerf_t; REQ] = std::mem::zeroed();
+            dr::get_convolution_forward_algorithm(
+                h,
+                x.0,
+                w.0,
+                conv.0,
+                y.0,
+                REQ as i32,
+                &mut n,
+                fwd.as_mut_ptr(),
+            )
+            .map_err(|e| dnn_err("forward algorithm query", e))?;
+            let f = fwd[..n.max(0) as usize]
+                .iter()
+                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .ok_or_else(|| Error::Device(format!("cuDNN: no forward algorithm for {s:?}")))?;
+            let f_ws = dr::get_convolution_forward_workspace_size(h, x.0, w.0, conv.0, y.0, f.algo)
+                .map_err(|e| dnn_err("forward workspace", e))?;
+
+            let mut bd: [ds::cudnnConvolutionBwdDataAlgoPerf_t; REQ] = std::mem::zeroed();
+            dr::get_convolution_backward_data_algorithm(
+                h,
+                w.0,
+                y.0,
+                conv.0,
+                x.0,
+                REQ as i32,
+                &mut n,
+                bd.as_mut_ptr(),
+            )
+            .map_err(|e| dnn_err("backward-data algorithm query", e))?;
+            let d = bd[..n.max(0) as usize]
+                .iter()
+                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .ok_or_else(|| {
+                    Error::Device(format!("cuDNN: no backward-data algorithm for {s:?}"))
+                })?;
+            let d_ws =
+                dr::get_convolution_backward_data_workspace_size(h, w.0, y.0, conv.0, x.0, d.algo)
+                    .map_err(|e| dnn_err("backward-data workspace", e))?;
+
+            let mut bf: [ds::cudnnConvolutionBwdFilterAlgoPerf_t; REQ] = std::mem::zeroed();
+            dr::get_convolution_backward_filter_algorithm(
+                h,
+                x.0,
+                y.0,
+                conv.0,
+                w.0,
+                REQ as i32,
+                &mut n,
+                bf.as_mut_ptr(),
+            )
+            .map_err(|e| dnn_err("backward-filter algorithm query", e))?;
+            let g = bf[..n.max(0) as usize]
+                .iter()
+                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .ok_or_else(|| {
+                    Error::Device(format!("cuDNN: no backward-filter algorithm for {s:?}"))
+                })?;
+            let g_ws = dr::get_convolution_backward_filter_workspace_size(
+                h, x.0, y.0, conv.0, w.0, g.algo,
+            )
+            .map_err(|e| dnn_err("backward-filter workspace", e))?;
+            Ok(Plan {
+                x,
+                y,
+                w,
+                conv,
+                fwd: (f.algo, f_ws),
+                bwd_data: (d.algo, d_ws),
+                bwd_filter: (g.algo, g_ws),
+            })
+        }
+    }
+}
+
+fn check(name: &str, buf: &DeviceBuffer, need: usize, s: &ConvShape) -> Result<()> {
+    if buf.len32() < need {
+        return Err(Error::Shape(format!(
+            "conv2d: {name} holds {} values, {s:?} needs {need}",
+            buf.len32()
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Fwd,
+    BwdData,
+    BwdFilter,
+}
+
+impl CudaBackend {
+    /// Makes sure the shared workspace holds `bytes`, returning its address (0 when none).
+    fn conv_run(&self, s: &ConvShape, which: Which, a: u64, b: u64, out: u64) -> Result<()> {
+        let mut dnn = self.dnn()?;
+        let ws_need = {
+            let p = dnn.plan(s)?;
+            match which {
+                Which::Fwd => p.fwd.1,
+                Which::BwdData => p.bwd_data.1,
+                Which::BwdFilter => p.bwd_filter.1,
+            }
+        };
+        if ws_need > dnn.workspace.as_ref().map_or(0, |w| w.bytes()) {
+            dnn.workspace = None; // back to the pool first, then a larger one
+            dnn.workspace = Some(self.alloc_bytes(ws_need)?);
+        }
+        let (ws_ptr, ws_bytes) = dnn
+            .workspace
+            .as_ref()
+            .map_or((0, 0), |w| (w.ptr(), w.bytes()));
+        let h = dnn.handle.0;
+        let p = dnn.plan(s)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let al = &alpha as *const f32 as *const std::ffi::c_void;
+        let be = &beta as *const f32 as *const std::ffi::c_void;
+        let ws = ws_ptr as *mut std::ffi::c_void;
+        self.context()
+            .bind_to_thread()
+            .map_err(|e| super::driver_err("binding the CUDA context", e))?;
+        // SAFETY: the caller checked every buffer against the shape; descriptors belong to this
+        // plan; the workspace holds at least the plan's size; alpha/beta outlive the call.
+        unsafe {
+            match which {
+                Which::Fwd => dr::convolution_forward(
+                    h, al, p.x.0, a as _, p.w.0, b as _, p.conv.0, p.fwd.0, ws, ws_bytes, be,
+                    p.y.0, out as _,
+                )
+                .map_err(|e| dnn_err(&format!("convolution forward {s:?}"), e)),
+                Which::BwdData => dr::convolution_backward_data(
+                    h,
+                    al,
+                    p.w.0,
+                    a as _,
+                    p.y.0,
+                    b as _,
+                    p.conv.0,
+                    p.bwd_data.0,
+                    ws,
+                    ws_bytes,
+                    be,
+                    p.x.0,
+                    out as _,
+                )
+                .map_err(|e| dnn_err(&format!("convolution backward data {s:?}"), e)),
+                Which::BwdFilter => dr::convolution_backward_filter(
+                    h,
+                    al,
+                    p.x.0,
+                    a as _,
+                    p.y.0,
+                    b as _,
+                    p.conv.0,
+                    p.bwd_filter.0,
+                    ws,
+                    ws_bytes,
+                    be,
+                    p.w.0,
+                    out as _,
+                )
+                .map_err(|e| dnn_err(&format!("convolution backward filter {s:?}"), e)),
+            }
+        }
+    }
+
+    /// y = conv(x, w). x (n, c, h, w), w (o, c, kh, kw), y (n, o, ho, wo), overwritten.
+    pub fn conv2d_forward(
+        &self,
+        s: &ConvShape,
+        x: &DeviceBuffer,
+        w: &DeviceBuffer,
+        y: &mut DeviceBuffer,
+    ) -> Result<()> {
+        check("x", x, s.x_len(), s)?;
+        check("w", w, s.w_len(), s)?;
+        check("y", y, s.y_len()?, s)?;
+        self.conv_run(s, Which::Fwd, x.ptr(), w.ptr(), y.ptr())
+    }
+
+    /// dx = conv^T(dy, w). dy (n, o, ho, wo), w (o, c, kh, kw), dx (n, c, h, w), overwritten.
+    pub fn conv2d_backward_data(
+        &self,
+        s: &ConvShape,
+        w: &DeviceBuffer,
+        dy: &DeviceBuffer,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        check("w", w, s.w_len(), s)?;
+        check("dy", dy, s.y_len()?, s)?;
+        check("dx", dx, s.x_len(), s)?;
+        self.conv_run(s, Which::BwdData, w.ptr(), dy.ptr(), dx.ptr())
+    }
+
+    /// dw = sum over the batch of x (*) dy. x (n, c, h, w), dy (n, o, ho, wo), dw (o, c, kh, kw),
+    /// overwritten.
+    pub fn conv2d_backward_filter(
+        &self,
+        s: &ConvShape,
+        x: &DeviceBuffer,
+        dy: &DeviceBuffer,
+        dw: &mut DeviceBuffer,
+    ) -> Result<()> {
+        check("x", x, s.x_len(), s)?;
+        check("dy", dy, s.y_len()?, s)?;
+        check("dw", dw, s.w_len(), s)?;
+        self.conv_run(s, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
+    }
+}

@@ -1,0 +1,1062 @@
+//! Typed launchers for every kernel in `kernels/*.cu`. Each checks the buffer sizes against the
+//! shape it is given (an error names the op and the sizes), then queues the kernel on the
+//! backend's stream. Outputs are overwritten unless the name says otherwise (`accumulate`).
+
+use cudarc::driver::LaunchConfig;
+
+use super::{launch, CudaBackend, DeviceBuffer};
+use crate::error::{Error, Result};
+
+/// Threads per block for the elementwise (grid-stride) kernels.
+const THREADS: u32 = 256;
+
+fn need(op: &str, name: &str, buf: &DeviceBuffer, n: usize) -> Result<()> {
+    if buf.len32() < n {
+        return Err(Error::Shape(format!(
+            "{op}: {name} holds {} values, needs {n}",
+            buf.len32()
+        )));
+    }
+    Ok(())
+}
+
+fn i64_of(x: usize) -> i64 {
+    // usize -> i64 cannot overflow for any buffer a GPU can hold (< 2^63 bytes).
+    x as i64
+}
+
+fn i32_of(op: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::Shape(format!("{op}: size {x} exceeds i32")))
+}
+
+fn one_block(threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads for a kernel whose block reduces `n` values: a multiple of 32 in [32, max].
+fn reduce_threads(n: usize, max: u32) -> u32 {
+    let t = (n.max(1).next_power_of_two() as u32).clamp(32, max);
+    t.div_ceil(32) * 32
+}
+
+/// Max-pool geometry over (n, c, h, w) planes: square window `k`, `stride`, zero-free
+/// padding (padding acts as -inf). ho = (h + 2 pad - k) / stride + 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pool2dShape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Pool2dShape {
+    pub fn out_hw(&self) -> Result<(usize, usize)> {
+        if self.k == 0 || self.stride == 0 || self.padding * 2 > self.k {
+            return Err(Error::Shape(format!(
+                "max_pool2d: invalid window {self:?} (need k > 0, stride > 0, padding <= k / 2)"
+            )));
+        }
+        if self.h + 2 * self.padding < self.k || self.w + 2 * self.padding < self.k {
+            return Err(Error::Shape(format!(
+                "max_pool2d: input smaller than the window: {self:?}"
+            )));
+        }
+        Ok((
+            (self.h + 2 * self.padding - self.k) / self.stride + 1,
+            (self.w + 2 * self.padding - self.k) / self.stride + 1,
+        ))
+    }
+}
+
+impl CudaBackend {
+    fn elementwise_cfg(&self, n: usize) -> LaunchConfig {
+        self.grid_1d(n, THREADS)
+    }
+
+    // ---------------------------------------------------------------- elementwise.cu
+
+    /// y = a + b, over all of `y`'s elements (a and b at least as long).
+    pub fn add(&self, a: &DeviceBuffer, b: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
+        let n = y.len32();
+        need("add", "a", a, n)?;
+        need("add", "b", b, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (pa, pb, py, nn) = (a.ptr(), b.ptr(), y.ptr(), i64_of(n));
+        launch!(self, "add_f32", self.elementwise_cfg(n), pa, pb, py, nn);
+        Ok(())
+    }
+
+    /// y += x (gradient accumulation), over y's elements.
+    pub fn accumulate(&self, y: &mut DeviceBuffer, x: &DeviceBuffer) -> Result<()> {
+        let n = y.len32();
+        need("accumulate", "x", x, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (py, px, nn) = (y.ptr(), x.ptr(), i64_of(n));
+        launch!(self, "accumulate_f32", self.elementwise_cfg(n), py, px, nn);
+        Ok(())
+    }
+
+    /// y = alpha * x, over y's elements.
+    pub fn scale(&self, x: &DeviceBuffer, alpha: f32, y: &mut DeviceBuffer) -> Result<()> {
+        let n = y.len32();
+        need("scale", "x", x, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (px, py, nn) = (x.ptr(), y.ptr(), i64_of(n));
+        launch!(
+            self,
+            "scale_f32",
+            self.elementwise_cfg(n),
+            px,
+            alpha,
+            py,
+            nn
+        );
+        Ok(())
+    }
+
+    /// y *= alpha, in place.
+    pub fn scale_in_place(&self, y: &mut DeviceBuffer, alpha: f32) -> Result<()> {
+        let n = y.len32();
+        if n == 0 {
+            return Ok(());
+        }
+        let (py, nn) = (y.ptr(), i64_of(n));
+        // The kernel reads x[i] then writes y[i] in the same thread: aliasing is safe.
+        launch!(
+            self,
+            "scale_f32",
+            self.elementwise_cfg(n),
+            py,
+            alpha,
+            py,
+            nn
+        );
+        Ok(())
+    }
+
+    /// Every f32 of y = value (zeros; NaN poisoning in tests).
+    pub fn fill(&self, y: &mut DeviceBuffer, value: f32) -> Result<()> {
+        let n = y.len32();
+        if n == 0 {
+            return Ok(());
+        }
+        let (py, nn) = (y.ptr(), i64_of(n));
+        launch!(self, "fill_f32", self.elementwise_cfg(n), py, value, nn);
+        Ok(())
+    }
+
+    fn unary(&self, name: &str, x: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
+        let n = y.len32();
+        need(name, "x", x, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (px, py, nn) = (x.ptr(), y.ptr(), i64_of(n));
+        launch!(self, name, self.elementwise_cfg(n), px, py, nn);
+        Ok(())
+    }
+
+    fn binary_bwd(
+        &self,
+        name: &str,
+        x: &DeviceBuffer,
+        dy: &DeviceBuffer,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let n = dx.len32();
+        need(name, "x", x, n)?;
+        need(name, "dy", dy, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (px, pdy, pdx, nn) = (x.ptr(), dy.ptr(), dx.ptr(), i64_of(n));
+        launch!(self, name, self.elementwise_cfg(n), px, pdy, pdx, nn);
+        Ok(())
+    }
+
+    /// y = max(x, 0).
+    pub fn relu_forward(&self, x: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
+        self.unary("relu_fwd_f32", x, y)
+    }
+    /// dx = dy where x > 0 (x: the forward input or output).
+    pub fn relu_backward(
+        &self,
+        x: &DeviceBuffer,
+        dy: &DeviceBuffer,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        self.binary_bwd("relu_bwd_f32", x, dy, dx)
+    }
+    /// Exact (erf) GELU.
+    pub fn gelu_forward(&self, x: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
+        self.unary("gelu_fwd_f32", x, y)
+    }
+    /// dx = dy * GELU'(x), x the forward input.
+    pub fn gelu_backward(
+        &self,
+        x: &DeviceBuffer,
+        dy: &DeviceBuffer,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        self.binary_bwd("gelu_bwd_f32", x, dy, dx)
+    }
+
+    /// y (rows, cols) += b (cols,) on every row.
+    pub fn bias_add(
+        &self,
+        y: &mut DeviceBuffer,
+        b: &DeviceBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        need("bias_add", "y", y, rows * cols)?;
+        need("bias_add", "b", b, cols)?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (py, pb, r, c) = (y.ptr(), b.ptr(), i64_of(rows), i64_of(cols));
+        launch!(
+            self,
+            "bias_add_f32",
+            self.elementwise_cfg(rows * cols),
+            py,
+            pb,
+            r,
+            c
+        );
+        Ok(())
+    }
+
+    /// out (cols,) = column sums of x (rows, cols) (the bias gradient).
+    pub fn col_sum(
+        &self,
+        x: &DeviceBuffer,
+        rows: usize,
+        cols: usize,
+        out: &mut DeviceBuffer,
+    ) -> Result<()> {
+        need("col_sum", "x", x, rows * cols)?;
+        need("col_sum", "out", out, cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        let (px, po, r, c) = (x.ptr(), out.ptr(), i64_of(rows), i64_of(cols));
+        launch!(
+            self,
+            "col_sum_f32",
+            self.elementwise_cfg(cols),
+            px,
+            po,
+            r,
+            c
+        );
+        Ok(())
+    }
+
+    /// out[0] = sum of the first `n` values of x (one block; for small buffers).
+    pub fn sum(&self, x: &DeviceBuffer, n: usize, out: &mut DeviceBuffer) -> Result<()> {
+        need("sum", "x", x, n)?;
+        need("sum", "out", out, 1)?;
+        let (px, po, nn) = (x.ptr(), out.ptr(), i64_of(n));
+        launch!(self, "sum_f32", one_block(1024), px, po, nn);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- batchnorm.cu
+
+    /// Training statistics of x (n, c, hw): mean, invstd = 1/sqrt(var_biased + eps) and the
+    /// unbiased variance (for the running update), each (c,).
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_stats(
+        &self,
+        x: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        eps: f32,
+        mean: &mut DeviceBuffer,
+        invstd: &mut DeviceBuffer,
+        var_unbiased: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "batch_norm_stats";
+        need(op, "x", x, n * c * hw)?;
+        need(op, "mean", mean, c)?;
+        need(op, "invstd", invstd, c)?;
+        need(op, "var", var_unbiased, c)?;
+        if n * hw == 0 {
+            return Err(Error::Shape(format!("{op}: empty batch (n={n}, hw={hw})")));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of(op, c)? as u32, 1, 1),
+            block_dim: (reduce_threads(n * hw, 512), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (px, pm, pi, pv) = (x.ptr(), mean.ptr(), invstd.ptr(), var_unbiased.ptr());
+        let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
+        launch!(self, "bn_stats_f32", cfg, px, pm, pi, pv, nn, cc, hh, eps);
+        Ok(())
+    }
+
+    /// y = (x - mean) * invstd * gamma + beta per channel. Training: the batch statistics;
+    /// eval: running mean and `batch_norm_invstd(running_var)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_forward(
+        &self,
+        x: &DeviceBuffer,
+        mean: &DeviceBuffer,
+        invstd: &DeviceBuffer,
+        gamma: &DeviceBuffer,
+        beta: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        y: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "batch_norm_forward";
+        let total = n * c * hw;
+        need(op, "x", x, total)?;
+        need(op, "y", y, total)?;
+        for (nm, b) in [
+            ("mean", mean),
+            ("invstd", invstd),
+            ("gamma", gamma),
+            ("beta", beta),
+        ] {
+            need(op, nm, b, c)?;
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let (px, pm, pi, pg, pb, py) = (
+            x.ptr(),
+            mean.ptr(),
+            invstd.ptr(),
+            gamma.ptr(),
+            beta.ptr(),
+            y.ptr(),
+        );
+        let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
+        let cfg = self.elementwise_cfg(total);
+        launch!(
+            self,
+            "bn_forward_f32",
+            cfg,
+            px,
+            pm,
+            pi,
+            pg,
+            pb,
+            py,
+            nn,
+            cc,
+            hh
+        );
+        Ok(())
+    }
+
+    /// invstd = 1 / sqrt(var + eps), (c,) (eval mode, from the running variance).
+    pub fn batch_norm_invstd(
+        &self,
+        var: &DeviceBuffer,
+        c: usize,
+        eps: f32,
+        invstd: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "batch_norm_invstd";
+        need(op, "var", var, c)?;
+        need(op, "invstd", invstd, c)?;
+        if c == 0 {
+            return Ok(());
+        }
+        let (pv, pi, cc) = (var.ptr(), invstd.ptr(), i32_of(op, c)?);
+        launch!(
+            self,
+            "bn_invstd_f32",
+            self.elementwise_cfg(c),
+            pv,
+            pi,
+            cc,
+            eps
+        );
+        Ok(())
+    }
+
+    /// Backward of batch norm. `training`: the statistics were the batch's (mean/invstd from
+    /// batch_norm_stats) and depend on x; otherwise they are the running ones (constants).
+    /// Writes dx (n, c, hw), dgamma (c,), dbeta (c,).
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_backward(
+        &self,
+        training: bool,
+        dy: &DeviceBuffer,
+        x: &DeviceBuffer,
+        mean: &DeviceBuffer,
+        invstd: &DeviceBuffer,
+        gamma: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dx: &mut DeviceBuffer,
+        dgamma: &mut DeviceBuffer,
+        dbeta: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "batch_norm_backward";
+        let total = n * c * hw;
+        for (nm, b) in [("dy", dy), ("x", x)] {
+            need(op, nm, b, total)?;
+        }
+        need(op, "dx", dx, total)?;
+        for (nm, b) in [("mean", mean), ("invstd", invstd), ("gamma", gamma)] {
+            need(op, nm, b, c)?;
+        }
+        need(op, "dgamma", dgamma, c)?;
+        need(op, "dbeta", dbeta, c)?;
+        if total == 0 {
+            return Err(Error::Shape(format!(
+                "{op}: empty input (n={n}, c={c}, hw={hw})"
+            )));
+        }
+        let (pdy, px, pm, pi, pg) = (dy.ptr(), x.ptr(), mean.ptr(), invstd.ptr(), gamma.ptr());
+        let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
+        let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
+        let rcfg = LaunchConfig {
+            grid_dim: (cc as u32, 1, 1),
+            block_dim: (reduce_threads(n * hw, 512), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "bn_backward_reduce_f32",
+            rcfg,
+            pdy,
+            px,
+            pm,
+            pi,
+            pdg,
+            pdb,
+            nn,
+            cc,
+            hh
+        );
+        let cfg = self.elementwise_cfg(total);
+        if training {
+            launch!(
+                self,
+                "bn_backward_dx_f32",
+                cfg,
+                pdy,
+                px,
+                pm,
+                pi,
+                pg,
+                pdg,
+                pdb,
+                pdx,
+                nn,
+                cc,
+                hh
+            );
+        } else {
+            launch!(
+                self,
+                "bn_eval_backward_dx_f32",
+                cfg,
+                pdy,
+                pi,
+                pg,
+                pdx,
+                nn,
+                cc,
+                hh
+            );
+        }
+        Ok(())
+    }
+
+    /// In place: r = (1 - momentum) r + momentum * batch (unbiased variance for r_var).
+    pub fn batch_norm_running_update(
+        &self,
+        running_mean: &mut DeviceBuffer,
+        running_var: &mut DeviceBuffer,
+        batch_mean: &DeviceBuffer,
+        batch_var_unbiased: &DeviceBuffer,
+        c: usize,
+        momentum: f32,
+    ) -> Result<()> {
+        let op = "batch_norm_running_update";
+        need(op, "running_mean", running_mean, c)?;
+        need(op, "running_var", running_var, c)?;
+        need(op, "batch_mean", batch_mean, c)?;
+        need(op, "batch_var", batch_var_unbiased, c)?;
+        if c == 0 {
+            return Ok(());
+        }
+        let (a, b, m, v) = (
+            running_mean.ptr(),
+            running_var.ptr(),
+            batch_mean.ptr(),
+            batch_var_unbiased.ptr(),
+        );
+        let cc = i32_of(op, c)?;
+        launch!(
+            self,
+            "bn_running_update_f32",
+            self.elementwise_cfg(c),
+            a,
+            b,
+            m,
+            v,
+            momentum,
+            cc
+        );
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- pool.cu
+
+    /// Max pool: y and argmax (i32, index inside the input plane) are (n, c, ho, wo).
+    pub fn max_pool2d_forward(
+        &self,
+        s: &Pool2dShape,
+        x: &DeviceBuffer,
+        y: &mut DeviceBuffer,
+        argmax: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "max_pool2d_forward";
+        let (ho, wo) = s.out_hw()?;
+        let nc = s.n * s.c;
+        need(op, "x", x, nc * s.h * s.w)?;
+        need(op, "y", y, nc * ho * wo)?;
+        need(op, "argmax", argmax, nc * ho * wo)?;
+        if nc == 0 {
+            return Ok(());
+        }
+        let (px, py, pa) = (x.ptr(), y.ptr(), argmax.ptr());
+        let (ncc, h, w) = (i64_of(nc), i32_of(op, s.h)?, i32_of(op, s.w)?);
+        let (hoi, woi) = (i32_of(op, ho)?, i32_of(op, wo)?);
+        let (k, st, p) = (
+            i32_of(op, s.k)?,
+            i32_of(op, s.stride)?,
+            i32_of(op, s.padding)?,
+        );
+        let cfg = self.elementwise_cfg(nc * ho * wo);
+        launch!(
+            self,
+            "maxpool2d_fwd_f32",
+            cfg,
+            px,
+            py,
+            pa,
+            ncc,
+            h,
+            w,
+            hoi,
+            woi,
+            k,
+            st,
+            p
+        );
+        Ok(())
+    }
+
+    /// Max pool backward: dx (n, c, h, w), every element written (gather, no atomics).
+    pub fn max_pool2d_backward(
+        &self,
+        s: &Pool2dShape,
+        dy: &DeviceBuffer,
+        argmax: &DeviceBuffer,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "max_pool2d_backward";
+        let (ho, wo) = s.out_hw()?;
+        let nc = s.n * s.c;
+        need(op, "dy", dy, nc * ho * wo)?;
+        need(op, "argmax", argmax, nc * ho * wo)?;
+        need(op, "dx", dx, nc * s.h * s.w)?;
+        if nc == 0 {
+            return Ok(());
+        }
+        let (pdy, pa, pdx) = (dy.ptr(), argmax.ptr(), dx.ptr());
+        let (ncc, h, w) = (i64_of(nc), i32_of(op, s.h)?, i32_of(op, s.w)?);
+        let (hoi, woi) = (i32_of(op, ho)?, i32_of(op, wo)?);
+        let (k, st, p) = (
+            i32_of(op, s.k)?,
+            i32_of(op, s.stride)?,
+            i32_of(op, s.padding)?,
+        );
+        let cfg = self.elementwise_cfg(nc * s.h * s.w);
+        launch!(
+            self,
+            "maxpool2d_bwd_f32",
+            cfg,
+            pdy,
+            pa,
+            pdx,
+            ncc,
+            h,
+            w,
+            hoi,
+            woi,
+            k,
+            st,
+            p
+        );
+        Ok(())
+    }
+
+    /// y (nc,) = mean of each plane of x (nc, hw).
+    pub fn global_avg_pool_forward(
+        &self,
+        x: &DeviceBuffer,
+        nc: usize,
+        hw: usize,
+        y: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "global_avg_pool_forward";
+        need(op, "x", x, nc * hw)?;
+        need(op, "y", y, nc)?;
+        if nc == 0 {
+            return Ok(());
+        }
+        if hw == 0 {
+            return Err(Error::Shape(format!("{op}: empty planes")));
+        }
+        let (px, py, a, b) = (x.ptr(), y.ptr(), i64_of(nc), i64_of(hw));
+        // One warp per plane.
+        launch!(
+            self,
+            "global_avgpool_fwd_f32",
+            self.elementwise_cfg(nc * 32),
+            px,
+            py,
+            a,
+            b
+        );
+        Ok(())
+    }
+
+    /// dx (nc, hw) = dy (nc,) / hw broadcast over each plane.
+    pub fn global_avg_pool_backward(
+        &self,
+        dy: &DeviceBuffer,
+        nc: usize,
+        hw: usize,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "global_avg_pool_backward";
+        need(op, "dy", dy, nc)?;
+        need(op, "dx", dx, nc * hw)?;
+        if nc * hw == 0 {
+            return Ok(());
+        }
+        let (pdy, pdx, a, b) = (dy.ptr(), dx.ptr(), i64_of(nc), i64_of(hw));
+        launch!(
+            self,
+            "global_avgpool_bwd_f32",
+            self.elementwise_cfg(nc * hw),
+            pdy,
+            pdx,
+            a,
+            b
+        );
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- weightnorm.cu
+
+    /// norms (rows,) = L2 norm of each row of v (rows, cols).
+    pub fn row_norms(
+        &self,
+        v: &DeviceBuffer,
+        rows: usize,
+        cols: usize,
+        norms: &mut DeviceBuffer,
+    ) -> Result<()> {
+        need("row_norms", "v", v, rows * cols)?;
+        need("row_norms", "norms", norms, rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (pv, pn, r, c) = (v.ptr(), norms.ptr(), i64_of(rows), i64_of(cols));
+        launch!(
+            self,
+            "row_norms_f32",
+            self.elementwise_cfg(rows * 32),
+            pv,
+            pn,
+            r,
+            c
+        );
+        Ok(())
+    }
+
+    /// w = v / norms row-wise; v, w (rows, cols).
+    pub fn row_normalize(
+        &self,
+        v: &DeviceBuffer,
+        norms: &DeviceBuffer,
+        rows: usize,
+        cols: usize,
+        w: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "row_normalize";
+        need(op, "v", v, rows * cols)?;
+        need(op, "norms", norms, rows)?;
+        need(op, "w", w, rows * cols)?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (pv, pn, pw, r, c) = (v.ptr(), norms.ptr(), w.ptr(), i64_of(rows), i64_of(cols));
+        launch!(
+            self,
+            "row_normalize_f32",
+            self.elementwise_cfg(rows * cols),
+            pv,
+            pn,
+            pw,
+            r,
+            c
+        );
+        Ok(())
+    }
+
+    /// dv = (dw - (dw . w) w) / ||v|| row-wise; dw, w, dv (rows, cols), norms (rows,).
+    pub fn row_normalize_backward(
+        &self,
+        dw: &DeviceBuffer,
+        w: &DeviceBuffer,
+        norms: &DeviceBuffer,
+        rows: usize,
+        cols: usize,
+        dv: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "row_normalize_backward";
+        need(op, "dw", dw, rows * cols)?;
+        need(op, "w", w, rows * cols)?;
+        need(op, "norms", norms, rows)?;
+        need(op, "dv", dv, rows * cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (pdw, pw, pn, pdv) = (dw.ptr(), w.ptr(), norms.ptr(), dv.ptr());
+        let (r, c) = (i64_of(rows), i64_of(cols));
+        let cfg = self.elementwise_cfg(rows * 32);
+        launch!(self, "row_normalize_bwd_f32", cfg, pdw, pw, pn, pdv, r, c);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- ema.cu
+
+    /// teacher = m * teacher + (1 - m) * student over the flat buffers (same length).
+    pub fn ema_update(
+        &self,
+        teacher: &mut DeviceBuffer,
+        student: &DeviceBuffer,
+        m: f32,
+    ) -> Result<()> {
+        let n = teacher.len32();
+        if student.len32() != n {
+            return Err(Error::Shape(format!(
+                "ema_update: teacher has {n} values, student {}",
+                student.len32()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (pt, ps, nn) = (teacher.ptr(), student.ptr(), i64_of(n));
+        launch!(
+            self,
+            "ema_update_f32",
+            self.elementwise_cfg(n),
+            pt,
+            ps,
+            m,
+            nn
+        );
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- lars.cu
+
+    /// Builds the chunk table for `lars_step` from the parameter table: one
+    /// (offset, len, is_1d) per tensor of the flat buffer, in any order, non-overlapping.
+    pub fn lars_plan(&self, segments: &[(usize, usize, bool)], numel: usize) -> Result<LarsPlan> {
+        const CHUNK: usize = 1 << 16;
+        let (mut seg, mut start, mut len) = (Vec::new(), Vec::new(), Vec::new());
+        let mut is_1d = Vec::with_capacity(segments.len());
+        for (s, &(off, l, one_d)) in segments.iter().enumerate() {
+            if off + l > numel {
+                return Err(Error::Shape(format!(
+                    "lars_plan: segment {s} [{off}, {}) beyond the {numel} parameters",
+                    off + l
+                )));
+            }
+            is_1d.push(one_d as i32);
+            let mut o = 0;
+            while o < l {
+                let c = CHUNK.min(l - o);
+                seg.push(i32_of("lars_plan", s)?);
+                start.push(i64_of(off + o));
+                len.push(c as i32);
+                o += c;
+            }
+        }
+        let n_chunks = seg.len();
+        let n_segs = segments.len();
+        Ok(LarsPlan {
+            n_chunks,
+            n_segs,
+            numel,
+            chunk_seg: self.upload_i32(&seg)?,
+            chunk_start: self.htod(&start)?,
+            chunk_len: self.upload_i32(&len)?,
+            seg_is_1d: self.upload_i32(&is_1d)?,
+            wnorm2: self.alloc_f32(n_segs)?,
+            gnorm2: self.alloc_f32(n_segs)?,
+        })
+    }
+
+    /// One LARS step in place on w and mu (momentum buffer), gradients g; all `plan.numel`
+    /// long. See kernels/lars.cu for the update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lars_step(
+        &self,
+        plan: &mut LarsPlan,
+        w: &mut DeviceBuffer,
+        g: &DeviceBuffer,
+        mu: &mut DeviceBuffer,
+        lr: f32,
+        momentum: f32,
+        trust: f32,
+        weight_decay: f32,
+    ) -> Result<()> {
+        let op = "lars_step";
+        for (nm, len) in [("w", w.len32()), ("g", g.len32()), ("mu", mu.len32())] {
+            if len < plan.numel {
+                return Err(Error::Shape(format!(
+                    "{op}: {nm} holds {len} values, the plan covers {}",
+                    plan.numel
+                )));
+            }
+        }
+        if plan.n_chunks == 0 {
+            return Ok(());
+        }
+        self.fill(&mut plan.wnorm2, 0.0)?;
+        self.fill(&mut plan.gnorm2, 0.0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (plan.n_chunks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pw, pg, pmu) = (w.ptr(), g.ptr(), mu.ptr());
+        let (cs, cst, cl, s1) = (
+            plan.chunk_seg.ptr(),
+            plan.chunk_start.ptr(),
+            plan.chunk_len.ptr(),
+            plan.seg_is_1d.ptr(),
+        );
+        let (wn, gn) = (plan.wnorm2.ptr(), plan.gnorm2.ptr());
+        launch!(
+            self,
+            "lars_norms_f32",
+            cfg,
+            pw,
+            pg,
+            cs,
+            cst,
+            cl,
+            s1,
+            weight_decay,
+            wn,
+            gn
+        );
+        launch!(
+            self,
+            "lars_update_f32",
+            cfg,
+            pw,
+            pg,
+            pmu,
+            cs,
+            cst,
+            cl,
+            s1,
+            wn,
+            gn,
+            lr,
+            momentum,
+            trust,
+            weight_decay
+        );
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- carp_loss.cu
+
+    /// The fused CARP loss and its gradient w.r.t. the student logits.
+    /// student: (vs, n, k) logits, vs >= 2 (views 0, 1 global); teacher: (2, n, k);
+    /// perm: (k,) i32 permutation of 0..k; block j = perm[j*nb .. (j+1)*nb].
+    /// `rows_total`: rows in the uniformity mean (4n on one GPU; global across GPUs), and
+    /// `pbar_hook` is called on the (k,) per-block column sums before they are used (the
+    /// multi-GPU all-reduce goes there). Returns the loss terms and dstudent (vs, n, k) in the
+    /// original prototype order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn carp_loss(
+        &self,
+        student: &DeviceBuffer,
+        teacher: &DeviceBuffer,
+        perm: &DeviceBuffer,
+        vs: usize,
+        n: usize,
+        k: usize,
+        nb: usize,
+        rows_total: usize,
+        pbar_hook: Option<PbarHook<'_>>,
+    ) -> Result<CarpLossGpu> {
+        let op = "carp_loss";
+        if vs < 2 || n == 0 || nb == 0 || k == 0 || !k.is_multiple_of(nb) || rows_total == 0 {
+            return Err(Error::Shape(format!(
+                "{op}: need vs >= 2, n > 0, k % nb == 0, rows_total > 0; got vs={vs}, n={n}, \
+                 k={k}, nb={nb}, rows_total={rows_total}"
+            )));
+        }
+        need(op, "student", student, vs * n * k)?;
+        need(op, "teacher", teacher, 2 * n * k)?;
+        need(op, "perm", perm, k)?;
+        let np = k / nb;
+        let (ni, ki, nbi) = (i32_of(op, n)?, i32_of(op, k)?, i32_of(op, nb)?);
+        if n > 65535 || vs > 65535 {
+            return Err(Error::Shape(format!(
+                "{op}: n={n} or vs={vs} beyond the grid limit"
+            )));
+        }
+        let threads = reduce_threads(nb, 512);
+        let ps = self.alloc_f32(vs * np * n * nb)?; // (vs, np, n, nb)
+        let pt = self.alloc_f32(2 * np * n * nb)?; // (2, np, n, nb)
+        let mut pbar = self.zeros_f32(k)?; // (np, nb)
+        let pp = perm.ptr();
+        for (logits, views, p) in [(student, vs, &ps), (teacher, 2, &pt)] {
+            let cfg = LaunchConfig {
+                grid_dim: (np as u32, n as u32, views as u32),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (pl, pptr, pb) = (logits.ptr(), p.ptr(), pbar.ptr());
+            let pbar_views = 2i32;
+            launch!(
+                self,
+                "carp_softmax_gather_f32",
+                cfg,
+                pl,
+                pp,
+                pptr,
+                pb,
+                ni,
+                ki,
+                nbi,
+                pbar_views
+            );
+        }
+        if let Some(hook) = pbar_hook {
+            hook(&mut pbar)?;
+        }
+        let g = self.alloc_f32(k)?; // (np, nb)
+        let scalars = self.alloc_f32(2)?; // [H, consistency]
+        let (pb, pg, ph, r) = (pbar.ptr(), g.ptr(), scalars.ptr(), rows_total as f32);
+        launch!(
+            self,
+            "carp_entropy_f32",
+            one_block(1024),
+            pb,
+            pg,
+            ph,
+            ki,
+            nbi,
+            r
+        );
+        let dstudent = self.alloc_f32(vs * n * k)?; // (vs, n, k)
+        let partial = self.alloc_f32(n * np)?; // (n, np)
+        let cfg = LaunchConfig {
+            grid_dim: (np as u32, n as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pps, ppt, pd, ppart) = (ps.ptr(), pt.ptr(), dstudent.ptr(), partial.ptr());
+        let vsi = i32_of(op, vs)?;
+        launch!(
+            self,
+            "carp_consistency_grad_f32",
+            cfg,
+            pps,
+            ppt,
+            pg,
+            pp,
+            pd,
+            ppart,
+            ni,
+            ki,
+            nbi,
+            vsi
+        );
+        let pc = scalars.ptr() + 4; // &scalars[1]
+        let (pparts, nparts) = (partial.ptr(), i64_of(n * np));
+        launch!(self, "sum_f32", one_block(1024), pparts, pc, nparts);
+        let s = self.download_f32(&scalars)?;
+        // The temporaries go back to the pool here; later users queue behind this stream's
+        // work (and the download above already waited for it).
+        drop((ps, pt, g, partial));
+        Ok(CarpLossGpu {
+            loss: s[0] + s[1],
+            consistency: s[1],
+            entropy: s[0],
+            dstudent,
+        })
+    }
+}
+
+/// Called on the (k,) pbar column sums between the softmax pass and their use: the multi-GPU
+/// all-reduce goes here.
+pub type PbarHook<'a> = &'a mut dyn FnMut(&mut DeviceBuffer) -> Result<()>;
+
+/// The chunk table for `lars_step` (built once: static shapes) plus its norm accumulators.
+pub struct LarsPlan {
+    n_chunks: usize,
+    n_segs: usize,
+    numel: usize,
+    chunk_seg: DeviceBuffer,
+    chunk_start: DeviceBuffer,
+    chunk_len: DeviceBuffer,
+    seg_is_1d: DeviceBuffer,
+    wnorm2: DeviceBuffer,
+    gnorm2: DeviceBuffer,
+}
+
+impl LarsPlan {
+    pub fn num_segments(&self) -> usize {
+        self.n_segs
+    }
+}
+
+/// What `carp_loss` returns: the terms (host scalars) and the student gradient on the device.
+pub struct CarpLossGpu {
+    pub loss: f32,
+    pub consistency: f32,
+    pub entropy: f32,
+    /// d loss / d student logits, (vs, n, k), original prototype order.
+    pub dstudent: DeviceBuffer,
+}

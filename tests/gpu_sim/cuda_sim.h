@@ -1,0 +1,65 @@
+// Minimal CPU emulation of the CUDA execution model for carp's kernels: blocks run one after
+// another, a block's threads run as real threads (barriers for __syncthreads and warp shuffles),
+// __shared__ becomes static (one block at a time).
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+using std::max;
+using std::min;
+using std::isnan;
+struct dim3s { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3s threadIdx, blockIdx;
+dim3s blockDim, gridDim;
+std::barrier<>* g_block;
+std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+float g_slots[1024];
+std::mutex g_atomic;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline void __syncthreads() { g_block->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    unsigned t = threadIdx.x, w = t / 32;
+    g_slots[t] = v;
+    g_warps[w]->arrive_and_wait();
+    float r = g_slots[t ^ o];
+    g_warps[w]->arrive_and_wait();
+    return r;
+}
+inline float atomicAdd(float* a, float v) {
+    std::lock_guard<std::mutex> l(g_atomic);
+    float old = *a;
+    *a = old + v;
+    return old;
+}
+template <class F, class... A>
+void launch(dim3s g, unsigned bx, F f, A... a) {
+    gridDim = g;
+    blockDim = {bx, 1, 1};
+    for (unsigned z = 0; z < g.z; ++z)
+        for (unsigned y = 0; y < g.y; ++y)
+            for (unsigned x = 0; x < g.x; ++x) {
+                std::barrier<> b(bx);
+                g_block = &b;
+                g_warps.clear();
+                for (unsigned w = 0; w < (bx + 31) / 32; ++w)
+                    g_warps.emplace_back(new std::barrier<>(std::min(32u, bx - 32 * w)));
+                std::vector<std::thread> ts;
+                for (unsigned t = 0; t < bx; ++t)
+                    ts.emplace_back([=] {
+                        threadIdx = {t, 0, 0};
+                        blockIdx = {x, y, z};
+                        f(a...);
+                    });
+                for (auto& t : ts) t.join();
+            }
+}

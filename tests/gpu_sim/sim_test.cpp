@@ -1,0 +1,304 @@
+// The kernels of kernels/*.cu, compiled as host C++ against cuda_sim.h (a CPU emulation of the
+// CUDA execution model) and compared with double-precision references. Run by
+// tests/gpu_kernels_sim.rs, so the kernels' indexing, reductions and barriers are checked on
+// machines without a GPU (CI included). Outputs start as NaN: an unwritten element fails.
+#include "cuda_sim.h"
+#include "elementwise.cu"
+#include "batchnorm.cu"
+#include "pool.cu"
+#include "weightnorm.cu"
+#include "carp_loss.cu"
+#include "lars.cu"
+#include "ema.cu"
+#include <random>
+#include <numeric>
+#include <cassert>
+
+static std::mt19937_64 rng(42);
+std::vector<float> randn(size_t n, float s = 1.0f) {
+    std::normal_distribution<float> d(0, s);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+int fails = 0;
+void check(const char* name, const std::vector<float>& got, const std::vector<double>& want, double tol) {
+    double scale = 1e-6, worst = 0;
+    size_t at = 0;
+    for (double w : want) scale = std::max(scale, std::fabs(w));
+    for (size_t i = 0; i < got.size(); ++i) {
+        if (!std::isfinite(got[i])) { printf("FAIL %s: element %zu = %f\n", name, i, got[i]); fails++; return; }
+        double d = std::fabs(got[i] - want[i]);
+        if (d > worst) { worst = d; at = i; }
+    }
+    bool ok = worst / scale <= tol;
+    printf("%s %s: rel %.2e (at %zu: %g vs %g)\n", ok ? "ok  " : "FAIL", name, worst / scale, at, got[at], want[at]);
+    if (!ok) fails++;
+}
+std::vector<float> nanv(size_t n) { return std::vector<float>(n, NAN); }
+
+void test_carp(int vs, int n, int k, int nb, unsigned threads) {
+    const double eps = 1.1920929e-7;
+    int np = k / nb;
+    std::vector<int> perm(k);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    auto s = randn((size_t)vs * n * k, 3), t = randn((size_t)2 * n * k, 3);
+    // GPU path
+    std::vector<float> Ps = nanv((size_t)vs * np * n * nb), Pt = nanv((size_t)2 * np * n * nb), pbar(k, 0.0f), g = nanv(k),
+                       sc = nanv(2), d = nanv((size_t)vs * n * k), part = nanv((size_t)n * np);
+    launch({(unsigned)np, (unsigned)n, (unsigned)vs}, threads, carp_softmax_gather_f32, (const float*)s.data(), (const int*)perm.data(), Ps.data(), pbar.data(), n, k, nb, 2);
+    launch({(unsigned)np, (unsigned)n, 2}, threads, carp_softmax_gather_f32, (const float*)t.data(), (const int*)perm.data(), Pt.data(), pbar.data(), n, k, nb, 2);
+    launch({1, 1, 1}, 64, carp_entropy_f32, (const float*)pbar.data(), g.data(), sc.data(), k, nb, (float)(4 * n));
+    launch({(unsigned)np, (unsigned)n, 1}, threads, carp_consistency_grad_f32, (const float*)Ps.data(), (const float*)Pt.data(), (const float*)g.data(), (const int*)perm.data(), d.data(), part.data(), n, k, nb, vs);
+    launch({1, 1, 1}, 64, sum_f32, (const float*)part.data(), sc.data() + 1, (i64)(n * np));
+    // reference
+    auto clamp = [&](double v) { return std::min(std::max(v, eps), 1 - eps); };
+    auto softmax = [&](const std::vector<float>& L, int v, int i, int j) {
+        std::vector<double> z(nb);
+        double m = -INFINITY, sum = 0;
+        for (int q = 0; q < nb; ++q) { z[q] = L[((size_t)v * n + i) * k + perm[j * nb + q]]; m = std::max(m, z[q]); }
+        for (auto& x : z) { x = std::exp(x - m); sum += x; }
+        for (auto& x : z) x /= sum;
+        return z;
+    };
+    double R = 4.0 * n;
+    std::vector<double> pb(k, 0);
+    for (int j = 0; j < np; ++j)
+        for (int i = 0; i < n; ++i) {
+            for (int v = 0; v < 2; ++v) {
+                auto p = softmax(s, v, i, j), q = softmax(t, v, i, j);
+                for (int x = 0; x < nb; ++x) pb[j * nb + x] += (p[x] + q[x]) / R;
+            }
+        }
+    double ent = 0;
+    std::vector<double> gg(k);
+    for (int x = 0; x < k; ++x) {
+        ent += pb[x] * std::log(clamp(pb[x]));
+        gg[x] = (std::log(clamp(pb[x])) + ((pb[x] >= eps && pb[x] <= 1 - eps) ? 1 : 0)) / (R * np);
+    }
+    ent = std::log((double)nb) + ent / np;
+    int pairs = 2 + 2 * (vs - 2);
+    double c = 1.0 / ((double)pairs * n * np), cons = 0;
+    std::vector<double> dref((size_t)vs * n * k);
+    for (int j = 0; j < np; ++j)
+        for (int i = 0; i < n; ++i)
+            for (int a = 0; a < vs; ++a) {
+                auto p = softmax(s, a, i, j);
+                std::vector<double> dz(nb, 0);
+                for (int b = 0; b < 2; ++b) {
+                    if (b == a) continue;
+                    auto q = softmax(t, b, i, j);
+                    double sv = 0;
+                    for (int x = 0; x < nb; ++x) sv += p[x] * q[x];
+                    cons -= std::log(clamp(sv)) * c;
+                    if (sv >= eps && sv <= 1 - eps)
+                        for (int x = 0; x < nb; ++x) dz[x] -= c * p[x] * (q[x] - sv) / sv;
+                }
+                if (a < 2) {
+                    double pg = 0;
+                    for (int x = 0; x < nb; ++x) pg += p[x] * gg[j * nb + x];
+                    for (int x = 0; x < nb; ++x) dz[x] += p[x] * (gg[j * nb + x] - pg);
+                }
+                for (int x = 0; x < nb; ++x) dref[((size_t)a * n + i) * k + perm[j * nb + x]] = dz[x];
+            }
+    char name[128];
+    snprintf(name, sizeof name, "carp vs=%d n=%d k=%d nb=%d thr=%u", vs, n, k, nb, threads);
+    printf("  H gpu %.7f ref %.7f | cons gpu %.7f ref %.7f\n", sc[0], ent, sc[1], cons);
+    if (std::fabs(sc[0] - ent) > 1e-5 || std::fabs(sc[1] - cons) > 1e-5 * std::max(1.0, cons)) { printf("FAIL %s scalars\n", name); fails++; }
+    check(name, d, dref, 1e-4);
+}
+
+void test_bn(int n, int c, int hw, unsigned threads) {
+    size_t tot = (size_t)n * c * hw;
+    auto x = randn(tot, 2), gm = randn(c), bt = randn(c), dy = randn(tot);
+    for (auto& v : x) v += 0.5f;
+    std::vector<float> mean = nanv(c), is = nanv(c), vu = nanv(c), y = nanv(tot), dg = nanv(c), db = nanv(c), dx = nanv(tot);
+    float eps = 1e-5f;
+    launch({(unsigned)c}, threads, bn_stats_f32, (const float*)x.data(), mean.data(), is.data(), vu.data(), (i64)n, c, (i64)hw, eps);
+    launch({3}, 64, bn_forward_f32, (const float*)x.data(), (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)bt.data(), y.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, threads, bn_backward_reduce_f32, (const float*)dy.data(), (const float*)x.data(), (const float*)mean.data(), (const float*)is.data(), dg.data(), db.data(), (i64)n, c, (i64)hw);
+    launch({2}, 64, bn_backward_dx_f32, (const float*)dy.data(), (const float*)x.data(), (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dx.data(), (i64)n, c, (i64)hw);
+    std::vector<double> rm(c), rv(c), rvu(c), ry(tot), rdg(c), rdb(c), rdx(tot);
+    double M = (double)n * hw;
+    for (int ci = 0; ci < c; ++ci) {
+        double s = 0, s2 = 0;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) s += x[((size_t)a * c + ci) * hw + h];
+        double mu = s / M;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) { double dd = x[((size_t)a * c + ci) * hw + h] - mu; s2 += dd * dd; }
+        double var = s2 / M, isd = 1 / std::sqrt(var + eps);
+        rm[ci] = mu; rv[ci] = isd; rvu[ci] = var * M / (M - 1);
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            ry[i] = (x[i] - mu) * isd * gm[ci] + bt[ci];
+            rdb[ci] += dy[i]; rdg[ci] += dy[i] * (x[i] - mu) * isd;
+        }
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            double xh = (x[i] - mu) * isd;
+            rdx[i] = gm[ci] * isd / M * (M * dy[i] - rdb[ci] - xh * rdg[ci]);
+        }
+    }
+    check("bn mean", mean, rm, 1e-5); check("bn invstd", is, rv, 1e-5); check("bn var_u", vu, rvu, 1e-5);
+    check("bn y", y, ry, 1e-5); check("bn dgamma", dg, rdg, 1e-5); check("bn dbeta", db, rdb, 1e-5); check("bn dx", dx, rdx, 1e-4);
+}
+
+void test_pool(int n, int c, int H, int W, int k, int st, int p) {
+    int HO = (H + 2 * p - k) / st + 1, WO = (W + 2 * p - k) / st + 1;
+    size_t len = (size_t)n * c * H * W, ol = (size_t)n * c * HO * WO;
+    std::vector<float> x(len);
+    for (size_t i = 0; i < len; ++i) x[i] = i * 0.01f - 3;
+    std::shuffle(x.begin(), x.end(), rng);
+    auto dy = randn(ol);
+    std::vector<float> y = nanv(ol), dx = nanv(len);
+    std::vector<int> arg(ol, -7);
+    launch({2}, 64, maxpool2d_fwd_f32, (const float*)x.data(), y.data(), arg.data(), (i64)n * c, H, W, HO, WO, k, st, p);
+    launch({3}, 32, maxpool2d_bwd_f32, (const float*)dy.data(), (const int*)arg.data(), dx.data(), (i64)n * c, H, W, HO, WO, k, st, p);
+    std::vector<double> ry(ol), rdx(len, 0);
+    for (int nc = 0; nc < n * c; ++nc)
+        for (int oh = 0; oh < HO; ++oh)
+            for (int ow = 0; ow < WO; ++ow) {
+                double best = -INFINITY; int bi = -1;
+                for (int a = 0; a < k; ++a) for (int b = 0; b < k; ++b) {
+                    int h = oh * st - p + a, w = ow * st - p + b;
+                    if (h < 0 || w < 0 || h >= H || w >= W) continue;
+                    double v = x[(size_t)nc * H * W + h * W + w];
+                    if (bi < 0 || v > best) { best = v; bi = h * W + w; }
+                }
+                size_t o = ((size_t)nc * HO + oh) * WO + ow;
+                ry[o] = best; rdx[(size_t)nc * H * W + bi] += dy[o];
+            }
+    check("maxpool y", y, ry, 0); check("maxpool dx", dx, rdx, 1e-6);
+}
+
+void test_wn(int rows, int cols) {
+    auto v = randn((size_t)rows * cols), dw = randn((size_t)rows * cols);
+    std::vector<float> nr = nanv(rows), w = nanv((size_t)rows * cols), dv = nanv((size_t)rows * cols);
+    launch({2}, 64, row_norms_f32, (const float*)v.data(), nr.data(), (i64)rows, (i64)cols);
+    launch({2}, 64, row_normalize_f32, (const float*)v.data(), (const float*)nr.data(), w.data(), (i64)rows, (i64)cols);
+    launch({2}, 64, row_normalize_bwd_f32, (const float*)dw.data(), (const float*)w.data(), (const float*)nr.data(), dv.data(), (i64)rows, (i64)cols);
+    std::vector<double> rn(rows), rw((size_t)rows * cols), rdv((size_t)rows * cols);
+    for (int r = 0; r < rows; ++r) {
+        double s = 0; for (int j = 0; j < cols; ++j) s += (double)v[r * cols + j] * v[r * cols + j];
+        rn[r] = std::sqrt(s);
+        double dot = 0;
+        for (int j = 0; j < cols; ++j) { rw[r * cols + j] = v[r * cols + j] / rn[r]; dot += dw[r * cols + j] * rw[r * cols + j]; }
+        for (int j = 0; j < cols; ++j) rdv[r * cols + j] = (dw[r * cols + j] - dot * rw[r * cols + j]) / rn[r];
+    }
+    check("row_norms", nr, rn, 1e-5); check("row_normalize", w, rw, 1e-5); check("row_normalize_bwd", dv, rdv, 1e-4);
+    std::vector<float> y = nanv(37);
+    auto xx = randn(37 * 11);
+    launch({2}, 64, global_avgpool_fwd_f32, (const float*)xx.data(), y.data(), (i64)37, (i64)11);
+    std::vector<double> ry(37);
+    for (int p = 0; p < 37; ++p) { double s = 0; for (int j = 0; j < 11; ++j) s += xx[p * 11 + j]; ry[p] = s / 11; }
+    check("gap", y, ry, 1e-6);
+}
+
+void test_lars() {
+    struct Seg { long off, len; int one_d; };
+    std::vector<Seg> segs = {{0, 1000, 0}, {1000, 37, 1}, {1037, 300, 0}, {1337, 500, 0}};
+    long numel = 1900;
+    auto w = randn(numel), g = randn(numel);
+    for (long i = 1037; i < 1337; ++i) g[i] = 0;
+    std::vector<float> mu(numel, 0);
+    const long CH = 128;
+    std::vector<int> cseg, clen, is1d; std::vector<i64> cst;
+    for (size_t s = 0; s < segs.size(); ++s) {
+        is1d.push_back(segs[s].one_d);
+        for (long o = 0; o < segs[s].len; o += CH) { cseg.push_back(s); cst.push_back(segs[s].off + o); clen.push_back(std::min(CH, segs[s].len - o)); }
+    }
+    float lr = 0.3f, mom = 0.9f, tr = 0.001f, wd = 1e-4f;
+    std::vector<double> w6(w.begin(), w.end()), mu6(numel, 0);
+    for (int step = 0; step < 3; ++step) {
+        std::vector<float> wn(segs.size(), 0), gn(segs.size(), 0);
+        launch({(unsigned)cseg.size()}, 64, lars_norms_f32, (const float*)w.data(), (const float*)g.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), wd, wn.data(), gn.data());
+        launch({(unsigned)cseg.size()}, 64, lars_update_f32, w.data(), (const float*)g.data(), mu.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), (const float*)wn.data(), (const float*)gn.data(), lr, mom, tr, wd);
+        for (auto& s : segs) {
+            std::vector<double> gp(s.len);
+            double wnn = 0, gnn = 0;
+            for (long i = 0; i < s.len; ++i) { gp[i] = g[s.off + i] + (s.one_d ? 0 : wd * w6[s.off + i]); wnn += w6[s.off + i] * w6[s.off + i]; gnn += gp[i] * gp[i]; }
+            double q = (!s.one_d && wnn > 0 && gnn > 0) ? tr * std::sqrt(wnn) / std::sqrt(gnn) : 1;
+            for (long i = 0; i < s.len; ++i) { mu6[s.off + i] = mom * mu6[s.off + i] + gp[i] * q; w6[s.off + i] -= lr * mu6[s.off + i]; }
+        }
+    }
+    // elements beyond the last segment (1837..1900) must be untouched
+    check("lars w", w, w6, 1e-5); check("lars mu", mu, mu6, 1e-4);
+}
+
+void test_misc() {
+    const int n = 1003;
+    auto a = randn(n), b = randn(n);
+    std::vector<float> y = nanv(n);
+    std::vector<double> r(n);
+    launch({2}, 64, gelu_fwd_f32, (const float*)a.data(), y.data(), (i64)n);
+    for (int i = 0; i < n; ++i) r[i] = 0.5 * a[i] * (1 + std::erf(a[i] / std::sqrt(2.0)));
+    check("gelu", y, r, 1e-6);
+    y = nanv(n);
+    launch({2}, 64, gelu_bwd_f32, (const float*)a.data(), (const float*)b.data(), y.data(), (i64)n);
+    for (int i = 0; i < n; ++i) {
+        double x = a[i];
+        r[i] = b[i] * (0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * 3.14159265358979323846));
+    }
+    check("gelu_bwd", y, r, 1e-6);
+    y = nanv(n);
+    launch({2}, 64, relu_bwd_f32, (const float*)a.data(), (const float*)b.data(), y.data(), (i64)n);
+    for (int i = 0; i < n; ++i) r[i] = a[i] > 0 ? b[i] : 0;
+    check("relu_bwd", y, r, 0);
+    std::vector<float> t = a;
+    launch({3}, 32, ema_update_f32, t.data(), (const float*)b.data(), 0.99f, (i64)n);
+    for (int i = 0; i < n; ++i) r[i] = 0.99 * a[i] + 0.01 * (double)b[i];
+    check("ema", t, r, 1e-6);
+    // bias add / column sums over (17, 59)
+    int rows = 17, cols = 59;
+    auto m = randn(rows * cols), bias = randn(cols);
+    std::vector<float> yy = m, cs = nanv(cols);
+    std::vector<double> ry(rows * cols), rc(cols, 0);
+    launch({2}, 64, bias_add_f32, yy.data(), (const float*)bias.data(), (i64)rows, (i64)cols);
+    launch({1}, 32, col_sum_f32, (const float*)m.data(), cs.data(), (i64)rows, (i64)cols);
+    for (int i = 0; i < rows * cols; ++i) { ry[i] = m[i] + (double)bias[i % cols]; rc[i % cols] += m[i]; }
+    check("bias_add", yy, ry, 1e-6);
+    check("col_sum", cs, rc, 1e-5);
+    // eval-mode BN backward and running update; global average pool backward
+    int N = 3, C = 4, HW = 5;
+    auto dy = randn(N * C * HW), is = randn(C), gm = randn(C);
+    std::vector<float> dx = nanv(N * C * HW);
+    launch({2}, 32, bn_eval_backward_dx_f32, (const float*)dy.data(), (const float*)is.data(), (const float*)gm.data(), dx.data(), (i64)N, C, (i64)HW);
+    std::vector<double> rdx(N * C * HW);
+    for (int i = 0; i < N * C * HW; ++i) rdx[i] = (double)dy[i] * gm[(i / HW) % C] * is[(i / HW) % C];
+    check("bn_eval_dx", dx, rdx, 1e-6);
+    std::vector<float> rm = {0, 0, 0, 0}, rv = {1, 1, 1, 1}, bm = randn(C), bv = {1.5f, 2.f, .5f, 3.f};
+    launch({1}, 32, bn_running_update_f32, rm.data(), rv.data(), (const float*)bm.data(), (const float*)bv.data(), 0.1f, C);
+    std::vector<double> wm(C), wv(C);
+    for (int c = 0; c < C; ++c) { wm[c] = 0.1 * bm[c]; wv[c] = 0.9 + 0.1 * bv[c]; }
+    check("bn_running_mean", rm, wm, 1e-6);
+    check("bn_running_var", rv, wv, 1e-6);
+    auto g1 = randn(7);
+    std::vector<float> gx = nanv(7 * 9);
+    std::vector<double> rg(7 * 9);
+    launch({1}, 32, global_avgpool_bwd_f32, (const float*)g1.data(), gx.data(), (i64)7, (i64)9);
+    for (int i = 0; i < 63; ++i) rg[i] = g1[i / 9] / 9.0;
+    check("gap_bwd", gx, rg, 1e-6);
+    // max pool ties (first max wins) and NaN propagation
+    std::vector<float> px = {1, 5, 5, 5, 2, NAN, 3, 1}, py = nanv(2);
+    std::vector<int> pa(2, -7);
+    launch({1}, 32, maxpool2d_fwd_f32, (const float*)px.data(), py.data(), pa.data(), (i64)2, 2, 2, 1, 1, 2, 2, 0);
+    bool ok = pa[0] == 1 && py[0] == 5 && std::isnan(py[1]) && pa[1] == 1;
+    printf("%s maxpool ties/NaN: arg %d %d\n", ok ? "ok  " : "FAIL", pa[0], pa[1]);
+    if (!ok) fails++;
+}
+
+int main() {
+    test_misc();
+    test_carp(2, 3, 48, 16, 32);
+    test_carp(4, 3, 80, 40, 32);
+    test_carp(2, 2, 1024, 512, 512);
+    test_carp(3, 2, 96, 24, 64);
+    test_bn(3, 5, 7, 64);
+    test_bn(6, 10, 1, 32);
+    test_pool(2, 3, 11, 9, 3, 2, 1);
+    test_pool(3, 2, 8, 7, 2, 2, 0);
+    test_wn(37, 45);
+    test_lars();
+    printf(fails ? "FAILURES: %d\n" : "ALL OK\n", fails);
+    return fails != 0;
+}
