@@ -95,7 +95,11 @@ fn cached_features(
         let bytes = std::fs::read(ckpt).map_err(|e| Error::io(ckpt, e))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::format(ckpt, e.to_string()))?;
-        header.metadata().as_ref().and_then(|m| m.get("crc32").cloned()).unwrap_or_default()
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("crc32").cloned())
+            .unwrap_or_default()
     };
     let manifest = std::fs::read(data.join("manifest.json")).map_err(|e| Error::io(data, e))?;
     let key = format!("{crc}-{:08x}-{size}", crc32fast::hash(&manifest));
@@ -132,13 +136,19 @@ fn parse_cache(b: &[u8], key: &str) -> Option<(Vec<f32>, Vec<u32>)> {
     let n = u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?) as usize;
     o += 8;
     let lb = b.get(o..o + 4 * n)?;
-    let labels: Vec<u32> = lb.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let labels: Vec<u32> = lb
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     o += 4 * n;
     let rest = b.get(o..)?;
     if n == 0 || rest.len() % (4 * n) != 0 {
         return None;
     }
-    let f = rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let f = rest
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Some((f, labels))
 }
 
@@ -448,8 +458,20 @@ fn run(cli: Cli) -> Result<()> {
             let (cfg, state) = load_checkpoint(&args.checkpoint)?;
             let net = &state.teacher;
             let d = net.cfg.backbone.feature_dim();
-            let (trf, trl) = cached_features(&args.checkpoint, net, &args.data, cfg.image_size, args.no_cache)?;
-            let (tef, tel) = cached_features(&args.checkpoint, net, &args.eval_data, cfg.image_size, args.no_cache)?;
+            let (trf, trl) = cached_features(
+                &args.checkpoint,
+                net,
+                &args.data,
+                cfg.image_size,
+                args.no_cache,
+            )?;
+            let (tef, tel) = cached_features(
+                &args.checkpoint,
+                net,
+                &args.eval_data,
+                cfg.image_size,
+                args.no_cache,
+            )?;
             let classes = (trl.iter().chain(&tel).copied().max().unwrap_or(0) + 1) as usize;
             let probe = carp::eval::linear::LinearProbeConfig {
                 epochs: args.epochs,
@@ -458,11 +480,22 @@ fn run(cli: Cli) -> Result<()> {
                 weight_decay: args.weight_decay,
                 ..Default::default()
             };
-            eprintln!("linear probe: {} x {d} features, {classes} classes, {} epochs", trl.len(), args.epochs);
+            eprintln!(
+                "linear probe: {} x {d} features, {classes} classes, {} epochs",
+                trl.len(),
+                args.epochs
+            );
             let r = carp::eval::linear::linear_probe(&trf, &trl, &tef, &tel, d, classes, &probe)?;
-            println!("linear top-1 {:.2}%  top-5 {:.2}%", 100.0 * r.top1, 100.0 * r.top5);
+            println!(
+                "linear top-1 {:.2}%  top-5 {:.2}%",
+                100.0 * r.top1,
+                100.0 * r.top5
+            );
             if args.json {
-                println!("{}", serde_json::json!({"top1": r.top1, "top5": r.top5, "train_loss": r.train_loss}));
+                println!(
+                    "{}",
+                    serde_json::json!({"top1": r.top1, "top5": r.top5, "train_loss": r.train_loss})
+                );
             }
             Ok(())
         }
