@@ -46,7 +46,7 @@ impl ResNetConfig {
     pub fn tiny() -> Self {
         ResNetConfig {
             layers: vec![1, 1, 1, 1],
-            base_width: 16,
+            base_width: 8,
             stem: Stem::Cifar,
         }
     }

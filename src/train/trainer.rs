@@ -251,6 +251,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             100.0 * top1_k20(&r).unwrap_or(0.0)
         ));
         knn_random = top1_k20(&r);
+        if !opts.resume {
+            // The teacher starts as this very network, so this is the curve's step-0 point.
+            metrics.write(serde_json::json!({"type": "knn", "step": 0, "top1": r}))?;
+        }
     }
 
     let pb = if opts.quiet || !std::io::stderr().is_terminal() {
