@@ -200,3 +200,81 @@ fn pack_train_evaluate_export_plot() {
     assert!(ok, "dry run does not need the device: {err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+fn bench(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_carp-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn carp_bench_runs_on_the_cpu_in_every_mode() {
+    let small = [
+        "--arch",
+        "tiny",
+        "--batch",
+        "4",
+        "--image-size",
+        "16",
+        "--k",
+        "64",
+        "--nb",
+        "16",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+    ];
+    let (ok, out, err) = bench(&small);
+    assert!(ok, "{err}");
+    let v = last_json(&out);
+    for key in ["images_per_s", "step_ms", "peak_mem_gib", "batch", "device"] {
+        assert!(!v[key].is_null(), "missing {key}: {v}");
+    }
+    assert_eq!(v["batch"], 4);
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    for phase in [
+        "teacher forward",
+        "student forward",
+        "loss",
+        "backward",
+        "optimizer (LARS)",
+        "EMA",
+    ] {
+        assert!(
+            out.contains(phase) && v["phases_ms"][phase].is_number(),
+            "phase {phase} missing"
+        );
+    }
+    let emb = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/fashion-mnist-small/test");
+    let e = emb.to_str().unwrap();
+    let (ok, out, err) = bench(&[
+        "--loader",
+        e,
+        "--batch",
+        "32",
+        "--image-size",
+        "32",
+        "--steps",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(last_json(&out)["images_per_s"].as_f64().unwrap() > 0.0);
+    let mut end_to_end = small.to_vec();
+    end_to_end.extend(["--data", e]);
+    let (ok, out, err) = bench(&end_to_end);
+    assert!(ok, "{err}");
+    assert_eq!(last_json(&out)["mode"], "end-to-end");
+    let (ok, _, err) = bench(&["--loader", "/nonexistent"]);
+    assert!(!ok && err.starts_with("error:"), "{err}");
+}

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train (or resume) a CARP run.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Pack an ImageFolder tree or IDX files into carp's shard format.
     Pack(carp::data::PackArgs),
     /// k-NN evaluation of a checkpoint's teacher backbone (or of a random init).

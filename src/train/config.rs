@@ -134,7 +134,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.backbone.validate()?;
         let k = self.model.head.prototypes;
-        if self.nb == 0 || k % self.nb != 0 {
+        if self.nb == 0 || !k.is_multiple_of(self.nb) {
             bail!(
                 Config,
                 "the block size NB ({}) must divide K ({k})",
@@ -165,7 +165,7 @@ impl TrainConfig {
         {
             bail!(Config, "teacher momentum must be in [0, 1]");
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             bail!(Config, "weight decay must be >= 0");
         }
         if !(self.min_scale > 0.0 && self.min_scale <= 1.0) {
