@@ -122,6 +122,9 @@ impl Tape {
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
         for (out, dout) in seeds {
             dout.expect_shape("backward seed", out.shape())?;
+            // A seed computed elsewhere (e.g. a loss gradient on the host for GPU logits) joins
+            // its output's device, so the whole backward runs there.
+            let dout = dout.to_device(&out.device())?;
             accumulate(&mut grads, out.id(), dout)?;
         }
         let produced: HashSet<TensorId> = self.nodes.iter().map(|n| n.out).collect();

@@ -16,3 +16,28 @@ pub fn available() -> Vec<&'static str> {
     }
     v
 }
+
+/// NVTX ranges callable without `cfg`: the real ones (`cuda::nvtx`) with the `cuda` feature,
+/// no-ops without it.
+pub mod nvtx {
+    #[cfg(feature = "cuda")]
+    pub use super::cuda::nvtx::{scoped, Range};
+
+    /// A no-op range (this build has no profiler support).
+    #[cfg(not(feature = "cuda"))]
+    #[must_use = "the range closes when this value is dropped"]
+    pub struct Range(());
+
+    #[cfg(not(feature = "cuda"))]
+    impl Range {
+        pub fn new(_name: &str) -> Range {
+            Range(())
+        }
+    }
+
+    /// Runs `f` (inside a named range when profiling is compiled in).
+    #[cfg(not(feature = "cuda"))]
+    pub fn scoped<T>(_name: &str, f: impl FnOnce() -> T) -> T {
+        f()
+    }
+}

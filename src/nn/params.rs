@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use crate::autograd::{Gradients, Tape};
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// Index of a tensor in a store.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -142,8 +142,64 @@ impl ParamStore {
         Ok(ParamLeaves(tensors))
     }
 
-    /// Adds the leaves' gradients into `grad` (parameter gradients accumulate).
+    /// One entry's values as a tensor on `device`.
+    pub fn tensor_on(&self, id: ParamId, device: &Device) -> Result<Tensor> {
+        self.tensor(id)?.to_device(device)
+    }
+
+    /// Like [`ParamStore::leaves`], with the tensors on `device`. Each entry is uploaded on
+    /// every call (once per forward): simple and correct, but it copies all parameters to the
+    /// GPU each step. The next step is a device-resident flat buffer (parameters, gradients,
+    /// LARS momentum, the teacher) with leaves as views into it, so that LARS and the EMA run
+    /// there too and nothing crosses the bus per step.
+    pub fn leaves_on(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
+        if *device == Device::Cpu {
+            return self.leaves(tape);
+        }
+        self.leaves_on_gpu(tape, device)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn leaves_on_gpu(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
+        let mut tensors = Vec::with_capacity(self.entries.len());
+        for i in 0..self.entries.len() {
+            let t = self.tensor_on(ParamId(i), device)?;
+            tensors.push(tape.track(&t));
+        }
+        Ok(ParamLeaves(tensors))
+    }
+
+    /// One upload of the flat buffer (one wait), then one stream-ordered device copy per
+    /// entry into its own tensor.
+    #[cfg(feature = "cuda")]
+    fn leaves_on_gpu(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
+        let Device::Cuda(ordinal) = *device else {
+            return self.leaves(tape);
+        };
+        let be = crate::device::cuda::backend(ordinal)?;
+        let flat = be.upload_f32(&self.data)?; // (numel,)
+        let mut tensors = Vec::with_capacity(self.entries.len());
+        for e in &self.entries {
+            let mut buf = be.alloc_f32(e.len())?;
+            be.copy_dtod_range(&flat, e.offset * 4, &mut buf, 0, e.len() * 4)?;
+            let t = Tensor::from_cuda(buf, be.clone(), &e.shape)?;
+            tensors.push(tape.track(&t));
+        }
+        Ok(ParamLeaves(tensors))
+    }
+
+    /// Adds the leaves' gradients into `grad` (parameter gradients accumulate). Gradients on a
+    /// GPU are downloaded (one copy per entry).
     pub fn accumulate_grads(&mut self, leaves: &ParamLeaves, grads: &Gradients) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(crate::tensor::Storage::Cuda(c)) = leaves
+            .0
+            .iter()
+            .find_map(|t| grads.get(t))
+            .map(|g| g.storage())
+        {
+            return self.accumulate_grads_gpu(&c.backend.clone(), leaves, grads);
+        }
         for (i, t) in leaves.0.iter().enumerate() {
             if let Some(g) = grads.get(t) {
                 let r = self.entries[i].range();
@@ -152,6 +208,39 @@ impl ParamStore {
                     *d += s;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// GPU gradients: gathered into one flat device buffer (zeros where an entry has no
+    /// gradient), downloaded once, added on the host.
+    #[cfg(feature = "cuda")]
+    fn accumulate_grads_gpu(
+        &mut self,
+        be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
+        leaves: &ParamLeaves,
+        grads: &Gradients,
+    ) -> Result<()> {
+        let mut flat = be.zeros_f32(self.numel())?; // (numel,)
+        for (i, t) in leaves.0.iter().enumerate() {
+            let Some(g) = grads.get(t) else { continue };
+            let e = &self.entries[i];
+            g.expect_shape(&format!("gradient of {}", e.name), &e.shape)?;
+            match g.storage() {
+                crate::tensor::Storage::Cuda(c) => {
+                    be.copy_dtod_range(&c.buf, 0, &mut flat, e.offset * 4, e.len() * 4)?
+                }
+                crate::tensor::Storage::Cpu(v) => {
+                    // A CPU gradient among GPU ones: added directly.
+                    for (d, s) in self.grad[e.range()].iter_mut().zip(v) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+        let host = be.download_f32(&flat)?;
+        for (d, s) in self.grad.iter_mut().zip(host) {
+            *d += s;
         }
         Ok(())
     }

@@ -44,6 +44,10 @@ pub fn gelu_backward_cpu(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 impl Tape {
     /// Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
     pub fn gelu(&mut self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("gelu", &[x])? {
+            return crate::ops::cuda::gelu(self, be, x);
+        }
         let mut y = vec![0.0; x.numel()];
         gelu_forward_cpu(x.cpu()?, &mut y);
         let y = x.like(y)?;

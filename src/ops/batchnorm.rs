@@ -462,6 +462,10 @@ impl Tape {
                 x.shape()
             );
         }
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend(op, &[x, gamma, beta])? {
+            return crate::ops::cuda::batch_norm_train(self, be, x, gamma, beta, d, eps);
+        }
         let mut y = vec![0.0; d.numel()]; // (N, C, S)
         let mut mean = vec![0.0; d.c]; // (C,)
         let mut var = vec![0.0; d.c]; // (C,) biased
@@ -533,6 +537,22 @@ impl Tape {
             ],
         )?;
         check_eps(op, eps)?;
+        #[cfg(feature = "cuda")]
+        if let Some(be) =
+            crate::ops::cuda_backend(op, &[x, gamma, beta, running_mean, running_var])?
+        {
+            return crate::ops::cuda::batch_norm_eval(
+                self,
+                be,
+                x,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                d,
+                eps,
+            );
+        }
         let mut y = vec![0.0; d.numel()]; // (N, C, S)
         batch_norm_eval_forward_cpu(
             x.cpu()?,
@@ -606,6 +626,20 @@ pub fn bn_running_update(
         bail!(
             Config,
             "bn_running_update: momentum must be in [0, 1], got {momentum}"
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(be) = crate::ops::cuda_backend(
+        "bn_running_update",
+        &[running_mean, running_var, batch_mean, batch_var_unbiased],
+    )? {
+        return crate::ops::cuda::bn_running_update(
+            &be,
+            running_mean,
+            running_var,
+            batch_mean,
+            batch_var_unbiased,
+            momentum,
         );
     }
     let mut new_mean = vec![0.0; c];

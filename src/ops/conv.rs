@@ -684,6 +684,10 @@ impl Tape {
         padding: usize,
     ) -> Result<Tensor> {
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), stride, padding)?;
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("conv2d", &[x, w])? {
+            return crate::ops::cuda::conv2d(self, be, x, w, s);
+        }
         let mut y = vec![0.0f32; s.y_len()]; // (N, O, HO, WO)
         conv2d_forward_cpu(x.cpu()?, w.cpu()?, &s, &mut y);
         let y_shape = [s.n, s.o, s.ho(), s.wo()];

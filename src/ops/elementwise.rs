@@ -57,6 +57,10 @@ pub fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.shape()
         );
     }
+    #[cfg(feature = "cuda")]
+    if let Some(be) = crate::ops::cuda_backend("add", &[a, b])? {
+        return crate::ops::cuda::add(&be, a, b);
+    }
     let mut y = vec![0.0; a.numel()];
     add_forward_cpu(a.cpu()?, b.cpu()?, &mut y);
     a.like(y)
@@ -76,6 +80,10 @@ impl Tape {
 
     /// max(x, 0).
     pub fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("relu", &[x])? {
+            return crate::ops::cuda::relu(self, be, x);
+        }
         let mut y = vec![0.0; x.numel()];
         relu_forward_cpu(x.cpu()?, &mut y);
         let y = x.like(y)?;

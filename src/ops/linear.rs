@@ -245,6 +245,10 @@ impl Tape {
                 b.shape()
             );
         }
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("matmul", &[a, b])? {
+            return crate::ops::cuda::matmul(self, be, a, b, (m, k, n));
+        }
         let mut y = vec![0.0; m * n]; // (M, N)
         matmul_cpu(a.cpu()?, b.cpu()?, m, k, n, false, false, &mut y, false)?;
         let y = Tensor::from_vec(y, &[m, n])?;
@@ -279,6 +283,14 @@ impl Tape {
         }
         if let Some(b) = b {
             b.expect_shape("linear bias", &[cout])?;
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let mut inputs = vec![x, w];
+            inputs.extend(b);
+            if let Some(be) = crate::ops::cuda_backend("linear", &inputs)? {
+                return crate::ops::cuda::linear(self, be, x, w, b, (n, cin, cout));
+            }
         }
         let mut y = vec![0.0; n * cout]; // (N, OUT)
         matmul_cpu(x.cpu()?, w.cpu()?, n, cin, cout, false, true, &mut y, false)?;
@@ -329,6 +341,10 @@ impl Tape {
                 v.shape()
             );
         }
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("wn_linear", &[x, v])? {
+            return crate::ops::cuda::wn_linear(self, be, x, v, (n, cin, cout));
+        }
         let mut norms = vec![0.0; cout]; // (OUT,)
         row_norms_cpu(v.cpu()?, cout, cin, &mut norms)?;
         if let Some(r) = norms.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
@@ -370,6 +386,10 @@ impl Tape {
 
     /// Sum of all elements -> shape (1,).
     pub fn sum_all(&mut self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("sum_all", &[x])? {
+            return crate::ops::cuda::sum_all(self, be, x, false);
+        }
         let s = sum_all_cpu(x.cpu()?) as f32;
         let y = Tensor::from_vec(vec![s], &[1])?;
         let shape = x.shape().to_vec();
@@ -388,6 +408,10 @@ impl Tape {
         let count = x.numel();
         if count == 0 {
             bail!(Shape, "mean_all of an empty tensor {:?}", x.shape());
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("mean_all", &[x])? {
+            return crate::ops::cuda::sum_all(self, be, x, true);
         }
         let s = (sum_all_cpu(x.cpu()?) / count as f64) as f32;
         let y = Tensor::from_vec(vec![s], &[1])?;

@@ -253,6 +253,10 @@ impl Tape {
         padding: usize,
     ) -> Result<Tensor> {
         let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("max_pool2d", &[x])? {
+            return crate::ops::cuda::max_pool2d(self, be, x, s);
+        }
         let mut y = vec![0.0f32; s.y_len()]; // (N, C, HO, WO)
         max_pool2d_forward_cpu(x.cpu()?, &s, &mut y);
         let y_shape = [s.n, s.c, s.ho(), s.wo()];
@@ -283,6 +287,10 @@ impl Tape {
                 Shape,
                 "global_avg_pool: empty spatial size in shape {x_shape:?}"
             );
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend("global_avg_pool", &[x])? {
+            return crate::ops::cuda::global_avg_pool(self, be, x, rows, hw);
         }
         let mut y = vec![0.0f32; rows]; // (N, C)
         avg_pool_forward_cpu(x.cpu()?, rows, hw, &mut y);

@@ -17,6 +17,47 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl Device {
+    /// Parses `--device`: `cpu`, `cuda` (= `cuda:0`), `cuda:N`, or `auto` (the first GPU when
+    /// this build has the `cuda` feature and the machine a GPU, else the CPU). `cuda` in a
+    /// build without the feature is an error saying so.
+    pub fn parse(spec: &str) -> Result<Device> {
+        let spec = spec.trim();
+        match spec {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => {
+                if crate::device::available().contains(&"cuda") {
+                    Ok(Device::Cuda(0))
+                } else {
+                    Ok(Device::Cpu)
+                }
+            }
+            s if s == "cuda" || s.starts_with("cuda:") => {
+                let n = match s.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(i) => i.parse::<usize>().map_err(|_| {
+                        crate::error::Error::Config(format!(
+                            "--device {s}: expected cuda:N with N a GPU index"
+                        ))
+                    })?,
+                };
+                if !cfg!(feature = "cuda") {
+                    bail!(
+                        Device,
+                        "--device {s}: this build has no CUDA backend (rebuild with `--features \
+                         cuda`), use --device cpu"
+                    );
+                }
+                Ok(Device::Cuda(n))
+            }
+            other => bail!(
+                Config,
+                "unknown device {other:?}: use auto, cpu, cuda or cuda:N"
+            ),
+        }
+    }
+}
+
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -26,21 +67,38 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// The bytes behind a tensor. f32 everywhere for now; the CPU layout is row-major NCHW.
+/// The bytes behind a tensor. f32 everywhere for now; the layout is row-major NCHW on every
+/// device.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
+    /// f32 values in device memory of one GPU, with the backend that owns the memory (every
+    /// op on the tensor runs on that backend's stream).
+    #[cfg(feature = "cuda")]
+    Cuda(CudaStorage),
+}
+
+/// A device buffer and its backend. The buffer holds exactly the tensor's elements.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub buf: crate::device::cuda::DeviceBuffer,
+    pub backend: Arc<crate::device::cuda::CudaBackend>,
 }
 
 impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => Device::Cuda(c.backend.ordinal()),
         }
     }
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.buf.len32(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -102,6 +160,14 @@ impl Tensor {
         let n = shape.iter().product();
         match device {
             Device::Cpu => Tensor::from_vec(vec![value; n], shape),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let be = crate::device::cuda::backend(*i)?;
+                let mut buf = be.alloc_f32(n)?;
+                be.fill(&mut buf, value)?;
+                Tensor::from_cuda(buf, be, shape)
+            }
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => bail!(
                 Device,
                 "CUDA tensors need a build with `--features cuda` and a GPU"
@@ -109,9 +175,61 @@ impl Tensor {
         }
     }
 
-    /// A tensor of the same shape and device holding `data` (used by ops for their outputs).
+    /// A tensor of the same shape holding `data` on the CPU (used by the CPU ops for their
+    /// outputs).
     pub fn like(&self, data: Vec<f32>) -> Result<Tensor> {
         Tensor::from_vec(data, self.shape())
+    }
+
+    /// A tensor over a device buffer of `backend` (the buffer must hold exactly the shape's
+    /// element count).
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(
+        buf: crate::device::cuda::DeviceBuffer,
+        backend: Arc<crate::device::cuda::CudaBackend>,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        Tensor::new(Storage::Cuda(CudaStorage { buf, backend }), shape)
+    }
+
+    /// The device buffer and backend of a CUDA tensor; an error for other devices.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> Result<&CudaStorage> {
+        match self.storage() {
+            Storage::Cuda(c) => Ok(c),
+            Storage::Cpu(_) => bail!(
+                Device,
+                "expected a CUDA tensor, got a CPU tensor of shape {:?}",
+                self.shape()
+            ),
+        }
+    }
+
+    /// A copy on `device` (the same tensor, no copy, when it is already there). The copy is a
+    /// new leaf for the tape: use it on inputs and parameters, not inside a differentiated
+    /// computation.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        match device {
+            Device::Cpu => Tensor::from_vec(self.to_vec()?, self.shape()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let be = crate::device::cuda::backend(*i)?;
+                let buf = match self.storage() {
+                    Storage::Cpu(v) => be.upload_f32(v)?,
+                    // GPU to another GPU: through the host (no peer copies yet).
+                    Storage::Cuda(_) => be.upload_f32(&self.to_vec()?)?,
+                };
+                Tensor::from_cuda(buf, be, self.shape())
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!(
+                Device,
+                "CUDA tensors need a build with `--features cuda` and a GPU"
+            ),
+        }
     }
 
     pub fn id(&self) -> TensorId {
@@ -141,13 +259,24 @@ impl Tensor {
     pub fn cpu(&self) -> Result<&[f32]> {
         match self.storage() {
             Storage::Cpu(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => bail!(
+                Device,
+                "a CPU op got a tensor of shape {:?} on cuda:{} (download it with to_vec or \
+                 to_device(&Device::Cpu) first)",
+                self.shape(),
+                c.backend.ordinal()
+            ),
         }
     }
 
-    /// Copies the data to a host vector, whatever the device.
+    /// Copies the data to a host vector, whatever the device (a GPU tensor waits for the
+    /// queued work that writes it).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match self.storage() {
             Storage::Cpu(v) => Ok(v.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.backend.download_f32(&c.buf),
         }
     }
 

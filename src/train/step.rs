@@ -11,10 +11,16 @@ use crate::autograd::Tape;
 use crate::bail;
 use crate::carp::loss::{carp_loss, random_partition};
 use crate::carp::teacher::ema_update;
+use crate::device::nvtx;
 use crate::error::{Error, Result};
+use crate::nn::model::Forward;
+use crate::nn::params::ParamLeaves;
+use crate::nn::resnet::BnUpdate;
 use crate::nn::{ModelConfig, Network};
 use crate::optim::lars::{Lars, LarsConfig};
-use crate::tensor::Tensor;
+#[cfg(feature = "cuda")]
+use crate::tensor::Storage;
+use crate::tensor::{Device, Tensor};
 
 /// LARS as SPEC.md fixes it: momentum 0.9, trust coefficient 0.001.
 pub fn lars_config(weight_decay: f32) -> LarsConfig {
@@ -62,6 +68,49 @@ pub struct PhaseTimes {
     pub ema_ms: f64,
 }
 
+/// Milliseconds of a phase on `device`: a GPU phase is waited for first (the launches are
+/// asynchronous, so the clock alone would measure only the queuing).
+fn phase_ms(device: &Device, t: &mut Instant) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        crate::device::cuda::backend(*i)?.synchronize()?;
+    }
+    let _ = device;
+    Ok(ms_since(t))
+}
+
+/// view1 and view2 (N, ...) stacked into one (2N, ...) batch on their device.
+fn concat_batch(view1: &Tensor, view2: &Tensor) -> Result<Tensor> {
+    let mut shape = view1.shape().to_vec();
+    shape[0] *= 2;
+    #[cfg(feature = "cuda")]
+    if let (Storage::Cuda(a), Storage::Cuda(b)) = (view1.storage(), view2.storage()) {
+        let be = &a.backend;
+        let bytes = view1.numel() * 4;
+        let mut both = be.alloc_f32(2 * view1.numel())?;
+        be.copy_dtod_range(&a.buf, 0, &mut both, 0, bytes)?;
+        be.copy_dtod_range(&b.buf, 0, &mut both, bytes, bytes)?;
+        return Tensor::from_cuda(both, be.clone(), &shape);
+    }
+    let mut both = view1.to_vec()?;
+    both.extend_from_slice(&view2.to_vec()?);
+    Tensor::from_vec(both, &shape)
+}
+
+/// BN updates with their batch statistics on the host (where the running statistics live).
+fn bn_updates_on_host(updates: Vec<BnUpdate>) -> Result<Vec<BnUpdate>> {
+    updates
+        .into_iter()
+        .map(|u| {
+            Ok(BnUpdate {
+                ids: u.ids,
+                batch_mean: u.batch_mean.to_device(&Device::Cpu)?,
+                batch_var: u.batch_var.to_device(&Device::Cpu)?,
+            })
+        })
+        .collect()
+}
+
 fn ms_since(t: &mut Instant) -> f64 {
     let now = Instant::now();
     let ms = (now - *t).as_secs_f64() * 1e3;
@@ -73,7 +122,7 @@ impl CarpState {
     /// Student initialized from `seed`; the teacher starts as an exact copy (as the reference).
     pub fn new(model: &ModelConfig, nb: usize, weight_decay: f32, seed: u64) -> Result<CarpState> {
         let k = model.head.prototypes;
-        if nb == 0 || k % nb != 0 {
+        if nb == 0 || !k.is_multiple_of(nb) {
             bail!(Config, "the block size NB ({nb}) must divide K ({k})");
         }
         let student = Network::new(model, seed)?;
@@ -101,33 +150,59 @@ impl CarpState {
     ) -> Result<StepStats> {
         view1.expect_rank("view 1 (N, 3, S, S)", 4)?;
         view2.expect_shape("view 2", view1.shape())?;
+        // The views decide where the step runs: both networks' forward and backward, and the
+        // loss, run on their device; BN running statistics, LARS and the EMA stay on the host
+        // (the parameters live in the host-side flat stores).
+        let device = crate::ops::common_device("train_step views", &[view1, view2])?;
         let n = view1.dim(0);
         let k = self.student.cfg.head.prototypes;
         // Both views go through each network as one batch of 2N: BN statistics are taken over
         // both views, as the reference (DINO's multi-crop wrapper) does.
-        let mut both = view1.to_vec()?; // (2N, 3, S, S)
-        both.extend_from_slice(&view2.to_vec()?);
-        let mut shape = view1.shape().to_vec();
-        shape[0] = 2 * n;
-        let x = Tensor::from_vec(both, &shape)?;
+        let x = concat_batch(view1, view2)?; // (2N, 3, S, S)
 
         let mut phases = PhaseTimes::default();
         let mut clock = Instant::now();
         // Teacher: forward only, BN in training mode, nothing recorded.
-        let mut ttape = Tape::no_grad();
-        let tleaves = self.teacher.params.leaves(&mut ttape)?;
-        let tfwd = self.teacher.forward(&mut ttape, &tleaves, &x, true)?;
-        let t_logits = tfwd.logits.to_vec()?; // (2N, K)
-        phases.teacher_forward_ms = ms_since(&mut clock);
+        let tfwd = {
+            let _r = nvtx::Range::new("teacher forward");
+            let mut ttape = Tape::no_grad();
+            let tleaves = self.teacher.params.leaves_on(&mut ttape, &device)?;
+            self.teacher.forward(&mut ttape, &tleaves, &x, true)?
+        };
+        phases.teacher_forward_ms = phase_ms(&device, &mut clock)?;
 
         // Student: forward on the tape.
         let mut tape = Tape::new();
-        let leaves = self.student.params.leaves(&mut tape)?;
-        let sfwd = self.student.forward(&mut tape, &leaves, &x, true)?;
-        let s_logits = sfwd.logits.to_vec()?; // (2N, K)
-        phases.student_forward_ms = ms_since(&mut clock);
+        let (leaves, sfwd) = {
+            let _r = nvtx::Range::new("student forward");
+            let leaves = self.student.params.leaves_on(&mut tape, &device)?;
+            let sfwd = self.student.forward(&mut tape, &leaves, &x, true)?;
+            (leaves, sfwd)
+        };
+        phases.student_forward_ms = phase_ms(&device, &mut clock)?;
 
         let perm = random_partition(k, &mut self.partition_rng);
+        let loss_range = nvtx::Range::new("loss");
+        #[cfg(feature = "cuda")]
+        if let crate::tensor::Storage::Cuda(c) = sfwd.logits.storage() {
+            let out = self.gpu_loss(&c.backend, &sfwd.logits, &tfwd.logits, &perm)?;
+            drop(loss_range);
+            phases.loss_ms = phase_ms(&device, &mut clock)?;
+            return self.finish_step(
+                tape,
+                leaves,
+                sfwd,
+                tfwd,
+                (out.0, out.1, out.2),
+                out.3,
+                lr,
+                m,
+                phases,
+                clock,
+            );
+        }
+        let t_logits = tfwd.logits.to_vec()?; // (2N, K)
+        let s_logits = sfwd.logits.to_vec()?; // (2N, K)
         let nk = n * k;
         let out = carp_loss(
             &[&s_logits[..nk], &s_logits[nk..]],
@@ -149,17 +224,95 @@ impl CarpState {
             );
         }
 
-        phases.loss_ms = ms_since(&mut clock);
+        drop(loss_range);
+        phases.loss_ms = phase_ms(&device, &mut clock)?;
 
-        // Backward from the analytic gradient of the student logits.
         let mut dlogits = Vec::with_capacity(2 * nk); // (2N, K)
         for d in &out.dstudent {
             dlogits.extend_from_slice(d);
         }
         let dlogits = Tensor::from_vec(dlogits, &[2 * n, k])?;
-        let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
-        self.student.params.zero_grad();
-        self.student.params.accumulate_grads(&leaves, &grads)?;
+        self.finish_step(
+            tape,
+            leaves,
+            sfwd,
+            tfwd,
+            (out.loss, out.consistency, out.entropy),
+            dlogits,
+            lr,
+            m,
+            phases,
+            clock,
+        )
+    }
+
+    /// The fused GPU loss on the logits where they are. Returns (loss, consistency, entropy,
+    /// d loss / d student logits (2N, K) on the GPU).
+    #[cfg(feature = "cuda")]
+    fn gpu_loss(
+        &self,
+        be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
+        s_logits: &Tensor,
+        t_logits: &Tensor,
+        perm: &[u32],
+    ) -> Result<(f32, f32, f32, Tensor)> {
+        let (n2, k) = (s_logits.dim(0), s_logits.dim(1));
+        let n = n2 / 2;
+        let t = t_logits.to_device(&s_logits.device())?;
+        let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
+        let dperm = be.upload_i32(&perm32)?; // (K,)
+                                             // The rows of (2N, K) are view 0's N samples, then view 1's: (2, N, K), the fused
+                                             // loss's layout. The uniformity mean runs over both student and both teacher views.
+        let out = be
+            .carp_loss(
+                &s_logits.cuda()?.buf,
+                &t.cuda()?.buf,
+                &dperm,
+                2,
+                n,
+                k,
+                self.nb,
+                4 * n,
+                None,
+            )
+            .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
+        if !out.loss.is_finite() {
+            bail!(
+                NonFinite,
+                "step {}: the loss is {} (consistency {}, entropy {}); stopping before any weight changes",
+                self.step,
+                out.loss,
+                out.consistency,
+                out.entropy
+            );
+        }
+        let d = Tensor::from_cuda(out.dstudent, be.clone(), &[2 * n, k])?;
+        Ok((out.loss, out.consistency, out.entropy, d))
+    }
+
+    /// Backward from the analytic gradient of the student logits, then (when everything is
+    /// finite) BN running statistics, LARS and the EMA.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        tape: Tape,
+        leaves: ParamLeaves,
+        sfwd: Forward,
+        tfwd: Forward,
+        (loss, consistency, entropy): (f32, f32, f32),
+        dlogits: Tensor,
+        lr: f32,
+        m: f32,
+        mut phases: PhaseTimes,
+        mut clock: Instant,
+    ) -> Result<StepStats> {
+        let device = sfwd.logits.device();
+        {
+            let _r = nvtx::Range::new("backward");
+            let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
+            self.student.params.zero_grad();
+            self.student.params.accumulate_grads(&leaves, &grads)?;
+        }
         if let Some(bad) = self.student.params.grad.iter().position(|g| !g.is_finite()) {
             let name = self
                 .student
@@ -176,20 +329,29 @@ impl CarpState {
             );
         }
 
-        phases.backward_ms = ms_since(&mut clock);
+        phases.backward_ms = phase_ms(&device, &mut clock)?;
 
         // The step is good: commit BN statistics, LARS, then the EMA.
-        self.teacher.apply_bn_updates(tfwd.bn_updates)?;
-        self.student.apply_bn_updates(sfwd.bn_updates)?;
-        self.lars.step(&mut self.student.params, lr)?;
+        {
+            let _r = nvtx::Range::new("optimizer");
+            // The running statistics live in the host-side buffers store.
+            self.teacher
+                .apply_bn_updates(bn_updates_on_host(tfwd.bn_updates)?)?;
+            self.student
+                .apply_bn_updates(bn_updates_on_host(sfwd.bn_updates)?)?;
+            self.lars.step(&mut self.student.params, lr)?;
+        }
         phases.optimizer_ms = ms_since(&mut clock);
-        ema_update(&mut self.teacher.params.data, &self.student.params.data, m)?;
+        {
+            let _r = nvtx::Range::new("ema");
+            ema_update(&mut self.teacher.params.data, &self.student.params.data, m)?;
+        }
         phases.ema_ms = ms_since(&mut clock);
         self.step += 1;
         Ok(StepStats {
-            loss: out.loss,
-            consistency: out.consistency,
-            entropy: out.entropy,
+            loss,
+            consistency,
+            entropy,
             lr,
             momentum: m,
             phases,

@@ -19,7 +19,7 @@ pub mod nvtx;
 pub mod ops;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 
@@ -41,6 +41,22 @@ pub fn device_count() -> usize {
     CudaContext::device_count()
         .map(|n| n.max(0) as usize)
         .unwrap_or(0)
+}
+
+/// The process-wide backend of GPU `ordinal`, opened on first use and shared after: every
+/// `Device::Cuda(n)` tensor of the process lives on the same context, stream and pool, so ops
+/// never see two backends for one GPU. A failed open is not cached (the next call retries and
+/// reports the error again).
+pub fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
+    static BACKENDS: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+    let map = BACKENDS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(b) = map.get(&ordinal) {
+        return Ok(b.clone());
+    }
+    let b = Arc::new(CudaBackend::new(ordinal)?);
+    map.insert(ordinal, b.clone());
+    Ok(b)
 }
 
 pub(crate) fn driver_err(what: &str, e: result::DriverError) -> Error {
@@ -345,6 +361,40 @@ impl CudaBackend {
         // SAFETY: both buffers are live and hold `bytes` bytes; stream-ordered.
         unsafe {
             result::memcpy_dtod_async(dst.ptr(), src.ptr(), src.bytes(), self.stream.cu_stream())
+        }
+        .map_err(|e| driver_err("device-to-device copy", e))
+    }
+
+    /// Device-to-device copy of `bytes` bytes from `src` at byte offset `src_off` into `dst` at
+    /// `dst_off` (gathering views of a flat buffer into tensors and back), stream-ordered.
+    pub fn copy_dtod_range(
+        &self,
+        src: &DeviceBuffer,
+        src_off: usize,
+        dst: &mut DeviceBuffer,
+        dst_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        if src_off + bytes > src.bytes() || dst_off + bytes > dst.bytes() {
+            return Err(Error::Device(format!(
+                "device copy of {bytes} bytes from offset {src_off} of a {}-byte buffer to \
+                 offset {dst_off} of a {}-byte buffer",
+                src.bytes(),
+                dst.bytes()
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges lie inside live buffers (checked above); stream-ordered.
+        unsafe {
+            result::memcpy_dtod_async(
+                dst.ptr() + dst_off as u64,
+                src.ptr() + src_off as u64,
+                bytes,
+                self.stream.cu_stream(),
+            )
         }
         .map_err(|e| driver_err("device-to-device copy", e))
     }

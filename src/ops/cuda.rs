@@ -1,0 +1,555 @@
+//! The CUDA arms of the tape ops (feature `cuda`). Each op file validates its arguments (the
+//! same shape errors on every device), then calls the function here when its inputs are on a
+//! GPU. Forward and backward run as launchers of `device::cuda` on the backend's one stream;
+//! outputs and gradients stay on the inputs' GPU. Nothing waits for the GPU except the few
+//! places that need a host value (the prototype norms check, the scalar of `sum_all`'s output
+//! gradient), which say so.
+
+use std::sync::Arc;
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::device::cuda::{ConvShape, CudaBackend, DeviceBuffer, Pool2dShape as GpuPoolShape};
+use crate::error::Result;
+use crate::ops::batchnorm::BnDims;
+use crate::ops::conv::Conv2dShape;
+use crate::ops::pool::Pool2dShape;
+use crate::tensor::Tensor;
+
+type Be = Arc<CudaBackend>;
+
+/// The device buffer of a CUDA tensor (an error naming `op` otherwise).
+fn dbuf<'a>(op: &str, t: &'a Tensor) -> Result<&'a DeviceBuffer> {
+    match t.cuda() {
+        Ok(c) => Ok(&c.buf),
+        Err(e) => bail!(Device, "{op}: {e}"),
+    }
+}
+
+/// A gradient that arrived on another device than the op ran on (a CPU seed for a GPU
+/// output): moved here, so the backward stays on the op's GPU.
+fn on_gpu(be: &Be, t: &Tensor) -> Result<Tensor> {
+    t.to_device(&crate::tensor::Device::Cuda(be.ordinal()))
+}
+
+fn wrap(be: &Be, buf: DeviceBuffer, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_cuda(buf, be.clone(), shape)
+}
+
+// ---------------------------------------------------------------- elementwise
+
+/// a + b, same shapes (checked by the caller); not recorded.
+pub(crate) fn add(be: &Be, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mut y = be.alloc_f32(a.numel())?;
+    be.add(dbuf("add", a)?, dbuf("add", b)?, &mut y)?;
+    wrap(be, y, a.shape())
+}
+
+pub(crate) fn relu(tape: &mut Tape, be: Be, x: &Tensor) -> Result<Tensor> {
+    let mut y = be.alloc_f32(x.numel())?;
+    be.relu_forward(dbuf("relu", x)?, &mut y)?;
+    let y = wrap(&be, y, x.shape())?;
+    // ReLU's backward needs only the output (dx = dy where y > 0), as on the CPU.
+    let saved = y.clone();
+    tape.record("relu", &y, &[x], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("relu backward dy", saved.shape())?;
+        let mut dx = be.alloc_f32(dy.numel())?;
+        be.relu_backward(dbuf("relu", &saved)?, dbuf("relu", &dy)?, &mut dx)?;
+        Ok(vec![Some(wrap(&be, dx, saved.shape())?)])
+    });
+    Ok(y)
+}
+
+pub(crate) fn gelu(tape: &mut Tape, be: Be, x: &Tensor) -> Result<Tensor> {
+    let mut y = be.alloc_f32(x.numel())?;
+    be.gelu_forward(dbuf("gelu", x)?, &mut y)?;
+    let y = wrap(&be, y, x.shape())?;
+    let saved = x.clone();
+    tape.record("gelu", &y, &[x], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("gelu backward dy", saved.shape())?;
+        let mut dx = be.alloc_f32(dy.numel())?;
+        be.gelu_backward(dbuf("gelu", &saved)?, dbuf("gelu", &dy)?, &mut dx)?;
+        Ok(vec![Some(wrap(&be, dx, saved.shape())?)])
+    });
+    Ok(y)
+}
+
+// ---------------------------------------------------------------- conv / pool
+
+pub(crate) fn conv2d(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    w: &Tensor,
+    s: Conv2dShape,
+) -> Result<Tensor> {
+    let cs = ConvShape {
+        n: s.n,
+        c: s.c,
+        h: s.h,
+        w: s.w,
+        o: s.o,
+        kh: s.kh,
+        kw: s.kw,
+        stride: s.stride,
+        padding: s.padding,
+    };
+    let mut y = be.alloc_f32(s.y_len())?; // (N, O, HO, WO)
+    be.conv2d_forward(&cs, dbuf("conv2d", x)?, dbuf("conv2d", w)?, &mut y)?;
+    let y_shape = [s.n, s.o, s.ho(), s.wo()];
+    let y = wrap(&be, y, &y_shape)?;
+    // As on the CPU: the images need no dx, a frozen weight no dw.
+    let need_dx = tape.requires_grad(x);
+    let need_dw = tape.requires_grad(w);
+    let (xs, ws) = (x.clone(), w.clone());
+    tape.record("conv2d", &y, &[x, w], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("conv2d output gradient", &y_shape)?;
+        let dyb = dbuf("conv2d backward", &dy)?;
+        let dx = if need_dx {
+            let mut dx = be.alloc_f32(s.x_len())?; // (N, C, H, W)
+            be.conv2d_backward_data(&cs, dbuf("conv2d backward", &ws)?, dyb, &mut dx)?;
+            Some(wrap(&be, dx, xs.shape())?)
+        } else {
+            None
+        };
+        let dw = if need_dw {
+            let mut dw = be.alloc_f32(s.w_len())?; // (O, C, KH, KW)
+            be.conv2d_backward_filter(&cs, dbuf("conv2d backward", &xs)?, dyb, &mut dw)?;
+            Some(wrap(&be, dw, ws.shape())?)
+        } else {
+            None
+        };
+        Ok(vec![dx, dw])
+    });
+    Ok(y)
+}
+
+pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) -> Result<Tensor> {
+    let gs = GpuPoolShape {
+        n: s.n,
+        c: s.c,
+        h: s.h,
+        w: s.w,
+        k: s.kernel,
+        stride: s.stride,
+        padding: s.padding,
+    };
+    let mut y = be.alloc_f32(s.y_len())?; // (N, C, HO, WO)
+    let mut argmax = be.alloc_bytes(s.y_len() * 4)?; // i32 (N, C, HO, WO): index in the plane
+    be.max_pool2d_forward(&gs, dbuf("max_pool2d", x)?, &mut y, &mut argmax)?;
+    let y_shape = [s.n, s.c, s.ho(), s.wo()];
+    let y = wrap(&be, y, &y_shape)?;
+    let x_shape = x.shape().to_vec();
+    tape.record("max_pool2d", &y, &[x], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("max_pool2d output gradient", &y_shape)?;
+        let mut dx = be.alloc_f32(s.x_len())?; // (N, C, H, W)
+        be.max_pool2d_backward(&gs, dbuf("max_pool2d backward", &dy)?, &argmax, &mut dx)?;
+        Ok(vec![Some(wrap(&be, dx, &x_shape)?)])
+    });
+    Ok(y)
+}
+
+pub(crate) fn global_avg_pool(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    rows: usize,
+    hw: usize,
+) -> Result<Tensor> {
+    let x_shape = x.shape().to_vec();
+    let mut y = be.alloc_f32(rows)?; // (N, C)
+    be.global_avg_pool_forward(dbuf("global_avg_pool", x)?, rows, hw, &mut y)?;
+    let y_shape = [x_shape[0], x_shape[1]];
+    let y = wrap(&be, y, &y_shape)?;
+    tape.record("global_avg_pool", &y, &[x], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("global_avg_pool output gradient", &y_shape)?;
+        let mut dx = be.alloc_f32(rows * hw)?; // (N, C, H, W)
+        be.global_avg_pool_backward(dbuf("global_avg_pool backward", &dy)?, rows, hw, &mut dx)?;
+        Ok(vec![Some(wrap(&be, dx, &x_shape)?)])
+    });
+    Ok(y)
+}
+
+// ---------------------------------------------------------------- batch norm
+
+/// Training mode; returns (y, batch mean (C,), unbiased batch variance (C,)), all on the GPU.
+pub(crate) fn batch_norm_train(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    d: BnDims,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "batch_norm_train";
+    let mut mean = be.alloc_f32(d.c)?; // (C,)
+    let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
+    let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
+    be.batch_norm_stats(
+        dbuf(op, x)?,
+        d.n,
+        d.c,
+        d.s,
+        eps,
+        &mut mean,
+        &mut invstd,
+        &mut var_unbiased,
+    )?;
+    let mut y = be.alloc_f32(d.numel())?; // (N, C, S)
+    be.batch_norm_forward(
+        dbuf(op, x)?,
+        &mean,
+        &invstd,
+        dbuf(op, gamma)?,
+        dbuf(op, beta)?,
+        d.n,
+        d.c,
+        d.s,
+        &mut y,
+    )?;
+    let y = wrap(&be, y, x.shape())?;
+    let mean = wrap(&be, mean, &[d.c])?;
+    let var_t = wrap(&be, var_unbiased, &[d.c])?;
+    if tape.is_recording() {
+        let (sx, sg, sm) = (x.clone(), gamma.clone(), mean.clone());
+        tape.record(op, &y, &[x, gamma, beta], move |dy| {
+            let dy = on_gpu(&be, dy)?;
+            dy.expect_shape("batch_norm_train backward dy", sx.shape())?;
+            let mut dx = be.alloc_f32(d.numel())?;
+            let mut dgamma = be.alloc_f32(d.c)?;
+            let mut dbeta = be.alloc_f32(d.c)?;
+            be.batch_norm_backward(
+                true,
+                dbuf(op, &dy)?,
+                dbuf(op, &sx)?,
+                dbuf(op, &sm)?,
+                &invstd,
+                dbuf(op, &sg)?,
+                d.n,
+                d.c,
+                d.s,
+                &mut dx,
+                &mut dgamma,
+                &mut dbeta,
+            )?;
+            Ok(vec![
+                Some(wrap(&be, dx, sx.shape())?),
+                Some(wrap(&be, dgamma, &[d.c])?),
+                Some(wrap(&be, dbeta, &[d.c])?),
+            ])
+        });
+    }
+    Ok((y, mean, var_t))
+}
+
+/// Eval mode with the running statistics (constants); differentiable w.r.t. x, gamma, beta.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_eval(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    d: BnDims,
+    eps: f32,
+) -> Result<Tensor> {
+    let op = "batch_norm_eval";
+    let mut invstd = be.alloc_f32(d.c)?; // (C,)
+    be.batch_norm_invstd(dbuf(op, running_var)?, d.c, eps, &mut invstd)?;
+    let mut y = be.alloc_f32(d.numel())?; // (N, C, S)
+    be.batch_norm_forward(
+        dbuf(op, x)?,
+        dbuf(op, running_mean)?,
+        &invstd,
+        dbuf(op, gamma)?,
+        dbuf(op, beta)?,
+        d.n,
+        d.c,
+        d.s,
+        &mut y,
+    )?;
+    let y = wrap(&be, y, x.shape())?;
+    if tape.is_recording() {
+        let (sx, sg, rm) = (x.clone(), gamma.clone(), running_mean.clone());
+        tape.record(op, &y, &[x, gamma, beta], move |dy| {
+            let dy = on_gpu(&be, dy)?;
+            dy.expect_shape("batch_norm_eval backward dy", sx.shape())?;
+            let mut dx = be.alloc_f32(d.numel())?;
+            let mut dgamma = be.alloc_f32(d.c)?;
+            let mut dbeta = be.alloc_f32(d.c)?;
+            be.batch_norm_backward(
+                false,
+                dbuf(op, &dy)?,
+                dbuf(op, &sx)?,
+                dbuf(op, &rm)?,
+                &invstd,
+                dbuf(op, &sg)?,
+                d.n,
+                d.c,
+                d.s,
+                &mut dx,
+                &mut dgamma,
+                &mut dbeta,
+            )?;
+            Ok(vec![
+                Some(wrap(&be, dx, sx.shape())?),
+                Some(wrap(&be, dgamma, &[d.c])?),
+                Some(wrap(&be, dbeta, &[d.c])?),
+            ])
+        });
+    }
+    Ok(y)
+}
+
+/// The new (running_mean, running_var); the inputs are left untouched (copied, then updated in
+/// place by the kernel).
+pub(crate) fn bn_running_update(
+    be: &Be,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    batch_mean: &Tensor,
+    batch_var_unbiased: &Tensor,
+    momentum: f32,
+) -> Result<(Tensor, Tensor)> {
+    let op = "bn_running_update";
+    let c = running_mean.numel();
+    let mut rm = be.alloc_f32(c)?;
+    let mut rv = be.alloc_f32(c)?;
+    be.copy_dtod(dbuf(op, running_mean)?, &mut rm)?;
+    be.copy_dtod(dbuf(op, running_var)?, &mut rv)?;
+    be.batch_norm_running_update(
+        &mut rm,
+        &mut rv,
+        dbuf(op, batch_mean)?,
+        dbuf(op, batch_var_unbiased)?,
+        c,
+        momentum,
+    )?;
+    Ok((wrap(be, rm, &[c])?, wrap(be, rv, &[c])?))
+}
+
+// ---------------------------------------------------------------- linear algebra
+
+/// (M, K) x (K, N) -> (M, N).
+pub(crate) fn matmul(
+    tape: &mut Tape,
+    be: Be,
+    a: &Tensor,
+    b: &Tensor,
+    (m, k, n): (usize, usize, usize),
+) -> Result<Tensor> {
+    let op = "matmul";
+    let mut y = be.alloc_f32(m * n)?; // (M, N)
+    be.gemm(
+        false,
+        false,
+        m,
+        n,
+        k,
+        1.0,
+        dbuf(op, a)?,
+        dbuf(op, b)?,
+        0.0,
+        &mut y,
+    )?;
+    let y = wrap(&be, y, &[m, n])?;
+    let (sa, sb) = (a.clone(), b.clone());
+    tape.record(op, &y, &[a, b], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("matmul backward dy", &[m, n])?;
+        let dyb = dbuf(op, &dy)?;
+        // da (M, K) = dy (M, N) x b^T
+        let mut da = be.alloc_f32(m * k)?;
+        be.gemm(false, true, m, k, n, 1.0, dyb, dbuf(op, &sb)?, 0.0, &mut da)?;
+        // db (K, N) = a^T x dy
+        let mut db = be.alloc_f32(k * n)?;
+        be.gemm(true, false, k, n, m, 1.0, dbuf(op, &sa)?, dyb, 0.0, &mut db)?;
+        Ok(vec![
+            Some(wrap(&be, da, &[m, k])?),
+            Some(wrap(&be, db, &[k, n])?),
+        ])
+    });
+    Ok(y)
+}
+
+/// x (N, IN), w (OUT, IN), b (OUT,) optional: y = x W^T + b.
+pub(crate) fn linear(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<Tensor> {
+    let op = "linear";
+    let mut y = be.alloc_f32(n * cout)?; // (N, OUT)
+    be.gemm(
+        false,
+        true,
+        n,
+        cout,
+        cin,
+        1.0,
+        dbuf(op, x)?,
+        dbuf(op, w)?,
+        0.0,
+        &mut y,
+    )?;
+    if let Some(b) = b {
+        be.bias_add(&mut y, dbuf(op, b)?, n, cout)?;
+    }
+    let y = wrap(&be, y, &[n, cout])?;
+    let (sx, sw) = (x.clone(), w.clone());
+    let has_bias = b.is_some();
+    let backward = move |dy: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("linear backward dy", &[n, cout])?;
+        let dyb = dbuf(op, &dy)?;
+        // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+        let mut dx = be.alloc_f32(n * cin)?;
+        be.gemm(
+            false,
+            false,
+            n,
+            cin,
+            cout,
+            1.0,
+            dyb,
+            dbuf(op, &sw)?,
+            0.0,
+            &mut dx,
+        )?;
+        // dw (OUT, IN) = dy^T x x
+        let mut dw = be.alloc_f32(cout * cin)?;
+        be.gemm(
+            true,
+            false,
+            cout,
+            cin,
+            n,
+            1.0,
+            dyb,
+            dbuf(op, &sx)?,
+            0.0,
+            &mut dw,
+        )?;
+        let mut grads = vec![
+            Some(wrap(&be, dx, &[n, cin])?),
+            Some(wrap(&be, dw, &[cout, cin])?),
+        ];
+        if has_bias {
+            let mut db = be.alloc_f32(cout)?; // (OUT,)
+            be.col_sum(dyb, n, cout, &mut db)?;
+            grads.push(Some(wrap(&be, db, &[cout])?));
+        }
+        Ok(grads)
+    };
+    match b {
+        Some(b) => tape.record(op, &y, &[x, w, b], backward),
+        None => tape.record(op, &y, &[x, w], backward),
+    }
+    Ok(y)
+}
+
+/// Weight-normalized linear, gain 1: y = x (v / ||v||_rows)^T.
+pub(crate) fn wn_linear(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    v: &Tensor,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<Tensor> {
+    let op = "wn_linear";
+    let mut norms = be.alloc_f32(cout)?; // (OUT,)
+    be.row_norms(dbuf(op, v)?, cout, cin, &mut norms)?;
+    // The same check as the CPU: a zero or non-finite row has no direction. It costs one small
+    // download (and a wait for the queued forward) per call.
+    let host = be.download_f32(&norms)?;
+    if let Some(r) = host.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
+        bail!(
+            NonFinite,
+            "wn_linear: row {r} of v {:?} has norm {} (rows must be non-zero and finite)",
+            v.shape(),
+            host[r]
+        );
+    }
+    let mut w = be.alloc_f32(cout * cin)?; // (OUT, IN)
+    be.row_normalize(dbuf(op, v)?, &norms, cout, cin, &mut w)?;
+    let mut y = be.alloc_f32(n * cout)?; // (N, OUT)
+    be.gemm(
+        false,
+        true,
+        n,
+        cout,
+        cin,
+        1.0,
+        dbuf(op, x)?,
+        &w,
+        0.0,
+        &mut y,
+    )?;
+    let y = wrap(&be, y, &[n, cout])?;
+    if !tape.is_recording() {
+        return Ok(y);
+    }
+    let sx = x.clone();
+    tape.record(op, &y, &[x, v], move |dy| {
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape("wn_linear backward dy", &[n, cout])?;
+        let dyb = dbuf(op, &dy)?;
+        // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+        let mut dx = be.alloc_f32(n * cin)?;
+        be.gemm(false, false, n, cin, cout, 1.0, dyb, &w, 0.0, &mut dx)?;
+        // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
+        let mut dw = be.alloc_f32(cout * cin)?;
+        be.gemm(
+            true,
+            false,
+            cout,
+            cin,
+            n,
+            1.0,
+            dyb,
+            dbuf(op, &sx)?,
+            0.0,
+            &mut dw,
+        )?;
+        let mut dv = be.alloc_f32(cout * cin)?;
+        be.row_normalize_backward(&dw, &w, &norms, cout, cin, &mut dv)?;
+        Ok(vec![
+            Some(wrap(&be, dx, &[n, cin])?),
+            Some(wrap(&be, dv, &[cout, cin])?),
+        ])
+    });
+    Ok(y)
+}
+
+/// Sum (or mean, with `mean`) of all elements -> shape (1,) on the GPU.
+pub(crate) fn sum_all(tape: &mut Tape, be: Be, x: &Tensor, mean: bool) -> Result<Tensor> {
+    let op = if mean { "mean_all" } else { "sum_all" };
+    let count = x.numel();
+    let mut s = be.alloc_f32(1)?; // (1,)
+    be.sum(dbuf(op, x)?, count, &mut s)?;
+    if mean {
+        be.scale_in_place(&mut s, 1.0 / count as f32)?;
+    }
+    let y = wrap(&be, s, &[1])?;
+    let shape = x.shape().to_vec();
+    tape.record(op, &y, &[x], move |dy| {
+        // The scalar comes to the host (one wait): broadcasting it is a fill.
+        let g = dy.scalar()?;
+        let g = if mean { g / count as f32 } else { g };
+        let mut dx = be.alloc_f32(count)?;
+        be.fill(&mut dx, g)?;
+        Ok(vec![Some(wrap(&be, dx, &shape)?)])
+    });
+    Ok(y)
+}

@@ -1,0 +1,573 @@
+//! The tape ops on CUDA tensors against the same ops on CPU tensors (the CPU ops are the
+//! reference, tested against naive f64 implementations and finite differences in their own
+//! files): forward outputs and every input's gradient through the tape, at odd small shapes and
+//! ResNet50's real conv shapes. Then a full CARP training step of a small model on both
+//! devices: loss, every parameter gradient, the LARS update, the EMA and the BN running
+//! statistics.
+//!
+//! Tolerances (max |gpu - cpu| / max |cpu|, per tensor): 1e-6 for elementwise ops, 1e-4 for
+//! reductions, GEMMs and convolutions in f32 (different summation orders; cuDNN/cuBLAS run
+//! without TF32), 2e-3 for the whole training step (about 20 layers of f32 reassociation,
+//! training-mode BN on 16 samples).
+//!
+//! Without a GPU (or driver, or the `cuda` feature) every GPU test prints
+//! "SKIPPED: <test>: <reason>" to the process's stderr (visible in `cargo test` output) and
+//! returns.
+
+use std::io::Write as _;
+
+use carp::autograd::Tape;
+use carp::tensor::{Device, Tensor};
+use carp::testutil::randn_vec;
+
+/// Runs everywhere: the device parser and the error for CUDA without the feature.
+#[test]
+fn device_parse() {
+    assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+    assert!(Device::parse("tpu").is_err());
+    assert!(Device::parse("cuda:x").is_err());
+    let auto = Device::parse("auto").unwrap();
+    if cfg!(feature = "cuda") {
+        assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(0));
+        assert_eq!(Device::parse("cuda:3").unwrap(), Device::Cuda(3));
+    } else {
+        let e = Device::parse("cuda").unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+        assert_eq!(auto, Device::Cpu);
+        assert!(Tensor::zeros(&[2], &Device::Cuda(0)).is_err());
+        assert!(Tensor::from_vec(vec![1.0], &[1])
+            .unwrap()
+            .to_device(&Device::Cuda(0))
+            .is_err());
+    }
+    // to_device onto the CPU of a CPU tensor is the same tensor.
+    let t = Tensor::from_vec(vec![1.0, 2.0], &[2]).unwrap();
+    assert_eq!(t.to_device(&Device::Cpu).unwrap().id(), t.id());
+}
+
+/// GPU 0, or None after printing why the test is skipped.
+fn gpu_or_skip(test: &str) -> Option<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        match carp::device::cuda::backend(0) {
+            Ok(_) => Some(Device::Cuda(0)),
+            Err(e) => {
+                // Straight to the process's stderr: libtest captures only the print macros.
+                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {test}: this build has no CUDA backend (build with --features cuda)"
+        );
+        None
+    }
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::from_vec(randn_vec(shape.iter().product(), seed), shape).unwrap()
+}
+
+/// max |got - want| / max(|want|_inf, floor); fails on non-finite values.
+fn check_close(name: &str, got: &[f32], want: &[f32], tol: f64, floor: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{name}: element {i} is {}", got[i]);
+    }
+    let scale = want.iter().fold(floor, |m, &v| m.max(v.abs() as f64));
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (g as f64 - w as f64).abs();
+        if d > worst {
+            worst = d;
+            at = i;
+        }
+    }
+    let rel = worst / scale;
+    assert!(
+        rel <= tol,
+        "{name}: relative error {rel:.3e} > {tol:.1e} (element {at}: gpu {} vs cpu {})",
+        got[at],
+        want[at]
+    );
+}
+
+type Op = dyn Fn(&mut Tape, &[Tensor]) -> carp::Result<Vec<Tensor>>;
+
+/// Runs `f` on `inputs` (all tracked) on `device`, seeds the first output with `seed` and
+/// returns (outputs on the host, each input's gradient on the host).
+fn run_on(
+    device: &Device,
+    inputs: &[Tensor],
+    seed: &Tensor,
+    f: &Op,
+) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
+    let mut tape = Tape::new();
+    let xs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| tape.track(&t.to_device(device).unwrap()))
+        .collect();
+    let outs = f(&mut tape, &xs).unwrap();
+    for o in &outs {
+        assert_eq!(o.device(), *device, "an output left the inputs' device");
+    }
+    let host: Vec<Vec<f32>> = outs.iter().map(|o| o.to_vec().unwrap()).collect();
+    let seed = seed.to_device(device).unwrap();
+    let grads = tape.backward_from(vec![(outs[0].clone(), seed)]).unwrap();
+    let g = xs
+        .iter()
+        .map(|x| {
+            grads.get(x).map(|g| {
+                assert_eq!(g.device(), *device, "a gradient left the inputs' device");
+                g.to_vec().unwrap()
+            })
+        })
+        .collect();
+    (host, g)
+}
+
+/// The op on CUDA against the op on CPU: every output (forward) and every input gradient
+/// (backward from a random output gradient), within `tol_fwd` / `tol_bwd`.
+fn compare(dev: &Device, name: &str, inputs: &[Tensor], tol_fwd: f64, tol_bwd: f64, f: &Op) {
+    // The output shape first, for the seed.
+    let mut probe = Tape::no_grad();
+    let shape = f(&mut probe, inputs).unwrap()[0].shape().to_vec();
+    let seed = randn(&shape, 4242);
+    let (y_cpu, g_cpu) = run_on(&Device::Cpu, inputs, &seed, f);
+    let (y_gpu, g_gpu) = run_on(dev, inputs, &seed, f);
+    for (i, (g, c)) in y_gpu.iter().zip(&y_cpu).enumerate() {
+        check_close(&format!("{name} output {i}"), g, c, tol_fwd, 1e-6);
+    }
+    for (i, (g, c)) in g_gpu.iter().zip(&g_cpu).enumerate() {
+        match (g, c) {
+            (Some(g), Some(c)) => check_close(&format!("{name} d input {i}"), g, c, tol_bwd, 1e-6),
+            (None, None) => {}
+            _ => panic!("{name}: input {i} has a gradient on one device only"),
+        }
+    }
+}
+
+#[test]
+fn elementwise_and_reshape() {
+    let Some(dev) = gpu_or_skip("elementwise_and_reshape") else {
+        return;
+    };
+    for (c, shape) in [vec![1usize], vec![3, 5, 7], vec![2, 64, 56, 56]]
+        .into_iter()
+        .enumerate()
+    {
+        let s = 10 * c as u64;
+        let (a, b) = (randn(&shape, s + 1), randn(&shape, s + 2));
+        compare(
+            &dev,
+            &format!("add {shape:?}"),
+            &[a.clone(), b],
+            1e-6,
+            1e-6,
+            &|t, x| Ok(vec![t.add(&x[0], &x[1])?]),
+        );
+        compare(
+            &dev,
+            &format!("relu {shape:?}"),
+            std::slice::from_ref(&a),
+            0.0,
+            0.0,
+            &|t, x| Ok(vec![t.relu(&x[0])?]),
+        );
+        compare(
+            &dev,
+            &format!("gelu {shape:?}"),
+            std::slice::from_ref(&a),
+            1e-6,
+            1e-5,
+            &|t, x| Ok(vec![t.gelu(&x[0])?]),
+        );
+        // x used twice: the tape accumulates two gradients (add_tensors on the device), and a
+        // reshape in between.
+        compare(
+            &dev,
+            &format!("x + relu(x) {shape:?}"),
+            &[a],
+            1e-6,
+            1e-6,
+            &|t, x| {
+                let n = x[0].numel();
+                let flat = t.reshape(&x[0], &[n])?;
+                let r = t.relu(&flat)?;
+                let y = t.add(&flat, &r)?;
+                Ok(vec![t.reshape(&y, x[0].shape())?])
+            },
+        );
+    }
+}
+
+#[test]
+fn conv2d_small_and_resnet50_shapes() {
+    let Some(dev) = gpu_or_skip("conv2d_small_and_resnet50_shapes") else {
+        return;
+    };
+    // (x shape, w shape, stride, padding)
+    let cases: &[([usize; 4], [usize; 4], usize, usize)] = &[
+        ([2, 3, 9, 11], [5, 3, 3, 3], 2, 1),
+        ([3, 4, 7, 6], [6, 4, 1, 1], 1, 0),
+        ([1, 2, 5, 5], [3, 2, 5, 5], 1, 2),
+        // ResNet50 (batch 2): stem, layer1 3x3, layer2.0 strided 3x3, layer3 1x1 reduce,
+        // layer4.0 strided downsample.
+        ([2, 3, 224, 224], [64, 3, 7, 7], 2, 3),
+        ([2, 64, 56, 56], [64, 64, 3, 3], 1, 1),
+        ([2, 128, 56, 56], [128, 128, 3, 3], 2, 1),
+        ([2, 1024, 14, 14], [256, 1024, 1, 1], 1, 0),
+        ([2, 1024, 14, 14], [2048, 1024, 1, 1], 2, 0),
+    ];
+    for (i, &(xs, ws, stride, padding)) in cases.iter().enumerate() {
+        let x = randn(&xs, 100 + i as u64);
+        let w = randn(&ws, 200 + i as u64);
+        compare(
+            &dev,
+            &format!("conv2d x{xs:?} w{ws:?} s{stride} p{padding}"),
+            &[x, w],
+            1e-4,
+            1e-4,
+            &move |t, v| Ok(vec![t.conv2d(&v[0], &v[1], stride, padding)?]),
+        );
+    }
+}
+
+#[test]
+fn pools() {
+    let Some(dev) = gpu_or_skip("pools") else {
+        return;
+    };
+    for (i, (shape, k, s, p)) in [
+        ([2usize, 64, 112, 112], 3usize, 2usize, 1usize),
+        ([3, 5, 9, 8], 3, 2, 1),
+        ([2, 3, 6, 7], 2, 2, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = randn(&shape, 300 + i as u64);
+        compare(
+            &dev,
+            &format!("max_pool2d {shape:?} k{k} s{s} p{p}"),
+            &[x],
+            0.0,
+            0.0,
+            &move |t, v| Ok(vec![t.max_pool2d(&v[0], k, s, p)?]),
+        );
+    }
+    for (i, shape) in [[2usize, 2048, 7, 7], [3, 5, 4, 3]].into_iter().enumerate() {
+        let x = randn(&shape, 310 + i as u64);
+        compare(
+            &dev,
+            &format!("global_avg_pool {shape:?}"),
+            &[x],
+            1e-5,
+            1e-6,
+            &|t, v| Ok(vec![t.global_avg_pool(&v[0])?]),
+        );
+    }
+}
+
+#[test]
+fn batch_norm() {
+    let Some(dev) = gpu_or_skip("batch_norm") else {
+        return;
+    };
+    for (i, shape) in [
+        vec![4usize, 64, 28, 28],
+        vec![3, 5, 7, 9],
+        vec![16, 2048],
+        vec![8, 33],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = shape[1];
+        let s = 400 + 10 * i as u64;
+        // A mean far from zero and a non-unit scale, per channel.
+        let x: Vec<f32> = randn_vec(shape.iter().product(), s)
+            .iter()
+            .map(|v| 3.0 + 2.0 * v)
+            .collect();
+        let x = Tensor::from_vec(x, &shape).unwrap();
+        let gamma = Tensor::from_vec(
+            randn_vec(c, s + 1).iter().map(|v| 1.0 + 0.5 * v).collect(),
+            &[c],
+        )
+        .unwrap();
+        let beta = randn(&[c], s + 2);
+        compare(
+            &dev,
+            &format!("batch_norm_train {shape:?}"),
+            &[x.clone(), gamma.clone(), beta.clone()],
+            1e-4,
+            1e-4,
+            &|t, v| {
+                let (y, m, var) = t.batch_norm_train(&v[0], &v[1], &v[2], 1e-5)?;
+                Ok(vec![y, m, var])
+            },
+        );
+        let rm = randn(&[c], s + 3);
+        let rv = Tensor::from_vec(
+            randn_vec(c, s + 4).iter().map(|v| 0.5 + v.abs()).collect(),
+            &[c],
+        )
+        .unwrap();
+        compare(
+            &dev,
+            &format!("batch_norm_eval {shape:?}"),
+            &[x, gamma, beta, rm.clone(), rv.clone()],
+            1e-5,
+            1e-4,
+            &|t, v| {
+                Ok(vec![t.batch_norm_eval(
+                    &v[0], &v[1], &v[2], &v[3], &v[4], 1e-5,
+                )?])
+            },
+        );
+        // The running update (not a tape op).
+        let (bm, bv) = (randn(&[c], s + 5), randn(&[c], s + 6));
+        let upd = |d: &Device| {
+            let on = |t: &Tensor| t.to_device(d).unwrap();
+            let (a, b) = carp::ops::batchnorm::bn_running_update(
+                &on(&rm),
+                &on(&rv),
+                &on(&bm),
+                &on(&bv),
+                0.1,
+            )
+            .unwrap();
+            assert_eq!(a.device(), *d);
+            (a.to_vec().unwrap(), b.to_vec().unwrap())
+        };
+        let (cm, cv) = upd(&Device::Cpu);
+        let (gm, gv) = upd(&dev);
+        check_close("bn_running_update mean", &gm, &cm, 1e-6, 1e-6);
+        check_close("bn_running_update var", &gv, &cv, 1e-6, 1e-6);
+    }
+}
+
+#[test]
+fn linear_algebra_and_sums() {
+    let Some(dev) = gpu_or_skip("linear_algebra_and_sums") else {
+        return;
+    };
+    for (i, (m, k, n)) in [(7usize, 13usize, 5usize), (64, 2048, 256), (1, 3, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let s = 500 + 10 * i as u64;
+        let (a, b) = (randn(&[m, k], s), randn(&[k, n], s + 1));
+        compare(
+            &dev,
+            &format!("matmul {m}x{k}x{n}"),
+            &[a.clone(), b],
+            1e-4,
+            1e-4,
+            &|t, v| Ok(vec![t.matmul(&v[0], &v[1])?]),
+        );
+        // linear: x (m, k), w (n, k), b (n,), with and without the bias.
+        let (w, bias) = (randn(&[n, k], s + 2), randn(&[n], s + 3));
+        compare(
+            &dev,
+            &format!("linear {m}x{k}->{n}"),
+            &[a.clone(), w.clone(), bias],
+            1e-4,
+            1e-4,
+            &|t, v| Ok(vec![t.linear(&v[0], &v[1], Some(&v[2]))?]),
+        );
+        compare(
+            &dev,
+            &format!("linear (no bias) {m}x{k}->{n}"),
+            &[a.clone(), w.clone()],
+            1e-4,
+            1e-4,
+            &|t, v| Ok(vec![t.linear(&v[0], &v[1], None)?]),
+        );
+        compare(
+            &dev,
+            &format!("wn_linear {m}x{k}->{n}"),
+            &[a.clone(), w],
+            1e-4,
+            1e-4,
+            &|t, v| Ok(vec![t.wn_linear(&v[0], &v[1])?]),
+        );
+        compare(
+            &dev,
+            &format!("sum_all {m}x{k}"),
+            std::slice::from_ref(&a),
+            1e-5,
+            1e-6,
+            &|t, v| Ok(vec![t.sum_all(&v[0])?]),
+        );
+        compare(
+            &dev,
+            &format!("mean_all {m}x{k}"),
+            &[a],
+            1e-5,
+            1e-6,
+            &|t, v| Ok(vec![t.mean_all(&v[0])?]),
+        );
+    }
+    // The CARP prototype layer's size: (2N, 256) x (65536, 256)^T at N = 64.
+    let (x, v) = (randn(&[128, 256], 590), randn(&[65536, 256], 591));
+    compare(
+        &dev,
+        "wn_linear 128x256->65536",
+        &[x, v],
+        1e-4,
+        1e-4,
+        &|t, v| Ok(vec![t.wn_linear(&v[0], &v[1])?]),
+    );
+}
+
+#[test]
+fn device_errors_and_transfers() {
+    let Some(dev) = gpu_or_skip("device_errors_and_transfers") else {
+        return;
+    };
+    let a = randn(&[3, 4], 600);
+    let g = a.to_device(&dev).unwrap();
+    assert_eq!(g.device(), dev);
+    assert_eq!(
+        g.to_vec().unwrap(),
+        a.to_vec().unwrap(),
+        "upload/download round trip"
+    );
+    assert!(g.cpu().is_err(), "cpu() of a GPU tensor must be an error");
+    assert_eq!(
+        g.to_device(&Device::Cpu).unwrap().cpu().unwrap(),
+        a.cpu().unwrap()
+    );
+    let z = Tensor::full(2.5, &[5, 3], &dev).unwrap();
+    assert_eq!(z.to_vec().unwrap(), vec![2.5; 15]);
+    assert_eq!(
+        Tensor::zeros(&[7], &dev).unwrap().to_vec().unwrap(),
+        vec![0.0; 7]
+    );
+    let mut tape = Tape::new();
+    let e = tape.add(&a, &g).unwrap_err().to_string();
+    assert!(e.contains("different devices"), "{e}");
+    let w = randn(&[4, 4], 601);
+    let e = tape.matmul(&g, &w).unwrap_err().to_string();
+    assert!(
+        e.contains("matmul") && e.contains("different devices"),
+        "{e}"
+    );
+}
+
+/// A full CARP step of a small model on the GPU against the same step on the CPU.
+#[test]
+fn training_step_matches_cpu() {
+    use carp::nn::head::HeadConfig;
+    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::ModelConfig;
+    use carp::train::step::CarpState;
+
+    let Some(dev) = gpu_or_skip("training_step_matches_cpu") else {
+        return;
+    };
+    let cfg = ModelConfig {
+        arch: "small".into(),
+        backbone: ResNetConfig {
+            layers: vec![1, 1],
+            base_width: 4,
+            stem: Stem::Cifar,
+        },
+        head: HeadConfig {
+            hidden: 32,
+            out: 16,
+            prototypes: 64,
+        },
+    };
+    let (batch, image, nb) = (8usize, 16usize, 16usize);
+    let mut cpu = CarpState::new(&cfg, nb, 1e-4, 7).unwrap();
+    // Random BN affine parameters: the zero-init gamma of bn3 would zero every residual
+    // branch's gradient and hide most of the network from the comparison.
+    let noise = randn_vec(cpu.student.params.numel(), 8);
+    for e in cpu.student.params.entries.clone() {
+        if e.is_1d() {
+            for i in e.range() {
+                cpu.student.params.data[i] = 1.0 + 0.3 * noise[i];
+            }
+        }
+    }
+    cpu.teacher = cpu.student.clone();
+    // One step first with different teacher weights, so the EMA is not a no-op.
+    for v in cpu.teacher.params.data.iter_mut() {
+        *v *= 0.9;
+    }
+    let mut gpu = cpu.clone();
+    let v1 = randn(&[batch, 3, image, image], 9);
+    let v2 = randn(&[batch, 3, image, image], 10);
+    let (lr, m) = (0.5, 0.99);
+    let before = cpu.student.params.data.clone();
+    let sc = cpu.train_step(&v1, &v2, lr, m).unwrap();
+    let sg = gpu
+        .train_step(
+            &v1.to_device(&dev).unwrap(),
+            &v2.to_device(&dev).unwrap(),
+            lr,
+            m,
+        )
+        .unwrap();
+    for (name, g, c) in [
+        ("loss", sg.loss, sc.loss),
+        ("consistency", sg.consistency, sc.consistency),
+        ("entropy", sg.entropy, sc.entropy),
+    ] {
+        assert!(
+            (g as f64 - c as f64).abs() <= 1e-4 * (c.abs() as f64).max(1.0),
+            "{name}: gpu {g} vs cpu {c}"
+        );
+    }
+    // Every parameter's gradient, per entry, against the entry's own scale (floored by 1e-3 of
+    // the largest gradient, so entries whose gradient is ~0 are not compared to noise).
+    let gmax = cpu
+        .student
+        .params
+        .grad
+        .iter()
+        .fold(0.0f64, |a, &v| a.max(v.abs() as f64));
+    assert!(gmax > 0.0, "the CPU step produced all-zero gradients");
+    let (pc, pg) = (&cpu.student.params, &gpu.student.params);
+    for e in &pc.entries {
+        check_close(
+            &format!("grad {}", e.name),
+            &pg.grad[e.range()],
+            &pc.grad[e.range()],
+            2e-3,
+            1e-3 * gmax,
+        );
+        // The LARS update (new - old weights).
+        let dc: Vec<f32> = e.range().map(|i| pc.data[i] - before[i]).collect();
+        let dg: Vec<f32> = e.range().map(|i| pg.data[i] - before[i]).collect();
+        check_close(&format!("LARS update {}", e.name), &dg, &dc, 2e-3, 1e-12);
+    }
+    check_close(
+        "EMA teacher",
+        &gpu.teacher.params.data,
+        &cpu.teacher.params.data,
+        1e-5,
+        1e-6,
+    );
+    check_close(
+        "BN running statistics (student)",
+        &gpu.student.buffers.data,
+        &cpu.student.buffers.data,
+        1e-4,
+        1e-6,
+    );
+    check_close(
+        "BN running statistics (teacher)",
+        &gpu.teacher.buffers.data,
+        &cpu.teacher.buffers.data,
+        1e-4,
+        1e-6,
+    );
+}
