@@ -208,7 +208,7 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "batch": n,
-                "device": device, "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
+                "device": device.to_string(), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
             })
         );

@@ -68,6 +68,9 @@ struct LinearArgs {
     /// Recompute the features even if a cache exists.
     #[arg(long)]
     no_cache: bool,
+    /// auto, cpu, cuda or cuda:N (for the feature extraction).
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// The last line printed is one JSON object.
     #[arg(long)]
     json: bool,
@@ -90,6 +93,7 @@ fn cached_features(
     data: &std::path::Path,
     size: usize,
     no_cache: bool,
+    device: &carp::Device,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
     let crc = {
         let bytes = std::fs::read(ckpt).map_err(|e| Error::io(ckpt, e))?;
@@ -115,7 +119,7 @@ fn cached_features(
     }
     eprintln!("features: extracting {} ...", data.display());
     let ds = carp::data::Dataset::open(data)?;
-    let (f, l) = trainer::extract_pooled(net, &ds, size, 256)?;
+    let (f, l) = trainer::extract_pooled_on(net, &ds, size, 256, device)?;
     let mut out = Vec::new();
     out.extend_from_slice(&(key.len() as u32).to_le_bytes());
     out.extend_from_slice(key.as_bytes());
@@ -335,6 +339,9 @@ struct KnnArgs {
     /// Image side (defaults to the checkpoint's training size, or 32 for tiny / 224).
     #[arg(long)]
     image_size: Option<usize>,
+    /// auto, cpu, cuda or cuda:N (for the feature extraction).
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// The last line printed is one JSON object.
     #[arg(long)]
     json: bool,
@@ -440,7 +447,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let train_ds = carp::data::Dataset::open(&args.data)?;
             let test_ds = carp::data::Dataset::open(&args.eval_data)?;
-            let r = trainer::knn_eval(&net, &train_ds, &test_ds, size)?;
+            let device = trainer::resolve_device(&args.device)?;
+            let r = trainer::knn_eval(&net, &train_ds, &test_ds, size, &device)?;
             for (k, a) in &r {
                 println!("k={k:<4} top-1 {:.2}%", 100.0 * a);
             }
@@ -458,12 +466,14 @@ fn run(cli: Cli) -> Result<()> {
             let (cfg, state) = load_checkpoint(&args.checkpoint)?;
             let net = &state.teacher;
             let d = net.cfg.backbone.feature_dim();
+            let device = trainer::resolve_device(&args.device)?;
             let (trf, trl) = cached_features(
                 &args.checkpoint,
                 net,
                 &args.data,
                 cfg.image_size,
                 args.no_cache,
+                &device,
             )?;
             let (tef, tel) = cached_features(
                 &args.checkpoint,
@@ -471,6 +481,7 @@ fn run(cli: Cli) -> Result<()> {
                 &args.eval_data,
                 cfg.image_size,
                 args.no_cache,
+                &device,
             )?;
             let classes = (trl.iter().chain(&tel).copied().max().unwrap_or(0) + 1) as usize;
             let probe = carp::eval::linear::LinearProbeConfig {

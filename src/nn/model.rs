@@ -133,10 +133,11 @@ impl Network {
         })
     }
 
-    /// Backbone features only (evaluation), BN in eval mode, nothing recorded.
+    /// Backbone features only (evaluation), BN in eval mode, nothing recorded; runs on `x`'s
+    /// device.
     pub fn features_eval(&self, x: &Tensor) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
-        let leaves = self.params.leaves(&mut tape)?;
+        let leaves = self.params.leaves_on(&mut tape, &x.device())?;
         let mut updates = Vec::new();
         self.backbone
             .forward(&mut tape, &leaves, &self.buffers, x, false, &mut updates)

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::eval::knn::{knn_top1, l2_normalize_rows, KNN_KS};
 use crate::nn::Network;
 use crate::optim::schedule::{cosine_lr, teacher_momentum};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, CheckpointMeta};
 use crate::train::config::TrainConfig;
 use crate::train::step::CarpState;
@@ -52,16 +52,16 @@ pub struct TrainReport {
     pub run_dir: PathBuf,
 }
 
-/// Resolves `--device`: this build runs on the CPU; the CUDA training path is not wired yet.
-pub fn resolve_device(spec: &str) -> Result<String> {
-    match spec {
-        "auto" | "cpu" => Ok("cpu".into()),
-        s if s == "cuda" || s.starts_with("cuda:") => bail!(
-            Device,
-            "--device {s}: the CUDA training path is not available in this build yet; use --device cpu"
-        ),
-        other => bail!(Config, "unknown device {other:?}: use auto, cpu, cuda or cuda:N"),
+/// Resolves `--device` (`auto` takes the first GPU when this build has the `cuda` feature and
+/// the machine a GPU; otherwise the CPU). A requested GPU is opened here, so a missing driver or
+/// library is reported before any work starts.
+pub fn resolve_device(spec: &str) -> Result<Device> {
+    let device = Device::parse(spec)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        crate::device::cuda::backend(i)?;
     }
+    Ok(device)
 }
 
 /// The view recipe a config asks for.
@@ -80,8 +80,9 @@ pub fn extract_features(
     ds: &Dataset,
     size: usize,
     batch: usize,
+    device: &Device,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let (mut feats, labels) = extract_pooled(net, ds, size, batch)?;
+    let (mut feats, labels) = extract_pooled_on(net, ds, size, batch, device)?;
     l2_normalize_rows(&mut feats, net.cfg.backbone.feature_dim());
     Ok((feats, labels))
 }
@@ -93,13 +94,24 @@ pub fn extract_pooled(
     size: usize,
     batch: usize,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
+    extract_pooled_on(net, ds, size, batch, &Device::Cpu)
+}
+
+/// [`extract_pooled`] with the forward passes on `device`.
+pub fn extract_pooled_on(
+    net: &Network,
+    ds: &Dataset,
+    size: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, Vec<u32>)> {
     let d = net.cfg.backbone.feature_dim();
     let mut feats = Vec::with_capacity(ds.len() * d);
     let mut labels = Vec::with_capacity(ds.len());
     for b in eval_batches(ds, size, batch) {
         let (x, y) = b?;
         let n = y.len();
-        let t = Tensor::from_vec(x, &[n, 3, size, size])?;
+        let t = Tensor::from_vec(x, &[n, 3, size, size])?.to_device(device)?;
         feats.extend_from_slice(&net.features_eval(&t)?.to_vec()?);
         labels.extend_from_slice(&y);
     }
@@ -112,10 +124,11 @@ pub fn knn_eval(
     train_ds: &Dataset,
     test_ds: &Dataset,
     size: usize,
+    device: &Device,
 ) -> Result<Vec<(usize, f64)>> {
     let d = net.cfg.backbone.feature_dim();
-    let (trf, trl) = extract_features(net, train_ds, size, 256)?;
-    let (tef, tel) = extract_features(net, test_ds, size, 256)?;
+    let (trf, trl) = extract_features(net, train_ds, size, 256, device)?;
+    let (tef, tel) = extract_features(net, test_ds, size, 256, device)?;
     let classes = train_ds.num_classes().max(test_ds.num_classes());
     let acc = knn_top1(&trf, &trl, &tef, &tel, d, classes, &KNN_KS)?;
     Ok(KNN_KS.iter().copied().zip(acc).collect())
@@ -245,7 +258,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     let mut knn_random = None;
     if let Some(eval_ds) = &eval_ds {
         let init = Network::new(&cfg.model, cfg.seed)?;
-        let r = knn_eval(&init, &train_ds, eval_ds, cfg.image_size)?;
+        let r = knn_eval(&init, &train_ds, eval_ds, cfg.image_size, &device)?;
         say(format!(
             "k-NN at random init: top-1 {:.2}% (k=20)",
             100.0 * top1_k20(&r).unwrap_or(0.0)
@@ -291,8 +304,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             if opts.inject_nan_at_step == Some(state.step) {
                 v1[0] = f32::NAN;
             }
-            let v1 = Tensor::from_vec(v1, &[batch.batch, 3, s, s])?;
-            let v2 = Tensor::from_vec(batch.view2, &[batch.batch, 3, s, s])?;
+            let v1 = Tensor::from_vec(v1, &[batch.batch, 3, s, s])?.to_device(&device)?;
+            let v2 = Tensor::from_vec(batch.view2, &[batch.batch, 3, s, s])?.to_device(&device)?;
             let lr = cosine_lr(state.step, total, cfg.warmup_steps, cfg.lr, cfg.lr_final);
             let m = teacher_momentum(state.step, total, cfg.momentum_start, cfg.momentum_end);
             let stats = match state.train_step(&v1, &v2, lr, m) {
@@ -339,7 +352,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
                 &eval_ds,
                 cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total,
             ) {
-                let r = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size)?;
+                let r = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size, &device)?;
                 metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": r}))?;
             }
         }
@@ -356,7 +369,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     let mut knn = Vec::new();
     if let Some(eval_ds) = &eval_ds {
         if state.step >= total {
-            knn = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size)?;
+            knn = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size, &device)?;
             metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": knn}))?;
         }
     }
@@ -374,7 +387,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         } else {
             0.0
         },
-        device,
+        device: device.to_string(),
         run_dir,
     };
     if let (Some(a), Some(b)) = (report.knn_top1, report.knn_top1_random_init) {
