@@ -261,8 +261,10 @@ impl TrainArgs {
         let mut c = TrainConfig::preset(self.preset.as_deref().unwrap_or("tiny"))?;
         if let Some(a) = &self.arch {
             let m = ModelConfig::named(a)?;
-            // A different arch brings its own head sizes unless given explicitly below.
+            // A different arch brings its own head sizes and view size unless given explicitly
+            // below.
             if m.arch != c.model.arch {
+                c.image_size = if m.arch == "tiny" { 32 } else { 224 };
                 c.model = m;
             }
         }
