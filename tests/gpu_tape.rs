@@ -10,6 +10,9 @@
 //! without TF32), 2e-3 for the whole training step (about 20 layers of f32 reassociation,
 //! training-mode BN on 16 samples).
 //!
+//! Every device buffer is NaN-filled when allocated (`set_poison_allocations`), so an output
+//! element an op leaves unwritten fails the comparison.
+//!
 //! Without a GPU (or driver, or the `cuda` feature) every GPU test prints
 //! "SKIPPED: <test>: <reason>" to the process's stderr (visible in `cargo test` output) and
 //! returns.
@@ -50,7 +53,11 @@ fn gpu_or_skip(test: &str) -> Option<Device> {
     #[cfg(feature = "cuda")]
     {
         match carp::device::cuda::backend(0) {
-            Ok(_) => Some(Device::Cuda(0)),
+            Ok(_) => {
+                // Every op output starts as NaN: an element a kernel does not write fails.
+                carp::device::cuda::set_poison_allocations(true);
+                Some(Device::Cuda(0))
+            }
             Err(e) => {
                 // Straight to the process's stderr: libtest captures only the print macros.
                 let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
