@@ -3,6 +3,8 @@
 # present: the GPU tests, compute-sanitizer memcheck over the GPU op tests, and one ResNet50
 # training step through carp-bench when it supports one. Prints a short table at the end.
 # Fits in 10 minutes: every step has its own timeout.
+# Environment: GPU_CHECK_MEMCHECK=0 skips compute-sanitizer; GPU_CHECK_TORCH=0 skips the PyTorch
+# reference; BENCH_BATCH (64) and BENCH_STEPS (3) size the ResNet50 step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
@@ -13,6 +15,8 @@ fi
 LOG="${OUT:-/tmp}/gpu-check.log"
 : >"$LOG"
 
+# PyTorch brings its own cuDNN: it runs with the loader path as it was (see step 3).
+ORIG_LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
 # cuBLAS / cuDNN / NCCL: the image ships them as Python wheels (nvidia-cublas, nvidia-cudnn-cu13,
 # ...); put their lib folders on the loader path for cudarc's dlopen.
 for lib in 'libcudnn.so.9*' 'libcublas.so.13*' 'libcublasLt.so.13*' 'libnccl.so.2*'; do
@@ -58,19 +62,43 @@ if grep -q "^SKIPPED" "$LOG"; then
     overall=1
 fi
 # 2. memcheck over the op tests, without the large ResNet50 conv shapes (slow under the tool).
-if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+if [ "${GPU_CHECK_MEMCHECK:-1}" = 0 ]; then
+    row "memcheck gpu_ops" SKIP "-" "GPU_CHECK_MEMCHECK=0"
+elif command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
     CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-    run_step "memcheck gpu_ops" 240 "$CS" --tool memcheck --error-exitcode 1 \
+    run_step "memcheck gpu_ops" 200 "$CS" --tool memcheck --error-exitcode 1 \
         "$B/tests/gpu_ops" --test-threads=1 --skip conv2d_resnet50_shapes || overall=1
 else
     row "memcheck gpu_ops" SKIP "-" "compute-sanitizer not found"
 fi
-# 3. One ResNet50 training step at batch 64, when carp-bench supports it.
+# 3. ResNet50 training steps at batch 64 (K 65536, NB 512, 224x224): ours, then PyTorch's.
+BB=${BENCH_BATCH:-64}
+BS=${BENCH_STEPS:-3}
+ours_ips="" torch_ips=""
 if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
-    run_step "carp-bench resnet50 step (batch 64)" 180 "$B/bin/carp-bench" --device cuda \
-        --model resnet50 --batch 64 --steps 1 || overall=1
+    bench_out="${OUT:-/tmp}/carp-bench.json"
+    run_step "carp-bench resnet50 step (batch $BB)" 240 bash -o pipefail -c \
+        "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS --json | tee '$bench_out'" ||
+        overall=1
+    ours_ips=$(grep -o '"images_per_s":[0-9.eE+-]*' "$bench_out" 2>/dev/null | tail -1 | cut -d: -f2)
+    ours_mem=$(grep -o '"peak_mem_gib":[0-9.eE+-]*' "$bench_out" 2>/dev/null | tail -1 | cut -d: -f2)
+    row "  carp images/s (peak GiB)" INFO "-" "${ours_ips:-?} (${ours_mem:-?})"
 else
     row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
+fi
+if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
+    python3 -c 'import torch, torchvision' 2>/dev/null; then
+    torch_out="${OUT:-/tmp}/torch-bench.jsonl"
+    run_step "torch reference (eager fp32, batch $BB)" 240 env LD_LIBRARY_PATH="$ORIG_LD_LIBRARY_PATH" bash -o pipefail -c \
+        "python3 '$B/torch_carp_bench.py' --batch $BB --steps 10 --warmup 3 --variants eager32 --out '${OUT:-/tmp}' | tee '$torch_out'" ||
+        overall=1
+    torch_ips=$(grep -o '"images_per_s": *[0-9.eE+-]*' "$torch_out" 2>/dev/null | tail -1 | sed 's/.*: *//')
+    row "  torch images/s" INFO "-" "${torch_ips:-?}"
+    if [ -n "$ours_ips" ] && [ -n "$torch_ips" ]; then
+        row "  carp / torch" INFO "-" "$(awk -v a="$ours_ips" -v b="$torch_ips" 'BEGIN{printf "%.3f", a/b}')"
+    fi
+else
+    row "torch reference" SKIP "-" "GPU_CHECK_TORCH=0, no torch_carp_bench.py, or no torch"
 fi
 
 echo

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::autograd::Tape;
 use crate::bail;
 use crate::device::cuda::{ConvShape, CudaBackend, DeviceBuffer, Pool2dShape as GpuPoolShape};
+use crate::device::nvtx;
 use crate::error::Result;
 use crate::ops::batchnorm::BnDims;
 use crate::ops::conv::Conv2dShape;
@@ -85,6 +86,7 @@ pub(crate) fn conv2d(
     w: &Tensor,
     s: Conv2dShape,
 ) -> Result<Tensor> {
+    let _r = nvtx::Range::new("conv2d");
     let cs = ConvShape {
         n: s.n,
         c: s.c,
@@ -105,6 +107,7 @@ pub(crate) fn conv2d(
     let need_dw = tape.requires_grad(w);
     let (xs, ws) = (x.clone(), w.clone());
     tape.record("conv2d", &y, &[x, w], move |dy| {
+        let _r = nvtx::Range::new("conv2d backward");
         let dy = on_gpu(&be, dy)?;
         dy.expect_shape("conv2d output gradient", &y_shape)?;
         let dyb = dbuf("conv2d backward", &dy)?;
@@ -128,6 +131,7 @@ pub(crate) fn conv2d(
 }
 
 pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) -> Result<Tensor> {
+    let _r = nvtx::Range::new("max_pool2d");
     let gs = GpuPoolShape {
         n: s.n,
         c: s.c,
@@ -144,6 +148,7 @@ pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) ->
     let y = wrap(&be, y, &y_shape)?;
     let x_shape = x.shape().to_vec();
     tape.record("max_pool2d", &y, &[x], move |dy| {
+        let _r = nvtx::Range::new("max_pool2d backward");
         let dy = on_gpu(&be, dy)?;
         dy.expect_shape("max_pool2d output gradient", &y_shape)?;
         let mut dx = be.alloc_f32(s.x_len())?; // (N, C, H, W)
@@ -160,12 +165,14 @@ pub(crate) fn global_avg_pool(
     rows: usize,
     hw: usize,
 ) -> Result<Tensor> {
+    let _r = nvtx::Range::new("global_avg_pool");
     let x_shape = x.shape().to_vec();
     let mut y = be.alloc_f32(rows)?; // (N, C)
     be.global_avg_pool_forward(dbuf("global_avg_pool", x)?, rows, hw, &mut y)?;
     let y_shape = [x_shape[0], x_shape[1]];
     let y = wrap(&be, y, &y_shape)?;
     tape.record("global_avg_pool", &y, &[x], move |dy| {
+        let _r = nvtx::Range::new("global_avg_pool backward");
         let dy = on_gpu(&be, dy)?;
         dy.expect_shape("global_avg_pool output gradient", &y_shape)?;
         let mut dx = be.alloc_f32(rows * hw)?; // (N, C, H, W)
@@ -187,6 +194,7 @@ pub(crate) fn batch_norm_train(
     d: BnDims,
     eps: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let _r = nvtx::Range::new("batch_norm_train");
     let op = "batch_norm_train";
     let mut mean = be.alloc_f32(d.c)?; // (C,)
     let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
@@ -219,6 +227,7 @@ pub(crate) fn batch_norm_train(
     if tape.is_recording() {
         let (sx, sg, sm) = (x.clone(), gamma.clone(), mean.clone());
         tape.record(op, &y, &[x, gamma, beta], move |dy| {
+            let _r = nvtx::Range::new("batch_norm_train backward");
             let dy = on_gpu(&be, dy)?;
             dy.expect_shape("batch_norm_train backward dy", sx.shape())?;
             let mut dx = be.alloc_f32(d.numel())?;
@@ -261,6 +270,7 @@ pub(crate) fn batch_norm_eval(
     d: BnDims,
     eps: f32,
 ) -> Result<Tensor> {
+    let _r = nvtx::Range::new("batch_norm_eval");
     let op = "batch_norm_eval";
     let mut invstd = be.alloc_f32(d.c)?; // (C,)
     be.batch_norm_invstd(dbuf(op, running_var)?, d.c, eps, &mut invstd)?;
@@ -280,6 +290,7 @@ pub(crate) fn batch_norm_eval(
     if tape.is_recording() {
         let (sx, sg, rm) = (x.clone(), gamma.clone(), running_mean.clone());
         tape.record(op, &y, &[x, gamma, beta], move |dy| {
+            let _r = nvtx::Range::new("batch_norm_eval backward");
             let dy = on_gpu(&be, dy)?;
             dy.expect_shape("batch_norm_eval backward dy", sx.shape())?;
             let mut dx = be.alloc_f32(d.numel())?;
@@ -346,6 +357,7 @@ pub(crate) fn matmul(
     b: &Tensor,
     (m, k, n): (usize, usize, usize),
 ) -> Result<Tensor> {
+    let _r = nvtx::Range::new("matmul");
     let op = "matmul";
     let mut y = be.alloc_f32(m * n)?; // (M, N)
     be.gemm(
@@ -363,6 +375,7 @@ pub(crate) fn matmul(
     let y = wrap(&be, y, &[m, n])?;
     let (sa, sb) = (a.clone(), b.clone());
     tape.record(op, &y, &[a, b], move |dy| {
+        let _r = nvtx::Range::new("matmul backward");
         let dy = on_gpu(&be, dy)?;
         dy.expect_shape("matmul backward dy", &[m, n])?;
         let dyb = dbuf(op, &dy)?;
@@ -389,6 +402,7 @@ pub(crate) fn linear(
     b: Option<&Tensor>,
     (n, cin, cout): (usize, usize, usize),
 ) -> Result<Tensor> {
+    let _r = nvtx::Range::new("linear");
     let op = "linear";
     let mut y = be.alloc_f32(n * cout)?; // (N, OUT)
     be.gemm(
@@ -410,6 +424,7 @@ pub(crate) fn linear(
     let (sx, sw) = (x.clone(), w.clone());
     let has_bias = b.is_some();
     let backward = move |dy: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let _r = nvtx::Range::new("linear backward");
         let dy = on_gpu(&be, dy)?;
         dy.expect_shape("linear backward dy", &[n, cout])?;
         let dyb = dbuf(op, &dy)?;
@@ -467,6 +482,7 @@ pub(crate) fn wn_linear(
     v: &Tensor,
     (n, cin, cout): (usize, usize, usize),
 ) -> Result<Tensor> {
+    let _r = nvtx::Range::new("wn_linear");
     let op = "wn_linear";
     let mut norms = be.alloc_f32(cout)?; // (OUT,)
     be.row_norms(dbuf(op, v)?, cout, cin, &mut norms)?;
@@ -502,6 +518,7 @@ pub(crate) fn wn_linear(
     }
     let sx = x.clone();
     tape.record(op, &y, &[x, v], move |dy| {
+        let _r = nvtx::Range::new("wn_linear backward");
         let dy = on_gpu(&be, dy)?;
         dy.expect_shape("wn_linear backward dy", &[n, cout])?;
         let dyb = dbuf(op, &dy)?;

@@ -36,6 +36,20 @@ pub struct PoolStats {
     pub bytes_in_use: usize,
     /// Bytes held in free lists.
     pub bytes_cached: usize,
+    /// The largest `bytes_in_use` so far (the working set's high-water mark).
+    pub peak_bytes_in_use: usize,
+    /// The largest `bytes_in_use + bytes_cached` so far: device memory the pool held from
+    /// the driver at its peak (what `nvidia-smi` would show, less the context's own).
+    pub peak_device_bytes: usize,
+}
+
+impl PoolStats {
+    fn note_peaks(&mut self) {
+        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
+        self.peak_device_bytes = self
+            .peak_device_bytes
+            .max(self.bytes_in_use + self.bytes_cached);
+    }
 }
 
 #[derive(Default)]
@@ -87,6 +101,7 @@ impl Pool {
                 inner.stats.reuses += 1;
                 inner.stats.bytes_cached -= cap;
                 inner.stats.bytes_in_use += cap;
+                inner.stats.note_peaks();
                 return Ok(DeviceBuffer {
                     ptr,
                     bytes,
@@ -121,6 +136,7 @@ impl Pool {
         let mut inner = self.lock();
         inner.stats.device_allocs += 1;
         inner.stats.bytes_in_use += cap;
+        inner.stats.note_peaks();
         Ok(DeviceBuffer {
             ptr,
             bytes,

@@ -19,6 +19,7 @@ pub mod nvtx;
 pub mod ops;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
@@ -41,6 +42,15 @@ pub fn device_count() -> usize {
     CudaContext::device_count()
         .map(|n| n.max(0) as usize)
         .unwrap_or(0)
+}
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Test aid: while on, every buffer handed out by `alloc_bytes`/`alloc_f32` (the outputs of
+/// every op) is first filled with NaN, so an output element a kernel leaves unwritten shows up
+/// as NaN instead of a stale value from the pool. Costs one fill per allocation.
+pub fn set_poison_allocations(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
 }
 
 /// The process-wide backend of GPU `ordinal`, opened on first use and shared after: every
@@ -258,13 +268,18 @@ impl CudaBackend {
             .map_err(|e| driver_err("stream synchronize (a kernel failed?)", e))
     }
 
-    /// Uninitialized device memory for `bytes` bytes, from the pool.
+    /// Uninitialized device memory for `bytes` bytes, from the pool (NaN-filled while
+    /// [`set_poison_allocations`] is on).
     pub fn alloc_bytes(&self, bytes: usize) -> Result<DeviceBuffer> {
-        self.pool.alloc(bytes)
+        let mut b = self.pool.alloc(bytes)?;
+        if POISON.load(Ordering::Relaxed) {
+            self.fill(&mut b, f32::NAN)?;
+        }
+        Ok(b)
     }
     /// Uninitialized room for `n` f32 values.
     pub fn alloc_f32(&self, n: usize) -> Result<DeviceBuffer> {
-        self.pool.alloc(n * 4)
+        self.alloc_bytes(n * 4)
     }
     /// `n` f32 zeros.
     pub fn zeros_f32(&self, n: usize) -> Result<DeviceBuffer> {
