@@ -99,6 +99,18 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// cuMemAlloc calls so far on the GPU (None on the CPU).
+fn gpu_allocs(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        return Ok(Some(
+            carp::device::cuda::backend(*i)?.pool_stats().device_allocs,
+        ));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// Peak device memory the caching allocator held from the driver, in GiB (None on the CPU).
 fn gpu_peak_gib(device: &Device) -> Result<Option<f64>> {
     #[cfg(feature = "cuda")]
@@ -168,6 +180,7 @@ fn run(args: Args) -> Result<()> {
     let mut step_ms = Vec::new();
     let mut phases: Vec<PhaseTimes> = Vec::new();
     let mut loss = 0.0;
+    let mut allocs_after_warmup = gpu_allocs(&device)?;
     for i in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         let (v1, v2) = match batches.as_mut() {
@@ -188,6 +201,9 @@ fn run(args: Args) -> Result<()> {
         sync(&device)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         loss = st.loss;
+        if i + 1 == args.warmup {
+            allocs_after_warmup = gpu_allocs(&device)?;
+        }
         if i >= args.warmup {
             step_ms.push(ms);
             phases.push(st.phases);
@@ -231,6 +247,12 @@ fn run(args: Args) -> Result<()> {
     }
     println!("{:<18} {med:>10.2}", "step");
     println!("images/s {ips:.1}   peak memory {peak:.2} GiB ({peak_what})   final loss {loss:.4}");
+    let timed_allocs = gpu_allocs(&device)?
+        .zip(allocs_after_warmup)
+        .map(|(a, b)| a - b);
+    if let Some(a) = timed_allocs {
+        println!("cuMemAlloc calls during the timed steps: {a} (0 in the steady state)");
+    }
     if args.json {
         let phases: serde_json::Map<String, serde_json::Value> = rows
             .iter()
@@ -241,7 +263,7 @@ fn run(args: Args) -> Result<()> {
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
                 "batch": n, "device": device.to_string(), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
-                "phases_ms": phases, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "phases_ms": phases, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
             })
         );
     }

@@ -18,6 +18,7 @@
 //! returns.
 
 use std::io::Write as _;
+use std::sync::{Mutex, MutexGuard};
 
 use carp::autograd::Tape;
 use carp::tensor::{Device, Tensor};
@@ -48,15 +49,24 @@ fn device_parse() {
     assert_eq!(t.to_device(&Device::Cpu).unwrap().id(), t.id());
 }
 
-/// GPU 0, or None after printing why the test is skipped.
-fn gpu_or_skip(test: &str) -> Option<Device> {
+/// The GPU tests run one at a time (they share GPU 0's allocator, whose counters one test
+/// checks).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// GPU 0 (and the lock that serializes the GPU tests), or None after printing why the test is
+/// skipped.
+fn gpu_or_skip(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
     #[cfg(feature = "cuda")]
     {
         match carp::device::cuda::backend(0) {
             Ok(_) => {
                 // Every op output starts as NaN: an element a kernel does not write fails.
                 carp::device::cuda::set_poison_allocations(true);
-                Some(Device::Cuda(0))
+                Some((
+                    Device::Cuda(0),
+                    SERIAL.lock().unwrap_or_else(|p| p.into_inner()),
+                ))
             }
             Err(e) => {
                 // Straight to the process's stderr: libtest captures only the print macros.
@@ -160,7 +170,7 @@ fn compare(dev: &Device, name: &str, inputs: &[Tensor], tol_fwd: f64, tol_bwd: f
 
 #[test]
 fn elementwise_and_reshape() {
-    let Some(dev) = gpu_or_skip("elementwise_and_reshape") else {
+    let Some((dev, _serial)) = gpu_or_skip("elementwise_and_reshape") else {
         return;
     };
     for (c, shape) in [vec![1usize], vec![3, 5, 7], vec![2, 64, 56, 56]]
@@ -214,7 +224,7 @@ fn elementwise_and_reshape() {
 
 #[test]
 fn conv2d_small_and_resnet50_shapes() {
-    let Some(dev) = gpu_or_skip("conv2d_small_and_resnet50_shapes") else {
+    let Some((dev, _serial)) = gpu_or_skip("conv2d_small_and_resnet50_shapes") else {
         return;
     };
     // (x shape, w shape, stride, padding)
@@ -246,7 +256,7 @@ fn conv2d_small_and_resnet50_shapes() {
 
 #[test]
 fn pools() {
-    let Some(dev) = gpu_or_skip("pools") else {
+    let Some((dev, _serial)) = gpu_or_skip("pools") else {
         return;
     };
     for (i, (shape, k, s, p)) in [
@@ -282,7 +292,7 @@ fn pools() {
 
 #[test]
 fn batch_norm() {
-    let Some(dev) = gpu_or_skip("batch_norm") else {
+    let Some((dev, _serial)) = gpu_or_skip("batch_norm") else {
         return;
     };
     for (i, shape) in [
@@ -361,7 +371,7 @@ fn batch_norm() {
 
 #[test]
 fn linear_algebra_and_sums() {
-    let Some(dev) = gpu_or_skip("linear_algebra_and_sums") else {
+    let Some((dev, _serial)) = gpu_or_skip("linear_algebra_and_sums") else {
         return;
     };
     for (i, (m, k, n)) in [(7usize, 13usize, 5usize), (64, 2048, 256), (1, 3, 1)]
@@ -435,7 +445,7 @@ fn linear_algebra_and_sums() {
 
 #[test]
 fn device_errors_and_transfers() {
-    let Some(dev) = gpu_or_skip("device_errors_and_transfers") else {
+    let Some((dev, _serial)) = gpu_or_skip("device_errors_and_transfers") else {
         return;
     };
     let a = randn(&[3, 4], 600);
@@ -476,7 +486,7 @@ fn training_step_matches_cpu() {
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
-    let Some(dev) = gpu_or_skip("training_step_matches_cpu") else {
+    let Some((dev, _serial)) = gpu_or_skip("training_step_matches_cpu") else {
         return;
     };
     let cfg = ModelConfig {
@@ -591,4 +601,29 @@ fn training_step_matches_cpu() {
         1e-4,
         1e-6,
     );
+
+    // Steady state: with static shapes, a step after the first ones allocates nothing from the
+    // driver (every buffer comes from the pool's free lists).
+    #[cfg(feature = "cuda")]
+    {
+        let be = carp::device::cuda::backend(0).unwrap();
+        let step = |st: &mut CarpState| {
+            st.train_step(
+                &v1.to_device(&dev).unwrap(),
+                &v2.to_device(&dev).unwrap(),
+                lr,
+                m,
+            )
+            .unwrap();
+        };
+        step(&mut gpu);
+        let before = be.pool_stats();
+        step(&mut gpu);
+        let after = be.pool_stats();
+        assert_eq!(
+            after.device_allocs, before.device_allocs,
+            "a steady-state step called cuMemAlloc: {before:?} -> {after:?}"
+        );
+        assert!(after.reuses > before.reuses);
+    }
 }
