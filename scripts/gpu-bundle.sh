@@ -49,9 +49,12 @@ for line in sys.stdin:
 
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 cp "$TARGET_DIR/release/carp" "$TARGET_DIR/release/carp-bench" "$OUTDIR/bin/"
-if [ -f /work/shared/torch_carp_bench.py ]; then
-    cp /work/shared/torch_carp_bench.py "$OUTDIR/"
-fi
+for ref in ../shared/torch_carp_bench.py /work/shared/torch_carp_bench.py; do
+    if [ -f "$ref" ]; then
+        cp "$ref" "$OUTDIR/"
+        break
+    fi
+done
 # Host debug info is not needed there (kernels carry -lineinfo for compute-sanitizer), and the
 # device tool carries at most 64 MiB.
 if command -v strip >/dev/null; then

@@ -101,6 +101,16 @@ else
     row "torch reference" SKIP "-" "GPU_CHECK_TORCH=0, no torch_carp_bench.py, or no torch"
 fi
 
+if [ "${GPU_CHECK_TRAIN:-1}" != 0 ]; then
+    # What a user runs: `carp train` on the GPU (tiny model, embedded data, k-NN on the GPU).
+    train_dir="${OUT:-/tmp}/gpu-train"
+    rm -rf "$train_dir"
+    run_step "carp train --device cuda (tiny, ${TRAIN_STEPS:-40} steps)" 240 bash -o pipefail -c \
+        "'$B/bin/carp' train --device cuda --steps ${TRAIN_STEPS:-40} --out '$train_dir' --json | tee '${OUT:-/tmp}/train.json'" ||
+        overall=1
+    row "  train summary" INFO "-" "$(tail -1 "${OUT:-/tmp}/train.json" 2>/dev/null | grep -o '"knn_top1":[0-9.]*\|"knn_top1_random_init":[0-9.]*\|"images_per_s":[0-9.]*' | tr '\n' ' ')"
+fi
+
 echo
 echo "---- log tail ----"
 tail -n 40 "$LOG"

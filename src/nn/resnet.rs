@@ -163,8 +163,8 @@ pub fn bn_forward(
             x,
             &leaves[ids.gamma],
             &leaves[ids.beta],
-            &buffers.tensor(ids.running_mean)?,
-            &buffers.tensor(ids.running_var)?,
+            &buffers.tensor_on(ids.running_mean, &x.device())?,
+            &buffers.tensor_on(ids.running_var, &x.device())?,
             BN_EPS,
         )
     }
@@ -271,7 +271,9 @@ impl ResNet {
         if self.cfg.stem == Stem::Imagenet {
             h = tape.max_pool2d(&h, 3, 2, 1)?; // (N, 64, H/4, W/4)
         }
-        for blk in &self.blocks {
+        for (i, blk) in self.blocks.iter().enumerate() {
+            // One NVTX range per bottleneck (a no-op without the profiler).
+            let _range = crate::device::nvtx::Range::new(&format!("block {i}"));
             h = self.bottleneck(tape, leaves, buffers, blk, &h, train, updates)?;
         }
         tape.global_avg_pool(&h) // (N, feature_dim)
