@@ -4,16 +4,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn carp(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_carp"))
-        .args(args)
-        .output()
-        .unwrap();
+/// Runs a binary of this crate: (success, stdout, stderr).
+fn exec(exe: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(exe).args(args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn carp(args: &[&str]) -> (bool, String, String) {
+    exec(env!("CARGO_BIN_EXE_carp"), args)
 }
 
 fn last_json(stdout: &str) -> serde_json::Value {
@@ -202,15 +204,7 @@ fn pack_train_evaluate_export_plot() {
 }
 
 fn bench(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_carp-bench"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    exec(env!("CARGO_BIN_EXE_carp-bench"), args)
 }
 
 #[test]

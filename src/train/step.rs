@@ -79,6 +79,17 @@ fn phase_ms(device: &Device, t: &mut Instant) -> Result<f64> {
     Ok(ms_since(t))
 }
 
+/// The NaN guard on the loss: an error naming the step, raised before any weight changes.
+fn check_loss(step: usize, loss: f32, consistency: f32, entropy: f32) -> Result<()> {
+    if !loss.is_finite() {
+        bail!(
+            NonFinite,
+            "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes"
+        );
+    }
+    Ok(())
+}
+
 /// view1 and view2 (N, ...) stacked into one (2N, ...) batch on their device.
 fn concat_batch(view1: &Tensor, view2: &Tensor) -> Result<Tensor> {
     let mut shape = view1.shape().to_vec();
@@ -213,16 +224,7 @@ impl CarpState {
             &perm,
         )
         .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
-        if !out.loss.is_finite() {
-            bail!(
-                NonFinite,
-                "step {}: the loss is {} (consistency {}, entropy {}); stopping before any weight changes",
-                self.step,
-                out.loss,
-                out.consistency,
-                out.entropy
-            );
-        }
+        check_loss(self.step, out.loss, out.consistency, out.entropy)?;
 
         drop(loss_range);
         phases.loss_ms = phase_ms(&device, &mut clock)?;
@@ -276,16 +278,7 @@ impl CarpState {
                 None,
             )
             .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
-        if !out.loss.is_finite() {
-            bail!(
-                NonFinite,
-                "step {}: the loss is {} (consistency {}, entropy {}); stopping before any weight changes",
-                self.step,
-                out.loss,
-                out.consistency,
-                out.entropy
-            );
-        }
+        check_loss(self.step, out.loss, out.consistency, out.entropy)?;
         let d = Tensor::from_cuda(out.dstudent, be.clone(), &[2 * n, k])?;
         Ok((out.loss, out.consistency, out.entropy, d))
     }
