@@ -19,6 +19,10 @@
 // Pairs: (student view a, teacher view b) with a != b; P_pairs = 2 + 2 (VS - 2); consistency
 // is the mean over pairs, blocks and rows of -log(clamp(<p_a, q_b>, eps, 1 - eps)).
 // Uniformity rows: the two global student views and both teacher views (R = 4N on one GPU).
+// KNOWN DEVIATION for VS > 2: the official code (modules/carp_loss.py) and the CPU reference
+// (src/carp/loss.rs) put the local crops' rows into pbar too (R = (VS + 2) N). The two agree for
+// VS = 2, the only case the training step uses; fix this (pbar_views = VS, R = (VS + 2) N, and the
+// uniformity gradient for every student view) before multi-crop runs on the GPU.
 #include "common.cuh"
 
 #define CARP_EPS 1.1920929e-7f
