@@ -66,6 +66,16 @@ struct Args {
     json: bool,
 }
 
+/// Whether this run's cuDNN convolutions may use TF32 (false on the CPU).
+fn conv_tf32(device: &carp::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if matches!(device, carp::Device::Cuda(_)) {
+        return carp::device::cuda::conv_tf32();
+    }
+    let _ = device;
+    false
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -262,7 +272,7 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
-                "batch": n, "device": device.to_string(), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
+                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
             })
         );

@@ -82,7 +82,15 @@ if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
         overall=1
     ours_ips=$(grep -o '"images_per_s":[0-9.eE+-]*' "$bench_out" 2>/dev/null | tail -1 | cut -d: -f2)
     ours_mem=$(grep -o '"peak_mem_gib":[0-9.eE+-]*' "$bench_out" 2>/dev/null | tail -1 | cut -d: -f2)
-    row "  carp images/s (peak GiB)" INFO "-" "${ours_ips:-?} (${ours_mem:-?})"
+    row "  carp images/s (peak GiB)" INFO "-" "${ours_ips:-?} (${ours_mem:-?}), TF32 convs as PyTorch's default"
+    if [ "${GPU_CHECK_FMA_BENCH:-1}" != 0 ]; then
+        fma_out="${OUT:-/tmp}/carp-bench-fma.json"
+        run_step "carp-bench resnet50 (batch $BB, CARP_TF32=0)" 240 env CARP_TF32=0 bash -o pipefail -c \
+            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS --json | tee '$fma_out'" ||
+            overall=1
+        fma_ips=$(grep -o '"images_per_s":[0-9.eE+-]*' "$fma_out" 2>/dev/null | tail -1 | cut -d: -f2)
+        row "  carp images/s, FMA-only convs" INFO "-" "${fma_ips:-?}"
+    fi
 else
     row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
 fi

@@ -21,7 +21,11 @@ static BACKEND: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
 fn gpu_or_skip(test: &str) -> Option<&'static CudaBackend> {
     let be = BACKEND.get_or_init(|| CudaBackend::new(0).map_err(|e| e.to_string()));
     match be {
-        Ok(b) => Some(b),
+        Ok(b) => {
+            // f64 references at f32 tolerances: no TF32 in the convolutions.
+            carp::device::cuda::set_conv_tf32(false);
+            Some(b)
+        }
         Err(e) => {
             // Straight to the process's stderr: libtest captures only the print macros.
             let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");

@@ -63,6 +63,8 @@ fn gpu_or_skip(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
             Ok(_) => {
                 // Every op output starts as NaN: an element a kernel does not write fails.
                 carp::device::cuda::set_poison_allocations(true);
+                // Compared with the CPU at f32 tolerances: no TF32 in the convolutions.
+                carp::device::cuda::set_conv_tf32(false);
                 Some((
                     Device::Cuda(0),
                     SERIAL.lock().unwrap_or_else(|p| p.into_inner()),

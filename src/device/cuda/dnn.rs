@@ -3,8 +3,11 @@
 //! within the workspace limit) and their workspace sizes are chosen once and cached; one
 //! workspace buffer, grown to the largest need, serves every call.
 //!
-//! Math mode: FMA only (no TF32), so f32 results match the CPU reference to f32 rounding; the
-//! bf16/NHWC path of the performance work will add its own plans.
+//! Math mode: TF32 tensor cores allowed by default, as PyTorch does for cuDNN convolutions
+//! (`torch.backends.cudnn.allow_tf32 = True`), so "f32" comparisons with it are like for like.
+//! `CARP_TF32=0` in the environment, or [`set_conv_tf32`]`(false)` (the GPU-vs-CPU tests), selects
+//! FMA-only math, whose results match the CPU reference to f32 rounding. Plans are cached per
+//! (shape, math mode). The bf16/NHWC path of the performance work will add its own plans.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +17,30 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::{CudaBackend, DeviceBuffer};
 use crate::error::{Error, Result};
+
+/// Whether convolutions may use TF32 tensor cores: 0 = not decided yet (read `CARP_TF32`),
+/// 1 = FMA only, 2 = TF32 allowed.
+static CONV_TF32: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Allows (true) or forbids (false) TF32 in cuDNN convolutions for plans made from now on.
+pub fn set_conv_tf32(on: bool) {
+    CONV_TF32.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current setting: `set_conv_tf32`, else `CARP_TF32` (unset or anything but "0": allowed).
+pub fn conv_tf32() -> bool {
+    match CONV_TF32.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("CARP_TF32")
+                .map(|v| v.trim() != "0")
+                .unwrap_or(true);
+            set_conv_tf32(on);
+            on
+        }
+    }
+}
 
 /// Largest workspace an algorithm may ask for.
 const WORKSPACE_LIMIT: usize = 1 << 30;
@@ -137,7 +164,7 @@ impl Drop for Handle {
 /// The cuDNN handle, the plan cache and the shared workspace (behind the backend's Mutex).
 pub struct Dnn {
     handle: Handle,
-    plans: HashMap<ConvShape, Plan>,
+    plans: HashMap<(ConvShape, bool), Plan>,
     workspace: Option<DeviceBuffer>,
 }
 
@@ -169,16 +196,17 @@ impl Dnn {
     }
 
     fn plan(&mut self, s: &ConvShape) -> Result<&Plan> {
-        if !self.plans.contains_key(s) {
-            let p = self.make_plan(s)?;
-            self.plans.insert(*s, p);
+        let key = (*s, conv_tf32());
+        if !self.plans.contains_key(&key) {
+            let p = self.make_plan(s, key.1)?;
+            self.plans.insert(key, p);
         }
         self.plans
-            .get(s)
+            .get(&key)
             .ok_or_else(|| Error::Device("conv plan cache".into()))
     }
 
-    fn make_plan(&self, s: &ConvShape) -> Result<Plan> {
+    fn make_plan(&self, s: &ConvShape, tf32: bool) -> Result<Plan> {
         let (ho, wo) = s.out_hw()?;
         let x = tensor_desc([s.n, s.c, s.h, s.w])?;
         let y = tensor_desc([s.n, s.o, ho, wo])?;
@@ -209,8 +237,12 @@ impl Dnn {
                 ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
             .map_err(|e| dnn_err("set conv", e))?;
-            dr::set_convolution_math_type(conv.0, ds::cudnnMathType_t::CUDNN_FMA_MATH)
-                .map_err(|e| dnn_err("set math type", e))?;
+            let math = if tf32 {
+                ds::cudnnMathType_t::CUDNN_DEFAULT_MATH
+            } else {
+                ds::cudnnMathType_t::CUDNN_FMA_MATH
+            };
+            dr::set_convolution_math_type(conv.0, math).map_err(|e| dnn_err("set math type", e))?;
 
             const REQ: usize = 16;
             let ok = ds::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
