@@ -477,10 +477,19 @@ fn batch_norm_train_eval_backward_running() {
         return;
     };
     let eps = 1e-5f32;
-    for (seed, &(n, c, hw)) in [(3usize, 5usize, 21usize), (6, 10, 1), (4, 7, 49)]
-        .iter()
-        .enumerate()
-    {
+    // Small shapes (one slice per channel), then shapes whose per-channel reductions split
+    // into several uneven slices (S > 1; (16, 64, 56 * 56) is a ResNet layer1 BN at batch 16),
+    // with hw % 4 == 0 (float4 elementwise path) and odd hw (scalar path).
+    let shapes = [
+        (3usize, 5usize, 21usize),
+        (6, 10, 1),
+        (4, 7, 49),
+        (16, 64, 56 * 56),
+        (33, 2, 1000),
+        (5, 3, 2501),
+        (2, 3, 4096),
+    ];
+    for (seed, &(n, c, hw)) in shapes.iter().enumerate() {
         let seed = 300 + 10 * seed as u64;
         let total = n * c * hw;
         let x: Vec<f32> = randn(total, seed).iter().map(|v| 2.0 * v + 0.5).collect();
