@@ -344,6 +344,8 @@ int main() {
     // the block size).
     test_bn(3, 2, 150, 32, 2, 2, 32);
     test_bn(40, 2, 10, 32, 3, 3, 32, 0, 20.0f);
+    // More slices than the finalize kernels' threads (S = 70 > 64): their strided partial loop.
+    test_bn(2, 2, 150, 32, 70);
     test_pool(2, 3, 11, 9, 3, 2, 1);
     test_pool(3, 2, 8, 7, 2, 2, 0);
     test_wn(37, 45);

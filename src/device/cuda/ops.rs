@@ -43,6 +43,18 @@ fn reduce_threads(n: usize, max: u32) -> u32 {
     t.div_ceil(32) * 32
 }
 
+/// Slices per channel for the BN reductions over `m` elements per channel (see
+/// `CudaBackend::bn_reduce_cfg`): enough that c * s reaches 8 blocks per SM, none shorter
+/// than BN_MIN_SLICE elements, in [1, BN_MAX_SLICES].
+fn bn_slices(c: usize, m: usize, num_sms: usize) -> usize {
+    const BN_MIN_SLICE: usize = 4096;
+    const BN_MAX_SLICES: usize = 1024;
+    (8 * num_sms)
+        .div_ceil(c.max(1))
+        .min(m.div_ceil(BN_MIN_SLICE))
+        .clamp(1, BN_MAX_SLICES)
+}
+
 /// Max-pool geometry over (n, c, h, w) planes: square window `k`, `stride`, zero-free
 /// padding (padding acts as -inf). ho = (h + 2 pad - k) / stride + 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -283,13 +295,7 @@ impl CudaBackend {
     /// but no slice shorter than BN_MIN_SLICE elements (tiny reductions stay one block). The
     /// partials are combined by a finalize kernel (`bn_finalize_cfg`). Returns (config, s).
     fn bn_reduce_cfg(&self, c: usize, m: usize) -> (LaunchConfig, u32) {
-        const BN_MIN_SLICE: usize = 4096;
-        const BN_MAX_SLICES: usize = 1024;
-        let target = 8 * self.num_sms as usize;
-        let s = target
-            .div_ceil(c.max(1))
-            .min(m.div_ceil(BN_MIN_SLICE))
-            .clamp(1, BN_MAX_SLICES);
+        let s = bn_slices(c, m, self.num_sms as usize);
         let cfg = LaunchConfig {
             grid_dim: (c as u32, s as u32, 1),
             block_dim: (reduce_threads(m.div_ceil(s), 256), 1, 1),
@@ -318,7 +324,9 @@ impl CudaBackend {
     }
 
     /// Training statistics of x (n, c, hw): mean, invstd = 1/sqrt(var_biased + eps) and the
-    /// unbiased variance (for the running update), each (c,).
+    /// unbiased variance (for the running update), each (c,). Two passes over x on a (c, s)
+    /// grid (partial sums -> mean, then partial squared deviations -> variance) and a finalize
+    /// kernel; the (c, s) partials live in workspaces from the caching pool.
     #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_stats(
         &self,
@@ -1130,4 +1138,25 @@ pub struct CarpLossGpu {
     pub entropy: f32,
     /// d loss / d student logits, (vs, n, k), original prototype order.
     pub dstudent: DeviceBuffer,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bn_slices;
+
+    #[test]
+    fn bn_slices_fill_the_gpu_without_tiny_slices() {
+        // ResNet50 at 512 images on a 132-SM H200: the stem BN (64 channels of 512 * 112^2)
+        // gets 17 slices per channel (1088 blocks >= 8 per SM), layer4 (2048 channels of
+        // 512 * 7^2) one, the projection head's (n, c) BN one.
+        assert_eq!(bn_slices(64, 512 * 112 * 112, 132), 17);
+        assert!(64 * bn_slices(64, 512 * 112 * 112, 132) >= 8 * 132);
+        assert_eq!(bn_slices(2048, 512 * 49, 132), 1);
+        assert_eq!(bn_slices(4096, 512, 132), 1);
+        // Limited by the minimum slice length: 50176 / 4096 -> 13 slices.
+        assert_eq!(bn_slices(64, 16 * 3136, 132), 13);
+        // Degenerate sizes stay in [1, 1024].
+        assert_eq!(bn_slices(0, 0, 132), 1);
+        assert_eq!(bn_slices(1, usize::MAX / 2, 10_000), 1024);
+    }
 }
