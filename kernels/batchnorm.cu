@@ -16,6 +16,8 @@
 //   and then advances (n, hw) / (c, hw) incrementally by its constant stride.
 // - The elementwise kernels load/store float4 when HW % 4 == 0 and the pointers are 16-byte
 //   aligned (all four lanes then lie in one (n, c) plane); otherwise one float at a time.
+// - Pointers are __restrict__ (the launchers take &mut outputs, so they never alias inputs):
+//   read-only data may go through the non-coherent cache and loads may be reordered.
 #include "common.cuh"
 
 // Calls f(offset) for every element of channel c whose flattened per-channel index
@@ -105,8 +107,8 @@ __device__ __forceinline__ bool bn_aligned16(const void* p) {
 // bn_stats_finalize_f32 on C blocks. part_sum, part_sq: (C, S) workspaces.
 
 // part_sum[c * S + s] = sum of x over block (c, s)'s slice. x: (N, C, HW).
-extern "C" __global__ void bn_sum_partial_f32(const float* x, float* part_sum, i64 N, int C,
-                                              i64 HW) {
+extern "C" __global__ void bn_sum_partial_f32(
+    const float* __restrict__ x, float* __restrict__ part_sum, i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     i64 m0, m1;
@@ -119,8 +121,9 @@ extern "C" __global__ void bn_sum_partial_f32(const float* x, float* part_sum, i
 
 // part_sq[c * S + s] = sum of (x - mean_c)^2 over block (c, s)'s slice, with
 // mean_c = sum_s part_sum[c * S + s] / M (recomputed per block: S values, cheap).
-extern "C" __global__ void bn_sqdev_partial_f32(const float* x, const float* part_sum,
-                                                float* part_sq, i64 N, int C, i64 HW) {
+extern "C" __global__ void bn_sqdev_partial_f32(
+    const float* __restrict__ x, const float* __restrict__ part_sum, float* __restrict__ part_sq,
+    i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     const int S = gridDim.y;
@@ -160,9 +163,10 @@ extern "C" __global__ void bn_stats_finalize_f32(const float* part_sum, const fl
 
 // y = (x - mean[c]) * invstd[c] * gamma[c] + beta[c]. x, y: (N, C, HW); the rest (C,).
 // Used for training (batch mean/invstd) and, after bn_invstd_f32, for eval (running stats).
-extern "C" __global__ void bn_forward_f32(const float* x, const float* mean,
-                                          const float* invstd, const float* gamma,
-                                          const float* beta, float* y, i64 N, int C, i64 HW) {
+extern "C" __global__ void bn_forward_f32(
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ y, i64 N,
+    int C, i64 HW) {
     // (x - mean) * (invstd * gamma) + beta: centering first keeps the result accurate when
     // |mean| >> std (folding mean into the shift would cancel catastrophically).
     if ((HW & 3) == 0 && bn_aligned16(x) && bn_aligned16(y)) {
@@ -195,10 +199,10 @@ extern "C" __global__ void bn_invstd_f32(const float* var, float* invstd, int C,
 // Parameter-gradient partials on the (C, S) grid. dy, x: (N, C, HW); mean, invstd: (C,)
 // (batch stats in training, running stats in eval); part_g, part_b: (C, S) workspaces with
 // part_g = sum dy * xhat, part_b = sum dy over block (c, s)'s slice, xhat = (x - mean) * invstd.
-extern "C" __global__ void bn_backward_partial_f32(const float* dy, const float* x,
-                                                   const float* mean, const float* invstd,
-                                                   float* part_g, float* part_b, i64 N, int C,
-                                                   i64 HW) {
+extern "C" __global__ void bn_backward_partial_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     const float mu = mean[c];
@@ -237,11 +241,11 @@ extern "C" __global__ void bn_backward_finalize_f32(const float* part_g, const f
 // dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma). All (N, C, HW) / (C,).
 // Per channel: dx = k * (dy - mean_dy - xhat * mean_dyxhat) with k = gamma * invstd,
 // mean_dy = dbeta / M, mean_dyxhat = dgamma / M (the same expression, divided through by M).
-extern "C" __global__ void bn_backward_dx_f32(const float* dy, const float* x,
-                                              const float* mean, const float* invstd,
-                                              const float* gamma, const float* dgamma,
-                                              const float* dbeta, float* dx, i64 N, int C,
-                                              i64 HW) {
+extern "C" __global__ void bn_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, float* __restrict__ dx,
+    i64 N, int C, i64 HW) {
     const float Mf = (float)(N * HW);
     if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(x) && bn_aligned16(dx)) {
         const float4* dy4 = reinterpret_cast<const float4*>(dy);
@@ -267,9 +271,9 @@ extern "C" __global__ void bn_backward_dx_f32(const float* dy, const float* x,
 }
 
 // Eval-mode input gradient: the statistics are constants, dx = dy * gamma * invstd.
-extern "C" __global__ void bn_eval_backward_dx_f32(const float* dy, const float* invstd,
-                                                   const float* gamma, float* dx, i64 N,
-                                                   int C, i64 HW) {
+extern "C" __global__ void bn_eval_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, float* __restrict__ dx, i64 N, int C, i64 HW) {
     if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(dx)) {
         const float4* dy4 = reinterpret_cast<const float4*>(dy);
         float4* dx4 = reinterpret_cast<float4*>(dx);
