@@ -2,33 +2,155 @@
 // M = N * HW elements per channel. Training mode normalizes with the batch statistics (biased
 // variance) and reports the unbiased variance for the running update (PyTorch's convention).
 //
-// Layout note: x[(n * C + c) * HW + hw]. The per-channel reductions run one block per channel;
-// NHWC variants will add their own kernels beside these (the host picks by the tensor's layout).
+// Layout note: x[(n * C + c) * HW + hw]. NHWC variants will add their own kernels beside these
+// (the host picks by the tensor's layout).
+//
+// Performance layout (why the kernels look like this):
+// - The per-channel reductions run on a (C, S) grid: block (c, s) reduces the s-th contiguous
+//   slice of channel c's M elements (flattened m = n * HW + hw, slices of ceil(M / S)), so a
+//   small C (the stem: 64 channels of 6.4M elements) still fills the GPU. Each block writes one
+//   partial per channel to a workspace, part[c * S + s]; a finalize kernel (one block per
+//   channel) combines them. Statistics use two passes for accuracy: partial sums -> mean, then
+//   partial sums of squared deviations from that mean -> variance (no E[x^2] - E[x]^2).
+// - No per-element 64-bit division: a thread locates its first element once (one division)
+//   and then advances (n, hw) / (c, hw) incrementally by its constant stride.
+// - The elementwise kernels load/store float4 when HW % 4 == 0 and the pointers are 16-byte
+//   aligned (all four lanes then lie in one (n, c) plane); otherwise one float at a time.
+// - Pointers are __restrict__ (the launchers take &mut outputs, so they never alias inputs):
+//   read-only data may go through the non-coherent cache and loads may be reordered.
 #include "common.cuh"
 
-__device__ __forceinline__ i64 bn_index(i64 m, int c, int C, i64 HW) {
-    const i64 n = m / HW;
-    const i64 hw = m - n * HW;
-    return (n * C + c) * HW + hw;
+// Calls f(offset) for every element of channel c whose flattened per-channel index
+// m = n * HW + hw lies in [m0, m1), thread t taking m0 + t, m0 + t + blockDim.x, ...
+// (consecutive threads read consecutive addresses inside a plane: coalesced).
+template <class F>
+__device__ __forceinline__ void bn_channel_walk(int c, int C, i64 HW, i64 m0, i64 m1, F f) {
+    i64 m = m0 + threadIdx.x;
+    if (m >= m1) return;
+    const i64 B = blockDim.x;
+    const i64 plane = (i64)C * HW;  // distance between (n, c, 0) and (n + 1, c, 0)
+    i64 n = m / HW;                 // the only divisions: once per thread
+    i64 hw = m - n * HW;
+    i64 base = (n * C + c) * HW;  // offset of (n, c, 0)
+    const i64 dn = B / HW;
+    const i64 dhw = B - dn * HW;
+    const i64 dbase = dn * plane;
+    auto next = [&]() {
+        const i64 o = base + hw;
+        hw += dhw;
+        base += dbase;
+        if (hw >= HW) {
+            hw -= HW;
+            base += plane;
+        }
+        return o;
+    };
+    // Four elements per iteration, offsets first: the four loads are independent and issue
+    // back to back (a reduction is memory bound and needs several loads in flight per thread).
+    for (; m + 3 * B < m1; m += 4 * B) {
+        const i64 o0 = next(), o1 = next(), o2 = next(), o3 = next();
+        f(o0);
+        f(o1);
+        f(o2);
+        f(o3);
+    }
+    for (; m < m1; m += B) f(next());
 }
 
-// Training statistics. One block per channel (grid = C).
-// x: (N, C, HW). mean, invstd, var_unbiased: (C,). invstd = 1 / sqrt(var_biased + eps).
-// Two passes over the channel (mean, then squared deviations) for accuracy.
-extern "C" __global__ void bn_stats_f32(const float* x, float* mean, float* invstd,
-                                        float* var_unbiased, i64 N, int C, i64 HW, float eps) {
+// The slice [m0, m1) of channel blockIdx.x's M elements that block (c, s = blockIdx.y) reduces.
+__device__ __forceinline__ void bn_slice(i64 M, i64* m0, i64* m1) {
+    const i64 S = gridDim.y;
+    const i64 chunk = (M + S - 1) / S;
+    const i64 a = (i64)blockIdx.y * chunk;
+    *m0 = a < M ? a : M;
+    *m1 = a + chunk < M ? a + chunk : M;
+}
+
+// Sum of part[0..S) over the block (every thread gets it).
+__device__ __forceinline__ float bn_sum_parts(const float* part, int S, float* scratch) {
+    float acc = 0.0f;
+    for (int j = threadIdx.x; j < S; j += blockDim.x) acc += part[j];
+    return block_sum(acc, scratch);
+}
+
+// Grid-stride loop over the flat index i of an (N, C, HW / V) array of V-wide units, calling
+// f(i, c) with c = (i / HWV) % C tracked incrementally (no per-element division).
+template <class F>
+__device__ __forceinline__ void bn_for_each(i64 total, int C, i64 HWV, F f) {
+    const i64 start = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (start >= total) return;
+    const i64 stride = (i64)blockDim.x * gridDim.x;
+    i64 hw = start % HWV;
+    int c = (int)((start / HWV) % C);
+    const i64 dhw = stride % HWV;
+    const int dc = (int)((stride / HWV) % C);
+    for (i64 i = start; i < total; i += stride) {
+        f(i, c);
+        hw += dhw;
+        int carry = 0;
+        if (hw >= HWV) {
+            hw -= HWV;
+            carry = 1;
+        }
+        // c < C, dc <= C - 1, carry <= 1: one subtraction brings it back below C.
+        c += dc + carry;
+        if (c >= C) c -= C;
+    }
+}
+
+__device__ __forceinline__ bool bn_aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// ---------------------------------------------------------------- training statistics
+// Launch order: bn_sum_partial_f32 and bn_sqdev_partial_f32 on the same (C, S) grid, then
+// bn_stats_finalize_f32 on C blocks. part_sum, part_sq: (C, S) workspaces.
+
+// part_sum[c * S + s] = sum of x over block (c, s)'s slice. x: (N, C, HW).
+extern "C" __global__ void bn_sum_partial_f32(
+    const float* __restrict__ x, float* __restrict__ part_sum, i64 N, int C, i64 HW) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
+    i64 m0, m1;
+    bn_slice(N * HW, &m0, &m1);
+    float acc = 0.0f;
+    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) { acc += x[i]; });
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) part_sum[(i64)c * gridDim.y + blockIdx.y] = acc;
+}
+
+// part_sq[c * S + s] = sum of (x - mean_c)^2 over block (c, s)'s slice, with
+// mean_c = sum_s part_sum[c * S + s] / M (recomputed per block: S values, cheap).
+extern "C" __global__ void bn_sqdev_partial_f32(
+    const float* __restrict__ x, const float* __restrict__ part_sum, float* __restrict__ part_sq,
+    i64 N, int C, i64 HW) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
+    const int S = gridDim.y;
+    const i64 M = N * HW;
+    const float mu = bn_sum_parts(part_sum + (i64)c * S, S, scratch) / (float)M;
+    i64 m0, m1;
+    bn_slice(M, &m0, &m1);
+    float acc = 0.0f;
+    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
+        const float d = x[i] - mu;
+        acc += d * d;
+    });
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) part_sq[(i64)c * S + blockIdx.y] = acc;
+}
+
+// One block per channel (grid = C). mean, invstd, var_unbiased: (C,).
+// invstd = 1 / sqrt(var_biased + eps).
+extern "C" __global__ void bn_stats_finalize_f32(const float* part_sum, const float* part_sq,
+                                                 float* mean, float* invstd,
+                                                 float* var_unbiased, i64 N, i64 HW, int S,
+                                                 float eps) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     const i64 M = N * HW;
-    float acc = 0.0f;
-    for (i64 m = threadIdx.x; m < M; m += blockDim.x) acc += x[bn_index(m, c, C, HW)];
-    const float mu = block_sum(acc, scratch) / (float)M;
-    float acc2 = 0.0f;
-    for (i64 m = threadIdx.x; m < M; m += blockDim.x) {
-        const float d = x[bn_index(m, c, C, HW)] - mu;
-        acc2 += d * d;
-    }
-    const float var = block_sum(acc2, scratch) / (float)M;
+    const float mu = bn_sum_parts(part_sum + (i64)c * S, S, scratch) / (float)M;
+    const float var = bn_sum_parts(part_sq + (i64)c * S, S, scratch) / (float)M;
     if (threadIdx.x == 0) {
         mean[c] = mu;
         invstd[c] = rsqrtf(var + eps);
@@ -37,14 +159,33 @@ extern "C" __global__ void bn_stats_f32(const float* x, float* mean, float* invs
     }
 }
 
+// ---------------------------------------------------------------- elementwise
+
 // y = (x - mean[c]) * invstd[c] * gamma[c] + beta[c]. x, y: (N, C, HW); the rest (C,).
 // Used for training (batch mean/invstd) and, after bn_invstd_f32, for eval (running stats).
-extern "C" __global__ void bn_forward_f32(const float* x, const float* mean,
-                                          const float* invstd, const float* gamma,
-                                          const float* beta, float* y, i64 N, int C, i64 HW) {
-    GRID_STRIDE_LOOP(i, N * C * HW) {
-        const int c = (int)((i / HW) % C);
-        y[i] = (x[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
+extern "C" __global__ void bn_forward_f32(
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ y, i64 N,
+    int C, i64 HW) {
+    // (x - mean) * (invstd * gamma) + beta: centering first keeps the result accurate when
+    // |mean| >> std (folding mean into the shift would cancel catastrophically).
+    if ((HW & 3) == 0 && bn_aligned16(x) && bn_aligned16(y)) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        float4* y4 = reinterpret_cast<float4*>(y);
+        bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
+            const float mu = mean[c], a = invstd[c] * gamma[c], b = beta[c];
+            const float4 v = x4[i];
+            float4 r;
+            r.x = (v.x - mu) * a + b;
+            r.y = (v.y - mu) * a + b;
+            r.z = (v.z - mu) * a + b;
+            r.w = (v.w - mu) * a + b;
+            y4[i] = r;
+        });
+    } else {
+        bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
+            y[i] = (x[i] - mean[c]) * (invstd[c] * gamma[c]) + beta[c];
+        });
     }
 }
 
@@ -53,55 +194,101 @@ extern "C" __global__ void bn_invstd_f32(const float* var, float* invstd, int C,
     GRID_STRIDE_LOOP(c, C) invstd[c] = rsqrtf(var[c] + eps);
 }
 
-// Parameter gradients. One block per channel (grid = C).
-// dy, x: (N, C, HW); mean, invstd: (C,) (batch stats in training, running stats in eval).
-// dgamma[c] = sum dy * xhat, dbeta[c] = sum dy, xhat = (x - mean) * invstd.
-extern "C" __global__ void bn_backward_reduce_f32(const float* dy, const float* x,
-                                                  const float* mean, const float* invstd,
-                                                  float* dgamma, float* dbeta, i64 N, int C,
-                                                  i64 HW) {
+// ---------------------------------------------------------------- backward
+
+// Parameter-gradient partials on the (C, S) grid. dy, x: (N, C, HW); mean, invstd: (C,)
+// (batch stats in training, running stats in eval); part_g, part_b: (C, S) workspaces with
+// part_g = sum dy * xhat, part_b = sum dy over block (c, s)'s slice, xhat = (x - mean) * invstd.
+extern "C" __global__ void bn_backward_partial_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
-    const i64 M = N * HW;
     const float mu = mean[c];
-    const float is = invstd[c];
+    i64 m0, m1;
+    bn_slice(N * HW, &m0, &m1);
+    // sum dy * (x - mu) first; invstd is a per-channel constant, applied once at the end.
     float sg = 0.0f, sb = 0.0f;
-    for (i64 m = threadIdx.x; m < M; m += blockDim.x) {
-        const i64 idx = bn_index(m, c, C, HW);
-        const float g = dy[idx];
+    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
+        const float g = dy[i];
         sb += g;
-        sg += g * (x[idx] - mu) * is;
-    }
-    sg = block_sum(sg, scratch);
+        sg += g * (x[i] - mu);
+    });
+    sg = block_sum(sg, scratch) * invstd[c];
     sb = block_sum(sb, scratch);
     if (threadIdx.x == 0) {
-        dgamma[c] = sg;
-        dbeta[c] = sb;
+        const i64 o = (i64)c * gridDim.y + blockIdx.y;
+        part_g[o] = sg;
+        part_b[o] = sb;
     }
 }
 
-// Training-mode input gradient (after bn_backward_reduce_f32):
+// One block per channel (grid = C): dgamma[c] = sum_s part_g[c * S + s], dbeta likewise.
+extern "C" __global__ void bn_backward_finalize_f32(const float* part_g, const float* part_b,
+                                                    float* dgamma, float* dbeta, int S) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
+    const float g = bn_sum_parts(part_g + (i64)c * S, S, scratch);
+    const float b = bn_sum_parts(part_b + (i64)c * S, S, scratch);
+    if (threadIdx.x == 0) {
+        dgamma[c] = g;
+        dbeta[c] = b;
+    }
+}
+
+// Training-mode input gradient (after bn_backward_finalize_f32):
 // dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma). All (N, C, HW) / (C,).
-extern "C" __global__ void bn_backward_dx_f32(const float* dy, const float* x,
-                                              const float* mean, const float* invstd,
-                                              const float* gamma, const float* dgamma,
-                                              const float* dbeta, float* dx, i64 N, int C,
-                                              i64 HW) {
+// Per channel: dx = k * (dy - mean_dy - xhat * mean_dyxhat) with k = gamma * invstd,
+// mean_dy = dbeta / M, mean_dyxhat = dgamma / M (the same expression, divided through by M).
+extern "C" __global__ void bn_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, float* __restrict__ dx,
+    i64 N, int C, i64 HW) {
     const float Mf = (float)(N * HW);
-    GRID_STRIDE_LOOP(i, N * C * HW) {
-        const int c = (int)((i / HW) % C);
-        const float xhat = (x[i] - mean[c]) * invstd[c];
-        dx[i] = gamma[c] * invstd[c] / Mf * (Mf * dy[i] - dbeta[c] - xhat * dgamma[c]);
+    if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(x) && bn_aligned16(dx)) {
+        const float4* dy4 = reinterpret_cast<const float4*>(dy);
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        float4* dx4 = reinterpret_cast<float4*>(dx);
+        bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
+            const float mu = mean[c], is = invstd[c], k = gamma[c] * invstd[c] / Mf;
+            const float db = dbeta[c], dg = dgamma[c];
+            const float4 g = dy4[i], v = x4[i];
+            float4 r;
+            r.x = k * (Mf * g.x - db - (v.x - mu) * is * dg);
+            r.y = k * (Mf * g.y - db - (v.y - mu) * is * dg);
+            r.z = k * (Mf * g.z - db - (v.z - mu) * is * dg);
+            r.w = k * (Mf * g.w - db - (v.w - mu) * is * dg);
+            dx4[i] = r;
+        });
+    } else {
+        bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
+            const float xhat = (x[i] - mean[c]) * invstd[c];
+            dx[i] = gamma[c] * invstd[c] / Mf * (Mf * dy[i] - dbeta[c] - xhat * dgamma[c]);
+        });
     }
 }
 
 // Eval-mode input gradient: the statistics are constants, dx = dy * gamma * invstd.
-extern "C" __global__ void bn_eval_backward_dx_f32(const float* dy, const float* invstd,
-                                                   const float* gamma, float* dx, i64 N,
-                                                   int C, i64 HW) {
-    GRID_STRIDE_LOOP(i, N * C * HW) {
-        const int c = (int)((i / HW) % C);
-        dx[i] = dy[i] * gamma[c] * invstd[c];
+extern "C" __global__ void bn_eval_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, float* __restrict__ dx, i64 N, int C, i64 HW) {
+    if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(dx)) {
+        const float4* dy4 = reinterpret_cast<const float4*>(dy);
+        float4* dx4 = reinterpret_cast<float4*>(dx);
+        bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
+            const float k = gamma[c] * invstd[c];
+            const float4 g = dy4[i];
+            float4 r;
+            r.x = g.x * k;
+            r.y = g.y * k;
+            r.z = g.z * k;
+            r.w = g.w * k;
+            dx4[i] = r;
+        });
+    } else {
+        bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) { dx[i] = dy[i] * gamma[c] * invstd[c]; });
     }
 }
 

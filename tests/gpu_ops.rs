@@ -475,16 +475,118 @@ fn bn_ref(x: &[f32], g: &[f32], b: &[f32], n: usize, c: usize, hw: usize, eps: f
     r
 }
 
+/// The stem BN of ResNet50 at 256 images, (256, 64, 112 * 112): 3.2M elements per channel,
+/// the shape that one-block-per-channel reductions handled worst. Checks exact results on a
+/// constant input (mean = the constant, variance 0, y = beta, dgamma = 0, dbeta = sum dy) and
+/// prints the time and effective bandwidth of each stage (no speed assertion: that depends on
+/// the card; compare the printed numbers across commits on the same card).
+#[test]
+fn batch_norm_stem_shape_exact_and_timed() {
+    let Some(be) = gpu_or_skip("batch_norm_stem_shape_exact_and_timed") else {
+        return;
+    };
+    let (n, c, hw) = (256usize, 64usize, 112 * 112);
+    let total = n * c * hw;
+    let (xv, dyv, eps) = (0.375f32, 0.5f32, 1e-5f32);
+    let mut x = be.alloc_f32(total).unwrap(); // (n, c, hw)
+    let mut dy = be.alloc_f32(total).unwrap(); // (n, c, hw)
+    be.fill(&mut x, xv).unwrap();
+    be.fill(&mut dy, dyv).unwrap();
+    let gamma = up(be, &randn(c, 77));
+    let beta_h = randn(c, 78);
+    let beta = up(be, &beta_h);
+    let (mut mean, mut invstd, mut varu) = (poisoned(be, c), poisoned(be, c), poisoned(be, c));
+    let (mut y, mut dx) = (poisoned(be, total), poisoned(be, total));
+    let (mut dg, mut db) = (poisoned(be, c), poisoned(be, c));
+    let mut stages = [0.0f64; 3];
+    let iters = 5;
+    for it in 0..=iters {
+        // Iteration 0 warms up (module load, pool allocation) and is not timed.
+        let mut times = [0.0f64; 3];
+        be.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        be.batch_norm_stats(&x, n, c, hw, eps, &mut mean, &mut invstd, &mut varu)
+            .unwrap();
+        be.synchronize().unwrap();
+        times[0] = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        be.batch_norm_forward(&x, &mean, &invstd, &gamma, &beta, n, c, hw, &mut y)
+            .unwrap();
+        be.synchronize().unwrap();
+        times[1] = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        be.batch_norm_backward(
+            true, &dy, &x, &mean, &invstd, &gamma, n, c, hw, &mut dx, &mut dg, &mut db,
+        )
+        .unwrap();
+        be.synchronize().unwrap();
+        times[2] = t.elapsed().as_secs_f64();
+        if it > 0 {
+            for (s, t) in stages.iter_mut().zip(times) {
+                *s += t / iters as f64;
+            }
+        }
+    }
+    // Tensor passes per stage: stats reads x twice; forward reads x, writes y; backward reads
+    // dy and x for the reduction, then dy and x again and writes dx.
+    let bytes = (total * 4) as f64;
+    for (name, secs, passes) in [
+        ("stats", stages[0], 2.0),
+        ("forward", stages[1], 2.0),
+        ("backward", stages[2], 5.0),
+    ] {
+        let _ = writeln!(
+            std::io::stderr(),
+            "bn ({n}, {c}, {hw}) {name}: {:.3} ms, {:.0} GB/s effective",
+            secs * 1e3,
+            passes * bytes / secs / 1e9
+        );
+    }
+    let m = (n * hw) as f64;
+    check_close("stem mean", &down(be, &mean), &vec![xv as f64; c], 1e-6);
+    check_close("stem var_u", &down(be, &varu), &vec![0.0; c], 0.0);
+    let want_is = vec![1.0 / (eps as f64).sqrt(); c];
+    check_close("stem invstd", &down(be, &invstd), &want_is, 1e-6);
+    check_close("stem dgamma", &down(be, &dg), &vec![0.0; c], 0.0);
+    check_close("stem dbeta", &down(be, &db), &vec![dyv as f64 * m; c], 1e-6);
+    // y = beta everywhere (x - mean = 0); spot-check the first and last plane of each channel.
+    let yh = down(be, &y);
+    let dxh = down(be, &dx);
+    for (ci, &b) in beta_h.iter().enumerate() {
+        for ni in [0, n - 1] {
+            let plane = (ni * c + ci) * hw;
+            for j in [0, hw / 2, hw - 1] {
+                assert_eq!(yh[plane + j], b, "stem y at n={ni} c={ci} hw={j}");
+                // dx = gamma * invstd / M * (M dy - dbeta - 0) = 0 up to rounding.
+                assert!(
+                    dxh[plane + j].abs() < 1e-3,
+                    "stem dx at n={ni} c={ci} hw={j}"
+                );
+            }
+        }
+    }
+    assert!(yh.iter().all(|v| v.is_finite()) && dxh.iter().all(|v| v.is_finite()));
+}
+
 #[test]
 fn batch_norm_train_eval_backward_running() {
     let Some(be) = gpu_or_skip("batch_norm_train_eval_backward_running") else {
         return;
     };
     let eps = 1e-5f32;
-    for (seed, &(n, c, hw)) in [(3usize, 5usize, 21usize), (6, 10, 1), (4, 7, 49)]
-        .iter()
-        .enumerate()
-    {
+    // Small shapes (one slice per channel), then shapes whose per-channel reductions split
+    // into several uneven slices (S > 1; (16, 64, 56 * 56) is a ResNet layer1 BN at batch 16),
+    // with hw % 4 == 0 (float4 elementwise path) and odd hw (scalar path).
+    let shapes = [
+        (3usize, 5usize, 21usize),
+        (6, 10, 1),
+        (4, 7, 49),
+        (16, 64, 56 * 56),
+        (33, 2, 1000),
+        (5, 3, 2501),
+        (2, 3, 4096),
+    ];
+    for (seed, &(n, c, hw)) in shapes.iter().enumerate() {
         let seed = 300 + 10 * seed as u64;
         let total = n * c * hw;
         let x: Vec<f32> = randn(total, seed).iter().map(|v| 2.0 * v + 0.5).collect();

@@ -14,6 +14,8 @@
 using std::max;
 using std::min;
 using std::isnan;
+// CUDA's float4: 16-byte aligned, so float4 loads need 16-byte aligned pointers as on a GPU.
+struct alignas(16) float4 { float x, y, z, w; };
 struct dim3s { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3s threadIdx, blockIdx;
 dim3s blockDim, gridDim;

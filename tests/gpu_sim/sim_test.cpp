@@ -109,16 +109,30 @@ void test_carp(int vs, int n, int k, int nb, unsigned threads) {
     check(name, d, dref, 1e-4);
 }
 
-void test_bn(int n, int c, int hw, unsigned threads) {
+// Batch norm as the launcher runs it: statistics and parameter gradients on a (C, S) grid of
+// partial reductions plus a finalize kernel, elementwise kernels on `eb` blocks of `et` threads
+// (a small grid makes the grid-stride loop wrap across planes and channels). `off` shifts every
+// big array by that many floats from a 16-byte boundary (off % 4 != 0 forces the scalar path
+// even when hw % 4 == 0). `shift` is added to x: a large one checks the two-pass variance.
+void test_bn(int n, int c, int hw, unsigned threads, unsigned S, unsigned eb = 3, unsigned et = 64, int off = 0, float shift = 0.5f) {
     size_t tot = (size_t)n * c * hw;
-    auto x = randn(tot, 2), gm = randn(c), bt = randn(c), dy = randn(tot);
-    for (auto& v : x) v += 0.5f;
-    std::vector<float> mean = nanv(c), is = nanv(c), vu = nanv(c), y = nanv(tot), dg = nanv(c), db = nanv(c), dx = nanv(tot);
+    auto xs = randn(tot + off, 2), gm = randn(c), bt = randn(c), dys = randn(tot + off);
+    for (auto& v : xs) v += shift;
+    const float* x = xs.data() + off;
+    const float* dy = dys.data() + off;
+    std::vector<float> mean = nanv(c), is = nanv(c), vu = nanv(c), ys = nanv(tot + off), dg = nanv(c), db = nanv(c), dxs = nanv(tot + off);
+    std::vector<float> ps = nanv((size_t)c * S), pq = nanv((size_t)c * S);
+    float* y = ys.data() + off;
+    float* dxp = dxs.data() + off;
     float eps = 1e-5f;
-    launch({(unsigned)c}, threads, bn_stats_f32, (const float*)x.data(), mean.data(), is.data(), vu.data(), (i64)n, c, (i64)hw, eps);
-    launch({3}, 64, bn_forward_f32, (const float*)x.data(), (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)bt.data(), y.data(), (i64)n, c, (i64)hw);
-    launch({(unsigned)c}, threads, bn_backward_reduce_f32, (const float*)dy.data(), (const float*)x.data(), (const float*)mean.data(), (const float*)is.data(), dg.data(), db.data(), (i64)n, c, (i64)hw);
-    launch({2}, 64, bn_backward_dx_f32, (const float*)dy.data(), (const float*)x.data(), (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dx.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_sum_partial_f32, x, ps.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_sqdev_partial_f32, x, (const float*)ps.data(), pq.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps.data(), (const float*)pq.data(), mean.data(), is.data(), vu.data(), (i64)n, (i64)hw, (int)S, eps);
+    launch({eb}, et, bn_forward_f32, x, (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)bt.data(), y, (i64)n, c, (i64)hw);
+    ps = nanv((size_t)c * S); pq = nanv((size_t)c * S);
+    launch({(unsigned)c, S}, threads, bn_backward_partial_f32, dy, x, (const float*)mean.data(), (const float*)is.data(), ps.data(), pq.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)ps.data(), (const float*)pq.data(), dg.data(), db.data(), (int)S);
+    launch({eb}, et, bn_backward_dx_f32, dy, x, (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dxp, (i64)n, c, (i64)hw);
     std::vector<double> rm(c), rv(c), rvu(c), ry(tot), rdg(c), rdb(c), rdx(tot);
     double M = (double)n * hw;
     for (int ci = 0; ci < c; ++ci) {
@@ -127,7 +141,7 @@ void test_bn(int n, int c, int hw, unsigned threads) {
         double mu = s / M;
         for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) { double dd = x[((size_t)a * c + ci) * hw + h] - mu; s2 += dd * dd; }
         double var = s2 / M, isd = 1 / std::sqrt(var + eps);
-        rm[ci] = mu; rv[ci] = isd; rvu[ci] = var * M / (M - 1);
+        rm[ci] = mu; rv[ci] = isd; rvu[ci] = M > 1 ? var * M / (M - 1) : var;
         for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
             size_t i = ((size_t)a * c + ci) * hw + h;
             ry[i] = (x[i] - mu) * isd * gm[ci] + bt[ci];
@@ -139,8 +153,30 @@ void test_bn(int n, int c, int hw, unsigned threads) {
             rdx[i] = gm[ci] * isd / M * (M * dy[i] - rdb[ci] - xh * rdg[ci]);
         }
     }
-    check("bn mean", mean, rm, 1e-5); check("bn invstd", is, rv, 1e-5); check("bn var_u", vu, rvu, 1e-5);
-    check("bn y", y, ry, 1e-5); check("bn dgamma", dg, rdg, 1e-5); check("bn dbeta", db, rdb, 1e-5); check("bn dx", dx, rdx, 1e-4);
+    std::vector<float> yv(y, y + tot), dxv(dxp, dxp + tot);
+    char tag[96];
+    snprintf(tag, sizeof tag, "(%d,%d,%d) S=%u thr=%u eb=%u off=%d shift=%g", n, c, hw, S, threads, eb, off, shift);
+    auto nm = [&](const char* what) { static char b[160]; snprintf(b, sizeof b, "bn %s %s", what, tag); return b; };
+    // The mean's tolerance is relative to max |mean|, which the shift dominates.
+    check(nm("mean"), mean, rm, 1e-5); check(nm("invstd"), is, rv, 1e-5); check(nm("var_u"), vu, rvu, 1e-5);
+    check(nm("y"), yv, ry, 1e-5); check(nm("dgamma"), dg, rdg, 1e-5); check(nm("dbeta"), db, rdb, 1e-5); check(nm("dx"), dxv, rdx, 1e-4);
+    // Guard bands: the elements before the offset array start were never written.
+    for (int i = 0; i < off; ++i)
+        if (!std::isnan(ys[i]) || !std::isnan(dxs[i])) { printf("FAIL bn wrote before y/dx %s\n", tag); fails++; break; }
+}
+
+// Eval-mode dx on both paths (float4 when hw % 4 == 0 and aligned, scalar otherwise).
+void test_bn_eval_dx(int N, int C, int HW, unsigned eb, unsigned et, int off) {
+    size_t tot = (size_t)N * C * HW;
+    auto dys = randn(tot + off), is = randn(C), gm = randn(C);
+    std::vector<float> dxs = nanv(tot + off);
+    launch({eb}, et, bn_eval_backward_dx_f32, (const float*)dys.data() + off, (const float*)is.data(), (const float*)gm.data(), dxs.data() + off, (i64)N, C, (i64)HW);
+    std::vector<double> rdx(tot);
+    for (size_t i = 0; i < tot; ++i) rdx[i] = (double)dys[i + off] * gm[(i / HW) % C] * is[(i / HW) % C];
+    std::vector<float> dx(dxs.begin() + off, dxs.end());
+    char name[96];
+    snprintf(name, sizeof name, "bn_eval_dx (%d,%d,%d) eb=%u off=%d", N, C, HW, eb, off);
+    check(name, dx, rdx, 1e-6);
 }
 
 void test_pool(int n, int c, int H, int W, int k, int st, int p) {
@@ -259,13 +295,10 @@ void test_misc() {
     check("bias_add", yy, ry, 1e-6);
     check("col_sum", cs, rc, 1e-5);
     // eval-mode BN backward and running update; global average pool backward
-    int N = 3, C = 4, HW = 5;
-    auto dy = randn(N * C * HW), is = randn(C), gm = randn(C);
-    std::vector<float> dx = nanv(N * C * HW);
-    launch({2}, 32, bn_eval_backward_dx_f32, (const float*)dy.data(), (const float*)is.data(), (const float*)gm.data(), dx.data(), (i64)N, C, (i64)HW);
-    std::vector<double> rdx(N * C * HW);
-    for (int i = 0; i < N * C * HW; ++i) rdx[i] = (double)dy[i] * gm[(i / HW) % C] * is[(i / HW) % C];
-    check("bn_eval_dx", dx, rdx, 1e-6);
+    int C = 4;
+    test_bn_eval_dx(3, C, 5, 2, 32, 0);
+    test_bn_eval_dx(3, 5, 8, 2, 32, 0);
+    test_bn_eval_dx(3, 5, 8, 1, 32, 1);
     std::vector<float> rm = {0, 0, 0, 0}, rv = {1, 1, 1, 1}, bm = randn(C), bv = {1.5f, 2.f, .5f, 3.f};
     launch({1}, 32, bn_running_update_f32, rm.data(), rv.data(), (const float*)bm.data(), (const float*)bv.data(), 0.1f, C);
     std::vector<double> wm(C), wv(C);
@@ -293,8 +326,26 @@ int main() {
     test_carp(4, 3, 80, 40, 32);
     test_carp(2, 2, 1024, 512, 512);
     test_carp(3, 2, 96, 24, 64);
-    test_bn(3, 5, 7, 64);
-    test_bn(6, 10, 1, 32);
+    // S = 1 (one block per channel), S > 1 with uneven slices, slices that cut through a
+    // plane, S > N, empty trailing slices (M = 9, S = 6), HW = 1 ((N, C) after a linear layer),
+    // float4 elementwise paths (hw % 4 == 0) aligned and misaligned, a large mean.
+    test_bn(3, 5, 7, 64, 1);
+    test_bn(6, 10, 1, 32, 1);
+    test_bn(3, 5, 7, 64, 4);
+    test_bn(6, 10, 1, 32, 4, 2, 32);
+    test_bn(3, 2, 3, 32, 6);
+    test_bn(4, 3, 33, 32, 7, 1, 32);
+    test_bn(5, 3, 16, 64, 3, 2, 64);
+    test_bn(5, 3, 16, 64, 3, 2, 64, 1);
+    test_bn(2, 7, 12, 32, 5, 3, 32, 2);
+    test_bn(4, 6, 20, 64, 9, 2, 96, 0, 100.0f);
+    test_bn(1, 3, 200, 128, 11, 4, 32);
+    // Slices of >= 4 * threads elements: the 4-way unrolled walk, wrapping planes (hw > and <
+    // the block size).
+    test_bn(3, 2, 150, 32, 2, 2, 32);
+    test_bn(40, 2, 10, 32, 3, 3, 32, 0, 20.0f);
+    // More slices than the finalize kernels' threads (S = 70 > 64): their strided partial loop.
+    test_bn(2, 2, 150, 32, 70);
     test_pool(2, 3, 11, 9, 3, 2, 1);
     test_pool(3, 2, 8, 7, 2, 2, 0);
     test_wn(37, 45);

@@ -119,10 +119,13 @@ const KERNELS: &[(&str, &[&str])] = &[
     (
         "batchnorm",
         &[
-            "bn_stats_f32",
+            "bn_sum_partial_f32",
+            "bn_sqdev_partial_f32",
+            "bn_stats_finalize_f32",
             "bn_forward_f32",
             "bn_invstd_f32",
-            "bn_backward_reduce_f32",
+            "bn_backward_partial_f32",
+            "bn_backward_finalize_f32",
             "bn_backward_dx_f32",
             "bn_eval_backward_dx_f32",
             "bn_running_update_f32",

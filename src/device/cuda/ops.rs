@@ -43,6 +43,18 @@ fn reduce_threads(n: usize, max: u32) -> u32 {
     t.div_ceil(32) * 32
 }
 
+/// Slices per channel for the BN reductions over `m` elements per channel (see
+/// `CudaBackend::bn_reduce_cfg`): enough that c * s reaches 8 blocks per SM, none shorter
+/// than BN_MIN_SLICE elements, in [1, BN_MAX_SLICES].
+fn bn_slices(c: usize, m: usize, num_sms: usize) -> usize {
+    const BN_MIN_SLICE: usize = 4096;
+    const BN_MAX_SLICES: usize = 1024;
+    (8 * num_sms)
+        .div_ceil(c.max(1))
+        .min(m.div_ceil(BN_MIN_SLICE))
+        .clamp(1, BN_MAX_SLICES)
+}
+
 /// Max-pool geometry over (n, c, h, w) planes: square window `k`, `stride`, zero-free
 /// padding (padding acts as -inf). ho = (h + 2 pad - k) / stride + 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -277,8 +289,44 @@ impl CudaBackend {
 
     // ---------------------------------------------------------------- batchnorm.cu
 
+    /// Grid for the per-channel partial reductions over `m` = n * hw elements per channel:
+    /// (c, s) blocks, with s slices per channel so that c * s reaches ~8 blocks per SM (a small
+    /// c, like the stem's 64 channels of 6.4M elements, would otherwise leave most SMs idle),
+    /// but no slice shorter than BN_MIN_SLICE elements (tiny reductions stay one block). The
+    /// partials are combined by a finalize kernel (`bn_finalize_cfg`). Returns (config, s).
+    fn bn_reduce_cfg(&self, c: usize, m: usize) -> (LaunchConfig, u32) {
+        let s = bn_slices(c, m, self.num_sms as usize);
+        let cfg = LaunchConfig {
+            grid_dim: (c as u32, s as u32, 1),
+            block_dim: (reduce_threads(m.div_ceil(s), 256), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (cfg, s as u32)
+    }
+
+    /// One block per channel combining `s` partials each.
+    fn bn_finalize_cfg(c: usize, s: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (c as u32, 1, 1),
+            block_dim: (reduce_threads(s as usize, 256), 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Grid for the elementwise BN kernels over (n, c, hw): they take float4 steps when
+    /// hw % 4 == 0 (and the buffers are 16-byte aligned), so a quarter of the threads suffice.
+    fn bn_elementwise_cfg(&self, total: usize, hw: usize) -> LaunchConfig {
+        if hw.is_multiple_of(4) {
+            self.elementwise_cfg(total / 4)
+        } else {
+            self.elementwise_cfg(total)
+        }
+    }
+
     /// Training statistics of x (n, c, hw): mean, invstd = 1/sqrt(var_biased + eps) and the
-    /// unbiased variance (for the running update), each (c,).
+    /// unbiased variance (for the running update), each (c,). Two passes over x on a (c, s)
+    /// grid (partial sums -> mean, then partial squared deviations -> variance) and a finalize
+    /// kernel; the (c, s) partials live in workspaces from the caching pool.
     #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_stats(
         &self,
@@ -299,14 +347,34 @@ impl CudaBackend {
         if n * hw == 0 {
             return Err(Error::Shape(format!("{op}: empty batch (n={n}, hw={hw})")));
         }
-        let cfg = LaunchConfig {
-            grid_dim: (i32_of(op, c)? as u32, 1, 1),
-            block_dim: (reduce_threads(n * hw, 512), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (px, pm, pi, pv) = (x.ptr(), mean.ptr(), invstd.ptr(), var_unbiased.ptr());
-        let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
-        launch!(self, "bn_stats_f32", cfg, px, pm, pi, pv, nn, cc, hh, eps);
+        if c == 0 {
+            return Ok(());
+        }
+        let cc = i32_of(op, c)?;
+        let (rcfg, s) = self.bn_reduce_cfg(c, n * hw);
+        // (c, s) workspaces: per-block partial sums, then partial squared deviations.
+        let part_sum = self.alloc_f32(c * s as usize)?;
+        let part_sq = self.alloc_f32(c * s as usize)?;
+        let (px, pps, ppq) = (x.ptr(), part_sum.ptr(), part_sq.ptr());
+        let (pm, pi, pv) = (mean.ptr(), invstd.ptr(), var_unbiased.ptr());
+        let (nn, hh, ss) = (i64_of(n), i64_of(hw), s as i32);
+        launch!(self, "bn_sum_partial_f32", rcfg, px, pps, nn, cc, hh);
+        launch!(self, "bn_sqdev_partial_f32", rcfg, px, pps, ppq, nn, cc, hh);
+        let fcfg = Self::bn_finalize_cfg(c, s);
+        launch!(
+            self,
+            "bn_stats_finalize_f32",
+            fcfg,
+            pps,
+            ppq,
+            pm,
+            pi,
+            pv,
+            nn,
+            hh,
+            ss,
+            eps
+        );
         Ok(())
     }
 
@@ -349,7 +417,7 @@ impl CudaBackend {
             y.ptr(),
         );
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
-        let cfg = self.elementwise_cfg(total);
+        let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
             self,
             "bn_forward_f32",
@@ -432,26 +500,37 @@ impl CudaBackend {
         let (pdy, px, pm, pi, pg) = (dy.ptr(), x.ptr(), mean.ptr(), invstd.ptr(), gamma.ptr());
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
-        let rcfg = LaunchConfig {
-            grid_dim: (cc as u32, 1, 1),
-            block_dim: (reduce_threads(n * hw, 512), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (rcfg, s) = self.bn_reduce_cfg(c, n * hw);
+        // (c, s) workspaces: per-block partials of sum dy * xhat and sum dy.
+        let part_g = self.alloc_f32(c * s as usize)?;
+        let part_b = self.alloc_f32(c * s as usize)?;
+        let (ppg, ppb, ss) = (part_g.ptr(), part_b.ptr(), s as i32);
         launch!(
             self,
-            "bn_backward_reduce_f32",
+            "bn_backward_partial_f32",
             rcfg,
             pdy,
             px,
             pm,
             pi,
-            pdg,
-            pdb,
+            ppg,
+            ppb,
             nn,
             cc,
             hh
         );
-        let cfg = self.elementwise_cfg(total);
+        let fcfg = Self::bn_finalize_cfg(c, s);
+        launch!(
+            self,
+            "bn_backward_finalize_f32",
+            fcfg,
+            ppg,
+            ppb,
+            pdg,
+            pdb,
+            ss
+        );
+        let cfg = self.bn_elementwise_cfg(total, hw);
         if training {
             launch!(
                 self,
@@ -1059,4 +1138,25 @@ pub struct CarpLossGpu {
     pub entropy: f32,
     /// d loss / d student logits, (vs, n, k), original prototype order.
     pub dstudent: DeviceBuffer,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bn_slices;
+
+    #[test]
+    fn bn_slices_fill_the_gpu_without_tiny_slices() {
+        // ResNet50 at 512 images on a 132-SM H200: the stem BN (64 channels of 512 * 112^2)
+        // gets 17 slices per channel (1088 blocks >= 8 per SM), layer4 (2048 channels of
+        // 512 * 7^2) one, the projection head's (n, c) BN one.
+        assert_eq!(bn_slices(64, 512 * 112 * 112, 132), 17);
+        assert!(64 * bn_slices(64, 512 * 112 * 112, 132) >= 8 * 132);
+        assert_eq!(bn_slices(2048, 512 * 49, 132), 1);
+        assert_eq!(bn_slices(4096, 512, 132), 1);
+        // Limited by the minimum slice length: 50176 / 4096 -> 13 slices.
+        assert_eq!(bn_slices(64, 16 * 3136, 132), 13);
+        // Degenerate sizes stay in [1, 1024].
+        assert_eq!(bn_slices(0, 0, 132), 1);
+        assert_eq!(bn_slices(1, usize::MAX / 2, 10_000), 1024);
+    }
 }
