@@ -44,15 +44,12 @@ fn reduce_threads(n: usize, max: u32) -> u32 {
 }
 
 /// Slices per channel for the BN reductions over `m` elements per channel (see
-/// `CudaBackend::bn_reduce_cfg`): enough that c * s reaches 32 blocks per SM, none shorter
-/// than BN_MIN_SLICE elements, in [1, BN_MAX_SLICES]. Why 32: only ~6 of these 256-thread
-/// blocks are resident per SM (register-bound), so a grid of about one wave would round up to
-/// two, the second mostly idle; several waves keep that tail small. Extra blocks cost one
-/// partial each.
+/// `CudaBackend::bn_reduce_cfg`): enough that c * s reaches 8 blocks per SM, none shorter
+/// than BN_MIN_SLICE elements, in [1, BN_MAX_SLICES].
 fn bn_slices(c: usize, m: usize, num_sms: usize) -> usize {
     const BN_MIN_SLICE: usize = 4096;
     const BN_MAX_SLICES: usize = 1024;
-    (32 * num_sms)
+    (8 * num_sms)
         .div_ceil(c.max(1))
         .min(m.div_ceil(BN_MIN_SLICE))
         .clamp(1, BN_MAX_SLICES)
@@ -293,7 +290,7 @@ impl CudaBackend {
     // ---------------------------------------------------------------- batchnorm.cu
 
     /// Grid for the per-channel partial reductions over `m` = n * hw elements per channel:
-    /// (c, s) blocks, with s slices per channel so that c * s reaches ~32 blocks per SM (a small
+    /// (c, s) blocks, with s slices per channel so that c * s reaches ~8 blocks per SM (a small
     /// c, like the stem's 64 channels of 6.4M elements, would otherwise leave most SMs idle),
     /// but no slice shorter than BN_MIN_SLICE elements (tiny reductions stay one block). The
     /// partials are combined by a finalize kernel (`bn_finalize_cfg`). Returns (config, s).
@@ -1150,11 +1147,11 @@ mod tests {
     #[test]
     fn bn_slices_fill_the_gpu_without_tiny_slices() {
         // ResNet50 at 512 images on a 132-SM H200: the stem BN (64 channels of 512 * 112^2)
-        // gets 66 slices per channel (4224 blocks = 32 per SM), layer4 (2048 channels of
-        // 512 * 7^2) 3, the projection head's (n, c) BN one.
-        assert_eq!(bn_slices(64, 512 * 112 * 112, 132), 66);
-        assert!(64 * bn_slices(64, 512 * 112 * 112, 132) >= 4 * 132);
-        assert_eq!(bn_slices(2048, 512 * 49, 132), 3);
+        // gets 17 slices per channel (1088 blocks >= 8 per SM), layer4 (2048 channels of
+        // 512 * 7^2) one, the projection head's (n, c) BN one.
+        assert_eq!(bn_slices(64, 512 * 112 * 112, 132), 17);
+        assert!(64 * bn_slices(64, 512 * 112 * 112, 132) >= 8 * 132);
+        assert_eq!(bn_slices(2048, 512 * 49, 132), 1);
         assert_eq!(bn_slices(4096, 512, 132), 1);
         // Limited by the minimum slice length: 50176 / 4096 -> 13 slices.
         assert_eq!(bn_slices(64, 16 * 3136, 132), 13);
