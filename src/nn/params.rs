@@ -134,12 +134,7 @@ impl ParamStore {
 
     /// Tensors for every entry, tracked on `tape` (the leaves of a forward pass).
     pub fn leaves(&self, tape: &mut Tape) -> Result<ParamLeaves> {
-        let mut tensors = Vec::with_capacity(self.entries.len());
-        for i in 0..self.entries.len() {
-            let t = self.tensor(ParamId(i))?;
-            tensors.push(tape.track(&t));
-        }
-        Ok(ParamLeaves(tensors))
+        self.leaves_on(tape, &Device::Cpu)
     }
 
     /// One entry's values as a tensor on `device`.
@@ -153,14 +148,11 @@ impl ParamStore {
     /// LARS momentum, the teacher) with leaves as views into it, so that LARS and the EMA run
     /// there too and nothing crosses the bus per step.
     pub fn leaves_on(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
-        if *device == Device::Cpu {
-            return self.leaves(tape);
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(ordinal) = *device {
+            return self.leaves_on_gpu(tape, ordinal);
         }
-        self.leaves_on_gpu(tape, device)
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn leaves_on_gpu(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
+        // Without the `cuda` feature a CUDA device fails here, in `to_device`, with a clear error.
         let mut tensors = Vec::with_capacity(self.entries.len());
         for i in 0..self.entries.len() {
             let t = self.tensor_on(ParamId(i), device)?;
@@ -172,10 +164,7 @@ impl ParamStore {
     /// One upload of the flat buffer (one wait), then one stream-ordered device copy per
     /// entry into its own tensor.
     #[cfg(feature = "cuda")]
-    fn leaves_on_gpu(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
-        let Device::Cuda(ordinal) = *device else {
-            return self.leaves(tape);
-        };
+    fn leaves_on_gpu(&self, tape: &mut Tape, ordinal: usize) -> Result<ParamLeaves> {
         let be = crate::device::cuda::backend(ordinal)?;
         let flat = be.upload_f32(&self.data)?; // (numel,)
         let mut tensors = Vec::with_capacity(self.entries.len());
