@@ -134,16 +134,26 @@ pub fn to_bytes(state: &CarpState, meta: &CheckpointMeta) -> Result<Vec<u8>> {
     );
     md.insert("config".to_string(), meta.config_json.clone());
     md.insert("crc32".to_string(), format!("{:08x}", crc_of(&tensors)));
+    serialize_f32(&tensors, md, "checkpoint")
+}
+
+/// Named f32 tensors (name -> (shape, little-endian bytes)) plus metadata as safetensors bytes;
+/// `what` names the file kind in errors.
+fn serialize_f32(
+    tensors: &BTreeMap<String, (Vec<usize>, &[u8])>,
+    md: HashMap<String, String>,
+    what: &str,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(n, (shape, bytes))| {
             TensorView::new(Dtype::F32, shape.clone(), bytes)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Msg(format!("checkpoint tensor {n}: {e}")))
+                .map_err(|e| Error::Msg(format!("{what} tensor {n}: {e}")))
         })
         .collect::<Result<_>>()?;
     safetensors::serialize(views, Some(md))
-        .map_err(|e| Error::Msg(format!("serializing checkpoint: {e}")))
+        .map_err(|e| Error::Msg(format!("serializing {what}: {e}")))
 }
 
 fn read_store(
@@ -283,14 +293,17 @@ pub fn from_bytes(bytes: &[u8], path: &Path, state: &mut CarpState) -> Result<Ch
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
+    write_synced(&tmp, bytes)?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     sync_dir(path);
     Ok(())
+}
+
+/// Writes `bytes` to `path` and waits until they are on disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
 }
 
 fn sync_dir(path: &Path) {
@@ -309,11 +322,7 @@ pub fn save(run_dir: &Path, state: &CarpState, meta: &CheckpointMeta) -> Result<
     let latest = run_dir.join(LATEST);
     let prev = run_dir.join(PREVIOUS);
     let tmp = run_dir.join("checkpoint.safetensors.tmp");
-    {
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
+    write_synced(&tmp, &bytes)?;
     if latest.exists() {
         fs::rename(&latest, &prev).map_err(|e| Error::io(&latest, e))?;
     }
@@ -381,16 +390,7 @@ pub fn export_backbone(net: &Network, out: &Path) -> Result<()> {
     let mut md = HashMap::new();
     md.insert("format".to_string(), "carp-backbone".to_string());
     md.insert("arch".to_string(), net.cfg.arch.clone());
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, (shape, bytes))| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Msg(format!("export tensor {n}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, Some(md))
-        .map_err(|e| Error::Msg(format!("serializing export: {e}")))?;
+    let bytes = serialize_f32(&tensors, md, "export")?;
     write_atomic(out, &bytes)
 }
 
