@@ -89,22 +89,13 @@ struct PlotArgs {
 /// the dataset's manifest, so a stale cache is never used.
 fn cached_features(
     ckpt: &std::path::Path,
+    crc: &str,
     net: &Network,
     data: &std::path::Path,
     size: usize,
     no_cache: bool,
     device: &carp::Device,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let crc = {
-        let bytes = std::fs::read(ckpt).map_err(|e| Error::io(ckpt, e))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::format(ckpt, e.to_string()))?;
-        header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("crc32").cloned())
-            .unwrap_or_default()
-    };
     let manifest = std::fs::read(data.join("manifest.json")).map_err(|e| Error::io(data, e))?;
     let key = format!("{crc}-{:08x}-{size}", crc32fast::hash(&manifest));
     let split = data.file_name().and_then(|s| s.to_str()).unwrap_or("data");
@@ -119,7 +110,7 @@ fn cached_features(
     }
     eprintln!("features: extracting {} ...", data.display());
     let ds = carp::data::Dataset::open(data)?;
-    let (f, l) = trainer::extract_pooled_on(net, &ds, size, 256, device)?;
+    let (f, l) = trainer::extract_pooled(net, &ds, size, 256, device)?;
     let mut out = Vec::new();
     out.extend_from_slice(&(key.len() as u32).to_le_bytes());
     out.extend_from_slice(key.as_bytes());
@@ -360,20 +351,23 @@ struct ExportArgs {
 }
 
 /// Rebuilds a training state from a checkpoint file's embedded config and loads it.
-fn load_checkpoint(path: &std::path::Path) -> Result<(TrainConfig, CarpState)> {
+/// Also returns the checkpoint's CRC (the key of the feature cache).
+fn load_checkpoint(path: &std::path::Path) -> Result<(TrainConfig, CarpState, String)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::format(path, format!("not a carp checkpoint: {e}")))?;
-    let cfg_json = header
-        .metadata()
-        .as_ref()
+    let meta = header.metadata().as_ref();
+    let cfg_json = meta
         .and_then(|m| m.get("config").cloned())
         .ok_or_else(|| Error::format(path, "not a carp checkpoint (no config)"))?;
+    let crc = meta
+        .and_then(|m| m.get("crc32").cloned())
+        .unwrap_or_default();
     let cfg: TrainConfig = serde_json::from_str(&cfg_json)
         .map_err(|e| Error::format(path, format!("bad config in checkpoint: {e}")))?;
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
     checkpoint::from_bytes(&bytes, path, &mut state)?;
-    Ok((cfg, state))
+    Ok((cfg, state, crc))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -444,7 +438,7 @@ fn run(cli: Cli) -> Result<()> {
                     .checkpoint
                     .as_ref()
                     .ok_or_else(|| Error::Config("give --checkpoint or --random-init".into()))?;
-                let (cfg, state) = load_checkpoint(path)?;
+                let (cfg, state, _) = load_checkpoint(path)?;
                 (state.teacher, args.image_size.unwrap_or(cfg.image_size))
             };
             let train_ds = carp::data::Dataset::open(&args.data)?;
@@ -465,12 +459,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Linear(args) => {
-            let (cfg, state) = load_checkpoint(&args.checkpoint)?;
+            let (cfg, state, crc) = load_checkpoint(&args.checkpoint)?;
             let net = &state.teacher;
             let d = net.cfg.backbone.feature_dim();
             let device = trainer::resolve_device(&args.device)?;
             let (trf, trl) = cached_features(
                 &args.checkpoint,
+                &crc,
                 net,
                 &args.data,
                 cfg.image_size,
@@ -479,6 +474,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let (tef, tel) = cached_features(
                 &args.checkpoint,
+                &crc,
                 net,
                 &args.eval_data,
                 cfg.image_size,
@@ -519,7 +515,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Export(args) => {
-            let (_, state) = load_checkpoint(&args.checkpoint)?;
+            let (_, state, _) = load_checkpoint(&args.checkpoint)?;
             checkpoint::export_backbone(&state.teacher, &args.out)?;
             println!("wrote {}", args.out.display());
             Ok(())

@@ -82,23 +82,14 @@ pub fn extract_features(
     batch: usize,
     device: &Device,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let (mut feats, labels) = extract_pooled_on(net, ds, size, batch, device)?;
+    let (mut feats, labels) = extract_pooled(net, ds, size, batch, device)?;
     l2_normalize_rows(&mut feats, net.cfg.backbone.feature_dim());
     Ok((feats, labels))
 }
 
-/// Pooled backbone features (eval-mode BN) of a whole dataset, in order, unnormalized (N, D).
+/// Pooled backbone features (eval-mode BN) of a whole dataset, in order, unnormalized (N, D),
+/// with the forward passes on `device`.
 pub fn extract_pooled(
-    net: &Network,
-    ds: &Dataset,
-    size: usize,
-    batch: usize,
-) -> Result<(Vec<f32>, Vec<u32>)> {
-    extract_pooled_on(net, ds, size, batch, &Device::Cpu)
-}
-
-/// [`extract_pooled`] with the forward passes on `device`.
-pub fn extract_pooled_on(
     net: &Network,
     ds: &Dataset,
     size: usize,
@@ -210,6 +201,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     }
     let total = cfg.total_steps(bpe)?;
     let config_json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    let meta_at = |step: usize| CheckpointMeta {
+        step,
+        epoch: step / bpe,
+        config_json: config_json.clone(),
+    };
 
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
     let mut metrics = Metrics::open(&run_dir)?;
@@ -257,8 +253,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     // The baseline: the same network (same seed) at random initialization.
     let mut knn_random = None;
     if let Some(eval_ds) = &eval_ds {
-        let init = Network::new(&cfg.model, cfg.seed)?;
-        let r = knn_eval(&init, &train_ds, eval_ds, cfg.image_size, &device)?;
+        // A fresh run's student is still its initialization; a resumed one rebuilds it.
+        let rebuilt;
+        let init = if opts.resume {
+            rebuilt = Network::new(&cfg.model, cfg.seed)?;
+            &rebuilt
+        } else {
+            &state.student
+        };
+        let r = knn_eval(init, &train_ds, eval_ds, cfg.image_size, &device)?;
         say(format!(
             "k-NN at random init: top-1 {:.2}% (k=20)",
             100.0 * top1_k20(&r).unwrap_or(0.0)
@@ -341,11 +344,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
                 );
             }
             if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
-                let meta = CheckpointMeta {
-                    step: state.step,
-                    epoch: state.step / bpe,
-                    config_json: config_json.clone(),
-                };
+                let meta = meta_at(state.step);
                 checkpoint::save(&run_dir, &state, &meta)?;
             }
             if let (Some(eval_ds), true) = (
@@ -358,11 +357,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         }
     }
     pb.finish_and_clear();
-    let meta = CheckpointMeta {
-        step: state.step,
-        epoch: state.step / bpe,
-        config_json: config_json.clone(),
-    };
+    let meta = meta_at(state.step);
     let ckpt = checkpoint::save(&run_dir, &state, &meta)?;
     say(format!("checkpoint: {}", ckpt.display()));
 
