@@ -209,51 +209,10 @@ pub(crate) fn batch_norm_train(
         &mut invstd,
         &mut var_unbiased,
     )?;
-    let mut y = be.alloc_f32(d.numel())?; // (N, C, S)
-    be.batch_norm_forward(
-        dbuf(op, x)?,
-        &mean,
-        &invstd,
-        dbuf(op, gamma)?,
-        dbuf(op, beta)?,
-        d.n,
-        d.c,
-        d.s,
-        &mut y,
-    )?;
-    let y = wrap(&be, y, x.shape())?;
+    let y = bn_apply(&be, op, x, &mean, &invstd, gamma, beta, d)?;
     let mean = wrap(&be, mean, &[d.c])?;
     let var_t = wrap(&be, var_unbiased, &[d.c])?;
-    if tape.is_recording() {
-        let (sx, sg, sm) = (x.clone(), gamma.clone(), mean.clone());
-        tape.record(op, &y, &[x, gamma, beta], move |dy| {
-            let _r = nvtx::Range::new("batch_norm_train backward");
-            let dy = on_gpu(&be, dy)?;
-            dy.expect_shape("batch_norm_train backward dy", sx.shape())?;
-            let mut dx = be.alloc_f32(d.numel())?;
-            let mut dgamma = be.alloc_f32(d.c)?;
-            let mut dbeta = be.alloc_f32(d.c)?;
-            be.batch_norm_backward(
-                true,
-                dbuf(op, &dy)?,
-                dbuf(op, &sx)?,
-                dbuf(op, &sm)?,
-                &invstd,
-                dbuf(op, &sg)?,
-                d.n,
-                d.c,
-                d.s,
-                &mut dx,
-                &mut dgamma,
-                &mut dbeta,
-            )?;
-            Ok(vec![
-                Some(wrap(&be, dx, sx.shape())?),
-                Some(wrap(&be, dgamma, &[d.c])?),
-                Some(wrap(&be, dbeta, &[d.c])?),
-            ])
-        });
-    }
+    record_bn_backward(tape, be, op, true, x, gamma, beta, &y, &mean, invstd, d);
     Ok((y, mean, var_t))
 }
 
@@ -274,11 +233,40 @@ pub(crate) fn batch_norm_eval(
     let op = "batch_norm_eval";
     let mut invstd = be.alloc_f32(d.c)?; // (C,)
     be.batch_norm_invstd(dbuf(op, running_var)?, d.c, eps, &mut invstd)?;
+    let y = bn_apply(&be, op, x, dbuf(op, running_mean)?, &invstd, gamma, beta, d)?;
+    record_bn_backward(
+        tape,
+        be,
+        op,
+        false,
+        x,
+        gamma,
+        beta,
+        &y,
+        running_mean,
+        invstd,
+        d,
+    );
+    Ok(y)
+}
+
+/// y = (x - mean) * invstd * gamma + beta, per channel: the forward shared by both modes.
+#[allow(clippy::too_many_arguments)]
+fn bn_apply(
+    be: &Be,
+    op: &str,
+    x: &Tensor,
+    mean: &DeviceBuffer,
+    invstd: &DeviceBuffer,
+    gamma: &Tensor,
+    beta: &Tensor,
+    d: BnDims,
+) -> Result<Tensor> {
     let mut y = be.alloc_f32(d.numel())?; // (N, C, S)
     be.batch_norm_forward(
         dbuf(op, x)?,
-        dbuf(op, running_mean)?,
-        &invstd,
+        mean,
+        invstd,
         dbuf(op, gamma)?,
         dbuf(op, beta)?,
         d.n,
@@ -286,38 +274,56 @@ pub(crate) fn batch_norm_eval(
         d.s,
         &mut y,
     )?;
-    let y = wrap(&be, y, x.shape())?;
-    if tape.is_recording() {
-        let (sx, sg, rm) = (x.clone(), gamma.clone(), running_mean.clone());
-        tape.record(op, &y, &[x, gamma, beta], move |dy| {
-            let _r = nvtx::Range::new("batch_norm_eval backward");
-            let dy = on_gpu(&be, dy)?;
-            dy.expect_shape("batch_norm_eval backward dy", sx.shape())?;
-            let mut dx = be.alloc_f32(d.numel())?;
-            let mut dgamma = be.alloc_f32(d.c)?;
-            let mut dbeta = be.alloc_f32(d.c)?;
-            be.batch_norm_backward(
-                false,
-                dbuf(op, &dy)?,
-                dbuf(op, &sx)?,
-                dbuf(op, &rm)?,
-                &invstd,
-                dbuf(op, &sg)?,
-                d.n,
-                d.c,
-                d.s,
-                &mut dx,
-                &mut dgamma,
-                &mut dbeta,
-            )?;
-            Ok(vec![
-                Some(wrap(&be, dx, sx.shape())?),
-                Some(wrap(&be, dgamma, &[d.c])?),
-                Some(wrap(&be, dbeta, &[d.c])?),
-            ])
-        });
+    wrap(be, y, x.shape())
+}
+
+/// Records the backward of either BN mode: `training` adds the batch-statistics terms to dx;
+/// `mean`/`invstd` are the statistics the forward normalized with (batch or running).
+#[allow(clippy::too_many_arguments)]
+fn record_bn_backward(
+    tape: &mut Tape,
+    be: Be,
+    op: &'static str,
+    training: bool,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    y: &Tensor,
+    mean: &Tensor,
+    invstd: DeviceBuffer,
+    d: BnDims,
+) {
+    if !tape.is_recording() {
+        return;
     }
-    Ok(y)
+    let (sx, sg, sm) = (x.clone(), gamma.clone(), mean.clone());
+    tape.record(op, y, &[x, gamma, beta], move |dy| {
+        let _r = nvtx::Range::new(&format!("{op} backward"));
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape(&format!("{op} backward dy"), sx.shape())?;
+        let mut dx = be.alloc_f32(d.numel())?;
+        let mut dgamma = be.alloc_f32(d.c)?;
+        let mut dbeta = be.alloc_f32(d.c)?;
+        be.batch_norm_backward(
+            training,
+            dbuf(op, &dy)?,
+            dbuf(op, &sx)?,
+            dbuf(op, &sm)?,
+            &invstd,
+            dbuf(op, &sg)?,
+            d.n,
+            d.c,
+            d.s,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        )?;
+        Ok(vec![
+            Some(wrap(&be, dx, sx.shape())?),
+            Some(wrap(&be, dgamma, &[d.c])?),
+            Some(wrap(&be, dbeta, &[d.c])?),
+        ])
+    });
 }
 
 /// The new (running_mean, running_var); the inputs are left untouched (copied, then updated in
