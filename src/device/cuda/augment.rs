@@ -46,6 +46,9 @@ fn staging(ordinal: usize) -> &'static Mutex<Staging> {
     let map = ALL.get_or_init(|| Mutex::new(HashMap::new()));
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
     // One per GPU for the life of the process (like the backend itself): leaked on purpose.
+    // Keyed by ordinal, shared by every CudaBackend of that GPU: they all run on its primary
+    // context (cudarc's CudaContext::new), which the slots' events keep retained, so the pinned
+    // memory stays valid whichever backend dropped.
     map.entry(ordinal)
         .or_insert_with(|| Box::leak(Box::new(Mutex::new(Staging::default()))))
 }
