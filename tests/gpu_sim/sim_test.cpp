@@ -10,9 +10,12 @@
 #include "carp_loss.cu"
 #include "lars.cu"
 #include "ema.cu"
+#include "augment.cu"
 #include <random>
 #include <numeric>
 #include <cassert>
+#include <cstring>
+#include <fstream>
 
 static std::mt19937_64 rng(42);
 std::vector<float> randn(size_t n, float s = 1.0f) {
@@ -320,7 +323,40 @@ void test_misc() {
     if (!ok) fails++;
 }
 
-int main() {
+// The view finish (kernels/augment.cu), driven by tests/gpu_kernels_sim.rs: it writes random
+// crops and parameters (from the Rust sampler's types) to a file, this runs the three kernels as
+// src/device/cuda/augment.rs launches them and writes the output; the Rust side compares it with
+// the CPU `finish` (the specification). File layout, little-endian: i32 B, i32 S, i32 threads,
+// AugNorm (7 f32), B*S*S*3 u8 crops, B ColorParams (28 bytes each). Output: B*3*S*S f32.
+int run_augment(const char* in_path, const char* out_path) {
+    std::ifstream in(in_path, std::ios::binary);
+    int hdr[3];
+    AugNorm nm;
+    in.read((char*)hdr, sizeof hdr);
+    in.read((char*)&nm, sizeof nm);
+    const int B = hdr[0], S = hdr[1];
+    const unsigned threads = (unsigned)hdr[2];
+    static_assert(sizeof(ColorParams) == 28, "ColorParams must match Rust's repr(C) layout");
+    static_assert(sizeof(AugNorm) == 28, "AugNorm must match Rust's repr(C) layout");
+    std::vector<unsigned char> crops((size_t)B * S * S * 3);
+    std::vector<ColorParams> params(B);
+    in.read((char*)crops.data(), crops.size());
+    in.read((char*)params.data(), params.size() * sizeof(ColorParams));
+    if (!in) { printf("FAIL augment: short input file %s\n", in_path); return 1; }
+    std::vector<float> out = nanv((size_t)B * 3 * S * S), tmp = nanv(out.size());
+    // As the launcher: one block per image, then the two blur passes on (S, 3B) grids.
+    launch({(unsigned)B}, threads, aug_color_f32, (const unsigned char*)crops.data(), (const ColorParams*)params.data(), out.data(), S, nm);
+    launch({(unsigned)S, (unsigned)(3 * B)}, threads, aug_blur_h_f32, (const float*)out.data(), (const ColorParams*)params.data(), tmp.data(), S);
+    launch({(unsigned)S, (unsigned)(3 * B)}, threads, aug_blur_v_f32, (const float*)tmp.data(), (const ColorParams*)params.data(), out.data(), S, nm);
+    std::ofstream o(out_path, std::ios::binary);
+    o.write((const char*)out.data(), out.size() * sizeof(float));
+    if (!o) { printf("FAIL augment: cannot write %s\n", out_path); return 1; }
+    printf("augment B=%d S=%d threads=%u written\n", B, S, threads);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     test_misc();
     test_carp(2, 3, 48, 16, 32);
     test_carp(4, 3, 80, 40, 32);

@@ -12,6 +12,7 @@
 //! kernel), `nvtx` (profiler ranges).
 
 pub mod alloc;
+pub mod augment;
 pub mod blas;
 pub mod dnn;
 pub mod kernels;
@@ -158,6 +159,10 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
     ("lars", &["lars_norms_f32", "lars_update_f32"]),
     ("ema", &["ema_update_f32"]),
+    (
+        "augment",
+        &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
+    ),
 ];
 
 impl CudaBackend {
