@@ -156,7 +156,14 @@ const KERNELS: &[(&str, &[&str])] = &[
             "carp_consistency_grad_f32",
         ],
     ),
-    ("lars", &["lars_norms_f32", "lars_update_f32"]),
+    (
+        "lars",
+        &[
+            "lars_norms_f32",
+            "lars_update_f32",
+            "lars_norms_checked_f32",
+        ],
+    ),
     ("ema", &["ema_update_f32"]),
 ];
 
