@@ -251,6 +251,14 @@ fn run(args: Args) -> Result<()> {
             ", synthetic inputs"
         }
     );
+    // Where BN updates, LARS and the EMA ran: the device-resident state, or the host stores
+    // (CPU runs, or CARP_HOST_OPTIM=1 for an A/B of the GPU optimizer phases).
+    let optimizer = if state.has_device_state() {
+        "device"
+    } else {
+        "host"
+    };
+    println!("optimizer state on the {optimizer}");
     println!("{:<18} {:>10}", "phase", "median ms");
     for (name, v) in rows {
         println!("{name:<18} {v:>10.2}");
@@ -273,7 +281,7 @@ fn run(args: Args) -> Result<()> {
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
                 "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
-                "phases_ms": phases, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "phases_ms": phases, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
             })
         );
     }

@@ -736,13 +736,16 @@ fn device_state_steps_match_cpu() {
     assert!(gpu.host_is_current());
     assert_eq!(gpu.step, cpu.step);
     let (pc, pg) = (&cpu.student.params, &gpu.student.params);
+    // Per entry against its own scale, floored by 1e-4 of the largest parameter (a bias
+    // followed by a BN gets a ~0 gradient and stays at rounding noise on both devices).
+    let pmax = pc.data.iter().fold(0.0f64, |a, &v| a.max(v.abs() as f64));
     for e in &pc.entries {
         check_close(
             &format!("student {}", e.name),
             &pg.data[e.range()],
             &pc.data[e.range()],
             2e-3,
-            1e-6,
+            1e-4 * pmax,
         );
         check_close(
             &format!("LARS momentum {}", e.name),
@@ -767,13 +770,14 @@ fn device_state_steps_match_cpu() {
         ("student BN", &gpu.student.buffers, &cpu.student.buffers),
         ("teacher BN", &gpu.teacher.buffers, &cpu.teacher.buffers),
     ] {
+        let bmax = c.data.iter().fold(0.0f64, |a, &v| a.max(v.abs() as f64));
         for e in &c.entries {
             check_close(
                 &format!("{name} {}", e.name),
                 &g.data[e.range()],
                 &c.data[e.range()],
                 1e-3,
-                1e-6,
+                1e-4 * bmax,
             );
         }
     }
