@@ -76,6 +76,16 @@ fn conv_tf32(device: &carp::Device) -> bool {
     false
 }
 
+/// Whether cuDNN algorithms were timed (`cudnnFind*`, `CARP_CUDNN_FIND`), on a GPU.
+fn cudnn_find(device: &carp::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if matches!(device, carp::Device::Cuda(_)) {
+        return carp::device::cuda::conv_find();
+    }
+    let _ = device;
+    false
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -280,7 +290,7 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
-                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
+                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
             })
         );
