@@ -1036,3 +1036,108 @@ fn device_state_matches_host_optim_path() {
         1e-6,
     );
 }
+
+/// The trainer's sync points on a GPU: a 7-step run with checkpoints every 3 steps on the GPU
+/// against the same run on the CPU (the checkpoint holds the GPU's current weights, not the
+/// initial host copy: a missed `sync_to_host` before a save fails the run or this comparison),
+/// and a GPU run stopped after 4 steps and resumed against the straight GPU run.
+///
+/// Tolerances: 2e-3 of each store's largest value GPU vs CPU (7 steps of f32 reassociation);
+/// 1e-4 GPU straight vs GPU resumed (the same kernels; float atomics in the LARS norms and
+/// cuDNN's backward may round differently between runs).
+#[test]
+fn device_state_trainer_checkpoints() {
+    use carp::nn::head::HeadConfig;
+    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::ModelConfig;
+    use carp::train::checkpoint;
+    use carp::train::config::TrainConfig;
+    use carp::train::step::CarpState;
+    use carp::train::trainer::{train, TrainOptions};
+    let Some((_dev, _serial)) = gpu_or_skip("device_state_trainer_checkpoints") else {
+        return;
+    };
+    let tmp = |name: &str| {
+        let d = std::env::temp_dir().join(format!("carp-gpu-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let cfg = |out: &std::path::Path, device: &str| TrainConfig {
+        model: ModelConfig {
+            arch: "micro".into(),
+            backbone: ResNetConfig {
+                layers: vec![1, 1],
+                base_width: 2,
+                stem: Stem::Cifar,
+            },
+            head: HeadConfig {
+                hidden: 8,
+                out: 4,
+                prototypes: 16,
+            },
+        },
+        out: out.to_path_buf(),
+        batch: 8,
+        steps: Some(7),
+        epochs: None,
+        image_size: 12,
+        nb: 4,
+        checkpoint_every: 3,
+        device: device.into(),
+        ..TrainConfig::tiny_default()
+    };
+    let quiet = || TrainOptions {
+        no_eval: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let load = |c: &TrainConfig| {
+        let mut s = CarpState::new(&c.model, c.nb, c.weight_decay, c.seed).unwrap();
+        checkpoint::load_file(&c.out.join(checkpoint::LATEST), &mut s).unwrap();
+        s
+    };
+    let (dg, dc, dr) = (tmp("gpu"), tmp("cpu"), tmp("resumed"));
+    let (cg, cc, cr) = (cfg(&dg, "cuda:0"), cfg(&dc, "cpu"), cfg(&dr, "cuda:0"));
+    assert_eq!(train(&cg, &quiet()).unwrap().steps, 7);
+    assert_eq!(train(&cc, &quiet()).unwrap().steps, 7);
+    let stopped = TrainOptions {
+        stop_after: Some(4),
+        ..quiet()
+    };
+    assert_eq!(train(&cr, &stopped).unwrap().steps, 4);
+    let resume = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    assert_eq!(train(&cr, &resume).unwrap().steps, 7);
+    let (g, c, r) = (load(&cg), load(&cc), load(&cr));
+    let init = CarpState::new(&cg.model, cg.nb, cg.weight_decay, cg.seed).unwrap();
+    assert!(g.student.params.data != init.student.params.data);
+    let max = |v: &[f32]| v.iter().fold(0.0f64, |a, &x| a.max(x.abs() as f64));
+    for (what, a, b, tol) in [
+        ("gpu vs cpu", &g, &c, 2e-3),
+        ("resumed vs straight", &r, &g, 1e-4),
+    ] {
+        assert_eq!(a.step, b.step, "{what}");
+        for (name, x, y) in [
+            ("student", &a.student.params.data, &b.student.params.data),
+            ("teacher", &a.teacher.params.data, &b.teacher.params.data),
+            ("momentum", &a.lars.momentum_buf, &b.lars.momentum_buf),
+            (
+                "student BN",
+                &a.student.buffers.data,
+                &b.student.buffers.data,
+            ),
+            (
+                "teacher BN",
+                &a.teacher.buffers.data,
+                &b.teacher.buffers.data,
+            ),
+        ] {
+            check_close(&format!("{what}: {name}"), x, y, tol, 1e-4 * max(y));
+        }
+    }
+    for d in [dg, dc, dr] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
