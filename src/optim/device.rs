@@ -6,8 +6,10 @@
 //!
 //! Per step nothing crosses the bus except one download of `3 * n_entries` floats: the NaN
 //! guard (per-entry counts of non-finite gradients, fused into LARS pass 1), which must name the
-//! first offending entry before any weight changes. (That is the step's one host
-//! synchronization today; a CUDA-graph step would move the check after the graph.)
+//! first offending entry before any weight changes. One small download per step is acceptable
+//! for now; it is the state's only host synchronization (the step's phase clocks and the loss
+//! scalars wait for the device too). A CUDA-graph step would read the flags after the graph and
+//! roll back, or keep a device-side "skip the update" flag instead.
 //!
 //! `CARP_HOST_OPTIM=1` keeps today's host path (upload the parameters per forward, download the
 //! gradients and BN statistics, LARS/EMA on the host) for A/B runs and as a fallback.
