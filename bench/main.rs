@@ -76,6 +76,16 @@ fn conv_tf32(device: &carp::Device) -> bool {
     false
 }
 
+/// Whether cuDNN algorithms were timed (`cudnnFind*`, `CARP_CUDNN_FIND`), on a GPU.
+fn cudnn_find(device: &carp::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if matches!(device, carp::Device::Cuda(_)) {
+        return carp::device::cuda::conv_find();
+    }
+    let _ = device;
+    false
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -258,6 +268,14 @@ fn run(args: Args) -> Result<()> {
             ", synthetic inputs".to_string()
         }
     );
+    // Where BN updates, LARS and the EMA ran: the device-resident state, or the host stores
+    // (CPU runs, or CARP_HOST_OPTIM=1 for an A/B of the GPU optimizer phases).
+    let optimizer = if state.has_device_state() {
+        "device"
+    } else {
+        "host"
+    };
+    println!("optimizer state on the {optimizer}");
     println!("{:<18} {:>10}", "phase", "median ms");
     for (name, v) in rows {
         println!("{name:<18} {v:>10.2}");
@@ -279,8 +297,8 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
-                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
-                "phases_ms": phases, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
+                "phases_ms": phases, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },
             })
         );

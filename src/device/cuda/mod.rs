@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 
 pub use alloc::{DeviceBuffer, Pool, PoolStats};
-pub use dnn::{conv_tf32, set_conv_tf32, ConvShape};
+pub use dnn::{conv_find, conv_tf32, set_conv_tf32, ConvShape};
 pub use ops::{CarpLossGpu, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::error::{Error, Result};
@@ -157,7 +157,14 @@ const KERNELS: &[(&str, &[&str])] = &[
             "carp_consistency_grad_f32",
         ],
     ),
-    ("lars", &["lars_norms_f32", "lars_update_f32"]),
+    (
+        "lars",
+        &[
+            "lars_norms_f32",
+            "lars_update_f32",
+            "lars_norms_checked_f32",
+        ],
+    ),
     ("ema", &["ema_update_f32"]),
     (
         "augment",
