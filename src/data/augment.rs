@@ -655,6 +655,26 @@ pub fn finish(
     threshold: f32,
     out: &mut [f32],
 ) {
+    finish_clocked(crop, p, size, mean, std, threshold, out, None);
+}
+
+/// `finish`, adding the thread CPU seconds spent outside and inside the blur to
+/// `times` = [colour, blur] (the loader benchmark's stage split).
+#[allow(clippy::too_many_arguments)] // finish's arguments plus the clock
+pub fn finish_clocked(
+    crop: &[u8],
+    p: &ColorParams,
+    size: usize,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    threshold: f32,
+    out: &mut [f32],
+    times: Option<&mut [f64; 2]>,
+) {
+    let t0 = times
+        .as_ref()
+        .map(|_| crate::data::benchset::thread_cpu_seconds());
+    let mut blur_s = 0.0;
     let n = size * size;
     // (S, S, 3) u8 -> (3, S, S) f32 in [0, 1]
     for i in 0..n {
@@ -677,7 +697,13 @@ pub fn finish(
         to_grayscale(x, n);
     }
     if p.blur_sigma > 0.0 {
+        let tb = times
+            .as_ref()
+            .map(|_| crate::data::benchset::thread_cpu_seconds());
         gaussian_blur(x, size, size, p.blur_sigma);
+        if let Some(tb) = tb {
+            blur_s = crate::data::benchset::thread_cpu_seconds() - tb;
+        }
     }
     if p.solarize != 0 {
         solarize(x, threshold / 255.0);
@@ -687,6 +713,11 @@ pub fn finish(
         for v in &mut x[c * n..(c + 1) * n] {
             *v = (*v - m) * s;
         }
+    }
+    if let (Some(t), Some(t0)) = (times, t0) {
+        // Colour = everything but the blur.
+        t[0] += crate::data::benchset::thread_cpu_seconds() - t0 - blur_s;
+        t[1] += blur_s;
     }
 }
 

@@ -454,6 +454,16 @@ pub struct LoaderBenchReport {
     /// Images per second for the geometric half only (u8 crops + colour parameters), what a
     /// GPU-finishing backend would need from the CPU.
     pub crop_images_per_sec: f64,
+    /// The same two runs per core: images / process CPU seconds (getrusage), which holds on
+    /// a shared machine where wall time does not.
+    pub images_per_cpu_sec: f64,
+    pub crop_images_per_cpu_sec: f64,
+    /// One thread's per-image stage costs (thread CPU time): decode / resize / colour / blur.
+    pub stages: crate::data::benchset::StageTimes,
+    /// Mean decoded pixels per record and encoded bytes per decoded pixel of the records
+    /// timed by `stages` (how ImageNet-like the set is: ImageNet's JPEGs ~0.6-0.8 B/px).
+    pub mean_pixels: f64,
+    pub bytes_per_pixel: f64,
 }
 
 impl std::fmt::Display for LoaderBenchReport {
@@ -461,7 +471,11 @@ impl std::fmt::Display for LoaderBenchReport {
         write!(
             f,
             "loader: {} batches of {} at {}x{} with {} worker(s): {:.0} two-view images/s \
-             ({:.0} views/s); crops only {:.0} images/s",
+             ({:.0} views/s); crops only {:.0} images/s\n  \
+             per core (process CPU time): {:.0} two-view images/s, crops only {:.0}\n  \
+             per core (one thread, {} images of {:.0} px, {:.2} B/px): crops only {:.0} \
+             images/s, with CPU finish {:.0}; ms per image: decode {:.2}, crop+resize \
+             {:.2}, colour {:.2}, blur {:.2}",
             self.batches,
             self.batch,
             self.size,
@@ -469,7 +483,18 @@ impl std::fmt::Display for LoaderBenchReport {
             self.workers,
             self.images_per_sec,
             2.0 * self.images_per_sec,
-            self.crop_images_per_sec
+            self.crop_images_per_sec,
+            self.images_per_cpu_sec,
+            self.crop_images_per_cpu_sec,
+            self.stages.images,
+            self.mean_pixels,
+            self.bytes_per_pixel,
+            self.stages.crops_per_core(),
+            self.stages.full_per_core(),
+            1e3 * self.stages.decode_s,
+            1e3 * self.stages.resize_s,
+            1e3 * self.stages.colour_s,
+            1e3 * self.stages.blur_s,
         )
     }
 }
@@ -494,8 +519,9 @@ pub fn bench_loader(
     let loader = TwoViewLoader::new(ds.clone(), cfg)?;
     let actual_workers = loader.pool.current_num_threads();
     let batches = batches.max(1);
-    let time = |finish: bool| -> Result<f64> {
+    let time = |finish: bool| -> Result<(f64, f64)> {
         let t0 = Instant::now();
+        let c0 = crate::data::benchset::process_cpu_seconds();
         let mut done = 0;
         let mut epoch = 0;
         while done < batches {
@@ -512,11 +538,23 @@ pub fn bench_loader(
             }
             epoch += 1;
         }
-        Ok(t0.elapsed().as_secs_f64())
+        Ok((
+            t0.elapsed().as_secs_f64(),
+            crate::data::benchset::process_cpu_seconds() - c0,
+        ))
     };
-    let seconds = time(true)?;
-    let crop_seconds = time(false)?;
+    let (seconds, cpu) = time(true)?;
+    let (crop_seconds, crop_cpu) = time(false)?;
     let images = (batches * batch) as f64;
+    // The per-stage split on this thread, over at least one pass of up to 256 records.
+    let n_stage = ds.len().clamp(1, 256);
+    let stages = crate::data::benchset::bench_stages(&ds, &loader.config().view, n_stage)?;
+    let (mut px, mut bytes) = (0usize, 0usize);
+    for i in 0..n_stage {
+        let (e, b, _) = ds.record(i)?;
+        px += e.height as usize * e.width as usize;
+        bytes += b.len();
+    }
     Ok(LoaderBenchReport {
         records: ds.len(),
         batch,
@@ -526,5 +564,10 @@ pub fn bench_loader(
         seconds,
         images_per_sec: images / seconds,
         crop_images_per_sec: images / crop_seconds,
+        images_per_cpu_sec: images / cpu.max(1e-9),
+        crop_images_per_cpu_sec: images / crop_cpu.max(1e-9),
+        stages,
+        mean_pixels: px as f64 / n_stage as f64,
+        bytes_per_pixel: bytes as f64 / px.max(1) as f64,
     })
 }

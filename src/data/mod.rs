@@ -9,6 +9,7 @@
 //! - `pack` / `idx`: `carp pack` from ImageFolder trees and IDX (MNIST-format) files.
 
 pub mod augment;
+pub mod benchset;
 pub mod dataset;
 pub mod decode;
 pub mod idx;
