@@ -464,26 +464,48 @@ fn resample_body(
     sc.row.clear();
     sc.row.resize(cols + k, [0.0; 4]);
     sc.tmp.clear();
-    sc.tmp.resize((r1 - r0) * out_w * 3, 0.0);
-    // Horizontal pass: (r1 - r0, out_w, 3)
+    sc.tmp.resize((r1 - r0) * out_w * 3 + 1, 0.0); // + 1: see the stores below
+                                                   // Horizontal pass: (r1 - r0, out_w, 3)
     for y in r0..r1 {
         let src = &img.data[(y * w + c0) * 3..(y * w + c1) * 3];
         for (d, p) in sc.row[..cols].iter_mut().zip(src.chunks_exact(3)) {
             *d = [p[0] as f32, p[1] as f32, p[2] as f32, 0.0];
         }
-        let trow = &mut sc.tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3];
-        for x in 0..out_w {
+        // This row plus the next row's first float (or the buffer's padding float): the
+        // 4-lane stores below spill their unused 4th lane one float ahead, which the next
+        // store (output columns go in ascending order) or the next row overwrites.
+        let trow = &mut sc.tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3 + 1];
+        for xo in 0..out_w {
+            let x = if flip { out_w - 1 - xo } else { xo };
             let s = tx.start[x] - c0;
             let ws = &sc.hw[x * k..(x + 1) * k];
             let px = &sc.row[s..s + k];
-            let mut acc = [0f32; 4];
-            for (&wk, p) in ws.iter().zip(px) {
-                for c in 0..4 {
-                    acc[c] += wk * p[c];
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::x86_64::*;
+                // SAFETY: SSE is part of the x86-64 baseline; every load reads one
+                // [f32; 4] of `px` and the store writes trow[xo*3 .. xo*3 + 4], in bounds
+                // since trow has out_w * 3 + 1 floats.
+                unsafe {
+                    let mut acc = _mm_setzero_ps();
+                    for (&wk, p) in ws.iter().zip(px) {
+                        acc =
+                            _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(wk), _mm_loadu_ps(p.as_ptr())));
+                    }
+                    debug_assert!(xo * 3 + 4 <= trow.len());
+                    _mm_storeu_ps(trow.as_mut_ptr().add(xo * 3), acc);
                 }
             }
-            let xo = if flip { out_w - 1 - x } else { x };
-            trow[xo * 3..xo * 3 + 3].copy_from_slice(&acc[..3]);
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let mut acc = [0f32; 4];
+                for (&wk, p) in ws.iter().zip(px) {
+                    for c in 0..4 {
+                        acc[c] += wk * p[c];
+                    }
+                }
+                trow[xo * 3..xo * 3 + 3].copy_from_slice(&acc[..3]);
+            }
         }
     }
     // Vertical pass: (out_h, out_w, 3) u8, rounded and clamped as PIL does.
@@ -519,6 +541,21 @@ pub fn sample_view<R: Rng>(
     view: usize,
     rng: &mut R,
 ) -> (Vec<u8>, ColorParams) {
+    let size = if view >= 2 { cfg.local_size } else { cfg.size };
+    let mut crop = vec![0u8; size * size * 3];
+    let p = sample_view_into(img, cfg, view, rng, &mut crop);
+    (crop, p)
+}
+
+/// `sample_view` writing the (S, S, 3) crop into `out` (S = `size`, or `local_size` for a
+/// local view), which must hold exactly S * S * 3 bytes. Draws the same numbers.
+pub fn sample_view_into<R: Rng>(
+    img: &Image,
+    cfg: &ViewConfig,
+    view: usize,
+    rng: &mut R,
+    out: &mut [u8],
+) -> ColorParams {
     let local = view >= 2;
     let v = view.min(1);
     let (size, scale) = if local {
@@ -534,7 +571,7 @@ pub fn sample_view<R: Rng>(
         (cfg.min_ratio, cfg.max_ratio),
     );
     let flip = rng.gen::<f32>() < cfg.flip_p;
-    let crop = resample(
+    resample_into(
         img,
         b.top as f64,
         b.left as f64,
@@ -543,6 +580,7 @@ pub fn sample_view<R: Rng>(
         size,
         size,
         flip,
+        out,
     );
     let mut p = ColorParams::identity();
     p.flipped = flip as u8;
@@ -570,7 +608,7 @@ pub fn sample_view<R: Rng>(
         p.blur_sigma = uniform32(rng, cfg.blur_sigma.0, cfg.blur_sigma.1);
     }
     p.solarize = (rng.gen::<f32>() < solarize_p) as u8;
-    (crop, p)
+    p
 }
 
 /// Evaluation geometry: resize the short side to `round(size * 256 / 224)` (bicubic) and take

@@ -152,19 +152,25 @@ pub fn bench_stages(
     view: &crate::data::ViewConfig,
     images: usize,
 ) -> Result<StageTimes> {
-    use crate::data::augment::{finish_clocked, sample_view};
+    use crate::data::augment::{finish_clocked, sample_view_into};
     let n = images.max(1);
     let (mut dec, mut res) = (0.0, 0.0);
     let mut fin = [0.0f64; 2];
     let mut out = vec![0f32; 3 * view.size * view.size]; // (3, S, S)
+                                                         // Reused buffers, as the loader's workers have them.
+    let mut img = crate::data::decode::Image::new(0, 0, Vec::new());
+    let (mut c1, mut c2) = (
+        vec![0u8; view.size * view.size * 3],
+        vec![0u8; view.size * view.size * 3],
+    ); // (S, S, 3)
     for k in 0..n {
         let i = k % ds.len().max(1);
         let t0 = thread_cpu_seconds();
-        let img = ds.image(i)?;
+        ds.image_into(i, &mut img)?;
         let t1 = thread_cpu_seconds();
         let mut rng = crate::data::loader::image_rng(0, 0, i);
-        let (c1, p1) = sample_view(&img, view, 0, &mut rng);
-        let (c2, p2) = sample_view(&img, view, 1, &mut rng);
+        let p1 = sample_view_into(&img, view, 0, &mut rng, &mut c1);
+        let p2 = sample_view_into(&img, view, 1, &mut rng, &mut c2);
         let t2 = thread_cpu_seconds();
         dec += t1 - t0;
         res += t2 - t1;

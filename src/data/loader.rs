@@ -15,8 +15,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::data::augment::{eval_crop, finish_view, sample_view, ColorParams, ViewConfig};
+use crate::data::augment::{eval_crop, finish_view, sample_view_into, ColorParams, ViewConfig};
 use crate::data::dataset::Dataset;
+use crate::data::decode::Image;
 use crate::error::{Error, Result};
 
 /// Loader settings. `workers` 0 = all cores; `prefetch` = batches decoded ahead (>= 1).
@@ -140,6 +141,11 @@ impl CropBatch {
     }
 }
 
+thread_local! {
+    /// The loader workers' decode buffer (one image per thread, reused across records).
+    static DECODED: std::cell::RefCell<Image> = std::cell::RefCell::new(Image::new(0, 0, Vec::new()));
+}
+
 /// SplitMix64 finalizer: decorrelates nearby seeds.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -181,21 +187,28 @@ pub fn make_crops(
         .zip(locals.par_chunks_mut(lper.max(1)))
         .zip(local_params.par_chunks_mut(nl.max(1)))
         .try_for_each(|(((((v1, v2), p), &i), lc), lp)| -> Result<()> {
-            let img = ds.image(i)?;
-            let mut rng = image_rng(seed, epoch, i);
-            let (c1, p1) = sample_view(&img, view, 0, &mut rng);
-            let (c2, p2) = sample_view(&img, view, 1, &mut rng);
-            v1.copy_from_slice(&c1);
-            v2.copy_from_slice(&c2);
-            *p = (p1, p2);
-            // Local views come after both global views from the same stream, so turning
-            // multi-crop on leaves the global views unchanged.
-            for l in 0..nl {
-                let (c, q) = sample_view(&img, view, 2, &mut rng);
-                lc[l * ls * ls * 3..(l + 1) * ls * ls * 3].copy_from_slice(&c);
-                lp[l] = q;
-            }
-            Ok(())
+            // Each worker thread decodes into its own reused image buffer.
+            DECODED.with(|img| -> Result<()> {
+                let img = &mut *img.borrow_mut();
+                ds.image_into(i, img)?;
+                let mut rng = image_rng(seed, epoch, i);
+                let p1 = sample_view_into(img, view, 0, &mut rng, v1);
+                let p2 = sample_view_into(img, view, 1, &mut rng, v2);
+                *p = (p1, p2);
+                // Local views come after both global views from the same stream, so turning
+                // multi-crop on leaves the global views unchanged.
+                for l in 0..nl {
+                    let q = sample_view_into(
+                        img,
+                        view,
+                        2,
+                        &mut rng,
+                        &mut lc[l * ls * ls * 3..(l + 1) * ls * ls * 3],
+                    );
+                    lp[l] = q;
+                }
+                Ok(())
+            })
         })?;
     if nl == 0 {
         locals = Vec::new();
