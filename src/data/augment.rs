@@ -364,6 +364,9 @@ struct ResampleScratch {
     acc: Vec<f32>,
 }
 
+/// The largest horizontal-pass buffer a thread keeps between resizes (16 MB).
+const KEEP_SCRATCH_FLOATS: usize = 1 << 22;
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<ResampleScratch> =
         std::cell::RefCell::new(ResampleScratch::default());
@@ -405,6 +408,14 @@ pub fn resample_into(
             return;
         }
         resample_body(img, &tx, &ty, out_h, out_w, flip, sc, out);
+    });
+    // Keep the scratch of ordinary views; release what an outsized resize (packing a huge
+    // image, say) grew it to.
+    SCRATCH.with(|sc| {
+        let sc = &mut *sc.borrow_mut();
+        if sc.tmp.capacity() > KEEP_SCRATCH_FLOATS || sc.row.capacity() > KEEP_SCRATCH_FLOATS / 4 {
+            *sc = ResampleScratch::default();
+        }
     });
 }
 

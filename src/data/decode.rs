@@ -85,7 +85,8 @@ pub fn decode_jpeg_into(bytes: &[u8], img: &mut Image) -> std::result::Result<()
             .ok_or_else(|| "JPEG decode: no output size".to_string())?;
         if c == 3 && size == h * w * 3 {
             // The common case: straight into the reused buffer.
-            img.data.clear();
+            // Same-size records (the common case) reuse the buffer without a memset;
+            // decode_into overwrites every byte.
             img.data.resize(size, 0);
             dec.decode_into(&mut img.data)
                 .map_err(|e| format!("JPEG decode: {e:?}"))?;

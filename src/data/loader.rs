@@ -141,6 +141,9 @@ impl CropBatch {
     }
 }
 
+/// The largest decode buffer a loader thread keeps between records (a 2048x2048 RGB frame).
+const KEEP_DECODED_BYTES: usize = 2048 * 2048 * 3;
+
 thread_local! {
     /// The loader workers' decode buffer (one image per thread, reused across records).
     static DECODED: std::cell::RefCell<Image> = std::cell::RefCell::new(Image::new(0, 0, Vec::new()));
@@ -206,6 +209,10 @@ pub fn make_crops(
                         &mut lc[l * ls * ls * 3..(l + 1) * ls * ls * 3],
                     );
                     lp[l] = q;
+                }
+                // Keep ImageNet-sized buffers (~0.8 MB); let an occasional huge frame go.
+                if img.data.capacity() > KEEP_DECODED_BYTES {
+                    *img = Image::new(0, 0, Vec::new());
                 }
                 Ok(())
             })
