@@ -58,6 +58,13 @@ struct Args {
     /// Measure end to end: this packed dataset's loader feeding the training step.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// With --loader DIR: first write an ImageNet-like packed set of this many JPEGs into
+    /// DIR (DIR/packed; natural photos rescaled to ImageNet's sizes, ~0.6 B/px), then measure it.
+    #[arg(long, requires = "loader")]
+    make_imagenet_like: Option<usize>,
+    /// With --make-imagenet-like: pack with this --max-side (longer side, re-encoded JPEG).
+    #[arg(long, requires = "make_imagenet_like")]
+    max_side: Option<u32>,
     /// Loader threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -144,8 +151,22 @@ fn gpu_peak_gib(device: &Device) -> Result<Option<f64>> {
 
 fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.loader {
+        let dir = match args.make_imagenet_like {
+            Some(n) => {
+                let m = carp::data::benchset::make_imagenet_like(dir, n, 0, args.max_side)?;
+                println!(
+                    "wrote {} ImageNet-like JPEGs ({:.0} px, {:.2} B/px at quality 90) to {}",
+                    m.images,
+                    m.mean_pixels,
+                    m.bytes_per_pixel,
+                    m.packed.display()
+                );
+                m.packed
+            }
+            None => dir.clone(),
+        };
         let r = carp::data::bench_loader(
-            dir,
+            &dir,
             args.batch,
             args.image_size,
             args.steps.max(1),
@@ -157,7 +178,14 @@ fn run(args: Args) -> Result<()> {
                 "{}",
                 serde_json::json!({"mode": "loader", "images_per_s": r.images_per_sec,
                     "crop_images_per_s": r.crop_images_per_sec, "batch": r.batch,
-                    "size": r.size, "workers": r.workers, "device": "cpu"})
+                    "size": r.size, "workers": r.workers, "device": "cpu",
+                    "images_per_cpu_s": r.images_per_cpu_sec,
+                    "crop_images_per_cpu_s": r.crop_images_per_cpu_sec,
+                    "per_core_crops": r.stages.crops_per_core(),
+                    "per_core_full": r.stages.full_per_core(),
+                    "ms_decode": 1e3 * r.stages.decode_s, "ms_resize": 1e3 * r.stages.resize_s,
+                    "ms_colour": 1e3 * r.stages.colour_s, "ms_blur": 1e3 * r.stages.blur_s,
+                    "mean_pixels": r.mean_pixels, "bytes_per_pixel": r.bytes_per_pixel})
             );
         }
         return Ok(());

@@ -464,3 +464,30 @@ fn pack_args_parse_as_a_subcommand() {
         "--out is required"
     );
 }
+
+/// The loader decodes into one reused buffer per thread: decoding photos of different sizes
+/// (and a grayscale JPEG) into the same `Image` gives exactly what fresh decodes give, and a
+/// corrupt file leaves an error and an empty image, not the previous one.
+#[test]
+fn decode_into_a_reused_buffer_matches_fresh_decodes() {
+    use carp::data::decode::{decode_jpeg, decode_jpeg_into, encode_jpeg, Image};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let gray: Vec<u8> = (0..37 * 23).map(|k| (k * 7 % 251) as u8).collect();
+    let files = [
+        std::fs::read(dir.join("coffee.jpg")).unwrap(),
+        std::fs::read(dir.join("astronaut.jpg")).unwrap(),
+        encode_jpeg(37, 23, 1, &gray, 90).unwrap(),
+        std::fs::read(dir.join("chelsea.jpg")).unwrap(),
+    ];
+    let mut img = Image::new(0, 0, Vec::new());
+    for f in &files {
+        decode_jpeg_into(f, &mut img).unwrap();
+        let fresh = decode_jpeg(f).unwrap();
+        assert_eq!(img, fresh);
+        assert_eq!(img.data.len(), img.height * img.width * 3);
+    }
+    let mut bad = files[0].clone();
+    bad.truncate(40);
+    assert!(decode_jpeg_into(&bad, &mut img).is_err());
+    assert_eq!((img.height, img.width, img.data.len()), (0, 0, 0));
+}

@@ -372,7 +372,46 @@ fn bench_loader_runs_on_packed_jpegs() {
         (4, 32, 3, 1, 8)
     );
     assert!(r.images_per_sec > 0.0 && r.crop_images_per_sec > 0.0);
+    assert!(r.images_per_cpu_sec > 0.0 && r.crop_images_per_cpu_sec > 0.0);
+    // The per-core split: every record once, every stage timed, crops cheaper than full.
+    assert_eq!(r.stages.images, 8);
+    assert!(r.stages.decode_s > 0.0 && r.stages.resize_s > 0.0 && r.stages.colour_s > 0.0);
+    assert!(r.stages.crops_per_core() > r.stages.full_per_core());
+    assert_eq!(r.mean_pixels, 48.0 * 64.0);
+    assert!(r.bytes_per_pixel > 0.05 && r.bytes_per_pixel < 3.0);
     println!("{r}");
+}
+
+/// The ImageNet-like benchmark set: ImageNet's frame sizes, natural photos, about ImageNet's
+/// compressed bytes per pixel (0.4-1.0 B/px at quality 90), packed and loadable; `--max-side`
+/// shrinks the frames.
+#[test]
+fn imagenet_like_set_has_imagenet_sizes_and_density() {
+    use carp::data::benchset::make_imagenet_like;
+    let dir = tmpdir("inl");
+    let m = make_imagenet_like(&dir, 6, 1, None).unwrap();
+    assert_eq!(m.images, 6);
+    assert!(
+        m.bytes_per_pixel > 0.4 && m.bytes_per_pixel < 1.0,
+        "{} B/px",
+        m.bytes_per_pixel
+    );
+    let ds = Dataset::open(&m.packed).unwrap();
+    assert_eq!(ds.len(), 6);
+    for i in 0..6 {
+        let img = ds.image(i).unwrap();
+        let sides = (img.height, img.width);
+        assert!(
+            [(375, 500), (500, 375), (333, 500), (512, 512)].contains(&sides),
+            "{sides:?}"
+        );
+    }
+    let small = make_imagenet_like(&tmpdir("inl-320"), 3, 1, Some(320)).unwrap();
+    let ds = Dataset::open(&small.packed).unwrap();
+    for i in 0..3 {
+        let img = ds.image(i).unwrap();
+        assert_eq!(img.height.max(img.width), 320);
+    }
 }
 
 /// The number reported for this machine: `cargo test --release --test data_loader --
@@ -381,11 +420,13 @@ fn bench_loader_runs_on_packed_jpegs() {
 #[ignore = "a throughput measurement (several seconds), run by hand"]
 fn bench_loader_imagenet_like() {
     let dir = tmpdir("bench-big");
-    let out = synthetic_jpeg_set(&dir, 256, 375, 500);
+    let m = carp::data::benchset::make_imagenet_like(&dir, 256, 0, None).unwrap();
     for (size, batch) in [(224, 64), (32, 256)] {
-        let r = bench_loader(&out, batch, size, 8, 0).unwrap();
-        println!("synthetic 375x500 JPEGs: {r}");
+        let r = bench_loader(&m.packed, batch, size, 4, 0).unwrap();
+        println!("ImageNet-like JPEGs ({:.2} B/px): {r}", m.bytes_per_pixel);
     }
+    let one = bench_loader(&m.packed, 64, 224, 4, 1).unwrap();
+    println!("ImageNet-like JPEGs, one worker: {one}");
     let r = bench_loader(&carp::data::embedded_dir("train"), 256, 32, 20, 0).unwrap();
     println!("embedded Fashion-MNIST (PNG 28x28): {r}");
 }

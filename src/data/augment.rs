@@ -346,57 +346,263 @@ pub fn resample(
     out_w: usize,
     flip: bool,
 ) -> Vec<u8> {
-    let (h, w) = (img.height, img.width);
-    let tx = taps(w, left, width, out_w);
-    let ty = taps(h, top, height, out_h);
-    // Source rows touched by the vertical taps.
-    let r0 = ty.start.iter().copied().min().unwrap_or(0);
-    let r1 = ty
-        .start
-        .iter()
-        .zip(&ty.len)
-        .map(|(&s, &n)| s + n)
-        .max()
-        .unwrap_or(0)
-        .max(r0 + 1);
-    // Horizontal pass: (r1 - r0, out_w, 3)
-    let mut tmp = vec![0f32; (r1 - r0) * out_w * 3];
+    let mut out = vec![0u8; out_h * out_w * 3];
+    resample_into(img, top, left, height, width, out_h, out_w, flip, &mut out);
+    out
+}
+
+/// Per-thread scratch of the resampler, reused across calls (no per-view allocation).
+#[derive(Default)]
+struct ResampleScratch {
+    /// One source row's touched columns as RGBx f32, zero-padded by the tap count: (cols + K, 4)
+    row: Vec<[f32; 4]>,
+    /// Horizontal taps padded to a fixed count K: (out_w, K)
+    hw: Vec<f32>,
+    /// Horizontal pass output: (rows, out_w, 3)
+    tmp: Vec<f32>,
+    /// One output row's accumulator: (out_w * 3)
+    acc: Vec<f32>,
+}
+
+/// The largest horizontal-pass buffer a thread keeps between resizes (16 MB).
+const KEEP_SCRATCH_FLOATS: usize = 1 << 22;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<ResampleScratch> =
+        std::cell::RefCell::new(ResampleScratch::default());
+}
+
+/// `resample` into `out` (out_h, out_w, 3), which must hold exactly out_h * out_w * 3 bytes.
+///
+/// The same arithmetic as the plain two-pass loop (f32 taps normalized in f64, f32 sums in
+/// tap order, f32 intermediate, one rounding at the end), arranged to vectorize: the
+/// horizontal pass reads only the crop's rows and columns, converted once to RGBx f32, with
+/// every output column's taps zero-padded to one count K (adding 0 * x leaves a sum
+/// unchanged); the vertical pass is whole-row multiply-adds. On x86-64 with AVX2 the same code
+/// is compiled for AVX2 and chosen at run time; no FMA is enabled, so the results are
+/// bit-identical on every path.
+#[allow(clippy::too_many_arguments)]
+pub fn resample_into(
+    img: &Image,
+    top: f64,
+    left: f64,
+    height: f64,
+    width: f64,
+    out_h: usize,
+    out_w: usize,
+    flip: bool,
+    out: &mut [u8],
+) {
+    assert_eq!(out.len(), out_h * out_w * 3, "resample_into: output size");
+    if out_h == 0 || out_w == 0 || img.height == 0 || img.width == 0 {
+        return;
+    }
+    let tx = taps(img.width, left, width, out_w);
+    let ty = taps(img.height, top, height, out_h);
+    SCRATCH.with(|sc| {
+        let sc = &mut *sc.borrow_mut();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { resample_avx2(img, &tx, &ty, out_h, out_w, flip, sc, out) };
+            return;
+        }
+        resample_body(img, &tx, &ty, out_h, out_w, flip, sc, out);
+    });
+    // Keep the scratch of ordinary views; release what an outsized resize (packing a huge
+    // image, say) grew it to.
+    SCRATCH.with(|sc| {
+        let sc = &mut *sc.borrow_mut();
+        if sc.tmp.capacity() > KEEP_SCRATCH_FLOATS || sc.row.capacity() > KEEP_SCRATCH_FLOATS / 4 {
+            *sc = ResampleScratch::default();
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn resample_avx2(
+    img: &Image,
+    tx: &Taps,
+    ty: &Taps,
+    out_h: usize,
+    out_w: usize,
+    flip: bool,
+    sc: &mut ResampleScratch,
+    out: &mut [u8],
+) {
+    resample_body(img, tx, ty, out_h, out_w, flip, sc, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn resample_body(
+    img: &Image,
+    tx: &Taps,
+    ty: &Taps,
+    out_h: usize,
+    out_w: usize,
+    flip: bool,
+    sc: &mut ResampleScratch,
+    out: &mut [u8],
+) {
+    let w = img.width;
+    // Source rows and columns touched by the taps.
+    let span = |t: &Taps| {
+        let a = t.start.iter().copied().min().unwrap_or(0);
+        let b = t
+            .start
+            .iter()
+            .zip(&t.len)
+            .map(|(&s, &n)| s + n)
+            .max()
+            .unwrap_or(0)
+            .max(a + 1);
+        (a, b)
+    };
+    let (r0, r1) = span(ty);
+    let (c0, c1) = span(tx);
+    // Horizontal taps padded to K = the longest in-bounds tap list, relative to column c0.
+    let k = tx.len.iter().copied().max().unwrap_or(1).max(1);
+    sc.hw.clear();
+    sc.hw.resize(out_w * k, 0.0);
+    for x in 0..out_w {
+        let n = tx.len[x];
+        sc.hw[x * k..x * k + n].copy_from_slice(&tx.weights[x * tx.ksize..x * tx.ksize + n]);
+    }
+    let cols = c1 - c0;
+    sc.row.clear();
+    sc.row.resize(cols + k, [0.0; 4]);
+    sc.tmp.clear();
+    sc.tmp.resize((r1 - r0) * out_w * 3 + 1, 0.0); // + 1: see the stores below
+                                                   // Horizontal pass: (r1 - r0, out_w, 3)
     for y in r0..r1 {
-        let row = &img.data[y * w * 3..(y + 1) * w * 3];
-        let trow = &mut tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3];
-        for x in 0..out_w {
-            let (s, n) = (tx.start[x], tx.len[x]);
-            let ws = &tx.weights[x * tx.ksize..x * tx.ksize + n];
-            let mut acc = [0f32; 3];
-            for (&wk, p) in ws.iter().zip(row[s * 3..(s + n) * 3].chunks_exact(3)) {
-                acc[0] += wk * p[0] as f32;
-                acc[1] += wk * p[1] as f32;
-                acc[2] += wk * p[2] as f32;
+        let src = &img.data[(y * w + c0) * 3..(y * w + c1) * 3];
+        for (d, p) in sc.row[..cols].iter_mut().zip(src.chunks_exact(3)) {
+            *d = [p[0] as f32, p[1] as f32, p[2] as f32, 0.0];
+        }
+        // This row plus the next row's first float (or the buffer's padding float): the
+        // 4-lane stores below spill their unused 4th lane one float ahead, which the next
+        // store (output columns go in ascending order) or the next row overwrites.
+        let trow = &mut sc.tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3 + 1];
+        // Four output columns at a time: four independent sums hide the add latency (each
+        // sum still runs over its taps in order, so the result is unchanged).
+        let mut xo = 0;
+        #[cfg(target_arch = "x86_64")]
+        while xo + 4 <= out_w {
+            use std::arch::x86_64::*;
+            let col = |j: usize| if flip { out_w - 1 - (xo + j) } else { xo + j };
+            let (xa, xb, xc, xd) = (col(0), col(1), col(2), col(3));
+            let (sa, sb, scc, sd) = (
+                tx.start[xa] - c0,
+                tx.start[xb] - c0,
+                tx.start[xc] - c0,
+                tx.start[xd] - c0,
+            );
+            let (wa, wb, wc, wd) = (
+                &sc.hw[xa * k..(xa + 1) * k],
+                &sc.hw[xb * k..(xb + 1) * k],
+                &sc.hw[xc * k..(xc + 1) * k],
+                &sc.hw[xd * k..(xd + 1) * k],
+            );
+            let (pa, pb, pc, pd) = (
+                &sc.row[sa..sa + k],
+                &sc.row[sb..sb + k],
+                &sc.row[scc..scc + k],
+                &sc.row[sd..sd + k],
+            );
+            // SAFETY: SSE is part of the x86-64 baseline; the loads read [f32; 4] elements
+            // of the slices above (all of length k); the stores write trow[xo*3 .. xo*3 + 13],
+            // in bounds since xo + 4 <= out_w and trow has out_w * 3 + 1 floats.
+            unsafe {
+                let (mut a, mut b, mut c, mut d) = (
+                    _mm_setzero_ps(),
+                    _mm_setzero_ps(),
+                    _mm_setzero_ps(),
+                    _mm_setzero_ps(),
+                );
+                for j in 0..k {
+                    a = _mm_add_ps(
+                        a,
+                        _mm_mul_ps(_mm_set1_ps(wa[j]), _mm_loadu_ps(pa[j].as_ptr())),
+                    );
+                    b = _mm_add_ps(
+                        b,
+                        _mm_mul_ps(_mm_set1_ps(wb[j]), _mm_loadu_ps(pb[j].as_ptr())),
+                    );
+                    c = _mm_add_ps(
+                        c,
+                        _mm_mul_ps(_mm_set1_ps(wc[j]), _mm_loadu_ps(pc[j].as_ptr())),
+                    );
+                    d = _mm_add_ps(
+                        d,
+                        _mm_mul_ps(_mm_set1_ps(wd[j]), _mm_loadu_ps(pd[j].as_ptr())),
+                    );
+                }
+                debug_assert!(xo * 3 + 13 <= trow.len());
+                let o = trow.as_mut_ptr().add(xo * 3);
+                _mm_storeu_ps(o, a);
+                _mm_storeu_ps(o.add(3), b);
+                _mm_storeu_ps(o.add(6), c);
+                _mm_storeu_ps(o.add(9), d);
             }
-            let xo = if flip { out_w - 1 - x } else { x };
-            trow[xo * 3..xo * 3 + 3].copy_from_slice(&acc);
+            xo += 4;
+        }
+        for xo in xo..out_w {
+            let x = if flip { out_w - 1 - xo } else { xo };
+            let s = tx.start[x] - c0;
+            let ws = &sc.hw[x * k..(x + 1) * k];
+            let px = &sc.row[s..s + k];
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::x86_64::*;
+                // SAFETY: SSE is part of the x86-64 baseline; every load reads one
+                // [f32; 4] of `px` and the store writes trow[xo*3 .. xo*3 + 4], in bounds
+                // since trow has out_w * 3 + 1 floats.
+                unsafe {
+                    let mut acc = _mm_setzero_ps();
+                    for (&wk, p) in ws.iter().zip(px) {
+                        acc =
+                            _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(wk), _mm_loadu_ps(p.as_ptr())));
+                    }
+                    debug_assert!(xo * 3 + 4 <= trow.len());
+                    _mm_storeu_ps(trow.as_mut_ptr().add(xo * 3), acc);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let mut acc = [0f32; 4];
+                for (&wk, p) in ws.iter().zip(px) {
+                    for c in 0..4 {
+                        acc[c] += wk * p[c];
+                    }
+                }
+                trow[xo * 3..xo * 3 + 3].copy_from_slice(&acc[..3]);
+            }
         }
     }
     // Vertical pass: (out_h, out_w, 3) u8, rounded and clamped as PIL does.
-    let mut out = vec![0u8; out_h * out_w * 3];
-    let mut acc = vec![0f32; out_w * 3];
+    sc.acc.clear();
+    sc.acc.resize(out_w * 3, 0.0);
     for y in 0..out_h {
         let (s, n) = (ty.start[y], ty.len[y]);
         let ws = &ty.weights[y * ty.ksize..y * ty.ksize + n];
-        // Whole-row multiply-adds (vectorizes).
-        acc.fill(0.0);
-        for (k, &wk) in ws.iter().enumerate() {
-            let trow = &tmp[(s + k - r0) * out_w * 3..(s + k - r0 + 1) * out_w * 3];
-            for (a, &t) in acc.iter_mut().zip(trow) {
-                *a += wk * t;
+        // Whole-row multiply-adds (vectorize).
+        sc.acc.fill(0.0);
+        for (j, &wj) in ws.iter().enumerate() {
+            let trow = &sc.tmp[(s + j - r0) * out_w * 3..(s + j - r0 + 1) * out_w * 3];
+            for (a, &t) in sc.acc.iter_mut().zip(trow) {
+                *a += wj * t;
             }
         }
         let orow = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
-        for (o, &a) in orow.iter_mut().zip(&acc) {
-            *o = a.round().clamp(0.0, 255.0) as u8;
+        for (o, &a) in orow.iter_mut().zip(&sc.acc) {
+            // round-half-up on the clamped (non-negative) value: equal to round() there,
+            // and it vectorizes (round() is a libm call without SSE4.1).
+            *o = (a.clamp(0.0, 255.0) + 0.5) as u8;
         }
     }
-    out
 }
 
 /// Draws one view's geometry and colour parameters; returns the u8 (S, S, 3) crop.
@@ -409,6 +615,21 @@ pub fn sample_view<R: Rng>(
     view: usize,
     rng: &mut R,
 ) -> (Vec<u8>, ColorParams) {
+    let size = if view >= 2 { cfg.local_size } else { cfg.size };
+    let mut crop = vec![0u8; size * size * 3];
+    let p = sample_view_into(img, cfg, view, rng, &mut crop);
+    (crop, p)
+}
+
+/// `sample_view` writing the (S, S, 3) crop into `out` (S = `size`, or `local_size` for a
+/// local view), which must hold exactly S * S * 3 bytes. Draws the same numbers.
+pub fn sample_view_into<R: Rng>(
+    img: &Image,
+    cfg: &ViewConfig,
+    view: usize,
+    rng: &mut R,
+    out: &mut [u8],
+) -> ColorParams {
     let local = view >= 2;
     let v = view.min(1);
     let (size, scale) = if local {
@@ -424,7 +645,7 @@ pub fn sample_view<R: Rng>(
         (cfg.min_ratio, cfg.max_ratio),
     );
     let flip = rng.gen::<f32>() < cfg.flip_p;
-    let crop = resample(
+    resample_into(
         img,
         b.top as f64,
         b.left as f64,
@@ -433,6 +654,7 @@ pub fn sample_view<R: Rng>(
         size,
         size,
         flip,
+        out,
     );
     let mut p = ColorParams::identity();
     p.flipped = flip as u8;
@@ -460,7 +682,7 @@ pub fn sample_view<R: Rng>(
         p.blur_sigma = uniform32(rng, cfg.blur_sigma.0, cfg.blur_sigma.1);
     }
     p.solarize = (rng.gen::<f32>() < solarize_p) as u8;
-    (crop, p)
+    p
 }
 
 /// Evaluation geometry: resize the short side to `round(size * 256 / 224)` (bicubic) and take
@@ -502,7 +724,22 @@ pub fn gray(r: f32, g: f32, b: f32) -> f32 {
     0.299 * r + 0.587 * g + 0.114 * b
 }
 
+/// `x.rem_euclid(1.0)` for x in [-1, 2), without the libm `fmodf` call: fmod is exact, so
+/// for |x| < 1 it is x, and for x in [1, 2) it is x - 1 (exact by Sterbenz's lemma).
+#[inline(always)]
+fn wrap01(x: f32) -> f32 {
+    if x < 0.0 {
+        x + 1.0
+    } else if x >= 1.0 {
+        x - 1.0
+    } else {
+        x
+    }
+}
+
 /// torchvision `_rgb2hsv` for one pixel in [0, 1].
+/// (Written with selects rather than branches so that `adjust_hue`'s loop vectorizes.)
+#[inline(always)]
 pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
@@ -513,36 +750,66 @@ pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     let rc = (maxc - r) / crd;
     let gc = (maxc - g) / crd;
     let bc = (maxc - b) / crd;
+    let hr = bc - gc;
+    let hg = 2.0 + rc - bc;
+    let hb = 4.0 + gc - rc;
     let h = if maxc == r {
-        bc - gc
+        hr
     } else if maxc == g {
-        2.0 + rc - bc
+        hg
     } else {
-        4.0 + gc - rc
+        hb
     };
-    let h = (h / 6.0 + 1.0).rem_euclid(1.0);
+    // h / 6 + 1 lies in [5/6, 11/6]
+    let h = wrap01(h / 6.0 + 1.0);
     (h, s, maxc)
 }
 
-/// torchvision `_hsv2rgb` for one pixel.
+/// torchvision `_hsv2rgb` for one pixel (h in [0, 1)).
+#[inline(always)]
 pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
-    let i = (h * 6.0).floor();
-    let f = h * 6.0 - i;
-    let i = (i as i32).rem_euclid(6);
+    // floor(h * 6) for h >= 0 (the truncating cast; negative h, which callers never pass,
+    // is folded in by the rem_euclid below).
+    let h6 = h * 6.0;
+    let fl = h6 as i32 as f32;
+    let i0 = if fl > h6 { fl - 1.0 } else { fl };
+    let f = h6 - i0;
+    let i = (i0 as i32).rem_euclid(6);
     let p = (v * (1.0 - s)).clamp(0.0, 1.0);
     let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
     let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
-    match i {
-        0 => (v, t, p),
-        1 => (q, v, p),
-        2 => (p, v, t),
-        3 => (p, q, v),
-        4 => (t, p, v),
-        _ => (v, p, q),
-    }
+    let r = if i == 0 || i == 5 {
+        v
+    } else if i == 1 {
+        q
+    } else if i == 4 {
+        t
+    } else {
+        p
+    };
+    let g = if i == 1 || i == 2 {
+        v
+    } else if i == 0 {
+        t
+    } else if i == 3 {
+        q
+    } else {
+        p
+    };
+    let b = if i == 3 || i == 4 {
+        v
+    } else if i == 2 {
+        t
+    } else if i == 5 {
+        q
+    } else {
+        p
+    };
+    (r, g, b)
 }
 
 /// Applies brightness (`x * f`), clamped, to a (3, n) planar image in [0, 1].
+#[inline(always)]
 pub fn adjust_brightness(x: &mut [f32], f: f32) {
     for v in x.iter_mut() {
         *v = (*v * f).clamp(0.0, 1.0);
@@ -550,6 +817,7 @@ pub fn adjust_brightness(x: &mut [f32], f: f32) {
 }
 
 /// Contrast: blend with the mean of the grayscale image, `f * x + (1 - f) * mean`.
+#[inline(always)]
 pub fn adjust_contrast(x: &mut [f32], n: usize, f: f32) {
     let (r, rest) = x.split_at(n);
     let (g, b) = rest.split_at(n);
@@ -561,37 +829,59 @@ pub fn adjust_contrast(x: &mut [f32], n: usize, f: f32) {
 }
 
 /// Saturation: blend each pixel with its gray value, `f * x + (1 - f) * gray`.
+#[inline(always)]
 pub fn adjust_saturation(x: &mut [f32], n: usize, f: f32) {
-    for i in 0..n {
-        let l = (1.0 - f) * gray(x[i], x[n + i], x[2 * n + i]);
-        for c in 0..3 {
-            x[c * n + i] = (f * x[c * n + i] + l).clamp(0.0, 1.0);
-        }
+    let (r, rest) = x[..3 * n].split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let l = (1.0 - f) * gray(*r, *g, *b);
+        *r = (f * *r + l).clamp(0.0, 1.0);
+        *g = (f * *g + l).clamp(0.0, 1.0);
+        *b = (f * *b + l).clamp(0.0, 1.0);
     }
 }
 
-/// Hue: rotate the HSV hue by `f` turns.
+/// Hue: rotate the HSV hue by `f` turns (|f| <= 0.5).
+#[inline(always)]
 pub fn adjust_hue(x: &mut [f32], n: usize, f: f32) {
-    for i in 0..n {
-        let (h, s, v) = rgb_to_hsv(x[i], x[n + i], x[2 * n + i]);
-        let (r, g, b) = hsv_to_rgb((h + f).rem_euclid(1.0), s, v);
-        x[i] = r;
-        x[n + i] = g;
-        x[2 * n + i] = b;
+    if !(f > -1.0 && f < 1.0) {
+        // Outside the jitter's range (|f| <= 0.5): the plain formula.
+        for i in 0..n {
+            let (h, s, v) = rgb_to_hsv(x[i], x[n + i], x[2 * n + i]);
+            let (r, g, b) = hsv_to_rgb((h + f).rem_euclid(1.0), s, v);
+            x[i] = r;
+            x[n + i] = g;
+            x[2 * n + i] = b;
+        }
+        return;
+    }
+    let (r, rest) = x[..3 * n].split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let (h, s, v) = rgb_to_hsv(*r, *g, *b);
+        // h in [0, 1) and |f| < 1, so h + f in (-1, 2)
+        let (nr, ng, nb) = hsv_to_rgb(wrap01(h + f), s, v);
+        *r = nr;
+        *g = ng;
+        *b = nb;
     }
 }
 
 /// Grayscale: L replicated to the three channels.
+#[inline(always)]
 pub fn to_grayscale(x: &mut [f32], n: usize) {
-    for i in 0..n {
-        let l = gray(x[i], x[n + i], x[2 * n + i]);
-        x[i] = l;
-        x[n + i] = l;
-        x[2 * n + i] = l;
+    let (r, rest) = x[..3 * n].split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let l = gray(*r, *g, *b);
+        *r = l;
+        *g = l;
+        *b = l;
     }
 }
 
 /// Separable Gaussian blur of a (3, h, w) planar image, radius ceil(3 sigma), edges clamped.
+#[inline(always)]
 pub fn gaussian_blur(x: &mut [f32], h: usize, w: usize, sigma: f32) {
     if sigma <= 0.0 || h == 0 || w == 0 {
         return;
@@ -636,6 +926,7 @@ pub fn gaussian_blur(x: &mut [f32], h: usize, w: usize, sigma: f32) {
 }
 
 /// Solarize: values at or above `threshold` (on [0, 1]) become `1 - x`.
+#[inline(always)]
 pub fn solarize(x: &mut [f32], threshold: f32) {
     for v in x.iter_mut() {
         if *v >= threshold {
@@ -655,11 +946,79 @@ pub fn finish(
     threshold: f32,
     out: &mut [f32],
 ) {
+    finish_clocked(crop, p, size, mean, std, threshold, out, None);
+}
+
+/// `finish`, adding the thread CPU seconds spent outside and inside the blur to
+/// `times` = [colour, blur] (the loader benchmark's stage split).
+#[allow(clippy::too_many_arguments)] // finish's arguments plus the clock
+pub fn finish_clocked(
+    crop: &[u8],
+    p: &ColorParams,
+    size: usize,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    threshold: f32,
+    out: &mut [f32],
+    times: Option<&mut [f64; 2]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { finish_avx2(crop, p, size, mean, std, threshold, out, times) };
+        return;
+    }
+    finish_body(crop, p, size, mean, std, threshold, out, times);
+}
+
+/// `finish_body` compiled for AVX2 (no FMA: the results are bit-identical to the baseline
+/// build's, only wider).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish_avx2(
+    crop: &[u8],
+    p: &ColorParams,
+    size: usize,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    threshold: f32,
+    out: &mut [f32],
+    times: Option<&mut [f64; 2]>,
+) {
+    finish_body(crop, p, size, mean, std, threshold, out, times)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn finish_body(
+    crop: &[u8],
+    p: &ColorParams,
+    size: usize,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    threshold: f32,
+    out: &mut [f32],
+    times: Option<&mut [f64; 2]>,
+) {
+    let t0 = times
+        .as_ref()
+        .map(|_| crate::data::benchset::thread_cpu_seconds());
+    let mut blur_s = 0.0;
     let n = size * size;
     // (S, S, 3) u8 -> (3, S, S) f32 in [0, 1]
-    for i in 0..n {
-        for c in 0..3 {
-            out[c * n + i] = crop[i * 3 + c] as f32 * (1.0 / 255.0);
+    {
+        let (r, rest) = out[..3 * n].split_at_mut(n);
+        let (g, b) = rest.split_at_mut(n);
+        for (((r, g), b), px) in r
+            .iter_mut()
+            .zip(g.iter_mut())
+            .zip(b.iter_mut())
+            .zip(crop[..3 * n].chunks_exact(3))
+        {
+            *r = px[0] as f32 * (1.0 / 255.0);
+            *g = px[1] as f32 * (1.0 / 255.0);
+            *b = px[2] as f32 * (1.0 / 255.0);
         }
     }
     let x = &mut out[..3 * n];
@@ -677,7 +1036,13 @@ pub fn finish(
         to_grayscale(x, n);
     }
     if p.blur_sigma > 0.0 {
+        let tb = times
+            .as_ref()
+            .map(|_| crate::data::benchset::thread_cpu_seconds());
         gaussian_blur(x, size, size, p.blur_sigma);
+        if let Some(tb) = tb {
+            blur_s = crate::data::benchset::thread_cpu_seconds() - tb;
+        }
     }
     if p.solarize != 0 {
         solarize(x, threshold / 255.0);
@@ -687,6 +1052,11 @@ pub fn finish(
         for v in &mut x[c * n..(c + 1) * n] {
             *v = (*v - m) * s;
         }
+    }
+    if let (Some(t), Some(t0)) = (times, t0) {
+        // Colour = everything but the blur.
+        t[0] += crate::data::benchset::thread_cpu_seconds() - t0 - blur_s;
+        t[1] += blur_s;
     }
 }
 

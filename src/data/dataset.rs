@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::decode::{decode_record, Image};
+use crate::data::decode::{decode_record, decode_record_into, Image};
 use crate::data::shard::{IndexEntry, Shard};
 use crate::error::{Error, Result};
 
@@ -197,5 +197,17 @@ impl Dataset {
         })?;
         let (e, bytes, path) = self.record(i)?;
         decode_record(path, r as usize, &e, bytes)
+    }
+
+    /// `image(i)` into `img`, reusing its buffer (JPEG records): the loader's hot path.
+    pub fn image_into(&self, i: usize, img: &mut Image) -> Result<()> {
+        let &(_, r) = self.locs.get(i).ok_or_else(|| {
+            Error::format(
+                &self.dir,
+                format!("record {i} out of range ({} records)", self.len()),
+            )
+        })?;
+        let (e, bytes, path) = self.record(i)?;
+        decode_record_into(path, r as usize, &e, bytes, img)
     }
 }

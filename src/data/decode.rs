@@ -53,6 +53,14 @@ pub fn to_rgb(h: usize, w: usize, c: usize, px: &[u8]) -> Option<Image> {
 
 /// Decodes a JPEG to RGB.
 pub fn decode_jpeg(bytes: &[u8]) -> std::result::Result<Image, String> {
+    let mut img = Image::new(0, 0, Vec::new());
+    decode_jpeg_into(bytes, &mut img)?;
+    Ok(img)
+}
+
+/// Decodes a JPEG to RGB into `img`, reusing its buffer (the loader keeps one per thread, so
+/// a decode touches no fresh pages). On error `img` holds no valid image.
+pub fn decode_jpeg_into(bytes: &[u8], img: &mut Image) -> std::result::Result<(), String> {
     use zune_jpeg::zune_core::colorspace::ColorSpace;
     use zune_jpeg::zune_core::options::DecoderOptions;
     let opts = DecoderOptions::default()
@@ -63,7 +71,8 @@ pub fn decode_jpeg(bytes: &[u8]) -> std::result::Result<Image, String> {
     // zune-jpeg is a maintained, fuzzed decoder; still, a panic inside it must not take the
     // loader down, so it is turned into an error.
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let px = dec.decode().map_err(|e| format!("JPEG decode: {e:?}"))?;
+        dec.decode_headers()
+            .map_err(|e| format!("JPEG decode: {e:?}"))?;
         let (w, h) = dec
             .dimensions()
             .ok_or_else(|| "JPEG decode: no dimensions".to_string())?;
@@ -71,14 +80,36 @@ pub fn decode_jpeg(bytes: &[u8]) -> std::result::Result<Image, String> {
             .get_output_colorspace()
             .map(|cs| cs.num_components())
             .unwrap_or(3);
-        to_rgb(h, w, c, &px).ok_or_else(|| {
+        let size = dec
+            .output_buffer_size()
+            .ok_or_else(|| "JPEG decode: no output size".to_string())?;
+        if c == 3 && size == h * w * 3 {
+            // The common case: straight into the reused buffer.
+            // Same-size records (the common case) reuse the buffer without a memset;
+            // decode_into overwrites every byte.
+            img.data.resize(size, 0);
+            dec.decode_into(&mut img.data)
+                .map_err(|e| format!("JPEG decode: {e:?}"))?;
+            img.height = h;
+            img.width = w;
+            return Ok(());
+        }
+        let px = dec.decode().map_err(|e| format!("JPEG decode: {e:?}"))?;
+        *img = to_rgb(h, w, c, &px).ok_or_else(|| {
             format!(
                 "JPEG decode: {} bytes for {h}x{w}x{c} (decoder returned short data)",
                 px.len()
             )
-        })
+        })?;
+        Ok(())
     }));
-    res.unwrap_or_else(|_| Err("JPEG decode: decoder panicked".to_string()))
+    let out = res.unwrap_or_else(|_| Err("JPEG decode: decoder panicked".to_string()));
+    if out.is_err() {
+        img.height = 0;
+        img.width = 0;
+        img.data.clear();
+    }
+    out
 }
 
 /// Decodes a PNG to RGB (8 or 16 bit, palette, gray, alpha: all expanded to RGB u8).
@@ -130,14 +161,29 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<Image, String> {
 
 /// Decodes one shard record to RGB. Errors name the shard and the record.
 pub fn decode_record(path: &Path, i: usize, e: &IndexEntry, bytes: &[u8]) -> Result<Image> {
+    let mut img = Image::new(0, 0, Vec::new());
+    decode_record_into(path, i, e, bytes, &mut img)?;
+    Ok(img)
+}
+
+/// `decode_record` into `img`, reusing its buffer for JPEG records (the loader's case).
+pub fn decode_record_into(
+    path: &Path,
+    i: usize,
+    e: &IndexEntry,
+    bytes: &[u8],
+    img: &mut Image,
+) -> Result<()> {
     let h = e.height as usize;
     let w = e.width as usize;
     let err = |msg: String| Error::format(path, format!("record {i}: {msg}"));
-    let img = match Encoding::from_u8(e.encoding) {
-        Some(Encoding::Raw) => to_rgb(h, w, e.channels as usize, bytes)
-            .ok_or_else(|| err(format!("raw record of {} bytes for {h}x{w}", bytes.len())))?,
-        Some(Encoding::Jpeg) => decode_jpeg(bytes).map_err(err)?,
-        Some(Encoding::Png) => decode_png(bytes).map_err(err)?,
+    match Encoding::from_u8(e.encoding) {
+        Some(Encoding::Raw) => {
+            *img = to_rgb(h, w, e.channels as usize, bytes)
+                .ok_or_else(|| err(format!("raw record of {} bytes for {h}x{w}", bytes.len())))?
+        }
+        Some(Encoding::Jpeg) => decode_jpeg_into(bytes, img).map_err(err)?,
+        Some(Encoding::Png) => *img = decode_png(bytes).map_err(err)?,
         None => return Err(err(format!("unknown encoding {}", e.encoding))),
     };
     if img.height != h || img.width != w {
@@ -146,7 +192,7 @@ pub fn decode_record(path: &Path, i: usize, e: &IndexEntry, bytes: &[u8]) -> Res
             img.height, img.width
         )));
     }
-    Ok(img)
+    Ok(())
 }
 
 /// Encodes RGB or gray u8 pixels as PNG.

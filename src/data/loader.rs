@@ -15,8 +15,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::data::augment::{eval_crop, finish_view, sample_view, ColorParams, ViewConfig};
+use crate::data::augment::{eval_crop, finish_view, sample_view_into, ColorParams, ViewConfig};
 use crate::data::dataset::Dataset;
+use crate::data::decode::Image;
 use crate::error::{Error, Result};
 
 /// Loader settings. `workers` 0 = all cores; `prefetch` = batches decoded ahead (>= 1).
@@ -140,6 +141,14 @@ impl CropBatch {
     }
 }
 
+/// The largest decode buffer a loader thread keeps between records (a 2048x2048 RGB frame).
+const KEEP_DECODED_BYTES: usize = 2048 * 2048 * 3;
+
+thread_local! {
+    /// The loader workers' decode buffer (one image per thread, reused across records).
+    static DECODED: std::cell::RefCell<Image> = std::cell::RefCell::new(Image::new(0, 0, Vec::new()));
+}
+
 /// SplitMix64 finalizer: decorrelates nearby seeds.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -181,21 +190,32 @@ pub fn make_crops(
         .zip(locals.par_chunks_mut(lper.max(1)))
         .zip(local_params.par_chunks_mut(nl.max(1)))
         .try_for_each(|(((((v1, v2), p), &i), lc), lp)| -> Result<()> {
-            let img = ds.image(i)?;
-            let mut rng = image_rng(seed, epoch, i);
-            let (c1, p1) = sample_view(&img, view, 0, &mut rng);
-            let (c2, p2) = sample_view(&img, view, 1, &mut rng);
-            v1.copy_from_slice(&c1);
-            v2.copy_from_slice(&c2);
-            *p = (p1, p2);
-            // Local views come after both global views from the same stream, so turning
-            // multi-crop on leaves the global views unchanged.
-            for l in 0..nl {
-                let (c, q) = sample_view(&img, view, 2, &mut rng);
-                lc[l * ls * ls * 3..(l + 1) * ls * ls * 3].copy_from_slice(&c);
-                lp[l] = q;
-            }
-            Ok(())
+            // Each worker thread decodes into its own reused image buffer.
+            DECODED.with(|img| -> Result<()> {
+                let img = &mut *img.borrow_mut();
+                ds.image_into(i, img)?;
+                let mut rng = image_rng(seed, epoch, i);
+                let p1 = sample_view_into(img, view, 0, &mut rng, v1);
+                let p2 = sample_view_into(img, view, 1, &mut rng, v2);
+                *p = (p1, p2);
+                // Local views come after both global views from the same stream, so turning
+                // multi-crop on leaves the global views unchanged.
+                for l in 0..nl {
+                    let q = sample_view_into(
+                        img,
+                        view,
+                        2,
+                        &mut rng,
+                        &mut lc[l * ls * ls * 3..(l + 1) * ls * ls * 3],
+                    );
+                    lp[l] = q;
+                }
+                // Keep ImageNet-sized buffers (~0.8 MB); let an occasional huge frame go.
+                if img.data.capacity() > KEEP_DECODED_BYTES {
+                    *img = Image::new(0, 0, Vec::new());
+                }
+                Ok(())
+            })
         })?;
     if nl == 0 {
         locals = Vec::new();
@@ -454,6 +474,16 @@ pub struct LoaderBenchReport {
     /// Images per second for the geometric half only (u8 crops + colour parameters), what a
     /// GPU-finishing backend would need from the CPU.
     pub crop_images_per_sec: f64,
+    /// The same two runs per core: images / process CPU seconds (getrusage), which holds on
+    /// a shared machine where wall time does not.
+    pub images_per_cpu_sec: f64,
+    pub crop_images_per_cpu_sec: f64,
+    /// One thread's per-image stage costs (thread CPU time): decode / resize / colour / blur.
+    pub stages: crate::data::benchset::StageTimes,
+    /// Mean decoded pixels per record and encoded bytes per decoded pixel of the records
+    /// timed by `stages` (how ImageNet-like the set is: ImageNet's JPEGs ~0.6-0.8 B/px).
+    pub mean_pixels: f64,
+    pub bytes_per_pixel: f64,
 }
 
 impl std::fmt::Display for LoaderBenchReport {
@@ -461,7 +491,11 @@ impl std::fmt::Display for LoaderBenchReport {
         write!(
             f,
             "loader: {} batches of {} at {}x{} with {} worker(s): {:.0} two-view images/s \
-             ({:.0} views/s); crops only {:.0} images/s",
+             ({:.0} views/s); crops only {:.0} images/s\n  \
+             per core (process CPU time): {:.0} two-view images/s, crops only {:.0}\n  \
+             per core (one thread, {} images of {:.0} px, {:.2} B/px): crops only {:.0} \
+             images/s, with CPU finish {:.0}; ms per image: decode {:.2}, crop+resize \
+             {:.2}, colour {:.2}, blur {:.2}",
             self.batches,
             self.batch,
             self.size,
@@ -469,7 +503,18 @@ impl std::fmt::Display for LoaderBenchReport {
             self.workers,
             self.images_per_sec,
             2.0 * self.images_per_sec,
-            self.crop_images_per_sec
+            self.crop_images_per_sec,
+            self.images_per_cpu_sec,
+            self.crop_images_per_cpu_sec,
+            self.stages.images,
+            self.mean_pixels,
+            self.bytes_per_pixel,
+            self.stages.crops_per_core(),
+            self.stages.full_per_core(),
+            1e3 * self.stages.decode_s,
+            1e3 * self.stages.resize_s,
+            1e3 * self.stages.colour_s,
+            1e3 * self.stages.blur_s,
         )
     }
 }
@@ -494,8 +539,9 @@ pub fn bench_loader(
     let loader = TwoViewLoader::new(ds.clone(), cfg)?;
     let actual_workers = loader.pool.current_num_threads();
     let batches = batches.max(1);
-    let time = |finish: bool| -> Result<f64> {
+    let time = |finish: bool| -> Result<(f64, f64)> {
         let t0 = Instant::now();
+        let c0 = crate::data::benchset::process_cpu_seconds();
         let mut done = 0;
         let mut epoch = 0;
         while done < batches {
@@ -512,11 +558,23 @@ pub fn bench_loader(
             }
             epoch += 1;
         }
-        Ok(t0.elapsed().as_secs_f64())
+        Ok((
+            t0.elapsed().as_secs_f64(),
+            crate::data::benchset::process_cpu_seconds() - c0,
+        ))
     };
-    let seconds = time(true)?;
-    let crop_seconds = time(false)?;
+    let (seconds, cpu) = time(true)?;
+    let (crop_seconds, crop_cpu) = time(false)?;
     let images = (batches * batch) as f64;
+    // The per-stage split on this thread, over at least one pass of up to 256 records.
+    let n_stage = ds.len().clamp(1, 256);
+    let stages = crate::data::benchset::bench_stages(&ds, &loader.config().view, n_stage)?;
+    let (mut px, mut bytes) = (0usize, 0usize);
+    for i in 0..n_stage {
+        let (e, b, _) = ds.record(i)?;
+        px += e.height as usize * e.width as usize;
+        bytes += b.len();
+    }
     Ok(LoaderBenchReport {
         records: ds.len(),
         batch,
@@ -526,5 +584,10 @@ pub fn bench_loader(
         seconds,
         images_per_sec: images / seconds,
         crop_images_per_sec: images / crop_seconds,
+        images_per_cpu_sec: images / cpu.max(1e-9),
+        crop_images_per_cpu_sec: images / crop_cpu.max(1e-9),
+        stages,
+        mean_pixels: px as f64 / n_stage as f64,
+        bytes_per_pixel: bytes as f64 / px.max(1) as f64,
     })
 }

@@ -7,8 +7,10 @@
 //! - `augment`: SPEC.md's two views, split into a u8 geometric half and a colour `finish`.
 //! - `loader`: the shuffling, prefetching two-view loader, evaluation batches, the benchmark.
 //! - `pack` / `idx`: `carp pack` from ImageFolder trees and IDX (MNIST-format) files.
+//! - `benchset`: the loader benchmark's ImageNet-like JPEG set and its per-core stage timing.
 
 pub mod augment;
+pub mod benchset;
 pub mod dataset;
 pub mod decode;
 pub mod idx;
