@@ -6,7 +6,8 @@
 # Environment: GPU_CHECK_MEMCHECK=0 skips compute-sanitizer; GPU_CHECK_TORCH=0 skips the PyTorch
 # reference; BENCH_BATCH (256) and BENCH_STEPS (3) size the ResNet50 step; BENCH_VARIANTS lists
 # the A/B switches benched (see step 3); GPU_CHECK_BIG_BATCH=0 skips the batch-1024 fit check;
-# TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's variants.
+# TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's variants; GPU_CHECK_LOADER=0
+# skips the data-path benches (LOADER_IMAGES, 2048, sizes their ImageNet-like set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
@@ -128,6 +129,31 @@ if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
     done <"$torch_out"
 else
     row "torch reference" SKIP "-" "GPU_CHECK_TORCH=0, no torch_carp_bench.py, or no torch"
+fi
+
+# 4. The data path on this machine's cores: an ImageNet-like packed JPEG set (natural photos at
+# ImageNet's sizes and bytes per pixel), the loader alone, then end to end (loader feeding the
+# ResNet50 step, views finished on the GPU; CARP_GPU_AUG=0 for the CPU finish).
+if [ "${GPU_CHECK_LOADER:-1}" != 0 ]; then
+    ldir="${OUT:-/tmp}/imagenet-like"
+    rm -rf "$ldir"
+    lout="${OUT:-/tmp}/loader.json"
+    run_step "carp-bench --loader (ImageNet-like, all cores)" 240 bash -o pipefail -c \
+        "'$B/bin/carp-bench' --loader '$ldir' --make-imagenet-like ${LOADER_IMAGES:-2048} --batch 256 --steps 12 --json | tee '$lout'" ||
+        overall=1
+    row "  two-view images/s: crops only, + CPU finish" INFO "-" "$(json_field "$lout" crop_images_per_s), $(json_field "$lout" images_per_s) ($(json_field "$lout" workers) workers)"
+    if [ -d "$ldir/packed" ]; then
+        for v in - CARP_GPU_AUG=0; do
+            envs=()
+            [ "$v" != "-" ] && envs=("$v")
+            eout="${OUT:-/tmp}/end-to-end-${v//[^A-Za-z0-9_]/_}.json"
+            run_step "carp-bench --data (end to end)${envs:+ $v}" 240 env "${envs[@]}" bash -o pipefail -c \
+                "'$B/bin/carp-bench' --device cuda --data '$ldir/packed' --batch $BB --warmup 1 --steps $BS --json | tee '$eout'" ||
+                overall=1
+            row "  images/s end to end" INFO "-" "$(json_field "$eout" images_per_s)"
+        done
+    fi
+    rm -rf "$ldir"
 fi
 
 if [ "${GPU_CHECK_TRAIN:-1}" != 0 ]; then
