@@ -989,13 +989,15 @@ fn carp_ref(
                 .collect()
         })
         .collect();
-    let rows = 4.0 * n as f64;
+    // pbar over every student view (local crops included) and both teacher views: (vs + 2) n
+    // rows, as the reference code.
+    let rows = ((vs + 2) * n) as f64;
     let mut pbar = vec![vec![0.0; nb]; np];
     for j in 0..np {
         for i in 0..n {
             for kk in 0..nb {
-                pbar[j][kk] +=
-                    (ps[0][j][i][kk] + ps[1][j][i][kk] + pt[0][j][i][kk] + pt[1][j][i][kk]) / rows;
+                let sum: f64 = ps.iter().chain(&pt).map(|p| p[j][i][kk]).sum();
+                pbar[j][kk] += sum / rows;
             }
         }
     }
@@ -1038,11 +1040,9 @@ fn carp_ref(
                         }
                     }
                 }
-                if a < 2 {
-                    let pg: f64 = p.iter().zip(&g[j]).map(|(x, y)| x * y).sum();
-                    for kk in 0..nb {
-                        dz[kk] += p[kk] * (g[j][kk] - pg);
-                    }
+                let pg: f64 = p.iter().zip(&g[j]).map(|(x, y)| x * y).sum();
+                for kk in 0..nb {
+                    dz[kk] += p[kk] * (g[j][kk] - pg);
                 }
                 for kk in 0..nb {
                     d[(a * n + i) * k + perm[j * nb + kk]] = dz[kk];
@@ -1091,6 +1091,9 @@ fn carp_loss_fused() {
         (4, 7, 96, 32),
         (2, 16, 4096, 512),
         (2, 3, 600, 100),
+        // Multi-crop: 1 and 6 local views (the local rows are in pbar, R = (vs + 2) n).
+        (3, 5, 120, 40),
+        (8, 3, 256, 64),
     ]
     .iter()
     .enumerate()
@@ -1114,7 +1117,7 @@ fn carp_loss_fused() {
                 n,
                 k,
                 nb,
-                4 * n,
+                (vs + 2) * n,
                 None,
             )
             .unwrap();
