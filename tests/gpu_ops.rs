@@ -1082,6 +1082,43 @@ fn carp_reference_gradient_matches_finite_differences() {
 }
 
 #[test]
+fn carp_reference_matches_the_cpu_loss_with_local_views() {
+    // CPU only: the f64 reference the GPU test uses and the CPU loss (src/carp/loss.rs, itself
+    // tested against a literal SPEC implementation) agree for VS > 2, local rows in pbar
+    // included (they disagreed while the fused loss left the local crops out of pbar).
+    for (vs, n, k, nb, seed) in [
+        (3usize, 5usize, 48usize, 16usize, 710u64),
+        (8, 3, 60, 20, 720),
+    ] {
+        let mut perm: Vec<usize> = (0..k).collect();
+        perm.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        let s: Vec<f32> = randn(vs * n * k, seed + 1)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let t: Vec<f32> = randn(2 * n * k, seed + 2).iter().map(|v| 2.0 * v).collect();
+        let (loss, cons, ent, d) = carp_ref(&f64s(&s), &f64s(&t), vs, n, k, nb, &perm);
+        let sv: Vec<&[f32]> = s.chunks_exact(n * k).collect();
+        let tv: Vec<&[f32]> = t.chunks_exact(n * k).collect();
+        let perm32: Vec<u32> = perm.iter().map(|&p| p as u32).collect();
+        let cpu = carp::carp::loss::carp_loss(&sv, &tv, n, k, nb, &perm32).unwrap();
+        let tag = format!("vs={vs} n={n} k={k} nb={nb}");
+        for (name, got, want) in [
+            ("loss", cpu.loss, loss),
+            ("consistency", cpu.consistency, cons),
+            ("entropy", cpu.entropy, ent),
+        ] {
+            assert!(
+                (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{tag} {name}: cpu {got} vs f64 reference {want}"
+            );
+        }
+        let dcpu: Vec<f32> = cpu.dstudent.concat();
+        check_close(&format!("{tag} dstudent"), &dcpu, &d, 1e-4);
+    }
+}
+
+#[test]
 fn carp_loss_fused() {
     let Some(be) = gpu_or_skip("carp_loss_fused") else {
         return;
