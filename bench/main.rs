@@ -26,17 +26,23 @@ LARS, EMA) on synthetic inputs: warm-up steps, then the median of timed steps, w
 breakdown and peak memory. `--loader DIR` measures the data pipeline alone; `--data DIR` the \
 loader feeding the step. The defaults are the paper's per-GPU configuration (ResNet50, batch 256, \
 2 views of 224x224, K 65536, NB 512); on a CPU use a small one, e.g. `--arch tiny --batch 32 \
---image-size 32 --k 1024 --nb 64`."
+--image-size 32 --k 1024 --nb 64`. `--local-crops L` adds multi-crop local views (student only)."
 )]
 struct Args {
     /// resnet50 or tiny.
     #[arg(long, default_value = "resnet50")]
     arch: String,
-    /// Images per step (each gives two views).
+    /// Images per step (each gives two global views, plus --local-crops local ones).
     #[arg(long, default_value_t = 256)]
     batch: usize,
     #[arg(long, default_value_t = 224)]
     image_size: usize,
+    /// Multi-crop: local views per image for the student (SPEC's option: 6; 0: none).
+    #[arg(long, default_value_t = 0)]
+    local_crops: usize,
+    /// Side of the local views (default: 96 scaled by --image-size / 224).
+    #[arg(long)]
+    local_size: Option<usize>,
     /// Prototypes K.
     #[arg(long, default_value_t = 65536)]
     k: usize,
@@ -198,12 +204,24 @@ fn run(args: Args) -> Result<()> {
     }
     let mut state = CarpState::new(&model, args.nb, 1e-6, 0)?;
     let (n, s) = (args.batch, args.image_size);
+    let (n_local, ls) = (
+        args.local_crops,
+        args.local_size
+            .unwrap_or_else(|| carp::train::config::default_local_size(s)),
+    );
+    if n_local > 0 && !(1..=s).contains(&ls) {
+        return Err(Error::Config(format!(
+            "--local-size {ls} must be in 1..={s} (the global view size)"
+        )));
+    }
 
     let loader = match &args.data {
         Some(dir) => {
             let ds = Arc::new(Dataset::open(dir)?);
             let mut view = carp::data::ViewConfig::imagenet(s);
             view.size = s;
+            view.local_count = n_local;
+            view.local_size = ls;
             Some(TwoViewLoader::new(
                 ds,
                 LoaderConfig {
@@ -217,11 +235,11 @@ fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    // Loader batches: finished on the GPU from u8 crops on CUDA unless CARP_GPU_AUG=0 (as in
-    // training), else by the loader threads.
+    // Loader batches (with their local views under multi-crop): finished on the GPU from u8
+    // crops on CUDA unless CARP_GPU_AUG=0 (as in training), else by the loader threads.
     let mut batches = loader.as_ref().map(|l| {
         let dev = device.clone();
-        (0..).flat_map(move |e| carp::train::views::epoch_batches(l, e, 0, &dev))
+        (0..).flat_map(move |e| carp::train::trainer::epoch_batches(l, e, 0, &dev))
     });
     let finish = carp::train::views::finish_path(&device);
     let view_cfg = loader
@@ -233,6 +251,10 @@ fn run(args: Args) -> Result<()> {
     let synthetic = (
         randn(&[n, 3, s, s], 1).to_device(&device)?,
         randn(&[n, 3, s, s], 2).to_device(&device)?,
+        match n_local {
+            0 => None,
+            l => Some(randn(&[l * n, 3, ls, ls], 3).to_device(&device)?), // (L N, 3, s, s)
+        },
     );
 
     let mut step_ms = Vec::new();
@@ -241,16 +263,16 @@ fn run(args: Args) -> Result<()> {
     let mut allocs_after_warmup = gpu_allocs(&device)?;
     for i in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let (v1, v2) = match batches.as_mut() {
+        let (v1, v2, locals) = match batches.as_mut() {
             Some(it) => {
                 let b = it
                     .next()
                     .ok_or_else(|| Error::Msg("the loader produced no batch".into()))??;
-                b.to_views(&view_cfg, &device, false)?
+                b.to_tensors(&view_cfg, &device, false)?
             }
             None => synthetic.clone(),
         };
-        let st = state.train_step(&v1, &v2, 0.1, 0.996)?;
+        let st = state.train_step_multi(&v1, &v2, locals.as_ref(), 0.1, 0.996)?;
         // train_step waits for the GPU at the end of each GPU phase (and its host phases are
         // synchronous), so the clock here covers all of the step's work.
         sync(&device)?;
@@ -285,8 +307,12 @@ fn run(args: Args) -> Result<()> {
         Some(g) => (g, "GPU memory held by the allocator"),
         None => (peak_rss_gib(), "host RSS"),
     };
+    let local_desc = match n_local {
+        0 => String::new(),
+        l => format!(" + {l} local {ls}x{ls}"),
+    };
     println!(
-        "carp-bench: {} batch {n} x 2 views {s}x{s}, K {} NB {}, device {device}{}",
+        "carp-bench: {} batch {n} x 2 views {s}x{s}{local_desc}, K {} NB {}, device {device}{}",
         args.arch,
         args.k,
         args.nb,
@@ -325,7 +351,7 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
-                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
+                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },
             })

@@ -7,8 +7,8 @@
 //
 // Passes (host order):
 //   1. carp_softmax_gather_f32 (student, then teacher): gather each row's logits by the
-//      permutation, block softmax, write P (gathered layout) and add the rows of the global
-//      views into pbar_sum. [one read of the N x K logits per view]
+//      permutation, block softmax, write P (gathered layout) and add every row into pbar_sum.
+//      [one read of the N x K logits per view]
 //   (multi-GPU: all-reduce pbar_sum here; R below is then the global row count)
 //   2. carp_entropy_f32: pbar = pbar_sum / R, the uniformity term H and its gradient factor g.
 //   3. carp_consistency_grad_f32: per (row, block) the consistency terms against the two
@@ -18,11 +18,10 @@
 //
 // Pairs: (student view a, teacher view b) with a != b; P_pairs = 2 + 2 (VS - 2); consistency
 // is the mean over pairs, blocks and rows of -log(clamp(<p_a, q_b>, eps, 1 - eps)).
-// Uniformity rows: the two global student views and both teacher views (R = 4N on one GPU).
-// KNOWN DEVIATION for VS > 2: the official code (modules/carp_loss.py) and the CPU reference
-// (src/carp/loss.rs) put the local crops' rows into pbar too (R = (VS + 2) N). The two agree for
-// VS = 2, the only case the training step uses; fix this (pbar_views = VS, R = (VS + 2) N, and the
-// uniformity gradient for every student view) before multi-crop runs on the GPU.
+// Uniformity rows: every student view (local crops included) and both teacher views,
+// R = (VS + 2) N on one GPU, as the official code (modules/carp_loss.py concatenates all student
+// and teacher outputs) and the CPU reference (src/carp/loss.rs); the uniformity gradient reaches
+// every student view. For VS = 2 this is SPEC.md's 4N.
 #include "common.cuh"
 
 #define CARP_EPS 1.1920929e-7f
@@ -30,7 +29,7 @@
 // Pass 1. grid = (NP, N, V), block = a multiple of 32 (<= 1024; NB need not be a multiple).
 // logits: (V, N, K) in the original prototype order; perm: (K,) as int;
 // P: (V, NP, N, NB) softmax in gathered order; pbar_sum: (NP, NB), zero-filled before the
-// first launch; views v < pbar_views add their rows to it.
+// first launch; views v < pbar_views add their rows to it (the launcher passes all views).
 extern "C" __global__ void carp_softmax_gather_f32(const float* logits, const int* perm, float* P,
                                                    float* pbar_sum, int N, int K, int NB,
                                                    int pbar_views) {
@@ -58,7 +57,7 @@ extern "C" __global__ void carp_softmax_gather_f32(const float* logits, const in
 }
 
 // Pass 2. ONE block (any multiple of 32 up to 1024). pbar_sum, g: (NP, NB); h_out: (1,).
-// R: the number of rows summed into pbar_sum (4N, global across GPUs).
+// R: the number of rows summed into pbar_sum ((VS + 2) N, global across GPUs).
 // H = log NB + (1/NP) sum_{j,k} pbar log clamp(pbar);
 // g = (log clamp(pbar) + [pbar not clamped]) / (R NP)  (dH/dp for one row's probability).
 extern "C" __global__ void carp_entropy_f32(const float* pbar_sum, float* g, float* h_out, int K,
@@ -84,7 +83,7 @@ extern "C" __global__ void carp_entropy_f32(const float* pbar_sum, float* g, flo
 // (P_pairs N NP) so that their sum is the consistency term.
 // Gradient for student view a (p = p_a, q_b the teacher views paired with a, s_b = <p, q_b>):
 //   c * sum_b -p_k (q_bk - s_b) / s_b        (term dropped where s_b is clamped)
-//   + [a < 2] p_k (g_k - <p, g>)             (uniformity: global views only)
+//   + p_k (g_k - <p, g>)                     (uniformity: every student view's rows are in pbar)
 // with c = 1 / (P_pairs N NP).
 extern "C" __global__ void carp_consistency_grad_f32(const float* Ps, const float* Pt,
                                                      const float* g, const int* perm,
@@ -122,14 +121,13 @@ extern "C" __global__ void carp_consistency_grad_f32(const float* Ps, const floa
         const bool live1 = use1 && s1 >= CARP_EPS && s1 <= 1.0f - CARP_EPS;
         if (use0) loss -= logf(fminf(fmaxf(s0, CARP_EPS), 1.0f - CARP_EPS));
         if (use1) loss -= logf(fminf(fmaxf(s1, CARP_EPS), 1.0f - CARP_EPS));
-        const bool uniform = a < 2;
         float* out = dlogits + ((i64)a * N + i) * K;
         for (int k = threadIdx.x; k < NB; k += blockDim.x) {
             const float pk = p[k];
             float d = 0.0f;
             if (live0) d -= c * pk * (q0[k] - s0) / s0;
             if (live1) d -= c * pk * (q1[k] - s1) / s1;
-            if (uniform) d += pk * (gj[k] - pg);
+            d += pk * (gj[k] - pg);
             out[pj[k]] = d;
         }
     }

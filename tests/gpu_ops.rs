@@ -989,13 +989,15 @@ fn carp_ref(
                 .collect()
         })
         .collect();
-    let rows = 4.0 * n as f64;
+    // pbar over every student view (local crops included) and both teacher views: (vs + 2) n
+    // rows, as the reference code.
+    let rows = ((vs + 2) * n) as f64;
     let mut pbar = vec![vec![0.0; nb]; np];
     for j in 0..np {
         for i in 0..n {
             for kk in 0..nb {
-                pbar[j][kk] +=
-                    (ps[0][j][i][kk] + ps[1][j][i][kk] + pt[0][j][i][kk] + pt[1][j][i][kk]) / rows;
+                let sum: f64 = ps.iter().chain(&pt).map(|p| p[j][i][kk]).sum();
+                pbar[j][kk] += sum / rows;
             }
         }
     }
@@ -1038,11 +1040,9 @@ fn carp_ref(
                         }
                     }
                 }
-                if a < 2 {
-                    let pg: f64 = p.iter().zip(&g[j]).map(|(x, y)| x * y).sum();
-                    for kk in 0..nb {
-                        dz[kk] += p[kk] * (g[j][kk] - pg);
-                    }
+                let pg: f64 = p.iter().zip(&g[j]).map(|(x, y)| x * y).sum();
+                for kk in 0..nb {
+                    dz[kk] += p[kk] * (g[j][kk] - pg);
                 }
                 for kk in 0..nb {
                     d[(a * n + i) * k + perm[j * nb + kk]] = dz[kk];
@@ -1082,6 +1082,43 @@ fn carp_reference_gradient_matches_finite_differences() {
 }
 
 #[test]
+fn carp_reference_matches_the_cpu_loss_with_local_views() {
+    // CPU only: the f64 reference the GPU test uses and the CPU loss (src/carp/loss.rs, itself
+    // tested against a literal SPEC implementation) agree for VS > 2, local rows in pbar
+    // included (they disagreed while the fused loss left the local crops out of pbar).
+    for (vs, n, k, nb, seed) in [
+        (3usize, 5usize, 48usize, 16usize, 710u64),
+        (8, 3, 60, 20, 720),
+    ] {
+        let mut perm: Vec<usize> = (0..k).collect();
+        perm.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        let s: Vec<f32> = randn(vs * n * k, seed + 1)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let t: Vec<f32> = randn(2 * n * k, seed + 2).iter().map(|v| 2.0 * v).collect();
+        let (loss, cons, ent, d) = carp_ref(&f64s(&s), &f64s(&t), vs, n, k, nb, &perm);
+        let sv: Vec<&[f32]> = s.chunks_exact(n * k).collect();
+        let tv: Vec<&[f32]> = t.chunks_exact(n * k).collect();
+        let perm32: Vec<u32> = perm.iter().map(|&p| p as u32).collect();
+        let cpu = carp::carp::loss::carp_loss(&sv, &tv, n, k, nb, &perm32).unwrap();
+        let tag = format!("vs={vs} n={n} k={k} nb={nb}");
+        for (name, got, want) in [
+            ("loss", cpu.loss, loss),
+            ("consistency", cpu.consistency, cons),
+            ("entropy", cpu.entropy, ent),
+        ] {
+            assert!(
+                (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{tag} {name}: cpu {got} vs f64 reference {want}"
+            );
+        }
+        let dcpu: Vec<f32> = cpu.dstudent.concat();
+        check_close(&format!("{tag} dstudent"), &dcpu, &d, 1e-4);
+    }
+}
+
+#[test]
 fn carp_loss_fused() {
     let Some(be) = gpu_or_skip("carp_loss_fused") else {
         return;
@@ -1091,6 +1128,9 @@ fn carp_loss_fused() {
         (4, 7, 96, 32),
         (2, 16, 4096, 512),
         (2, 3, 600, 100),
+        // Multi-crop: 1 and 6 local views (the local rows are in pbar, R = (vs + 2) n).
+        (3, 5, 120, 40),
+        (8, 3, 256, 64),
     ]
     .iter()
     .enumerate()
@@ -1114,7 +1154,7 @@ fn carp_loss_fused() {
                 n,
                 k,
                 nb,
-                4 * n,
+                (vs + 2) * n,
                 None,
             )
             .unwrap();

@@ -1141,3 +1141,106 @@ fn device_state_trainer_checkpoints() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A multi-crop CARP step (2 global + 3 local views at another resolution) on the GPU against
+/// the same step on the CPU: the loss terms (the fused loss with VS = 5: local rows in pbar),
+/// every gradient (through the row concatenation of global and local features) and the BN
+/// running statistics (updated by both backbone batches and the head).
+#[test]
+fn multicrop_training_step_matches_cpu() {
+    use carp::nn::head::HeadConfig;
+    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::ModelConfig;
+    use carp::train::step::CarpState;
+
+    let Some((dev, _serial)) = gpu_or_skip("multicrop_training_step_matches_cpu") else {
+        return;
+    };
+    let cfg = ModelConfig {
+        arch: "small".into(),
+        backbone: ResNetConfig {
+            layers: vec![1, 1],
+            base_width: 4,
+            stem: Stem::Cifar,
+        },
+        head: HeadConfig {
+            hidden: 32,
+            out: 16,
+            prototypes: 64,
+        },
+    };
+    let (batch, image, local, n_local, nb) = (6usize, 16usize, 8usize, 3usize, 16usize);
+    let mut cpu = CarpState::new(&cfg, nb, 1e-4, 17).unwrap();
+    // Random BN affine parameters (see training_step_matches_cpu), a teacher that differs.
+    let noise = randn_vec(cpu.student.params.numel(), 18);
+    for e in cpu.student.params.entries.clone() {
+        if e.is_1d() {
+            for i in e.range() {
+                cpu.student.params.data[i] = 1.0 + 0.3 * noise[i];
+            }
+        }
+    }
+    cpu.teacher = cpu.student.clone();
+    for v in cpu.teacher.params.data.iter_mut() {
+        *v *= 0.9;
+    }
+    let mut gpu = cpu.clone();
+    let v1 = randn(&[batch, 3, image, image], 19);
+    let v2 = randn(&[batch, 3, image, image], 20);
+    let loc = randn(&[n_local * batch, 3, local, local], 21);
+    let (lr, m) = (0.5, 0.99);
+    let sc = cpu.train_step_multi(&v1, &v2, Some(&loc), lr, m).unwrap();
+    let sg = gpu
+        .train_step_multi(
+            &v1.to_device(&dev).unwrap(),
+            &v2.to_device(&dev).unwrap(),
+            Some(&loc.to_device(&dev).unwrap()),
+            lr,
+            m,
+        )
+        .unwrap();
+    // The GPU step's state lives on the device (unless CARP_HOST_OPTIM=1): into the host
+    // stores before comparing them.
+    gpu.sync_to_host().unwrap();
+    for (name, g, c) in [
+        ("loss", sg.loss, sc.loss),
+        ("consistency", sg.consistency, sc.consistency),
+        ("entropy", sg.entropy, sc.entropy),
+    ] {
+        assert!(
+            (g as f64 - c as f64).abs() <= 1e-4 * (c.abs() as f64).max(1.0),
+            "multi-crop {name}: gpu {g} vs cpu {c}"
+        );
+    }
+    let gmax = cpu
+        .student
+        .params
+        .grad
+        .iter()
+        .fold(0.0f64, |a, &v| a.max(v.abs() as f64));
+    assert!(gmax > 0.0, "the CPU step produced all-zero gradients");
+    let (pc, pg) = (&cpu.student.params, &gpu.student.params);
+    for e in &pc.entries {
+        check_close(
+            &format!("multi-crop grad {}", e.name),
+            &pg.grad[e.range()],
+            &pc.grad[e.range()],
+            2e-3,
+            1e-3 * gmax,
+        );
+    }
+    check_close(
+        "multi-crop BN running statistics (student)",
+        &gpu.student.buffers.data,
+        &cpu.student.buffers.data,
+        1e-4,
+        1e-6,
+    );
+    check_close(
+        "multi-crop EMA teacher",
+        &gpu.teacher.params.data,
+        &cpu.teacher.params.data,
+        1e-5,
+        1e-6,
+    );
+}

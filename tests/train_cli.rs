@@ -303,6 +303,9 @@ fn paper_preset_dry_run_prints_the_paper_values() {
     assert!((c["weight_decay"].as_f64().unwrap() - 1e-6).abs() < 1e-12);
     assert!((c["momentum_start"].as_f64().unwrap() - 0.99).abs() < 1e-6);
     assert!((c["momentum_end"].as_f64().unwrap() - 1.0).abs() < 1e-6);
+    // Table 1 of the paper: two views, no multi-crop.
+    assert_eq!(c["local_crops"], 0);
+    assert_eq!(c["views"], 2);
     assert_eq!(v["params_backbone"], 23_508_032);
     assert_eq!(v["params_prototypes"], 65536 * 256);
     // Explicit flags override the preset.
@@ -329,4 +332,179 @@ fn paper_preset_dry_run_prints_the_paper_values() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must divide K"));
+}
+
+#[test]
+fn multicrop_resume_is_bit_exact() {
+    // Micro model, 2 local views of 8x8 (12x12 globals): 5 steps straight vs 2, stop, resume
+    // for 3. The resume lands inside an epoch, where the multi-crop loader skips batches.
+    let with_locals = |out: &Path| TrainConfig {
+        local_crops: 2,
+        local_size: 8,
+        ..micro_config(out, 5)
+    };
+    let a = tmp("mc-straight");
+    let ra = train(&with_locals(&a), &quiet()).unwrap();
+    assert_eq!(ra.steps, 5);
+    assert!(ra.loss.is_finite());
+    let b = tmp("mc-resumed");
+    let stopped = train(
+        &with_locals(&b),
+        &TrainOptions {
+            stop_after: Some(2),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(stopped.steps, 2);
+    // Resuming with other local crops is another experiment: refused.
+    let other = TrainConfig {
+        local_crops: 3,
+        ..with_locals(&b)
+    };
+    let err = train(
+        &other,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("local crops"), "{err}");
+    let rb = train(
+        &with_locals(&b),
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(rb.steps, 5);
+    let (sa, sb) = (load(&a, &with_locals(&a)), load(&b, &with_locals(&b)));
+    assert_eq!(sa.student.params.data, sb.student.params.data);
+    assert_eq!(sa.teacher.params.data, sb.teacher.params.data);
+    assert_eq!(sa.student.buffers.data, sb.student.buffers.data);
+    assert_eq!(ra.loss.to_bits(), rb.loss.to_bits());
+    // The local crops changed the run: the same 5 steps without them end elsewhere.
+    let c = tmp("mc-none");
+    train(&micro_config(&c, 5), &quiet()).unwrap();
+    assert_ne!(
+        load(&c, &micro_config(&c, 5)).student.params.data,
+        sa.student.params.data
+    );
+    for d in [a, b, c] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn multicrop_cli_trains_the_tiny_model_and_records_it() {
+    // The tiny model through the binary: 3 steps of 16 images, 2 local views of 14x14 (the
+    // default local size at 32), on the CPU.
+    let out = tmp("mc-cli");
+    let run = Command::new(env!("CARGO_BIN_EXE_carp"))
+        .args([
+            "train",
+            "--steps",
+            "3",
+            "--batch",
+            "16",
+            "--local-crops",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "2",
+            "--no-eval",
+            "--json",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 local views of 14x14"),
+        "the run does not say it uses local views:\n{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["steps"], 3);
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+    // The checkpoint's metadata carries the multi-crop settings.
+    let cfg: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg.local_crops, cfg.local_size), (2, 14));
+    let mut st = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed).unwrap();
+    let (_, meta, _) = checkpoint::load_latest(&out, &mut st).unwrap();
+    let saved: TrainConfig = serde_json::from_str(&meta.config_json).unwrap();
+    assert_eq!((saved.local_crops, saved.local_size), (2, 14));
+    assert_eq!(meta.step, 3);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn multicrop_flags_dry_run_and_errors() {
+    let carp = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_carp"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // SPEC's multi-crop on the paper's preset: 6 local views of 96 at 224.
+    let out = carp(&[
+        "train",
+        "--preset",
+        "imagenet-200ep",
+        "--local-crops",
+        "6",
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("2 global 224x224 (student and teacher) + 6 local 96x96 (student only)"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["config"]["local_crops"], 6);
+    assert_eq!(v["config"]["local_size"], 96);
+    // Errors that say what to do.
+    for (args, needle) in [
+        (
+            &["train", "--local-size", "20", "--dry-run"][..],
+            "add --local-crops",
+        ),
+        (
+            &[
+                "train",
+                "--local-crops",
+                "2",
+                "--local-size",
+                "4",
+                "--dry-run",
+            ][..],
+            "too small",
+        ),
+        (
+            &[
+                "train",
+                "--local-crops",
+                "2",
+                "--local-size",
+                "64",
+                "--dry-run",
+            ][..],
+            "exceeds the global view size 32",
+        ),
+        (&["train", "--views", "8", "--dry-run"][..], "--local-crops"),
+    ] {
+        let out = carp(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
 }

@@ -165,7 +165,7 @@ struct TrainArgs {
     /// Run folder (config.json, checkpoints, metrics.jsonl).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Images per step (each gives two views).
+    /// Images per step (each gives two global views, plus --local-crops local ones).
     #[arg(long)]
     batch: Option<usize>,
     /// Total optimizer steps (overrides --epochs).
@@ -204,9 +204,20 @@ struct TrainArgs {
     momentum_start: Option<f32>,
     #[arg(long)]
     momentum_end: Option<f32>,
-    /// Number of views (2 global views; multi-crop is not in the loader yet).
+    /// Number of global views (always 2: the teacher sees those; see --local-crops).
     #[arg(long)]
     views: Option<usize>,
+    /// Multi-crop (SPEC.md, beyond the seed paper): this many extra local views per image, for
+    /// the student only (SPEC's option: 6). Each is a crop of scale 0.05-0.2, side
+    /// --local-size, blurred with p 0.5 when --blur is on. The loss pairs every student view
+    /// with the teacher's other global view(s). 0 (the default, and the paper's table 1 run):
+    /// two views only.
+    #[arg(long)]
+    local_crops: Option<usize>,
+    /// Side of the square local views (default: 96 scaled by --image-size / 224, i.e. 96 at 224
+    /// and 14 at 32). Needs --local-crops.
+    #[arg(long)]
+    local_size: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
     /// auto, cpu, cuda or cuda:N.
@@ -280,9 +291,22 @@ impl TrainArgs {
             workers,
             blur,
             min_scale,
+            local_crops,
             out,
             data
         );
+        // The local views follow the global size unless given.
+        c.local_size = match self.local_size {
+            Some(s) => {
+                if c.local_crops == 0 {
+                    return Err(Error::Config(format!(
+                        "--local-size {s} without local views: add --local-crops L (e.g. 6)"
+                    )));
+                }
+                s
+            }
+            None => carp::train::config::default_local_size(c.image_size),
+        };
         if self.eval_data.is_some() {
             c.eval_data = self.eval_data.clone();
         }
@@ -385,6 +409,17 @@ fn run(cli: Cli) -> Result<()> {
                     "parameters: backbone {b}, head {h}, prototypes {p}, total {}",
                     b + h + p
                 );
+                if cfg.local_crops > 0 {
+                    println!(
+                        "views per image: 2 global {0}x{0} (student and teacher) + {1} local {2}x{2} (student only)",
+                        cfg.image_size, cfg.local_crops, cfg.local_size
+                    );
+                } else {
+                    println!(
+                        "views per image: 2 global {0}x{0} (no multi-crop)",
+                        cfg.image_size
+                    );
+                }
                 if args.json {
                     println!(
                         "{}",

@@ -9,6 +9,10 @@ use crate::bail;
 use crate::error::Result;
 use crate::nn::ModelConfig;
 
+/// More local views than this is a typo, not an experiment (SPEC's multi-crop has 6; DINO's
+/// largest setting 10).
+pub const MAX_LOCAL_CROPS: usize = 64;
+
 /// Everything a run needs; written as `config.json` in the run folder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -19,7 +23,7 @@ pub struct TrainConfig {
     pub eval_data: Option<PathBuf>,
     /// Run folder: config.json, checkpoints, metrics.jsonl.
     pub out: PathBuf,
-    /// Images per step (global batch); each image gives two views.
+    /// Images per step (global batch); each image gives two global views (plus `local_crops`).
     pub batch: usize,
     /// Total optimizer steps (resolved from epochs when given that way).
     pub steps: Option<usize>,
@@ -50,6 +54,23 @@ pub struct TrainConfig {
     pub blur: bool,
     /// Minimum random-resized-crop scale (SPEC: 0.2).
     pub min_scale: f32,
+    /// Optional multi-crop (SPEC.md, beyond the seed): local views per image for the student
+    /// only (0: none, the paper's two-view table 1 setting; SPEC's option is 6).
+    #[serde(default)]
+    pub local_crops: usize,
+    /// Side of the square local views (SPEC: 96 at 224; `default_local_size` scales it).
+    #[serde(default = "default_local_size_224")]
+    pub local_size: usize,
+}
+
+/// The local-view side for global views of side `image_size`: SPEC's 96 at 224, scaled
+/// (rounded up): 14 at 32.
+pub fn default_local_size(image_size: usize) -> usize {
+    (image_size * 96).div_ceil(224).max(1)
+}
+
+fn default_local_size_224() -> usize {
+    default_local_size(224)
 }
 
 impl TrainConfig {
@@ -79,6 +100,8 @@ impl TrainConfig {
             workers: 0,
             blur: false,
             min_scale: 0.2,
+            local_crops: 0,
+            local_size: default_local_size(32),
         }
     }
 
@@ -108,6 +131,9 @@ impl TrainConfig {
             workers: 0,
             blur: true,
             min_scale: 0.2,
+            // The paper's table 1 run: two views, no multi-crop.
+            local_crops: 0,
+            local_size: default_local_size(224),
         }
     }
 
@@ -150,9 +176,33 @@ impl TrainConfig {
         if self.views != 2 {
             bail!(
                 Config,
-                "views = {}: the loader produces the two global views of SPEC.md; multi-crop local views are supported by the loss but not yet by the loader",
+                "views = {}: there are always the two global views of SPEC.md (the teacher sees those); for multi-crop add local views with --local-crops L",
                 self.views
             );
+        }
+        if self.local_crops > 0 {
+            if self.local_size < 8 {
+                bail!(
+                    Config,
+                    "local view size {} is too small: use --local-size 8 or more (SPEC: 96 for 224-pixel global views)",
+                    self.local_size
+                );
+            }
+            if self.local_size > self.image_size {
+                bail!(
+                    Config,
+                    "local view size {} exceeds the global view size {}: local crops are the small views (SPEC: 96 at 224); lower --local-size",
+                    self.local_size,
+                    self.image_size
+                );
+            }
+            if self.local_crops > MAX_LOCAL_CROPS {
+                bail!(
+                    Config,
+                    "--local-crops {} is more than {MAX_LOCAL_CROPS}: SPEC's multi-crop uses 6",
+                    self.local_crops
+                );
+            }
         }
         if !(self.lr.is_finite()
             && self.lr >= 0.0

@@ -1,5 +1,5 @@
 //! One CARP training step, top to bottom: teacher forward on both views (no tape), student
-//! forward on both views, the partitioned loss and its analytic gradient, backward, LARS, EMA.
+//! forward on both views (and on the optional multi-crop local views), the partitioned loss and its analytic gradient, backward, LARS, EMA.
 //! Nothing in the state changes unless the whole step is finite.
 
 use std::time::Instant;
@@ -102,20 +102,76 @@ fn check_loss(step: usize, loss: f32, consistency: f32, entropy: f32) -> Result<
 
 /// view1 and view2 (N, ...) stacked into one (2N, ...) batch on their device.
 fn concat_batch(view1: &Tensor, view2: &Tensor) -> Result<Tensor> {
-    let mut shape = view1.shape().to_vec();
-    shape[0] *= 2;
+    stack_rows(view1, view2)
+}
+
+/// `a` (Ra, ...) then `b` (Rb, ...) as one (Ra + Rb, ...) tensor on their device (the trailing
+/// dimensions must agree; checked by the callers).
+fn stack_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mut shape = a.shape().to_vec();
+    shape[0] += b.dim(0);
     #[cfg(feature = "cuda")]
-    if let (Storage::Cuda(a), Storage::Cuda(b)) = (view1.storage(), view2.storage()) {
-        let be = &a.backend;
-        let bytes = view1.numel() * 4;
-        let mut both = be.alloc_f32(2 * view1.numel())?;
-        be.copy_dtod_range(&a.buf, 0, &mut both, 0, bytes)?;
-        be.copy_dtod_range(&b.buf, 0, &mut both, bytes, bytes)?;
+    if let (Storage::Cuda(ca), Storage::Cuda(cb)) = (a.storage(), b.storage()) {
+        let be = &ca.backend;
+        let (bytes_a, bytes_b) = (a.numel() * 4, b.numel() * 4);
+        let mut both = be.alloc_f32(a.numel() + b.numel())?;
+        be.copy_dtod_range(&ca.buf, 0, &mut both, 0, bytes_a)?;
+        be.copy_dtod_range(&cb.buf, 0, &mut both, bytes_a, bytes_b)?;
         return Tensor::from_cuda(both, be.clone(), &shape);
     }
-    let mut both = view1.to_vec()?;
-    both.extend_from_slice(&view2.to_vec()?);
+    let mut both = a.to_vec()?;
+    both.extend_from_slice(&b.to_vec()?);
     Tensor::from_vec(both, &shape)
+}
+
+/// `t` (R, D) split into its first `r` rows (r, D) and the rest (R - r, D), on its device.
+fn split_rows(t: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
+    let rows = t.dim(0);
+    let width = t.numel() / rows.max(1);
+    let mut head_shape = t.shape().to_vec();
+    head_shape[0] = r;
+    let mut tail_shape = t.shape().to_vec();
+    tail_shape[0] = rows - r;
+    #[cfg(feature = "cuda")]
+    if let Storage::Cuda(c) = t.storage() {
+        let be = &c.backend;
+        let (na, nb) = (r * width, (rows - r) * width);
+        let mut a = be.alloc_f32(na)?;
+        let mut b = be.alloc_f32(nb)?;
+        be.copy_dtod_range(&c.buf, 0, &mut a, 0, na * 4)?;
+        be.copy_dtod_range(&c.buf, na * 4, &mut b, 0, nb * 4)?;
+        return Ok((
+            Tensor::from_cuda(a, be.clone(), &head_shape)?,
+            Tensor::from_cuda(b, be.clone(), &tail_shape)?,
+        ));
+    }
+    let mut v = t.to_vec()?;
+    let tail = v.split_off(r * width);
+    Ok((
+        Tensor::from_vec(v, &head_shape)?,
+        Tensor::from_vec(tail, &tail_shape)?,
+    ))
+}
+
+/// Row concatenation on the tape: `a` (Ra, D) and `b` (Rb, D) -> (Ra + Rb, D); the gradient
+/// splits back by rows. Joins the global and local views' features before the head (the head's
+/// BN then takes its statistics over every crop, as DINO's multi-crop wrapper does).
+fn concat_rows(tape: &mut Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.rank() != b.rank() || a.shape()[1..] != b.shape()[1..] {
+        bail!(
+            Shape,
+            "concat_rows: {:?} and {:?} differ beyond the first dimension",
+            a.shape(),
+            b.shape()
+        );
+    }
+    let out = stack_rows(a, b)?;
+    let ra = a.dim(0);
+    tape.record("concat_rows", &out, &[a, b], move |dout| {
+        let (da, db) = split_rows(dout, ra)?;
+        Ok(vec![Some(da), Some(db)])
+    });
+    Ok(out)
 }
 
 /// BN updates with their batch statistics on the host (where the running statistics live).
@@ -269,6 +325,24 @@ impl CarpState {
         lr: f32,
         m: f32,
     ) -> Result<StepStats> {
+        self.train_step_multi(view1, view2, None, lr, m)
+    }
+
+    /// One step with optional multi-crop local views (SPEC.md, beyond the seed): `locals` is
+    /// (L N, 3, s, s), view-major (rows l N .. (l + 1) N are local view l of the N images, the
+    /// layout of the loader's `LocalViews`), on the globals' device; `s` may differ from the
+    /// globals' S. The student sees the 2 global views (one 2N batch) and the L local views
+    /// (one L N batch) through its backbone, then the head on all (2 + L) N features at once
+    /// (DINO's multi-crop wrapper); the teacher sees the globals only; the loss pairs every
+    /// student view with every teacher view of another index. `None` is `train_step`.
+    pub fn train_step_multi(
+        &mut self,
+        view1: &Tensor,
+        view2: &Tensor,
+        locals: Option<&Tensor>,
+        lr: f32,
+        m: f32,
+    ) -> Result<StepStats> {
         view1.expect_rank("view 1 (N, 3, S, S)", 4)?;
         view2.expect_shape("view 2", view1.shape())?;
         // The views decide where the step runs: both networks' forward and backward, and the
@@ -278,8 +352,25 @@ impl CarpState {
         self.prepare_device_state(&device)?;
         let n = view1.dim(0);
         let k = self.student.cfg.head.prototypes;
-        // Both views go through each network as one batch of 2N: BN statistics are taken over
-        // both views, as the reference (DINO's multi-crop wrapper) does.
+        let n_local = match locals {
+            None => 0,
+            Some(l) => {
+                l.expect_rank("local views (L N, 3, s, s)", 4)?;
+                if l.dim(1) != view1.dim(1) || l.dim(0) == 0 || !l.dim(0).is_multiple_of(n) {
+                    bail!(
+                        Shape,
+                        "local views {:?}: need (L N, {}, s, s) with L >= 1 and N = {n} (the global batch)",
+                        l.shape(),
+                        view1.dim(1)
+                    );
+                }
+                crate::ops::common_device("train_step views and local views", &[view1, l])?;
+                l.dim(0) / n
+            }
+        };
+        let vs = 2 + n_local; // student views
+                              // Both views go through each network as one batch of 2N: BN statistics are taken over
+                              // both views, as the reference (DINO's multi-crop wrapper) does.
         let x = concat_batch(view1, view2)?; // (2N, 3, S, S)
 
         let mut phases = PhaseTimes::default();
@@ -298,7 +389,10 @@ impl CarpState {
         let (leaves, sfwd) = {
             let _r = nvtx::Range::new("student forward");
             let leaves = self.leaves_for(false, &mut tape, &device)?;
-            let sfwd = self.student.forward(&mut tape, &leaves, &x, true)?;
+            let sfwd = match locals {
+                None => self.student.forward(&mut tape, &leaves, &x, true)?,
+                Some(xl) => self.student_forward_multi(&mut tape, &leaves, &x, xl)?,
+            };
             (leaves, sfwd)
         };
         phases.student_forward_ms = phase_ms(&device, &mut clock)?;
@@ -307,7 +401,7 @@ impl CarpState {
         let loss_range = nvtx::Range::new("loss");
         #[cfg(feature = "cuda")]
         if let crate::tensor::Storage::Cuda(c) = sfwd.logits.storage() {
-            let out = self.gpu_loss(&c.backend, &sfwd.logits, &tfwd.logits, &perm)?;
+            let out = self.gpu_loss(&c.backend, &sfwd.logits, &tfwd.logits, vs, &perm)?;
             drop(loss_range);
             phases.loss_ms = phase_ms(&device, &mut clock)?;
             return self.finish_step(
@@ -324,10 +418,11 @@ impl CarpState {
             );
         }
         let t_logits = tfwd.logits.to_vec()?; // (2N, K)
-        let s_logits = sfwd.logits.to_vec()?; // (2N, K)
+        let s_logits = sfwd.logits.to_vec()?; // ((2 + L) N, K): view v is rows v N .. (v + 1) N
         let nk = n * k;
+        let s_views: Vec<&[f32]> = s_logits.chunks_exact(nk).collect();
         let out = carp_loss(
-            &[&s_logits[..nk], &s_logits[nk..]],
+            &s_views,
             &[&t_logits[..nk], &t_logits[nk..]],
             n,
             k,
@@ -340,11 +435,11 @@ impl CarpState {
         drop(loss_range);
         phases.loss_ms = phase_ms(&device, &mut clock)?;
 
-        let mut dlogits = Vec::with_capacity(2 * nk); // (2N, K)
+        let mut dlogits = Vec::with_capacity(vs * nk); // ((2 + L) N, K)
         for d in &out.dstudent {
             dlogits.extend_from_slice(d);
         }
-        let dlogits = Tensor::from_vec(dlogits, &[2 * n, k])?;
+        let dlogits = Tensor::from_vec(dlogits, &[vs * n, k])?;
         self.finish_step(
             tape,
             leaves,
@@ -359,38 +454,72 @@ impl CarpState {
         )
     }
 
-    /// The fused GPU loss on the logits where they are. Returns (loss, consistency, entropy,
-    /// d loss / d student logits (2N, K) on the GPU).
+    /// The student forward with local views: the backbone on the globals `x` (2N, 3, S, S), then
+    /// on the locals `xl` (L N, 3, s, s), then the head once on the concatenated ((2 + L) N, D)
+    /// features, as DINO's multi-crop wrapper (same-resolution crops share a backbone batch;
+    /// every BN in the backbone updates its running statistics once per batch, the head's once).
+    fn student_forward_multi(
+        &self,
+        tape: &mut Tape,
+        leaves: &ParamLeaves,
+        x: &Tensor,
+        xl: &Tensor,
+    ) -> Result<Forward> {
+        let net = &self.student;
+        let mut bn_updates = Vec::new();
+        let fg = net
+            .backbone
+            .forward(tape, leaves, &net.buffers, x, true, &mut bn_updates)?; // (2N, D)
+        let fl = net
+            .backbone
+            .forward(tape, leaves, &net.buffers, xl, true, &mut bn_updates)?; // (L N, D)
+        let features = concat_rows(tape, &fg, &fl)?; // ((2 + L) N, D)
+        let (embedding, logits) =
+            net.head
+                .forward(tape, leaves, &net.buffers, &features, true, &mut bn_updates)?;
+        Ok(Forward {
+            features,
+            embedding,
+            logits,
+            bn_updates,
+        })
+    }
+
+    /// The fused GPU loss on the logits where they are: `s_logits` (vs N, K), `vs` student views
+    /// (2 global, then the local ones), `t_logits` (2N, K). Returns (loss, consistency, entropy,
+    /// d loss / d student logits (vs N, K) on the GPU).
     #[cfg(feature = "cuda")]
     fn gpu_loss(
         &self,
         be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
         s_logits: &Tensor,
         t_logits: &Tensor,
+        vs: usize,
         perm: &[u32],
     ) -> Result<(f32, f32, f32, Tensor)> {
-        let (n2, k) = (s_logits.dim(0), s_logits.dim(1));
-        let n = n2 / 2;
+        let (rows, k) = (s_logits.dim(0), s_logits.dim(1));
+        let n = rows / vs;
         let t = t_logits.to_device(&s_logits.device())?;
         let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
         let dperm = be.upload_i32(&perm32)?; // (K,)
-                                             // The rows of (2N, K) are view 0's N samples, then view 1's: (2, N, K), the fused
-                                             // loss's layout. The uniformity mean runs over both student and both teacher views.
+                                             // The rows of (vs N, K) are view 0's N samples, then view 1's, ...: (vs, N, K), the
+                                             // fused loss's layout. The uniformity mean runs over every student view and both
+                                             // teacher views: (vs + 2) N rows.
         let out = be
             .carp_loss(
                 &s_logits.cuda()?.buf,
                 &t.cuda()?.buf,
                 &dperm,
-                2,
+                vs,
                 n,
                 k,
                 self.nb,
-                4 * n,
+                (vs + 2) * n,
                 None,
             )
             .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
         check_loss(self.step, out.loss, out.consistency, out.entropy)?;
-        let d = Tensor::from_cuda(out.dstudent, be.clone(), &[2 * n, k])?;
+        let d = Tensor::from_cuda(out.dstudent, be.clone(), &[vs * n, k])?;
         Ok((out.loss, out.consistency, out.entropy, d))
     }
 

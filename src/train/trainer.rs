@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::bail;
-use crate::data::{eval_batches, Dataset, LoaderConfig, TwoViewLoader, ViewConfig};
+use crate::data::{eval_batches, Dataset, LoaderConfig, LocalViews, TwoViewLoader, ViewConfig};
 use crate::error::{Error, Result};
 use crate::eval::knn::{knn_top1, l2_normalize_rows, KNN_KS};
 use crate::nn::Network;
@@ -19,6 +19,7 @@ use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, CheckpointMeta};
 use crate::train::config::TrainConfig;
 use crate::train::step::CarpState;
+use crate::train::views::{self, crops_to_locals, LoaderBatch};
 
 /// How to run (not part of the model's configuration).
 #[derive(Clone, Debug, Default)]
@@ -70,8 +71,86 @@ pub fn view_config(cfg: &TrainConfig) -> ViewConfig {
     v.min_scale = cfg.min_scale;
     if !cfg.blur {
         v.blur_p = [0.0, 0.0];
+        // The local views' blur too (SPEC's p 0.5): off wherever the global views' is.
+        v.local_blur_p = 0.0;
     }
+    v.local_count = cfg.local_crops;
+    v.local_size = cfg.local_size;
     v
+}
+
+/// One loader batch for the step: the global views (finished by the loader threads, or crops
+/// for the GPU finish) and, with multi-crop on the CPU-finish path, the loader's finished local
+/// views (on the GPU-finish path the crop batch carries the local crops).
+pub struct StepBatch {
+    pub globals: LoaderBatch,
+    pub locals: Option<LocalViews>,
+}
+
+impl StepBatch {
+    /// Images in the batch.
+    pub fn batch(&self) -> usize {
+        self.globals.batch()
+    }
+
+    /// The two global views, each (B, 3, S, S), and the local views (L B, 3, s, s) (view-major:
+    /// block l is local view l of the whole batch, `train_step_multi`'s layout) on `device`.
+    /// `poison` sets the first element of view 1 to NaN (the NaN-guard test hook).
+    pub fn to_tensors(
+        self,
+        cfg: &ViewConfig,
+        device: &Device,
+        poison: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let locals = match (&self.globals, self.locals) {
+            (_, Some(lv)) => Some(
+                Tensor::from_vec(lv.views, &[lv.count * lv.batch, 3, lv.size, lv.size])?
+                    .to_device(device)?,
+            ),
+            (LoaderBatch::Crops(c), None) => crops_to_locals(c, cfg, device)?,
+            (LoaderBatch::Finished(_), None) => None,
+        };
+        let (v1, v2) = self.globals.to_views(cfg, device, poison)?;
+        Ok((v1, v2, locals))
+    }
+}
+
+/// The batches of `epoch` from batch `first` on, finished where `views::gpu_aug(device)` says,
+/// with the local views when the loader makes them. Without local views this is
+/// `views::epoch_batches`. With them, the loader's crop and multi-view epochs start at the
+/// epoch's first batch, so a resume inside an epoch decodes the skipped batches and drops them
+/// (each image's crops depend only on seed, epoch and index: the batches are the same).
+pub fn epoch_batches<'a>(
+    loader: &'a TwoViewLoader,
+    epoch: usize,
+    first: usize,
+    device: &Device,
+) -> Box<dyn Iterator<Item = Result<StepBatch>> + 'a> {
+    let wrap = |globals| StepBatch {
+        globals,
+        locals: None,
+    };
+    if loader.config().view.local_count == 0 {
+        // Crops finished on the GPU (kernels/augment.cu) on CUDA unless CARP_GPU_AUG=0.
+        return Box::new(
+            views::epoch_batches(loader, epoch, first, device).map(move |r| r.map(wrap)),
+        );
+    }
+    if views::gpu_aug(device) {
+        Box::new(
+            loader
+                .epoch_crops(epoch)
+                .skip(first)
+                .map(move |r| r.map(|c| wrap(LoaderBatch::Crops(c)))),
+        )
+    } else {
+        Box::new(loader.epoch_multi(epoch).skip(first).map(|r| {
+            r.map(|(b, l)| StepBatch {
+                globals: LoaderBatch::Finished(b),
+                locals: Some(l),
+            })
+        }))
+    }
 }
 
 /// Pooled, L2-normalized backbone features (eval-mode BN) of a whole dataset, in order.
@@ -220,10 +299,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             || saved.nb != cfg.nb
             || saved.seed != cfg.seed
             || saved.batch != cfg.batch
+            || saved.local_crops != cfg.local_crops
+            || (cfg.local_crops > 0 && saved.local_size != cfg.local_size)
         {
             bail!(
                 Config,
-                "--resume: the checkpoint {} was made with another model/seed/batch/NB; resume with the run's own config.json",
+                "--resume: the checkpoint {} was made with another model/seed/batch/NB/local crops; resume with the run's own config.json",
                 path.display()
             );
         }
@@ -249,6 +330,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         train_ds.len(),
         cfg.batch
     ));
+    if cfg.local_crops > 0 {
+        say(format!(
+            "multi-crop: 2 global views of {0}x{0} + {1} local views of {2}x{2} per image (local views for the student only)",
+            cfg.image_size, cfg.local_crops, cfg.local_size
+        ));
+    }
 
     // The baseline: the same network (same seed) at random initialization.
     let mut knn_random = None;
@@ -287,7 +374,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
 
     say(format!(
         "views finished on the {}",
-        crate::train::views::finish_path(&device)
+        views::finish_path(&device)
     ));
     let start_step = state.step;
     let mut last = Default::default();
@@ -296,8 +383,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     'outer: while state.step < total {
         let epoch = state.step / bpe;
         let done_in_epoch = state.step % bpe;
-        // Crops finished on the GPU (kernels/augment.cu) on CUDA unless CARP_GPU_AUG=0.
-        for batch in crate::train::views::epoch_batches(&loader, epoch, done_in_epoch, &device) {
+        for batch in epoch_batches(&loader, epoch, done_in_epoch, &device) {
             if state.step >= total
                 || opts
                     .stop_after
@@ -309,10 +395,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             let t0 = Instant::now();
             let n = batch.batch();
             let poison = opts.inject_nan_at_step == Some(state.step);
-            let (v1, v2) = batch.to_views(&view, &device, poison)?;
+            // locals: (L B, 3, s, s) with multi-crop.
+            let (v1, v2, locals) = batch.to_tensors(&view, &device, poison)?;
             let lr = cosine_lr(state.step, total, cfg.warmup_steps, cfg.lr, cfg.lr_final);
             let m = teacher_momentum(state.step, total, cfg.momentum_start, cfg.momentum_end);
-            let stats = match state.train_step(&v1, &v2, lr, m) {
+            let stats = match state.train_step_multi(&v1, &v2, locals.as_ref(), lr, m) {
                 Ok(s) => s,
                 Err(e) => {
                     pb.abandon();

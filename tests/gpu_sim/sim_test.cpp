@@ -50,9 +50,9 @@ void test_carp(int vs, int n, int k, int nb, unsigned threads) {
     // GPU path
     std::vector<float> Ps = nanv((size_t)vs * np * n * nb), Pt = nanv((size_t)2 * np * n * nb), pbar(k, 0.0f), g = nanv(k),
                        sc = nanv(2), d = nanv((size_t)vs * n * k), part = nanv((size_t)n * np);
-    launch({(unsigned)np, (unsigned)n, (unsigned)vs}, threads, carp_softmax_gather_f32, (const float*)s.data(), (const int*)perm.data(), Ps.data(), pbar.data(), n, k, nb, 2);
+    launch({(unsigned)np, (unsigned)n, (unsigned)vs}, threads, carp_softmax_gather_f32, (const float*)s.data(), (const int*)perm.data(), Ps.data(), pbar.data(), n, k, nb, vs);
     launch({(unsigned)np, (unsigned)n, 2}, threads, carp_softmax_gather_f32, (const float*)t.data(), (const int*)perm.data(), Pt.data(), pbar.data(), n, k, nb, 2);
-    launch({1, 1, 1}, 64, carp_entropy_f32, (const float*)pbar.data(), g.data(), sc.data(), k, nb, (float)(4 * n));
+    launch({1, 1, 1}, 64, carp_entropy_f32, (const float*)pbar.data(), g.data(), sc.data(), k, nb, (float)((vs + 2) * n));
     launch({(unsigned)np, (unsigned)n, 1}, threads, carp_consistency_grad_f32, (const float*)Ps.data(), (const float*)Pt.data(), (const float*)g.data(), (const int*)perm.data(), d.data(), part.data(), n, k, nb, vs);
     launch({1, 1, 1}, 64, sum_f32, (const float*)part.data(), sc.data() + 1, (i64)(n * np));
     // reference
@@ -65,13 +65,18 @@ void test_carp(int vs, int n, int k, int nb, unsigned threads) {
         for (auto& x : z) x /= sum;
         return z;
     };
-    double R = 4.0 * n;
+    // pbar over every student view (local crops included) and both teacher views.
+    double R = (double)(vs + 2) * n;
     std::vector<double> pb(k, 0);
     for (int j = 0; j < np; ++j)
         for (int i = 0; i < n; ++i) {
+            for (int v = 0; v < vs; ++v) {
+                auto p = softmax(s, v, i, j);
+                for (int x = 0; x < nb; ++x) pb[j * nb + x] += p[x] / R;
+            }
             for (int v = 0; v < 2; ++v) {
-                auto p = softmax(s, v, i, j), q = softmax(t, v, i, j);
-                for (int x = 0; x < nb; ++x) pb[j * nb + x] += (p[x] + q[x]) / R;
+                auto q = softmax(t, v, i, j);
+                for (int x = 0; x < nb; ++x) pb[j * nb + x] += q[x] / R;
             }
         }
     double ent = 0;
@@ -98,7 +103,7 @@ void test_carp(int vs, int n, int k, int nb, unsigned threads) {
                     if (sv >= eps && sv <= 1 - eps)
                         for (int x = 0; x < nb; ++x) dz[x] -= c * p[x] * (q[x] - sv) / sv;
                 }
-                if (a < 2) {
+                {
                     double pg = 0;
                     for (int x = 0; x < nb; ++x) pg += p[x] * gg[j * nb + x];
                     for (int x = 0; x < nb; ++x) dz[x] += p[x] * (gg[j * nb + x] - pg);
@@ -418,6 +423,8 @@ int main(int argc, char** argv) {
     test_carp(4, 3, 80, 40, 32);
     test_carp(2, 2, 1024, 512, 512);
     test_carp(3, 2, 96, 24, 64);
+    // Multi-crop as SPEC.md's option: 2 global + 6 local student views, odd n.
+    test_carp(8, 3, 60, 20, 32);
     // S = 1 (one block per channel), S > 1 with uneven slices, slices that cut through a
     // plane, S > N, empty trailing slices (M = 9, S = 6), HW = 1 ((N, C) after a linear layer),
     // float4 elementwise paths (hw % 4 == 0) aligned and misaligned, a large mean.

@@ -990,7 +990,8 @@ impl CudaBackend {
     /// The fused CARP loss and its gradient w.r.t. the student logits.
     /// student: (vs, n, k) logits, vs >= 2 (views 0, 1 global); teacher: (2, n, k);
     /// perm: (k,) i32 permutation of 0..k; block j = perm[j*nb .. (j+1)*nb].
-    /// `rows_total`: rows in the uniformity mean (4n on one GPU; global across GPUs), and
+    /// `rows_total`: rows in the uniformity mean ((vs + 2) n on one GPU: every student view and
+    /// both teacher views; global across GPUs), and
     /// `pbar_hook` is called on the (k,) per-block column sums before they are used (the
     /// multi-GPU all-reduce goes there). Returns the loss terms and dstudent (vs, n, k) in the
     /// original prototype order.
@@ -1036,7 +1037,8 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             };
             let (pl, pptr, pb) = (logits.ptr(), p.ptr(), pbar.ptr());
-            let pbar_views = 2i32;
+            // Every view's rows go into pbar (local crops included, as the reference code).
+            let pbar_views = i32_of(op, views)?;
             launch!(
                 self,
                 "carp_softmax_gather_f32",
