@@ -98,6 +98,14 @@ if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
         row "  images/s, step ms, peak GiB" INFO "-" "${ips:-?}, $(json_field "$out" step_ms), $(json_field "$out" peak_mem_gib)"
         [ "$v" = "-" ] && ours_ips=$ips
     done
+    if [ "${GPU_CHECK_MULTICROP:-1}" != 0 ]; then
+        # SPEC's optional multi-crop: 6 local 96x96 views per image through the student.
+        mc="${OUT:-/tmp}/carp-bench-multicrop.json"
+        run_step "carp-bench resnet50 b$BB --local-crops 6" 240 bash -o pipefail -c \
+            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --local-crops 6 --warmup 1 --steps $BS --json | tee '$mc'" ||
+            overall=1
+        row "  images/s, step ms, peak GiB" INFO "-" "$(json_field "$mc" images_per_s), $(json_field "$mc" step_ms), $(json_field "$mc" peak_mem_gib)"
+    fi
     if [ "${GPU_CHECK_BIG_BATCH:-1}" != 0 ]; then
         # Issue 7: the paper's whole global batch (1024) fits on one H200.
         big="${OUT:-/tmp}/carp-bench-b1024.json"
