@@ -8,6 +8,7 @@
 # the A/B switches benched (see step 3); GPU_CHECK_BIG_BATCH=0 skips the batch-1024 fit check;
 # TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's variants; GPU_CHECK_LOADER=0
 # skips the data-path benches (LOADER_IMAGES, 2048, sizes their ImageNet-like set).
+# GPU_CHECK_MULTICROP=0 skips the 6-local-crop bench; GPU_CHECK_TRAIN=0 the `carp train` run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
