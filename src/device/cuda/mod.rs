@@ -158,6 +158,14 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
     ("lars", &["lars_norms_f32", "lars_update_f32"]),
     ("ema", &["ema_update_f32"]),
+    (
+        "bn_fused",
+        &[
+            "bn_act_forward_f32",
+            "bn_act_backward_partial_f32",
+            "bn_act_backward_dx_f32",
+        ],
+    ),
 ];
 
 impl CudaBackend {
