@@ -5,8 +5,10 @@
 // bn_backward_finalize_f32; this file adds the passes that differ:
 // - forward: one elementwise pass writing only the final output (no BN output, no sum);
 // - backward: one partial-reduction pass of sum(dy') and sum(dy' * xhat) with the ReLU mask
-//   applied on the fly (dy' = dy where y > 0), on batchnorm.cu's (C, S) grid of slices; then one
-//   elementwise pass writing dx and, for the residual, dresidual = dy'.
+//   applied on the fly (dy' = dy where y > 0), on batchnorm.cu's (C, S) grid of slices, which
+//   also writes dresidual = dy' for bn_add_relu; then one elementwise pass for dx that reads the
+//   masked dresidual instead of dy and y when there is one (5 tensor passes instead of the 6 of
+//   relu backward -> BN backward; 6 without a residual, and one write fewer than unfused).
 // The residual / dresidual pointers may be null (bn_relu: no residual).
 //
 // The numerics equal the unfused kernels' (bn_forward_f32 -> add_f32 -> relu_fwd_f32 and
@@ -65,23 +67,34 @@ extern "C" __global__ void bn_act_forward_f32(
 
 // Parameter-gradient partials of the fused op on the (C, S) grid (as bn_backward_partial_f32,
 // combined by bn_backward_finalize_f32): part_g = sum dy' * xhat, part_b = sum dy' over block
-// (c, s)'s slice, dy' = dy where y > 0 (y: the fused forward's output). dy, y, x: (N, C, HW);
-// mean, invstd: (C,); part_g, part_b: (C, S).
+// (c, s)'s slice, dy' = dy where y > 0 (y: the fused forward's output); dmasked = dy' when not
+// null (the residual's gradient, read back by the dx pass). dy, y, x, dmasked: (N, C, HW);
+// mean, invstd: (C,); part_g, part_b: (C, S). The slices partition every channel, so each
+// element of dmasked is written by exactly one thread.
 extern "C" __global__ void bn_act_backward_partial_f32(
     const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
-    float* __restrict__ part_b, i64 N, int C, i64 HW) {
+    float* __restrict__ part_b, float* __restrict__ dmasked, i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     const float mu = mean[c];
     i64 m0, m1;
     bn_slice(N * HW, &m0, &m1);
     float sg = 0.0f, sb = 0.0f;
-    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
-        const float g = y[i] > 0.0f ? dy[i] : 0.0f;
-        sb += g;
-        sg += g * (x[i] - mu);
-    });
+    if (dmasked != nullptr) {
+        bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
+            const float g = y[i] > 0.0f ? dy[i] : 0.0f;
+            dmasked[i] = g;
+            sb += g;
+            sg += g * (x[i] - mu);
+        });
+    } else {
+        bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
+            const float g = y[i] > 0.0f ? dy[i] : 0.0f;
+            sb += g;
+            sg += g * (x[i] - mu);
+        });
+    }
     sg = block_sum(sg, scratch) * invstd[c];
     sb = block_sum(sb, scratch);
     if (threadIdx.x == 0) {
@@ -91,18 +104,19 @@ extern "C" __global__ void bn_act_backward_partial_f32(
     }
 }
 
-// The fused op's input gradients (after bn_backward_finalize_f32), with dy' = dy where y > 0:
+// The fused op's input gradient (after bn_backward_finalize_f32), with dy' = dy where y > 0,
+// or dy' = dy when y is null (dy is then the partial pass's dmasked, already masked):
 // training (batch statistics): dx = k * (M * dy' - dbeta - xhat * dgamma), k = gamma * invstd / M
 // (bn_backward_dx_f32's expression); eval (constant running statistics): dx = dy' * gamma *
-// invstd. dresidual = dy' when the pointer is not null. All (N, C, HW) / (C,).
+// invstd. All (N, C, HW) / (C,).
 extern "C" __global__ void bn_act_backward_dx_f32(
     const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ invstd,
     const float* __restrict__ gamma, const float* __restrict__ dgamma,
-    const float* __restrict__ dbeta, float* __restrict__ dx, float* __restrict__ dresidual, i64 N,
-    int C, i64 HW, int training) {
+    const float* __restrict__ dbeta, float* __restrict__ dx, i64 N, int C, i64 HW,
+    int training) {
     const float Mf = (float)(N * HW);
-    const bool has_r = dresidual != nullptr;
+    const bool masked = y == nullptr;
     // dx of one element from its masked gradient g (the two modes' expressions).
     auto dx_of = [&](float g, float v, int c) {
         if (training) {
@@ -111,33 +125,33 @@ extern "C" __global__ void bn_act_backward_dx_f32(
         }
         return g * gamma[c] * invstd[c];
     };
-    if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(y) && bn_aligned16(x) &&
-        bn_aligned16(dx) && (!has_r || bn_aligned16(dresidual))) {
+    if ((HW & 3) == 0 && bn_aligned16(dy) && (masked || bn_aligned16(y)) && bn_aligned16(x) &&
+        bn_aligned16(dx)) {
         const float4* dy4 = reinterpret_cast<const float4*>(dy);
         const float4* y4 = reinterpret_cast<const float4*>(y);
         const float4* x4 = reinterpret_cast<const float4*>(x);
         float4* dx4 = reinterpret_cast<float4*>(dx);
-        float4* dr4 = reinterpret_cast<float4*>(dresidual);
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
-            const float4 d = dy4[i], o = y4[i], v = x4[i];
-            float4 g;
-            g.x = o.x > 0.0f ? d.x : 0.0f;
-            g.y = o.y > 0.0f ? d.y : 0.0f;
-            g.z = o.z > 0.0f ? d.z : 0.0f;
-            g.w = o.w > 0.0f ? d.w : 0.0f;
+            float4 g = dy4[i];
+            if (!masked) {
+                const float4 o = y4[i];
+                g.x = o.x > 0.0f ? g.x : 0.0f;
+                g.y = o.y > 0.0f ? g.y : 0.0f;
+                g.z = o.z > 0.0f ? g.z : 0.0f;
+                g.w = o.w > 0.0f ? g.w : 0.0f;
+            }
+            const float4 v = x4[i];
             float4 r;
             r.x = dx_of(g.x, v.x, c);
             r.y = dx_of(g.y, v.y, c);
             r.z = dx_of(g.z, v.z, c);
             r.w = dx_of(g.w, v.w, c);
             dx4[i] = r;
-            if (has_r) dr4[i] = g;
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
-            const float g = y[i] > 0.0f ? dy[i] : 0.0f;
+            const float g = masked || y[i] > 0.0f ? dy[i] : 0.0f;
             dx[i] = dx_of(g, x[i], c);
-            if (has_r) dresidual[i] = g;
         });
     }
 }

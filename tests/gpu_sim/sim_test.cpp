@@ -323,7 +323,7 @@ void test_misc() {
 }
 
 // Fused BN + ReLU (+ residual) (bn_fused.cu) as the launcher runs it: the apply pass, the masked
-// partial reduction on a (C, S) grid + batchnorm.cu's finalize, the dx (+ dresidual) pass; both
+// partial reduction (+ dresidual) on a (C, S) grid + batchnorm.cu's finalize, the dx pass; both
 // modes (training: batch statistics, full backward; eval: running statistics, constants), with
 // and without a residual (null pointers), elementwise kernels on `eb` blocks of `et` threads,
 // buffers `off` floats off a 16-byte boundary (off % 4 != 0: the scalar path). The reference is
@@ -356,9 +356,11 @@ void test_bn_act(int n, int c, int hw, unsigned threads, unsigned S, bool train,
     float* dxp = dxs.data() + off;
     float* drp = resid ? drs.data() + off : nullptr;
     launch({eb}, et, bn_act_forward_f32, x, r, (const float*)meanf.data(), (const float*)isf.data(), (const float*)gm.data(), (const float*)bt.data(), y, (i64)n, c, (i64)hw);
-    launch({(unsigned)c, S}, threads, bn_act_backward_partial_f32, dy, (const float*)y, x, (const float*)meanf.data(), (const float*)isf.data(), pg.data(), pb.data(), (i64)n, c, (i64)hw);
+    // As the launcher: with a residual the partial pass writes dresidual = dy' and the dx pass
+    // reads it (y = null); without, the dx pass masks dy with y itself.
+    launch({(unsigned)c, S}, threads, bn_act_backward_partial_f32, dy, (const float*)y, x, (const float*)meanf.data(), (const float*)isf.data(), pg.data(), pb.data(), drp, (i64)n, c, (i64)hw);
     launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
-    launch({eb}, et, bn_act_backward_dx_f32, dy, (const float*)y, x, (const float*)meanf.data(), (const float*)isf.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dxp, drp, (i64)n, c, (i64)hw, (int)train);
+    launch({eb}, et, bn_act_backward_dx_f32, resid ? (const float*)drp : dy, resid ? (const float*)nullptr : (const float*)y, x, (const float*)meanf.data(), (const float*)isf.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dxp, (i64)n, c, (i64)hw, (int)train);
     std::vector<double> ry(tot), rdg(c, 0), rdb(c, 0), rdx(tot), rdr(tot);
     size_t zeros = 0;
     for (int ci = 0; ci < c; ++ci) {

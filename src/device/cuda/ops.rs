@@ -1211,8 +1211,8 @@ impl CudaBackend {
 
     /// Backward of [`CudaBackend::bn_act_forward`] from its output y: with dy' = dy where y > 0,
     /// dgamma = sum(dy' * xhat), dbeta = sum(dy') (c,) in one partial-reduction pass on the
-    /// (c, s) grid plus batchnorm.cu's finalize, then one pass writing dx (n, c, hw) and, when
-    /// given, dresidual = dy'. `training`: the statistics were the batch's and dx includes their
+    /// (c, s) grid (which also writes dresidual = dy' when given) plus batchnorm.cu's finalize,
+    /// then one pass writing dx (n, c, hw) (from dresidual and x when given, else dy, y and x). `training`: the statistics were the batch's and dx includes their
     /// dependence on x; otherwise they are the running ones (constants).
     #[allow(clippy::too_many_arguments)]
     pub fn bn_act_backward(
@@ -1278,6 +1278,7 @@ impl CudaBackend {
             pi,
             ppg,
             ppb,
+            pdr,
             nn,
             cc,
             hh
@@ -1295,12 +1296,15 @@ impl CudaBackend {
         );
         let cfg = self.bn_elementwise_cfg(total, hw);
         let tr = i32::from(training);
+        // With a residual the dx pass reads the masked gradient the partial pass wrote (y null:
+        // no mask) instead of dy and y: one tensor read fewer.
+        let (pg_in, py_in) = if pdr != 0 { (pdr, 0) } else { (pdy, py) };
         launch!(
             self,
             "bn_act_backward_dx_f32",
             cfg,
-            pdy,
-            py,
+            pg_in,
+            py_in,
             px,
             pm,
             pi,
@@ -1308,7 +1312,6 @@ impl CudaBackend {
             pdg,
             pdb,
             pdx,
-            pdr,
             nn,
             cc,
             hh,
