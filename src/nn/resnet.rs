@@ -373,8 +373,9 @@ impl ResNet {
         h = tape.conv2d(&h, &leaves[blk.conv2], blk.stride, 1)?; // (N, width, H/s, W/s)
         h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
         h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
-                                                        // The shortcut is computed before bn3 (the fused op consumes it), but its BN update is
-                                                        // queued after bn3's, in the order the updates always had.
+
+        // The shortcut is computed before bn3 (the fused op consumes it), but its BN update is
+        // queued after bn3's, in the order the updates always had.
         let mut shortcut_updates = Vec::new();
         let shortcut = match &blk.downsample {
             Some((w, bn)) => {
