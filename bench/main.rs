@@ -14,7 +14,7 @@ use carp::nn::ModelConfig;
 use carp::tensor::Device;
 use carp::testutil::randn;
 use carp::train::step::{CarpState, PhaseTimes};
-use carp::{Error, Result, Tensor};
+use carp::{Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +71,16 @@ fn conv_tf32(device: &carp::Device) -> bool {
     #[cfg(feature = "cuda")]
     if matches!(device, carp::Device::Cuda(_)) {
         return carp::device::cuda::conv_tf32();
+    }
+    let _ = device;
+    false
+}
+
+/// Whether cuDNN algorithms were timed (`cudnnFind*`, `CARP_CUDNN_FIND`), on a GPU.
+fn cudnn_find(device: &carp::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if matches!(device, carp::Device::Cuda(_)) {
+        return carp::device::cuda::conv_find();
     }
     let _ = device;
     false
@@ -179,9 +189,19 @@ fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    let mut batches = loader.as_ref().map(|l| (0..).flat_map(move |e| l.epoch(e)));
-    // Synthetic inputs go to the device once; loader batches are uploaded per step (part of
-    // the measured step, as in training).
+    // Loader batches: finished on the GPU from u8 crops on CUDA unless CARP_GPU_AUG=0 (as in
+    // training), else by the loader threads.
+    let mut batches = loader.as_ref().map(|l| {
+        let dev = device.clone();
+        (0..).flat_map(move |e| carp::train::views::epoch_batches(l, e, 0, &dev))
+    });
+    let finish = carp::train::views::finish_path(&device);
+    let view_cfg = loader
+        .as_ref()
+        .map(|l| l.config().view.clone())
+        .unwrap_or_default();
+    // Synthetic inputs go to the device once; loader batches are uploaded (and finished, on the
+    // GPU path) per step: part of the measured step, as in training.
     let synthetic = (
         randn(&[n, 3, s, s], 1).to_device(&device)?,
         randn(&[n, 3, s, s], 2).to_device(&device)?,
@@ -198,10 +218,7 @@ fn run(args: Args) -> Result<()> {
                 let b = it
                     .next()
                     .ok_or_else(|| Error::Msg("the loader produced no batch".into()))??;
-                (
-                    Tensor::from_vec(b.view1, &[n, 3, s, s])?.to_device(&device)?,
-                    Tensor::from_vec(b.view2, &[n, 3, s, s])?.to_device(&device)?,
-                )
+                b.to_views(&view_cfg, &device, false)?
             }
             None => synthetic.clone(),
         };
@@ -246,11 +263,19 @@ fn run(args: Args) -> Result<()> {
         args.k,
         args.nb,
         if args.data.is_some() {
-            ", end to end from the loader"
+            format!(", end to end from the loader (views finished on the {finish})")
         } else {
-            ", synthetic inputs"
+            ", synthetic inputs".to_string()
         }
     );
+    // Where BN updates, LARS and the EMA ran: the device-resident state, or the host stores
+    // (CPU runs, or CARP_HOST_OPTIM=1 for an A/B of the GPU optimizer phases).
+    let optimizer = if state.has_device_state() {
+        "device"
+    } else {
+        "host"
+    };
+    println!("optimizer state on the {optimizer}");
     println!("{:<18} {:>10}", "phase", "median ms");
     for (name, v) in rows {
         println!("{name:<18} {v:>10.2}");
@@ -272,8 +297,9 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
-                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
-                "phases_ms": phases, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "k": args.k, "nb": args.nb,
+                "phases_ms": phases, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "view_finish": if args.data.is_some() { finish } else { "none" },
             })
         );
     }

@@ -67,3 +67,47 @@ extern "C" __global__ void lars_update_f32(float* w, const float* g, float* mu,
         w[i] = wv - lr * m;
     }
 }
+
+// Pass 1 with the training step's NaN guard fused in, over EVERY segment (1-d included):
+//   stats[s]              ||w||^2            (multi-d segments; 0 for 1-d)
+//   stats[n_segs + s]     ||g + wd w||^2     (multi-d segments; 0 for 1-d)
+//   stats[2 n_segs + s]   how many g of segment s are NaN or +-inf (every segment)
+// stats: (3, n_segs), zero-filled before the launch. The host downloads the 3 n_segs floats
+// once per step and names the first segment with a non-finite gradient before any weight
+// changes; `lars_update_f32` then reads the norms from stats (wnorm2 = stats,
+// gnorm2 = stats + n_segs). The count is exact (a float counts exactly up to 2^24 per block
+// chunk, and the host only tests it against 0).
+extern "C" __global__ void lars_norms_checked_f32(const float* w, const float* g,
+                                                  const int* chunk_seg, const i64* chunk_start,
+                                                  const int* chunk_len, const int* seg_is_1d,
+                                                  float wd, float* stats, int n_segs) {
+    __shared__ float scratch[32];
+    const int seg = chunk_seg[blockIdx.x];
+    const bool one_d = seg_is_1d[seg] != 0;  // block-uniform
+    const i64 start = chunk_start[blockIdx.x];
+    const int len = chunk_len[blockIdx.x];
+    float sw = 0.0f, sg = 0.0f, bad = 0.0f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const float gr = g[start + j];
+        // |x| < inf is false exactly for NaN and +-inf.
+        if (!(fabsf(gr) < CUDART_INF_F)) bad += 1.0f;
+        if (!one_d) {
+            const float wv = w[start + j];
+            const float gv = gr + wd * wv;
+            sw += wv * wv;
+            sg += gv * gv;
+        }
+    }
+    bad = block_sum(bad, scratch);
+    if (!one_d) {
+        sw = block_sum(sw, scratch);
+        sg = block_sum(sg, scratch);
+    }
+    if (threadIdx.x == 0) {
+        if (bad != 0.0f) atomicAdd(&stats[2 * n_segs + seg], bad);
+        if (!one_d) {
+            atomicAdd(&stats[seg], sw);
+            atomicAdd(&stats[n_segs + seg], sg);
+        }
+    }
+}

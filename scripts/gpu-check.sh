@@ -4,7 +4,9 @@
 # training step through carp-bench when it supports one. Prints a short table at the end.
 # Fits in 10 minutes: every step has its own timeout.
 # Environment: GPU_CHECK_MEMCHECK=0 skips compute-sanitizer; GPU_CHECK_TORCH=0 skips the PyTorch
-# reference; BENCH_BATCH (64) and BENCH_STEPS (3) size the ResNet50 step.
+# reference; BENCH_BATCH (256) and BENCH_STEPS (3) size the ResNet50 step; BENCH_VARIANTS lists
+# the A/B switches benched (see step 3); GPU_CHECK_BIG_BATCH=0 skips the batch-1024 fit check;
+# TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's variants.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
@@ -71,25 +73,37 @@ elif command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute
 else
     row "memcheck gpu_ops" SKIP "-" "compute-sanitizer not found"
 fi
-# 3. ResNet50 training steps at batch 64 (K 65536, NB 512, 224x224): ours, then PyTorch's.
-BB=${BENCH_BATCH:-64}
+# 3. ResNet50 training steps (K 65536, NB 512, 224x224): ours with every fast path on, then once
+# per A/B switch with that path off (same run, same machine), then PyTorch's reference.
+# BENCH_VARIANTS: space-separated env settings, one bench each ("-" = the defaults).
+BB=${BENCH_BATCH:-256}
 BS=${BENCH_STEPS:-3}
+VARIANTS=${BENCH_VARIANTS:-"- CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
 ours_ips="" torch_ips=""
+json_field() { # file field
+    grep -o "\"$2\": *[0-9.eE+-]*" "$1" 2>/dev/null | tail -1 | sed 's/.*: *//'
+}
 if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
-    bench_out="${OUT:-/tmp}/carp-bench.json"
-    run_step "carp-bench resnet50 step (batch $BB)" 240 bash -o pipefail -c \
-        "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS --json | tee '$bench_out'" ||
-        overall=1
-    ours_ips=$(grep -o '"images_per_s":[0-9.eE+-]*' "$bench_out" 2>/dev/null | tail -1 | cut -d: -f2)
-    ours_mem=$(grep -o '"peak_mem_gib":[0-9.eE+-]*' "$bench_out" 2>/dev/null | tail -1 | cut -d: -f2)
-    row "  carp images/s (peak GiB)" INFO "-" "${ours_ips:-?} (${ours_mem:-?}), TF32 convs as PyTorch's default"
-    if [ "${GPU_CHECK_FMA_BENCH:-1}" != 0 ]; then
-        fma_out="${OUT:-/tmp}/carp-bench-fma.json"
-        run_step "carp-bench resnet50 (batch $BB, CARP_TF32=0)" 240 env CARP_TF32=0 bash -o pipefail -c \
-            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS --json | tee '$fma_out'" ||
+    for v in $VARIANTS; do
+        tag=${v//[^A-Za-z0-9_]/_}
+        envs=()
+        [ "$v" != "-" ] && envs=("$v")
+        out="${OUT:-/tmp}/carp-bench-$tag.json"
+        label="carp-bench resnet50 b$BB${envs:+ $v}"
+        run_step "$label" 240 env "${envs[@]}" bash -o pipefail -c \
+            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS --json | tee '$out'" ||
             overall=1
-        fma_ips=$(grep -o '"images_per_s":[0-9.eE+-]*' "$fma_out" 2>/dev/null | tail -1 | cut -d: -f2)
-        row "  carp images/s, FMA-only convs" INFO "-" "${fma_ips:-?}"
+        ips=$(json_field "$out" images_per_s)
+        row "  images/s, step ms, peak GiB" INFO "-" "${ips:-?}, $(json_field "$out" step_ms), $(json_field "$out" peak_mem_gib)"
+        [ "$v" = "-" ] && ours_ips=$ips
+    done
+    if [ "${GPU_CHECK_BIG_BATCH:-1}" != 0 ]; then
+        # Issue 7: the paper's whole global batch (1024) fits on one H200.
+        big="${OUT:-/tmp}/carp-bench-b1024.json"
+        run_step "carp-bench resnet50 b1024 (fits?)" 300 bash -o pipefail -c \
+            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch 1024 --warmup 1 --steps 1 --json | tee '$big'"
+        # A target, not a correctness check: not fitting is reported, not a failure.
+        row "  images/s, peak GiB" INFO "-" "$(json_field "$big" images_per_s), $(json_field "$big" peak_mem_gib)"
     fi
 else
     row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
@@ -97,14 +111,21 @@ fi
 if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
     python3 -c 'import torch, torchvision' 2>/dev/null; then
     torch_out="${OUT:-/tmp}/torch-bench.jsonl"
-    run_step "torch reference (eager fp32, batch $BB)" 240 env LD_LIBRARY_PATH="$ORIG_LD_LIBRARY_PATH" bash -o pipefail -c \
-        "python3 '$B/torch_carp_bench.py' --batch $BB --steps 10 --warmup 3 --variants eager32 --out '${OUT:-/tmp}' | tee '$torch_out'" ||
+    run_step "torch reference (batch $BB)" 300 env LD_LIBRARY_PATH="$ORIG_LD_LIBRARY_PATH" bash -o pipefail -c \
+        "python3 '$B/torch_carp_bench.py' --batch $BB --steps 10 --warmup 3 --variants ${TORCH_VARIANTS:-eager32,eager16} --out '${OUT:-/tmp}' | tee '$torch_out'" ||
         overall=1
-    torch_ips=$(grep -o '"images_per_s": *[0-9.eE+-]*' "$torch_out" 2>/dev/null | tail -1 | sed 's/.*: *//')
-    row "  torch images/s" INFO "-" "${torch_ips:-?}"
-    if [ -n "$ours_ips" ] && [ -n "$torch_ips" ]; then
-        row "  carp / torch" INFO "-" "$(awk -v a="$ours_ips" -v b="$torch_ips" 'BEGIN{printf "%.3f", a/b}')"
-    fi
+    # One JSON line per variant: the ratio against each (eager32 is PyTorch's fp32, eager16 its
+    # bf16 channels_last, the issue's 1,465 images/s row).
+    while IFS= read -r line; do
+        tv=$(echo "$line" | grep -o '"variant": *"[a-z0-9]*"' | sed 's/.*: *"//; s/"//')
+        tips=$(echo "$line" | grep -o '"images_per_s": *[0-9.eE+-]*' | sed 's/.*: *//')
+        [ -z "$tv" ] || [ -z "$tips" ] && continue
+        tmem=$(echo "$line" | grep -o '"peak_mem_gib": *[0-9.eE+-]*' | sed 's/.*: *//')
+        row "  torch $tv images/s (peak GiB)" INFO "-" "$tips ($tmem)"
+        if [ -n "$ours_ips" ]; then
+            row "  carp / torch $tv" INFO "-" "$(awk -v a="$ours_ips" -v b="$tips" 'BEGIN{printf "%.3f", a/b}')"
+        fi
+    done <"$torch_out"
 else
     row "torch reference" SKIP "-" "GPU_CHECK_TORCH=0, no torch_carp_bench.py, or no torch"
 fi

@@ -1172,6 +1172,166 @@ fn nvtx_ranges_are_harmless_without_a_profiler() {
     assert_eq!(v, 42);
 }
 
+/// The GPU view finish (kernels/augment.cu through `train::views::finish_crops`, the trainer's
+/// entry point) against the CPU `finish` (the specification) on random crops and parameters
+/// covering every branch: jitter off / on with contrast at each position of the order and a
+/// non-permutation order, grayscale, blur off and sigmas up to 3.4 (radius 11, beyond a 9-pixel
+/// side: clamped edges), solarize with and without blur, flipped or not; sides 224 and 96 (the
+/// global and local views), odd 13, and 1. Every device buffer is NaN-poisoned when allocated,
+/// so an unwritten element fails. Tolerance: 5e-5 absolute on the normalized values (~1e-5 on
+/// [0, 1]): float rounding only (FMA contraction, `expf`, the f32 contrast mean vs the CPU's
+/// f64); elements within 1e-4 of the solarize threshold before solarizing, in images with
+/// jitter or blur, may land on either side and are skipped.
+#[test]
+fn view_finish_matches_the_cpu() {
+    use carp::data::augment::{finish, ColorParams, ViewConfig};
+    use carp::tensor::Device;
+    use carp::train::views::{crops_to_locals, crops_to_views, finish_crops};
+    if gpu_or_skip("view_finish_matches_the_cpu").is_none() {
+        return;
+    }
+    carp::device::cuda::set_poison_allocations(true);
+    let cfg = ViewConfig::imagenet(224);
+    let thr = cfg.solarize_threshold / 255.0;
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    const ORDERS: [[u8; 4]; 6] = [
+        [1, 0, 2, 3],
+        [0, 1, 3, 2],
+        [3, 2, 1, 0],
+        [2, 3, 0, 1],
+        [1, 3, 1, 0],
+        [0, 2, 3, 1],
+    ];
+    const SIGMAS: [f32; 5] = [0.0, 0.1, 0.6, 1.3, 3.4];
+    for &(b, s) in &[(9usize, 13usize), (4, 224), (6, 96), (3, 1), (12, 9)] {
+        let mut crops: Vec<u8> = (0..b * s * s * 3).map(|_| rng.gen()).collect();
+        for px in crops.chunks_exact_mut(3) {
+            match rng.gen_range(0..6) {
+                0 => {
+                    let v = rng.gen();
+                    px.fill(v);
+                }
+                1 => px[rng.gen_range(0..3)] = 128,
+                2 => px[rng.gen_range(0..3)] = 255,
+                _ => {}
+            }
+        }
+        let params: Vec<ColorParams> = (0..b)
+            .map(|i| ColorParams {
+                brightness: rng.gen_range(0.4..1.6),
+                contrast: rng.gen_range(0.4..1.6),
+                saturation: rng.gen_range(0.3..1.7),
+                hue: rng.gen_range(-0.5..0.5),
+                blur_sigma: SIGMAS[i % 5] * rng.gen_range(0.9..1.1),
+                order: ORDERS[(i / 2) % 6],
+                jitter: (i % 7 != 6 && i % 10 != 5) as u8,
+                grayscale: (i % 3 == 1) as u8,
+                solarize: (i % 2 == 1) as u8,
+                flipped: rng.gen::<bool>() as u8,
+            })
+            .collect();
+        let got = finish_crops(&crops, &params, b, s, &cfg, &Device::Cuda(0))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let per = 3 * s * s;
+        let (mut worst, mut at, mut skipped) = (0f32, 0, 0);
+        for i in 0..b {
+            let (crop, p) = (&crops[i * s * s * 3..(i + 1) * s * s * 3], &params[i]);
+            let mut want = vec![0f32; per];
+            finish(
+                crop,
+                p,
+                s,
+                &cfg.mean,
+                &cfg.std,
+                cfg.solarize_threshold,
+                &mut want,
+            );
+            let mut pre = vec![0f32; per];
+            let unsolarized = ColorParams { solarize: 0, ..*p };
+            finish(crop, &unsolarized, s, &[0.0; 3], &[1.0; 3], 0.0, &mut pre);
+            let exact = p.jitter == 0 && p.blur_sigma <= 0.0;
+            for k in 0..per {
+                if p.solarize != 0 && !exact && (pre[k] - thr).abs() < 1e-4 {
+                    skipped += 1;
+                    continue;
+                }
+                let g = got[i * per + k];
+                assert!(g.is_finite(), "B={b} S={s}: image {i} element {k} = {g}");
+                let d = (g - want[k]).abs();
+                if d > worst {
+                    (worst, at) = (d, i * per + k);
+                }
+            }
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "view finish B={b} S={s}: max |gpu - cpu| {worst:.2e} at {at}, {skipped} skipped"
+        );
+        assert!(
+            worst <= 5e-5,
+            "B={b} S={s}: GPU finish off by {worst} at {at}"
+        );
+    }
+    // The batch entry points: two views and the (L, B) local layout, against the CPU device.
+    let (b, s, l, ls) = (5usize, 17usize, 3usize, 7usize);
+    let mut cfg = ViewConfig::imagenet(s);
+    cfg.local_count = l;
+    cfg.local_size = ls;
+    let mut bytes = |n: usize| (0..n).map(|_| rng.gen::<u8>()).collect::<Vec<u8>>();
+    let (v1, v2, loc) = (
+        bytes(b * s * s * 3),
+        bytes(b * s * s * 3),
+        bytes(b * l * ls * ls * 3),
+    );
+    let p = |n: usize| {
+        (0..n)
+            .map(|i| ColorParams {
+                jitter: 1,
+                order: ORDERS[i % 6],
+                brightness: 1.2,
+                contrast: 0.7,
+                saturation: 1.3,
+                hue: 0.05,
+                blur_sigma: if i % 2 == 0 { 0.8 } else { 0.0 },
+                ..ColorParams::identity()
+            })
+            .collect::<Vec<_>>()
+    };
+    let batch = carp::data::CropBatch {
+        view1: v1,
+        view2: v2,
+        params1: p(b),
+        params2: p(b),
+        labels: vec![0; b],
+        indices: (0..b).collect(),
+        batch: b,
+        size: s,
+        locals: loc,
+        local_params: p(b * l),
+        local_count: l,
+        local_size: ls,
+    };
+    let (g1, g2) = crops_to_views(&batch, &cfg, &Device::Cuda(0)).unwrap();
+    let (c1, c2) = crops_to_views(&batch, &cfg, &Device::Cpu).unwrap();
+    let gl = crops_to_locals(&batch, &cfg, &Device::Cuda(0))
+        .unwrap()
+        .unwrap();
+    let cl = crops_to_locals(&batch, &cfg, &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    assert_eq!(gl.shape(), &[l * b, 3, ls, ls]);
+    for (name, g, c) in [("view1", g1, c1), ("view2", g2, c2), ("locals", gl, cl)] {
+        check_close(
+            name,
+            &g.to_vec().unwrap(),
+            &f64s(&c.to_vec().unwrap()),
+            2e-5,
+        );
+    }
+}
+
 /// The fused BN + ReLU (+ residual) launchers (kernels/bn_fused.cu) against an f64 reference
 /// written here, in both modes, with and without the residual, at odd shapes and one with
 /// several slices per channel (m = 12800 > 4096); outputs NaN-poisoned first. The reference's

@@ -535,6 +535,8 @@ fn training_step_matches_cpu() {
             m,
         )
         .unwrap();
+    // The step ran on the device-resident state (unless CARP_HOST_OPTIM=1): bring it home.
+    gpu.sync_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
         ("consistency", sg.consistency, sc.consistency),
@@ -627,6 +629,516 @@ fn training_step_matches_cpu() {
             "a steady-state step called cuMemAlloc: {before:?} -> {after:?}"
         );
         assert!(after.reuses > before.reuses);
+    }
+}
+
+// ------------------------------------------------------------------ device-resident state
+
+/// The small model of `training_step_matches_cpu`, with random BN affine parameters and a
+/// teacher that differs from the student (so the EMA is not a no-op).
+fn small_state() -> carp::train::step::CarpState {
+    use carp::nn::head::HeadConfig;
+    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::ModelConfig;
+    let cfg = ModelConfig {
+        arch: "small".into(),
+        backbone: ResNetConfig {
+            layers: vec![1, 1],
+            base_width: 4,
+            stem: Stem::Cifar,
+        },
+        head: HeadConfig {
+            hidden: 32,
+            out: 16,
+            prototypes: 64,
+        },
+    };
+    let mut st = carp::train::step::CarpState::new(&cfg, 16, 1e-4, 7).unwrap();
+    let noise = randn_vec(st.student.params.numel(), 8);
+    for e in st.student.params.entries.clone() {
+        if e.is_1d() {
+            for i in e.range() {
+                st.student.params.data[i] = 1.0 + 0.3 * noise[i];
+            }
+        }
+    }
+    st.teacher = st.student.clone();
+    for v in st.teacher.params.data.iter_mut() {
+        *v *= 0.9;
+    }
+    st
+}
+
+/// Batches of two views (8, 3, 15, 15) (odd size), a different pair per step.
+fn views(step: u64) -> (Tensor, Tensor) {
+    (
+        randn(&[8, 3, 15, 15], 100 + 2 * step),
+        randn(&[8, 3, 15, 15], 101 + 2 * step),
+    )
+}
+
+/// Several steps on the device-resident state against the CPU path, with a decaying learning
+/// rate and a changing teacher momentum: the loss of every step, then the parameters, the
+/// LARS momentum, the teacher and both networks' BN running statistics after the last one.
+///
+/// Tolerances: 2e-3 relative on the loss terms per step and on the parameters/momentum
+/// (f32 reassociation in ~20 layers, LARS norms summed with float atomics on the GPU vs f64 on
+/// the CPU, compounded over 4 steps); 1e-3 on the teacher and BN statistics (they follow the
+/// student through the EMA / batch statistics).
+#[test]
+fn device_state_steps_match_cpu() {
+    use carp::train::step::CarpState;
+    let Some((dev, _serial)) = gpu_or_skip("device_state_steps_match_cpu") else {
+        return;
+    };
+    if std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: device_state_steps_match_cpu: CARP_HOST_OPTIM=1 selects the host path"
+        );
+        return;
+    }
+    let mut cpu = small_state();
+    let mut gpu: CarpState = cpu.clone();
+    let steps = 4u64;
+    for s in 0..steps {
+        let (v1, v2) = views(s);
+        let lr = 0.4 - 0.05 * s as f32;
+        let m = 0.99 - 0.01 * s as f32;
+        let sc = cpu.train_step(&v1, &v2, lr, m).unwrap();
+        let sg = gpu
+            .train_step(
+                &v1.to_device(&dev).unwrap(),
+                &v2.to_device(&dev).unwrap(),
+                lr,
+                m,
+            )
+            .unwrap();
+        assert!(
+            gpu.has_device_state(),
+            "the GPU step did not use the device-resident state"
+        );
+        assert!(!gpu.host_is_current(), "a GPU step left the host current");
+        for (name, g, c) in [
+            ("loss", sg.loss, sc.loss),
+            ("consistency", sg.consistency, sc.consistency),
+            ("entropy", sg.entropy, sc.entropy),
+        ] {
+            assert!(
+                (g as f64 - c as f64).abs() <= 2e-3 * (c.abs() as f64).max(1.0),
+                "step {s} {name}: gpu {g} vs cpu {c}"
+            );
+        }
+    }
+    // Before the sync the host stores still hold the initial values.
+    assert_eq!(gpu.student.params.data, small_state().student.params.data);
+    gpu.sync_to_host().unwrap();
+    assert!(gpu.host_is_current());
+    assert_eq!(gpu.step, cpu.step);
+    let (pc, pg) = (&cpu.student.params, &gpu.student.params);
+    // Per entry against its own scale, floored by 1e-4 of the largest parameter (a bias
+    // followed by a BN gets a ~0 gradient and stays at rounding noise on both devices).
+    let pmax = pc.data.iter().fold(0.0f64, |a, &v| a.max(v.abs() as f64));
+    for e in &pc.entries {
+        check_close(
+            &format!("student {}", e.name),
+            &pg.data[e.range()],
+            &pc.data[e.range()],
+            2e-3,
+            1e-4 * pmax,
+        );
+        check_close(
+            &format!("LARS momentum {}", e.name),
+            &gpu.lars.momentum_buf[e.range()],
+            &cpu.lars.momentum_buf[e.range()],
+            2e-3,
+            1e-3 * cpu
+                .lars
+                .momentum_buf
+                .iter()
+                .fold(0.0f64, |a, &v| a.max(v.abs() as f64)),
+        );
+    }
+    check_close(
+        "teacher",
+        &gpu.teacher.params.data,
+        &cpu.teacher.params.data,
+        1e-3,
+        1e-6,
+    );
+    for (name, g, c) in [
+        ("student BN", &gpu.student.buffers, &cpu.student.buffers),
+        ("teacher BN", &gpu.teacher.buffers, &cpu.teacher.buffers),
+    ] {
+        let bmax = c.data.iter().fold(0.0f64, |a, &v| a.max(v.abs() as f64));
+        for e in &c.entries {
+            check_close(
+                &format!("{name} {}", e.name),
+                &g.data[e.range()],
+                &c.data[e.range()],
+                1e-3,
+                1e-4 * bmax,
+            );
+        }
+    }
+    // The BN statistics did move (4 updates at momentum 0.1), so the check above is not
+    // comparing initial values.
+    assert!(cpu.student.buffers.data != small_state().student.buffers.data);
+}
+
+/// The GPU NaN guard: a non-finite gradient in a chosen entry is reported by that entry's name
+/// (the first one in layout order, as the host guard), before anything changes on the device.
+#[test]
+fn device_state_nan_gradient_is_named_and_changes_nothing() {
+    let Some((_dev, _serial)) =
+        gpu_or_skip("device_state_nan_gradient_is_named_and_changes_nothing")
+    else {
+        return;
+    };
+    #[cfg(feature = "cuda")]
+    {
+        use carp::optim::device::DeviceTrainState;
+        let st = small_state();
+        let be = carp::device::cuda::backend(0).unwrap();
+        let p = &st.student.params;
+        let mut ds = DeviceTrainState::upload(
+            be.clone(),
+            (p, &st.student.buffers),
+            (&st.teacher.params, &st.teacher.buffers),
+            &randn_vec(p.numel(), 11),
+        )
+        .unwrap();
+        // A finite gradient passes.
+        let mut g = randn_vec(p.numel(), 12);
+        be.copy_from_host_f32(&mut ds.grad, &g).unwrap();
+        ds.check_and_norms(p, 1e-4, 3).unwrap();
+        // A NaN in a 1-d entry (a BN gamma, which LARS pass 1 skips for norms) and an inf in
+        // a later conv weight: the 1-d entry is named.
+        let bn = p.entries.iter().position(|e| e.is_1d()).unwrap();
+        let conv = p.entries.iter().rposition(|e| !e.is_1d()).unwrap();
+        assert!(conv > bn);
+        g[p.entries[bn].range().end - 1] = f32::NAN;
+        g[p.entries[conv].offset] = f32::INFINITY;
+        be.copy_from_host_f32(&mut ds.grad, &g).unwrap();
+        let e = ds.check_and_norms(p, 1e-4, 3).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("non-finite gradient in {};", p.entries[bn].name))
+                && e.contains("step 3"),
+            "{e}"
+        );
+        // Only the multi-d inf left: that entry is named.
+        g[p.entries[bn].range().end - 1] = 0.5;
+        be.copy_from_host_f32(&mut ds.grad, &g).unwrap();
+        let e = ds.check_and_norms(p, 1e-4, 3).unwrap_err().to_string();
+        assert!(e.contains(&p.entries[conv].name), "{e}");
+        // Nothing changed on the device.
+        let mut back = st.clone();
+        let mut mom = vec![0.0; p.numel()];
+        ds.download(
+            (&mut back.student.params, &mut back.student.buffers),
+            (&mut back.teacher.params, &mut back.teacher.buffers),
+            &mut mom,
+        )
+        .unwrap();
+        assert_eq!(back.student.params.data, st.student.params.data);
+        assert_eq!(back.teacher.params.data, st.teacher.params.data);
+        assert_eq!(back.student.buffers.data, st.student.buffers.data);
+        assert_eq!(back.teacher.buffers.data, st.teacher.buffers.data);
+        assert_eq!(mom, randn_vec(p.numel(), 11));
+    }
+}
+
+/// A whole GPU step whose input is NaN fails, and the state (device and host) is unchanged.
+#[test]
+fn device_state_failed_step_changes_nothing() {
+    let Some((dev, _serial)) = gpu_or_skip("device_state_failed_step_changes_nothing") else {
+        return;
+    };
+    let mut st = small_state();
+    let (v1, v2) = views(0);
+    st.train_step(
+        &v1.to_device(&dev).unwrap(),
+        &v2.to_device(&dev).unwrap(),
+        0.3,
+        0.99,
+    )
+    .unwrap();
+    st.sync_to_host().unwrap();
+    let before = st.clone();
+    let mut bad = v1.to_vec().unwrap();
+    bad[5] = f32::NAN;
+    let bad = Tensor::from_vec(bad, v1.shape()).unwrap();
+    assert!(st
+        .train_step(
+            &bad.to_device(&dev).unwrap(),
+            &v2.to_device(&dev).unwrap(),
+            0.3,
+            0.99
+        )
+        .is_err());
+    assert_eq!(st.step, before.step);
+    st.sync_to_host().unwrap();
+    assert_eq!(st.student.params.data, before.student.params.data);
+    assert_eq!(st.teacher.params.data, before.teacher.params.data);
+    assert_eq!(st.student.buffers.data, before.student.buffers.data);
+    assert_eq!(st.teacher.buffers.data, before.teacher.buffers.data);
+    assert_eq!(st.lars.momentum_buf, before.lars.momentum_buf);
+}
+
+/// Checkpoints across the device state: saving an unsynced state is refused (a missed sync
+/// point fails loudly instead of writing old weights); after `sync_to_host` the host stores
+/// equal the device buffers bit for bit, the checkpoint round-trips exactly, and a resumed
+/// state continues like the original (tolerance 1e-5: the GPU's LARS norms use float atomics,
+/// so two runs may round differently).
+#[test]
+fn device_state_checkpoint_resume() {
+    use carp::train::checkpoint::{from_bytes, to_bytes, CheckpointMeta};
+    let Some((dev, _serial)) = gpu_or_skip("device_state_checkpoint_resume") else {
+        return;
+    };
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let mut st = small_state();
+    for s in 0..3 {
+        let (v1, v2) = views(s);
+        st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
+    }
+    let meta = CheckpointMeta {
+        step: st.step,
+        epoch: 0,
+        config_json: "{}".into(),
+    };
+    let uses_device = !std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1");
+    if uses_device {
+        let e = to_bytes(&st, &meta).unwrap_err().to_string();
+        assert!(e.contains("sync_to_host"), "{e}");
+        // A clone of an unsynced state refuses to train (its host copy is old).
+        let (v1, v2) = views(9);
+        assert!(st
+            .clone()
+            .train_step(&on(&v1), &on(&v2), 0.3, 0.99)
+            .is_err());
+    }
+    st.sync_to_host().unwrap();
+    #[cfg(feature = "cuda")]
+    if let Some(ds) = st.device_state() {
+        let be = carp::device::cuda::backend(0).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let d = |b| bits(&be.download_f32(b).unwrap());
+        assert_eq!(d(&ds.student), bits(&st.student.params.data));
+        assert_eq!(d(&ds.teacher), bits(&st.teacher.params.data));
+        assert_eq!(d(&ds.momentum), bits(&st.lars.momentum_buf));
+        assert_eq!(d(&ds.student_bn), bits(&st.student.buffers.data));
+        assert_eq!(d(&ds.teacher_bn), bits(&st.teacher.buffers.data));
+    } else {
+        assert!(!uses_device, "no device state after GPU steps");
+    }
+    let bytes = to_bytes(&st, &meta).unwrap();
+    let mut resumed = small_state();
+    // The resumed state first trains a step of its own, so the load must replace a live
+    // device state.
+    let (v1, v2) = views(7);
+    resumed.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
+    from_bytes(&bytes, std::path::Path::new("mem.ckpt"), &mut resumed).unwrap();
+    assert!(resumed.host_is_current());
+    assert_eq!(resumed.step, st.step);
+    assert_eq!(resumed.student.params.data, st.student.params.data);
+    assert_eq!(resumed.teacher.params.data, st.teacher.params.data);
+    assert_eq!(resumed.lars.momentum_buf, st.lars.momentum_buf);
+    assert_eq!(resumed.student.buffers.data, st.student.buffers.data);
+    for s in 3..5 {
+        let (v1, v2) = views(s);
+        let a = st.train_step(&on(&v1), &on(&v2), 0.2, 0.995).unwrap();
+        let b = resumed.train_step(&on(&v1), &on(&v2), 0.2, 0.995).unwrap();
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs().max(1.0),
+            "step {s}"
+        );
+    }
+    st.sync_to_host().unwrap();
+    resumed.sync_to_host().unwrap();
+    check_close(
+        "resumed student",
+        &resumed.student.params.data,
+        &st.student.params.data,
+        1e-5,
+        1e-6,
+    );
+    check_close(
+        "resumed teacher",
+        &resumed.teacher.params.data,
+        &st.teacher.params.data,
+        1e-5,
+        1e-6,
+    );
+    check_close(
+        "resumed BN",
+        &resumed.student.buffers.data,
+        &st.student.buffers.data,
+        1e-5,
+        1e-6,
+    );
+}
+
+/// `CARP_HOST_OPTIM=1` (today's host path) and the device path agree over a few steps
+/// (tolerance 1e-4: the same GPU forward/backward, LARS norms in f32 atomics vs f64).
+#[test]
+fn device_state_matches_host_optim_path() {
+    let Some((dev, _serial)) = gpu_or_skip("device_state_matches_host_optim_path") else {
+        return;
+    };
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let prev = std::env::var("CARP_HOST_OPTIM").ok();
+    let mut dev_st = small_state();
+    let mut host_st = small_state();
+    for s in 0..3 {
+        let (v1, v2) = views(s);
+        std::env::remove_var("CARP_HOST_OPTIM");
+        let a = dev_st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
+        std::env::set_var("CARP_HOST_OPTIM", "1");
+        let b = host_st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-4 * b.loss.abs().max(1.0),
+            "step {s}"
+        );
+    }
+    assert!(!host_st.has_device_state());
+    match prev {
+        Some(v) => std::env::set_var("CARP_HOST_OPTIM", v),
+        None => std::env::remove_var("CARP_HOST_OPTIM"),
+    }
+    dev_st.sync_to_host().unwrap();
+    check_close(
+        "student (device vs host optimizer)",
+        &dev_st.student.params.data,
+        &host_st.student.params.data,
+        1e-4,
+        1e-6,
+    );
+    check_close(
+        "teacher (device vs host optimizer)",
+        &dev_st.teacher.params.data,
+        &host_st.teacher.params.data,
+        1e-4,
+        1e-6,
+    );
+    check_close(
+        "momentum (device vs host optimizer)",
+        &dev_st.lars.momentum_buf,
+        &host_st.lars.momentum_buf,
+        1e-4,
+        1e-6,
+    );
+    check_close(
+        "BN (device vs host optimizer)",
+        &dev_st.teacher.buffers.data,
+        &host_st.teacher.buffers.data,
+        1e-4,
+        1e-6,
+    );
+}
+
+/// The trainer's sync points on a GPU: a 7-step run with checkpoints every 3 steps on the GPU
+/// against the same run on the CPU (the checkpoint holds the GPU's current weights, not the
+/// initial host copy: a missed `sync_to_host` before a save fails the run or this comparison),
+/// and a GPU run stopped after 4 steps and resumed against the straight GPU run.
+///
+/// Tolerances: 2e-3 of each store's largest value GPU vs CPU (7 steps of f32 reassociation);
+/// 1e-4 GPU straight vs GPU resumed (the same kernels; float atomics in the LARS norms and
+/// cuDNN's backward may round differently between runs).
+#[test]
+fn device_state_trainer_checkpoints() {
+    use carp::nn::head::HeadConfig;
+    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::ModelConfig;
+    use carp::train::checkpoint;
+    use carp::train::config::TrainConfig;
+    use carp::train::step::CarpState;
+    use carp::train::trainer::{train, TrainOptions};
+    let Some((_dev, _serial)) = gpu_or_skip("device_state_trainer_checkpoints") else {
+        return;
+    };
+    let tmp = |name: &str| {
+        let d = std::env::temp_dir().join(format!("carp-gpu-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let cfg = |out: &std::path::Path, device: &str| TrainConfig {
+        model: ModelConfig {
+            arch: "micro".into(),
+            backbone: ResNetConfig {
+                layers: vec![1, 1],
+                base_width: 2,
+                stem: Stem::Cifar,
+            },
+            head: HeadConfig {
+                hidden: 8,
+                out: 4,
+                prototypes: 16,
+            },
+        },
+        out: out.to_path_buf(),
+        batch: 8,
+        steps: Some(7),
+        epochs: None,
+        image_size: 12,
+        nb: 4,
+        checkpoint_every: 3,
+        device: device.into(),
+        ..TrainConfig::tiny_default()
+    };
+    let quiet = || TrainOptions {
+        no_eval: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let load = |c: &TrainConfig| {
+        let mut s = CarpState::new(&c.model, c.nb, c.weight_decay, c.seed).unwrap();
+        checkpoint::load_file(&c.out.join(checkpoint::LATEST), &mut s).unwrap();
+        s
+    };
+    let (dg, dc, dr) = (tmp("gpu"), tmp("cpu"), tmp("resumed"));
+    let (cg, cc, cr) = (cfg(&dg, "cuda:0"), cfg(&dc, "cpu"), cfg(&dr, "cuda:0"));
+    assert_eq!(train(&cg, &quiet()).unwrap().steps, 7);
+    assert_eq!(train(&cc, &quiet()).unwrap().steps, 7);
+    let stopped = TrainOptions {
+        stop_after: Some(4),
+        ..quiet()
+    };
+    assert_eq!(train(&cr, &stopped).unwrap().steps, 4);
+    let resume = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    assert_eq!(train(&cr, &resume).unwrap().steps, 7);
+    let (g, c, r) = (load(&cg), load(&cc), load(&cr));
+    let init = CarpState::new(&cg.model, cg.nb, cg.weight_decay, cg.seed).unwrap();
+    assert!(g.student.params.data != init.student.params.data);
+    let max = |v: &[f32]| v.iter().fold(0.0f64, |a, &x| a.max(x.abs() as f64));
+    for (what, a, b, tol) in [
+        ("gpu vs cpu", &g, &c, 2e-3),
+        ("resumed vs straight", &r, &g, 1e-4),
+    ] {
+        assert_eq!(a.step, b.step, "{what}");
+        for (name, x, y) in [
+            ("student", &a.student.params.data, &b.student.params.data),
+            ("teacher", &a.teacher.params.data, &b.teacher.params.data),
+            ("momentum", &a.lars.momentum_buf, &b.lars.momentum_buf),
+            (
+                "student BN",
+                &a.student.buffers.data,
+                &b.student.buffers.data,
+            ),
+            (
+                "teacher BN",
+                &a.teacher.buffers.data,
+                &b.teacher.buffers.data,
+            ),
+        ] {
+            check_close(&format!("{what}: {name}"), x, y, tol, 1e-4 * max(y));
+        }
+    }
+    for d in [dg, dc, dr] {
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 

@@ -5,3 +5,4 @@ pub mod config;
 pub mod plot;
 pub mod step;
 pub mod trainer;
+pub mod views;

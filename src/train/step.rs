@@ -17,6 +17,9 @@ use crate::nn::model::Forward;
 use crate::nn::params::ParamLeaves;
 use crate::nn::resnet::BnUpdate;
 use crate::nn::{ModelConfig, Network};
+#[cfg(feature = "cuda")]
+use crate::ops::batchnorm::BN_MOMENTUM;
+use crate::optim::device::DeviceSlot;
 use crate::optim::lars::{Lars, LarsConfig};
 #[cfg(feature = "cuda")]
 use crate::tensor::Storage;
@@ -32,6 +35,11 @@ pub fn lars_config(weight_decay: f32) -> LarsConfig {
 }
 
 /// Everything that evolves during training (and goes into a checkpoint).
+///
+/// On a GPU the state lives in device buffers while steps run there (see
+/// `optim::device`); the host stores below then lag behind until [`CarpState::sync_to_host`].
+/// Whatever reads them (checkpoints, evaluation, tests) syncs first; whatever writes them
+/// directly calls [`CarpState::discard_device_state`] after.
 #[derive(Clone)]
 pub struct CarpState {
     pub student: Network,
@@ -43,6 +51,8 @@ pub struct CarpState {
     pub partition_rng: ChaCha8Rng,
     /// Prototype block size.
     pub nb: usize,
+    /// The device-resident copy (GPU steps), and whether the host stores lag behind it.
+    pub(crate) device: DeviceSlot,
 }
 
 /// What one step measured.
@@ -147,7 +157,107 @@ impl CarpState {
             // A separate stream from the init RNG, so changing the model does not change partitions.
             partition_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             nb,
+            device: DeviceSlot::default(),
         })
+    }
+
+    /// Brings the host stores (parameters, gradient, momentum, teacher, BN statistics) up to
+    /// date with the device-resident state, which stays the source of truth. A no-op without
+    /// one. Waits for the device.
+    pub fn sync_to_host(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(ds) = &self.device.state {
+            let _r = nvtx::Range::new("sync to host");
+            ds.download(
+                (&mut self.student.params, &mut self.student.buffers),
+                (&mut self.teacher.params, &mut self.teacher.buffers),
+                &mut self.lars.momentum_buf,
+            )?;
+            self.device.host_stale = false;
+        }
+        Ok(())
+    }
+
+    /// The device-resident state, while steps run on a GPU (tests compare it with the host).
+    #[cfg(feature = "cuda")]
+    pub fn device_state(&self) -> Option<&crate::optim::device::DeviceTrainState> {
+        self.device.state.as_ref()
+    }
+
+    /// Whether a device-resident state exists (the last step ran on a GPU without
+    /// `CARP_HOST_OPTIM=1`).
+    pub fn has_device_state(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.device.state.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Whether the host stores hold the current values (false after a GPU step until
+    /// [`CarpState::sync_to_host`]). Checkpoints refuse a state whose host stores are stale.
+    pub fn host_is_current(&self) -> bool {
+        !self.device.host_stale
+    }
+
+    /// Drops the device-resident copy after the host stores were changed directly (a
+    /// load/resume, a test editing weights): the host stores become the truth and the next GPU
+    /// step uploads them. Values the device held beyond the last sync are lost.
+    pub fn discard_device_state(&mut self) {
+        self.device = DeviceSlot::default();
+    }
+
+    /// Makes the device-resident state match the step's device: created (uploaded) at the
+    /// first GPU step, synced back and dropped when the step moves to another device or
+    /// `CARP_HOST_OPTIM=1` asks for the host path.
+    fn prepare_device_state(&mut self, device: &Device) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let want = match device {
+                Device::Cuda(i) if !crate::optim::device::host_optim_forced() => Some(*i),
+                _ => None,
+            };
+            if let Some(ds) = &self.device.state {
+                if Some(ds.ordinal()) == want {
+                    return Ok(());
+                }
+                self.sync_to_host()?;
+                self.device.state = None;
+            }
+            if let (Some(i), false) = (want, self.device.host_stale) {
+                let be = crate::device::cuda::backend(i)?;
+                self.device.state = Some(crate::optim::device::DeviceTrainState::upload(
+                    be,
+                    (&self.student.params, &self.student.buffers),
+                    (&self.teacher.params, &self.teacher.buffers),
+                    &self.lars.momentum_buf,
+                )?);
+            }
+        }
+        let _ = device;
+        if self.device.host_stale {
+            bail!(
+                Msg,
+                "this training state's host copy is stale (it was cloned from a GPU state without \
+                 sync_to_host); call sync_to_host() on the original before cloning it"
+            );
+        }
+        Ok(())
+    }
+
+    /// Leaves of the teacher (`teacher`) or the student on `device`: copies of the
+    /// device-resident parameters when there are any, else from the host store.
+    fn leaves_for(&self, teacher: bool, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
+        let net = if teacher {
+            &self.teacher
+        } else {
+            &self.student
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(ds) = &self.device.state {
+            let flat = if teacher { &ds.teacher } else { &ds.student };
+            return net.params.leaves_from_device(tape, &ds.be, flat);
+        }
+        net.params.leaves_on(tape, device)
     }
 
     /// One step on a batch of two views, each (N, 3, S, S), with this step's learning rate and
@@ -162,9 +272,10 @@ impl CarpState {
         view1.expect_rank("view 1 (N, 3, S, S)", 4)?;
         view2.expect_shape("view 2", view1.shape())?;
         // The views decide where the step runs: both networks' forward and backward, and the
-        // loss, run on their device; BN running statistics, LARS and the EMA stay on the host
-        // (the parameters live in the host-side flat stores).
+        // loss, run on their device; on a GPU so do BN running statistics, LARS and the EMA, on
+        // the device-resident state (unless CARP_HOST_OPTIM=1: then on the host stores).
         let device = crate::ops::common_device("train_step views", &[view1, view2])?;
+        self.prepare_device_state(&device)?;
         let n = view1.dim(0);
         let k = self.student.cfg.head.prototypes;
         // Both views go through each network as one batch of 2N: BN statistics are taken over
@@ -177,7 +288,7 @@ impl CarpState {
         let tfwd = {
             let _r = nvtx::Range::new("teacher forward");
             let mut ttape = Tape::no_grad();
-            let tleaves = self.teacher.params.leaves_on(&mut ttape, &device)?;
+            let tleaves = self.leaves_for(true, &mut ttape, &device)?;
             self.teacher.forward(&mut ttape, &tleaves, &x, true)?
         };
         phases.teacher_forward_ms = phase_ms(&device, &mut clock)?;
@@ -186,7 +297,7 @@ impl CarpState {
         let mut tape = Tape::new();
         let (leaves, sfwd) = {
             let _r = nvtx::Range::new("student forward");
-            let leaves = self.student.params.leaves_on(&mut tape, &device)?;
+            let leaves = self.leaves_for(false, &mut tape, &device)?;
             let sfwd = self.student.forward(&mut tape, &leaves, &x, true)?;
             (leaves, sfwd)
         };
@@ -300,6 +411,21 @@ impl CarpState {
         mut clock: Instant,
     ) -> Result<StepStats> {
         let device = sfwd.logits.device();
+        #[cfg(feature = "cuda")]
+        if self.device.state.is_some() {
+            return self.finish_step_on_device(
+                tape,
+                leaves,
+                sfwd,
+                tfwd,
+                (loss, consistency, entropy),
+                dlogits,
+                lr,
+                m,
+                phases,
+                clock,
+            );
+        }
         {
             let _r = nvtx::Range::new("backward");
             let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
@@ -340,6 +466,73 @@ impl CarpState {
             ema_update(&mut self.teacher.params.data, &self.student.params.data, m)?;
         }
         phases.ema_ms = ms_since(&mut clock);
+        self.step += 1;
+        Ok(StepStats {
+            loss,
+            consistency,
+            entropy,
+            lr,
+            momentum: m,
+            phases,
+        })
+    }
+
+    /// `finish_step` on the device-resident state: gradients gathered into the flat device
+    /// gradient, the NaN guard (one small download), then BN statistics, LARS and the EMA with
+    /// the device kernels. Nothing else waits for the device (the phase clocks aside).
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step_on_device(
+        &mut self,
+        tape: Tape,
+        leaves: ParamLeaves,
+        sfwd: Forward,
+        tfwd: Forward,
+        (loss, consistency, entropy): (f32, f32, f32),
+        dlogits: Tensor,
+        lr: f32,
+        m: f32,
+        mut phases: PhaseTimes,
+        mut clock: Instant,
+    ) -> Result<StepStats> {
+        let device = sfwd.logits.device();
+        let step = self.step;
+        let ds = self.device.state.as_mut().ok_or_else(|| {
+            Error::Msg("finish_step_on_device without a device state (a bug)".into())
+        })?;
+        {
+            let _r = nvtx::Range::new("backward");
+            let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
+            self.student
+                .params
+                .gather_grads_device(&ds.be, &leaves, &grads, &mut ds.grad)?;
+            drop(leaves);
+            // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2).
+            ds.check_and_norms(&self.student.params, self.lars.cfg.weight_decay, step)?;
+        }
+        phases.backward_ms = phase_ms(&device, &mut clock)?;
+        if !lr.is_finite() || !(0.0..=1.0).contains(&m) {
+            bail!(
+                Config,
+                "step {step}: learning rate {lr} or teacher momentum {m} out of range; stopping before any weight changes"
+            );
+        }
+
+        // The step is good: commit BN statistics, LARS, then the EMA. From here on the host
+        // stores lag behind the device.
+        self.device.host_stale = true;
+        {
+            let _r = nvtx::Range::new("optimizer");
+            ds.apply_bn_updates(true, &self.teacher.buffers, tfwd.bn_updates, BN_MOMENTUM)?;
+            ds.apply_bn_updates(false, &self.student.buffers, sfwd.bn_updates, BN_MOMENTUM)?;
+            ds.lars(&self.lars.cfg, lr)?;
+        }
+        phases.optimizer_ms = phase_ms(&device, &mut clock)?;
+        {
+            let _r = nvtx::Range::new("ema");
+            ds.ema(m)?;
+        }
+        phases.ema_ms = phase_ms(&device, &mut clock)?;
         self.step += 1;
         Ok(StepStats {
             loss,

@@ -285,6 +285,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     pb.set_position(state.step as u64);
     let log_every = (total / 20).max(1);
 
+    say(format!(
+        "views finished on the {}",
+        crate::train::views::finish_path(&device)
+    ));
     let start_step = state.step;
     let mut last = Default::default();
     let mut train_secs = 0.0f64;
@@ -292,7 +296,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     'outer: while state.step < total {
         let epoch = state.step / bpe;
         let done_in_epoch = state.step % bpe;
-        for batch in loader.epoch_from(epoch, done_in_epoch) {
+        // Crops finished on the GPU (kernels/augment.cu) on CUDA unless CARP_GPU_AUG=0.
+        for batch in crate::train::views::epoch_batches(&loader, epoch, done_in_epoch, &device) {
             if state.step >= total
                 || opts
                     .stop_after
@@ -302,13 +307,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             }
             let batch = batch?;
             let t0 = Instant::now();
-            let s = cfg.image_size;
-            let mut v1 = batch.view1;
-            if opts.inject_nan_at_step == Some(state.step) {
-                v1[0] = f32::NAN;
-            }
-            let v1 = Tensor::from_vec(v1, &[batch.batch, 3, s, s])?.to_device(&device)?;
-            let v2 = Tensor::from_vec(batch.view2, &[batch.batch, 3, s, s])?.to_device(&device)?;
+            let n = batch.batch();
+            let poison = opts.inject_nan_at_step == Some(state.step);
+            let (v1, v2) = batch.to_views(&view, &device, poison)?;
             let lr = cosine_lr(state.step, total, cfg.warmup_steps, cfg.lr, cfg.lr_final);
             let m = teacher_momentum(state.step, total, cfg.momentum_start, cfg.momentum_end);
             let stats = match state.train_step(&v1, &v2, lr, m) {
@@ -323,8 +324,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             };
             let dt = t0.elapsed().as_secs_f64();
             train_secs += dt;
-            images += batch.batch;
-            let ips = batch.batch as f64 / dt;
+            images += n;
+            let ips = n as f64 / dt;
             last = stats;
             metrics.write(serde_json::json!({
                 "type": "step", "step": state.step, "epoch": epoch, "loss": stats.loss,
@@ -345,12 +346,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             }
             if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
                 let meta = meta_at(state.step);
+                state.sync_to_host()?; // the GPU state into the host stores the file is made of
                 checkpoint::save(&run_dir, &state, &meta)?;
             }
             if let (Some(eval_ds), true) = (
                 &eval_ds,
                 cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total,
             ) {
+                state.sync_to_host()?; // k-NN reads the teacher's host stores
                 let r = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size, &device)?;
                 metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": r}))?;
             }
@@ -358,6 +361,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     }
     pb.finish_and_clear();
     let meta = meta_at(state.step);
+    // Checkpoint and the final k-NN below read the host stores.
+    state.sync_to_host()?;
     let ckpt = checkpoint::save(&run_dir, &state, &meta)?;
     say(format!("checkpoint: {}", ckpt.display()));
 

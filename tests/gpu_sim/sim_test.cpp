@@ -12,9 +12,12 @@
 #include "carp_loss.cu"
 #include "lars.cu"
 #include "ema.cu"
+#include "augment.cu"
 #include <random>
 #include <numeric>
 #include <cassert>
+#include <cstring>
+#include <fstream>
 
 static std::mt19937_64 rng(42);
 std::vector<float> randn(size_t n, float s = 1.0f) {
@@ -322,6 +325,94 @@ void test_misc() {
     if (!ok) fails++;
 }
 
+// The view finish (kernels/augment.cu), driven by tests/gpu_kernels_sim.rs: it writes random
+// crops and parameters (from the Rust sampler's types) to a file, this runs the three kernels as
+// src/device/cuda/augment.rs launches them and writes the output; the Rust side compares it with
+// the CPU `finish` (the specification). File layout, little-endian: i32 B, i32 S, i32 threads,
+// AugNorm (7 f32), B*S*S*3 u8 crops, B ColorParams (28 bytes each). Output: B*3*S*S f32.
+int run_augment(const char* in_path, const char* out_path) {
+    std::ifstream in(in_path, std::ios::binary);
+    int hdr[3];
+    AugNorm nm;
+    in.read((char*)hdr, sizeof hdr);
+    in.read((char*)&nm, sizeof nm);
+    const int B = hdr[0], S = hdr[1];
+    const unsigned threads = (unsigned)hdr[2];
+    static_assert(sizeof(ColorParams) == 28, "ColorParams must match Rust's repr(C) layout");
+    static_assert(sizeof(AugNorm) == 28, "AugNorm must match Rust's repr(C) layout");
+    std::vector<unsigned char> crops((size_t)B * S * S * 3);
+    std::vector<ColorParams> params(B);
+    in.read((char*)crops.data(), crops.size());
+    in.read((char*)params.data(), params.size() * sizeof(ColorParams));
+    if (!in) { printf("FAIL augment: short input file %s\n", in_path); return 1; }
+    std::vector<float> out = nanv((size_t)B * 3 * S * S), tmp = nanv(out.size());
+    // As the launcher: one block per image, then the two blur passes on (S, 3B) grids.
+    launch({(unsigned)B}, threads, aug_color_f32, (const unsigned char*)crops.data(), (const ColorParams*)params.data(), out.data(), S, nm);
+    launch({(unsigned)S, (unsigned)(3 * B)}, threads, aug_blur_h_f32, (const float*)out.data(), (const ColorParams*)params.data(), tmp.data(), S);
+    launch({(unsigned)S, (unsigned)(3 * B)}, threads, aug_blur_v_f32, (const float*)tmp.data(), (const ColorParams*)params.data(), out.data(), S, nm);
+    std::ofstream o(out_path, std::ios::binary);
+    o.write((const char*)out.data(), out.size() * sizeof(float));
+    if (!o) { printf("FAIL augment: cannot write %s\n", out_path); return 1; }
+    printf("augment B=%d S=%d threads=%u written\n", B, S, threads);
+    return 0;
+}
+
+// The checked pass 1 (lars_norms_checked_f32): exact per-segment counts of non-finite gradients
+// over every segment (1-d included), the norms of the multi-d segments against f64, and then the
+// update reading its norms from the same stats buffer (stats, stats + n_segs) against f64.
+void test_lars_checked() {
+    struct Seg { long off, len; int one_d; };
+    // multi-d spanning 3 chunks, 1-d spanning 2, an odd multi-d, a 1-d of one element
+    std::vector<Seg> segs = {{0, 300, 0}, {300, 150, 1}, {450, 77, 0}, {527, 1, 1}, {528, 201, 0}};
+    const int ns = (int)segs.size();
+    long numel = 740;  // 11 trailing elements outside every segment
+    const long CH = 128;
+    std::vector<int> cseg, clen, is1d; std::vector<i64> cst;
+    for (int s = 0; s < ns; ++s) {
+        is1d.push_back(segs[s].one_d);
+        for (long o = 0; o < segs[s].len; o += CH) { cseg.push_back(s); cst.push_back(segs[s].off + o); clen.push_back(std::min(CH, segs[s].len - o)); }
+    }
+    float wd = 1e-3f;
+    for (int pass = 0; pass < 2; ++pass) {
+        auto w = randn(numel), g = randn(numel);
+        std::vector<double> want_bad(ns, 0);
+        if (pass == 0) {
+            // NaN twice in the 1-d segment (second chunk), +inf in segment 2, -inf in segment 4;
+            // a NaN outside every segment must not count.
+            g[300 + 140] = NAN; g[300 + 3] = NAN; want_bad[1] = 2;
+            g[450 + 76] = INFINITY; want_bad[2] = 1;
+            g[528 + 200] = -INFINITY; want_bad[4] = 1;
+            g[735] = NAN;
+        }
+        std::vector<float> st(3 * ns, 0.0f);
+        launch({(unsigned)cseg.size()}, 64, lars_norms_checked_f32, (const float*)w.data(), (const float*)g.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), wd, st.data(), ns);
+        for (int s = 0; s < ns; ++s) {
+            if (st[2 * ns + s] != want_bad[s]) { printf("FAIL lars_checked pass %d seg %d: %g non-finite, want %g\n", pass, s, st[2 * ns + s], want_bad[s]); fails++; }
+            if (segs[s].one_d && (st[s] != 0 || st[ns + s] != 0)) { printf("FAIL lars_checked: 1-d seg %d has norms\n", s); fails++; }
+        }
+        if (pass == 0) { printf("ok   lars_checked non-finite counts\n"); continue; }
+        std::vector<float> nw, ng; std::vector<double> rw, rg;
+        for (int s = 0; s < ns; ++s) {
+            if (segs[s].one_d) continue;
+            double a = 0, b = 0;
+            for (long i = segs[s].off; i < segs[s].off + segs[s].len; ++i) { double gv = (double)g[i] + (double)wd * w[i]; a += (double)w[i] * w[i]; b += gv * gv; }
+            nw.push_back(st[s]); rw.push_back(a); ng.push_back(st[ns + s]); rg.push_back(b);
+        }
+        check("lars_checked ||w||^2", nw, rw, 1e-5); check("lars_checked ||g'||^2", ng, rg, 1e-5);
+        std::vector<float> mu = randn(numel, 0.1f), w0 = w, mu0 = mu;
+        float lr = 0.2f, mom = 0.9f, tr = 0.001f;
+        launch({(unsigned)cseg.size()}, 64, lars_update_f32, w.data(), (const float*)g.data(), mu.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), (const float*)st.data(), (const float*)(st.data() + ns), lr, mom, tr, wd);
+        std::vector<double> w6(w0.begin(), w0.end()), mu6(mu0.begin(), mu0.end());
+        for (auto& s : segs) {
+            double wnn = 0, gnn = 0;
+            for (long i = s.off; i < s.off + s.len; ++i) { double gv = g[i] + (s.one_d ? 0 : (double)wd * w0[i]); wnn += (double)w0[i] * w0[i]; gnn += gv * gv; }
+            double q = (!s.one_d && wnn > 0 && gnn > 0) ? tr * std::sqrt(wnn) / std::sqrt(gnn) : 1;
+            for (long i = s.off; i < s.off + s.len; ++i) { double gv = g[i] + (s.one_d ? 0 : (double)wd * w0[i]); mu6[i] = mom * mu0[i] + gv * q; w6[i] = w0[i] - lr * mu6[i]; }
+        }
+        check("lars_checked w", w, w6, 1e-5); check("lars_checked mu", mu, mu6, 1e-4);
+    }
+}
+
 // Fused BN + ReLU (+ residual) (bn_fused.cu) as the launcher runs it: the apply pass, the masked
 // partial reduction (+ dresidual) on a (C, S) grid + batchnorm.cu's finalize, the dx pass; both
 // modes (training: batch statistics, full backward; eval: running statistics, constants), with
@@ -390,7 +481,8 @@ void test_bn_act(int n, int c, int hw, unsigned threads, unsigned S, bool train,
         for (float v : drs) if (!std::isnan(v)) { printf("FAIL bn_act wrote a null dresidual %s\n", tag); fails++; break; }
 }
 
-int main() {
+int main(int argc, char** argv) {
+    if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     test_misc();
     test_carp(2, 3, 48, 16, 32);
     test_carp(4, 3, 80, 40, 32);
@@ -420,6 +512,7 @@ int main() {
     test_pool(3, 2, 8, 7, 2, 2, 0);
     test_wn(37, 45);
     test_lars();
+    test_lars_checked();
     // Fused BN + ReLU (+ residual): S = 1 and multi-block splits (uneven, cutting planes, more
     // slices than the finalize threads), HW = 1, float4 paths aligned and misaligned, both modes.
     for (bool train : {true, false})

@@ -1,7 +1,8 @@
 //! cuDNN convolutions (NCHW, f32): forward, backward-data, backward-filter. For every distinct
-//! shape the descriptors, the three algorithms (cuDNN's heuristic ranking, first one that runs
-//! within the workspace limit) and their workspace sizes are chosen once and cached; one
-//! workspace buffer, grown to the largest need, serves every call.
+//! shape the descriptors, the three algorithms and their workspace sizes are chosen once and
+//! cached; one workspace buffer, grown to the largest need, serves every call. The algorithms
+//! are timed with `cudnnFind*` (the fastest that runs within the workspace limit), or, with
+//! `CARP_CUDNN_FIND=0` or when the search fails, cuDNN's heuristic first choice.
 //!
 //! Math mode: TF32 tensor cores allowed by default, as PyTorch does for cuDNN convolutions
 //! (`torch.backends.cudnn.allow_tf32 = True`), so "f32" comparisons with it are like for like.
@@ -40,6 +41,34 @@ pub fn conv_tf32() -> bool {
             on
         }
     }
+}
+
+/// Whether plans time the candidate algorithms (`cudnnFind*`, once per shape) instead of taking
+/// cuDNN's heuristic first choice: on unless `CARP_CUDNN_FIND=0` (read once). A failed search
+/// (e.g. cuDNN cannot allocate its trial buffers) falls back to the heuristic choice.
+pub fn conv_find() -> bool {
+    static FIND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FIND.get_or_init(|| {
+        std::env::var("CARP_CUDNN_FIND")
+            .map(|v| v.trim() != "0")
+            .unwrap_or(true)
+    })
+}
+
+/// The fastest timed result that succeeded within the workspace limit (cudnnFind* returns them
+/// fastest first), or None when the search failed or found nothing usable.
+macro_rules! fastest {
+    ($status:expr, $n:expr, $perf:expr) => {{
+        let ok = ds::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+        if $status != ok {
+            None
+        } else {
+            $perf[..($n.max(0) as usize).min($perf.len())]
+                .iter()
+                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .map(|p| p.algo)
+        }
+    }};
 }
 
 /// Largest workspace an algorithm may ask for.
@@ -263,7 +292,26 @@ impl Dnn {
                 .iter()
                 .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
                 .ok_or_else(|| Error::Device(format!("cuDNN: no forward algorithm for {s:?}")))?;
-            let f_ws = dr::get_convolution_forward_workspace_size(h, x.0, w.0, conv.0, y.0, f.algo)
+            // Timed search (cached with the plan: once per shape and math mode). It runs every
+            // candidate on cuDNN's own scratch buffers and waits for them; the descriptor's math
+            // mode (FMA-only or TF32 allowed) applies to the trials as to the real calls.
+            let find = conv_find();
+            let mut f_algo = f.algo;
+            if find {
+                let mut perf: [ds::cudnnConvolutionFwdAlgoPerf_t; REQ] = std::mem::zeroed();
+                let st = ds::cudnnFindConvolutionForwardAlgorithm(
+                    h,
+                    x.0,
+                    w.0,
+                    conv.0,
+                    y.0,
+                    REQ as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                );
+                f_algo = fastest!(st, n, perf).unwrap_or(f_algo);
+            }
+            let f_ws = dr::get_convolution_forward_workspace_size(h, x.0, w.0, conv.0, y.0, f_algo)
                 .map_err(|e| dnn_err("forward workspace", e))?;
 
             let mut bd: [ds::cudnnConvolutionBwdDataAlgoPerf_t; REQ] = std::mem::zeroed();
@@ -284,8 +332,23 @@ impl Dnn {
                 .ok_or_else(|| {
                     Error::Device(format!("cuDNN: no backward-data algorithm for {s:?}"))
                 })?;
+            let mut d_algo = d.algo;
+            if find {
+                let mut perf: [ds::cudnnConvolutionBwdDataAlgoPerf_t; REQ] = std::mem::zeroed();
+                let st = ds::cudnnFindConvolutionBackwardDataAlgorithm(
+                    h,
+                    w.0,
+                    y.0,
+                    conv.0,
+                    x.0,
+                    REQ as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                );
+                d_algo = fastest!(st, n, perf).unwrap_or(d_algo);
+            }
             let d_ws =
-                dr::get_convolution_backward_data_workspace_size(h, w.0, y.0, conv.0, x.0, d.algo)
+                dr::get_convolution_backward_data_workspace_size(h, w.0, y.0, conv.0, x.0, d_algo)
                     .map_err(|e| dnn_err("backward-data workspace", e))?;
 
             let mut bf: [ds::cudnnConvolutionBwdFilterAlgoPerf_t; REQ] = std::mem::zeroed();
@@ -306,8 +369,23 @@ impl Dnn {
                 .ok_or_else(|| {
                     Error::Device(format!("cuDNN: no backward-filter algorithm for {s:?}"))
                 })?;
+            let mut g_algo = g.algo;
+            if find {
+                let mut perf: [ds::cudnnConvolutionBwdFilterAlgoPerf_t; REQ] = std::mem::zeroed();
+                let st = ds::cudnnFindConvolutionBackwardFilterAlgorithm(
+                    h,
+                    x.0,
+                    y.0,
+                    conv.0,
+                    w.0,
+                    REQ as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                );
+                g_algo = fastest!(st, n, perf).unwrap_or(g_algo);
+            }
             let g_ws = dr::get_convolution_backward_filter_workspace_size(
-                h, x.0, y.0, conv.0, w.0, g.algo,
+                h, x.0, y.0, conv.0, w.0, g_algo,
             )
             .map_err(|e| dnn_err("backward-filter workspace", e))?;
             Ok(Plan {
@@ -315,9 +393,9 @@ impl Dnn {
                 y,
                 w,
                 conv,
-                fwd: (f.algo, f_ws),
-                bwd_data: (d.algo, d_ws),
-                bwd_filter: (g.algo, g_ws),
+                fwd: (f_algo, f_ws),
+                bwd_data: (d_algo, d_ws),
+                bwd_filter: (g_algo, g_ws),
             })
         }
     }

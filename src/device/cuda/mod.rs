@@ -12,6 +12,7 @@
 //! kernel), `nvtx` (profiler ranges).
 
 pub mod alloc;
+pub mod augment;
 pub mod blas;
 pub mod dnn;
 pub mod kernels;
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 
 pub use alloc::{DeviceBuffer, Pool, PoolStats};
-pub use dnn::{conv_tf32, set_conv_tf32, ConvShape};
+pub use dnn::{conv_find, conv_tf32, set_conv_tf32, ConvShape};
 pub use ops::{CarpLossGpu, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::error::{Error, Result};
@@ -156,9 +157,19 @@ const KERNELS: &[(&str, &[&str])] = &[
             "carp_consistency_grad_f32",
         ],
     ),
-    ("lars", &["lars_norms_f32", "lars_update_f32"]),
+    (
+        "lars",
+        &[
+            "lars_norms_f32",
+            "lars_update_f32",
+            "lars_norms_checked_f32",
+        ],
+    ),
     ("ema", &["ema_update_f32"]),
     (
+        "augment",
+        &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
+    ),    (
         "bn_fused",
         &[
             "bn_act_forward_f32",

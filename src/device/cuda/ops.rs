@@ -1140,6 +1140,165 @@ pub struct CarpLossGpu {
     pub dstudent: DeviceBuffer,
 }
 
+// ---------------------------------------------------------------- device-resident training state
+// (lars.cu's checked pass 1, LARS pass 2 on its stats, BN running statistics inside a flat
+// buffer): the launchers `optim::device::DeviceTrainState` drives.
+impl CudaBackend {
+    /// LARS pass 1 with the NaN guard fused in: zero-fills `stats` (3, n_segs) and accumulates
+    /// per segment `[||w||^2 (multi-d), ||g + wd w||^2 (multi-d), count of non-finite g (every
+    /// segment)]`. See `lars_norms_checked_f32` in kernels/lars.cu.
+    pub fn lars_norms_checked(
+        &self,
+        plan: &LarsPlan,
+        w: &DeviceBuffer,
+        g: &DeviceBuffer,
+        weight_decay: f32,
+        stats: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "lars_norms_checked";
+        need(op, "w", w, plan.numel)?;
+        need(op, "g", g, plan.numel)?;
+        need(op, "stats", stats, 3 * plan.n_segs)?;
+        self.fill(stats, 0.0)?;
+        if plan.n_chunks == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (plan.n_chunks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pw, pg, ps) = (w.ptr(), g.ptr(), stats.ptr());
+        let (cs, cst, cl, s1) = (
+            plan.chunk_seg.ptr(),
+            plan.chunk_start.ptr(),
+            plan.chunk_len.ptr(),
+            plan.seg_is_1d.ptr(),
+        );
+        let ns = i32_of(op, plan.n_segs)?;
+        launch!(
+            self,
+            "lars_norms_checked_f32",
+            cfg,
+            pw,
+            pg,
+            cs,
+            cst,
+            cl,
+            s1,
+            weight_decay,
+            ps,
+            ns
+        );
+        Ok(())
+    }
+
+    /// LARS pass 2 in place on w and mu, with the norms `lars_norms_checked` left in `stats`
+    /// (the same w and g: nothing may change them in between).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lars_update_from_stats(
+        &self,
+        plan: &LarsPlan,
+        w: &mut DeviceBuffer,
+        g: &DeviceBuffer,
+        mu: &mut DeviceBuffer,
+        stats: &DeviceBuffer,
+        lr: f32,
+        momentum: f32,
+        trust: f32,
+        weight_decay: f32,
+    ) -> Result<()> {
+        let op = "lars_update_from_stats";
+        need(op, "w", w, plan.numel)?;
+        need(op, "g", g, plan.numel)?;
+        need(op, "mu", mu, plan.numel)?;
+        need(op, "stats", stats, 3 * plan.n_segs)?;
+        if plan.n_chunks == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (plan.n_chunks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pw, pg, pmu) = (w.ptr(), g.ptr(), mu.ptr());
+        let (cs, cst, cl, s1) = (
+            plan.chunk_seg.ptr(),
+            plan.chunk_start.ptr(),
+            plan.chunk_len.ptr(),
+            plan.seg_is_1d.ptr(),
+        );
+        // wnorm2 = stats[0..n_segs), gnorm2 = stats[n_segs..2 n_segs) (checked above).
+        let (wn, gn) = (stats.ptr(), stats.ptr() + (4 * plan.n_segs) as u64);
+        launch!(
+            self,
+            "lars_update_f32",
+            cfg,
+            pw,
+            pg,
+            pmu,
+            cs,
+            cst,
+            cl,
+            s1,
+            wn,
+            gn,
+            lr,
+            momentum,
+            trust,
+            weight_decay
+        );
+        Ok(())
+    }
+
+    /// `batch_norm_running_update` on running statistics that live inside one flat buffer:
+    /// running_mean at element `mean_off`, running_var at `var_off`, `c` values each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_running_update_at(
+        &self,
+        running: &mut DeviceBuffer,
+        mean_off: usize,
+        var_off: usize,
+        batch_mean: &DeviceBuffer,
+        batch_var_unbiased: &DeviceBuffer,
+        c: usize,
+        momentum: f32,
+    ) -> Result<()> {
+        let op = "batch_norm_running_update_at";
+        need(op, "running (mean)", running, mean_off + c)?;
+        need(op, "running (var)", running, var_off + c)?;
+        need(op, "batch_mean", batch_mean, c)?;
+        need(op, "batch_var", batch_var_unbiased, c)?;
+        if mean_off < var_off + c && var_off < mean_off + c {
+            return Err(Error::Shape(format!(
+                "{op}: running mean [{mean_off}, +{c}) and var [{var_off}, +{c}) overlap"
+            )));
+        }
+        if c == 0 {
+            return Ok(());
+        }
+        let (a, b, m, v) = (
+            running.ptr() + (4 * mean_off) as u64,
+            running.ptr() + (4 * var_off) as u64,
+            batch_mean.ptr(),
+            batch_var_unbiased.ptr(),
+        );
+        let cc = i32_of(op, c)?;
+        launch!(
+            self,
+            "bn_running_update_f32",
+            self.elementwise_cfg(c),
+            a,
+            b,
+            m,
+            v,
+            momentum,
+            cc
+        );
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------- bn_fused.cu
 
 impl CudaBackend {

@@ -1,0 +1,358 @@
+//! Finishing the loader's views on the training device.
+//!
+//! The loader's geometric half (`CropBatch`: u8 crops + per-view `ColorParams`) is finished
+//! either on the CPU (`CropBatch::finish`, the specification) or, on a CUDA device, by the
+//! kernels of kernels/augment.cu (`CudaBackend::finish_views`): the CPU then only decodes and
+//! crops, a quarter of the bytes cross the bus (u8 instead of f32), and the colour work runs on
+//! the GPU. `CARP_GPU_AUG=0` selects the CPU finish on a CUDA device (A/B and fallback).
+
+use crate::data::augment::{ColorParams, ViewConfig};
+use crate::data::loader::{CropBatch, TwoViewBatch, TwoViewLoader};
+use crate::error::{Error, Result};
+use crate::tensor::{Device, Tensor};
+
+/// The normalization and solarize threshold as the kernels take them: `#[repr(C)]`, passed by
+/// value. The threshold is divided by 255 exactly as the CPU `finish` divides it, so a pixel at
+/// the threshold is solarized (or not) on both paths alike; `inv_std` likewise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AugNorm {
+    pub mean: [f32; 3],
+    pub inv_std: [f32; 3],
+    pub threshold: f32,
+}
+
+impl AugNorm {
+    pub fn new(cfg: &ViewConfig) -> AugNorm {
+        AugNorm {
+            mean: cfg.mean,
+            inv_std: cfg.std.map(|s| 1.0 / s),
+            threshold: cfg.solarize_threshold / 255.0,
+        }
+    }
+}
+
+/// Whether views are finished on `device` by the GPU kernels: a CUDA device, unless
+/// `CARP_GPU_AUG=0` (the CPU finish, verified on a GPU before; the switch A/B-tests the two).
+pub fn gpu_aug(device: &Device) -> bool {
+    matches!(device, Device::Cuda(_))
+        && std::env::var("CARP_GPU_AUG").map_or(true, |v| v.trim() != "0")
+}
+
+/// Which path finished the views, for logs and benchmark reports.
+pub fn finish_path(device: &Device) -> &'static str {
+    if gpu_aug(device) {
+        "gpu (kernels/augment.cu)"
+    } else {
+        "cpu (loader threads)"
+    }
+}
+
+/// Finishes `b` crops of side `s` — (B, S, S, 3) u8, one `ColorParams` each — into a
+/// normalized (B, 3, S, S) tensor on `device`: on the CPU with `finish_view`, on CUDA with the
+/// kernels (whatever `CARP_GPU_AUG` says: callers choose the path with `gpu_aug`).
+pub fn finish_crops(
+    crops: &[u8],
+    params: &[ColorParams],
+    b: usize,
+    s: usize,
+    cfg: &ViewConfig,
+    device: &Device,
+) -> Result<Tensor> {
+    if crops.len() != b * s * s * 3 || params.len() != b {
+        return Err(Error::Shape(format!(
+            "finishing views: {} crop bytes and {} parameter sets for {b} crops of {s}x{s}x3 \
+             (expected {} and {b})",
+            crops.len(),
+            params.len(),
+            b * s * s * 3
+        )));
+    }
+    match device {
+        Device::Cpu => {
+            use rayon::prelude::*;
+            let per = 3 * s * s;
+            let mut out = vec![0f32; b * per]; // (B, 3, S, S)
+            if per > 0 {
+                out.par_chunks_mut(per)
+                    .zip(crops.par_chunks(s * s * 3))
+                    .zip(params.par_iter())
+                    .for_each(|((o, c), p)| {
+                        crate::data::augment::finish(
+                            c,
+                            p,
+                            s,
+                            &cfg.mean,
+                            &cfg.std,
+                            cfg.solarize_threshold,
+                            o,
+                        )
+                    });
+            }
+            Tensor::from_vec(out, &[b, 3, s, s])
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            let be = crate::device::cuda::backend(*i)?;
+            let buf = be.finish_views(crops, params, b, s, &AugNorm::new(cfg))?;
+            Tensor::from_cuda(buf, be, &[b, 3, s, s])
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::Device(
+            "finishing views on CUDA needs a build with `--features cuda`".into(),
+        )),
+    }
+}
+
+/// The two global views of a crop batch, each (B, 3, S, S) on `device`: the CPU `finish` on
+/// the CPU, the kernels on a CUDA device.
+pub fn crops_to_views(
+    batch: &CropBatch,
+    cfg: &ViewConfig,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (b, s) = (batch.batch, batch.size);
+    Ok((
+        finish_crops(&batch.view1, &batch.params1, b, s, cfg, device)?,
+        finish_crops(&batch.view2, &batch.params2, b, s, cfg, device)?,
+    ))
+}
+
+/// The local views of a crop batch (multi-crop), as `CropBatch::finish_locals` lays them out:
+/// one (L * B, 3, s, s) tensor whose block l is local view l of the whole batch; `None` when
+/// the batch has no local views.
+pub fn crops_to_locals(
+    batch: &CropBatch,
+    cfg: &ViewConfig,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let (l, b, s) = (batch.local_count, batch.batch, batch.local_size);
+    if l == 0 {
+        return Ok(None);
+    }
+    let per = s * s * 3;
+    if batch.locals.len() != b * l * per || batch.local_params.len() != b * l {
+        return Err(Error::Shape(format!(
+            "local views: {} bytes and {} parameter sets for {b} images x {l} crops of {s}x{s}x3",
+            batch.locals.len(),
+            batch.local_params.len()
+        )));
+    }
+    // The crops are stored (image, local): reorder to (local, image) so one launch writes the
+    // (L, B, 3, s, s) layout directly.
+    let mut crops = vec![0u8; b * l * per]; // (L, B, s, s, 3)
+    let mut params = Vec::with_capacity(b * l);
+    for li in 0..l {
+        for bi in 0..b {
+            let (src, dst) = (bi * l + li, li * b + bi);
+            crops[dst * per..(dst + 1) * per]
+                .copy_from_slice(&batch.locals[src * per..(src + 1) * per]);
+            params.push(batch.local_params[src]);
+        }
+    }
+    finish_crops(&crops, &params, l * b, s, cfg, device).map(Some)
+}
+
+/// One loader batch for the training loop: finished on the CPU by the loader threads, or still
+/// crops to be finished on the GPU by `to_views`.
+pub enum LoaderBatch {
+    Finished(TwoViewBatch),
+    Crops(CropBatch),
+}
+
+impl LoaderBatch {
+    pub fn batch(&self) -> usize {
+        match self {
+            LoaderBatch::Finished(b) => b.batch,
+            LoaderBatch::Crops(c) => c.batch,
+        }
+    }
+
+    /// The two views, each (B, 3, S, S) on `device`. `poison` sets the first element of view 1
+    /// to NaN (the trainer's `inject_nan_at_step` test hook).
+    pub fn to_views(
+        self,
+        cfg: &ViewConfig,
+        device: &Device,
+        poison: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (v1, v2) = match self {
+            LoaderBatch::Finished(b) => {
+                let (n, s) = (b.batch, b.size);
+                let mut v1 = b.view1;
+                if poison && !v1.is_empty() {
+                    v1[0] = f32::NAN;
+                }
+                let v1 = Tensor::from_vec(v1, &[n, 3, s, s])?.to_device(device)?;
+                let v2 = Tensor::from_vec(b.view2, &[n, 3, s, s])?.to_device(device)?;
+                return Ok((v1, v2));
+            }
+            LoaderBatch::Crops(c) => crops_to_views(&c, cfg, device)?,
+        };
+        if poison {
+            // A test path: through the host, whatever the device.
+            let mut h = v1.to_vec()?;
+            if let Some(x) = h.first_mut() {
+                *x = f32::NAN;
+            }
+            let v1 = Tensor::from_vec(h, v1.shape())?.to_device(device)?;
+            return Ok((v1, v2));
+        }
+        Ok((v1, v2))
+    }
+}
+
+/// The batches of `epoch` from batch `first` on, finished where `gpu_aug(device)` says.
+/// Resuming inside an epoch with the GPU finish takes the CPU finish for the rest of that
+/// epoch (the loader can start its finished batches mid-epoch without decoding the skipped
+/// ones, its crop batches only from the epoch's start); the two paths agree to ~1e-5.
+pub fn epoch_batches<'a>(
+    loader: &'a TwoViewLoader,
+    epoch: usize,
+    first: usize,
+    device: &Device,
+) -> Box<dyn Iterator<Item = Result<LoaderBatch>> + 'a> {
+    if gpu_aug(device) && first == 0 {
+        Box::new(loader.epoch_crops(epoch).map(|b| b.map(LoaderBatch::Crops)))
+    } else {
+        Box::new(
+            loader
+                .epoch_from(epoch, first)
+                .map(|b| b.map(LoaderBatch::Finished)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::augment::finish_view;
+    use rand::{Rng, SeedableRng};
+
+    fn random_params(rng: &mut impl Rng) -> ColorParams {
+        let mut order = [0u8, 1, 2, 3];
+        for i in (1..4).rev() {
+            order.swap(i, rng.gen_range(0..=i));
+        }
+        ColorParams {
+            brightness: rng.gen_range(0.6..1.4),
+            contrast: rng.gen_range(0.6..1.4),
+            saturation: rng.gen_range(0.8..1.2),
+            hue: rng.gen_range(-0.1..0.1),
+            blur_sigma: if rng.gen() {
+                rng.gen_range(0.1..2.0)
+            } else {
+                0.0
+            },
+            order,
+            jitter: rng.gen::<bool>() as u8,
+            grayscale: rng.gen::<bool>() as u8,
+            solarize: rng.gen::<bool>() as u8,
+            flipped: rng.gen::<bool>() as u8,
+        }
+    }
+
+    fn random_batch(b: usize, s: usize, locals: usize, ls: usize, seed: u64) -> CropBatch {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut bytes = |n: usize| (0..n).map(|_| rng.gen::<u8>()).collect::<Vec<u8>>();
+        let (view1, view2, locals_u8) = (
+            bytes(b * s * s * 3),
+            bytes(b * s * s * 3),
+            bytes(b * locals * ls * ls * 3),
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1);
+        let mut ps = |n: usize| (0..n).map(|_| random_params(&mut rng)).collect::<Vec<_>>();
+        CropBatch {
+            view1,
+            view2,
+            params1: ps(b),
+            params2: ps(b),
+            labels: (0..b as u32).collect(),
+            indices: (0..b).collect(),
+            batch: b,
+            size: s,
+            locals: locals_u8,
+            local_params: ps(b * locals),
+            local_count: locals,
+            local_size: if locals > 0 { ls } else { 0 },
+        }
+    }
+
+    // On the CPU device, crops_to_views is the loader's CPU finish, bit for bit: the same
+    // function on the same bytes (an odd side, batch 3, every colour branch drawn at random).
+    #[test]
+    fn cpu_views_equal_the_loader_finish() {
+        let cfg = ViewConfig::imagenet(11);
+        let batch = random_batch(3, 11, 0, 0, 7);
+        let want = batch.finish(&cfg);
+        let (v1, v2) = crops_to_views(&batch, &cfg, &Device::Cpu).unwrap();
+        assert_eq!(v1.shape(), &[3, 3, 11, 11]);
+        assert_eq!(v1.to_vec().unwrap(), want.view1);
+        assert_eq!(v2.to_vec().unwrap(), want.view2);
+        // Not trivially equal: the colour operations changed the views.
+        let plain: Vec<f32> = batch.view1.iter().map(|&v| v as f32 / 255.0).collect();
+        assert!(want
+            .view1
+            .iter()
+            .zip(&plain)
+            .any(|(a, b)| (a - b).abs() > 0.1));
+    }
+
+    #[test]
+    fn cpu_locals_follow_the_loader_layout() {
+        let mut cfg = ViewConfig::imagenet(9);
+        cfg.local_count = 2;
+        cfg.local_size = 5;
+        let batch = random_batch(3, 9, 2, 5, 11);
+        let want = batch.finish_locals(&cfg);
+        let got = crops_to_locals(&batch, &cfg, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.shape(), &[6, 3, 5, 5]);
+        assert_eq!(got.to_vec().unwrap(), want.views);
+        let none = random_batch(2, 9, 0, 0, 3);
+        assert!(crops_to_locals(&none, &cfg, &Device::Cpu)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn loader_batch_paths_agree_on_the_cpu() {
+        let cfg = ViewConfig::imagenet(7);
+        let batch = random_batch(2, 7, 0, 0, 5);
+        let finished = LoaderBatch::Finished(batch.finish(&cfg));
+        let crops = LoaderBatch::Crops(batch.clone());
+        assert_eq!((finished.batch(), crops.batch()), (2, 2));
+        let (a1, a2) = finished.to_views(&cfg, &Device::Cpu, true).unwrap();
+        let (b1, b2) = crops.to_views(&cfg, &Device::Cpu, true).unwrap();
+        let (a1, b1) = (a1.to_vec().unwrap(), b1.to_vec().unwrap());
+        assert!(a1[0].is_nan() && b1[0].is_nan());
+        assert_eq!(a1[1..], b1[1..]);
+        assert_eq!(a2.to_vec().unwrap(), b2.to_vec().unwrap());
+        // finish_view on one crop is the same as the batched finish.
+        let mut one = vec![0f32; 3 * 7 * 7];
+        finish_view(&batch.view2[..7 * 7 * 3], &batch.params2[0], &cfg, &mut one);
+        assert_eq!(one[..], a2.to_vec().unwrap()[..3 * 7 * 7]);
+    }
+
+    #[test]
+    fn mismatched_lengths_are_errors() {
+        let cfg = ViewConfig::imagenet(4);
+        let err = finish_crops(
+            &[0u8; 10],
+            &[ColorParams::identity()],
+            1,
+            4,
+            &cfg,
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("expected 48"), "{err}");
+    }
+
+    #[test]
+    fn gpu_aug_is_off_on_the_cpu() {
+        assert!(!gpu_aug(&Device::Cpu));
+        assert!(finish_path(&Device::Cpu).starts_with("cpu"));
+    }
+}
