@@ -169,7 +169,8 @@ const KERNELS: &[(&str, &[&str])] = &[
     (
         "augment",
         &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
-    ),    (
+    ),
+    (
         "bn_fused",
         &[
             "bn_act_forward_f32",
