@@ -1336,9 +1336,7 @@ fn view_finish_matches_the_cpu() {
 /// written here, in both modes, with and without the residual, at odd shapes and one with
 /// several slices per channel (m = 12800 > 4096); outputs NaN-poisoned first. The reference's
 /// ReLU mask is the GPU's y (itself checked against the reference), so an element within f32
-/// rounding of the kink cannot flip the comparison. Then the stem-sized shape timed, fused
-/// (stats + one apply pass; masked reduction + dx pass) vs the unfused kernels (stats + apply +
-/// add + relu; relu backward + BN backward), printed for the GPU session's notes.
+/// rounding of the kink cannot flip the comparison.
 #[test]
 fn bn_act_fused_launchers() {
     let Some(be) = gpu_or_skip("bn_act_fused_launchers") else {
@@ -1460,9 +1458,19 @@ fn bn_act_fused_launchers() {
             }
         }
     }
+}
 
-    // Timing at ResNet50's stem BN at 256 images (with a residual, as a block's last BN).
-    let (n, c, hw) = (256usize, 64usize, 112 * 112);
+/// The fused BN + ReLU + add kernels timed against the unfused sequence (stats + apply + add +
+/// relu; relu backward + BN backward) at ResNet50's stem BN shape at 64 images (51M elements;
+/// 64 rather than 256 keeps the compute-sanitizer pass over this file short), printed for the
+/// GPU session's notes; no speed assertion (it depends on the card).
+#[test]
+fn bn_act_fused_vs_unfused_timed() {
+    let Some(be) = gpu_or_skip("bn_act_fused_vs_unfused_timed") else {
+        return;
+    };
+    let eps = 1e-5f32;
+    let (n, c, hw) = (64usize, 64usize, 112 * 112);
     let total = n * c * hw;
     let (x, r, dy) = (
         up(be, &randn(total, 1)),
