@@ -159,7 +159,7 @@ impl DisjointWrites {
 /// dbeta = sum(dy'), dgamma = sum(dy' * xhat), dresidual = dy' (when given), and dx the BN
 /// backward of dy' - with `batch_stats` (training mode) the full batch-statistics backward,
 /// without it (eval mode, constant running statistics) dx = dy' * gamma / sqrt(var + eps).
-/// Two passes: the masked reductions, then dx (and dresidual).
+/// Two passes: the masked reductions (which also write dresidual), then dx.
 #[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
 pub fn bn_act_backward_cpu(
     batch_stats: bool,
