@@ -1371,3 +1371,214 @@ fn view_finish_matches_the_cpu() {
         );
     }
 }
+
+/// The fused BN + ReLU (+ residual) launchers (kernels/bn_fused.cu) against an f64 reference
+/// written here, in both modes, with and without the residual, at odd shapes and one with
+/// several slices per channel (m = 12800 > 4096); outputs NaN-poisoned first. The reference's
+/// ReLU mask is the GPU's y (itself checked against the reference), so an element within f32
+/// rounding of the kink cannot flip the comparison.
+#[test]
+fn bn_act_fused_launchers() {
+    let Some(be) = gpu_or_skip("bn_act_fused_launchers") else {
+        return;
+    };
+    let eps = 1e-5f32;
+    for (k, &(n, c, hw)) in [
+        (3usize, 5usize, 7usize),
+        (16, 33, 1),
+        (8, 3, 1600),
+        (2, 64, 12),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for train in [true, false] {
+            for resid in [false, true] {
+                let s = 1000 + 10 * k as u64;
+                let total = n * c * hw;
+                let xh: Vec<f32> = randn(total, s).iter().map(|v| 0.5 + 2.0 * v).collect();
+                let (gh, bh) = (randn(c, s + 1), randn(c, s + 2));
+                let (rh, dyh) = (randn(total, s + 3), randn(total, s + 4));
+                let rmh: Vec<f32> = randn(c, s + 5).iter().map(|v| 0.5 + 0.3 * v).collect();
+                let rvh: Vec<f32> = randn(c, s + 6).iter().map(|v| 0.3 + v * v).collect();
+                let (x, g, b, r, dy) = (
+                    up(be, &xh),
+                    up(be, &gh),
+                    up(be, &bh),
+                    up(be, &rh),
+                    up(be, &dyh),
+                );
+                let (mut mean, mut invstd, mut varu) =
+                    (poisoned(be, c), poisoned(be, c), poisoned(be, c));
+                // The statistics the reference uses: the batch's (f64) or the running ones.
+                let (mu, isd): (Vec<f64>, Vec<f64>) = if train {
+                    be.batch_norm_stats(&x, n, c, hw, eps, &mut mean, &mut invstd, &mut varu)
+                        .unwrap();
+                    let rf = bn_ref(&xh, &gh, &bh, n, c, hw, eps as f64);
+                    let isd = rf
+                        .var_b
+                        .iter()
+                        .map(|v| 1.0 / (v + eps as f64).sqrt())
+                        .collect();
+                    (rf.mean, isd)
+                } else {
+                    mean = up(be, &rmh);
+                    be.batch_norm_invstd(&up(be, &rvh), c, eps, &mut invstd)
+                        .unwrap();
+                    let isd = rvh.iter().map(|&v| 1.0 / (v as f64 + eps as f64).sqrt());
+                    (f64s(&rmh), isd.collect())
+                };
+                let mut y = poisoned(be, total);
+                let rr = resid.then_some(&r);
+                be.bn_act_forward(&x, rr, &mean, &invstd, &g, &b, n, c, hw, &mut y)
+                    .unwrap();
+                let (mut dx, mut dg, mut db) =
+                    (poisoned(be, total), poisoned(be, c), poisoned(be, c));
+                let mut dres = resid.then(|| poisoned(be, total));
+                be.bn_act_backward(
+                    train,
+                    &dy,
+                    &y,
+                    &x,
+                    &mean,
+                    &invstd,
+                    &g,
+                    n,
+                    c,
+                    hw,
+                    &mut dx,
+                    dres.as_mut(),
+                    &mut dg,
+                    &mut db,
+                )
+                .unwrap();
+                let yg = down(be, &y);
+                let m = (n * hw) as f64;
+                let (mut ry, mut rdx, mut rdr) =
+                    (vec![0.0; total], vec![0.0; total], vec![0.0; total]);
+                let (mut rdg, mut rdb) = (vec![0.0; c], vec![0.0; c]);
+                let idx = |ni: usize, ci: usize, j: usize| (ni * c + ci) * hw + j;
+                for ci in 0..c {
+                    for ni in 0..n {
+                        for j in 0..hw {
+                            let i = idx(ni, ci, j);
+                            let pre = (xh[i] as f64 - mu[ci]) * isd[ci] * gh[ci] as f64
+                                + bh[ci] as f64
+                                + if resid { rh[i] as f64 } else { 0.0 };
+                            ry[i] = pre.max(0.0);
+                            let gp = if yg[i] > 0.0 { dyh[i] as f64 } else { 0.0 };
+                            rdr[i] = gp;
+                            rdb[ci] += gp;
+                            rdg[ci] += gp * (xh[i] as f64 - mu[ci]) * isd[ci];
+                        }
+                    }
+                    for ni in 0..n {
+                        for j in 0..hw {
+                            let i = idx(ni, ci, j);
+                            let xhat = (xh[i] as f64 - mu[ci]) * isd[ci];
+                            let k = gh[ci] as f64 * isd[ci];
+                            rdx[i] = if train {
+                                k / m * (m * rdr[i] - rdb[ci] - xhat * rdg[ci])
+                            } else {
+                                k * rdr[i]
+                            };
+                        }
+                    }
+                }
+                let tag = format!("bn_act ({n},{c},{hw}) train={train} residual={resid}");
+                let zeros = yg.iter().filter(|&&v| v == 0.0).count();
+                assert!(zeros > 0 && zeros < total, "{tag}: ReLU cut {zeros}");
+                check_close(&format!("{tag} y"), &yg, &ry, 1e-5);
+                check_close(&format!("{tag} dgamma"), &down(be, &dg), &rdg, 1e-5);
+                check_close(&format!("{tag} dbeta"), &down(be, &db), &rdb, 1e-5);
+                check_close(&format!("{tag} dx"), &down(be, &dx), &rdx, 1e-4);
+                if let Some(dr) = &dres {
+                    check_close(&format!("{tag} dresidual"), &down(be, dr), &rdr, 0.0);
+                }
+            }
+        }
+    }
+}
+
+/// The fused BN + ReLU + add kernels timed against the unfused sequence (stats + apply + add +
+/// relu; relu backward + BN backward) at ResNet50's stem BN shape at 64 images (51M elements;
+/// 64 rather than 256 keeps the compute-sanitizer pass over this file short), printed for the
+/// GPU session's notes; no speed assertion (it depends on the card).
+#[test]
+fn bn_act_fused_vs_unfused_timed() {
+    let Some(be) = gpu_or_skip("bn_act_fused_vs_unfused_timed") else {
+        return;
+    };
+    let eps = 1e-5f32;
+    let (n, c, hw) = (64usize, 64usize, 112 * 112);
+    let total = n * c * hw;
+    let (x, r, dy) = (
+        up(be, &randn(total, 1)),
+        up(be, &randn(total, 2)),
+        up(be, &randn(total, 3)),
+    );
+    let (g, b) = (up(be, &randn(c, 4)), up(be, &randn(c, 5)));
+    let (mut mean, mut invstd, mut varu) = (poisoned(be, c), poisoned(be, c), poisoned(be, c));
+    let (mut y, mut t, mut dx, mut dr) = (
+        poisoned(be, total),
+        poisoned(be, total),
+        poisoned(be, total),
+        poisoned(be, total),
+    );
+    let (mut dg, mut db) = (poisoned(be, c), poisoned(be, c));
+    let time = |f: &mut dyn FnMut()| {
+        f(); // warm-up
+        be.synchronize().unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..5 {
+            f();
+        }
+        be.synchronize().unwrap();
+        t0.elapsed().as_secs_f64() / 5.0 * 1e3
+    };
+    let fused_fwd = time(&mut || {
+        be.batch_norm_stats(&x, n, c, hw, eps, &mut mean, &mut invstd, &mut varu)
+            .unwrap();
+        be.bn_act_forward(&x, Some(&r), &mean, &invstd, &g, &b, n, c, hw, &mut y)
+            .unwrap();
+    });
+    let fused_bwd = time(&mut || {
+        be.bn_act_backward(
+            true,
+            &dy,
+            &y,
+            &x,
+            &mean,
+            &invstd,
+            &g,
+            n,
+            c,
+            hw,
+            &mut dx,
+            Some(&mut dr),
+            &mut dg,
+            &mut db,
+        )
+        .unwrap();
+    });
+    let unfused_fwd = time(&mut || {
+        be.batch_norm_stats(&x, n, c, hw, eps, &mut mean, &mut invstd, &mut varu)
+            .unwrap();
+        be.batch_norm_forward(&x, &mean, &invstd, &g, &b, n, c, hw, &mut t)
+            .unwrap();
+        be.add(&t, &r, &mut dr).unwrap();
+        be.relu_forward(&dr, &mut y).unwrap();
+    });
+    let unfused_bwd = time(&mut || {
+        be.relu_backward(&y, &dy, &mut dr).unwrap();
+        be.batch_norm_backward(
+            true, &dr, &x, &mean, &invstd, &g, n, c, hw, &mut dx, &mut dg, &mut db,
+        )
+        .unwrap();
+    });
+    let _ = writeln!(
+        std::io::stderr(),
+        "bn+add+relu ({n}, {c}, {hw}): forward fused {fused_fwd:.3} ms vs unfused \
+         {unfused_fwd:.3} ms; backward fused {fused_bwd:.3} ms vs unfused {unfused_bwd:.3} ms"
+    );
+}

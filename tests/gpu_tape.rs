@@ -1244,3 +1244,99 @@ fn multicrop_training_step_matches_cpu() {
         1e-6,
     );
 }
+
+/// The fused BN + ReLU (+ residual add) ops (src/ops/fused.rs, kernels/bn_fused.cu) on CUDA
+/// against the same ops on the CPU, in both modes, with and without the residual: the output,
+/// the batch statistics and every gradient (x, gamma, beta, residual). Tolerances as
+/// batch_norm's (1e-4: reductions in another order). Moderate sizes: an element whose
+/// pre-activation lies within f32 rounding of 0 may take the other side of the ReLU on the
+/// other device (FMA on the GPU), which these sizes make unlikely.
+#[test]
+fn fused_bn_relu_add() {
+    let Some((dev, _serial)) = gpu_or_skip("fused_bn_relu_add") else {
+        return;
+    };
+    for (i, shape) in [
+        vec![4usize, 16, 14, 14],
+        vec![3, 5, 7, 9],
+        vec![16, 257],
+        vec![2, 8, 40, 40],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = shape[1];
+        let s = 900 + 10 * i as u64;
+        let x: Vec<f32> = randn_vec(shape.iter().product(), s)
+            .iter()
+            .map(|v| 3.0 + 2.0 * v)
+            .collect();
+        let x = Tensor::from_vec(x, &shape).unwrap();
+        let gamma = Tensor::from_vec(
+            randn_vec(c, s + 1).iter().map(|v| 1.0 + 0.5 * v).collect(),
+            &[c],
+        )
+        .unwrap();
+        let beta = randn(&[c], s + 2);
+        let res = randn(&shape, s + 3);
+        let rm = randn(&[c], s + 4);
+        let rv = Tensor::from_vec(
+            randn_vec(c, s + 5).iter().map(|v| 0.5 + v.abs()).collect(),
+            &[c],
+        )
+        .unwrap();
+        let base = [x.clone(), gamma.clone(), beta.clone()];
+        compare(
+            &dev,
+            &format!("bn_relu_train {shape:?}"),
+            &base,
+            1e-4,
+            1e-4,
+            &|t, v| {
+                let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], 1e-5)?;
+                Ok(vec![y, m, var])
+            },
+        );
+        compare(
+            &dev,
+            &format!("bn_add_relu_train {shape:?}"),
+            &[x.clone(), gamma.clone(), beta.clone(), res.clone()],
+            1e-4,
+            1e-4,
+            &|t, v| {
+                let (y, m, var) = t.bn_add_relu_train(&v[0], &v[1], &v[2], &v[3], 1e-5)?;
+                Ok(vec![y, m, var])
+            },
+        );
+        compare(
+            &dev,
+            &format!("bn_relu_eval {shape:?}"),
+            &[
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                rm.clone(),
+                rv.clone(),
+            ],
+            1e-5,
+            1e-4,
+            &|t, v| {
+                Ok(vec![
+                    t.bn_relu_eval(&v[0], &v[1], &v[2], &v[3], &v[4], 1e-5)?
+                ])
+            },
+        );
+        compare(
+            &dev,
+            &format!("bn_add_relu_eval {shape:?}"),
+            &[x, gamma, beta, res, rm, rv],
+            1e-5,
+            1e-4,
+            &|t, v| {
+                Ok(vec![t.bn_add_relu_eval(
+                    &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], 1e-5,
+                )?])
+            },
+        );
+    }
+}

@@ -17,7 +17,7 @@ pub const BN_EPS: f32 = 1e-5;
 pub const BN_MOMENTUM: f32 = 0.1;
 
 /// Elementwise passes hand rayon at least this many elements per task.
-const MIN_ELEMS_PER_TASK: usize = 1 << 12;
+pub(crate) const MIN_ELEMS_PER_TASK: usize = 1 << 12;
 
 /// The (N, C, S) view of a batch-norm input: S = H * W for 4-d inputs, 1 for 2-d ones.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl BnDims {
     }
 }
 
-fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         bail!(Shape, "{op}: {what} has {got} elements, expected {want}");
     }
@@ -60,7 +60,7 @@ fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
 /// Per-channel sums over the N planes of each channel, accumulated in f64 (a channel of the stem
 /// holds N * 112 * 112 elements: far too many for an f32 accumulator). `f(channel, plane_range)`
 /// returns the two partial sums of one (n, c) plane, given as a range of flat indices.
-fn channel_sums2(
+pub(crate) fn channel_sums2(
     d: BnDims,
     f: impl Fn(usize, std::ops::Range<usize>) -> (f64, f64) + Sync,
     out: &mut [(f64, f64)],
@@ -87,7 +87,7 @@ fn channel_sums2(
 
 /// Lanes of independent f64 accumulators: lets the compiler vectorize the sums (one accumulator
 /// would serialize on the add latency, since float addition is not reassociated).
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// (sum(x - k), sum((x - k)^2)) in f64 lanes.
 fn shifted_sums(x: &[f32], k: f32) -> (f64, f64) {
@@ -166,7 +166,7 @@ pub fn batch_norm_stats_cpu(x: &[f32], d: BnDims, mean: &mut [f32], var: &mut [f
 
 /// Per-channel scale gamma / sqrt(var + eps), so that y = (x - mean) * scale + beta. Centering
 /// first (rather than folding mean into a shift) keeps f32 accuracy when |mean| >> std.
-fn bn_scale(gamma: &[f32], var: &[f32], eps: f32) -> Vec<f32> {
+pub(crate) fn bn_scale(gamma: &[f32], var: &[f32], eps: f32) -> Vec<f32> {
     gamma
         .iter()
         .zip(var)
@@ -176,7 +176,11 @@ fn bn_scale(gamma: &[f32], var: &[f32], eps: f32) -> Vec<f32> {
 
 /// Runs `f(channel, plane_index, plane)` over the (n, c) planes of length S of a buffer
 /// (N, C, S), in parallel, with enough elements per task for small S (S = 1 for 2-d inputs).
-fn for_each_plane(y: &mut [f32], d: BnDims, f: impl Fn(usize, usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn for_each_plane(
+    y: &mut [f32],
+    d: BnDims,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
+) {
     if d.s == 0 || d.c == 0 {
         return;
     }
@@ -266,6 +270,49 @@ pub fn batch_norm_train_forward_cpu(
     batch_norm_apply_cpu(x, gamma, beta, mean, var, d, eps, y)
 }
 
+/// From the per-channel sums (sum(dy), sum(dy * (x - mean))) of a BN backward: writes dgamma
+/// and dbeta (C,) and returns the per-channel (a, b, c) of dx = a * dy + b * (x - mean) + c, the
+/// constants folded in f64 once per channel (centering before the multiply keeps f32 accuracy
+/// when |mean| >> std). `batch_stats` adds the terms of the statistics' dependence on x
+/// (training mode); without it dx = dy * gamma * invstd. Shared with the fused BN + ReLU ops.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub(crate) fn bn_backward_coefs(
+    batch_stats: bool,
+    sums: &[(f64, f64)],
+    gamma: &[f32],
+    var: &[f32],
+    m: usize,
+    eps: f32,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<(f32, f32, f32)> {
+    let invstd: Vec<f64> = var
+        .iter()
+        .map(|&v| 1.0 / (v as f64 + eps as f64).sqrt())
+        .collect();
+    for ch in 0..sums.len() {
+        dbeta[ch] = sums[ch].0 as f32;
+        dgamma[ch] = (sums[ch].1 * invstd[ch]) as f32;
+    }
+    (0..sums.len())
+        .map(|ch| {
+            let gi = gamma[ch] as f64 * invstd[ch];
+            if batch_stats {
+                let mf = m as f64;
+                let (sdy, sdyx) = sums[ch];
+                // xhat * dgamma / M = (x - mean) * invstd^2 * sdyx / M
+                let k = invstd[ch] * invstd[ch] * sdyx / mf;
+                let a = gi;
+                let b = -gi * k;
+                let c = -gi * sdy / mf;
+                (a as f32, b as f32, c as f32)
+            } else {
+                (gi as f32, 0.0, 0.0)
+            }
+        })
+        .collect()
+}
+
 /// Shared backward. With `batch_stats`, mean/var are the batch statistics of x and dx includes
 /// their dependence on x: dx = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M), M = N*S.
 /// Without, mean/var are constants (eval mode): dx = dy * gamma * invstd.
@@ -301,10 +348,6 @@ fn batch_norm_backward(
     if m == 0 {
         bail!(Shape, "{op}: no elements per channel");
     }
-    let invstd: Vec<f64> = var
-        .iter()
-        .map(|&v| 1.0 / (v as f64 + eps as f64).sqrt())
-        .collect();
     // Reductions over each channel: sum(dy) and sum(dy * (x - mean)).
     let mut sums = vec![(0.0, 0.0); d.c];
     channel_sums2(
@@ -312,29 +355,7 @@ fn batch_norm_backward(
         |ch, r| dot_sums(&dy[r.clone()], &x[r], mean[ch]),
         &mut sums,
     );
-    for ch in 0..d.c {
-        dbeta[ch] = sums[ch].0 as f32;
-        dgamma[ch] = (sums[ch].1 * invstd[ch]) as f32;
-    }
-    // dx = a * dy + b * (x - mean) + c per channel, with the constants folded in f64 once per
-    // channel (centering before the multiply keeps f32 accuracy when |mean| >> std).
-    let coef: Vec<(f32, f32, f32)> = (0..d.c)
-        .map(|ch| {
-            let gi = gamma[ch] as f64 * invstd[ch];
-            if batch_stats {
-                let mf = m as f64;
-                let (sdy, sdyx) = sums[ch];
-                // xhat * dgamma / M = (x - mean) * invstd^2 * sdyx / M
-                let k = invstd[ch] * invstd[ch] * sdyx / mf;
-                let a = gi;
-                let b = -gi * k;
-                let c = -gi * sdy / mf;
-                (a as f32, b as f32, c as f32)
-            } else {
-                (gi as f32, 0.0, 0.0)
-            }
-        })
-        .collect();
+    let coef = bn_backward_coefs(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta);
     for_each_plane(dx, d, |ch, p, plane| {
         let (a, b, c) = coef[ch];
         let mu = mean[ch];
@@ -417,7 +438,12 @@ pub fn bn_running_update_cpu(r: &[f32], stat: &[f32], momentum: f32, out: &mut [
 // ---------- tape ops ----------
 
 /// Checks the per-channel parameter tensors of a batch norm against the input's channel count.
-fn check_channel_params(op: &str, x: &Tensor, c: usize, params: &[(&str, &Tensor)]) -> Result<()> {
+pub(crate) fn check_channel_params(
+    op: &str,
+    x: &Tensor,
+    c: usize,
+    params: &[(&str, &Tensor)],
+) -> Result<()> {
     for (what, t) in params {
         if t.shape() != [c] {
             bail!(
@@ -431,7 +457,7 @@ fn check_channel_params(op: &str, x: &Tensor, c: usize, params: &[(&str, &Tensor
     Ok(())
 }
 
-fn check_eps(op: &str, eps: f32) -> Result<()> {
+pub(crate) fn check_eps(op: &str, eps: f32) -> Result<()> {
     if !(eps >= 0.0 && eps.is_finite()) {
         bail!(Config, "{op}: eps must be finite and >= 0, got {eps}");
     }

@@ -576,3 +576,182 @@ pub(crate) fn sum_all(tape: &mut Tape, be: Be, x: &Tensor, mean: bool) -> Result
     });
     Ok(y)
 }
+
+// ---------------------------------------------------------------- fused BN + ReLU (+ add)
+
+/// relu(BN(x) [+ residual]) in training mode (src/ops/fused.rs): the batch statistics as
+/// `batch_norm_train`, then one fused apply pass. Returns (y, batch mean (C,), unbiased batch
+/// variance (C,)), all on the GPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_act_train(
+    tape: &mut Tape,
+    be: Be,
+    op: &'static str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    d: BnDims,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let _r = nvtx::Range::new(op);
+    let mut mean = be.alloc_f32(d.c)?; // (C,)
+    let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
+    let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
+    be.batch_norm_stats(
+        dbuf(op, x)?,
+        d.n,
+        d.c,
+        d.s,
+        eps,
+        &mut mean,
+        &mut invstd,
+        &mut var_unbiased,
+    )?;
+    let y = bn_act_apply(&be, op, x, residual, &mean, &invstd, gamma, beta, d)?;
+    let mean = wrap(&be, mean, &[d.c])?;
+    let var_t = wrap(&be, var_unbiased, &[d.c])?;
+    record_bn_act_backward(
+        tape, be, op, true, x, gamma, beta, residual, &y, &mean, invstd, d,
+    );
+    Ok((y, mean, var_t))
+}
+
+/// relu(BN(x) [+ residual]) in eval mode with the running statistics (constants).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_act_eval(
+    tape: &mut Tape,
+    be: Be,
+    op: &'static str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    d: BnDims,
+    eps: f32,
+) -> Result<Tensor> {
+    let _r = nvtx::Range::new(op);
+    let mut invstd = be.alloc_f32(d.c)?; // (C,)
+    be.batch_norm_invstd(dbuf(op, running_var)?, d.c, eps, &mut invstd)?;
+    let y = bn_act_apply(
+        &be,
+        op,
+        x,
+        residual,
+        dbuf(op, running_mean)?,
+        &invstd,
+        gamma,
+        beta,
+        d,
+    )?;
+    record_bn_act_backward(
+        tape,
+        be,
+        op,
+        false,
+        x,
+        gamma,
+        beta,
+        residual,
+        &y,
+        running_mean,
+        invstd,
+        d,
+    );
+    Ok(y)
+}
+
+/// The fused forward pass shared by both modes.
+#[allow(clippy::too_many_arguments)]
+fn bn_act_apply(
+    be: &Be,
+    op: &str,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    mean: &DeviceBuffer,
+    invstd: &DeviceBuffer,
+    gamma: &Tensor,
+    beta: &Tensor,
+    d: BnDims,
+) -> Result<Tensor> {
+    let mut y = be.alloc_f32(d.numel())?; // (N, C, S)
+    be.bn_act_forward(
+        dbuf(op, x)?,
+        residual.map(|r| dbuf(op, r)).transpose()?,
+        mean,
+        invstd,
+        dbuf(op, gamma)?,
+        dbuf(op, beta)?,
+        d.n,
+        d.c,
+        d.s,
+        &mut y,
+    )?;
+    wrap(be, y, x.shape())
+}
+
+/// Records the fused backward of either mode: gradients for x, gamma, beta (and the residual).
+/// Saves x, the output y (the ReLU mask), gamma and the statistics.
+#[allow(clippy::too_many_arguments)]
+fn record_bn_act_backward(
+    tape: &mut Tape,
+    be: Be,
+    op: &'static str,
+    training: bool,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    y: &Tensor,
+    mean: &Tensor,
+    invstd: DeviceBuffer,
+    d: BnDims,
+) {
+    if !tape.is_recording() {
+        return;
+    }
+    let mut inputs = vec![x, gamma, beta];
+    inputs.extend(residual);
+    let with_residual = residual.is_some();
+    let (sx, sy, sg, sm) = (x.clone(), y.clone(), gamma.clone(), mean.clone());
+    tape.record(op, y, &inputs, move |dy| {
+        let _r = nvtx::Range::new(&format!("{op} backward"));
+        let dy = on_gpu(&be, dy)?;
+        dy.expect_shape(&format!("{op} backward dy"), sx.shape())?;
+        let mut dx = be.alloc_f32(d.numel())?; // (N, C, S)
+        let mut dres = if with_residual {
+            Some(be.alloc_f32(d.numel())?) // (N, C, S)
+        } else {
+            None
+        };
+        let mut dgamma = be.alloc_f32(d.c)?;
+        let mut dbeta = be.alloc_f32(d.c)?;
+        be.bn_act_backward(
+            training,
+            dbuf(op, &dy)?,
+            dbuf(op, &sy)?,
+            dbuf(op, &sx)?,
+            dbuf(op, &sm)?,
+            &invstd,
+            dbuf(op, &sg)?,
+            d.n,
+            d.c,
+            d.s,
+            &mut dx,
+            dres.as_mut(),
+            &mut dgamma,
+            &mut dbeta,
+        )?;
+        let mut grads = vec![
+            Some(wrap(&be, dx, sx.shape())?),
+            Some(wrap(&be, dgamma, &[d.c])?),
+            Some(wrap(&be, dbeta, &[d.c])?),
+        ];
+        if let Some(r) = dres {
+            grads.push(Some(wrap(&be, r, sx.shape())?));
+        }
+        Ok(grads)
+    });
+}

@@ -7,6 +7,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod elementwise;
+pub mod fused;
 pub mod linear;
 pub mod pool;
 

@@ -5,6 +5,8 @@
 #include "cuda_sim.h"
 #include "elementwise.cu"
 #include "batchnorm.cu"
+#define CARP_BATCHNORM_CU_INCLUDED  // bn_fused.cu includes batchnorm.cu when compiled alone
+#include "bn_fused.cu"
 #include "pool.cu"
 #include "weightnorm.cu"
 #include "carp_loss.cu"
@@ -416,6 +418,74 @@ void test_lars_checked() {
     }
 }
 
+// Fused BN + ReLU (+ residual) (bn_fused.cu) as the launcher runs it: the apply pass, the masked
+// partial reduction (+ dresidual) on a (C, S) grid + batchnorm.cu's finalize, the dx pass; both
+// modes (training: batch statistics, full backward; eval: running statistics, constants), with
+// and without a residual (null pointers), elementwise kernels on `eb` blocks of `et` threads,
+// buffers `off` floats off a 16-byte boundary (off % 4 != 0: the scalar path). The reference is
+// double precision; its ReLU mask is the kernel's y (checked itself against the reference).
+void test_bn_act(int n, int c, int hw, unsigned threads, unsigned S, bool train, bool resid, unsigned eb = 3, unsigned et = 64, int off = 0) {
+    size_t tot = (size_t)n * c * hw;
+    auto xs = randn(tot + off, 2), gm = randn(c), bt = randn(c), dys = randn(tot + off), rs = randn(tot + off);
+    for (auto& v : xs) v += 0.5f;
+    const float* x = xs.data() + off;
+    const float* dy = dys.data() + off;
+    const float* r = resid ? rs.data() + off : nullptr;
+    double M = (double)n * hw;
+    float eps = 1e-5f;
+    std::vector<double> mu(c), isd(c);
+    std::vector<float> meanf(c), isf(c);
+    auto rvar = randn(c);
+    for (int ci = 0; ci < c; ++ci) {
+        double s = 0, s2 = 0;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) s += x[((size_t)a * c + ci) * hw + h];
+        double m = s / M;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) { double dd = x[((size_t)a * c + ci) * hw + h] - m; s2 += dd * dd; }
+        double var = train ? s2 / M : 0.3 + (double)rvar[ci] * rvar[ci];
+        if (!train) m = 0.5 + 0.3 * rvar[ci];  // a running mean near (not at) the batch mean
+        meanf[ci] = (float)m; isf[ci] = (float)(1 / std::sqrt(var + eps));
+        mu[ci] = meanf[ci]; isd[ci] = 1 / std::sqrt(var + eps);
+    }
+    std::vector<float> ys = nanv(tot + off), dxs = nanv(tot + off), drs = nanv(tot + off), dg = nanv(c), db = nanv(c);
+    std::vector<float> pg = nanv((size_t)c * S), pb = nanv((size_t)c * S);
+    float* y = ys.data() + off;
+    float* dxp = dxs.data() + off;
+    float* drp = resid ? drs.data() + off : nullptr;
+    launch({eb}, et, bn_act_forward_f32, x, r, (const float*)meanf.data(), (const float*)isf.data(), (const float*)gm.data(), (const float*)bt.data(), y, (i64)n, c, (i64)hw);
+    // As the launcher: with a residual the partial pass writes dresidual = dy' and the dx pass
+    // reads it (y = null); without, the dx pass masks dy with y itself.
+    launch({(unsigned)c, S}, threads, bn_act_backward_partial_f32, dy, (const float*)y, x, (const float*)meanf.data(), (const float*)isf.data(), pg.data(), pb.data(), drp, (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
+    launch({eb}, et, bn_act_backward_dx_f32, resid ? (const float*)drp : dy, resid ? (const float*)nullptr : (const float*)y, x, (const float*)meanf.data(), (const float*)isf.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dxp, (i64)n, c, (i64)hw, (int)train);
+    std::vector<double> ry(tot), rdg(c, 0), rdb(c, 0), rdx(tot), rdr(tot);
+    size_t zeros = 0;
+    for (int ci = 0; ci < c; ++ci) {
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            ry[i] = std::max((x[i] - mu[ci]) * isd[ci] * gm[ci] + bt[ci] + (resid ? r[i] : 0.0), 0.0);
+            double g = y[i] > 0 ? dy[i] : 0.0;
+            zeros += y[i] == 0;
+            rdr[i] = g; rdb[ci] += g; rdg[ci] += g * (x[i] - mu[ci]) * isd[ci];
+        }
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            double g = rdr[i], xh = (x[i] - mu[ci]) * isd[ci];
+            rdx[i] = train ? gm[ci] * isd[ci] / M * (M * g - rdb[ci] - xh * rdg[ci]) : g * gm[ci] * isd[ci];
+        }
+    }
+    char tag[128];
+    snprintf(tag, sizeof tag, "(%d,%d,%d) S=%u thr=%u %s%s eb=%u off=%d", n, c, hw, S, threads, train ? "train" : "eval", resid ? " +res" : "", eb, off);
+    auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "bn_act %s %s", what, tag); return b; };
+    if (zeros == 0 || zeros == tot) { printf("FAIL bn_act: the ReLU cut %zu of %zu %s\n", zeros, tot, tag); fails++; }
+    std::vector<float> yv(y, y + tot), dxv(dxp, dxp + tot);
+    check(nm("y"), yv, ry, 1e-5); check(nm("dgamma"), dg, rdg, 1e-5); check(nm("dbeta"), db, rdb, 1e-5); check(nm("dx"), dxv, rdx, 1e-4);
+    if (resid) { std::vector<float> drv(drp, drp + tot); check(nm("dresidual"), drv, rdr, 0); }
+    for (int i = 0; i < off; ++i)
+        if (!std::isnan(ys[i]) || !std::isnan(dxs[i]) || !std::isnan(drs[i])) { printf("FAIL bn_act wrote before y/dx/dres %s\n", tag); fails++; break; }
+    if (!resid)
+        for (float v : drs) if (!std::isnan(v)) { printf("FAIL bn_act wrote a null dresidual %s\n", tag); fails++; break; }
+}
+
 int main(int argc, char** argv) {
     if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     test_misc();
@@ -450,6 +520,17 @@ int main(int argc, char** argv) {
     test_wn(37, 45);
     test_lars();
     test_lars_checked();
+    // Fused BN + ReLU (+ residual): S = 1 and multi-block splits (uneven, cutting planes, more
+    // slices than the finalize threads), HW = 1, float4 paths aligned and misaligned, both modes.
+    for (bool train : {true, false})
+        for (bool resid : {false, true}) {
+            test_bn_act(3, 5, 7, 64, 1, train, resid);
+            test_bn_act(6, 10, 1, 32, 4, train, resid, 2, 32);
+            test_bn_act(5, 3, 16, 64, 3, train, resid, 2, 64);
+            test_bn_act(5, 3, 16, 64, 3, train, resid, 2, 64, 1);
+            test_bn_act(3, 2, 150, 32, 7, train, resid, 2, 32, 2);
+            test_bn_act(2, 2, 150, 32, 70, train, resid, 3, 32);
+        }
     printf(fails ? "FAILURES: %d\n" : "ALL OK\n", fails);
     return fails != 0;
 }

@@ -170,6 +170,14 @@ const KERNELS: &[(&str, &[&str])] = &[
         "augment",
         &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
     ),
+    (
+        "bn_fused",
+        &[
+            "bn_act_forward_f32",
+            "bn_act_backward_partial_f32",
+            "bn_act_backward_dx_f32",
+        ],
+    ),
 ];
 
 impl CudaBackend {

@@ -1,0 +1,908 @@
+//! Fused batch norm + ReLU (+ residual add): `bn_relu` = relu(bn(x)), `bn_add_relu` =
+//! relu(bn(x) + residual), in training mode (batch statistics, the same running-statistics
+//! contract as [`Tape::batch_norm_train`]) and eval mode (running statistics). One tape op each
+//! instead of two or three: the forward writes only the final output (no BN output, no sum);
+//! the backward masks the incoming gradient with the saved output (dy' = dy * [y > 0]) inside its
+//! reduction and dx passes instead of materializing it.
+//!
+//! Passes over the activation (N, C, S), fused vs the unfused composition:
+//! - train forward: statistics + apply (2; unfused: statistics + apply + relu [+ add] = 3-4);
+//! - backward: one reduction pass for sum(dy') and sum(dy' * (x - mean)) (which also writes
+//!   dresidual = dy'), one pass for dx (reading dresidual instead of dy and y when there is one)
+//!   (2; unfused: relu mask + reduction + dx = 3).
+//!
+//! Saved for backward: x (for xhat, recomputed from x, mean and the variance), the output y (the
+//! ReLU mask; it is the next layer's input, kept alive anyway), gamma and the per-channel
+//! statistics. The numerics equal the unfused ops': the same expressions in the same order (the
+//! masked reduction adds exact zeros where the unfused one adds the relu-masked zeros).
+
+use crate::autograd::Tape;
+use crate::bail;
+use crate::error::Result;
+use crate::ops::batchnorm::{
+    batch_norm_stats_cpu, bn_backward_coefs, bn_scale, channel_sums2, check_channel_params,
+    check_eps, check_len, for_each_plane, BnDims, LANES,
+};
+use crate::tensor::Tensor;
+
+// ---------- CPU reference kernels ----------
+
+/// y = max((x - mean) / sqrt(var + eps) * gamma + beta [+ residual], 0), per channel: x,
+/// residual, y (N, C, S); gamma, beta, mean, var (C,). Training mode passes the batch statistics
+/// (biased variance), eval mode the running ones.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn bn_act_apply_cpu(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    let op = "bn_act_apply_cpu";
+    check_len(op, "x", x.len(), d.numel())?;
+    check_len(op, "y", y.len(), d.numel())?;
+    if let Some(r) = residual {
+        check_len(op, "residual", r.len(), d.numel())?;
+    }
+    for (what, v) in [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("mean", mean),
+        ("var", var),
+    ] {
+        check_len(op, what, v.len(), d.c)?;
+    }
+    // Centered, as batch_norm_apply_cpu (not folded to x * scale + shift): the result then
+    // equals the unfused bn -> add -> relu bit for bit, and the pass is memory bound anyway.
+    let scale = bn_scale(gamma, var, eps);
+    for_each_plane(y, d, |ch, p, plane| {
+        let (sc, mu, b) = (scale[ch], mean[ch], beta[ch]);
+        let r = p * d.s..(p + 1) * d.s;
+        match residual {
+            Some(res) => {
+                for ((y, &x), &s) in plane.iter_mut().zip(&x[r.clone()]).zip(&res[r]) {
+                    *y = ((x - mu) * sc + b + s).max(0.0);
+                }
+            }
+            None => {
+                for (y, &x) in plane.iter_mut().zip(&x[r]) {
+                    *y = ((x - mu) * sc + b).max(0.0);
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Training-mode forward: batch statistics into mean (C,) and var (C,) (biased), then
+/// [`bn_act_apply_cpu`] into y (N, C, S).
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn bn_act_train_forward_cpu(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+) -> Result<()> {
+    batch_norm_stats_cpu(x, d, mean, var)?;
+    bn_act_apply_cpu(x, residual, gamma, beta, mean, var, d, eps, y)
+}
+
+/// (sum(dy'), sum(dy' * (x - k))) with dy' = dy where y > 0, else 0, in f64 lanes; also
+/// stores dy' into `out` when given (the residual's gradient, in the same pass).
+fn masked_dot_sums(
+    dy: &[f32],
+    y: &[f32],
+    x: &[f32],
+    k: f32,
+    mut out: Option<&mut [f32]>,
+) -> (f64, f64) {
+    let k = k as f64;
+    let mut s1 = [0.0f64; LANES];
+    let mut s2 = [0.0f64; LANES];
+    let full = dy.len() / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        let mut g = [0.0f32; LANES];
+        for l in 0..LANES {
+            let i = base + l;
+            g[l] = if y[i] > 0.0 { dy[i] } else { 0.0 };
+            s1[l] += g[l] as f64;
+            s2[l] += g[l] as f64 * (x[i] as f64 - k);
+        }
+        if let Some(o) = out.as_deref_mut() {
+            o[base..base + LANES].copy_from_slice(&g);
+        }
+    }
+    let (mut t1, mut t2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
+    for i in full..dy.len() {
+        let g = if y[i] > 0.0 { dy[i] } else { 0.0 };
+        t1 += g as f64;
+        t2 += g as f64 * (x[i] as f64 - k);
+        if let Some(o) = out.as_deref_mut() {
+            o[i] = g;
+        }
+    }
+    (t1, t2)
+}
+
+/// A buffer's base pointer for parallel tasks that each write a range no other task touches.
+#[derive(Clone, Copy)]
+struct DisjointWrites(*mut f32);
+// SAFETY: the pointer is only dereferenced through `range`, whose callers write disjoint ranges
+// of a live buffer (the (n, c) planes that channel_sums2 hands out once each).
+unsafe impl Send for DisjointWrites {}
+// SAFETY: as for Send: no two tasks touch the same element.
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    /// The elements `r` of the buffer.
+    ///
+    /// # Safety
+    /// `r` lies inside the buffer, the buffer outlives the slice, and no other live reference
+    /// covers any element of `r`.
+    unsafe fn range<'a>(self, r: std::ops::Range<usize>) -> &'a mut [f32] {
+        // SAFETY: the caller's contract above.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(r.start), r.len()) }
+    }
+}
+
+/// Backward of [`bn_act_apply_cpu`]'s output y: x, y, dy, dx, dresidual (N, C, S); gamma, mean,
+/// var (C,) as the forward used them; outputs dgamma, dbeta (C,). With dy' = dy * [y > 0]:
+/// dbeta = sum(dy'), dgamma = sum(dy' * xhat), dresidual = dy' (when given), and dx the BN
+/// backward of dy' - with `batch_stats` (training mode) the full batch-statistics backward,
+/// without it (eval mode, constant running statistics) dx = dy' * gamma / sqrt(var + eps).
+/// Two passes: the masked reductions (which also write dresidual), then dx.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn bn_act_backward_cpu(
+    batch_stats: bool,
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    dx: &mut [f32],
+    dresidual: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    let op = "bn_act_backward_cpu";
+    for (what, len) in [
+        ("x", x.len()),
+        ("y", y.len()),
+        ("dy", dy.len()),
+        ("dx", dx.len()),
+    ] {
+        check_len(op, what, len, d.numel())?;
+    }
+    if let Some(r) = &dresidual {
+        check_len(op, "dresidual", r.len(), d.numel())?;
+    }
+    for (what, len) in [
+        ("gamma", gamma.len()),
+        ("mean", mean.len()),
+        ("var", var.len()),
+        ("dgamma", dgamma.len()),
+        ("dbeta", dbeta.len()),
+    ] {
+        check_len(op, what, len, d.c)?;
+    }
+    let m = d.per_channel();
+    if m == 0 {
+        bail!(Shape, "{op}: no elements per channel");
+    }
+    // One pass: the masked sums, and dresidual = dy' stored on the way (each (n, c) plane is
+    // handed out once, so the tasks' writes are disjoint).
+    let dres_len = dresidual.as_ref().map(|r| r.len());
+    let dres = dresidual.map(|r| DisjointWrites(r.as_mut_ptr()));
+    let mut sums = vec![(0.0, 0.0); d.c];
+    channel_sums2(
+        d,
+        |ch, r| {
+            debug_assert!(dres_len.is_none_or(|n| r.end <= n));
+            // SAFETY: r is one (n, c) plane of dresidual (its length was checked against
+            // d.numel() above), channel_sums2 visits each plane once, and nothing else
+            // references dresidual until channel_sums2 returns.
+            let out = dres.map(|p| unsafe { p.range(r.clone()) });
+            masked_dot_sums(&dy[r.clone()], &y[r.clone()], &x[r], mean[ch], out)
+        },
+        &mut sums,
+    );
+    let coef = bn_backward_coefs(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta);
+    // dx = a * dy' + b * (x - mean) + c per channel (bn_backward_coefs); dy' is read back from
+    // dresidual when there is one (two reads instead of dy and y).
+    let dres: Option<&[f32]> = dres.map(|p| {
+        // SAFETY: the whole dresidual buffer (length checked above), no writer left.
+        &*unsafe { p.range(0..d.numel()) }
+    });
+    for_each_plane(dx, d, |ch, p, dxp| {
+        let (a, b, c) = coef[ch];
+        let mu = mean[ch];
+        let r = p * d.s..(p + 1) * d.s;
+        let xp = &x[r.clone()];
+        match dres {
+            Some(g) => {
+                for ((dx, &g), &x) in dxp.iter_mut().zip(&g[r]).zip(xp) {
+                    *dx = a * g + b * (x - mu) + c;
+                }
+            }
+            None => {
+                for ((dx, &g), (&o, &x)) in
+                    dxp.iter_mut().zip(&dy[r.clone()]).zip(y[r].iter().zip(xp))
+                {
+                    let g = if o > 0.0 { g } else { 0.0 };
+                    *dx = a * g + b * (x - mu) + c;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+// ---------- tape ops ----------
+
+/// Checks the residual's shape against x's.
+fn check_residual(op: &str, x: &Tensor, residual: Option<&Tensor>) -> Result<()> {
+    if let Some(r) = residual {
+        if r.shape() != x.shape() {
+            bail!(
+                Shape,
+                "{op}: residual must have the input's shape {:?}, got {:?}",
+                x.shape(),
+                r.shape()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The recorded inputs and the closure of either mode's backward: gradients for x, gamma, beta
+/// (and the residual when there is one).
+#[allow(clippy::too_many_arguments)]
+fn record_cpu_backward(
+    tape: &mut Tape,
+    op: &'static str,
+    batch_stats: bool,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    y: &Tensor,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    d: BnDims,
+    eps: f32,
+) {
+    if !tape.is_recording() {
+        return;
+    }
+    let mut inputs = vec![x, gamma, beta];
+    inputs.extend(residual);
+    let (sx, sy, sg) = (x.clone(), y.clone(), gamma.clone());
+    let with_residual = residual.is_some();
+    tape.record(op, y, &inputs, move |dy| {
+        dy.expect_shape(&format!("{op} backward dy"), sx.shape())?;
+        let mut dx = vec![0.0; d.numel()]; // (N, C, S)
+        let mut dres = if with_residual {
+            vec![0.0; d.numel()] // (N, C, S)
+        } else {
+            Vec::new()
+        };
+        let mut dgamma = vec![0.0; d.c];
+        let mut dbeta = vec![0.0; d.c];
+        bn_act_backward_cpu(
+            batch_stats,
+            sx.cpu()?,
+            sy.cpu()?,
+            dy.cpu()?,
+            sg.cpu()?,
+            &mean,
+            &var,
+            d,
+            eps,
+            &mut dx,
+            with_residual.then_some(&mut dres[..]),
+            &mut dgamma,
+            &mut dbeta,
+        )?;
+        let mut grads = vec![
+            Some(sx.like(dx)?),
+            Some(Tensor::from_vec(dgamma, &[d.c])?),
+            Some(Tensor::from_vec(dbeta, &[d.c])?),
+        ];
+        if with_residual {
+            grads.push(Some(sx.like(dres)?));
+        }
+        Ok(grads)
+    });
+}
+
+impl Tape {
+    /// relu(batch_norm_train(x)): training-mode BN with the batch statistics, then ReLU, as one
+    /// op. Returns (y, batch_mean (C,), batch_var_unbiased (C,)) exactly as
+    /// [`Tape::batch_norm_train`] (the latter two for the running update, not differentiated).
+    /// Backward: dx, dgamma, dbeta.
+    pub fn bn_relu_train(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.bn_act_train("bn_relu_train", x, gamma, beta, None, eps)
+    }
+
+    /// relu(batch_norm_train(x) + residual) as one op (the end of a bottleneck block): the
+    /// residual has x's shape. Returns (y, batch_mean, batch_var_unbiased) as
+    /// [`Tape::batch_norm_train`]. Backward: dx, dgamma, dbeta, dresidual.
+    pub fn bn_add_relu_train(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        residual: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.bn_act_train("bn_add_relu_train", x, gamma, beta, Some(residual), eps)
+    }
+
+    /// relu(batch_norm_eval(x)) with the running statistics, as one op; differentiable w.r.t.
+    /// x, gamma, beta.
+    pub fn bn_relu_eval(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        self.bn_act_eval(
+            "bn_relu_eval",
+            x,
+            gamma,
+            beta,
+            None,
+            running_mean,
+            running_var,
+            eps,
+        )
+    }
+
+    /// relu(batch_norm_eval(x) + residual) with the running statistics, as one op;
+    /// differentiable w.r.t. x, gamma, beta and the residual.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_add_relu_eval(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        residual: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        self.bn_act_eval(
+            "bn_add_relu_eval",
+            x,
+            gamma,
+            beta,
+            Some(residual),
+            running_mean,
+            running_var,
+            eps,
+        )
+    }
+
+    fn bn_act_train(
+        &mut self,
+        op: &'static str,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        residual: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = BnDims::of(op, x.shape())?;
+        check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
+        check_residual(op, x, residual)?;
+        check_eps(op, eps)?;
+        let m = d.per_channel();
+        if m < 2 {
+            // As PyTorch: one value per channel has no variance to normalize with.
+            bail!(
+                Shape,
+                "{op}: expected more than 1 value per channel in training mode, got input {:?}",
+                x.shape()
+            );
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let mut all = vec![x, gamma, beta];
+            all.extend(residual);
+            if let Some(be) = crate::ops::cuda_backend(op, &all)? {
+                return crate::ops::cuda::bn_act_train(
+                    self, be, op, x, gamma, beta, residual, d, eps,
+                );
+            }
+        }
+        let mut y = vec![0.0; d.numel()]; // (N, C, S)
+        let mut mean = vec![0.0; d.c]; // (C,)
+        let mut var = vec![0.0; d.c]; // (C,) biased
+        bn_act_train_forward_cpu(
+            x.cpu()?,
+            residual.map(|r| r.cpu()).transpose()?,
+            gamma.cpu()?,
+            beta.cpu()?,
+            d,
+            eps,
+            &mut y,
+            &mut mean,
+            &mut var,
+        )?;
+        let y = x.like(y)?;
+        let unbiased = m as f32 / (m - 1) as f32;
+        let var_unbiased: Vec<f32> = var.iter().map(|&v| v * unbiased).collect();
+        let mean_t = Tensor::from_vec(mean.clone(), &[d.c])?;
+        let var_t = Tensor::from_vec(var_unbiased, &[d.c])?;
+        record_cpu_backward(
+            self, op, true, x, gamma, beta, residual, &y, mean, var, d, eps,
+        );
+        Ok((y, mean_t, var_t))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bn_act_eval(
+        &mut self,
+        op: &'static str,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        residual: Option<&Tensor>,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let d = BnDims::of(op, x.shape())?;
+        check_channel_params(
+            op,
+            x,
+            d.c,
+            &[
+                ("gamma", gamma),
+                ("beta", beta),
+                ("running_mean", running_mean),
+                ("running_var", running_var),
+            ],
+        )?;
+        check_residual(op, x, residual)?;
+        check_eps(op, eps)?;
+        #[cfg(feature = "cuda")]
+        {
+            let mut all = vec![x, gamma, beta, running_mean, running_var];
+            all.extend(residual);
+            if let Some(be) = crate::ops::cuda_backend(op, &all)? {
+                return crate::ops::cuda::bn_act_eval(
+                    self,
+                    be,
+                    op,
+                    x,
+                    gamma,
+                    beta,
+                    residual,
+                    running_mean,
+                    running_var,
+                    d,
+                    eps,
+                );
+            }
+        }
+        let (rm, rv) = (running_mean.cpu()?, running_var.cpu()?);
+        let mut y = vec![0.0; d.numel()]; // (N, C, S)
+        bn_act_apply_cpu(
+            x.cpu()?,
+            residual.map(|r| r.cpu()).transpose()?,
+            gamma.cpu()?,
+            beta.cpu()?,
+            rm,
+            rv,
+            d,
+            eps,
+            &mut y,
+        )?;
+        let y = x.like(y)?;
+        record_cpu_backward(
+            self,
+            op,
+            false,
+            x,
+            gamma,
+            beta,
+            residual,
+            &y,
+            rm.to_vec(),
+            rv.to_vec(),
+            d,
+            eps,
+        );
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::batchnorm::BN_EPS;
+    use crate::testutil::{check_grad_kinks, randn};
+
+    /// The unfused composition: relu(bn(x) [+ residual]) through the existing tape ops.
+    fn unfused(
+        tape: &mut Tape,
+        xs: &[Tensor],
+        train: bool,
+        stats: Option<(&Tensor, &Tensor)>,
+    ) -> (Tensor, Option<(Tensor, Tensor)>) {
+        let (h, st) = if train {
+            let (h, m, v) = tape
+                .batch_norm_train(&xs[0], &xs[1], &xs[2], BN_EPS)
+                .unwrap();
+            (h, Some((m, v)))
+        } else {
+            let (rm, rv) = stats.unwrap();
+            let h = tape
+                .batch_norm_eval(&xs[0], &xs[1], &xs[2], rm, rv, BN_EPS)
+                .unwrap();
+            (h, None)
+        };
+        let h = match xs.get(3) {
+            Some(r) => tape.add(&h, r).unwrap(),
+            None => h,
+        };
+        (tape.relu(&h).unwrap(), st)
+    }
+
+    fn fused(
+        tape: &mut Tape,
+        xs: &[Tensor],
+        train: bool,
+        stats: Option<(&Tensor, &Tensor)>,
+    ) -> (Tensor, Option<(Tensor, Tensor)>) {
+        match (train, xs.get(3)) {
+            (true, None) => {
+                let (y, m, v) = tape.bn_relu_train(&xs[0], &xs[1], &xs[2], BN_EPS).unwrap();
+                (y, Some((m, v)))
+            }
+            (true, Some(r)) => {
+                let (y, m, v) = tape
+                    .bn_add_relu_train(&xs[0], &xs[1], &xs[2], r, BN_EPS)
+                    .unwrap();
+                (y, Some((m, v)))
+            }
+            (false, r) => {
+                let (rm, rv) = stats.unwrap();
+                let y = match r {
+                    None => tape.bn_relu_eval(&xs[0], &xs[1], &xs[2], rm, rv, BN_EPS),
+                    Some(r) => tape.bn_add_relu_eval(&xs[0], &xs[1], &xs[2], r, rm, rv, BN_EPS),
+                };
+                (y.unwrap(), None)
+            }
+        }
+    }
+
+    fn max_rel(got: &Tensor, want: &Tensor) -> f64 {
+        let (g, w) = (got.to_vec().unwrap(), want.to_vec().unwrap());
+        assert_eq!(g.len(), w.len());
+        g.iter()
+            .zip(&w)
+            .map(|(&a, &b)| (a as f64 - b as f64).abs() / (1.0 + (b as f64).abs()))
+            .fold(0.0, f64::max)
+    }
+
+    /// Forward output, statistics and every gradient of the fused op against the unfused
+    /// composition on random inputs (odd shapes; 4-d and 2-d; a plane above MIN_ELEMS_PER_TASK;
+    /// with and without a residual; both modes). Tolerance: 1e-5 relative to 1 + |value|.
+    /// The expressions are the same, so the results agree to rounding (in practice exactly).
+    #[test]
+    fn fused_matches_unfused_composition_forward_and_gradients() {
+        let shapes: [&[usize]; 5] = [
+            &[3, 5, 7, 3],
+            &[5, 6],
+            &[2, 3, 1, 1],
+            &[2, 3, 64, 65],
+            &[4, 130],
+        ];
+        for (si, shape) in shapes.iter().enumerate() {
+            let c = shape[1];
+            for residual in [false, true] {
+                for train in [true, false] {
+                    let seed = 100 * si as u64 + 10 * residual as u64 + train as u64;
+                    // Shifted x and beta so that the ReLU cuts a non-trivial part of the output.
+                    let x = randn(shape, seed);
+                    let gamma = randn(&[c], seed + 1);
+                    let beta = randn(&[c], seed + 2);
+                    let mut xs = vec![x, gamma, beta];
+                    if residual {
+                        xs.push(randn(shape, seed + 3));
+                    }
+                    let dy = randn(shape, seed + 4);
+                    let rm = randn(&[c], seed + 5);
+                    let rv = Tensor::from_vec(
+                        randn(&[c], seed + 6)
+                            .to_vec()
+                            .unwrap()
+                            .iter()
+                            .map(|v| 0.3 + v * v)
+                            .collect(),
+                        &[c],
+                    )
+                    .unwrap();
+                    let run = |fuse: bool| {
+                        let mut tape = Tape::new();
+                        let leaves: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
+                        let (y, st) = if fuse {
+                            fused(&mut tape, &leaves, train, Some((&rm, &rv)))
+                        } else {
+                            unfused(&mut tape, &leaves, train, Some((&rm, &rv)))
+                        };
+                        assert_eq!(tape.len(), if fuse { 1 } else { 2 + residual as usize });
+                        let g = tape.backward_from(vec![(y.clone(), dy.clone())]).unwrap();
+                        let grads: Vec<Tensor> =
+                            leaves.iter().map(|l| g.get(l).unwrap().clone()).collect();
+                        (y, st, grads)
+                    };
+                    let (yf, stf, gf) = run(true);
+                    let (yu, stu, gu) = run(false);
+                    let tag = format!("{shape:?} residual={residual} train={train}");
+                    let yv = yf.to_vec().unwrap();
+                    let zeros = yv.iter().filter(|&&v| v == 0.0).count();
+                    assert!(
+                        zeros > 0 && zeros < yv.len(),
+                        "{tag}: the ReLU must cut some but not all ({zeros} of {})",
+                        yv.len()
+                    );
+                    assert!(max_rel(&yf, &yu) <= 1e-5, "{tag}: y");
+                    if let (Some((mf, vf)), Some((mu, vu))) = (&stf, &stu) {
+                        assert!(max_rel(mf, mu) <= 1e-6, "{tag}: batch mean");
+                        assert!(max_rel(vf, vu) <= 1e-6, "{tag}: batch var");
+                    }
+                    for (i, what) in ["dx", "dgamma", "dbeta", "dresidual"]
+                        .iter()
+                        .enumerate()
+                        .take(xs.len())
+                    {
+                        let e = max_rel(&gf[i], &gu[i]);
+                        assert!(e <= 1e-5, "{tag}: {what} differs by {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// An independent f64 reference of the fused training backward, written from the chain rule
+    /// (mask, then dxhat = dy' * gamma, dvar, dmean), on a shape with a residual.
+    #[test]
+    fn train_backward_kernel_matches_f64_chain_rule() {
+        let shape = [4, 3, 2, 5];
+        let d = BnDims::of("test", &shape).unwrap();
+        let x = randn(&shape, 7).to_vec().unwrap();
+        let res = randn(&shape, 8).to_vec().unwrap();
+        let dy = randn(&shape, 9).to_vec().unwrap();
+        let gamma = randn(&[3], 10).to_vec().unwrap();
+        let beta = randn(&[3], 11).to_vec().unwrap();
+        let (mut mean, mut var) = (vec![0.0; 3], vec![0.0; 3]);
+        let mut y = vec![0.0; d.numel()];
+        bn_act_train_forward_cpu(
+            &x,
+            Some(&res),
+            &gamma,
+            &beta,
+            d,
+            BN_EPS,
+            &mut y,
+            &mut mean,
+            &mut var,
+        )
+        .unwrap();
+        let n = d.numel();
+        let (mut dx, mut dr, mut dg, mut db) =
+            (vec![0.0; n], vec![0.0; n], vec![0.0; 3], vec![0.0; 3]);
+        bn_act_backward_cpu(
+            true,
+            &x,
+            &y,
+            &dy,
+            &gamma,
+            &mean,
+            &var,
+            d,
+            BN_EPS,
+            &mut dx,
+            Some(&mut dr),
+            &mut dg,
+            &mut db,
+        )
+        .unwrap();
+        let m = d.per_channel() as f64;
+        let eps = BN_EPS as f64;
+        for ch in 0..3 {
+            let ks: Vec<usize> = (0..d.n)
+                .flat_map(|i| (0..d.s).map(move |j| (i * d.c + ch) * d.s + j))
+                .collect();
+            let mu = ks.iter().map(|&k| x[k] as f64).sum::<f64>() / m;
+            let var = ks.iter().map(|&k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / m;
+            let istd = 1.0 / (var + eps).sqrt();
+            let g = gamma[ch] as f64;
+            // The forward in f64 decides the mask.
+            let pre = |k: usize| (x[k] as f64 - mu) * istd * g + beta[ch] as f64 + res[k] as f64;
+            let dyp = |k: usize| if pre(k) > 0.0 { dy[k] as f64 } else { 0.0 };
+            for &k in &ks {
+                assert!((y[k] as f64 - pre(k).max(0.0)).abs() < 1e-5 * (1.0 + pre(k).abs()));
+                assert_eq!(dr[k] as f64, dyp(k), "dresidual[{k}]");
+            }
+            let dxhat = |k: usize| dyp(k) * g;
+            let dvar: f64 = ks
+                .iter()
+                .map(|&k| dxhat(k) * (x[k] as f64 - mu) * -0.5 * istd.powi(3))
+                .sum();
+            let dmean: f64 = ks.iter().map(|&k| -dxhat(k) * istd).sum::<f64>()
+                + dvar * ks.iter().map(|&k| -2.0 * (x[k] as f64 - mu)).sum::<f64>() / m;
+            let want_db: f64 = ks.iter().map(|&k| dyp(k)).sum();
+            let want_dg: f64 = ks.iter().map(|&k| dyp(k) * (x[k] as f64 - mu) * istd).sum();
+            assert!((db[ch] as f64 - want_db).abs() < 1e-4 * (1.0 + want_db.abs()));
+            assert!((dg[ch] as f64 - want_dg).abs() < 1e-4 * (1.0 + want_dg.abs()));
+            for &k in &ks {
+                let want = dxhat(k) * istd + dvar * 2.0 * (x[k] as f64 - mu) / m + dmean / m;
+                assert!(
+                    (dx[k] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "dx[{k}] = {} vs {want}",
+                    dx[k]
+                );
+            }
+        }
+    }
+
+    // Finite differences: step 3e-3 (BN's outputs are O(1) and their f32 rounding limits a
+    // smaller step; batchnorm.rs's checks pass at 1e-3), relative bound 1e-2, with the kink
+    // detector of check_grad_kinks: an element whose own output sits within a step of the
+    // ReLU's kink is left out (at most 10% of the elements may be).
+
+    #[test]
+    fn bn_add_relu_train_matches_finite_differences() {
+        let shape = [3, 4, 3, 3];
+        let xs = [
+            randn(&shape, 21),
+            randn(&[4], 22),
+            randn(&[4], 23),
+            randn(&shape, 24),
+        ];
+        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
+            Ok(tape
+                .bn_add_relu_train(&v[0], &v[1], &v[2], &v[3], BN_EPS)?
+                .0)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn bn_relu_train_and_eval_match_finite_differences() {
+        let xs = [randn(&[5, 6], 25), randn(&[6], 26), randn(&[6], 27)];
+        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
+            Ok(tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS)?.0)
+        })
+        .unwrap();
+        let shape = [2, 3, 2, 3];
+        let xs = [
+            randn(&shape, 28),
+            randn(&[3], 29),
+            randn(&[3], 30),
+            randn(&shape, 31),
+        ];
+        let rm = randn(&[3], 32);
+        let rv = Tensor::from_vec(vec![0.7, 1.3, 2.0], &[3]).unwrap();
+        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
+            tape.bn_add_relu_eval(&v[0], &v[1], &v[2], &v[3], &rm, &rv, BN_EPS)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn shape_errors_name_the_op() {
+        let x = randn(&[2, 3, 4, 4], 1);
+        let g = randn(&[3], 2);
+        let e = Tape::no_grad()
+            .bn_add_relu_train(&x, &g, &g, &randn(&[2, 3, 4, 5], 3), BN_EPS)
+            .unwrap_err();
+        assert!(e.to_string().contains("bn_add_relu_train"), "{e}");
+        assert!(e.to_string().contains("residual"), "{e}");
+        let e = Tape::no_grad()
+            .bn_relu_train(&x, &randn(&[4], 2), &g, BN_EPS)
+            .unwrap_err();
+        assert!(e.to_string().contains("gamma"), "{e}");
+        assert!(Tape::no_grad()
+            .bn_relu_train(&randn(&[1, 3], 3), &g, &g, BN_EPS)
+            .is_err());
+        assert!(Tape::no_grad()
+            .bn_relu_eval(&x, &g, &g, &g, &randn(&[2], 4), BN_EPS)
+            .is_err());
+    }
+
+    /// Process CPU time (user + system) in seconds, from /proc/self/stat (10 ms ticks): on a
+    /// shared machine it moves less with other jobs' load than wall time.
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the ")" that closes the command name: utime and stime are the 12th and
+        // 13th of them.
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        f.iter().sum::<f64>() / 100.0
+    }
+
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn time_fused_vs_unfused() {
+        // tiny's layer1 activation at batch 128 x 2 views (256, 32, 32, 32), with a residual
+        // (a block's last BN) and without; forward + backward, fused vs unfused alternating,
+        // min wall time and mean process CPU time over the repetitions.
+        let shape = [256, 32, 32, 32];
+        let c = shape[1];
+        let xs = [
+            randn(&shape, 1),
+            randn(&[c], 2),
+            randn(&[c], 3),
+            randn(&shape, 4),
+        ];
+        let dy = randn(&shape, 5);
+        for residual in [false, true] {
+            let inputs = &xs[..if residual { 4 } else { 3 }];
+            let reps = 7;
+            // [fused, unfused] x [forward, backward]: min wall, mean CPU.
+            let mut wall = [[f64::MAX; 2]; 2];
+            let mut cpu = [[0.0; 2]; 2];
+            for _ in 0..reps {
+                for (k, fuse) in [true, false].into_iter().enumerate() {
+                    let (t, c0) = (std::time::Instant::now(), cpu_seconds());
+                    let mut tape = Tape::new();
+                    let leaves: Vec<Tensor> = inputs.iter().map(|v| tape.track(v)).collect();
+                    let (y, _) = if fuse {
+                        fused(&mut tape, &leaves, true, None)
+                    } else {
+                        unfused(&mut tape, &leaves, true, None)
+                    };
+                    let (t1, c1) = (t.elapsed().as_secs_f64(), cpu_seconds());
+                    tape.backward_from(vec![(y, dy.clone())]).unwrap();
+                    let (t2, c2) = (t.elapsed().as_secs_f64(), cpu_seconds());
+                    wall[k][0] = wall[k][0].min(t1);
+                    wall[k][1] = wall[k][1].min(t2 - t1);
+                    cpu[k][0] += (c1 - c0) / reps as f64;
+                    cpu[k][1] += (c2 - c1) / reps as f64;
+                }
+            }
+            let name = if residual { "bn_add_relu" } else { "bn_relu" };
+            for (k, what) in ["fused", "unfused"].iter().enumerate() {
+                println!(
+                    "{name} train {shape:?} {what}: forward {:.1} ms wall (min), {:.0} ms CPU; \
+                     backward {:.1} ms wall, {:.0} ms CPU",
+                    wall[k][0] * 1e3,
+                    cpu[k][0] * 1e3,
+                    wall[k][1] * 1e3,
+                    cpu[k][1] * 1e3
+                );
+            }
+        }
+    }
+}
