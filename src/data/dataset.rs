@@ -176,6 +176,12 @@ impl Dataset {
 
     /// Record `i`'s index entry and bytes, borrowed from the map, and its shard's path.
     pub fn record(&self, i: usize) -> Result<(IndexEntry, &[u8], &Path)> {
+        let (e, bytes, path, _) = self.locate(i)?;
+        Ok((e, bytes, path))
+    }
+
+    /// `record(i)` plus the record's index within its shard (for error messages).
+    fn locate(&self, i: usize) -> Result<(IndexEntry, &[u8], &Path, usize)> {
         let &(s, r) = self.locs.get(i).ok_or_else(|| {
             Error::format(
                 &self.dir,
@@ -184,30 +190,18 @@ impl Dataset {
         })?;
         let shard = &self.shards[s as usize];
         let (e, bytes) = shard.record(r as usize)?;
-        Ok((e, bytes, shard.path()))
+        Ok((e, bytes, shard.path(), r as usize))
     }
 
     /// Decodes record `i` to RGB (grayscale sources expanded to 3 channels).
     pub fn image(&self, i: usize) -> Result<Image> {
-        let &(_, r) = self.locs.get(i).ok_or_else(|| {
-            Error::format(
-                &self.dir,
-                format!("record {i} out of range ({} records)", self.len()),
-            )
-        })?;
-        let (e, bytes, path) = self.record(i)?;
-        decode_record(path, r as usize, &e, bytes)
+        let (e, bytes, path, r) = self.locate(i)?;
+        decode_record(path, r, &e, bytes)
     }
 
     /// `image(i)` into `img`, reusing its buffer (JPEG records): the loader's hot path.
     pub fn image_into(&self, i: usize, img: &mut Image) -> Result<()> {
-        let &(_, r) = self.locs.get(i).ok_or_else(|| {
-            Error::format(
-                &self.dir,
-                format!("record {i} out of range ({} records)", self.len()),
-            )
-        })?;
-        let (e, bytes, path) = self.record(i)?;
-        decode_record_into(path, r as usize, &e, bytes, img)
+        let (e, bytes, path, r) = self.locate(i)?;
+        decode_record_into(path, r, &e, bytes, img)
     }
 }
