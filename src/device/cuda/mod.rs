@@ -130,6 +130,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "bn_backward_dx_f32",
             "bn_eval_backward_dx_f32",
             "bn_running_update_f32",
+            "bn_running_update_gated_f32",
         ],
     ),
     (
@@ -163,9 +164,11 @@ const KERNELS: &[(&str, &[&str])] = &[
             "lars_norms_f32",
             "lars_update_f32",
             "lars_norms_checked_f32",
+            "lars_update_gated_f32",
+            "step_ok_f32",
         ],
     ),
-    ("ema", &["ema_update_f32"]),
+    ("ema", &["ema_update_f32", "ema_update_gated_f32"]),
     (
         "augment",
         &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
