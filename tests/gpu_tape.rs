@@ -1388,3 +1388,94 @@ fn fused_bn_relu_add() {
         );
     }
 }
+
+/// `CARP_STEP_SYNC=1` (the verdict read before ungated updates: the fallback of the device
+/// gate) and the default gated step agree over a few steps, and a NaN step fails in both modes
+/// with the loss named and the state unchanged. Tolerance 1e-5 relative: the same kernels, but
+/// LARS norms summed with float atomics may round differently between two runs.
+#[test]
+fn device_state_step_sync_matches_gated() {
+    let Some((dev, _serial)) = gpu_or_skip("device_state_step_sync_matches_gated") else {
+        return;
+    };
+    if std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: device_state_step_sync_matches_gated: CARP_HOST_OPTIM=1 selects the host path"
+        );
+        return;
+    }
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let prev = std::env::var("CARP_STEP_SYNC").ok();
+    let mut gated = small_state();
+    let mut synced = small_state();
+    let (bad1, v2_0) = {
+        let (v1, v2) = views(0);
+        let mut b = v1.to_vec().unwrap();
+        b[7] = f32::NAN;
+        (Tensor::from_vec(b, v1.shape()).unwrap(), v2)
+    };
+    for s in 0..3 {
+        let (v1, v2) = views(s);
+        for (st, sync) in [(&mut gated, false), (&mut synced, true)] {
+            if sync {
+                std::env::set_var("CARP_STEP_SYNC", "1");
+            } else {
+                std::env::remove_var("CARP_STEP_SYNC");
+            }
+            if s == 1 {
+                // A NaN step in between: refused, nothing changes, training goes on.
+                let e = st
+                    .train_step(&on(&bad1), &on(&v2_0), 0.3, 0.99)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("step 1: the loss is NaN"), "sync {sync}: {e}");
+                assert_eq!(st.step, 1);
+            }
+            st.train_step(&on(&v1), &on(&v2), 0.3 - 0.05 * s as f32, 0.99)
+                .unwrap();
+        }
+    }
+    match prev {
+        Some(v) => std::env::set_var("CARP_STEP_SYNC", v),
+        None => std::env::remove_var("CARP_STEP_SYNC"),
+    }
+    gated.sync_to_host().unwrap();
+    synced.sync_to_host().unwrap();
+    for (name, a, b) in [
+        (
+            "student",
+            &gated.student.params.data,
+            &synced.student.params.data,
+        ),
+        (
+            "teacher",
+            &gated.teacher.params.data,
+            &synced.teacher.params.data,
+        ),
+        (
+            "momentum",
+            &gated.lars.momentum_buf,
+            &synced.lars.momentum_buf,
+        ),
+        (
+            "student BN",
+            &gated.student.buffers.data,
+            &synced.student.buffers.data,
+        ),
+        (
+            "teacher BN",
+            &gated.teacher.buffers.data,
+            &synced.teacher.buffers.data,
+        ),
+    ] {
+        check_close(
+            &format!("{name} (gated vs CARP_STEP_SYNC=1)"),
+            a,
+            b,
+            1e-5,
+            1e-7,
+        );
+    }
+    assert_eq!(gated.step, 3);
+}
