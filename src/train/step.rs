@@ -385,8 +385,9 @@ impl CarpState {
         let dev_step = match &self.device.state {
             Some(ds) => {
                 let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
-                let dperm = ds.be.upload_i32(&perm32)?; // (K,)
-                                                        // The step's GPU time: one event pair around its queued work.
+                // (K,)
+                let dperm = ds.be.upload_i32(&perm32)?;
+                // The step's GPU time: one event pair around its queued work.
                 let start = ds.be.timing_event()?;
                 Some((dperm, start))
             }
