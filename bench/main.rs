@@ -13,7 +13,7 @@ use carp::data::{Dataset, LoaderConfig, TwoViewLoader};
 use carp::nn::ModelConfig;
 use carp::tensor::Device;
 use carp::testutil::randn;
-use carp::train::step::{CarpState, PhaseTimes};
+use carp::train::step::{set_phase_sync, CarpState, PhaseTimes};
 use carp::{Error, Result};
 
 #[derive(Parser)]
@@ -77,6 +77,12 @@ struct Args {
     /// Print one JSON line at the end.
     #[arg(long)]
     json: bool,
+    /// GPU: no per-phase synchronization (as in training): the step only queues work and waits
+    /// once at its end, so the step time shows what the waits between phases cost; the phase
+    /// rows are then the host's queuing times, and "gpu step" the GPU time between one CUDA
+    /// event pair around the step.
+    #[arg(long)]
+    no_phase_sync: bool,
 }
 
 /// Whether this run's cuDNN convolutions may use TF32 (false on the CPU).
@@ -257,6 +263,8 @@ fn run(args: Args) -> Result<()> {
         },
     );
 
+    // Per-phase GPU times need a wait at the end of every phase (training does without).
+    set_phase_sync(!args.no_phase_sync);
     let mut step_ms = Vec::new();
     let mut phases: Vec<PhaseTimes> = Vec::new();
     let mut loss = 0.0;
@@ -273,8 +281,9 @@ fn run(args: Args) -> Result<()> {
             None => synthetic.clone(),
         };
         let st = state.train_step_multi(&v1, &v2, locals.as_ref(), 0.1, 0.996)?;
-        // train_step waits for the GPU at the end of each GPU phase (and its host phases are
-        // synchronous), so the clock here covers all of the step's work.
+        // train_step waits for the GPU at the end of each GPU phase (without --no-phase-sync;
+        // its host phases are synchronous), and for the step's verdict at its end; the sync
+        // makes sure the clock here covers all of the step's work either way.
         sync(&device)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         loss = st.loss;
@@ -335,6 +344,11 @@ fn run(args: Args) -> Result<()> {
         println!("{name:<18} {v:>10.2}");
     }
     println!("{:<18} {med:>10.2}", "step");
+    let gpu_step = ph(|p| p.step_ms);
+    println!(
+        "{:<18} {gpu_step:>10.2}   (one event pair on the device path; wall time elsewhere)",
+        "gpu step"
+    );
     println!("images/s {ips:.1}   peak memory {peak:.2} GiB ({peak_what})   final loss {loss:.4}");
     let timed_allocs = gpu_allocs(&device)?
         .zip(allocs_after_warmup)
@@ -352,7 +366,7 @@ fn run(args: Args) -> Result<()> {
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
                 "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "k": args.k, "nb": args.nb,
-                "phases_ms": phases, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "phases_ms": phases, "phase_sync": !args.no_phase_sync, "gpu_step_ms": gpu_step, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },
             })
         );

@@ -303,3 +303,16 @@ extern "C" __global__ void bn_running_update_f32(float* running_mean, float* run
         running_var[c] = (1.0f - momentum) * running_var[c] + momentum * batch_var_unbiased[c];
     }
 }
+
+// `bn_running_update_f32` gated by the step's device-side "step ok" flag (kernels/lars.cu
+// `step_ok_f32`): the running statistics stay bit-identical while *ok == 0.
+extern "C" __global__ void bn_running_update_gated_f32(float* running_mean, float* running_var,
+                                                       const float* batch_mean,
+                                                       const float* batch_var_unbiased,
+                                                       float momentum, int C, const int* ok) {
+    if (*ok == 0) return;
+    GRID_STRIDE_LOOP(c, C) {
+        running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * batch_mean[c];
+        running_var[c] = (1.0f - momentum) * running_var[c] + momentum * batch_var_unbiased[c];
+    }
+}

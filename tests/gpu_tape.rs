@@ -719,6 +719,12 @@ fn device_state_steps_match_cpu() {
             "the GPU step did not use the device-resident state"
         );
         assert!(!gpu.host_is_current(), "a GPU step left the host current");
+        // The step's GPU time from its one event pair.
+        assert!(
+            sg.phases.step_ms.is_finite() && sg.phases.step_ms > 0.0,
+            "step_ms {}",
+            sg.phases.step_ms
+        );
         for (name, g, c) in [
             ("loss", sg.loss, sc.loss),
             ("consistency", sg.consistency, sc.consistency),
@@ -786,8 +792,11 @@ fn device_state_steps_match_cpu() {
     assert!(cpu.student.buffers.data != small_state().student.buffers.data);
 }
 
-/// The GPU NaN guard: a non-finite gradient in a chosen entry is reported by that entry's name
-/// (the first one in layout order, as the host guard), before anything changes on the device.
+/// The GPU NaN guard and the device-side gate: a non-finite gradient in a chosen entry is
+/// reported by that entry's name (the first one in layout order, as the host guard), a
+/// non-finite loss term by the loss, and in every case the gated LARS pass 2 and EMA queued
+/// after the verdict leave every device buffer bit-identical; with a finite step they do move
+/// the state (so the comparison can fail).
 #[test]
 fn device_state_nan_gradient_is_named_and_changes_nothing() {
     let Some((_dev, _serial)) =
@@ -801,50 +810,85 @@ fn device_state_nan_gradient_is_named_and_changes_nothing() {
         let st = small_state();
         let be = carp::device::cuda::backend(0).unwrap();
         let p = &st.student.params;
+        let mom0 = randn_vec(p.numel(), 11);
         let mut ds = DeviceTrainState::upload(
             be.clone(),
             (p, &st.student.buffers),
             (&st.teacher.params, &st.teacher.buffers),
-            &randn_vec(p.numel(), 11),
+            &mom0,
         )
         .unwrap();
-        // A finite gradient passes.
+        let cfg = carp::train::step::lars_config(1e-4);
+        // Every state buffer, downloaded: (student, teacher, student BN, teacher BN, momentum).
+        let snapshot = |ds: &DeviceTrainState| {
+            let mut back = st.clone();
+            let mut mom = vec![0.0; p.numel()];
+            ds.download(
+                (&mut back.student.params, &mut back.student.buffers),
+                (&mut back.teacher.params, &mut back.teacher.buffers),
+                &mut mom,
+            )
+            .unwrap();
+            (
+                back.student.params.data,
+                back.teacher.params.data,
+                back.student.buffers.data,
+                back.teacher.buffers.data,
+                mom,
+            )
+        };
+        let initial = snapshot(&ds);
+        let finite_loss = be.upload_f32(&[0.75, 2.5]).unwrap(); // [H, consistency]
+                                                                // One guarded step on the device API: check, gated updates, then the verdict.
+        let step =
+            |ds: &mut DeviceTrainState, g: &[f32], loss_hc: &carp::device::cuda::DeviceBuffer| {
+                be.copy_from_host_f32(&mut ds.grad, g).unwrap();
+                ds.queue_check(p, 1e-4, loss_hc).unwrap();
+                ds.lars(&cfg, 0.3, true).unwrap();
+                ds.ema(0.99, true).unwrap();
+                ds.verdict(p, 3)
+            };
         let mut g = randn_vec(p.numel(), 12);
-        be.copy_from_host_f32(&mut ds.grad, &g).unwrap();
-        ds.check_and_norms(p, 1e-4, 3).unwrap();
         // A NaN in a 1-d entry (a BN gamma, which LARS pass 1 skips for norms) and an inf in
         // a later conv weight: the 1-d entry is named.
         let bn = p.entries.iter().position(|e| e.is_1d()).unwrap();
         let conv = p.entries.iter().rposition(|e| !e.is_1d()).unwrap();
         assert!(conv > bn);
+        let good = g.clone();
         g[p.entries[bn].range().end - 1] = f32::NAN;
         g[p.entries[conv].offset] = f32::INFINITY;
-        be.copy_from_host_f32(&mut ds.grad, &g).unwrap();
-        let e = ds.check_and_norms(p, 1e-4, 3).unwrap_err().to_string();
+        let e = step(&mut ds, &g, &finite_loss).unwrap_err().to_string();
         assert!(
             e.contains(&format!("non-finite gradient in {};", p.entries[bn].name))
                 && e.contains("step 3"),
             "{e}"
         );
+        assert!(
+            snapshot(&ds) == initial,
+            "a NaN-gradient step changed the device state"
+        );
         // Only the multi-d inf left: that entry is named.
         g[p.entries[bn].range().end - 1] = 0.5;
-        be.copy_from_host_f32(&mut ds.grad, &g).unwrap();
-        let e = ds.check_and_norms(p, 1e-4, 3).unwrap_err().to_string();
+        let e = step(&mut ds, &g, &finite_loss).unwrap_err().to_string();
         assert!(e.contains(&p.entries[conv].name), "{e}");
-        // Nothing changed on the device.
-        let mut back = st.clone();
-        let mut mom = vec![0.0; p.numel()];
-        ds.download(
-            (&mut back.student.params, &mut back.student.buffers),
-            (&mut back.teacher.params, &mut back.teacher.buffers),
-            &mut mom,
-        )
-        .unwrap();
-        assert_eq!(back.student.params.data, st.student.params.data);
-        assert_eq!(back.teacher.params.data, st.teacher.params.data);
-        assert_eq!(back.student.buffers.data, st.student.buffers.data);
-        assert_eq!(back.teacher.buffers.data, st.teacher.buffers.data);
-        assert_eq!(mom, randn_vec(p.numel(), 11));
+        assert!(
+            snapshot(&ds) == initial,
+            "an inf-gradient step changed the device state"
+        );
+        // A finite gradient with a NaN entropy term: the loss is named.
+        let nan_loss = be.upload_f32(&[f32::NAN, 2.5]).unwrap();
+        let e = step(&mut ds, &good, &nan_loss).unwrap_err().to_string();
+        assert!(e.contains("step 3: the loss is NaN"), "{e}");
+        assert!(
+            snapshot(&ds) == initial,
+            "a NaN-loss step changed the device state"
+        );
+        // The finite step passes, returns the loss terms and moves the weights and teacher.
+        let (loss, consistency, entropy) = step(&mut ds, &good, &finite_loss).unwrap();
+        assert_eq!((loss, consistency, entropy), (3.25, 2.5, 0.75));
+        let after = snapshot(&ds);
+        assert!(after.0 != initial.0 && after.1 != initial.1 && after.4 != initial.4);
+        assert_eq!(after.2, initial.2, "no BN update was queued");
     }
 }
 
@@ -868,14 +912,18 @@ fn device_state_failed_step_changes_nothing() {
     let mut bad = v1.to_vec().unwrap();
     bad[5] = f32::NAN;
     let bad = Tensor::from_vec(bad, v1.shape()).unwrap();
-    assert!(st
+    // The loss is NaN (the whole step is queued; the verdict at its end names it).
+    let e = st
         .train_step(
             &bad.to_device(&dev).unwrap(),
             &v2.to_device(&dev).unwrap(),
             0.3,
-            0.99
+            0.99,
         )
-        .is_err());
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("step 1: the loss is NaN"), "{e}");
+    assert!(st.host_is_current(), "a failed step marked the host stale");
     assert_eq!(st.step, before.step);
     st.sync_to_host().unwrap();
     assert_eq!(st.student.params.data, before.student.params.data);
@@ -1339,4 +1387,95 @@ fn fused_bn_relu_add() {
             },
         );
     }
+}
+
+/// `CARP_STEP_SYNC=1` (the verdict read before ungated updates: the fallback of the device
+/// gate) and the default gated step agree over a few steps, and a NaN step fails in both modes
+/// with the loss named and the state unchanged. Tolerance 1e-5 relative: the same kernels, but
+/// LARS norms summed with float atomics may round differently between two runs.
+#[test]
+fn device_state_step_sync_matches_gated() {
+    let Some((dev, _serial)) = gpu_or_skip("device_state_step_sync_matches_gated") else {
+        return;
+    };
+    if std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: device_state_step_sync_matches_gated: CARP_HOST_OPTIM=1 selects the host path"
+        );
+        return;
+    }
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let prev = std::env::var("CARP_STEP_SYNC").ok();
+    let mut gated = small_state();
+    let mut synced = small_state();
+    let (bad1, v2_0) = {
+        let (v1, v2) = views(0);
+        let mut b = v1.to_vec().unwrap();
+        b[7] = f32::NAN;
+        (Tensor::from_vec(b, v1.shape()).unwrap(), v2)
+    };
+    for s in 0..3 {
+        let (v1, v2) = views(s);
+        for (st, sync) in [(&mut gated, false), (&mut synced, true)] {
+            if sync {
+                std::env::set_var("CARP_STEP_SYNC", "1");
+            } else {
+                std::env::remove_var("CARP_STEP_SYNC");
+            }
+            if s == 1 {
+                // A NaN step in between: refused, nothing changes, training goes on.
+                let e = st
+                    .train_step(&on(&bad1), &on(&v2_0), 0.3, 0.99)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("step 1: the loss is NaN"), "sync {sync}: {e}");
+                assert_eq!(st.step, 1);
+            }
+            st.train_step(&on(&v1), &on(&v2), 0.3 - 0.05 * s as f32, 0.99)
+                .unwrap();
+        }
+    }
+    match prev {
+        Some(v) => std::env::set_var("CARP_STEP_SYNC", v),
+        None => std::env::remove_var("CARP_STEP_SYNC"),
+    }
+    gated.sync_to_host().unwrap();
+    synced.sync_to_host().unwrap();
+    for (name, a, b) in [
+        (
+            "student",
+            &gated.student.params.data,
+            &synced.student.params.data,
+        ),
+        (
+            "teacher",
+            &gated.teacher.params.data,
+            &synced.teacher.params.data,
+        ),
+        (
+            "momentum",
+            &gated.lars.momentum_buf,
+            &synced.lars.momentum_buf,
+        ),
+        (
+            "student BN",
+            &gated.student.buffers.data,
+            &synced.student.buffers.data,
+        ),
+        (
+            "teacher BN",
+            &gated.teacher.buffers.data,
+            &synced.teacher.buffers.data,
+        ),
+    ] {
+        check_close(
+            &format!("{name} (gated vs CARP_STEP_SYNC=1)"),
+            a,
+            b,
+            1e-5,
+            1e-7,
+        );
+    }
+    assert_eq!(gated.step, 3);
 }

@@ -4,12 +4,16 @@
 //! after a resume/load); while it exists it is the source of truth and the host stores lag
 //! behind until `CarpState::sync_to_host`.
 //!
-//! Per step nothing crosses the bus except one download of `3 * n_entries` floats: the NaN
-//! guard (per-entry counts of non-finite gradients, fused into LARS pass 1), which must name the
-//! first offending entry before any weight changes. One small download per step is acceptable
-//! for now; it is the state's only host synchronization (the step's phase clocks and the loss
-//! scalars wait for the device too). A CUDA-graph step would read the flags after the graph and
-//! roll back, or keep a device-side "skip the update" flag instead.
+//! Per step nothing crosses the bus except one download of `3 * n_entries + 3` floats at the
+//! END of the step: the NaN guard's per-entry statistics (non-finite gradient counts fused
+//! into LARS pass 1, the norms), the loss terms and the device-side verdict. The verdict
+//! (`step_ok`: loss finite AND every gradient finite AND every trust ratio finite) is an i32
+//! flag on the device that the BN running-statistics updates, LARS pass 2 and the EMA read:
+//! they do nothing when it is 0, so the whole step is queued without a wait in the middle and
+//! a non-finite step still changes nothing. The host then reads the verdict and names the
+//! first offending entry. `CARP_STEP_SYNC=1` reads the verdict before queuing the updates
+//! (one wait mid-step) and runs the ungated update kernels instead (the A/B and fallback of the
+//! gating kernels).
 //!
 //! `CARP_HOST_OPTIM=1` keeps today's host path (upload the parameters per forward, download the
 //! gradients and BN statistics, LARS/EMA on the host) for A/B runs and as a fallback.
@@ -17,6 +21,12 @@
 /// True when `CARP_HOST_OPTIM=1`: GPU steps run BN updates, LARS and the EMA on the host.
 pub fn host_optim_forced() -> bool {
     std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1")
+}
+
+/// True when `CARP_STEP_SYNC=1`: the device step reads the NaN verdict before the updates (a
+/// wait mid-step) and runs the ungated update kernels, instead of gating them on the device.
+pub fn step_sync_forced() -> bool {
+    std::env::var("CARP_STEP_SYNC").is_ok_and(|v| v.trim() == "1")
 }
 
 /// Where a `CarpState` keeps its device copy, and whether its host stores lag behind it.
@@ -72,8 +82,12 @@ mod gpu {
         /// Teacher BN running statistics, (B,).
         pub teacher_bn: DeviceBuffer,
         plan: LarsPlan,
-        /// (3, n_entries): ||w||^2, ||g + wd w||^2, non-finite gradient count per entry.
+        /// (3 n_entries + 3): ||w||^2, ||g + wd w||^2, non-finite gradient count per entry,
+        /// then [entropy H, consistency, ok] (`step_ok`): the step's one download.
         stats: DeviceBuffer,
+        /// (1,) i32: this step's device-side verdict, 1 when the whole step is finite. The
+        /// gated updates read it.
+        ok: DeviceBuffer,
         numel: usize,
         n_buffers: usize,
     }
@@ -138,7 +152,8 @@ mod gpu {
                 teacher: up(&be, "teacher parameters", &tp.data, numel)?,
                 student_bn: up(&be, "student BN statistics", &sb.data, n_buffers)?,
                 teacher_bn: up(&be, "teacher BN statistics", &tb.data, n_buffers)?,
-                stats: be.zeros_f32(3 * sp.len())?,
+                stats: be.zeros_f32(3 * sp.len() + 3)?,
+                ok: be.upload_i32(&[0])?,
                 plan,
                 numel,
                 n_buffers,
@@ -179,16 +194,14 @@ mod gpu {
             down(be, &self.teacher_bn, &mut tb.data)
         }
 
-        /// The NaN guard and LARS pass 1: per-entry norms and non-finite gradient counts, then
-        /// one small download (3 floats per entry; the step's one host synchronization). An
-        /// error names the first entry (in layout order, as the host guard) with a non-finite
-        /// gradient, or with a non-finite trust ratio (non-finite weights); nothing has changed
-        /// at that point.
-        pub fn check_and_norms(
+        /// The NaN guard and LARS pass 1, queued: per-entry norms and non-finite gradient
+        /// counts, then the device-side verdict from them and the loss terms `loss_hc` (2,) =
+        /// [H, consistency] (`step_ok`). Nothing waits; `verdict` reads the result.
+        pub fn queue_check(
             &mut self,
             params: &ParamStore,
             weight_decay: f32,
-            step: usize,
+            loss_hc: &DeviceBuffer,
         ) -> Result<()> {
             let n = params.len();
             if self.plan.num_segments() != n {
@@ -205,9 +218,35 @@ mod gpu {
                 weight_decay,
                 &mut self.stats,
             )?;
-            let s = self.be.download_f32(&self.stats)?; // (3, n)
-                                                        // Entries are in layout order, so the first flagged entry holds the first
-                                                        // non-finite element, the one the host guard names.
+            self.be
+                .step_ok(&self.plan, &mut self.stats, loss_hc, &mut self.ok)
+        }
+
+        /// The step's one download (waits for everything queued so far): the loss terms
+        /// (loss, consistency, entropy) when the step was finite, else the error the host guard
+        /// would raise: the non-finite loss first, then the first entry (in layout order) with a
+        /// non-finite gradient, then one with a non-finite trust ratio (non-finite weights).
+        /// The gated updates did nothing in that case.
+        pub fn verdict(&self, params: &ParamStore, step: usize) -> Result<(f32, f32, f32)> {
+            let n = params.len();
+            let s = self.be.download_f32(&self.stats)?; // (3 n + 3)
+            if s.len() != 3 * n + 3 {
+                bail!(
+                    Shape,
+                    "device training state: {} statistics for {n} entries",
+                    s.len()
+                );
+            }
+            let (entropy, consistency, ok) = (s[3 * n], s[3 * n + 1], s[3 * n + 2]);
+            let loss = entropy + consistency;
+            if !loss.is_finite() {
+                bail!(
+                    NonFinite,
+                    "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes"
+                );
+            }
+            // Entries are in layout order, so the first flagged entry holds the first
+            // non-finite element, the one the host guard names.
             if let Some(i) = (0..n).find(|&i| s[2 * n + i] != 0.0) {
                 bail!(
                     NonFinite,
@@ -228,11 +267,19 @@ mod gpu {
                     e.name
                 );
             }
-            Ok(())
+            if ok != 1.0 {
+                bail!(
+                    Device,
+                    "step {step}: the device verdict is {ok} but the host finds the step finite \
+                     (a bug in step_ok_f32); rerun with CARP_STEP_SYNC=1"
+                );
+            }
+            Ok((loss, consistency, entropy))
         }
 
-        /// LARS pass 2 on the device, with the norms `check_and_norms` left.
-        pub fn lars(&mut self, cfg: &LarsConfig, lr: f32) -> Result<()> {
+        /// LARS pass 2 on the device, with the norms `queue_check` left; `gated`: only when
+        /// the device verdict is ok.
+        pub fn lars(&mut self, cfg: &LarsConfig, lr: f32, gated: bool) -> Result<()> {
             if !lr.is_finite() {
                 bail!(NonFinite, "lars: learning rate {lr}");
             }
@@ -246,25 +293,34 @@ mod gpu {
                 cfg.momentum,
                 cfg.trust_coef,
                 cfg.weight_decay,
+                gated.then_some(&self.ok),
             )
         }
 
-        /// teacher = m teacher + (1 - m) student on the device.
-        pub fn ema(&mut self, m: f32) -> Result<()> {
+        /// teacher = m teacher + (1 - m) student on the device; `gated`: only when the device
+        /// verdict is ok.
+        pub fn ema(&mut self, m: f32, gated: bool) -> Result<()> {
             if !(0.0..=1.0).contains(&m) {
                 bail!(Config, "ema_update: momentum {m} is outside [0, 1]");
             }
-            self.be.ema_update(&mut self.teacher, &self.student, m)
+            if gated {
+                self.be
+                    .ema_update_gated(&mut self.teacher, &self.student, m, &self.ok)
+            } else {
+                self.be.ema_update(&mut self.teacher, &self.student, m)
+            }
         }
 
         /// Queued BN running-statistics updates into the teacher's (`teacher`) or the
-        /// student's flat device statistics; `buffers` gives their layout.
+        /// student's flat device statistics; `buffers` gives their layout; `gated`: only when
+        /// the device verdict is ok.
         pub fn apply_bn_updates(
             &mut self,
             teacher: bool,
             buffers: &ParamStore,
             updates: Vec<BnUpdate>,
             momentum: f32,
+            gated: bool,
         ) -> Result<()> {
             if buffers.numel() != self.n_buffers {
                 bail!(
@@ -275,6 +331,7 @@ mod gpu {
                 );
             }
             let ordinal = self.ordinal();
+            let ok = gated.then_some(&self.ok);
             let flat = if teacher {
                 &mut self.teacher_bn
             } else {
@@ -300,6 +357,7 @@ mod gpu {
                     &v.cuda()?.buf,
                     c,
                     momentum,
+                    ok,
                 )?;
             }
             Ok(())

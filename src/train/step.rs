@@ -2,6 +2,7 @@
 //! forward on both views (and on the optional multi-crop local views), the partitioned loss and its analytic gradient, backward, LARS, EMA.
 //! Nothing in the state changes unless the whole step is finite.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rand::SeedableRng;
@@ -76,13 +77,34 @@ pub struct PhaseTimes {
     pub backward_ms: f64,
     pub optimizer_ms: f64,
     pub ema_ms: f64,
+    /// The whole step: on the device-resident GPU path the GPU time between two CUDA events
+    /// around the step's queued work (no wait in between); elsewhere wall time.
+    pub step_ms: f64,
 }
 
-/// Milliseconds of a phase on `device`: a GPU phase is waited for first (the launches are
-/// asynchronous, so the clock alone would measure only the queuing).
+/// Per-phase synchronization of GPU steps (see [`set_phase_sync`]).
+static PHASE_SYNC: AtomicBool = AtomicBool::new(false);
+
+/// Whether GPU steps wait for the device at the end of every phase so that [`PhaseTimes`]
+/// holds each phase's GPU time (carp-bench turns it on; `CARP_PHASE_SYNC=1` too). Off (the
+/// default, training), a GPU step only queues work and waits once at its end; its per-phase
+/// times are then the host's queuing times, and `step_ms` the step's GPU time.
+pub fn set_phase_sync(on: bool) {
+    PHASE_SYNC.store(on, Ordering::Relaxed);
+}
+
+#[cfg(feature = "cuda")]
+fn phase_sync() -> bool {
+    PHASE_SYNC.load(Ordering::Relaxed)
+        || std::env::var("CARP_PHASE_SYNC").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Milliseconds of a phase on `device`: with [`set_phase_sync`] a GPU phase is waited for first
+/// (the launches are asynchronous, so the clock alone measures only the queuing); without, the
+/// queuing time (no wait: the CPU runs ahead of the GPU).
 fn phase_ms(device: &Device, t: &mut Instant) -> Result<f64> {
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(i) = device {
+    if let (Device::Cuda(i), true) = (device, phase_sync()) {
         crate::device::cuda::backend(*i)?.synchronize()?;
     }
     let _ = device;
@@ -350,8 +372,27 @@ impl CarpState {
         // the device-resident state (unless CARP_HOST_OPTIM=1: then on the host stores).
         let device = crate::ops::common_device("train_step views", &[view1, view2])?;
         self.prepare_device_state(&device)?;
+        let wall = Instant::now();
         let n = view1.dim(0);
         let k = self.student.cfg.head.prototypes;
+        // This step's partition, drawn on a copy of the RNG that is committed only when the
+        // step succeeds (nothing in the state changes otherwise). On the device path it is
+        // uploaded here, while the queue is empty (the last step ended with its one wait): an
+        // upload from pageable memory waits for the queue, and would drain it mid-step.
+        let mut partition_rng = self.partition_rng.clone();
+        let perm = random_partition(k, &mut partition_rng);
+        #[cfg(feature = "cuda")]
+        let dev_step = match &self.device.state {
+            Some(ds) => {
+                let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
+                // (K,)
+                let dperm = ds.be.upload_i32(&perm32)?;
+                // The step's GPU time: one event pair around its queued work.
+                let start = ds.be.timing_event()?;
+                Some((dperm, start))
+            }
+            None => None,
+        };
         let n_local = match locals {
             None => 0,
             Some(l) => {
@@ -397,14 +438,27 @@ impl CarpState {
         };
         phases.student_forward_ms = phase_ms(&device, &mut clock)?;
 
-        let perm = random_partition(k, &mut self.partition_rng);
         let loss_range = nvtx::Range::new("loss");
+        #[cfg(feature = "cuda")]
+        if let Some((dperm, start)) = dev_step {
+            // The device-resident step: the loss terms stay on the device (no wait); the NaN
+            // guard reads them with everything else at the end of the step.
+            let (loss_hc, dlogits) =
+                self.gpu_loss_queued(&sfwd.logits, &tfwd.logits, vs, &dperm)?;
+            drop(loss_range);
+            phases.loss_ms = phase_ms(&device, &mut clock)?;
+            let st = self.finish_step_on_device(
+                tape, leaves, sfwd, tfwd, loss_hc, dlogits, lr, m, phases, clock, start,
+            )?;
+            self.partition_rng = partition_rng;
+            return Ok(st);
+        }
         #[cfg(feature = "cuda")]
         if let crate::tensor::Storage::Cuda(c) = sfwd.logits.storage() {
             let out = self.gpu_loss(&c.backend, &sfwd.logits, &tfwd.logits, vs, &perm)?;
             drop(loss_range);
             phases.loss_ms = phase_ms(&device, &mut clock)?;
-            return self.finish_step(
+            let mut st = self.finish_step(
                 tape,
                 leaves,
                 sfwd,
@@ -415,7 +469,10 @@ impl CarpState {
                 m,
                 phases,
                 clock,
-            );
+            )?;
+            self.partition_rng = partition_rng;
+            st.phases.step_ms = wall.elapsed().as_secs_f64() * 1e3;
+            return Ok(st);
         }
         let t_logits = tfwd.logits.to_vec()?; // (2N, K)
         let s_logits = sfwd.logits.to_vec()?; // ((2 + L) N, K): view v is rows v N .. (v + 1) N
@@ -440,7 +497,7 @@ impl CarpState {
             dlogits.extend_from_slice(d);
         }
         let dlogits = Tensor::from_vec(dlogits, &[vs * n, k])?;
-        self.finish_step(
+        let mut st = self.finish_step(
             tape,
             leaves,
             sfwd,
@@ -451,7 +508,10 @@ impl CarpState {
             m,
             phases,
             clock,
-        )
+        )?;
+        self.partition_rng = partition_rng;
+        st.phases.step_ms = wall.elapsed().as_secs_f64() * 1e3;
+        Ok(st)
     }
 
     /// The student forward with local views: the backbone on the globals `x` (2N, 3, S, S), then
@@ -523,6 +583,41 @@ impl CarpState {
         Ok((out.loss, out.consistency, out.entropy, d))
     }
 
+    /// `gpu_loss` without the wait (the device-resident step): `perm` (K,) i32 already on the
+    /// device. Returns the loss terms (2,) = [entropy H, consistency] on the device and
+    /// d loss / d student logits (vs N, K); nothing is checked here (the step's device verdict
+    /// includes the loss).
+    #[cfg(feature = "cuda")]
+    fn gpu_loss_queued(
+        &self,
+        s_logits: &Tensor,
+        t_logits: &Tensor,
+        vs: usize,
+        dperm: &crate::device::cuda::DeviceBuffer,
+    ) -> Result<(crate::device::cuda::DeviceBuffer, Tensor)> {
+        let (rows, k) = (s_logits.dim(0), s_logits.dim(1));
+        let n = rows / vs;
+        let t = t_logits.to_device(&s_logits.device())?;
+        let be = &s_logits.cuda()?.backend;
+        // (vs N, K) = (vs, N, K), the fused loss's layout; the uniformity mean runs over every
+        // student view and both teacher views: (vs + 2) N rows.
+        let out = be
+            .carp_loss_queued(
+                &s_logits.cuda()?.buf,
+                &t.cuda()?.buf,
+                dperm,
+                vs,
+                n,
+                k,
+                self.nb,
+                (vs + 2) * n,
+                None,
+            )
+            .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
+        let d = Tensor::from_cuda(out.dstudent, be.clone(), &[vs * n, k])?;
+        Ok((out.scalars, d))
+    }
+
     /// Backward from the analytic gradient of the student logits, then (when everything is
     /// finite) BN running statistics, LARS and the EMA.
     #[allow(clippy::too_many_arguments)]
@@ -540,21 +635,6 @@ impl CarpState {
         mut clock: Instant,
     ) -> Result<StepStats> {
         let device = sfwd.logits.device();
-        #[cfg(feature = "cuda")]
-        if self.device.state.is_some() {
-            return self.finish_step_on_device(
-                tape,
-                leaves,
-                sfwd,
-                tfwd,
-                (loss, consistency, entropy),
-                dlogits,
-                lr,
-                m,
-                phases,
-                clock,
-            );
-        }
         {
             let _r = nvtx::Range::new("backward");
             let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
@@ -606,9 +686,13 @@ impl CarpState {
         })
     }
 
-    /// `finish_step` on the device-resident state: gradients gathered into the flat device
-    /// gradient, the NaN guard (one small download), then BN statistics, LARS and the EMA with
-    /// the device kernels. Nothing else waits for the device (the phase clocks aside).
+    /// `finish_step` on the device-resident state, queued without a wait in the middle:
+    /// gradients gathered into the flat device gradient, the NaN guard (LARS pass 1 with
+    /// non-finite counts) and the device verdict (`step_ok`, with the loss terms `loss_hc`
+    /// (2,) = [H, consistency]), then BN statistics, LARS pass 2 and the EMA gated by the
+    /// verdict, then the step's one download: the verdict and the loss terms. A non-finite
+    /// step is an error naming the step and the entry, and changed no state buffer (the gated
+    /// kernels did nothing). `CARP_STEP_SYNC=1` reads the verdict before the (ungated) updates.
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn finish_step_on_device(
@@ -617,15 +701,24 @@ impl CarpState {
         leaves: ParamLeaves,
         sfwd: Forward,
         tfwd: Forward,
-        (loss, consistency, entropy): (f32, f32, f32),
+        loss_hc: crate::device::cuda::DeviceBuffer,
         dlogits: Tensor,
         lr: f32,
         m: f32,
         mut phases: PhaseTimes,
         mut clock: Instant,
+        start: crate::device::cuda::TimingEvent,
     ) -> Result<StepStats> {
         let device = sfwd.logits.device();
         let step = self.step;
+        // Host values: checked before anything is queued.
+        if !lr.is_finite() || !(0.0..=1.0).contains(&m) {
+            bail!(
+                Config,
+                "step {step}: learning rate {lr} or teacher momentum {m} out of range; stopping before any weight changes"
+            );
+        }
+        let sync = crate::optim::device::step_sync_forced();
         let ds = self.device.state.as_mut().ok_or_else(|| {
             Error::Msg("finish_step_on_device without a device state (a bug)".into())
         })?;
@@ -636,32 +729,61 @@ impl CarpState {
                 .params
                 .gather_grads_device(&ds.be, &leaves, &grads, &mut ds.grad)?;
             drop(leaves);
-            // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2).
-            ds.check_and_norms(&self.student.params, self.lars.cfg.weight_decay, step)?;
+            // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2), and the
+            // device verdict the updates below read.
+            ds.queue_check(&self.student.params, self.lars.cfg.weight_decay, &loss_hc)?;
+        }
+        let mut terms = None;
+        if sync {
+            terms = Some(ds.verdict(&self.student.params, step)?);
         }
         phases.backward_ms = phase_ms(&device, &mut clock)?;
-        if !lr.is_finite() || !(0.0..=1.0).contains(&m) {
-            bail!(
-                Config,
-                "step {step}: learning rate {lr} or teacher momentum {m} out of range; stopping before any weight changes"
-            );
-        }
 
-        // The step is good: commit BN statistics, LARS, then the EMA. From here on the host
-        // stores lag behind the device.
+        // BN statistics, LARS, then the EMA, each doing nothing unless the device verdict is
+        // ok. The host stores may lag behind the device from here on (restored below when the
+        // verdict says nothing changed).
+        let was_stale = self.device.host_stale;
         self.device.host_stale = true;
+        let gated = !sync;
         {
             let _r = nvtx::Range::new("optimizer");
-            ds.apply_bn_updates(true, &self.teacher.buffers, tfwd.bn_updates, BN_MOMENTUM)?;
-            ds.apply_bn_updates(false, &self.student.buffers, sfwd.bn_updates, BN_MOMENTUM)?;
-            ds.lars(&self.lars.cfg, lr)?;
+            ds.apply_bn_updates(
+                true,
+                &self.teacher.buffers,
+                tfwd.bn_updates,
+                BN_MOMENTUM,
+                gated,
+            )?;
+            ds.apply_bn_updates(
+                false,
+                &self.student.buffers,
+                sfwd.bn_updates,
+                BN_MOMENTUM,
+                gated,
+            )?;
+            ds.lars(&self.lars.cfg, lr, gated)?;
         }
         phases.optimizer_ms = phase_ms(&device, &mut clock)?;
         {
             let _r = nvtx::Range::new("ema");
-            ds.ema(m)?;
+            ds.ema(m, gated)?;
         }
         phases.ema_ms = phase_ms(&device, &mut clock)?;
+        let end = ds.be.timing_event()?;
+        // The step's one wait: the verdict and the loss terms (CARP_STEP_SYNC=1 read them
+        // above).
+        let (loss, consistency, entropy) = match terms {
+            Some(t) => t,
+            None => match ds.verdict(&self.student.params, step) {
+                Ok(t) => t,
+                Err(e) => {
+                    // The gated updates did nothing: the device state is as before the step.
+                    self.device.host_stale = was_stale;
+                    return Err(e);
+                }
+            },
+        };
+        phases.step_ms = start.elapsed_ms_to(&end)?;
         self.step += 1;
         Ok(StepStats {
             loss,

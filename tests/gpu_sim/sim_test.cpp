@@ -486,6 +486,89 @@ void test_bn_act(int n, int c, int hw, unsigned threads, unsigned S, bool train,
         for (float v : drs) if (!std::isnan(v)) { printf("FAIL bn_act wrote a null dresidual %s\n", tag); fails++; break; }
 }
 
+// The device-side step gate (lars.cu step_ok_f32 + the *_gated_f32 update kernels of lars.cu,
+// ema.cu, batchnorm.cu): with ok = 1 the gated kernels give the ungated results bit for bit
+// (the ungated ones are checked against f64 above) and the EMA / BN updates match f64; with
+// ok = 0 (a non-finite gradient, a non-finite loss term, non-finite weights) w, mu, the teacher
+// and the running statistics stay bit-identical. step_ok_f32 also on a synthetic stats buffer
+// of more segments than threads (its strided loop), the offender last.
+void test_step_gated() {
+    struct Seg { long off, len; int one_d; };
+    std::vector<Seg> segs = {{0, 300, 0}, {300, 150, 1}, {450, 77, 0}, {527, 1, 1}, {528, 201, 0}};
+    const int ns = (int)segs.size();
+    const long numel = 740;
+    const long CH = 128;
+    std::vector<int> cseg, clen, is1d; std::vector<i64> cst;
+    for (int s = 0; s < ns; ++s) {
+        is1d.push_back(segs[s].one_d);
+        for (long o = 0; o < segs[s].len; o += CH) { cseg.push_back(s); cst.push_back(segs[s].off + o); clen.push_back(std::min(CH, segs[s].len - o)); }
+    }
+    const float wd = 1e-3f, lr = 0.2f, mom = 0.9f, tr = 0.001f, em = 0.99f, bnm = 0.1f;
+    const int C = 13;
+    // case 0: finite; 1: NaN gradient (1-d segment); 2: NaN entropy; 3: +inf consistency;
+    // 4: +inf weight (multi-d segment: non-finite norms, finite gradient).
+    for (int cs = 0; cs < 5; ++cs) {
+        auto w = randn(numel), g = randn(numel), mu = randn(numel, 0.1f), t = randn(numel);
+        auto rm = randn(C), rv = randn(C, 0.3f), bm = randn(C), bv = randn(C, 0.5f);
+        for (auto& v : rv) v = 1.0f + std::fabs(v);
+        for (auto& v : bv) v = std::fabs(v);
+        std::vector<float> hc = {0.7f, 2.3f};
+        if (cs == 1) g[300 + 17] = NAN;
+        if (cs == 2) hc[0] = NAN;
+        if (cs == 3) hc[1] = INFINITY;
+        if (cs == 4) w[450 + 5] = INFINITY;
+        std::vector<float> st(3 * ns + 3, 0.0f);
+        launch({(unsigned)cseg.size()}, 64, lars_norms_checked_f32, (const float*)w.data(), (const float*)g.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), wd, st.data(), ns);
+        std::vector<int> ok = {-7};
+        launch({1}, 64, step_ok_f32, st.data(), (const int*)is1d.data(), ns, (const float*)hc.data(), ok.data());
+        const int want_ok = cs == 0 ? 1 : 0;
+        if (ok[0] != want_ok || st[3 * ns + 2] != (float)want_ok) { printf("FAIL step_ok case %d: ok %d / %g, want %d\n", cs, ok[0], st[3 * ns + 2], want_ok); fails++; }
+        if (!(std::memcmp(&st[3 * ns], &hc[0], 4) == 0 && std::memcmp(&st[3 * ns + 1], &hc[1], 4) == 0)) { printf("FAIL step_ok case %d: loss terms not copied\n", cs); fails++; }
+        auto w0 = w, mu0 = mu, t0 = t, rm0 = rm, rv0 = rv;
+        launch({(unsigned)cseg.size()}, 64, lars_update_gated_f32, w.data(), (const float*)g.data(), mu.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), (const float*)st.data(), (const float*)(st.data() + ns), lr, mom, tr, wd, (const int*)ok.data());
+        launch({3}, 32, ema_update_gated_f32, t.data(), (const float*)w.data(), em, (i64)numel, (const int*)ok.data());
+        launch({1}, 32, bn_running_update_gated_f32, rm.data(), rv.data(), (const float*)bm.data(), (const float*)bv.data(), bnm, C, (const int*)ok.data());
+        auto same = [](const std::vector<float>& a, const std::vector<float>& b) { return a.size() == b.size() && std::memcmp(a.data(), b.data(), 4 * a.size()) == 0; };
+        if (cs != 0) {
+            bool all = same(w, w0) && same(mu, mu0) && same(t, t0) && same(rm, rm0) && same(rv, rv0);
+            printf("%s gated updates with ok = 0 (case %d) leave every buffer bit-identical\n", all ? "ok  " : "FAIL", cs);
+            if (!all) fails++;
+            continue;
+        }
+        // ok = 1: the ungated kernels on copies, bit for bit; EMA and BN against f64.
+        auto w1 = w0, mu1 = mu0, t1 = t0, rm1 = rm0, rv1 = rv0;
+        launch({(unsigned)cseg.size()}, 64, lars_update_f32, w1.data(), (const float*)g.data(), mu1.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), (const float*)st.data(), (const float*)(st.data() + ns), lr, mom, tr, wd);
+        launch({3}, 32, ema_update_f32, t1.data(), (const float*)w1.data(), em, (i64)numel);
+        launch({1}, 32, bn_running_update_f32, rm1.data(), rv1.data(), (const float*)bm.data(), (const float*)bv.data(), bnm, C);
+        bool all = same(w, w1) && same(mu, mu1) && same(t, t1) && same(rm, rm1) && same(rv, rv1) && !same(w, w0);
+        printf("%s gated updates with ok = 1 equal the ungated ones bit for bit\n", all ? "ok  " : "FAIL");
+        if (!all) fails++;
+        std::vector<double> te(numel), rme(C), rve(C);
+        for (long i = 0; i < numel; ++i) te[i] = (double)em * t0[i] + (1.0 - (double)em) * w[i];
+        for (int c = 0; c < C; ++c) { rme[c] = 0.9 * rm0[c] + 0.1 * (double)bm[c]; rve[c] = 0.9 * rv0[c] + 0.1 * (double)bv[c]; }
+        check("gated ema", t, te, 1e-6); check("gated bn mean", rm, rme, 1e-6); check("gated bn var", rv, rve, 1e-6);
+    }
+    // step_ok_f32 over 100 segments with 32 threads: clean, then one bad count in segment 97,
+    // then a NaN norm of a 1-d segment (ignored: 1-d norms are not used), then of a multi-d one.
+    const int nn = 100;
+    std::vector<int> one(nn, 0);
+    for (int s = 0; s < nn; s += 3) one[s] = 1;
+    for (int cs = 0; cs < 4; ++cs) {
+        std::vector<float> st(3 * nn + 3);
+        for (int s = 0; s < 2 * nn; ++s) st[s] = std::fabs(randn(1)[0]);
+        for (int s = 2 * nn; s < 3 * nn; ++s) st[s] = 0.0f;
+        if (cs == 1) st[2 * nn + 97] = 1.0f;
+        if (cs == 2) st[nn + 99] = NAN;  // segment 99 is 1-d
+        if (cs == 3) st[98] = INFINITY;  // segment 98 is multi-d
+        std::vector<float> hc = {0.1f, 0.2f};
+        std::vector<int> ok = {-1};
+        launch({1}, 32, step_ok_f32, st.data(), (const int*)one.data(), nn, (const float*)hc.data(), ok.data());
+        const int want = (cs == 0 || cs == 2) ? 1 : 0;
+        printf("%s step_ok over %d segments case %d: %d (want %d)\n", ok[0] == want ? "ok  " : "FAIL", nn, cs, ok[0], want);
+        if (ok[0] != want) fails++;
+    }
+}
+
 int main(int argc, char** argv) {
     if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     test_misc();
@@ -520,6 +603,7 @@ int main(int argc, char** argv) {
     test_wn(37, 45);
     test_lars();
     test_lars_checked();
+    test_step_gated();
     // Fused BN + ReLU (+ residual): S = 1 and multi-block splits (uneven, cutting planes, more
     // slices than the finalize threads), HW = 1, float4 paths aligned and misaligned, both modes.
     for (bool train : {true, false})

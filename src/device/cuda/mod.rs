@@ -27,7 +27,7 @@ use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig
 
 pub use alloc::{DeviceBuffer, Pool, PoolStats};
 pub use dnn::{conv_find, conv_tf32, set_conv_tf32, ConvShape};
-pub use ops::{CarpLossGpu, LarsPlan, PbarHook, Pool2dShape};
+pub use ops::{CarpLossGpu, CarpLossQueued, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::error::{Error, Result};
 
@@ -72,6 +72,20 @@ pub fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
 
 pub(crate) fn driver_err(what: &str, e: result::DriverError) -> Error {
     Error::Device(format!("{what}: {e:?}"))
+}
+
+/// A CUDA event with timing, recorded on a backend's stream ([`CudaBackend::timing_event`]).
+pub struct TimingEvent(cudarc::driver::CudaEvent);
+
+impl TimingEvent {
+    /// GPU milliseconds from this event to `end` (a later one on the same stream). Waits for
+    /// `end` to complete.
+    pub fn elapsed_ms_to(&self, end: &TimingEvent) -> Result<f64> {
+        self.0
+            .elapsed_ms(&end.0)
+            .map(f64::from)
+            .map_err(|e| driver_err("reading a timing event pair", e))
+    }
 }
 
 /// One GPU: context, stream, allocator, kernels, library handles.
@@ -130,6 +144,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "bn_backward_dx_f32",
             "bn_eval_backward_dx_f32",
             "bn_running_update_f32",
+            "bn_running_update_gated_f32",
         ],
     ),
     (
@@ -163,9 +178,11 @@ const KERNELS: &[(&str, &[&str])] = &[
             "lars_norms_f32",
             "lars_update_f32",
             "lars_norms_checked_f32",
+            "lars_update_gated_f32",
+            "step_ok_f32",
         ],
     ),
-    ("ema", &["ema_update_f32"]),
+    ("ema", &["ema_update_f32", "ema_update_gated_f32"]),
     (
         "augment",
         &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
@@ -282,6 +299,17 @@ impl CudaBackend {
     /// Frees the allocator's cached blocks (e.g. before a phase with different shapes).
     pub fn release_cached(&self) -> Result<()> {
         self.pool.release_cached()
+    }
+
+    /// A timing event recorded on the stream now (after the work queued so far); two of them
+    /// give the GPU time between them (`TimingEvent::elapsed_ms_to`) without a wait at
+    /// recording time.
+    pub fn timing_event(&self) -> Result<TimingEvent> {
+        let ev = self
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| driver_err("recording a timing event", e))?;
+        Ok(TimingEvent(ev))
     }
 
     /// Waits for all queued work; surfaces asynchronous kernel errors.

@@ -1008,6 +1008,34 @@ impl CudaBackend {
         rows_total: usize,
         pbar_hook: Option<PbarHook<'_>>,
     ) -> Result<CarpLossGpu> {
+        let q =
+            self.carp_loss_queued(student, teacher, perm, vs, n, k, nb, rows_total, pbar_hook)?;
+        // The one wait: the loss terms to the host.
+        let s = self.download_f32(&q.scalars)?; // [H, consistency]
+        Ok(CarpLossGpu {
+            loss: s[0] + s[1],
+            consistency: s[1],
+            entropy: s[0],
+            dstudent: q.dstudent,
+        })
+    }
+
+    /// `carp_loss` without the download: every pass is queued and nothing waits for the
+    /// device. The loss terms stay on the device, `scalars` (2,) = [entropy H, consistency]
+    /// (the loss is their sum), for `step_ok` and one download at the end of the step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn carp_loss_queued(
+        &self,
+        student: &DeviceBuffer,
+        teacher: &DeviceBuffer,
+        perm: &DeviceBuffer,
+        vs: usize,
+        n: usize,
+        k: usize,
+        nb: usize,
+        rows_total: usize,
+        pbar_hook: Option<PbarHook<'_>>,
+    ) -> Result<CarpLossQueued> {
         let op = "carp_loss";
         if vs < 2 || n == 0 || nb == 0 || k == 0 || !k.is_multiple_of(nb) || rows_total == 0 {
             return Err(Error::Shape(format!(
@@ -1097,16 +1125,10 @@ impl CudaBackend {
         let pc = scalars.ptr() + 4; // &scalars[1]
         let (pparts, nparts) = (partial.ptr(), i64_of(n * np));
         launch!(self, "sum_f32", one_block(1024), pparts, pc, nparts);
-        let s = self.download_f32(&scalars)?;
         // The temporaries go back to the pool here; later users queue behind this stream's
-        // work (and the download above already waited for it).
+        // work (one stream), so the kernels above still read them first.
         drop((ps, pt, g, partial));
-        Ok(CarpLossGpu {
-            loss: s[0] + s[1],
-            consistency: s[1],
-            entropy: s[0],
-            dstudent,
-        })
+        Ok(CarpLossQueued { scalars, dstudent })
     }
 }
 
@@ -1131,6 +1153,14 @@ impl LarsPlan {
     pub fn num_segments(&self) -> usize {
         self.n_segs
     }
+}
+
+/// What `carp_loss_queued` returns: everything still on the device (nothing waited for).
+pub struct CarpLossQueued {
+    /// (2,): [entropy H, consistency]; the loss is their sum.
+    pub scalars: DeviceBuffer,
+    /// d loss / d student logits, (vs, n, k), original prototype order.
+    pub dstudent: DeviceBuffer,
 }
 
 /// What `carp_loss` returns: the terms (host scalars) and the student gradient on the device.
@@ -1196,7 +1226,8 @@ impl CudaBackend {
     }
 
     /// LARS pass 2 in place on w and mu, with the norms `lars_norms_checked` left in `stats`
-    /// (the same w and g: nothing may change them in between).
+    /// (the same w and g: nothing may change them in between). With `ok` (an i32 device flag,
+    /// `step_ok`'s) the kernel does nothing while the flag is 0.
     #[allow(clippy::too_many_arguments)]
     pub fn lars_update_from_stats(
         &self,
@@ -1209,8 +1240,12 @@ impl CudaBackend {
         momentum: f32,
         trust: f32,
         weight_decay: f32,
+        ok: Option<&DeviceBuffer>,
     ) -> Result<()> {
         let op = "lars_update_from_stats";
+        if let Some(f) = ok {
+            need(op, "ok", f, 1)?;
+        }
         need(op, "w", w, plan.numel)?;
         need(op, "g", g, plan.numel)?;
         need(op, "mu", mu, plan.numel)?;
@@ -1232,29 +1267,54 @@ impl CudaBackend {
         );
         // wnorm2 = stats[0..n_segs), gnorm2 = stats[n_segs..2 n_segs) (checked above).
         let (wn, gn) = (stats.ptr(), stats.ptr() + (4 * plan.n_segs) as u64);
-        launch!(
-            self,
-            "lars_update_f32",
-            cfg,
-            pw,
-            pg,
-            pmu,
-            cs,
-            cst,
-            cl,
-            s1,
-            wn,
-            gn,
-            lr,
-            momentum,
-            trust,
-            weight_decay
-        );
+        match ok {
+            None => launch!(
+                self,
+                "lars_update_f32",
+                cfg,
+                pw,
+                pg,
+                pmu,
+                cs,
+                cst,
+                cl,
+                s1,
+                wn,
+                gn,
+                lr,
+                momentum,
+                trust,
+                weight_decay
+            ),
+            Some(f) => {
+                let pok = f.ptr();
+                launch!(
+                    self,
+                    "lars_update_gated_f32",
+                    cfg,
+                    pw,
+                    pg,
+                    pmu,
+                    cs,
+                    cst,
+                    cl,
+                    s1,
+                    wn,
+                    gn,
+                    lr,
+                    momentum,
+                    trust,
+                    weight_decay,
+                    pok
+                )
+            }
+        }
         Ok(())
     }
 
     /// `batch_norm_running_update` on running statistics that live inside one flat buffer:
-    /// running_mean at element `mean_off`, running_var at `var_off`, `c` values each.
+    /// running_mean at element `mean_off`, running_var at `var_off`, `c` values each. With `ok`
+    /// (an i32 device flag, `step_ok`'s) nothing changes while the flag is 0.
     #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_running_update_at(
         &self,
@@ -1265,8 +1325,12 @@ impl CudaBackend {
         batch_var_unbiased: &DeviceBuffer,
         c: usize,
         momentum: f32,
+        ok: Option<&DeviceBuffer>,
     ) -> Result<()> {
         let op = "batch_norm_running_update_at";
+        if let Some(f) = ok {
+            need(op, "ok", f, 1)?;
+        }
         need(op, "running (mean)", running, mean_off + c)?;
         need(op, "running (var)", running, var_off + c)?;
         need(op, "batch_mean", batch_mean, c)?;
@@ -1286,17 +1350,94 @@ impl CudaBackend {
             batch_var_unbiased.ptr(),
         );
         let cc = i32_of(op, c)?;
+        match ok {
+            None => launch!(
+                self,
+                "bn_running_update_f32",
+                self.elementwise_cfg(c),
+                a,
+                b,
+                m,
+                v,
+                momentum,
+                cc
+            ),
+            Some(f) => {
+                let pok = f.ptr();
+                launch!(
+                    self,
+                    "bn_running_update_gated_f32",
+                    self.elementwise_cfg(c),
+                    a,
+                    b,
+                    m,
+                    v,
+                    momentum,
+                    cc,
+                    pok
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// `ema_update` gated by an i32 device flag (`step_ok`'s): nothing changes while it is 0.
+    pub fn ema_update_gated(
+        &self,
+        teacher: &mut DeviceBuffer,
+        student: &DeviceBuffer,
+        m: f32,
+        ok: &DeviceBuffer,
+    ) -> Result<()> {
+        let n = teacher.len32();
+        if student.len32() != n {
+            return Err(Error::Shape(format!(
+                "ema_update_gated: teacher has {n} values, student {}",
+                student.len32()
+            )));
+        }
+        need("ema_update_gated", "ok", ok, 1)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (pt, ps, nn, pok) = (teacher.ptr(), student.ptr(), i64_of(n), ok.ptr());
         launch!(
             self,
-            "bn_running_update_f32",
-            self.elementwise_cfg(c),
-            a,
-            b,
+            "ema_update_gated_f32",
+            self.elementwise_cfg(n),
+            pt,
+            ps,
             m,
-            v,
-            momentum,
-            cc
+            nn,
+            pok
         );
+        Ok(())
+    }
+
+    /// The step's device-side verdict (kernels/lars.cu `step_ok_f32`), after
+    /// `lars_norms_checked` filled `stats` and the loss left `loss_hc` (2,) = [H, consistency]:
+    /// `ok` (one i32) = 1 when the loss, every gradient and every multi-d trust ratio is
+    /// finite, else 0; `stats` must hold 3 n_segs + 3 values, the last three become
+    /// [H, consistency, ok] (one download then tells the host everything).
+    pub fn step_ok(
+        &self,
+        plan: &LarsPlan,
+        stats: &mut DeviceBuffer,
+        loss_hc: &DeviceBuffer,
+        ok: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "step_ok";
+        need(op, "stats", stats, 3 * plan.n_segs + 3)?;
+        need(op, "loss_hc", loss_hc, 2)?;
+        need(op, "ok", ok, 1)?;
+        let (pst, s1, ns, ph, pok) = (
+            stats.ptr(),
+            plan.seg_is_1d.ptr(),
+            i32_of(op, plan.n_segs)?,
+            loss_hc.ptr(),
+            ok.ptr(),
+        );
+        launch!(self, "step_ok_f32", one_block(1024), pst, s1, ns, ph, pok);
         Ok(())
     }
 }
