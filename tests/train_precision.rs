@@ -236,6 +236,9 @@ fn the_default_precision_is_f32_and_bf16_differs_only_by_rounding() {
     assert!("f16".parse::<Precision>().is_err());
 }
 
+/// Picks a parameter group by a tensor's name and shape.
+type GroupFilter = fn(&str, &[usize]) -> bool;
+
 fn global_norm(v: &[f32]) -> f64 {
     v.iter()
         .map(|&x| (x as f64) * (x as f64))
@@ -261,7 +264,7 @@ fn one_tiny_step_in_bf16_agrees_with_f32() {
     let dot: f64 = gf.iter().zip(gb).map(|(&a, &c)| a as f64 * c as f64).sum();
     let cos = dot / (global_norm(gf) * global_norm(gb));
     // Per parameter group: ||g_bf16 - g_f32|| / ||g_f32||.
-    let groups: [(&str, fn(&str, &[usize]) -> bool); 4] = [
+    let groups: [(&str, GroupFilter); 4] = [
         ("backbone conv weights", |name, shape| {
             !name.starts_with("head") && !name.starts_with("prototypes") && shape.len() == 4
         }),
