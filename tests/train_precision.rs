@@ -402,3 +402,36 @@ fn bf16_training_follows_the_f32_loss_curve_for_200_steps() {
         "the bf16 curve left the 5% band: worst gap {worst:.3e}"
     );
 }
+
+/// `carp train --precision` reaches the resolved configuration (shown by --dry-run), defaults
+/// to f32, and a bad value says which ones exist.
+#[test]
+fn the_precision_flag_is_in_the_dry_run() {
+    let carp = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_carp"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let config_precision = |out: &str| {
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        last["config"]["precision"].as_str().unwrap().to_string()
+    };
+    let (ok, out, err) = carp(&["train", "--precision", "bf16", "--dry-run", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("precision: bf16"), "{out}");
+    assert_eq!(config_precision(&out), "bf16");
+    let (ok, out, err) = carp(&["train", "--dry-run", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(config_precision(&out), "f32");
+    let (ok, _, err) = carp(&["train", "--precision", "f16", "--dry-run"]);
+    assert!(!ok);
+    assert!(err.contains("use f32 or bf16"), "{err}");
+    let (ok, out, _) = carp(&["train", "--help"]);
+    assert!(ok && out.contains("--precision"), "{out}");
+}
