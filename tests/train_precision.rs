@@ -455,3 +455,64 @@ fn bf16_on_gpu_tensors_is_a_clear_error() {
     let e = tape.conv2d(&x, &w, 1, 1).unwrap_err().to_string();
     assert!(e.contains("not yet on the GPU"), "{e}");
 }
+
+/// The gradient of an activation is rounded to bf16 on the way back: linear -> gelu on a bf16
+/// tape, seeded with dz. The gradient reaching the linear's output is
+/// round(round(dz) * gelu'(y)) (gelu's output cast rounds dz, the linear's output cast rounds
+/// the product), so dw = that^T round(x). The f64 reference with the inner rounding follows the
+/// tape to 1e-5 of the gradient's scale; without it, it misses by ~2^-9 relative (the test
+/// checks that too, so it can tell the two apart).
+#[test]
+fn bf16_rounds_activation_gradients_in_backward() {
+    let (n, cin, cout) = (7, 13, 9);
+    let x = randn(&[n, cin], 31);
+    let w = randn(&[cout, cin], 32);
+    let dz = randn(&[n, cout], 33);
+    let mut tape = Tape::new().with_precision(Precision::Bf16);
+    let (xl, wl) = (tape.track(&x), tape.track(&w));
+    let y = tape.linear(&xl, &wl, None).unwrap();
+    let z = tape.gelu(&y).unwrap();
+    assert!(is_bf16(&z.to_vec().unwrap()));
+    let g = tape.backward_from(vec![(z, dz.clone())]).unwrap();
+    let dw = g.get(&wl).unwrap().to_vec().unwrap();
+    let yv = y.to_vec().unwrap(); // bf16 values: gelu's input
+    let dzr = rounded(&dz.to_vec().unwrap());
+    let xr = rounded(&x.to_vec().unwrap());
+    let gelu_grad = |v: f64| {
+        0.5 * (1.0 + libm::erf(v / 2f64.sqrt()))
+            + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt()
+    };
+    let dy_exact: Vec<f64> = (0..n * cout)
+        .map(|j| dzr[j] * gelu_grad(yv[j] as f64))
+        .collect();
+    let dy_rounded: Vec<f64> = dy_exact
+        .iter()
+        .map(|&v| round_bf16(v as f32) as f64)
+        .collect();
+    let dw_of = |dy: &[f64]| -> Vec<f64> {
+        (0..cout * cin)
+            .map(|j| {
+                (0..n)
+                    .map(|i| dy[i * cout + j / cin] * xr[i * cin + j % cin])
+                    .sum()
+            })
+            .collect()
+    };
+    let err = |want: &[f64]| {
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        dw.iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b).abs())
+            .fold(0.0f64, f64::max)
+            / scale
+    };
+    let (with, without) = (err(&dw_of(&dy_rounded)), err(&dw_of(&dy_exact)));
+    assert!(
+        with < 1e-5,
+        "dw vs the rounded-gradient reference: {with:e}"
+    );
+    assert!(
+        without > 1e-4,
+        "dw also matches a backward that keeps activation gradients f32 ({without:e})"
+    );
+}
