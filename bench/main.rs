@@ -74,6 +74,9 @@ struct Args {
     /// Loader threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Numerical mode of the step: f32 or bf16 (bf16 is emulated on the CPU only so far).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    precision: carp::autograd::Precision,
     /// Print one JSON line at the end.
     #[arg(long)]
     json: bool,
@@ -209,6 +212,7 @@ fn run(args: Args) -> Result<()> {
         return Err(Error::Config("--steps must be at least 1".into()));
     }
     let mut state = CarpState::new(&model, args.nb, 1e-6, 0)?;
+    state.precision = args.precision;
     let (n, s) = (args.batch, args.image_size);
     let (n_local, ls) = (
         args.local_crops,
@@ -321,10 +325,11 @@ fn run(args: Args) -> Result<()> {
         l => format!(" + {l} local {ls}x{ls}"),
     };
     println!(
-        "carp-bench: {} batch {n} x 2 views {s}x{s}{local_desc}, K {} NB {}, device {device}{}",
+        "carp-bench: {} batch {n} x 2 views {s}x{s}{local_desc}, K {} NB {}, {}, device {device}{}",
         args.arch,
         args.k,
         args.nb,
+        args.precision,
         if args.data.is_some() {
             format!(", end to end from the loader (views finished on the {finish})")
         } else {
@@ -365,7 +370,7 @@ fn run(args: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
-                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "k": args.k, "nb": args.nb,
+                "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "precision": args.precision.as_str(), "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "phase_sync": !args.no_phase_sync, "gpu_step_ms": gpu_step, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },
             })

@@ -6,6 +6,12 @@
 //! differentiates and a closure that maps the output gradient to the inputs' gradients.
 //! A tape made with [`Tape::no_grad`] records nothing and keeps no activations alive (the EMA
 //! teacher's forward).
+//!
+//! A tape also carries the numerical [`Precision`] its ops run in. In [`Precision::Bf16`] the
+//! backbone and head ops emulate a bf16 GPU on the CPU: an op's rounded inputs and its output
+//! are bf16 values (held in f32), arithmetic and accumulation stay f32; parameters stay f32
+//! masters (rounded copies feed the ops, their gradients come back in f32), and the gradients of
+//! activations are rounded to bf16 on the way back. See [`Tape::bf16_inputs`].
 
 use std::collections::{HashMap, HashSet};
 
@@ -23,8 +29,53 @@ struct Node {
     backward: BackwardFn,
 }
 
+/// The numerical mode of a tape's ops (SPEC.md, mixed precision).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (the reference; bit-identical to a tape without a precision).
+    #[default]
+    F32,
+    /// bf16 activations and matmul/conv operands with f32 accumulation; BN statistics, the
+    /// loss, parameter gradients and the optimizer in f32 (emulated on the CPU).
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Precision> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => bail!(Config, "unknown precision {s:?}: use f32 or bf16"),
+        }
+    }
+}
+
 pub struct Tape {
     recording: bool,
+    precision: Precision,
+    /// Bf16 mode: tensors known to hold bf16 values already (op outputs), which an op takes
+    /// as they are.
+    bf16: HashSet<TensorId>,
+    /// Bf16 mode: the rounded copy of each f32 tensor (a parameter, an input image) an op has
+    /// taken, so a weight used several times in a step is rounded (and recorded) once.
+    casts: HashMap<TensorId, Tensor>,
     nodes: Vec<Node>,
     /// Tensors whose gradient is wanted: leaves marked with `track`, and every recorded
     /// output that depends on one.
@@ -42,6 +93,9 @@ impl Tape {
     pub fn new() -> Tape {
         Tape {
             recording: true,
+            precision: Precision::F32,
+            bf16: HashSet::new(),
+            casts: HashMap::new(),
             nodes: Vec::new(),
             tracked: HashSet::new(),
         }
@@ -53,6 +107,73 @@ impl Tape {
             recording: false,
             ..Tape::new()
         }
+    }
+
+    /// The same tape running its ops in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Tape {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Whether the ops of this tape take the bf16 path: called first by every rounding op;
+    /// when true the op rounds through [`Tape::bf16_inputs`], runs its f32 body through
+    /// [`Tape::as_f32`] and rounds its output with [`Tape::bf16_output`].
+    pub(crate) fn is_bf16(&self) -> bool {
+        self.precision == Precision::Bf16
+    }
+
+    /// Bf16 mode: the bf16 operands of `op`, in order. A tensor that already holds bf16 values
+    /// (another op's output) is taken as it is; any other (a parameter, an image) is replaced by
+    /// a rounded copy, made once per tape and recorded with an identity backward, so the
+    /// gradient of an f32 master parameter is the f32 gradient of its bf16 copy (the
+    /// straight-through cast of autocast). CPU only: a GPU tensor is an error.
+    pub(crate) fn bf16_inputs(&mut self, op: &str, xs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(xs.len());
+        for &x in xs {
+            if !matches!(x.storage(), crate::tensor::Storage::Cpu(_)) {
+                bail!(
+                    Device,
+                    "{op}: bf16 precision is not yet on the GPU (it is emulated on the CPU only); \
+                     train on the GPU with --precision f32"
+                );
+            }
+            if self.bf16.contains(&x.id()) {
+                out.push(x.clone());
+                continue;
+            }
+            if let Some(r) = self.casts.get(&x.id()) {
+                out.push(r.clone());
+                continue;
+            }
+            let r = x.round_bf16()?;
+            self.record("to_bf16", &r, &[x], |dr| Ok(vec![Some(dr.clone())]));
+            self.bf16.insert(r.id());
+            self.casts.insert(x.id(), r.clone());
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Bf16 mode: `y` (an op's f32 result) rounded to bf16, as the op would store it. Its
+    /// backward rounds the incoming gradient to bf16 (a bf16 backward stores the gradients of
+    /// activations in bf16; the ops' own backward still accumulates in f32).
+    pub(crate) fn bf16_output(&mut self, y: &Tensor) -> Result<Tensor> {
+        let r = y.round_bf16()?;
+        self.record("to_bf16", &r, &[y], |dr| Ok(vec![Some(dr.round_bf16()?)]));
+        self.bf16.insert(r.id());
+        Ok(r)
+    }
+
+    /// Runs `body` (an op's f32 path) with the tape in f32 mode, then restores the precision.
+    pub(crate) fn as_f32<R>(&mut self, body: impl FnOnce(&mut Tape) -> Result<R>) -> Result<R> {
+        let saved = std::mem::replace(&mut self.precision, Precision::F32);
+        let r = body(self);
+        self.precision = saved;
+        r
     }
 
     pub fn is_recording(&self) -> bool {

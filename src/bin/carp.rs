@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use carp::autograd::Precision;
 use carp::nn::{ModelConfig, Network};
 use carp::train::checkpoint;
 use carp::train::config::TrainConfig;
@@ -218,6 +219,11 @@ struct TrainArgs {
     /// and 14 at 32). Needs --local-crops.
     #[arg(long)]
     local_size: Option<usize>,
+    /// Numerical mode: f32 (default) or bf16 (SPEC.md's mixed precision: bf16 activations and
+    /// matmul/conv operands with f32 accumulation; f32 master weights, BN statistics, loss and
+    /// optimizer). bf16 is emulated on the CPU only so far: not yet on the GPU.
+    #[arg(long, value_name = "f32|bf16")]
+    precision: Option<Precision>,
     #[arg(long)]
     seed: Option<u64>,
     /// auto, cpu, cuda or cuda:N.
@@ -292,6 +298,7 @@ impl TrainArgs {
             blur,
             min_scale,
             local_crops,
+            precision,
             out,
             data
         );
@@ -409,6 +416,7 @@ fn run(cli: Cli) -> Result<()> {
                     "parameters: backbone {b}, head {h}, prototypes {p}, total {}",
                     b + h + p
                 );
+                println!("precision: {}", cfg.precision);
                 if cfg.local_crops > 0 {
                     println!(
                         "views per image: 2 global {0}x{0} (student and teacher) + {1} local {2}x{2} (student only)",

@@ -44,6 +44,12 @@ pub fn gelu_backward_cpu(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 impl Tape {
     /// Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
     pub fn gelu(&mut self, x: &Tensor) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("gelu", &[x])?;
+            let y = self.as_f32(|t| t.gelu(&r[0]))?;
+            return self.bf16_output(&y);
+        }
         #[cfg(feature = "cuda")]
         if let Some(be) = crate::ops::cuda_backend("gelu", &[x])? {
             return crate::ops::cuda::gelu(self, be, x);

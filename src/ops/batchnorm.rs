@@ -475,6 +475,12 @@ impl Tape {
         beta: &Tensor,
         eps: f32,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 x, f32 gamma/beta and statistics, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("batch_norm_train", &[x])?;
+            let (y, mean, var) = self.as_f32(|t| t.batch_norm_train(&r[0], gamma, beta, eps))?;
+            return Ok((self.bf16_output(&y)?, mean, var));
+        }
         let op = "batch_norm_train";
         let d = BnDims::of(op, x.shape())?;
         check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
@@ -550,6 +556,14 @@ impl Tape {
         eps: f32,
     ) -> Result<Tensor> {
         let op = "batch_norm_eval";
+        // Bf16 mode (Tape::bf16_inputs): bf16 x, f32 gamma/beta and statistics, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs(op, &[x])?;
+            let y = self.as_f32(|t| {
+                t.batch_norm_eval(&r[0], gamma, beta, running_mean, running_var, eps)
+            })?;
+            return self.bf16_output(&y);
+        }
         let d = BnDims::of(op, x.shape())?;
         check_channel_params(
             op,

@@ -683,6 +683,12 @@ impl Tape {
         stride: usize,
         padding: usize,
     ) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("conv2d", &[x, w])?;
+            let y = self.as_f32(|t| t.conv2d(&r[0], &r[1], stride, padding))?;
+            return self.bf16_output(&y);
+        }
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), stride, padding)?;
         #[cfg(feature = "cuda")]
         if let Some(be) = crate::ops::cuda_backend("conv2d", &[x, w])? {

@@ -71,6 +71,12 @@ pub fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 impl Tape {
     /// a + b (same shapes): the residual connection.
     pub fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("add", &[a, b])?;
+            let y = self.as_f32(|t| t.add(&r[0], &r[1]))?;
+            return self.bf16_output(&y);
+        }
         let y = add_tensors(a, b)?;
         self.record("add", &y, &[a, b], |dy| {
             Ok(vec![Some(dy.clone()), Some(dy.clone())])
@@ -80,6 +86,12 @@ impl Tape {
 
     /// max(x, 0).
     pub fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("relu", &[x])?;
+            let y = self.as_f32(|t| t.relu(&r[0]))?;
+            return self.bf16_output(&y);
+        }
         #[cfg(feature = "cuda")]
         if let Some(be) = crate::ops::cuda_backend("relu", &[x])? {
             return crate::ops::cuda::relu(self, be, x);

@@ -413,6 +413,16 @@ impl Tape {
         residual: Option<&Tensor>,
         eps: f32,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 x and residual, f32 gamma/beta and statistics,
+        // a bf16 output.
+        if self.is_bf16() {
+            let mut xs = vec![x];
+            xs.extend(residual);
+            let r = self.bf16_inputs(op, &xs)?;
+            let (y, mean, var) =
+                self.as_f32(|t| t.bn_act_train(op, &r[0], gamma, beta, r.get(1), eps))?;
+            return Ok((self.bf16_output(&y)?, mean, var));
+        }
         let d = BnDims::of(op, x.shape())?;
         check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
         check_residual(op, x, residual)?;
@@ -473,6 +483,26 @@ impl Tape {
         running_var: &Tensor,
         eps: f32,
     ) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 x and residual, f32 gamma/beta and statistics,
+        // a bf16 output.
+        if self.is_bf16() {
+            let mut xs = vec![x];
+            xs.extend(residual);
+            let r = self.bf16_inputs(op, &xs)?;
+            let y = self.as_f32(|t| {
+                t.bn_act_eval(
+                    op,
+                    &r[0],
+                    gamma,
+                    beta,
+                    r.get(1),
+                    running_mean,
+                    running_var,
+                    eps,
+                )
+            })?;
+            return self.bf16_output(&y);
+        }
         let d = BnDims::of(op, x.shape())?;
         check_channel_params(
             op,

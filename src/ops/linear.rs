@@ -235,6 +235,12 @@ fn dims2(op: &str, what: &str, t: &Tensor) -> Result<(usize, usize)> {
 impl Tape {
     /// (M, K) x (K, N) -> (M, N).
     pub fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("matmul", &[a, b])?;
+            let y = self.as_f32(|t| t.matmul(&r[0], &r[1]))?;
+            return self.bf16_output(&y);
+        }
         let (m, k) = dims2("matmul", "a", a)?;
         let (k2, n) = dims2("matmul", "b", b)?;
         if k != k2 {
@@ -271,6 +277,13 @@ impl Tape {
 
     /// x (N, IN), w (OUT, IN), b (OUT,) optional: y = x W^T + b.
     pub fn linear(&mut self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        // The bias stays f32: it is added to the f32 accumulator before the output is rounded.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("linear", &[x, w])?;
+            let y = self.as_f32(|t| t.linear(&r[0], &r[1], b))?;
+            return self.bf16_output(&y);
+        }
         let (n, cin) = dims2("linear", "x", x)?;
         let (cout, cin2) = dims2("linear", "w", w)?;
         if cin != cin2 {
@@ -331,6 +344,14 @@ impl Tape {
     /// as v_r / ||v_r||. y = x * (v / ||v||_rows)^T. Differentiable w.r.t. x and v
     /// (dv_r = (dW_r - (dW_r . w_r) w_r) / ||v_r||, with w_r = v_r/||v_r||).
     pub fn wn_linear(&mut self, x: &Tensor, v: &Tensor) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        // v is rounded before the row normalization (a GPU would normalize the f32 master
+        // and round the result): either way the matmul's weight carries one bf16 rounding.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("wn_linear", &[x, v])?;
+            let y = self.as_f32(|t| t.wn_linear(&r[0], &r[1]))?;
+            return self.bf16_output(&y);
+        }
         let (n, cin) = dims2("wn_linear", "x", x)?;
         let (cout, cin2) = dims2("wn_linear", "v", v)?;
         if cin != cin2 {

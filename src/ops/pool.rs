@@ -252,6 +252,12 @@ impl Tape {
         stride: usize,
         padding: usize,
     ) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("max_pool2d", &[x])?;
+            let y = self.as_f32(|t| t.max_pool2d(&r[0], kernel, stride, padding))?;
+            return self.bf16_output(&y);
+        }
         let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
         #[cfg(feature = "cuda")]
         if let Some(be) = crate::ops::cuda_backend("max_pool2d", &[x])? {
@@ -273,6 +279,12 @@ impl Tape {
 
     /// (N, C, H, W) -> (N, C): mean over H*W.
     pub fn global_avg_pool(&mut self, x: &Tensor) -> Result<Tensor> {
+        // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
+        if self.is_bf16() {
+            let r = self.bf16_inputs("global_avg_pool", &[x])?;
+            let y = self.as_f32(|t| t.global_avg_pool(&r[0]))?;
+            return self.bf16_output(&y);
+        }
         if x.rank() != 4 {
             bail!(
                 Shape,

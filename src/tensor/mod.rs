@@ -340,3 +340,31 @@ impl Tensor {
         Ok(())
     }
 }
+
+/// `x` rounded to the nearest bfloat16 (1 sign, 8 exponent, 7 mantissa bits), ties to even, and
+/// widened back to f32: what a GPU stores when it writes `x` to a bf16 buffer. bf16 shares f32's
+/// exponent range, so subnormals stay subnormal (rounded at bit 16 like any other value), a
+/// value past the largest finite bf16 rounds to infinity, infinities stay, and a NaN stays a
+/// (quiet) NaN of the same sign.
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        // Adding the rounding bias could carry a NaN's payload into the exponent (or lose it
+        // to a zero mantissa): keep the sign and force the quiet bit instead.
+        return f32::from_bits((bits | 0x0040_0000) & 0xffff_0000);
+    }
+    // Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate. A
+    // carry out of the mantissa bumps the exponent, which is exactly the correct rounding
+    // (up to infinity past the largest finite bf16).
+    let lsb = (bits >> 16) & 1;
+    f32::from_bits(bits.wrapping_add(0x7fff + lsb) & 0xffff_0000)
+}
+
+impl Tensor {
+    /// A CPU tensor with every element rounded to bf16 (see [`round_bf16`]); a new id. An error
+    /// for a GPU tensor (the bf16 mode is emulated on the CPU only so far).
+    pub fn round_bf16(&self) -> Result<Tensor> {
+        let v = self.cpu()?;
+        self.like(v.iter().map(|&x| round_bf16(x)).collect())
+    }
+}

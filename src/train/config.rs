@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::autograd::Precision;
 use crate::bail;
 use crate::error::Result;
 use crate::nn::ModelConfig;
@@ -61,6 +62,10 @@ pub struct TrainConfig {
     /// Side of the square local views (SPEC: 96 at 224; `default_local_size` scales it).
     #[serde(default = "default_local_size_224")]
     pub local_size: usize,
+    /// Numerical mode of the student and teacher forwards and the backward (SPEC.md, mixed
+    /// precision): f32 (default) or bf16 (emulated on the CPU only so far).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The local-view side for global views of side `image_size`: SPEC's 96 at 224, scaled
@@ -102,6 +107,7 @@ impl TrainConfig {
             min_scale: 0.2,
             local_crops: 0,
             local_size: default_local_size(32),
+            precision: Precision::F32,
         }
     }
 
@@ -134,6 +140,7 @@ impl TrainConfig {
             // The paper's table 1 run: two views, no multi-crop.
             local_crops: 0,
             local_size: default_local_size(224),
+            precision: Precision::F32,
         }
     }
 

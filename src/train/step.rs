@@ -8,7 +8,7 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::autograd::Tape;
+use crate::autograd::{Precision, Tape};
 use crate::bail;
 use crate::carp::loss::{carp_loss, random_partition};
 use crate::carp::teacher::ema_update;
@@ -52,6 +52,9 @@ pub struct CarpState {
     pub partition_rng: ChaCha8Rng,
     /// Prototype block size.
     pub nb: usize,
+    /// The numerical mode of both networks' forwards and the student's backward (the tapes'
+    /// precision); the parameters, BN statistics, loss, LARS and the EMA stay f32.
+    pub precision: Precision,
     /// The device-resident copy (GPU steps), and whether the host stores lag behind it.
     pub(crate) device: DeviceSlot,
 }
@@ -235,6 +238,7 @@ impl CarpState {
             // A separate stream from the init RNG, so changing the model does not change partitions.
             partition_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             nb,
+            precision: Precision::F32,
             device: DeviceSlot::default(),
         })
     }
@@ -419,14 +423,14 @@ impl CarpState {
         // Teacher: forward only, BN in training mode, nothing recorded.
         let tfwd = {
             let _r = nvtx::Range::new("teacher forward");
-            let mut ttape = Tape::no_grad();
+            let mut ttape = Tape::no_grad().with_precision(self.precision);
             let tleaves = self.leaves_for(true, &mut ttape, &device)?;
             self.teacher.forward(&mut ttape, &tleaves, &x, true)?
         };
         phases.teacher_forward_ms = phase_ms(&device, &mut clock)?;
 
         // Student: forward on the tape.
-        let mut tape = Tape::new();
+        let mut tape = Tape::new().with_precision(self.precision);
         let (leaves, sfwd) = {
             let _r = nvtx::Range::new("student forward");
             let leaves = self.leaves_for(false, &mut tape, &device)?;

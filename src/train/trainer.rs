@@ -9,6 +9,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::autograd::Precision;
 use crate::bail;
 use crate::data::{eval_batches, Dataset, LoaderConfig, LocalViews, TwoViewLoader, ViewConfig};
 use crate::error::{Error, Result};
@@ -241,6 +242,13 @@ fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     cfg.validate()?;
     let device = resolve_device(&cfg.device)?;
+    if cfg.precision == Precision::Bf16 && device != Device::Cpu {
+        bail!(
+            Config,
+            "--precision bf16 is not yet on the GPU ({device}): it is emulated on the CPU only; \
+             use --precision f32 on the GPU or --device cpu"
+        );
+    }
     let say = |s: String| {
         if !opts.quiet {
             eprintln!("{s}");
@@ -287,6 +295,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     };
 
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
+    state.precision = cfg.precision;
     let mut metrics = Metrics::open(&run_dir)?;
     if opts.resume {
         let (path, meta, warnings) = checkpoint::load_latest(&run_dir, &mut state)?;
