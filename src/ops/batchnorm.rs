@@ -702,6 +702,53 @@ pub fn bn_running_update(
     ))
 }
 
+/// The training-mode BN backward written out in f64 from the chain rule (through the batch
+/// mean and variance), checked against `dx`, `dgamma`, `dbeta` (1e-4 relative to 1 + |value|).
+/// `dy(k)` is the gradient reaching BN's output at flat index k (the ReLU-masked one for the
+/// fused ops). Shared by batchnorm.rs's and fused.rs's tests.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_bn_train_backward_f64(
+    x: &[f32],
+    dy: impl Fn(usize) -> f64,
+    gamma: &[f32],
+    d: BnDims,
+    dx: &[f32],
+    dg: &[f32],
+    db: &[f32],
+) {
+    let m = d.per_channel() as f64;
+    let eps = BN_EPS as f64;
+    for ch in 0..d.c {
+        let ks: Vec<usize> = (0..d.n)
+            .flat_map(|i| (0..d.s).map(move |j| (i * d.c + ch) * d.s + j))
+            .collect();
+        let mu = ks.iter().map(|&k| x[k] as f64).sum::<f64>() / m;
+        let var = ks.iter().map(|&k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / m;
+        let istd = 1.0 / (var + eps).sqrt();
+        let g = gamma[ch] as f64;
+        let dxhat = |k: usize| dy(k) * g;
+        let dvar: f64 = ks
+            .iter()
+            .map(|&k| dxhat(k) * (x[k] as f64 - mu) * -0.5 * istd.powi(3))
+            .sum();
+        let dmean: f64 = ks.iter().map(|&k| -dxhat(k) * istd).sum::<f64>()
+            + dvar * ks.iter().map(|&k| -2.0 * (x[k] as f64 - mu)).sum::<f64>() / m;
+        let want_db: f64 = ks.iter().map(|&k| dy(k)).sum();
+        let want_dg: f64 = ks.iter().map(|&k| dy(k) * (x[k] as f64 - mu) * istd).sum();
+        assert!((db[ch] as f64 - want_db).abs() < 1e-4 * (1.0 + want_db.abs()));
+        assert!((dg[ch] as f64 - want_dg).abs() < 1e-4 * (1.0 + want_dg.abs()));
+        for &k in &ks {
+            let want = dxhat(k) * istd + dvar * 2.0 * (x[k] as f64 - mu) / m + dmean / m;
+            assert!(
+                (dx[k] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "dx[{k}] = {} vs {want}",
+                dx[k]
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,39 +1040,7 @@ mod tests {
             &x, &dy, &gamma, &mean, &var, d, BN_EPS, &mut dx, &mut dg, &mut db,
         )
         .unwrap();
-        let m = d.per_channel() as f64;
-        let eps = BN_EPS as f64;
-        for ch in 0..3 {
-            let ks: Vec<usize> = (0..d.n)
-                .flat_map(|i| (0..d.s).map(move |j| (i * d.c + ch) * d.s + j))
-                .collect();
-            let mu = ks.iter().map(|&k| x[k] as f64).sum::<f64>() / m;
-            let var = ks.iter().map(|&k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / m;
-            let istd = 1.0 / (var + eps).sqrt();
-            let g = gamma[ch] as f64;
-            let dxhat = |k: usize| dy[k] as f64 * g;
-            let dvar: f64 = ks
-                .iter()
-                .map(|&k| dxhat(k) * (x[k] as f64 - mu) * -0.5 * istd.powi(3))
-                .sum();
-            let dmean: f64 = ks.iter().map(|&k| -dxhat(k) * istd).sum::<f64>()
-                + dvar * ks.iter().map(|&k| -2.0 * (x[k] as f64 - mu)).sum::<f64>() / m;
-            let want_db: f64 = ks.iter().map(|&k| dy[k] as f64).sum();
-            let want_dg: f64 = ks
-                .iter()
-                .map(|&k| dy[k] as f64 * (x[k] as f64 - mu) * istd)
-                .sum();
-            assert!((db[ch] as f64 - want_db).abs() < 1e-4 * (1.0 + want_db.abs()));
-            assert!((dg[ch] as f64 - want_dg).abs() < 1e-4 * (1.0 + want_dg.abs()));
-            for &k in &ks {
-                let want = dxhat(k) * istd + dvar * 2.0 * (x[k] as f64 - mu) / m + dmean / m;
-                assert!(
-                    (dx[k] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "dx[{k}] = {} vs {want}",
-                    dx[k]
-                );
-            }
-        }
+        check_bn_train_backward_f64(&x, |k| dy[k] as f64, &gamma, d, &dx, &dg, &db);
     }
 
     #[test]

@@ -572,7 +572,7 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::batchnorm::BN_EPS;
+    use crate::ops::batchnorm::{check_bn_train_backward_f64, BN_EPS};
     use crate::testutil::{check_grad_kinks, randn};
 
     /// The unfused composition: relu(bn(x) [+ residual]) through the existing tape ops.
@@ -762,43 +762,27 @@ mod tests {
             &mut db,
         )
         .unwrap();
+        // The forward in f64 decides the mask: per-channel statistics, then the pre-activation.
         let m = d.per_channel() as f64;
-        let eps = BN_EPS as f64;
-        for ch in 0..3 {
-            let ks: Vec<usize> = (0..d.n)
-                .flat_map(|i| (0..d.s).map(move |j| (i * d.c + ch) * d.s + j))
-                .collect();
-            let mu = ks.iter().map(|&k| x[k] as f64).sum::<f64>() / m;
-            let var = ks.iter().map(|&k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / m;
-            let istd = 1.0 / (var + eps).sqrt();
-            let g = gamma[ch] as f64;
-            // The forward in f64 decides the mask.
-            let pre = |k: usize| (x[k] as f64 - mu) * istd * g + beta[ch] as f64 + res[k] as f64;
-            let dyp = |k: usize| if pre(k) > 0.0 { dy[k] as f64 } else { 0.0 };
-            for &k in &ks {
-                assert!((y[k] as f64 - pre(k).max(0.0)).abs() < 1e-5 * (1.0 + pre(k).abs()));
-                assert_eq!(dr[k] as f64, dyp(k), "dresidual[{k}]");
-            }
-            let dxhat = |k: usize| dyp(k) * g;
-            let dvar: f64 = ks
-                .iter()
-                .map(|&k| dxhat(k) * (x[k] as f64 - mu) * -0.5 * istd.powi(3))
-                .sum();
-            let dmean: f64 = ks.iter().map(|&k| -dxhat(k) * istd).sum::<f64>()
-                + dvar * ks.iter().map(|&k| -2.0 * (x[k] as f64 - mu)).sum::<f64>() / m;
-            let want_db: f64 = ks.iter().map(|&k| dyp(k)).sum();
-            let want_dg: f64 = ks.iter().map(|&k| dyp(k) * (x[k] as f64 - mu) * istd).sum();
-            assert!((db[ch] as f64 - want_db).abs() < 1e-4 * (1.0 + want_db.abs()));
-            assert!((dg[ch] as f64 - want_dg).abs() < 1e-4 * (1.0 + want_dg.abs()));
-            for &k in &ks {
-                let want = dxhat(k) * istd + dvar * 2.0 * (x[k] as f64 - mu) / m + dmean / m;
-                assert!(
-                    (dx[k] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "dx[{k}] = {} vs {want}",
-                    dx[k]
-                );
-            }
+        let stats: Vec<(f64, f64)> = (0..d.c)
+            .map(|ch| {
+                let ks = (0..d.n).flat_map(|i| (0..d.s).map(move |j| (i * d.c + ch) * d.s + j));
+                let mu = ks.clone().map(|k| x[k] as f64).sum::<f64>() / m;
+                let var = ks.map(|k| (x[k] as f64 - mu).powi(2)).sum::<f64>() / m;
+                (mu, 1.0 / (var + BN_EPS as f64).sqrt())
+            })
+            .collect();
+        let pre = |k: usize| {
+            let ch = (k / d.s) % d.c;
+            let (mu, istd) = stats[ch];
+            (x[k] as f64 - mu) * istd * gamma[ch] as f64 + beta[ch] as f64 + res[k] as f64
+        };
+        let dyp = |k: usize| if pre(k) > 0.0 { dy[k] as f64 } else { 0.0 };
+        for k in 0..n {
+            assert!((y[k] as f64 - pre(k).max(0.0)).abs() < 1e-5 * (1.0 + pre(k).abs()));
+            assert_eq!(dr[k] as f64, dyp(k), "dresidual[{k}]");
         }
+        check_bn_train_backward_f64(&x, dyp, &gamma, d, &dx, &dg, &db);
     }
 
     // Finite differences: step 3e-3 (BN's outputs are O(1) and their f32 rounding limits a
