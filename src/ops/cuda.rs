@@ -492,16 +492,21 @@ pub(crate) fn wn_linear(
     let op = "wn_linear";
     let mut norms = be.alloc_f32(cout)?; // (OUT,)
     be.row_norms(dbuf(op, v)?, cout, cin, &mut norms)?;
-    // The same check as the CPU: a zero or non-finite row has no direction. It costs one small
-    // download (and a wait for the queued forward) per call.
-    let host = be.download_f32(&norms)?;
-    if let Some(r) = host.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
-        bail!(
-            NonFinite,
-            "wn_linear: row {r} of v {:?} has norm {} (rows must be non-zero and finite)",
-            v.shape(),
-            host[r]
-        );
+    // The CPU's check (a zero or non-finite row has no direction) needs a download, i.e. a wait
+    // for everything queued, twice per training step (teacher and student). By default the GPU
+    // skips it: such a row makes the logits, hence the loss, non-finite, and the step's
+    // device-side guard then refuses the step before any weight changes. CARP_STEP_SYNC=1 (the
+    // synchronous step) restores the check and its row-naming error.
+    if crate::optim::device::step_sync_forced() {
+        let host = be.download_f32(&norms)?;
+        if let Some(r) = host.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
+            bail!(
+                NonFinite,
+                "wn_linear: row {r} of v {:?} has norm {} (rows must be non-zero and finite)",
+                v.shape(),
+                host[r]
+            );
+        }
     }
     let mut w = be.alloc_f32(cout * cin)?; // (OUT, IN)
     be.row_normalize(dbuf(op, v)?, &norms, cout, cin, &mut w)?;

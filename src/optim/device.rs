@@ -242,7 +242,7 @@ mod gpu {
             if !loss.is_finite() {
                 bail!(
                     NonFinite,
-                    "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes"
+                    "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes (causes: a non-finite input, or a prototype row of zero norm; CARP_STEP_SYNC=1 checks the rows and names one)"
                 );
             }
             // Entries are in layout order, so the first flagged entry holds the first
