@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA build here (no GPU needed) and gathers what the GPU machine (which has no Rust
 # toolchain) needs into gpu-bundle/ (git-ignored):
-#   gpu-bundle/tests/<name>   every test binary built with --features cuda (gpu_* and the rest)
+#   gpu-bundle/tests/<name>   the GPU test binaries built with --features cuda (gpu_ops, gpu_tape)
 #   gpu-bundle/bin/carp, gpu-bundle/bin/carp-bench
 #   gpu-bundle/torch_carp_bench.py (when /work/shared has it), gpu-bundle/MANIFEST
 # Then, on the GPU machine, from the repo root: scripts/gpu-check.sh
@@ -40,8 +40,10 @@ for line in sys.stdin:
     if m.get("reason") != "compiler-artifact" or not exe or not m.get("profile", {}).get("test"):
         continue
     name = m["target"]["name"]
-    if "lib" in m["target"]["kind"]:
-        name = "carp-lib"
+    # Only the GPU test files travel (the device tool carries at most 64 MiB): the rest of the
+    # suite is CPU-only and runs in CI; the kernel emulator needs the sources and g++.
+    if not name.startswith("gpu_") or name == "gpu_kernels_sim":
+        continue
     dst = os.path.join(out, "tests", name)
     shutil.copy2(exe, dst)
     print("test binary:", name)
