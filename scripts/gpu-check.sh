@@ -16,6 +16,7 @@ if [ ! -d "$B/tests" ]; then
     echo "no $B/tests: run scripts/gpu-bundle.sh on the build machine first" >&2
     exit 2
 fi
+mkdir -p "${OUT:-/tmp}"
 LOG="${OUT:-/tmp}/gpu-check.log"
 : >"$LOG"
 
