@@ -147,12 +147,15 @@ fn batches_do_not_depend_on_workers_or_prefetch_and_match_the_recipe() {
     assert_eq!(resumed, b[2..]);
     assert_eq!(loader.epoch_from(4, 99).count(), 0);
     // The u8 crops + parameters, finished on the CPU, give the same batches.
-    let crops: Vec<_> = loader.epoch_crops(4).map(|b| b.unwrap()).collect();
+    let crops: Vec<_> = loader.epoch_crops(4, 0).map(|b| b.unwrap()).collect();
     let view = &loader.config().view;
     for (c, full) in crops.iter().zip(&b) {
         assert_eq!(&c.finish(view), full);
         assert_eq!(c.view1.len(), 7 * 16 * 16 * 3);
     }
+    // The crop batches resume mid-epoch too (the GPU finish's resume path).
+    let crops_resumed: Vec<_> = loader.epoch_crops(4, 2).map(|b| b.unwrap()).collect();
+    assert_eq!(crops_resumed, crops[2..]);
     // Each image's views are the per-image recipe with its own RNG (seed, epoch, index).
     let first = &crops[0];
     for (k, &i) in first.indices.iter().enumerate() {
@@ -445,7 +448,7 @@ fn local_views_follow_their_recipe_and_leave_global_views_unchanged() {
     };
     let l = TwoViewLoader::new(ds.clone(), c).unwrap();
     let plain = TwoViewLoader::new(ds.clone(), cfg(8, 2)).unwrap();
-    let with: Vec<_> = l.epoch_multi(1).map(|b| b.unwrap()).collect();
+    let with: Vec<_> = l.epoch_multi(1, 0).map(|b| b.unwrap()).collect();
     let without: Vec<_> = plain.epoch(1).map(|b| b.unwrap()).collect();
     assert_eq!(with.len(), without.len());
     for ((g, loc), w) in with.iter().zip(&without) {
@@ -454,8 +457,14 @@ fn local_views_follow_their_recipe_and_leave_global_views_unchanged() {
         assert_eq!(loc.views.len(), 3 * 8 * 3 * 7 * 7);
         assert!(loc.views.iter().all(|v| v.is_finite()));
     }
+    // Resuming mid-epoch gives the same remaining batches, locals included.
+    let resumed: Vec<_> = l.epoch_multi(1, 2).map(|b| b.unwrap()).collect();
+    assert_eq!(resumed.len(), with.len() - 2);
+    for ((g, loc), (wg, wloc)) in resumed.iter().zip(&with[2..]) {
+        assert_eq!((g, &loc.views), (wg, &wloc.views));
+    }
     // Layout (L, B, 3, s, s): block (l, i) is image i's l-th local crop, finished.
-    let crops = l.epoch_crops(1).next().unwrap().unwrap();
+    let crops = l.epoch_crops(1, 0).next().unwrap().unwrap();
     assert_eq!(crops.locals.len(), 8 * 3 * 7 * 7 * 3);
     let per = 3 * 7 * 7;
     let (li, bi) = (2, 5);

@@ -332,18 +332,25 @@ impl TwoViewLoader {
         self.spawn(epoch, first, move |c| c.finish(&view))
     }
 
-    /// Like `epoch`, plus the finished local views (multi-crop; `view.local_count` > 0).
+    /// Like `epoch_from`, plus the finished local views (multi-crop; `view.local_count` > 0).
     pub fn epoch_multi(
         &self,
         epoch: usize,
+        first: usize,
     ) -> impl Iterator<Item = Result<(TwoViewBatch, LocalViews)>> {
         let view = self.cfg.view.clone();
-        self.spawn(epoch, 0, move |c| (c.finish(&view), c.finish_locals(&view)))
+        self.spawn(epoch, first, move |c| {
+            (c.finish(&view), c.finish_locals(&view))
+        })
     }
 
-    /// Like `epoch`, but yields the u8 crops and colour parameters (for a GPU `finish`).
-    pub fn epoch_crops(&self, epoch: usize) -> impl Iterator<Item = Result<CropBatch>> {
-        self.spawn(epoch, 0, |c| c)
+    /// Like `epoch_from`, but yields the u8 crops and colour parameters (for a GPU `finish`).
+    pub fn epoch_crops(
+        &self,
+        epoch: usize,
+        first: usize,
+    ) -> impl Iterator<Item = Result<CropBatch>> {
+        self.spawn(epoch, first, |c| c)
     }
 
     fn spawn<T: Send + 'static>(
@@ -551,7 +558,7 @@ pub fn bench_loader(
                     done += 1;
                 }
             } else {
-                for b in loader.epoch_crops(epoch).take(batches - done) {
+                for b in loader.epoch_crops(epoch, 0).take(batches - done) {
                     std::hint::black_box(b?);
                     done += 1;
                 }

@@ -118,9 +118,8 @@ impl StepBatch {
 
 /// The batches of `epoch` from batch `first` on, finished where `views::gpu_aug(device)` says,
 /// with the local views when the loader makes them. Without local views this is
-/// `views::epoch_batches`. With them, the loader's crop and multi-view epochs start at the
-/// epoch's first batch, so a resume inside an epoch decodes the skipped batches and drops them
-/// (each image's crops depend only on seed, epoch and index: the batches are the same).
+/// `views::epoch_batches`. A resume inside an epoch starts at batch `first` without decoding
+/// the skipped batches (each image's crops depend only on seed, epoch and index).
 pub fn epoch_batches<'a>(
     loader: &'a TwoViewLoader,
     epoch: usize,
@@ -140,12 +139,11 @@ pub fn epoch_batches<'a>(
     if views::gpu_aug(device) {
         Box::new(
             loader
-                .epoch_crops(epoch)
-                .skip(first)
+                .epoch_crops(epoch, first)
                 .map(move |r| r.map(|c| wrap(LoaderBatch::Crops(c)))),
         )
     } else {
-        Box::new(loader.epoch_multi(epoch).skip(first).map(|r| {
+        Box::new(loader.epoch_multi(epoch, first).map(|r| {
             r.map(|(b, l)| StepBatch {
                 globals: LoaderBatch::Finished(b),
                 locals: Some(l),

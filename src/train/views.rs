@@ -202,18 +202,20 @@ impl LoaderBatch {
     }
 }
 
-/// The batches of `epoch` from batch `first` on, finished where `gpu_aug(device)` says.
-/// Resuming inside an epoch with the GPU finish takes the CPU finish for the rest of that
-/// epoch (the loader can start its finished batches mid-epoch without decoding the skipped
-/// ones, its crop batches only from the epoch's start); the two paths agree to ~1e-5.
+/// The batches of `epoch` from batch `first` on (the skipped ones are not decoded), finished
+/// where `gpu_aug(device)` says.
 pub fn epoch_batches<'a>(
     loader: &'a TwoViewLoader,
     epoch: usize,
     first: usize,
     device: &Device,
 ) -> Box<dyn Iterator<Item = Result<LoaderBatch>> + 'a> {
-    if gpu_aug(device) && first == 0 {
-        Box::new(loader.epoch_crops(epoch).map(|b| b.map(LoaderBatch::Crops)))
+    if gpu_aug(device) {
+        Box::new(
+            loader
+                .epoch_crops(epoch, first)
+                .map(|b| b.map(LoaderBatch::Crops)),
+        )
     } else {
         Box::new(
             loader
