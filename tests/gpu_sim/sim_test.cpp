@@ -569,6 +569,59 @@ void test_step_gated() {
     }
 }
 
+// The checked pass 1 and step_ok at the launchers' real configs (ops.rs: LARS chunks of 65536
+// elements, THREADS = 256 per block; step_ok one block of 1024 threads), which the tests above
+// run smaller: a multi-d segment of two chunks (NaN in the second), a 1-d segment, then step_ok
+// over 163 segments (more than ResNet50's entry count is not needed; fewer than the threads,
+// so most warps hold no segment) with the one bad entry last.
+void test_launcher_configs() {
+    struct Seg { long off, len; int one_d; };
+    const long CH = 65536;
+    std::vector<Seg> segs = {{0, CH + 1003, 0}, {CH + 1003, 517, 1}};
+    const int ns = (int)segs.size();
+    const long numel = CH + 1003 + 517;
+    std::vector<int> cseg, clen, is1d; std::vector<i64> cst;
+    for (int s = 0; s < ns; ++s) {
+        is1d.push_back(segs[s].one_d);
+        for (long o = 0; o < segs[s].len; o += CH) { cseg.push_back(s); cst.push_back(segs[s].off + o); clen.push_back((int)std::min(CH, segs[s].len - o)); }
+    }
+    const float wd = 1e-4f;
+    for (int pass = 0; pass < 2; ++pass) {
+        auto w = randn(numel), g = randn(numel);
+        if (pass == 1) g[CH + 700] = NAN;  // second chunk of segment 0
+        std::vector<float> st(3 * ns + 3, 0.0f);
+        launch({(unsigned)cseg.size()}, 256, lars_norms_checked_f32, (const float*)w.data(), (const float*)g.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), wd, st.data(), ns);
+        std::vector<float> hc = {1.5f, -0.25f};
+        std::vector<int> ok = {-3};
+        launch({1}, 1024, step_ok_f32, st.data(), (const int*)is1d.data(), ns, (const float*)hc.data(), ok.data());
+        const int want = pass == 0 ? 1 : 0;
+        if (ok[0] != want || st[2 * ns] != (pass == 0 ? 0.0f : 1.0f) || st[2 * ns + 1] != 0.0f) {
+            printf("FAIL launcher configs pass %d: ok %d (want %d), counts %g %g\n", pass, ok[0], want, st[2 * ns], st[2 * ns + 1]);
+            fails++;
+        }
+        if (pass == 1) continue;
+        double a = 0, b = 0;
+        for (long i = 0; i < segs[0].len; ++i) { double gv = (double)g[i] + (double)wd * w[i]; a += (double)w[i] * w[i]; b += gv * gv; }
+        check("launcher configs ||w||^2 (2 chunks, 256 threads)", {st[0]}, {a}, 1e-5);
+        check("launcher configs ||g'||^2 (2 chunks, 256 threads)", {st[ns]}, {b}, 1e-5);
+    }
+    const int nn = 163;
+    std::vector<int> one(nn, 0);
+    for (int s = 1; s < nn; s += 2) one[s] = 1;
+    for (int cs = 0; cs < 3; ++cs) {
+        std::vector<float> st(3 * nn + 3, 0.0f);
+        for (int s = 0; s < 2 * nn; ++s) st[s] = std::fabs(randn(1)[0]);
+        if (cs == 1) st[2 * nn + nn - 1] = 2.0f;  // a bad count in the last segment
+        if (cs == 2) st[nn + nn - 1] = INFINITY;  // segment nn-1 (even: multi-d)
+        std::vector<float> hc = {0.3f, 0.4f};
+        std::vector<int> ok = {-1};
+        launch({1}, 1024, step_ok_f32, st.data(), (const int*)one.data(), nn, (const float*)hc.data(), ok.data());
+        const int want = cs == 0 ? 1 : 0;
+        printf("%s step_ok with 1024 threads over %d segments case %d: %d (want %d)\n", ok[0] == want ? "ok  " : "FAIL", nn, cs, ok[0], want);
+        if (ok[0] != want || st[3 * nn + 2] != (float)want) fails++;
+    }
+}
+
 int main(int argc, char** argv) {
     if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     test_misc();
@@ -604,6 +657,7 @@ int main(int argc, char** argv) {
     test_lars();
     test_lars_checked();
     test_step_gated();
+    test_launcher_configs();
     // Fused BN + ReLU (+ residual): S = 1 and multi-block splits (uneven, cutting planes, more
     // slices than the finalize threads), HW = 1, float4 paths aligned and misaligned, both modes.
     for (bool train : {true, false})
