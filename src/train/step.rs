@@ -773,7 +773,9 @@ impl CarpState {
             ds.ema(m, gated)?;
         }
         phases.ema_ms = phase_ms(&device, &mut clock)?;
-        let end = ds.be.timing_event()?;
+        // Not `?`: the updates are queued (and run when the verdict is ok), so an error from
+        // here on must not return before the step is counted; it only loses the step's time.
+        let end = ds.be.timing_event();
         // The step's one wait: the verdict and the loss terms (CARP_STEP_SYNC=1 read them
         // above).
         let (loss, consistency, entropy) = match terms {
@@ -787,7 +789,9 @@ impl CarpState {
                 }
             },
         };
-        phases.step_ms = start.elapsed_ms_to(&end)?;
+        phases.step_ms = end
+            .and_then(|end| start.elapsed_ms_to(&end))
+            .unwrap_or(f64::NAN);
         self.step += 1;
         Ok(StepStats {
             loss,
