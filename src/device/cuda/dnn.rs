@@ -421,6 +421,12 @@ enum Which {
 impl CudaBackend {
     /// Makes sure the shared workspace holds `bytes`, returning its address (0 when none).
     fn conv_run(&self, s: &ConvShape, which: Which, a: u64, b: u64, out: u64) -> Result<()> {
+        // Bound before the plan: making one runs cudnnFind* (cudaMalloc and kernel launches
+        // through the runtime API), which must land on this backend's context, not whatever
+        // (or no) context is current on the calling thread.
+        self.context()
+            .bind_to_thread()
+            .map_err(|e| super::driver_err("binding the CUDA context", e))?;
         let mut dnn = self.dnn()?;
         let ws_need = {
             let p = dnn.plan(s)?;
@@ -444,9 +450,6 @@ impl CudaBackend {
         let al = &alpha as *const f32 as *const std::ffi::c_void;
         let be = &beta as *const f32 as *const std::ffi::c_void;
         let ws = ws_ptr as *mut std::ffi::c_void;
-        self.context()
-            .bind_to_thread()
-            .map_err(|e| super::driver_err("binding the CUDA context", e))?;
         // SAFETY: the caller checked every buffer against the shape; descriptors belong to this
         // plan; the workspace holds at least the plan's size; alpha/beta outlive the call.
         unsafe {
