@@ -76,12 +76,12 @@ macro_rules! fastest {
 }
 
 /// Whether a cudnnFind* result's math type may run in this mode: FMA-only mode takes only FMA
-/// math; TF32 mode takes default or tensor-op math (TF32 for f32 data) but not
+/// math; TF32 mode takes default, tensor-op (TF32 for f32 data) or FMA math but not
 /// ALLOW_CONVERSION (down-conversion to half precision, below what PyTorch's TF32 does).
 fn math_ok(m: ds::cudnnMathType_t, tf32: bool) -> bool {
     use ds::cudnnMathType_t as M;
     if tf32 {
-        matches!(m, M::CUDNN_DEFAULT_MATH | M::CUDNN_TENSOR_OP_MATH)
+        m != M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
     } else {
         m == M::CUDNN_FMA_MATH
     }
@@ -578,5 +578,33 @@ impl CudaBackend {
         check("dy", dy, s.y_len()?, s)?;
         check("dw", dw, s.w_len(), s)?;
         self.conv_run(s, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ds, math_ok};
+
+    // FMA-only mode (the GPU-vs-CPU tests) must never run a cudnnFind* result that may use
+    // tensor cores; TF32 mode takes anything but the half-precision down-conversion.
+    #[test]
+    fn find_results_keep_the_mode_math() {
+        use ds::cudnnMathType_t as M;
+        assert!(math_ok(M::CUDNN_FMA_MATH, false));
+        for m in [
+            M::CUDNN_DEFAULT_MATH,
+            M::CUDNN_TENSOR_OP_MATH,
+            M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        ] {
+            assert!(!math_ok(m, false), "{m:?} in FMA mode");
+        }
+        for m in [
+            M::CUDNN_DEFAULT_MATH,
+            M::CUDNN_TENSOR_OP_MATH,
+            M::CUDNN_FMA_MATH,
+        ] {
+            assert!(math_ok(m, true), "{m:?} in TF32 mode");
+        }
+        assert!(!math_ok(M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION, true));
     }
 }
