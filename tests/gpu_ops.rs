@@ -1372,6 +1372,81 @@ fn view_finish_matches_the_cpu() {
     }
 }
 
+/// The view finish's pinned staging (src/device/cuda/augment.rs: two slots, each rewritten only
+/// after its previous copy completed, grown while the other slot's copy may be queued) under
+/// back-to-back calls with nothing waiting in between: six finishes of changing sizes, the
+/// first ones heavy (sigma 3.4 blur at 224) so later copies queue behind kernels, and ONE host
+/// crop buffer refilled with new bytes after every call (the call must have taken its bytes).
+/// Each result is read only at the end and compared with the CPU finish of the bytes that call
+/// was given; a slot overwritten before its copy ran, or a host read after return, shows as a
+/// view holding another call's image. Tolerance 5e-5 of the largest |value| (check_close;
+/// float rounding only, as view_finish_matches_the_cpu), with no solarize (no threshold flips)
+/// so every element is compared.
+#[test]
+fn view_finish_staging_back_to_back() {
+    use carp::data::augment::{finish, ColorParams, ViewConfig};
+    use carp::tensor::Device;
+    use carp::train::views::finish_crops;
+    if gpu_or_skip("view_finish_staging_back_to_back").is_none() {
+        return;
+    }
+    let cfg = ViewConfig::imagenet(224);
+    let mut rng = ChaCha8Rng::seed_from_u64(91);
+    let mut host: Vec<u8> = Vec::new(); // reused (B, S, S, 3) crop bytes
+    let mut pending = Vec::new();
+    for &(b, s) in &[
+        (5usize, 224usize),
+        (4, 224),
+        (2, 64),
+        (6, 160),
+        (1, 31),
+        (3, 96),
+    ] {
+        host.resize(b * s * s * 3, 0);
+        host.iter_mut().for_each(|v| *v = rng.gen());
+        let params: Vec<ColorParams> = (0..b)
+            .map(|i| ColorParams {
+                jitter: 1,
+                order: [
+                    (i % 4) as u8,
+                    ((i + 1) % 4) as u8,
+                    ((i + 2) % 4) as u8,
+                    ((i + 3) % 4) as u8,
+                ],
+                brightness: rng.gen_range(0.6..1.4),
+                contrast: rng.gen_range(0.6..1.4),
+                saturation: rng.gen_range(0.6..1.4),
+                hue: rng.gen_range(-0.2..0.2),
+                blur_sigma: if i % 2 == 0 { 3.4 } else { 0.0 },
+                ..ColorParams::identity()
+            })
+            .collect();
+        let got = finish_crops(&host, &params, b, s, &cfg, &Device::Cuda(0)).unwrap();
+        // The expected views from the bytes this call got, before the buffer is refilled.
+        let mut want = vec![0f32; b * 3 * s * s];
+        for i in 0..b {
+            finish(
+                &host[i * s * s * 3..(i + 1) * s * s * 3],
+                &params[i],
+                s,
+                &cfg.mean,
+                &cfg.std,
+                cfg.solarize_threshold,
+                &mut want[i * 3 * s * s..(i + 1) * 3 * s * s],
+            );
+        }
+        pending.push((b, s, got, want));
+    }
+    for (b, s, got, want) in pending {
+        check_close(
+            &format!("back-to-back finish B={b} S={s}"),
+            &got.to_vec().unwrap(),
+            &f64s(&want),
+            5e-5,
+        );
+    }
+}
+
 /// The fused BN + ReLU (+ residual) launchers (kernels/bn_fused.cu) against an f64 reference
 /// written here, in both modes, with and without the residual, at odd shapes and one with
 /// several slices per channel (m = 12800 > 4096); outputs NaN-poisoned first. The reference's

@@ -173,8 +173,8 @@ impl CudaBackend {
         if slot.as_ref().is_none_or(|sl| sl.host.len() < total) {
             // Grown to the largest request seen (a fixed size in training), with 1/8 slack.
             let cap = total + total / 8;
-            // SAFETY: the memory is uninitialized until written below; only bytes written
-            // below (0..total) are ever copied to the device.
+            // SAFETY: the memory is uninitialized until written below; every byte copied to
+            // the device (0..total: crops, zeroed padding, parameters) is written first.
             let host = unsafe { self.context().alloc_pinned::<u8>(cap) }
                 .map_err(|e| driver_err("allocating pinned host memory for the crops", e))?;
             *slot = Some(Slot { host, done: None });
@@ -187,10 +187,14 @@ impl CudaBackend {
             .as_mut_slice()
             .map_err(|e| driver_err("pinned staging buffer", e))?;
         h[..crops.len()].copy_from_slice(crops);
+        // The alignment gap is copied too: zero it rather than send never-written bytes.
+        h[crops.len()..poff].fill(0);
         h[poff..total].copy_from_slice(pbytes);
         // SAFETY: dst holds `total` bytes (allocated so by the caller); the pinned slot outlives
-        // the copy: it is rewritten only after `done` (recorded right after) has completed, and
-        // dropped (at process exit) only after cudarc's drop synchronizes.
+        // the copy: it is rewritten, or replaced by a larger one (dropping it), only after `done`
+        // (recorded right after) has completed, and the staging is never dropped otherwise
+        // (leaked). (cudarc's own drop-time sync would not cover this raw copy: its event is
+        // never recorded.)
         unsafe { result::memcpy_htod_async(dst.ptr(), &h[..total], self.stream().cu_stream()) }
             .map_err(|e| driver_err("host-to-device copy of the crops", e))?;
         let ev = self

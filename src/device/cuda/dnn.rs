@@ -1,7 +1,8 @@
 //! cuDNN convolutions (NCHW, f32): forward, backward-data, backward-filter. For every distinct
 //! shape the descriptors, the three algorithms and their workspace sizes are chosen once and
 //! cached; one workspace buffer, grown to the largest need, serves every call. The algorithms
-//! are timed with `cudnnFind*` (the fastest that runs within the workspace limit), or, with
+//! are timed with `cudnnFind*` (the fastest that runs within the workspace limit with a math
+//! type the mode allows, then run with the math type it was timed with), or, with
 //! `CARP_CUDNN_FIND=0` or when the search fails, cuDNN's heuristic first choice.
 //!
 //! Math mode: TF32 tensor cores allowed by default, as PyTorch does for cuDNN convolutions
@@ -55,20 +56,35 @@ pub fn conv_find() -> bool {
     })
 }
 
-/// The fastest timed result that succeeded within the workspace limit (cudnnFind* returns them
-/// fastest first), or None when the search failed or found nothing usable.
+/// The fastest timed result that succeeded within the workspace limit with a math type the
+/// mode allows (cudnnFind* returns them fastest first), as (algorithm, math type), or None when
+/// the search failed or found nothing usable.
 macro_rules! fastest {
-    ($status:expr, $n:expr, $perf:expr) => {{
+    ($status:expr, $n:expr, $perf:expr, $tf32:expr) => {{
         let ok = ds::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
         if $status != ok {
             None
         } else {
             $perf[..($n.max(0) as usize).min($perf.len())]
                 .iter()
-                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
-                .map(|p| p.algo)
+                .find(|p| {
+                    p.status == ok && p.memory <= WORKSPACE_LIMIT && math_ok(p.mathType, $tf32)
+                })
+                .map(|p| (p.algo, p.mathType))
         }
     }};
+}
+
+/// Whether a cudnnFind* result's math type may run in this mode: FMA-only mode takes only FMA
+/// math; TF32 mode takes default, tensor-op (TF32 for f32 data) or FMA math but not
+/// ALLOW_CONVERSION (down-conversion to half precision, below what PyTorch's TF32 does).
+fn math_ok(m: ds::cudnnMathType_t, tf32: bool) -> bool {
+    use ds::cudnnMathType_t as M;
+    if tf32 {
+        m != M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+    } else {
+        m == M::CUDNN_FMA_MATH
+    }
 }
 
 /// Largest workspace an algorithm may ask for.
@@ -177,9 +193,20 @@ struct Plan {
     y: TensorDesc,
     w: FilterDesc,
     conv: ConvDesc,
-    fwd: (ds::cudnnConvolutionFwdAlgo_t, usize),
-    bwd_data: (ds::cudnnConvolutionBwdDataAlgo_t, usize),
-    bwd_filter: (ds::cudnnConvolutionBwdFilterAlgo_t, usize),
+    // (algorithm, workspace bytes, math type): the math type the algorithm was timed with
+    // (cudnnFind* reports it per result; cuDNN runs the algorithm with the descriptor's, so it
+    // is set on `conv` before each call), else the mode's.
+    fwd: (ds::cudnnConvolutionFwdAlgo_t, usize, ds::cudnnMathType_t),
+    bwd_data: (
+        ds::cudnnConvolutionBwdDataAlgo_t,
+        usize,
+        ds::cudnnMathType_t,
+    ),
+    bwd_filter: (
+        ds::cudnnConvolutionBwdFilterAlgo_t,
+        usize,
+        ds::cudnnMathType_t,
+    ),
 }
 
 struct Handle(ds::cudnnHandle_t);
@@ -296,7 +323,7 @@ impl Dnn {
             // candidate on cuDNN's own scratch buffers and waits for them; the descriptor's math
             // mode (FMA-only or TF32 allowed) applies to the trials as to the real calls.
             let find = conv_find();
-            let mut f_algo = f.algo;
+            let (mut f_algo, mut f_math) = (f.algo, math);
             if find {
                 let mut perf: [ds::cudnnConvolutionFwdAlgoPerf_t; REQ] = std::mem::zeroed();
                 let st = ds::cudnnFindConvolutionForwardAlgorithm(
@@ -309,10 +336,14 @@ impl Dnn {
                     &mut n,
                     perf.as_mut_ptr(),
                 );
-                f_algo = fastest!(st, n, perf).unwrap_or(f_algo);
+                (f_algo, f_math) = fastest!(st, n, perf, tf32).unwrap_or((f_algo, f_math));
             }
+            // The workspace for the math type the algorithm will run with; then the mode's
+            // math type back on the descriptor for the next queries (it bounds their choice).
+            dr::set_convolution_math_type(conv.0, f_math).map_err(|e| dnn_err("math type", e))?;
             let f_ws = dr::get_convolution_forward_workspace_size(h, x.0, w.0, conv.0, y.0, f_algo)
                 .map_err(|e| dnn_err("forward workspace", e))?;
+            dr::set_convolution_math_type(conv.0, math).map_err(|e| dnn_err("math type", e))?;
 
             let mut bd: [ds::cudnnConvolutionBwdDataAlgoPerf_t; REQ] = std::mem::zeroed();
             dr::get_convolution_backward_data_algorithm(
@@ -332,7 +363,7 @@ impl Dnn {
                 .ok_or_else(|| {
                     Error::Device(format!("cuDNN: no backward-data algorithm for {s:?}"))
                 })?;
-            let mut d_algo = d.algo;
+            let (mut d_algo, mut d_math) = (d.algo, math);
             if find {
                 let mut perf: [ds::cudnnConvolutionBwdDataAlgoPerf_t; REQ] = std::mem::zeroed();
                 let st = ds::cudnnFindConvolutionBackwardDataAlgorithm(
@@ -345,11 +376,13 @@ impl Dnn {
                     &mut n,
                     perf.as_mut_ptr(),
                 );
-                d_algo = fastest!(st, n, perf).unwrap_or(d_algo);
+                (d_algo, d_math) = fastest!(st, n, perf, tf32).unwrap_or((d_algo, d_math));
             }
+            dr::set_convolution_math_type(conv.0, d_math).map_err(|e| dnn_err("math type", e))?;
             let d_ws =
                 dr::get_convolution_backward_data_workspace_size(h, w.0, y.0, conv.0, x.0, d_algo)
                     .map_err(|e| dnn_err("backward-data workspace", e))?;
+            dr::set_convolution_math_type(conv.0, math).map_err(|e| dnn_err("math type", e))?;
 
             let mut bf: [ds::cudnnConvolutionBwdFilterAlgoPerf_t; REQ] = std::mem::zeroed();
             dr::get_convolution_backward_filter_algorithm(
@@ -369,7 +402,7 @@ impl Dnn {
                 .ok_or_else(|| {
                     Error::Device(format!("cuDNN: no backward-filter algorithm for {s:?}"))
                 })?;
-            let mut g_algo = g.algo;
+            let (mut g_algo, mut g_math) = (g.algo, math);
             if find {
                 let mut perf: [ds::cudnnConvolutionBwdFilterAlgoPerf_t; REQ] = std::mem::zeroed();
                 let st = ds::cudnnFindConvolutionBackwardFilterAlgorithm(
@@ -382,8 +415,9 @@ impl Dnn {
                     &mut n,
                     perf.as_mut_ptr(),
                 );
-                g_algo = fastest!(st, n, perf).unwrap_or(g_algo);
+                (g_algo, g_math) = fastest!(st, n, perf, tf32).unwrap_or((g_algo, g_math));
             }
+            dr::set_convolution_math_type(conv.0, g_math).map_err(|e| dnn_err("math type", e))?;
             let g_ws = dr::get_convolution_backward_filter_workspace_size(
                 h, x.0, y.0, conv.0, w.0, g_algo,
             )
@@ -393,9 +427,9 @@ impl Dnn {
                 y,
                 w,
                 conv,
-                fwd: (f_algo, f_ws),
-                bwd_data: (d_algo, d_ws),
-                bwd_filter: (g_algo, g_ws),
+                fwd: (f_algo, f_ws, f_math),
+                bwd_data: (d_algo, d_ws, d_math),
+                bwd_filter: (g_algo, g_ws, g_math),
             })
         }
     }
@@ -421,6 +455,12 @@ enum Which {
 impl CudaBackend {
     /// Makes sure the shared workspace holds `bytes`, returning its address (0 when none).
     fn conv_run(&self, s: &ConvShape, which: Which, a: u64, b: u64, out: u64) -> Result<()> {
+        // Bound before the plan: making one runs cudnnFind* (cudaMalloc and kernel launches
+        // through the runtime API), which must land on this backend's context, not whatever
+        // (or no) context is current on the calling thread.
+        self.context()
+            .bind_to_thread()
+            .map_err(|e| super::driver_err("binding the CUDA context", e))?;
         let mut dnn = self.dnn()?;
         let ws_need = {
             let p = dnn.plan(s)?;
@@ -444,12 +484,17 @@ impl CudaBackend {
         let al = &alpha as *const f32 as *const std::ffi::c_void;
         let be = &beta as *const f32 as *const std::ffi::c_void;
         let ws = ws_ptr as *mut std::ffi::c_void;
-        self.context()
-            .bind_to_thread()
-            .map_err(|e| super::driver_err("binding the CUDA context", e))?;
+        let math = match which {
+            Which::Fwd => p.fwd.2,
+            Which::BwdData => p.bwd_data.2,
+            Which::BwdFilter => p.bwd_filter.2,
+        };
         // SAFETY: the caller checked every buffer against the shape; descriptors belong to this
-        // plan; the workspace holds at least the plan's size; alpha/beta outlive the call.
+        // plan (shared by its three directions; the Dnn lock keeps the math-type set and the call
+        // together); the workspace holds at least the plan's size; alpha/beta outlive the call.
         unsafe {
+            dr::set_convolution_math_type(p.conv.0, math)
+                .map_err(|e| dnn_err(&format!("convolution math type {s:?}"), e))?;
             match which {
                 Which::Fwd => dr::convolution_forward(
                     h, al, p.x.0, a as _, p.w.0, b as _, p.conv.0, p.fwd.0, ws, ws_bytes, be,
@@ -533,5 +578,33 @@ impl CudaBackend {
         check("dy", dy, s.y_len()?, s)?;
         check("dw", dw, s.w_len(), s)?;
         self.conv_run(s, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ds, math_ok};
+
+    // FMA-only mode (the GPU-vs-CPU tests) must never run a cudnnFind* result that may use
+    // tensor cores; TF32 mode takes anything but the half-precision down-conversion.
+    #[test]
+    fn find_results_keep_the_mode_math() {
+        use ds::cudnnMathType_t as M;
+        assert!(math_ok(M::CUDNN_FMA_MATH, false));
+        for m in [
+            M::CUDNN_DEFAULT_MATH,
+            M::CUDNN_TENSOR_OP_MATH,
+            M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        ] {
+            assert!(!math_ok(m, false), "{m:?} in FMA mode");
+        }
+        for m in [
+            M::CUDNN_DEFAULT_MATH,
+            M::CUDNN_TENSOR_OP_MATH,
+            M::CUDNN_FMA_MATH,
+        ] {
+            assert!(math_ok(m, true), "{m:?} in TF32 mode");
+        }
+        assert!(!math_ok(M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION, true));
     }
 }
