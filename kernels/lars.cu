@@ -8,34 +8,10 @@
 //   chunk_start[b] its first element in the flat buffer
 //   chunk_len[b]   its length (<= the host's chunk size)
 //   seg_is_1d[s]   1 for a 1-d tensor
-// Pass 1 accumulates per-tensor ||w||^2 and ||g + wd w||^2 with atomics (zero them first);
-// pass 2 applies the update. Two launches, each one read of w and g.
+// Pass 1 (`lars_norms_checked_f32`, below) accumulates per-tensor ||w||^2 and ||g + wd w||^2
+// with atomics (zero them first); pass 2 applies the update. Two launches, each one read of w
+// and g.
 #include "common.cuh"
-
-// wnorm2, gnorm2: (n_segments,), zero-filled before the launch. w, g: (numel,).
-extern "C" __global__ void lars_norms_f32(const float* w, const float* g, const int* chunk_seg,
-                                          const i64* chunk_start, const int* chunk_len,
-                                          const int* seg_is_1d, float wd, float* wnorm2,
-                                          float* gnorm2) {
-    __shared__ float scratch[32];
-    const int seg = chunk_seg[blockIdx.x];
-    if (seg_is_1d[seg]) return;  // block-uniform: no barrier is skipped by part of a block
-    const i64 start = chunk_start[blockIdx.x];
-    const int len = chunk_len[blockIdx.x];
-    float sw = 0.0f, sg = 0.0f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) {
-        const float wv = w[start + j];
-        const float gv = g[start + j] + wd * wv;
-        sw += wv * wv;
-        sg += gv * gv;
-    }
-    sw = block_sum(sw, scratch);
-    sg = block_sum(sg, scratch);
-    if (threadIdx.x == 0) {
-        atomicAdd(&wnorm2[seg], sw);
-        atomicAdd(&gnorm2[seg], sg);
-    }
-}
 
 // The update, in place on w and mu (the momentum buffer, same layout as w):
 //   multi-d: g' = (g + wd w) * q, q = trust * ||w|| / ||g + wd w|| (1 when either norm is 0)

@@ -918,13 +918,13 @@ fn ema_and_lars() {
         *v = 0.0;
     }
     let (lr, mom, trust, wd) = (0.3f32, 0.9f32, 0.001f32, 1e-4f32);
-    let mut plan = be.lars_plan(&segs, numel).unwrap();
+    let plan = be.lars_plan(&segs, numel).unwrap();
     let (mut dw, dg) = (up(be, &w), up(be, &g));
     let mut dmu = be.zeros_f32(numel).unwrap();
     let mut w6 = f64s(&w);
     let mut mu6 = vec![0.0f64; numel];
     for step in 0..3 {
-        be.lars_step(&mut plan, &mut dw, &dg, &mut dmu, lr, mom, trust, wd)
+        be.lars_step(&plan, &mut dw, &dg, &mut dmu, lr, mom, trust, wd)
             .unwrap();
         for &(off, len, one_d) in &segs {
             let r = off..off + len;

@@ -256,9 +256,11 @@ void test_lars() {
     float lr = 0.3f, mom = 0.9f, tr = 0.001f, wd = 1e-4f;
     std::vector<double> w6(w.begin(), w.end()), mu6(numel, 0);
     for (int step = 0; step < 3; ++step) {
-        std::vector<float> wn(segs.size(), 0), gn(segs.size(), 0);
-        launch({(unsigned)cseg.size()}, 64, lars_norms_f32, (const float*)w.data(), (const float*)g.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), wd, wn.data(), gn.data());
-        launch({(unsigned)cseg.size()}, 64, lars_update_f32, w.data(), (const float*)g.data(), mu.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), (const float*)wn.data(), (const float*)gn.data(), lr, mom, tr, wd);
+        // As CudaBackend::lars_step: the checked pass 1 into (3, n_segs) stats, then pass 2.
+        const int ns = (int)segs.size();
+        std::vector<float> st(3 * ns, 0);
+        launch({(unsigned)cseg.size()}, 64, lars_norms_checked_f32, (const float*)w.data(), (const float*)g.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), wd, st.data(), ns);
+        launch({(unsigned)cseg.size()}, 64, lars_update_f32, w.data(), (const float*)g.data(), mu.data(), (const int*)cseg.data(), (const i64*)cst.data(), (const int*)clen.data(), (const int*)is1d.data(), (const float*)st.data(), (const float*)(st.data() + ns), lr, mom, tr, wd);
         for (auto& s : segs) {
             std::vector<double> gp(s.len);
             double wnn = 0, gnn = 0;

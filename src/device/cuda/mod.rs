@@ -175,7 +175,6 @@ const KERNELS: &[(&str, &[&str])] = &[
     (
         "lars",
         &[
-            "lars_norms_f32",
             "lars_update_f32",
             "lars_norms_checked_f32",
             "lars_update_gated_f32",

@@ -904,17 +904,17 @@ impl CudaBackend {
             chunk_start: self.htod(&start)?,
             chunk_len: self.upload_i32(&len)?,
             seg_is_1d: self.upload_i32(&is_1d)?,
-            wnorm2: self.alloc_f32(n_segs)?,
-            gnorm2: self.alloc_f32(n_segs)?,
         })
     }
 
     /// One LARS step in place on w and mu (momentum buffer), gradients g; all `plan.numel`
-    /// long. See kernels/lars.cu for the update.
+    /// long: the training state's two passes (`lars_norms_checked`, then
+    /// `lars_update_from_stats` without a gate) on a scratch statistics buffer. See
+    /// kernels/lars.cu for the update.
     #[allow(clippy::too_many_arguments)]
     pub fn lars_step(
         &self,
-        plan: &mut LarsPlan,
+        plan: &LarsPlan,
         w: &mut DeviceBuffer,
         g: &DeviceBuffer,
         mu: &mut DeviceBuffer,
@@ -923,66 +923,20 @@ impl CudaBackend {
         trust: f32,
         weight_decay: f32,
     ) -> Result<()> {
-        let op = "lars_step";
-        for (nm, len) in [("w", w.len32()), ("g", g.len32()), ("mu", mu.len32())] {
-            if len < plan.numel {
-                return Err(Error::Shape(format!(
-                    "{op}: {nm} holds {len} values, the plan covers {}",
-                    plan.numel
-                )));
-            }
-        }
-        if plan.n_chunks == 0 {
-            return Ok(());
-        }
-        self.fill(&mut plan.wnorm2, 0.0)?;
-        self.fill(&mut plan.gnorm2, 0.0)?;
-        let cfg = LaunchConfig {
-            grid_dim: (plan.n_chunks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (pw, pg, pmu) = (w.ptr(), g.ptr(), mu.ptr());
-        let (cs, cst, cl, s1) = (
-            plan.chunk_seg.ptr(),
-            plan.chunk_start.ptr(),
-            plan.chunk_len.ptr(),
-            plan.seg_is_1d.ptr(),
-        );
-        let (wn, gn) = (plan.wnorm2.ptr(), plan.gnorm2.ptr());
-        launch!(
-            self,
-            "lars_norms_f32",
-            cfg,
-            pw,
-            pg,
-            cs,
-            cst,
-            cl,
-            s1,
-            weight_decay,
-            wn,
-            gn
-        );
-        launch!(
-            self,
-            "lars_update_f32",
-            cfg,
-            pw,
-            pg,
-            pmu,
-            cs,
-            cst,
-            cl,
-            s1,
-            wn,
-            gn,
+        let mut stats = self.alloc_f32(3 * plan.n_segs)?; // (3, n_segs)
+        self.lars_norms_checked(plan, w, g, weight_decay, &mut stats)?;
+        self.lars_update_from_stats(
+            plan,
+            w,
+            g,
+            mu,
+            &stats,
             lr,
             momentum,
             trust,
-            weight_decay
-        );
-        Ok(())
+            weight_decay,
+            None,
+        )
     }
 
     // ---------------------------------------------------------------- carp_loss.cu
@@ -1145,8 +1099,6 @@ pub struct LarsPlan {
     chunk_start: DeviceBuffer,
     chunk_len: DeviceBuffer,
     seg_is_1d: DeviceBuffer,
-    wnorm2: DeviceBuffer,
-    gnorm2: DeviceBuffer,
 }
 
 impl LarsPlan {
