@@ -74,7 +74,7 @@ struct Args {
     /// Loader threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     workers: usize,
-    /// Numerical mode of the step: f32 or bf16 (bf16 is emulated on the CPU only so far).
+    /// Numerical mode of the step: f32 or bf16 (bf16 storage on a GPU, emulated on the CPU).
     #[arg(long, default_value = "f32", value_name = "f32|bf16")]
     precision: carp::autograd::Precision,
     /// Print one JSON line at the end.

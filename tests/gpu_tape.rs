@@ -20,8 +20,8 @@
 use std::io::Write as _;
 use std::sync::{Mutex, MutexGuard};
 
-use carp::autograd::Tape;
-use carp::tensor::{Device, Tensor};
+use carp::autograd::{Precision, Tape};
+use carp::tensor::{DType, Device, Tensor};
 use carp::testutil::randn_vec;
 
 /// Runs everywhere: the device parser and the error for CUDA without the feature.
@@ -125,7 +125,18 @@ fn run_on(
     seed: &Tensor,
     f: &Op,
 ) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
-    let mut tape = Tape::new();
+    run_on_in(device, inputs, seed, f, Precision::F32)
+}
+
+/// [`run_on`] on a tape of the given precision.
+fn run_on_in(
+    device: &Device,
+    inputs: &[Tensor],
+    seed: &Tensor,
+    f: &Op,
+    precision: Precision,
+) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
+    let mut tape = Tape::new().with_precision(precision);
     let xs: Vec<Tensor> = inputs
         .iter()
         .map(|t| tape.track(&t.to_device(device).unwrap()))
@@ -630,6 +641,231 @@ fn training_step_matches_cpu() {
         );
         assert!(after.reuses > before.reuses);
     }
+}
+
+// ------------------------------------------------------------------ bf16 on the GPU
+
+/// The op on CUDA in bf16 against the CPU's bf16 emulation (the numerical definition): every
+/// output and every input gradient. Both round to bf16 at the same points; they differ only in
+/// f32 summation order, which can move a value across a bf16 rounding boundary (one bf16 step,
+/// 2^-8 of the value), and, for convolutions, in cuDNN returning the weight gradient in bf16
+/// where the emulation keeps it f32 (again 2^-8). Hence the tolerances: `tol_fwd` ~1e-2 of the
+/// output's scale, `tol_bwd` a few times that where BN's backward cancels (it amplifies the
+/// rounding of its inputs).
+fn compare_bf16(dev: &Device, name: &str, inputs: &[Tensor], tol_fwd: f64, tol_bwd: f64, f: &Op) {
+    let mut probe = Tape::no_grad();
+    let shape = f(&mut probe, inputs).unwrap()[0].shape().to_vec();
+    let seed = randn(&shape, 4343);
+    let (y_cpu, g_cpu) = run_on_in(&Device::Cpu, inputs, &seed, f, Precision::Bf16);
+    let (y_gpu, g_gpu) = run_on_in(dev, inputs, &seed, f, Precision::Bf16);
+    for (i, (g, c)) in y_gpu.iter().zip(&y_cpu).enumerate() {
+        assert!(
+            g.iter().all(|&v| v == carp::tensor::round_bf16(v)),
+            "{name} output {i}: the GPU output holds values that are not bf16"
+        );
+        check_close(&format!("{name} bf16 output {i}"), g, c, tol_fwd, 1e-6);
+    }
+    for (i, (g, c)) in g_gpu.iter().zip(&g_cpu).enumerate() {
+        match (g, c) {
+            (Some(g), Some(c)) => {
+                check_close(&format!("{name} bf16 d input {i}"), g, c, tol_bwd, 1e-6)
+            }
+            (None, None) => {}
+            _ => panic!("{name}: input {i} has a gradient on one device only"),
+        }
+    }
+}
+
+/// bf16 tapes on the GPU: the ops with bf16 kernels (convolution, max and average pooling, BN,
+/// the fused BN + ReLU (+ add), add) store bf16, the others (matmul, linear, GELU, ReLU, the
+/// weight-normalized linear) run in f32 on bf16 values, and every one matches the CPU
+/// emulation of bf16.
+#[test]
+fn bf16_ops_match_the_cpu_emulation() {
+    let Some((dev, _serial)) = gpu_or_skip("bf16_ops_match_the_cpu_emulation") else {
+        return;
+    };
+    // Storage: an op with bf16 kernels writes bf16; a parameter stays f32 and its gradient
+    // comes back f32.
+    {
+        let mut tape = Tape::new().with_precision(Precision::Bf16);
+        let x = tape.track(&randn(&[2, 3, 9, 9], 1).to_device(&dev).unwrap());
+        let w = tape.track(&randn(&[4, 3, 3, 3], 2).to_device(&dev).unwrap());
+        let y = tape.conv2d(&x, &w, 1, 1).unwrap();
+        assert_eq!(y.dtype(), DType::Bf16, "conv2d output storage");
+        let p = tape.max_pool2d(&y, 3, 2, 1).unwrap();
+        assert_eq!(p.dtype(), DType::Bf16, "max_pool2d output storage");
+        let dy = randn(p.shape(), 3).to_device(&dev).unwrap();
+        let g = tape.backward_from(vec![(p, dy)]).unwrap();
+        assert_eq!(g.get(&w).unwrap().dtype(), DType::F32, "weight gradient");
+        assert_eq!(g.get(&x).unwrap().dtype(), DType::F32, "image gradient");
+    }
+    let conv_cases: &[([usize; 4], [usize; 4], usize, usize)] = &[
+        ([2, 3, 9, 11], [5, 3, 3, 3], 2, 1),
+        ([3, 4, 7, 6], [6, 4, 1, 1], 1, 0),
+        ([2, 3, 64, 64], [64, 3, 7, 7], 2, 3),
+        ([2, 64, 28, 28], [64, 64, 3, 3], 1, 1),
+        ([2, 256, 14, 14], [512, 256, 1, 1], 2, 0),
+    ];
+    for (i, &(xs, ws, stride, padding)) in conv_cases.iter().enumerate() {
+        compare_bf16(
+            &dev,
+            &format!("conv2d x{xs:?} w{ws:?} s{stride} p{padding}"),
+            &[randn(&xs, 500 + i as u64), randn(&ws, 600 + i as u64)],
+            1e-2,
+            2e-2,
+            &move |t, v| Ok(vec![t.conv2d(&v[0], &v[1], stride, padding)?]),
+        );
+    }
+    for (i, shape) in [[2usize, 8, 17, 17], [3, 5, 9, 8]].into_iter().enumerate() {
+        compare_bf16(
+            &dev,
+            &format!("max_pool2d {shape:?}"),
+            &[randn(&shape, 700 + i as u64)],
+            0.0,
+            1e-2,
+            &|t, v| Ok(vec![t.max_pool2d(&v[0], 3, 2, 1)?]),
+        );
+        compare_bf16(
+            &dev,
+            &format!("global_avg_pool {shape:?}"),
+            &[randn(&shape, 710 + i as u64)],
+            1e-2,
+            1e-2,
+            &|t, v| Ok(vec![t.global_avg_pool(&v[0])?]),
+        );
+    }
+    // BN and the fused ops at an odd plane (scalar kernels) and a plane of 4k (4-wide ones).
+    for (i, shape) in [[4usize, 6, 5, 7], [4, 8, 8, 8], [16, 12, 1, 1]]
+        .into_iter()
+        .enumerate()
+    {
+        let c = shape[1];
+        let s = 10 * i as u64;
+        let x = randn(&shape, 800 + s);
+        let gamma = Tensor::from_vec(
+            randn_vec(c, 801 + s)
+                .iter()
+                .map(|v| 1.0 + 0.3 * v)
+                .collect(),
+            &[c],
+        )
+        .unwrap();
+        let beta = randn(&[c], 802 + s);
+        let r = randn(&shape, 803 + s);
+        compare_bf16(
+            &dev,
+            &format!("batch_norm_train {shape:?}"),
+            &[x.clone(), gamma.clone(), beta.clone()],
+            1e-2,
+            5e-2,
+            &|t, v| Ok(vec![t.batch_norm_train(&v[0], &v[1], &v[2], 1e-5)?.0]),
+        );
+        compare_bf16(
+            &dev,
+            &format!("bn_relu_train {shape:?}"),
+            &[x.clone(), gamma.clone(), beta.clone()],
+            1e-2,
+            5e-2,
+            &|t, v| Ok(vec![t.bn_relu_train(&v[0], &v[1], &v[2], 1e-5)?.0]),
+        );
+        compare_bf16(
+            &dev,
+            &format!("bn_add_relu_train {shape:?}"),
+            &[x, gamma, beta, r.clone()],
+            1e-2,
+            5e-2,
+            &|t, v| {
+                Ok(vec![
+                    t.bn_add_relu_train(&v[0], &v[1], &v[2], &v[3], 1e-5)?.0,
+                ])
+            },
+        );
+        compare_bf16(
+            &dev,
+            &format!("add {shape:?}"),
+            &[randn(&shape, 804 + s), r],
+            1e-2,
+            1e-2,
+            &|t, v| Ok(vec![t.add(&v[0], &v[1])?]),
+        );
+    }
+    // Through f32 kernels on bf16 values: the head's ops.
+    compare_bf16(
+        &dev,
+        "linear -> gelu",
+        &[randn(&[7, 13], 900), randn(&[9, 13], 901), randn(&[9], 902)],
+        1e-2,
+        2e-2,
+        &|t, v| {
+            let y = t.linear(&v[0], &v[1], Some(&v[2]))?;
+            Ok(vec![t.gelu(&y)?])
+        },
+    );
+    compare_bf16(
+        &dev,
+        "wn_linear",
+        &[randn(&[6, 16], 910), randn(&[32, 16], 911)],
+        1e-2,
+        2e-2,
+        &|t, v| Ok(vec![t.wn_linear(&v[0], &v[1])?]),
+    );
+}
+
+/// A whole CARP step in bf16 on the GPU against the CPU's bf16 emulation of it (the small model
+/// of `training_step_matches_cpu`): the loss terms within 2e-3 (relative), the gradient within
+/// a cosine of 0.99 (the CPU's own bf16 vs f32 gradient cosine at init is 0.9985,
+/// tests/train_precision.rs: the GPU run differs from the emulation by rounding-order noise of
+/// that kind), and the BN running statistics within 1e-2.
+#[test]
+fn bf16_training_step_matches_the_cpu_emulation() {
+    let Some((dev, _serial)) = gpu_or_skip("bf16_training_step_matches_the_cpu_emulation") else {
+        return;
+    };
+    let mut cpu = small_state();
+    cpu.precision = Precision::Bf16;
+    let mut gpu = cpu.clone();
+    let (v1, v2) = views(0);
+    let sc = cpu.train_step(&v1, &v2, 0.5, 0.99).unwrap();
+    let sg = gpu
+        .train_step(
+            &v1.to_device(&dev).unwrap(),
+            &v2.to_device(&dev).unwrap(),
+            0.5,
+            0.99,
+        )
+        .unwrap();
+    gpu.sync_to_host().unwrap();
+    for (name, g, c) in [
+        ("loss", sg.loss, sc.loss),
+        ("consistency", sg.consistency, sc.consistency),
+        ("entropy", sg.entropy, sc.entropy),
+    ] {
+        assert!(
+            (g as f64 - c as f64).abs() <= 2e-3 * (c.abs() as f64).max(1.0),
+            "bf16 {name}: gpu {g} vs cpu {c}"
+        );
+    }
+    let (gc, gg) = (&cpu.student.params.grad, &gpu.student.params.grad);
+    assert!(
+        gg.iter().all(|v| v.is_finite()),
+        "non-finite GPU bf16 gradient"
+    );
+    let dot: f64 = gc.iter().zip(gg).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let na: f64 = gc.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = gg.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (na * nb).max(1e-30);
+    assert!(
+        cos >= 0.99,
+        "bf16 gradient cosine GPU vs CPU emulation {cos}"
+    );
+    check_close(
+        "bf16 BN running statistics (student)",
+        &gpu.student.buffers.data,
+        &cpu.student.buffers.data,
+        1e-2,
+        1e-6,
+    );
 }
 
 // ------------------------------------------------------------------ device-resident state

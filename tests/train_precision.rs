@@ -436,26 +436,6 @@ fn the_precision_flag_is_in_the_dry_run() {
     assert!(ok && out.contains("--precision"), "{out}");
 }
 
-/// bf16 is emulated on the CPU only: a bf16 tape's op on GPU tensors is a clear error (not a
-/// silent f32 run). Needs a GPU: prints SKIPPED without one.
-#[test]
-fn bf16_on_gpu_tensors_is_a_clear_error() {
-    let dev = carp::Device::Cuda(0);
-    let (x, w) = match (
-        randn(&[2, 3, 5, 5], 1).to_device(&dev),
-        randn(&[4, 3, 3, 3], 2).to_device(&dev),
-    ) {
-        (Ok(x), Ok(w)) => (x, w),
-        _ => {
-            eprintln!("SKIPPED: bf16_on_gpu_tensors_is_a_clear_error: no GPU (or no cuda feature)");
-            return;
-        }
-    };
-    let mut tape = Tape::new().with_precision(Precision::Bf16);
-    let e = tape.conv2d(&x, &w, 1, 1).unwrap_err().to_string();
-    assert!(e.contains("not yet on the GPU"), "{e}");
-}
-
 /// The gradient of an activation is rounded to bf16 on the way back: linear -> gelu on a bf16
 /// tape, seeded with dz. The gradient reaching the linear's output is
 /// round(round(dz) * gelu'(y)) (gelu's output cast rounds dz, the linear's output cast rounds

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::{Tensor, TensorId};
+use crate::tensor::{DType, Tensor, TensorId};
 
 /// Maps the output gradient to one optional gradient per recorded input (same order).
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send>;
@@ -27,6 +27,16 @@ struct Node {
     out: TensorId,
     inputs: Vec<TensorId>,
     backward: BackwardFn,
+}
+
+/// How an op runs in bf16 mode on a GPU (see [`Tape::bf16_inputs`]); the CPU emulation is the
+/// same either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bf16Path {
+    /// The op has bf16 kernels: bf16 storage in and out.
+    Native,
+    /// The op runs its f32 kernels on f32 storage holding bf16 values; its output is narrowed.
+    ViaF32,
 }
 
 /// The numerical mode of a tape's ops (SPEC.md, mixed precision).
@@ -130,42 +140,113 @@ impl Tape {
     /// (another op's output) is taken as it is; any other (a parameter, an image) is replaced by
     /// a rounded copy, made once per tape and recorded with an identity backward, so the
     /// gradient of an f32 master parameter is the f32 gradient of its bf16 copy (the
-    /// straight-through cast of autocast). CPU only: a GPU tensor is an error.
-    pub(crate) fn bf16_inputs(&mut self, op: &str, xs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    /// straight-through cast of autocast).
+    ///
+    /// On a GPU, `path` says how the op runs: [`Bf16Path::Native`] ops have bf16 kernels and get
+    /// bf16 storage (an f32 tensor is narrowed once; the gradient of that copy comes back
+    /// widened to f32); [`Bf16Path::ViaF32`] ops (cuBLAS products, GELU, ...) get f32 storage
+    /// holding bf16 values (a bf16 activation is widened, exactly; a parameter is rounded once).
+    /// The values, hence the numerics, are the CPU emulation's either way.
+    pub(crate) fn bf16_inputs(
+        &mut self,
+        op: &str,
+        xs: &[&Tensor],
+        path: Bf16Path,
+    ) -> Result<Vec<Tensor>> {
         let mut out = Vec::with_capacity(xs.len());
         for &x in xs {
-            if !matches!(x.storage(), crate::tensor::Storage::Cpu(_)) {
-                bail!(
-                    Device,
-                    "{op}: bf16 precision is not yet on the GPU (it is emulated on the CPU only); \
-                     train on the GPU with --precision f32"
-                );
+            let on_cpu = matches!(x.storage(), crate::tensor::Storage::Cpu(_));
+            if on_cpu || path == Bf16Path::ViaF32 {
+                if x.dtype() == DType::Bf16 {
+                    out.push(self.widen_bf16(x)?);
+                    continue;
+                }
+                if self.bf16.contains(&x.id()) {
+                    out.push(x.clone());
+                    continue;
+                }
+                if let Some(r) = self.casts.get(&x.id()).filter(|r| r.dtype() == DType::F32) {
+                    out.push(r.clone());
+                    continue;
+                }
+                let r = if on_cpu {
+                    x.round_bf16()?
+                } else {
+                    x.to_dtype(DType::Bf16)?.to_dtype(DType::F32)?
+                };
+                self.record("to_bf16", &r, &[x], |dr| Ok(vec![Some(dr.clone())]));
+                self.bf16.insert(r.id());
+                self.casts.insert(x.id(), r.clone());
+                out.push(r);
+                continue;
             }
-            if self.bf16.contains(&x.id()) {
+            // A GPU op with bf16 kernels.
+            if x.dtype() == DType::Bf16 {
                 out.push(x.clone());
                 continue;
             }
-            if let Some(r) = self.casts.get(&x.id()) {
+            if let Some(r) = self.casts.get(&x.id()).filter(|r| r.dtype() == DType::Bf16) {
                 out.push(r.clone());
                 continue;
             }
-            let r = x.round_bf16()?;
-            self.record("to_bf16", &r, &[x], |dr| Ok(vec![Some(dr.clone())]));
-            self.bf16.insert(r.id());
+            let r = x.to_dtype(DType::Bf16).map_err(|e| {
+                crate::error::Error::Device(format!("{op}: bf16 copy of an input: {e}"))
+            })?;
+            self.record("to_bf16", &r, &[x], |dr| {
+                Ok(vec![Some(dr.to_dtype(DType::F32)?)])
+            });
             self.casts.insert(x.id(), r.clone());
             out.push(r);
         }
         Ok(out)
     }
 
+    /// A bf16 GPU activation widened (exactly) to f32 storage for an op without bf16 kernels;
+    /// once per tensor. Its gradient passes through in f32: where the activation's producer has
+    /// bf16 kernels it rounds the (accumulated) gradient, as the CPU's bf16 output node does.
+    fn widen_bf16(&mut self, x: &Tensor) -> Result<Tensor> {
+        if let Some(r) = self.casts.get(&x.id()) {
+            return Ok(r.clone());
+        }
+        let r = x.to_dtype(DType::F32)?;
+        self.record("bf16_to_f32", &r, &[x], |dr| Ok(vec![Some(dr.clone())]));
+        self.bf16.insert(r.id());
+        self.casts.insert(x.id(), r.clone());
+        Ok(r)
+    }
+
     /// Bf16 mode: `y` (an op's f32 result) rounded to bf16, as the op would store it. Its
     /// backward rounds the incoming gradient to bf16 (a bf16 backward stores the gradients of
-    /// activations in bf16; the ops' own backward still accumulates in f32).
+    /// activations in bf16; the ops' own backward still accumulates in f32). On a GPU an output
+    /// already in bf16 storage (an op with bf16 kernels, whose backward rounds its incoming
+    /// gradient itself) is returned as it is; an f32 one is narrowed to bf16 storage.
     pub(crate) fn bf16_output(&mut self, y: &Tensor) -> Result<Tensor> {
-        let r = y.round_bf16()?;
-        self.record("to_bf16", &r, &[y], |dr| Ok(vec![Some(dr.round_bf16()?)]));
-        self.bf16.insert(r.id());
-        Ok(r)
+        match y.storage() {
+            crate::tensor::Storage::Cpu(_) => {
+                let r = y.round_bf16()?;
+                self.record("to_bf16", &r, &[y], |dr| Ok(vec![Some(dr.round_bf16()?)]));
+                self.bf16.insert(r.id());
+                Ok(r)
+            }
+            #[cfg(feature = "cuda")]
+            crate::tensor::Storage::Cuda(_) => {
+                if y.dtype() == DType::Bf16 {
+                    return Ok(y.clone());
+                }
+                let r = y.to_dtype(DType::Bf16)?;
+                self.record("to_bf16", &r, &[y], |dr| {
+                    // The f32 body's backward takes f32: a bf16 gradient widens exactly, an
+                    // f32 one is rounded through bf16 (the CPU's `round_bf16`).
+                    let g = if dr.dtype() == DType::Bf16 {
+                        dr.to_dtype(DType::F32)?
+                    } else {
+                        dr.to_dtype(DType::Bf16)?.to_dtype(DType::F32)?
+                    };
+                    Ok(vec![Some(g)])
+                });
+                Ok(r)
+            }
+        }
     }
 
     /// Runs `body` (an op's f32 path) with the tape in f32 mode, then restores the precision.

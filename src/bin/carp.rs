@@ -221,7 +221,8 @@ struct TrainArgs {
     local_size: Option<usize>,
     /// Numerical mode: f32 (default) or bf16 (SPEC.md's mixed precision: bf16 activations and
     /// matmul/conv operands with f32 accumulation; f32 master weights, BN statistics, loss and
-    /// optimizer). bf16 is emulated on the CPU only so far: not yet on the GPU.
+    /// optimizer). On a GPU, bf16 activations are stored in bf16 (convolutions, BN and pooling
+    /// have bf16 kernels); on the CPU the same numerics are emulated in f32.
     #[arg(long, value_name = "f32|bf16")]
     precision: Option<Precision>,
     #[arg(long)]

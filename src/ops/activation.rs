@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::ops::elementwise::PAR_CHUNK;
@@ -46,7 +46,7 @@ impl Tape {
     pub fn gelu(&mut self, x: &Tensor) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("gelu", &[x])?;
+            let r = self.bf16_inputs("gelu", &[x], Bf16Path::ViaF32)?;
             let y = self.as_f32(|t| t.gelu(&r[0]))?;
             return self.bf16_output(&y);
         }

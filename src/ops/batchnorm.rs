@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -477,7 +477,7 @@ impl Tape {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         // Bf16 mode (Tape::bf16_inputs): bf16 x, f32 gamma/beta and statistics, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("batch_norm_train", &[x])?;
+            let r = self.bf16_inputs("batch_norm_train", &[x], Bf16Path::Native)?;
             let (y, mean, var) = self.as_f32(|t| t.batch_norm_train(&r[0], gamma, beta, eps))?;
             return Ok((self.bf16_output(&y)?, mean, var));
         }
@@ -558,7 +558,7 @@ impl Tape {
         let op = "batch_norm_eval";
         // Bf16 mode (Tape::bf16_inputs): bf16 x, f32 gamma/beta and statistics, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs(op, &[x])?;
+            let r = self.bf16_inputs(op, &[x], Bf16Path::Native)?;
             let y = self.as_f32(|t| {
                 t.batch_norm_eval(&r[0], gamma, beta, running_mean, running_var, eps)
             })?;

@@ -22,7 +22,7 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -685,7 +685,7 @@ impl Tape {
     ) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("conv2d", &[x, w])?;
+            let r = self.bf16_inputs("conv2d", &[x, w], Bf16Path::Native)?;
             let y = self.as_f32(|t| t.conv2d(&r[0], &r[1], stride, padding))?;
             return self.bf16_output(&y);
         }

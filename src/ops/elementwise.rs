@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -73,7 +73,7 @@ impl Tape {
     pub fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("add", &[a, b])?;
+            let r = self.bf16_inputs("add", &[a, b], Bf16Path::Native)?;
             let y = self.as_f32(|t| t.add(&r[0], &r[1]))?;
             return self.bf16_output(&y);
         }
@@ -88,7 +88,7 @@ impl Tape {
     pub fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("relu", &[x])?;
+            let r = self.bf16_inputs("relu", &[x], Bf16Path::ViaF32)?;
             let y = self.as_f32(|t| t.relu(&r[0]))?;
             return self.bf16_output(&y);
         }

@@ -16,7 +16,7 @@
 //! statistics. The numerics equal the unfused ops': the same expressions in the same order (the
 //! masked reduction adds exact zeros where the unfused one adds the relu-masked zeros).
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::ops::batchnorm::{
@@ -418,7 +418,7 @@ impl Tape {
         if self.is_bf16() {
             let mut xs = vec![x];
             xs.extend(residual);
-            let r = self.bf16_inputs(op, &xs)?;
+            let r = self.bf16_inputs(op, &xs, Bf16Path::Native)?;
             let (y, mean, var) =
                 self.as_f32(|t| t.bn_act_train(op, &r[0], gamma, beta, r.get(1), eps))?;
             return Ok((self.bf16_output(&y)?, mean, var));
@@ -488,7 +488,7 @@ impl Tape {
         if self.is_bf16() {
             let mut xs = vec![x];
             xs.extend(residual);
-            let r = self.bf16_inputs(op, &xs)?;
+            let r = self.bf16_inputs(op, &xs, Bf16Path::Native)?;
             let y = self.as_f32(|t| {
                 t.bn_act_eval(
                     op,

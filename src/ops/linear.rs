@@ -7,7 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::ops::elementwise::PAR_CHUNK;
@@ -237,7 +237,7 @@ impl Tape {
     pub fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("matmul", &[a, b])?;
+            let r = self.bf16_inputs("matmul", &[a, b], Bf16Path::ViaF32)?;
             let y = self.as_f32(|t| t.matmul(&r[0], &r[1]))?;
             return self.bf16_output(&y);
         }
@@ -280,7 +280,7 @@ impl Tape {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         // The bias stays f32: it is added to the f32 accumulator before the output is rounded.
         if self.is_bf16() {
-            let r = self.bf16_inputs("linear", &[x, w])?;
+            let r = self.bf16_inputs("linear", &[x, w], Bf16Path::ViaF32)?;
             let y = self.as_f32(|t| t.linear(&r[0], &r[1], b))?;
             return self.bf16_output(&y);
         }
@@ -348,7 +348,7 @@ impl Tape {
         // v is rounded before the row normalization (a GPU would normalize the f32 master
         // and round the result): either way the matmul's weight carries one bf16 rounding.
         if self.is_bf16() {
-            let r = self.bf16_inputs("wn_linear", &[x, v])?;
+            let r = self.bf16_inputs("wn_linear", &[x, v], Bf16Path::ViaF32)?;
             let y = self.as_f32(|t| t.wn_linear(&r[0], &r[1]))?;
             return self.bf16_output(&y);
         }

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use crate::autograd::Tape;
+use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -254,7 +254,7 @@ impl Tape {
     ) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("max_pool2d", &[x])?;
+            let r = self.bf16_inputs("max_pool2d", &[x], Bf16Path::Native)?;
             let y = self.as_f32(|t| t.max_pool2d(&r[0], kernel, stride, padding))?;
             return self.bf16_output(&y);
         }
@@ -281,7 +281,7 @@ impl Tape {
     pub fn global_avg_pool(&mut self, x: &Tensor) -> Result<Tensor> {
         // Bf16 mode (Tape::bf16_inputs): bf16 operands, the f32 body, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("global_avg_pool", &[x])?;
+            let r = self.bf16_inputs("global_avg_pool", &[x], Bf16Path::Native)?;
             let y = self.as_f32(|t| t.global_avg_pool(&r[0]))?;
             return self.bf16_output(&y);
         }

@@ -67,8 +67,41 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// The bytes behind a tensor. f32 everywhere for now; the layout is row-major NCHW on every
-/// device.
+/// The element type of a storage. CPU tensors are always f32 (the bf16 mode is emulated there
+/// by rounding values held in f32); a GPU tensor of a bf16 step stores bf16 (2 bytes per
+/// element: activations and their gradients), with f32 arithmetic inside every kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DType {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+    /// The suffix of the kernels for this element type (`bn_forward_f32`, `bn_forward_bf16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The bytes behind a tensor: f32 on the CPU; f32 or bf16 ([`DType`]) on a GPU. The layout is
+/// row-major NCHW on every device.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
@@ -98,7 +131,15 @@ impl Storage {
         match self {
             Storage::Cpu(v) => v.len(),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(c) => c.buf.len32(),
+            Storage::Cuda(c) => c.buf.len(),
+        }
+    }
+    /// The element type (always f32 on the CPU).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(_) => DType::F32,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.buf.dtype(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -232,6 +273,28 @@ impl Tensor {
         }
     }
 
+    /// The same values stored as `dtype` (a new tensor, not recorded on a tape; the same
+    /// tensor when it already is). On a GPU, f32 -> bf16 rounds to nearest even exactly as
+    /// [`round_bf16`]; bf16 -> f32 is exact. CPU tensors are f32 only.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        match self.storage() {
+            Storage::Cpu(_) => bail!(
+                Device,
+                "CPU tensors are f32 only (the bf16 mode rounds values held in f32 there); \
+                 {dtype} storage exists on a GPU"
+            ),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => {
+                let mut y = c.backend.alloc_dt(dtype, self.numel())?;
+                c.backend.cast(&c.buf, &mut y)?;
+                Tensor::from_cuda(y, c.backend.clone(), self.shape())
+            }
+        }
+    }
+
     pub fn id(&self) -> TensorId {
         self.0.id
     }
@@ -253,6 +316,10 @@ impl Tensor {
     }
     pub fn device(&self) -> Device {
         self.0.storage.device()
+    }
+    /// The storage's element type.
+    pub fn dtype(&self) -> DType {
+        self.0.storage.dtype()
     }
 
     /// The host slice of a CPU tensor; an error for other devices.
@@ -276,7 +343,7 @@ impl Tensor {
         match self.storage() {
             Storage::Cpu(v) => Ok(v.clone()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(c) => c.backend.download_f32(&c.buf),
+            Storage::Cuda(c) => c.backend.download_values(&c.buf),
         }
     }
 

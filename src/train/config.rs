@@ -63,7 +63,7 @@ pub struct TrainConfig {
     #[serde(default = "default_local_size_224")]
     pub local_size: usize,
     /// Numerical mode of the student and teacher forwards and the backward (SPEC.md, mixed
-    /// precision): f32 (default) or bf16 (emulated on the CPU only so far).
+    /// precision): f32 (default) or bf16 (bf16 storage on a GPU, emulated on the CPU).
     #[serde(default)]
     pub precision: Precision,
 }

@@ -136,12 +136,19 @@ fn stack_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let mut shape = a.shape().to_vec();
     shape[0] += b.dim(0);
     #[cfg(feature = "cuda")]
-    if let (Storage::Cuda(ca), Storage::Cuda(cb)) = (a.storage(), b.storage()) {
+    if let (Storage::Cuda(ca), Storage::Cuda(_)) = (a.storage(), b.storage()) {
         let be = &ca.backend;
-        let (bytes_a, bytes_b) = (a.numel() * 4, b.numel() * 4);
-        let mut both = be.alloc_f32(a.numel() + b.numel())?;
-        be.copy_dtod_range(&ca.buf, 0, &mut both, 0, bytes_a)?;
-        be.copy_dtod_range(&cb.buf, 0, &mut both, bytes_a, bytes_b)?;
+        // One element type for both (bf16 features of a bf16 step; mixed: f32, exact).
+        let dt = if a.dtype() == b.dtype() {
+            a.dtype()
+        } else {
+            crate::tensor::DType::F32
+        };
+        let (a, b) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
+        let (bytes_a, bytes_b) = (a.numel() * dt.size(), b.numel() * dt.size());
+        let mut both = be.alloc_dt(dt, a.numel() + b.numel())?;
+        be.copy_dtod_range(&a.cuda()?.buf, 0, &mut both, 0, bytes_a)?;
+        be.copy_dtod_range(&b.cuda()?.buf, 0, &mut both, bytes_a, bytes_b)?;
         return Tensor::from_cuda(both, be.clone(), &shape);
     }
     let mut both = a.to_vec()?;
@@ -161,10 +168,12 @@ fn split_rows(t: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
     if let Storage::Cuda(c) = t.storage() {
         let be = &c.backend;
         let (na, nb) = (r * width, (rows - r) * width);
-        let mut a = be.alloc_f32(na)?;
-        let mut b = be.alloc_f32(nb)?;
-        be.copy_dtod_range(&c.buf, 0, &mut a, 0, na * 4)?;
-        be.copy_dtod_range(&c.buf, na * 4, &mut b, 0, nb * 4)?;
+        let dt = c.buf.dtype();
+        let es = dt.size();
+        let mut a = be.alloc_dt(dt, na)?;
+        let mut b = be.alloc_dt(dt, nb)?;
+        be.copy_dtod_range(&c.buf, 0, &mut a, 0, na * es)?;
+        be.copy_dtod_range(&c.buf, na * es, &mut b, 0, nb * es)?;
         return Ok((
             Tensor::from_cuda(a, be.clone(), &head_shape)?,
             Tensor::from_cuda(b, be.clone(), &tail_shape)?,
@@ -563,7 +572,11 @@ impl CarpState {
     ) -> Result<(f32, f32, f32, Tensor)> {
         let (rows, k) = (s_logits.dim(0), s_logits.dim(1));
         let n = rows / vs;
-        let t = t_logits.to_device(&s_logits.device())?;
+        // The loss runs in f32 (SPEC): bf16 logits of a bf16 step widen exactly.
+        let s_logits = &s_logits.to_dtype(crate::tensor::DType::F32)?;
+        let t = t_logits
+            .to_device(&s_logits.device())?
+            .to_dtype(crate::tensor::DType::F32)?;
         let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
         let dperm = be.upload_i32(&perm32)?; // (K,)
                                              // The rows of (vs N, K) are view 0's N samples, then view 1's, ...: (vs, N, K), the
@@ -601,7 +614,11 @@ impl CarpState {
     ) -> Result<(crate::device::cuda::DeviceBuffer, Tensor)> {
         let (rows, k) = (s_logits.dim(0), s_logits.dim(1));
         let n = rows / vs;
-        let t = t_logits.to_device(&s_logits.device())?;
+        // The loss runs in f32 (SPEC): bf16 logits of a bf16 step widen exactly.
+        let s_logits = &s_logits.to_dtype(crate::tensor::DType::F32)?;
+        let t = t_logits
+            .to_device(&s_logits.device())?
+            .to_dtype(crate::tensor::DType::F32)?;
         let be = &s_logits.cuda()?.backend;
         // (vs N, K) = (vs, N, K), the fused loss's layout; the uniformity mean runs over every
         // student view and both teacher views: (vs + 2) N rows.

@@ -9,7 +9,6 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::autograd::Precision;
 use crate::bail;
 use crate::data::{eval_batches, Dataset, LoaderConfig, LocalViews, TwoViewLoader, ViewConfig};
 use crate::error::{Error, Result};
@@ -240,13 +239,6 @@ fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     cfg.validate()?;
     let device = resolve_device(&cfg.device)?;
-    if cfg.precision == Precision::Bf16 && device != Device::Cpu {
-        bail!(
-            Config,
-            "--precision bf16 is not yet on the GPU ({device}): it is emulated on the CPU only; \
-             use --precision f32 on the GPU or --device cpu"
-        );
-    }
     let say = |s: String| {
         if !opts.quiet {
             eprintln!("{s}");

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext};
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Rounds a request up to its bucket: 512-byte steps below 1 MiB, above that steps of 1/8 of
 /// the enclosing power of two (at most 12.5% waste). Equal requests share a bucket, which is
@@ -92,8 +93,13 @@ impl Pool {
         self.lock().stats
     }
 
-    /// A buffer of at least `bytes` bytes (contents undefined).
+    /// A buffer of at least `bytes` bytes (contents undefined), labelled f32.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        self.alloc_typed(bytes, DType::F32)
+    }
+
+    /// A buffer of at least `bytes` bytes (contents undefined) holding elements of `dtype`.
+    pub fn alloc_typed(self: &Arc<Self>, bytes: usize, dtype: DType) -> Result<DeviceBuffer> {
         let cap = bucket_size(bytes);
         {
             let mut inner = self.lock();
@@ -106,6 +112,7 @@ impl Pool {
                     ptr,
                     bytes,
                     cap,
+                    dtype,
                     pool: self.clone(),
                 });
             }
@@ -141,6 +148,7 @@ impl Pool {
             ptr,
             bytes,
             cap,
+            dtype,
             pool: self.clone(),
         })
     }
@@ -188,18 +196,24 @@ impl Drop for Pool {
     }
 }
 
-/// Device memory from the pool; returns to the pool when dropped. Untyped bytes (f32 today;
-/// bf16 and int32 argmax buffers use the same type), so layouts and dtypes stay open.
+/// Device memory from the pool; returns to the pool when dropped. The bytes carry an element
+/// type label: f32 (also used for 4-byte int32 buffers such as argmax and permutations) or bf16.
+/// Launchers pick the kernel by it and refuse a bf16 buffer where only an f32 kernel exists.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     cap: usize,
+    dtype: DType,
     pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for DeviceBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceBuffer({:#x}, {} bytes)", self.ptr, self.bytes)
+        write!(
+            f,
+            "DeviceBuffer({:#x}, {} bytes, {})",
+            self.ptr, self.bytes, self.dtype
+        )
     }
 }
 
@@ -212,9 +226,20 @@ impl DeviceBuffer {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
-    /// Number of 4-byte elements (f32 or i32).
+    /// Number of 4-byte elements (f32 or i32), whatever the label.
     pub fn len32(&self) -> usize {
         self.bytes / 4
+    }
+    /// The element type label.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Number of elements of its element type.
+    pub fn len(&self) -> usize {
+        self.bytes / self.dtype.size()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
     }
 }
 

@@ -108,6 +108,15 @@ impl CudaBackend {
         beta: f32,
         c: &mut DeviceBuffer,
     ) -> Result<()> {
+        for (name, buf) in [("a", a), ("b", b), ("c", &*c)] {
+            if buf.dtype() != crate::tensor::DType::F32 {
+                return Err(Error::Device(format!(
+                    "gemm: {name} is a {} buffer; the matrix products run in f32 (widen bf16 \
+                     activations first)",
+                    buf.dtype()
+                )));
+            }
+        }
         for (name, buf, need) in [("a", a, m * k), ("b", b, k * n)] {
             if buf.len32() < need {
                 return Err(Error::Shape(format!(

@@ -19,6 +19,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::{CudaBackend, DeviceBuffer};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Whether convolutions may use TF32 tensor cores: 0 = not decided yet (read `CARP_TF32`),
 /// 1 = FMA only, 2 = TF32 allowed.
@@ -166,7 +167,15 @@ impl Drop for ConvDesc {
     }
 }
 
-fn tensor_desc(dims: [usize; 4]) -> Result<TensorDesc> {
+/// cuDNN's data type for an element type.
+fn cudnn_type(dt: DType) -> ds::cudnnDataType_t {
+    match dt {
+        DType::F32 => ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        DType::Bf16 => ds::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+    }
+}
+
+fn tensor_desc(dims: [usize; 4], dt: DType) -> Result<TensorDesc> {
     let d = TensorDesc(dr::create_tensor_descriptor().map_err(|e| dnn_err("tensor desc", e))?);
     let dims = [
         c_int(dims[0])?,
@@ -179,7 +188,7 @@ fn tensor_desc(dims: [usize; 4]) -> Result<TensorDesc> {
         dr::set_tensor4d_descriptor(
             d.0,
             ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            cudnn_type(dt),
             dims,
         )
     }
@@ -220,7 +229,7 @@ impl Drop for Handle {
 /// The cuDNN handle, the plan cache and the shared workspace (behind the backend's Mutex).
 pub struct Dnn {
     handle: Handle,
-    plans: HashMap<(ConvShape, bool), Plan>,
+    plans: HashMap<(ConvShape, bool, DType), Plan>,
     workspace: Option<DeviceBuffer>,
 }
 
@@ -251,10 +260,10 @@ impl Dnn {
         })
     }
 
-    fn plan(&mut self, s: &ConvShape) -> Result<&Plan> {
-        let key = (*s, conv_tf32());
+    fn plan(&mut self, s: &ConvShape, dt: DType) -> Result<&Plan> {
+        let key = (*s, conv_tf32(), dt);
         if !self.plans.contains_key(&key) {
-            let p = self.make_plan(s, key.1)?;
+            let p = self.make_plan(s, key.1, dt)?;
             self.plans.insert(key, p);
         }
         self.plans
@@ -262,10 +271,15 @@ impl Dnn {
             .ok_or_else(|| Error::Device("conv plan cache".into()))
     }
 
-    fn make_plan(&self, s: &ConvShape, tf32: bool) -> Result<Plan> {
+    /// `dt` bf16: bf16 tensors and filter with f32 accumulation (cuDNN's BFLOAT16 config,
+    /// compute type float), tensor-core math whatever the TF32 switch (which concerns f32
+    /// data only).
+    fn make_plan(&self, s: &ConvShape, tf32: bool, dt: DType) -> Result<Plan> {
         let (ho, wo) = s.out_hw()?;
-        let x = tensor_desc([s.n, s.c, s.h, s.w])?;
-        let y = tensor_desc([s.n, s.o, ho, wo])?;
+        let x = tensor_desc([s.n, s.c, s.h, s.w], dt)?;
+        let y = tensor_desc([s.n, s.o, ho, wo], dt)?;
+        // Tensor cores for bf16 data; for f32 data as the TF32 switch says.
+        let tf32 = tf32 || dt == DType::Bf16;
         let w = FilterDesc(dr::create_filter_descriptor().map_err(|e| dnn_err("filter", e))?);
         let conv =
             ConvDesc(dr::create_convolution_descriptor().map_err(|e| dnn_err("conv desc", e))?);
@@ -275,7 +289,7 @@ impl Dnn {
         unsafe {
             dr::set_filter4d_descriptor(
                 w.0,
-                ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                cudnn_type(dt),
                 ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                 [c_int(s.o)?, c_int(s.c)?, c_int(s.kh)?, c_int(s.kw)?],
             )
@@ -435,11 +449,19 @@ impl Dnn {
     }
 }
 
-fn check(name: &str, buf: &DeviceBuffer, need: usize, s: &ConvShape) -> Result<()> {
-    if buf.len32() < need {
+/// `buf` holds at least `need` elements of `dt` (x, w and y of one convolution share a type).
+fn check(name: &str, buf: &DeviceBuffer, need: usize, dt: DType, s: &ConvShape) -> Result<()> {
+    if buf.dtype() != dt {
+        return Err(Error::Device(format!(
+            "conv2d: {name} is a {} buffer, the others {dt} ({s:?}): cast the weights and \
+             activations to one type",
+            buf.dtype()
+        )));
+    }
+    if buf.len() < need {
         return Err(Error::Shape(format!(
             "conv2d: {name} holds {} values, {s:?} needs {need}",
-            buf.len32()
+            buf.len()
         )));
     }
     Ok(())
@@ -454,7 +476,15 @@ enum Which {
 
 impl CudaBackend {
     /// Makes sure the shared workspace holds `bytes`, returning its address (0 when none).
-    fn conv_run(&self, s: &ConvShape, which: Which, a: u64, b: u64, out: u64) -> Result<()> {
+    fn conv_run(
+        &self,
+        s: &ConvShape,
+        dt: DType,
+        which: Which,
+        a: u64,
+        b: u64,
+        out: u64,
+    ) -> Result<()> {
         // Bound before the plan: making one runs cudnnFind* (cudaMalloc and kernel launches
         // through the runtime API), which must land on this backend's context, not whatever
         // (or no) context is current on the calling thread.
@@ -463,7 +493,7 @@ impl CudaBackend {
             .map_err(|e| super::driver_err("binding the CUDA context", e))?;
         let mut dnn = self.dnn()?;
         let ws_need = {
-            let p = dnn.plan(s)?;
+            let p = dnn.plan(s, dt)?;
             match which {
                 Which::Fwd => p.fwd.1,
                 Which::BwdData => p.bwd_data.1,
@@ -479,7 +509,7 @@ impl CudaBackend {
             .as_ref()
             .map_or((0, 0), |w| (w.ptr(), w.bytes()));
         let h = dnn.handle.0;
-        let p = dnn.plan(s)?;
+        let p = dnn.plan(s, dt)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let al = &alpha as *const f32 as *const std::ffi::c_void;
         let be = &beta as *const f32 as *const std::ffi::c_void;
@@ -545,10 +575,11 @@ impl CudaBackend {
         w: &DeviceBuffer,
         y: &mut DeviceBuffer,
     ) -> Result<()> {
-        check("x", x, s.x_len(), s)?;
-        check("w", w, s.w_len(), s)?;
-        check("y", y, s.y_len()?, s)?;
-        self.conv_run(s, Which::Fwd, x.ptr(), w.ptr(), y.ptr())
+        let dt = x.dtype();
+        check("x", x, s.x_len(), dt, s)?;
+        check("w", w, s.w_len(), dt, s)?;
+        check("y", y, s.y_len()?, dt, s)?;
+        self.conv_run(s, dt, Which::Fwd, x.ptr(), w.ptr(), y.ptr())
     }
 
     /// dx = conv^T(dy, w). dy (n, o, ho, wo), w (o, c, kh, kw), dx (n, c, h, w), overwritten.
@@ -559,10 +590,11 @@ impl CudaBackend {
         dy: &DeviceBuffer,
         dx: &mut DeviceBuffer,
     ) -> Result<()> {
-        check("w", w, s.w_len(), s)?;
-        check("dy", dy, s.y_len()?, s)?;
-        check("dx", dx, s.x_len(), s)?;
-        self.conv_run(s, Which::BwdData, w.ptr(), dy.ptr(), dx.ptr())
+        let dt = w.dtype();
+        check("w", w, s.w_len(), dt, s)?;
+        check("dy", dy, s.y_len()?, dt, s)?;
+        check("dx", dx, s.x_len(), dt, s)?;
+        self.conv_run(s, dt, Which::BwdData, w.ptr(), dy.ptr(), dx.ptr())
     }
 
     /// dw = sum over the batch of x (*) dy. x (n, c, h, w), dy (n, o, ho, wo), dw (o, c, kh, kw),
@@ -574,10 +606,11 @@ impl CudaBackend {
         dy: &DeviceBuffer,
         dw: &mut DeviceBuffer,
     ) -> Result<()> {
-        check("x", x, s.x_len(), s)?;
-        check("dy", dy, s.y_len()?, s)?;
-        check("dw", dw, s.w_len(), s)?;
-        self.conv_run(s, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
+        let dt = x.dtype();
+        check("x", x, s.x_len(), dt, s)?;
+        check("dy", dy, s.y_len()?, dt, s)?;
+        check("dw", dw, s.w_len(), dt, s)?;
+        self.conv_run(s, dt, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
     }
 }
 

@@ -30,6 +30,7 @@ pub use dnn::{conv_find, conv_tf32, set_conv_tf32, ConvShape};
 pub use ops::{CarpLossGpu, CarpLossQueued, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Number of CUDA devices, 0 when no driver (libcuda) is installed or it reports none.
 pub fn device_count() -> usize {
@@ -47,9 +48,10 @@ pub fn device_count() -> usize {
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
-/// Test aid: while on, every buffer handed out by `alloc_bytes`/`alloc_f32` (the outputs of
-/// every op) is first filled with NaN, so an output element a kernel leaves unwritten shows up
-/// as NaN instead of a stale value from the pool. Costs one fill per allocation.
+/// Test aid: while on, every buffer handed out by `alloc_bytes`/`alloc_f32`/`alloc_bf16` (the
+/// outputs of every op) is first filled with 0xff bytes, a NaN in f32 and in bf16 alike, so an
+/// output element a kernel leaves unwritten shows up as NaN instead of a stale value from the
+/// pool. Costs one memset per allocation.
 pub fn set_poison_allocations(on: bool) {
     POISON.store(on, Ordering::Relaxed);
 }
@@ -318,18 +320,32 @@ impl CudaBackend {
             .map_err(|e| driver_err("stream synchronize (a kernel failed?)", e))
     }
 
-    /// Uninitialized device memory for `bytes` bytes, from the pool (NaN-filled while
-    /// [`set_poison_allocations`] is on).
+    /// Uninitialized device memory for `bytes` bytes (labelled f32), from the pool (NaN-filled
+    /// while [`set_poison_allocations`] is on).
     pub fn alloc_bytes(&self, bytes: usize) -> Result<DeviceBuffer> {
-        let mut b = self.pool.alloc(bytes)?;
-        if POISON.load(Ordering::Relaxed) {
-            self.fill(&mut b, f32::NAN)?;
+        self.alloc_typed(bytes, DType::F32)
+    }
+    fn alloc_typed(&self, bytes: usize, dtype: DType) -> Result<DeviceBuffer> {
+        let b = self.pool.alloc_typed(bytes, dtype)?;
+        if POISON.load(Ordering::Relaxed) && bytes > 0 {
+            self.bind()?;
+            // SAFETY: the buffer is live and holds `bytes` bytes; stream-ordered like its users.
+            unsafe { result::memset_d8_async(b.ptr(), 0xff, bytes, self.stream.cu_stream()) }
+                .map_err(|e| driver_err("poisoning a new buffer", e))?;
         }
         Ok(b)
     }
     /// Uninitialized room for `n` f32 values.
     pub fn alloc_f32(&self, n: usize) -> Result<DeviceBuffer> {
         self.alloc_bytes(n * 4)
+    }
+    /// Uninitialized room for `n` bf16 values.
+    pub fn alloc_bf16(&self, n: usize) -> Result<DeviceBuffer> {
+        self.alloc_typed(n * 2, DType::Bf16)
+    }
+    /// Uninitialized room for `n` values of `dtype` (an op's output takes its input's type).
+    pub fn alloc_dt(&self, dtype: DType, n: usize) -> Result<DeviceBuffer> {
+        self.alloc_typed(n * dtype.size(), dtype)
     }
     /// `n` f32 zeros.
     pub fn zeros_f32(&self, n: usize) -> Result<DeviceBuffer> {
@@ -386,7 +402,27 @@ impl CudaBackend {
     }
     /// Copies the buffer's f32 contents back (all of it).
     pub fn download_f32(&self, buf: &DeviceBuffer) -> Result<Vec<f32>> {
+        if buf.dtype() != DType::F32 {
+            return Err(Error::Device(format!(
+                "download_f32 of a {} buffer (use download_values)",
+                buf.dtype()
+            )));
+        }
         self.dtoh(buf, buf.bytes() / 4)
+    }
+    /// Copies the buffer's values back as f32 (all of it): a bf16 buffer is widened on the host
+    /// (exactly: every bf16 value is an f32 value).
+    pub fn download_values(&self, buf: &DeviceBuffer) -> Result<Vec<f32>> {
+        match buf.dtype() {
+            DType::F32 => self.download_f32(buf),
+            DType::Bf16 => {
+                let raw: Vec<u16> = self.dtoh(buf, buf.len())?;
+                Ok(raw
+                    .into_iter()
+                    .map(|b| f32::from_bits(u32::from(b) << 16))
+                    .collect())
+            }
+        }
     }
     /// Copies the buffer's i32 contents back (all of it).
     pub fn download_i32(&self, buf: &DeviceBuffer) -> Result<Vec<i32>> {

@@ -6,18 +6,39 @@ use cudarc::driver::LaunchConfig;
 
 use super::{launch, CudaBackend, DeviceBuffer};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Threads per block for the elementwise (grid-stride) kernels.
 const THREADS: u32 = 256;
 
+/// An f32 (or int32) buffer of at least `n` elements: the kernels without a bf16 variant.
 fn need(op: &str, name: &str, buf: &DeviceBuffer, n: usize) -> Result<()> {
-    if buf.len32() < n {
+    need_dt(op, name, buf, n, DType::F32)
+}
+
+/// A buffer of at least `n` elements of `dt` (an activation of a kernel with f32 and bf16
+/// variants: every activation of one call has the first input's type).
+fn need_dt(op: &str, name: &str, buf: &DeviceBuffer, n: usize, dt: DType) -> Result<()> {
+    if buf.dtype() != dt {
+        return Err(Error::Device(format!(
+            "{op}: {name} is a {} buffer where {dt} is needed (this op has no {} kernel, or \
+             its inputs mix element types)",
+            buf.dtype(),
+            buf.dtype()
+        )));
+    }
+    if buf.len() < n {
         return Err(Error::Shape(format!(
             "{op}: {name} holds {} values, needs {n}",
-            buf.len32()
+            buf.len()
         )));
     }
     Ok(())
+}
+
+/// The kernel `base` for element type `dt`: `bn_forward` -> `bn_forward_f32` / `_bf16`.
+fn kname(base: &str, dt: DType) -> String {
+    format!("{base}_{dt}")
 }
 
 fn i64_of(x: usize) -> i64 {
@@ -94,22 +115,51 @@ impl CudaBackend {
 
     // ---------------------------------------------------------------- elementwise.cu
 
-    /// y = a + b, over all of `y`'s elements (a and b at least as long).
+    /// y = a + b, over all of `y`'s elements (a and b at least as long, all of y's element
+    /// type; bf16: the f32 sum rounded once).
     pub fn add(&self, a: &DeviceBuffer, b: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
-        let n = y.len32();
-        need("add", "a", a, n)?;
-        need("add", "b", b, n)?;
+        let dt = y.dtype();
+        let n = y.len();
+        need_dt("add", "a", a, n, dt)?;
+        need_dt("add", "b", b, n, dt)?;
         if n == 0 {
             return Ok(());
         }
         let (pa, pb, py, nn) = (a.ptr(), b.ptr(), y.ptr(), i64_of(n));
-        launch!(self, "add_f32", self.elementwise_cfg(n), pa, pb, py, nn);
+        launch!(
+            self,
+            &kname("add", dt),
+            self.elementwise_cfg(n),
+            pa,
+            pb,
+            py,
+            nn
+        );
+        Ok(())
+    }
+
+    /// y = x converted to y's element type, over y's elements: f32 -> bf16 rounds to nearest
+    /// even (as `tensor::round_bf16`), bf16 -> f32 is exact; the same type is a copy.
+    pub fn cast(&self, x: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
+        let n = y.len();
+        need_dt("cast", "x", x, n, x.dtype())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = match (x.dtype(), y.dtype()) {
+            (DType::F32, DType::Bf16) => "cast_f32_bf16",
+            (DType::Bf16, DType::F32) => "cast_bf16_f32",
+            _ => return self.copy_dtod_range(x, 0, y, 0, n * x.dtype().size()),
+        };
+        let (px, py, nn) = (x.ptr(), y.ptr(), i64_of(n));
+        launch!(self, name, self.elementwise_cfg(n), px, py, nn);
         Ok(())
     }
 
     /// y += x (gradient accumulation), over y's elements.
     pub fn accumulate(&self, y: &mut DeviceBuffer, x: &DeviceBuffer) -> Result<()> {
         let n = y.len32();
+        need("accumulate", "y", y, n)?;
         need("accumulate", "x", x, n)?;
         if n == 0 {
             return Ok(());
@@ -122,6 +172,7 @@ impl CudaBackend {
     /// y = alpha * x, over y's elements.
     pub fn scale(&self, x: &DeviceBuffer, alpha: f32, y: &mut DeviceBuffer) -> Result<()> {
         let n = y.len32();
+        need("scale", "y", y, n)?;
         need("scale", "x", x, n)?;
         if n == 0 {
             return Ok(());
@@ -142,6 +193,7 @@ impl CudaBackend {
     /// y *= alpha, in place.
     pub fn scale_in_place(&self, y: &mut DeviceBuffer, alpha: f32) -> Result<()> {
         let n = y.len32();
+        need("scale_in_place", "y", y, n)?;
         if n == 0 {
             return Ok(());
         }
@@ -162,6 +214,7 @@ impl CudaBackend {
     /// Every f32 of y = value (zeros; NaN poisoning in tests).
     pub fn fill(&self, y: &mut DeviceBuffer, value: f32) -> Result<()> {
         let n = y.len32();
+        need("fill", "y", y, n)?;
         if n == 0 {
             return Ok(());
         }
@@ -172,6 +225,7 @@ impl CudaBackend {
 
     fn unary(&self, name: &str, x: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
         let n = y.len32();
+        need(name, "y", y, n)?;
         need(name, "x", x, n)?;
         if n == 0 {
             return Ok(());
@@ -189,6 +243,7 @@ impl CudaBackend {
         dx: &mut DeviceBuffer,
     ) -> Result<()> {
         let n = dx.len32();
+        need(name, "dx", dx, n)?;
         need(name, "x", x, n)?;
         need(name, "dy", dy, n)?;
         if n == 0 {
@@ -340,7 +395,8 @@ impl CudaBackend {
         var_unbiased: &mut DeviceBuffer,
     ) -> Result<()> {
         let op = "batch_norm_stats";
-        need(op, "x", x, n * c * hw)?;
+        let dt = x.dtype();
+        need_dt(op, "x", x, n * c * hw, dt)?;
         need(op, "mean", mean, c)?;
         need(op, "invstd", invstd, c)?;
         need(op, "var", var_unbiased, c)?;
@@ -358,8 +414,27 @@ impl CudaBackend {
         let (px, pps, ppq) = (x.ptr(), part_sum.ptr(), part_sq.ptr());
         let (pm, pi, pv) = (mean.ptr(), invstd.ptr(), var_unbiased.ptr());
         let (nn, hh, ss) = (i64_of(n), i64_of(hw), s as i32);
-        launch!(self, "bn_sum_partial_f32", rcfg, px, pps, nn, cc, hh);
-        launch!(self, "bn_sqdev_partial_f32", rcfg, px, pps, ppq, nn, cc, hh);
+        launch!(
+            self,
+            &kname("bn_sum_partial", dt),
+            rcfg,
+            px,
+            pps,
+            nn,
+            cc,
+            hh
+        );
+        launch!(
+            self,
+            &kname("bn_sqdev_partial", dt),
+            rcfg,
+            px,
+            pps,
+            ppq,
+            nn,
+            cc,
+            hh
+        );
         let fcfg = Self::bn_finalize_cfg(c, s);
         launch!(
             self,
@@ -395,8 +470,9 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "batch_norm_forward";
         let total = n * c * hw;
-        need(op, "x", x, total)?;
-        need(op, "y", y, total)?;
+        let dt = x.dtype();
+        need_dt(op, "x", x, total, dt)?;
+        need_dt(op, "y", y, total, dt)?;
         for (nm, b) in [
             ("mean", mean),
             ("invstd", invstd),
@@ -420,7 +496,7 @@ impl CudaBackend {
         let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
             self,
-            "bn_forward_f32",
+            &kname("bn_forward", dt),
             cfg,
             px,
             pm,
@@ -483,10 +559,11 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "batch_norm_backward";
         let total = n * c * hw;
+        let dt = x.dtype();
         for (nm, b) in [("dy", dy), ("x", x)] {
-            need(op, nm, b, total)?;
+            need_dt(op, nm, b, total, dt)?;
         }
-        need(op, "dx", dx, total)?;
+        need_dt(op, "dx", dx, total, dt)?;
         for (nm, b) in [("mean", mean), ("invstd", invstd), ("gamma", gamma)] {
             need(op, nm, b, c)?;
         }
@@ -507,7 +584,7 @@ impl CudaBackend {
         let (ppg, ppb, ss) = (part_g.ptr(), part_b.ptr(), s as i32);
         launch!(
             self,
-            "bn_backward_partial_f32",
+            &kname("bn_backward_partial", dt),
             rcfg,
             pdy,
             px,
@@ -534,7 +611,7 @@ impl CudaBackend {
         if training {
             launch!(
                 self,
-                "bn_backward_dx_f32",
+                &kname("bn_backward_dx", dt),
                 cfg,
                 pdy,
                 px,
@@ -551,7 +628,7 @@ impl CudaBackend {
         } else {
             launch!(
                 self,
-                "bn_eval_backward_dx_f32",
+                &kname("bn_eval_backward_dx", dt),
                 cfg,
                 pdy,
                 pi,
@@ -617,8 +694,9 @@ impl CudaBackend {
         let op = "max_pool2d_forward";
         let (ho, wo) = s.out_hw()?;
         let nc = s.n * s.c;
-        need(op, "x", x, nc * s.h * s.w)?;
-        need(op, "y", y, nc * ho * wo)?;
+        let dt = x.dtype();
+        need_dt(op, "x", x, nc * s.h * s.w, dt)?;
+        need_dt(op, "y", y, nc * ho * wo, dt)?;
         need(op, "argmax", argmax, nc * ho * wo)?;
         if nc == 0 {
             return Ok(());
@@ -634,7 +712,7 @@ impl CudaBackend {
         let cfg = self.elementwise_cfg(nc * ho * wo);
         launch!(
             self,
-            "maxpool2d_fwd_f32",
+            &kname("maxpool2d_fwd", dt),
             cfg,
             px,
             py,
@@ -662,9 +740,10 @@ impl CudaBackend {
         let op = "max_pool2d_backward";
         let (ho, wo) = s.out_hw()?;
         let nc = s.n * s.c;
-        need(op, "dy", dy, nc * ho * wo)?;
+        let dt = dy.dtype();
+        need_dt(op, "dy", dy, nc * ho * wo, dt)?;
         need(op, "argmax", argmax, nc * ho * wo)?;
-        need(op, "dx", dx, nc * s.h * s.w)?;
+        need_dt(op, "dx", dx, nc * s.h * s.w, dt)?;
         if nc == 0 {
             return Ok(());
         }
@@ -679,7 +758,7 @@ impl CudaBackend {
         let cfg = self.elementwise_cfg(nc * s.h * s.w);
         launch!(
             self,
-            "maxpool2d_bwd_f32",
+            &kname("maxpool2d_bwd", dt),
             cfg,
             pdy,
             pa,
@@ -705,8 +784,9 @@ impl CudaBackend {
         y: &mut DeviceBuffer,
     ) -> Result<()> {
         let op = "global_avg_pool_forward";
-        need(op, "x", x, nc * hw)?;
-        need(op, "y", y, nc)?;
+        let dt = x.dtype();
+        need_dt(op, "x", x, nc * hw, dt)?;
+        need_dt(op, "y", y, nc, dt)?;
         if nc == 0 {
             return Ok(());
         }
@@ -717,7 +797,7 @@ impl CudaBackend {
         // One warp per plane.
         launch!(
             self,
-            "global_avgpool_fwd_f32",
+            &kname("global_avgpool_fwd", dt),
             self.elementwise_cfg(nc * 32),
             px,
             py,
@@ -736,15 +816,16 @@ impl CudaBackend {
         dx: &mut DeviceBuffer,
     ) -> Result<()> {
         let op = "global_avg_pool_backward";
-        need(op, "dy", dy, nc)?;
-        need(op, "dx", dx, nc * hw)?;
+        let dt = dy.dtype();
+        need_dt(op, "dy", dy, nc, dt)?;
+        need_dt(op, "dx", dx, nc * hw, dt)?;
         if nc * hw == 0 {
             return Ok(());
         }
         let (pdy, pdx, a, b) = (dy.ptr(), dx.ptr(), i64_of(nc), i64_of(hw));
         launch!(
             self,
-            "global_avgpool_bwd_f32",
+            &kname("global_avgpool_bwd", dt),
             self.elementwise_cfg(nc * hw),
             pdy,
             pdx,
@@ -1417,10 +1498,11 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "bn_act_forward";
         let total = n * c * hw;
-        need(op, "x", x, total)?;
-        need(op, "y", y, total)?;
+        let dt = x.dtype();
+        need_dt(op, "x", x, total, dt)?;
+        need_dt(op, "y", y, total, dt)?;
         if let Some(r) = residual {
-            need(op, "residual", r, total)?;
+            need_dt(op, "residual", r, total, dt)?;
         }
         for (nm, b) in [
             ("mean", mean),
@@ -1447,7 +1529,7 @@ impl CudaBackend {
         let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
             self,
-            "bn_act_forward_f32",
+            &kname("bn_act_forward", dt),
             cfg,
             px,
             pr,
@@ -1488,12 +1570,13 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "bn_act_backward";
         let total = n * c * hw;
+        let dt = x.dtype();
         for (nm, b) in [("dy", dy), ("y", y), ("x", x)] {
-            need(op, nm, b, total)?;
+            need_dt(op, nm, b, total, dt)?;
         }
-        need(op, "dx", dx, total)?;
+        need_dt(op, "dx", dx, total, dt)?;
         if let Some(r) = &dresidual {
-            need(op, "dresidual", r, total)?;
+            need_dt(op, "dresidual", r, total, dt)?;
         }
         for (nm, b) in [("mean", mean), ("invstd", invstd), ("gamma", gamma)] {
             need(op, nm, b, c)?;
@@ -1523,7 +1606,7 @@ impl CudaBackend {
         let (ppg, ppb, ss) = (part_g.ptr(), part_b.ptr(), s as i32);
         launch!(
             self,
-            "bn_act_backward_partial_f32",
+            &kname("bn_act_backward_partial", dt),
             rcfg,
             pdy,
             py,
@@ -1555,7 +1638,7 @@ impl CudaBackend {
         let (pg_in, py_in) = if pdr != 0 { (pdr, 0) } else { (pdy, py) };
         launch!(
             self,
-            "bn_act_backward_dx_f32",
+            &kname("bn_act_backward_dx", dt),
             cfg,
             pg_in,
             py_in,
