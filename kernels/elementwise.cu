@@ -1,6 +1,11 @@
 // Elementwise kernels (f32, any shape flattened to n elements) plus two small reductions the
 // other ops need (bias add / column sums for linear layers, and a one-block sum).
 // All are grid-stride loops: any grid size is correct; the launcher picks one that fills the GPU.
+//
+// bf16 (common.cuh "bf16 storage"): the casts between f32 and bf16 storage, and add_bf16 (the
+// residual adds of bf16 activations, half the memory traffic of add_f32). Each reads bf16,
+// computes in f32 and rounds its output once: add_bf16 gives round_bf16(add_f32 of the widened
+// inputs) bit for bit.
 #include "common.cuh"
 
 // y = a + b. a, b, y: (n,). y may alias a or b.
@@ -75,4 +80,20 @@ extern "C" __global__ void sum_f32(const float* x, float* out, i64 n) {
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) out[0] = acc;
+}
+
+// y = round_bf16(x) (f32 -> bf16 storage). x: (n,) f32, y: (n,) bf16.
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = f32_to_bf16(x[i]);
+}
+
+// y = x widened (exact). x: (n,) bf16, y: (n,) f32.
+extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = bf16_to_f32(x[i]);
+}
+
+// y = round_bf16(a + b), the sum in f32. a, b, y: (n,) bf16. y may alias a or b (each element
+// is read before it is written, by the same thread).
+extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* y, i64 n) {
+    GRID_STRIDE_LOOP(i, n) y[i] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
 }
