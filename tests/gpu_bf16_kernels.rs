@@ -280,15 +280,20 @@ fn bf16_casts_and_add() {
     bits.extend((0..100_000).map(|_| rng.gen::<u32>()));
     let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
     let n = x.len();
-    for small in [false, true] {
-        let (grid, block) = grid_1d(n, small);
-        let nn = n as i64;
+    // Aligned (the 4-wide path) with a large and a small grid, and misaligned by one element.
+    for (small, off) in [(false, 0usize), (true, 0), (false, 1)] {
+        let (grid, block) = grid_1d(n - off, small);
+        let nn = (n - off) as i64;
         let (dx, dy, dw) = (g.up(&x), g.nan16(n), g.nan32(n));
-        let (px, py, pw) = (g.at(&dx, 0), g.at(&dy, 0), g.at(&dw, 0));
+        let (px, py, pw) = (g.at(&dx, off), g.at(&dy, off), g.at(&dw, off));
         launch!(g, "cast_f32_bf16", grid, block; px, py, nn);
         launch!(g, "cast_bf16_f32", grid, block; py, pw, nn);
         let (y, w) = (g.down(&dy), g.down(&dw));
-        for i in 0..n {
+        assert!(
+            y[..off].iter().all(|&b| b == NAN16),
+            "cast wrote before the start"
+        );
+        for i in off..n {
             let want = round_bf16(x[i]).to_bits();
             assert_eq!(
                 (y[i] as u32) << 16,
@@ -299,29 +304,51 @@ fn bf16_casts_and_add() {
             assert_eq!(w[i].to_bits(), want, "cast_bf16_f32 of {:#010x}", bits[i]);
         }
     }
-    // add_bf16 == round_bf16(add_f32 on the widened inputs), also in place (y = a).
-    for &n in &[1usize, 1001, 300_007] {
-        let a: Vec<u16> = randn(n, &mut rng, 3.0, 0.0).into_iter().map(to16).collect();
-        let b: Vec<u16> = randn(n, &mut rng, 3.0, 0.0).into_iter().map(to16).collect();
+    // add_bf16 == round_bf16(add_f32 on the widened inputs), also in place (y = a); buffers
+    // `off` elements into their allocation (0: the 4-wide path and its tail; 1: misaligned).
+    for &(n, off) in &[
+        (1usize, 0usize),
+        (1001, 0),
+        (1001, 1),
+        (300_007, 0),
+        (300_007, 1),
+    ] {
+        let a: Vec<u16> = randn(n + off, &mut rng, 3.0, 0.0)
+            .into_iter()
+            .map(to16)
+            .collect();
+        let b: Vec<u16> = randn(n + off, &mut rng, 3.0, 0.0)
+            .into_iter()
+            .map(to16)
+            .collect();
         let (aw, bw) = (widen(&a), widen(&b));
         let (grid, block) = grid_1d(n, n == 1001);
         let nn = n as i64;
-        let (da, db, dy) = (g.up(&a), g.up(&b), g.nan16(n));
-        let (daw, dbw, dyw) = (g.up(&aw), g.up(&bw), g.nan32(n));
-        let (pa, pb, py) = (g.at(&da, 0), g.at(&db, 0), g.at(&dy, 0));
-        let (paw, pbw, pyw) = (g.at(&daw, 0), g.at(&dbw, 0), g.at(&dyw, 0));
+        let (da, db, dy) = (g.up(&a), g.up(&b), g.nan16(n + off));
+        let (daw, dbw, dyw) = (g.up(&aw), g.up(&bw), g.nan32(n + off));
+        let (pa, pb, py) = (g.at(&da, off), g.at(&db, off), g.at(&dy, off));
+        let (paw, pbw, pyw) = (g.at(&daw, off), g.at(&dbw, off), g.at(&dyw, off));
         launch!(g, "add_f32", grid, block; paw, pbw, pyw, nn);
         launch!(g, "add_bf16", grid, block; pa, pb, py, nn);
         launch!(g, "add_bf16", grid, block; pa, pb, pa, nn);
         let (y, y32, inplace) = (g.down(&dy), g.down(&dyw), g.down(&da));
-        bits_eq(&format!("add_bf16 n={n}"), &y, &y32, 0);
-        assert_eq!(inplace, y, "add_bf16 in place n={n}");
-        let want: Vec<f64> = aw
+        bits_eq(&format!("add_bf16 n={n} off={off}"), &y, &y32, off);
+        assert_eq!(
+            inplace[off..],
+            y[off..],
+            "add_bf16 in place n={n} off={off}"
+        );
+        let want: Vec<f64> = aw[off..]
             .iter()
-            .zip(&bw)
+            .zip(&bw[off..])
             .map(|(&p, &q)| p as f64 + q as f64)
             .collect();
-        close(&format!("add_bf16 n={n} vs f64"), &widen(&y), &want, 5e-3);
+        close(
+            &format!("add_bf16 n={n} off={off} vs f64"),
+            &widen(&y[off..]),
+            &want,
+            5e-3,
+        );
     }
 }
 

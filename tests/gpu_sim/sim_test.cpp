@@ -633,7 +633,7 @@ void test_launcher_configs() {
 // both types take the same path: 0 and 4 vector (bf16 8-byte aligned, f32 16), 1 and 2
 // scalar). Then against an f64 reference on the same widened inputs, so that a bug shared by
 // both instantiations fails too: tolerance 5e-3 relative to the largest reference value on
-// stored outputs (bf16 keeps 8 significant bits: rounding is within 2^-9 relative, plus the
+// stored outputs (bf16 keeps 8 significant bits: rounding moves a value by at most 2^-8 = 3.9e-3 of it, plus the
 // f32 kernels' own error), the f32 tests' tolerances on f32 statistics and partials.
 // bf16 outputs start as the quiet-NaN pattern 0x7fc0: an unwritten element fails.
 
@@ -717,39 +717,45 @@ void test_bf16_round() {
     fails += bad != 0;
 }
 
-// cast_f32_bf16 / cast_bf16_f32 / add_bf16 on n elements (odd and even), grid eb x et; add_bf16
-// also in place (y aliasing a, then b).
-void test_elementwise_bf16(int n, unsigned eb, unsigned et) {
-    auto a = randn(n, 3), b = randn(n, 3);
-    a[0] = NAN; a[1] = INFINITY; a[2] = -0.0f; a[3] = 3.4e38f; a[4] = 1e-42f;
+// cast_f32_bf16 / cast_bf16_f32 / add_bf16 on n elements (odd and even), grid eb x et, every
+// buffer `off` elements into its allocation (0, 4: the 4-wide path plus the n % 4 tail; 1, 2:
+// misaligned, element by element); add_bf16 also in place (y aliasing a, then b).
+void test_elementwise_bf16(int n, unsigned eb, unsigned et, int off) {
+    auto a = randn(n + off, 3), b = randn(n + off, 3);
+    a[off] = NAN; a[off + 1] = INFINITY; a[off + 2] = -0.0f; a[off + 3] = 3.4e38f; a[off + 4] = 1e-42f;
+    std::uniform_int_distribution<unsigned> bits;
+    for (int i = off + 5; i < n + off; i += 7) a[i] = __uint_as_float(bits(rng));  // any pattern
     char name[96];
-    vb ab = nanb(n), bb = tob(b);
-    launch({eb}, et, cast_f32_bf16, (const float*)a.data(), ab.data(), (i64)n);
-    snprintf(name, sizeof name, "cast_f32_bf16 n=%d eb=%u et=%u", n, eb, et);
-    bits_eq(name, ab.data(), a.data(), n);
-    std::vector<float> aw = nanv(n);
-    launch({eb}, et, cast_bf16_f32, (const bf16*)ab.data(), aw.data(), (i64)n);
-    snprintf(name, sizeof name, "cast_bf16_f32 n=%d eb=%u et=%u", n, eb, et);
+    vb ab = nanb(n + off), bb = tob(b);
+    launch({eb}, et, cast_f32_bf16, (const float*)a.data() + off, ab.data() + off, (i64)n);
+    snprintf(name, sizeof name, "cast_f32_bf16 n=%d eb=%u et=%u off=%d", n, eb, et, off);
+    bits_eq(name, ab.data() + off, a.data() + off, n);
+    guard16(name, ab, off);
+    std::vector<float> aw = nanv(n + off);
+    launch({eb}, et, cast_bf16_f32, (const bf16*)ab.data() + off, aw.data() + off, (i64)n);
+    snprintf(name, sizeof name, "cast_bf16_f32 n=%d eb=%u et=%u off=%d", n, eb, et, off);
     auto want = wid(ab);
-    same_f32(name, aw.data(), want.data(), n);
+    same_f32(name, aw.data() + off, want.data() + off, n);
+    for (int i = 0; i < off; ++i) if (!std::isnan(aw[i])) { printf("FAIL %s: wrote before the start\n", name); fails++; break; }
     // add: finite inputs (a re-drawn), f32 kernel on the widened values as the reference.
-    a = randn(n, 3);
+    a = randn(n + off, 3);
     ab = tob(a);
     auto a32 = wid(ab), b32 = wid(bb);
-    std::vector<float> y32 = nanv(n);
-    launch({eb}, et, add_f32, (const float*)a32.data(), (const float*)b32.data(), y32.data(), (i64)n);
-    vb yb = nanb(n);
-    launch({eb}, et, add_bf16, (const bf16*)ab.data(), (const bf16*)bb.data(), yb.data(), (i64)n);
-    snprintf(name, sizeof name, "add_bf16 n=%d eb=%u et=%u", n, eb, et);
-    bits_eq(name, yb.data(), y32.data(), n);
+    std::vector<float> y32 = nanv(n + off);
+    launch({eb}, et, add_f32, (const float*)a32.data() + off, (const float*)b32.data() + off, y32.data() + off, (i64)n);
+    vb yb = nanb(n + off);
+    launch({eb}, et, add_bf16, (const bf16*)ab.data() + off, (const bf16*)bb.data() + off, yb.data() + off, (i64)n);
+    snprintf(name, sizeof name, "add_bf16 n=%d eb=%u et=%u off=%d", n, eb, et, off);
+    bits_eq(name, yb.data() + off, y32.data() + off, n);
+    guard16(name, yb, off);
     std::vector<double> r(n);
-    for (int i = 0; i < n; ++i) r[i] = (double)a32[i] + b32[i];
-    check(name, wid(yb), r, 5e-3);
+    for (int i = 0; i < n; ++i) r[i] = (double)a32[i + off] + b32[i + off];
+    check(name, wid(yb.data() + off, n), r, 5e-3);
     vb ia = ab, ib = bb;
-    launch({eb}, et, add_bf16, (const bf16*)ia.data(), (const bf16*)bb.data(), ia.data(), (i64)n);
-    launch({eb}, et, add_bf16, (const bf16*)ab.data(), (const bf16*)ib.data(), ib.data(), (i64)n);
-    const bool ok = ia == yb && ib == yb;
-    printf("%s add_bf16 in place (y = a, y = b) n=%d\n", ok ? "ok  " : "FAIL", n);
+    launch({eb}, et, add_bf16, (const bf16*)ia.data() + off, (const bf16*)bb.data() + off, ia.data() + off, (i64)n);
+    launch({eb}, et, add_bf16, (const bf16*)ab.data() + off, (const bf16*)ib.data() + off, ib.data() + off, (i64)n);
+    const bool ok = std::equal(ia.begin() + off, ia.end(), yb.begin() + off) && std::equal(ib.begin() + off, ib.end(), yb.begin() + off);
+    printf("%s add_bf16 in place (y = a, y = b) n=%d off=%d\n", ok ? "ok  " : "FAIL", n, off);
     fails += !ok;
 }
 
@@ -1023,9 +1029,12 @@ int run_bf16_round(const char* in_path, const char* out_path) {
 
 void test_bf16_all() {
     test_bf16_round();
-    test_elementwise_bf16(1003, 2, 64);
-    test_elementwise_bf16(64, 1, 32);
-    test_elementwise_bf16(517, 5, 96);
+    test_elementwise_bf16(1003, 2, 64, 0);
+    test_elementwise_bf16(64, 1, 32, 0);
+    test_elementwise_bf16(517, 5, 96, 4);
+    test_elementwise_bf16(1003, 3, 32, 1);
+    test_elementwise_bf16(66, 2, 64, 2);
+    test_elementwise_bf16(7, 1, 32, 0);
     // As test_bn: S = 1 and uneven multi-block slices (cutting planes, empty trailing ones, more
     // slices than the finalize threads), HW = 1, HW % 4 == 0 at off 0 and 4 (vector path; off 4
     // = 8 bytes: bf16-aligned only) and off 1, 2 (2- and 4-byte misaligned: scalar path), odd HW,
