@@ -2,6 +2,8 @@
 // CUDA execution model) and compared with double-precision references. Run by
 // tests/gpu_kernels_sim.rs, so the kernels' indexing, reductions and barriers are checked on
 // machines without a GPU (CI included). Outputs start as NaN: an unwritten element fails.
+// The bf16-storage kernels (`*_bf16`) are checked against their f32 instantiations on the
+// widened inputs, bit for bit after rounding (test_bf16_all, at the end), and against f64.
 #include "cuda_sim.h"
 #include "elementwise.cu"
 #include "batchnorm.cu"
