@@ -18,6 +18,15 @@
 //   aligned (all four lanes then lie in one (n, c) plane); otherwise one float at a time.
 // - Pointers are __restrict__ (the launchers take &mut outputs, so they never alias inputs):
 //   read-only data may go through the non-coherent cache and loads may be reordered.
+//
+// bf16 activations (common.cuh "bf16 storage"): the kernels that touch an (N, C, HW) tensor are
+// templated on its storage type T, with an `extern "C"` `*_f32` (T = float) and `*_bf16`
+// (T = bf16) instantiation of the same body; only the activation pointers change type. bf16
+// halves their memory traffic (these kernels are memory bound); math, statistics, parameters
+// and partials stay f32, and each stored activation is rounded once, so a bf16 kernel's output
+// is round_bf16(the f32 kernel's output on the widened inputs), its partials equal the f32
+// kernel's bit for bit (same grid, same reduction order). The 4-wide paths load four bf16 in
+// one 8-byte access (ld4 / st4): they need HW % 4 == 0 and 8-byte aligned bf16 pointers.
 #include "common.cuh"
 
 // Calls f(offset) for every element of channel c whose flattened per-channel index
@@ -98,31 +107,38 @@ __device__ __forceinline__ void bn_for_each(i64 total, int C, i64 HWV, F f) {
     }
 }
 
-__device__ __forceinline__ bool bn_aligned16(const void* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
 
 // ---------------------------------------------------------------- training statistics
 // Launch order: bn_sum_partial_f32 and bn_sqdev_partial_f32 on the same (C, S) grid, then
 // bn_stats_finalize_f32 on C blocks. part_sum, part_sq: (C, S) workspaces.
 
 // part_sum[c * S + s] = sum of x over block (c, s)'s slice. x: (N, C, HW).
-extern "C" __global__ void bn_sum_partial_f32(
-    const float* __restrict__ x, float* __restrict__ part_sum, i64 N, int C, i64 HW) {
+template <class T>
+__device__ __forceinline__ void bn_sum_partial(const T* __restrict__ x, float* __restrict__ part_sum,
+                                               i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     i64 m0, m1;
     bn_slice(N * HW, &m0, &m1);
     float acc = 0.0f;
-    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) { acc += x[i]; });
+    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) { acc += ld(x, i); });
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) part_sum[(i64)c * gridDim.y + blockIdx.y] = acc;
+}
+extern "C" __global__ void bn_sum_partial_f32(
+    const float* __restrict__ x, float* __restrict__ part_sum, i64 N, int C, i64 HW) {
+    bn_sum_partial(x, part_sum, N, C, HW);
+}
+extern "C" __global__ void bn_sum_partial_bf16(
+    const bf16* __restrict__ x, float* __restrict__ part_sum, i64 N, int C, i64 HW) {
+    bn_sum_partial(x, part_sum, N, C, HW);
 }
 
 // part_sq[c * S + s] = sum of (x - mean_c)^2 over block (c, s)'s slice, with
 // mean_c = sum_s part_sum[c * S + s] / M (recomputed per block: S values, cheap).
-extern "C" __global__ void bn_sqdev_partial_f32(
-    const float* __restrict__ x, const float* __restrict__ part_sum, float* __restrict__ part_sq,
+template <class T>
+__device__ __forceinline__ void bn_sqdev_partial(
+    const T* __restrict__ x, const float* __restrict__ part_sum, float* __restrict__ part_sq,
     i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
@@ -133,11 +149,21 @@ extern "C" __global__ void bn_sqdev_partial_f32(
     bn_slice(M, &m0, &m1);
     float acc = 0.0f;
     bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
-        const float d = x[i] - mu;
+        const float d = ld(x, i) - mu;
         acc += d * d;
     });
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) part_sq[(i64)c * S + blockIdx.y] = acc;
+}
+extern "C" __global__ void bn_sqdev_partial_f32(
+    const float* __restrict__ x, const float* __restrict__ part_sum, float* __restrict__ part_sq,
+    i64 N, int C, i64 HW) {
+    bn_sqdev_partial(x, part_sum, part_sq, N, C, HW);
+}
+extern "C" __global__ void bn_sqdev_partial_bf16(
+    const bf16* __restrict__ x, const float* __restrict__ part_sum, float* __restrict__ part_sq,
+    i64 N, int C, i64 HW) {
+    bn_sqdev_partial(x, part_sum, part_sq, N, C, HW);
 }
 
 // One block per channel (grid = C). mean, invstd, var_unbiased: (C,).
@@ -163,30 +189,41 @@ extern "C" __global__ void bn_stats_finalize_f32(const float* part_sum, const fl
 
 // y = (x - mean[c]) * invstd[c] * gamma[c] + beta[c]. x, y: (N, C, HW); the rest (C,).
 // Used for training (batch mean/invstd) and, after bn_invstd_f32, for eval (running stats).
-extern "C" __global__ void bn_forward_f32(
-    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ invstd,
-    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ y, i64 N,
+template <class T>
+__device__ __forceinline__ void bn_forward(
+    const T* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, T* __restrict__ y, i64 N,
     int C, i64 HW) {
     // (x - mean) * (invstd * gamma) + beta: centering first keeps the result accurate when
     // |mean| >> std (folding mean into the shift would cancel catastrophically).
-    if ((HW & 3) == 0 && bn_aligned16(x) && bn_aligned16(y)) {
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        float4* y4 = reinterpret_cast<float4*>(y);
+    if ((HW & 3) == 0 && aligned4(x) && aligned4(y)) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
             const float mu = mean[c], a = invstd[c] * gamma[c], b = beta[c];
-            const float4 v = x4[i];
+            const float4 v = ld4(x, i);
             float4 r;
             r.x = (v.x - mu) * a + b;
             r.y = (v.y - mu) * a + b;
             r.z = (v.z - mu) * a + b;
             r.w = (v.w - mu) * a + b;
-            y4[i] = r;
+            st4(y, i, r);
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
-            y[i] = (x[i] - mean[c]) * (invstd[c] * gamma[c]) + beta[c];
+            st(y, i, (ld(x, i) - mean[c]) * (invstd[c] * gamma[c]) + beta[c]);
         });
     }
+}
+extern "C" __global__ void bn_forward_f32(
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ y, i64 N,
+    int C, i64 HW) {
+    bn_forward(x, mean, invstd, gamma, beta, y, N, C, HW);
+}
+extern "C" __global__ void bn_forward_bf16(
+    const bf16* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, bf16* __restrict__ y, i64 N,
+    int C, i64 HW) {
+    bn_forward(x, mean, invstd, gamma, beta, y, N, C, HW);
 }
 
 // invstd[c] = 1 / sqrt(var[c] + eps) (eval mode: var is the running variance). (C,).
@@ -199,8 +236,9 @@ extern "C" __global__ void bn_invstd_f32(const float* var, float* invstd, int C,
 // Parameter-gradient partials on the (C, S) grid. dy, x: (N, C, HW); mean, invstd: (C,)
 // (batch stats in training, running stats in eval); part_g, part_b: (C, S) workspaces with
 // part_g = sum dy * xhat, part_b = sum dy over block (c, s)'s slice, xhat = (x - mean) * invstd.
-extern "C" __global__ void bn_backward_partial_f32(
-    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+template <class T>
+__device__ __forceinline__ void bn_backward_partial(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
     i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
@@ -211,9 +249,9 @@ extern "C" __global__ void bn_backward_partial_f32(
     // sum dy * (x - mu) first; invstd is a per-channel constant, applied once at the end.
     float sg = 0.0f, sb = 0.0f;
     bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
-        const float g = dy[i];
+        const float g = ld(dy, i);
         sb += g;
-        sg += g * (x[i] - mu);
+        sg += g * (ld(x, i) - mu);
     });
     sg = block_sum(sg, scratch) * invstd[c];
     sb = block_sum(sb, scratch);
@@ -222,6 +260,18 @@ extern "C" __global__ void bn_backward_partial_f32(
         part_g[o] = sg;
         part_b[o] = sb;
     }
+}
+extern "C" __global__ void bn_backward_partial_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 N, int C, i64 HW) {
+    bn_backward_partial(dy, x, mean, invstd, part_g, part_b, N, C, HW);
+}
+extern "C" __global__ void bn_backward_partial_bf16(
+    const bf16* __restrict__ dy, const bf16* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 N, int C, i64 HW) {
+    bn_backward_partial(dy, x, mean, invstd, part_g, part_b, N, C, HW);
 }
 
 // One block per channel (grid = C): dgamma[c] = sum_s part_g[c * S + s], dbeta likewise.
@@ -241,55 +291,77 @@ extern "C" __global__ void bn_backward_finalize_f32(const float* part_g, const f
 // dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma). All (N, C, HW) / (C,).
 // Per channel: dx = k * (dy - mean_dy - xhat * mean_dyxhat) with k = gamma * invstd,
 // mean_dy = dbeta / M, mean_dyxhat = dgamma / M (the same expression, divided through by M).
-extern "C" __global__ void bn_backward_dx_f32(
-    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+template <class T>
+__device__ __forceinline__ void bn_backward_dx(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma,
-    const float* __restrict__ dgamma, const float* __restrict__ dbeta, float* __restrict__ dx,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* __restrict__ dx,
     i64 N, int C, i64 HW) {
     const float Mf = (float)(N * HW);
-    if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(x) && bn_aligned16(dx)) {
-        const float4* dy4 = reinterpret_cast<const float4*>(dy);
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        float4* dx4 = reinterpret_cast<float4*>(dx);
+    if ((HW & 3) == 0 && aligned4(dy) && aligned4(x) && aligned4(dx)) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
             const float mu = mean[c], is = invstd[c], k = gamma[c] * invstd[c] / Mf;
             const float db = dbeta[c], dg = dgamma[c];
-            const float4 g = dy4[i], v = x4[i];
+            const float4 g = ld4(dy, i), v = ld4(x, i);
             float4 r;
             r.x = k * (Mf * g.x - db - (v.x - mu) * is * dg);
             r.y = k * (Mf * g.y - db - (v.y - mu) * is * dg);
             r.z = k * (Mf * g.z - db - (v.z - mu) * is * dg);
             r.w = k * (Mf * g.w - db - (v.w - mu) * is * dg);
-            dx4[i] = r;
+            st4(dx, i, r);
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
-            const float xhat = (x[i] - mean[c]) * invstd[c];
-            dx[i] = gamma[c] * invstd[c] / Mf * (Mf * dy[i] - dbeta[c] - xhat * dgamma[c]);
+            const float xhat = (ld(x, i) - mean[c]) * invstd[c];
+            st(dx, i, gamma[c] * invstd[c] / Mf * (Mf * ld(dy, i) - dbeta[c] - xhat * dgamma[c]));
         });
     }
 }
+extern "C" __global__ void bn_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, float* __restrict__ dx,
+    i64 N, int C, i64 HW) {
+    bn_backward_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, dx, N, C, HW);
+}
+extern "C" __global__ void bn_backward_dx_bf16(
+    const bf16* __restrict__ dy, const bf16* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, bf16* __restrict__ dx,
+    i64 N, int C, i64 HW) {
+    bn_backward_dx(dy, x, mean, invstd, gamma, dgamma, dbeta, dx, N, C, HW);
+}
 
 // Eval-mode input gradient: the statistics are constants, dx = dy * gamma * invstd.
-extern "C" __global__ void bn_eval_backward_dx_f32(
-    const float* __restrict__ dy, const float* __restrict__ invstd,
-    const float* __restrict__ gamma, float* __restrict__ dx, i64 N, int C, i64 HW) {
-    if ((HW & 3) == 0 && bn_aligned16(dy) && bn_aligned16(dx)) {
-        const float4* dy4 = reinterpret_cast<const float4*>(dy);
-        float4* dx4 = reinterpret_cast<float4*>(dx);
+template <class T>
+__device__ __forceinline__ void bn_eval_backward_dx(
+    const T* __restrict__ dy, const float* __restrict__ invstd, const float* __restrict__ gamma,
+    T* __restrict__ dx, i64 N, int C, i64 HW) {
+    if ((HW & 3) == 0 && aligned4(dy) && aligned4(dx)) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
             const float k = gamma[c] * invstd[c];
-            const float4 g = dy4[i];
+            const float4 g = ld4(dy, i);
             float4 r;
             r.x = g.x * k;
             r.y = g.y * k;
             r.z = g.z * k;
             r.w = g.w * k;
-            dx4[i] = r;
+            st4(dx, i, r);
         });
     } else {
-        bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) { dx[i] = dy[i] * gamma[c] * invstd[c]; });
+        bn_for_each(N * C * HW, C, HW,
+                    [&](i64 i, int c) { st(dx, i, ld(dy, i) * gamma[c] * invstd[c]); });
     }
+}
+extern "C" __global__ void bn_eval_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, float* __restrict__ dx, i64 N, int C, i64 HW) {
+    bn_eval_backward_dx(dy, invstd, gamma, dx, N, C, HW);
+}
+extern "C" __global__ void bn_eval_backward_dx_bf16(
+    const bf16* __restrict__ dy, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, bf16* __restrict__ dx, i64 N, int C, i64 HW) {
+    bn_eval_backward_dx(dy, invstd, gamma, dx, N, C, HW);
 }
 
 // Running statistics, in place: r = (1 - momentum) r + momentum * batch (PyTorch's update;

@@ -13,6 +13,17 @@
 //
 // The numerics equal the unfused kernels' (bn_forward_f32 -> add_f32 -> relu_fwd_f32 and
 // relu_bwd_f32 -> bn_backward_*): the same expressions in the same order.
+//
+// bf16 activations (common.cuh "bf16 storage"), as batchnorm.cu: each kernel is one body
+// templated on the storage type T of its (N, C, HW) tensors (x, residual, y, dy, dmasked, dx),
+// instantiated as `*_f32` and `*_bf16`; half the memory traffic, f32 math, statistics and
+// partials, one rounding per stored value. The ReLU mask of the backward passes is `y > 0` on
+// the stored (bf16) output, as the CPU emulation's mask on its rounded output. Rounding is
+// monotonic and keeps the sign, so round(max(t, 0)) = max(round(t), 0) and a negative t never
+// passes the mask; a positive t rounds to a positive bf16 except for f32 subnormals below half
+// the smallest bf16 subnormal (t < 2^-134), which round to +0 and are masked: their gradient is
+// lost, as on the CPU emulation (both read the same stored y), and is immaterial next to
+// anything a ReLU in the backbone passes. dmasked is dy or 0: exact in bf16.
 
 // The emulator (tests/gpu_sim) compiles every kernel file in one unit and includes batchnorm.cu
 // itself; nvcc compiles this file alone, so it brings batchnorm.cu's helpers in here (its kernels
@@ -24,26 +35,23 @@
 // y = max((x - mean[c]) * invstd[c] * gamma[c] + beta[c] [+ residual], 0).
 // x, residual, y: (N, C, HW); the rest (C,). Training: batch mean / invstd; eval: the running
 // mean and bn_invstd_f32(running_var).
-extern "C" __global__ void bn_act_forward_f32(
-    const float* __restrict__ x, const float* __restrict__ residual,
-    const float* __restrict__ mean, const float* __restrict__ invstd,
-    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ y, i64 N,
-    int C, i64 HW) {
+template <class T>
+__device__ __forceinline__ void bn_act_forward(
+    const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma,
+    const float* __restrict__ beta, T* __restrict__ y, i64 N, int C, i64 HW) {
     const bool has_r = residual != nullptr;
-    if ((HW & 3) == 0 && bn_aligned16(x) && bn_aligned16(y) && (!has_r || bn_aligned16(residual))) {
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        const float4* r4 = reinterpret_cast<const float4*>(residual);
-        float4* y4 = reinterpret_cast<float4*>(y);
+    if ((HW & 3) == 0 && aligned4(x) && aligned4(y) && (!has_r || aligned4(residual))) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
             const float mu = mean[c], a = invstd[c] * gamma[c], b = beta[c];
-            const float4 v = x4[i];
+            const float4 v = ld4(x, i);
             float4 t;
             t.x = (v.x - mu) * a + b;
             t.y = (v.y - mu) * a + b;
             t.z = (v.z - mu) * a + b;
             t.w = (v.w - mu) * a + b;
             if (has_r) {
-                const float4 s = r4[i];
+                const float4 s = ld4(residual, i);
                 t.x += s.x;
                 t.y += s.y;
                 t.z += s.z;
@@ -54,15 +62,29 @@ extern "C" __global__ void bn_act_forward_f32(
             r.y = fmaxf(t.y, 0.0f);
             r.z = fmaxf(t.z, 0.0f);
             r.w = fmaxf(t.w, 0.0f);
-            y4[i] = r;
+            st4(y, i, r);
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
-            float t = (x[i] - mean[c]) * (invstd[c] * gamma[c]) + beta[c];
-            if (has_r) t += residual[i];
-            y[i] = fmaxf(t, 0.0f);
+            float t = (ld(x, i) - mean[c]) * (invstd[c] * gamma[c]) + beta[c];
+            if (has_r) t += ld(residual, i);
+            st(y, i, fmaxf(t, 0.0f));
         });
     }
+}
+extern "C" __global__ void bn_act_forward_f32(
+    const float* __restrict__ x, const float* __restrict__ residual,
+    const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ y, i64 N,
+    int C, i64 HW) {
+    bn_act_forward(x, residual, mean, invstd, gamma, beta, y, N, C, HW);
+}
+extern "C" __global__ void bn_act_forward_bf16(
+    const bf16* __restrict__ x, const bf16* __restrict__ residual,
+    const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, bf16* __restrict__ y, i64 N,
+    int C, i64 HW) {
+    bn_act_forward(x, residual, mean, invstd, gamma, beta, y, N, C, HW);
 }
 
 // Parameter-gradient partials of the fused op on the (C, S) grid (as bn_backward_partial_f32,
@@ -71,10 +93,11 @@ extern "C" __global__ void bn_act_forward_f32(
 // null (the residual's gradient, read back by the dx pass). dy, y, x, dmasked: (N, C, HW);
 // mean, invstd: (C,); part_g, part_b: (C, S). The slices partition every channel, so each
 // element of dmasked is written by exactly one thread.
-extern "C" __global__ void bn_act_backward_partial_f32(
-    const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
+template <class T>
+__device__ __forceinline__ void bn_act_backward_partial(
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
-    float* __restrict__ part_b, float* __restrict__ dmasked, i64 N, int C, i64 HW) {
+    float* __restrict__ part_b, T* __restrict__ dmasked, i64 N, int C, i64 HW) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
     const float mu = mean[c];
@@ -83,16 +106,16 @@ extern "C" __global__ void bn_act_backward_partial_f32(
     float sg = 0.0f, sb = 0.0f;
     if (dmasked != nullptr) {
         bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
-            const float g = y[i] > 0.0f ? dy[i] : 0.0f;
-            dmasked[i] = g;
+            const float g = ld(y, i) > 0.0f ? ld(dy, i) : 0.0f;
+            st(dmasked, i, g);
             sb += g;
-            sg += g * (x[i] - mu);
+            sg += g * (ld(x, i) - mu);
         });
     } else {
         bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
-            const float g = y[i] > 0.0f ? dy[i] : 0.0f;
+            const float g = ld(y, i) > 0.0f ? ld(dy, i) : 0.0f;
             sb += g;
-            sg += g * (x[i] - mu);
+            sg += g * (ld(x, i) - mu);
         });
     }
     sg = block_sum(sg, scratch) * invstd[c];
@@ -103,18 +126,30 @@ extern "C" __global__ void bn_act_backward_partial_f32(
         part_b[o] = sb;
     }
 }
+extern "C" __global__ void bn_act_backward_partial_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
+    float* __restrict__ part_b, float* __restrict__ dmasked, i64 N, int C, i64 HW) {
+    bn_act_backward_partial(dy, y, x, mean, invstd, part_g, part_b, dmasked, N, C, HW);
+}
+extern "C" __global__ void bn_act_backward_partial_bf16(
+    const bf16* __restrict__ dy, const bf16* __restrict__ y, const bf16* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
+    float* __restrict__ part_b, bf16* __restrict__ dmasked, i64 N, int C, i64 HW) {
+    bn_act_backward_partial(dy, y, x, mean, invstd, part_g, part_b, dmasked, N, C, HW);
+}
 
 // The fused op's input gradient (after bn_backward_finalize_f32), with dy' = dy where y > 0,
 // or dy' = dy when y is null (dy is then the partial pass's dmasked, already masked):
 // training (batch statistics): dx = k * (M * dy' - dbeta - xhat * dgamma), k = gamma * invstd / M
 // (bn_backward_dx_f32's expression); eval (constant running statistics): dx = dy' * gamma *
 // invstd. All (N, C, HW) / (C,).
-extern "C" __global__ void bn_act_backward_dx_f32(
-    const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
+template <class T>
+__device__ __forceinline__ void bn_act_backward_dx(
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ invstd,
     const float* __restrict__ gamma, const float* __restrict__ dgamma,
-    const float* __restrict__ dbeta, float* __restrict__ dx, i64 N, int C, i64 HW,
-    int training) {
+    const float* __restrict__ dbeta, T* __restrict__ dx, i64 N, int C, i64 HW, int training) {
     const float Mf = (float)(N * HW);
     const bool masked = y == nullptr;
     // dx of one element from its masked gradient g (the two modes' expressions).
@@ -125,33 +160,44 @@ extern "C" __global__ void bn_act_backward_dx_f32(
         }
         return g * gamma[c] * invstd[c];
     };
-    if ((HW & 3) == 0 && bn_aligned16(dy) && (masked || bn_aligned16(y)) && bn_aligned16(x) &&
-        bn_aligned16(dx)) {
-        const float4* dy4 = reinterpret_cast<const float4*>(dy);
-        const float4* y4 = reinterpret_cast<const float4*>(y);
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        float4* dx4 = reinterpret_cast<float4*>(dx);
+    if ((HW & 3) == 0 && aligned4(dy) && (masked || aligned4(y)) && aligned4(x) && aligned4(dx)) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
-            float4 g = dy4[i];
+            float4 g = ld4(dy, i);
             if (!masked) {
-                const float4 o = y4[i];
+                const float4 o = ld4(y, i);
                 g.x = o.x > 0.0f ? g.x : 0.0f;
                 g.y = o.y > 0.0f ? g.y : 0.0f;
                 g.z = o.z > 0.0f ? g.z : 0.0f;
                 g.w = o.w > 0.0f ? g.w : 0.0f;
             }
-            const float4 v = x4[i];
+            const float4 v = ld4(x, i);
             float4 r;
             r.x = dx_of(g.x, v.x, c);
             r.y = dx_of(g.y, v.y, c);
             r.z = dx_of(g.z, v.z, c);
             r.w = dx_of(g.w, v.w, c);
-            dx4[i] = r;
+            st4(dx, i, r);
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
-            const float g = masked || y[i] > 0.0f ? dy[i] : 0.0f;
-            dx[i] = dx_of(g, x[i], c);
+            const float g = masked || ld(y, i) > 0.0f ? ld(dy, i) : 0.0f;
+            st(dx, i, dx_of(g, ld(x, i), c));
         });
     }
+}
+extern "C" __global__ void bn_act_backward_dx_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ dgamma,
+    const float* __restrict__ dbeta, float* __restrict__ dx, i64 N, int C, i64 HW,
+    int training) {
+    bn_act_backward_dx(dy, y, x, mean, invstd, gamma, dgamma, dbeta, dx, N, C, HW, training);
+}
+extern "C" __global__ void bn_act_backward_dx_bf16(
+    const bf16* __restrict__ dy, const bf16* __restrict__ y, const bf16* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ gamma, const float* __restrict__ dgamma,
+    const float* __restrict__ dbeta, bf16* __restrict__ dx, i64 N, int C, i64 HW,
+    int training) {
+    bn_act_backward_dx(dy, y, x, mean, invstd, gamma, dgamma, dbeta, dx, N, C, HW, training);
 }

@@ -1,6 +1,11 @@
 // Elementwise kernels (f32, any shape flattened to n elements) plus two small reductions the
 // other ops need (bias add / column sums for linear layers, and a one-block sum).
 // All are grid-stride loops: any grid size is correct; the launcher picks one that fills the GPU.
+//
+// bf16 (common.cuh "bf16 storage"): the casts between f32 and bf16 storage, and add_bf16 (the
+// residual adds of bf16 activations, half the memory traffic of add_f32). Each reads bf16,
+// computes in f32 and rounds its output once: add_bf16 gives round_bf16(add_f32 of the widened
+// inputs) bit for bit.
 #include "common.cuh"
 
 // y = a + b. a, b, y: (n,). y may alias a or b.
@@ -75,4 +80,55 @@ extern "C" __global__ void sum_f32(const float* x, float* out, i64 n) {
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) out[0] = acc;
+}
+
+// The bf16 kernels take 4 elements per step (ld4 / st4: one 8-byte access per bf16 operand, 16
+// bytes per f32 one) when every pointer is aligned for it: the units 0 .. n/4 - 1, then the
+// n % 4 trailing elements one at a time; otherwise every element one at a time. Any grid is
+// correct (the launcher's grid for n elements has 4x the threads the 4-wide loop needs).
+// Elementwise: both paths store the same bits.
+
+// y = round_bf16(x) (f32 -> bf16 storage). x: (n,) f32, y: (n,) bf16.
+extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y,
+                                         i64 n) {
+    i64 done = 0;
+    if (aligned4(x) && aligned4(y)) {
+        const i64 n4 = n / 4;
+        GRID_STRIDE_LOOP(i, n4) st4(y, i, ld4(x, i));
+        done = 4 * n4;
+    }
+    GRID_STRIDE_LOOP(i, n - done) st(y, done + i, x[done + i]);
+}
+
+// y = x widened (exact). x: (n,) bf16, y: (n,) f32.
+extern "C" __global__ void cast_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y,
+                                         i64 n) {
+    i64 done = 0;
+    if (aligned4(x) && aligned4(y)) {
+        const i64 n4 = n / 4;
+        GRID_STRIDE_LOOP(i, n4) st4(y, i, ld4(x, i));
+        done = 4 * n4;
+    }
+    GRID_STRIDE_LOOP(i, n - done) y[done + i] = ld(x, done + i);
+}
+
+// y = round_bf16(a + b), the sum in f32. a, b, y: (n,) bf16. y may alias a or b (no
+// __restrict__; each element, or 4-element unit, is read before it is written, by the same
+// thread).
+extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* y, i64 n) {
+    i64 done = 0;
+    if (aligned4(a) && aligned4(b) && aligned4(y)) {
+        const i64 n4 = n / 4;
+        GRID_STRIDE_LOOP(i, n4) {
+            const float4 u = ld4(a, i), v = ld4(b, i);
+            float4 r;
+            r.x = u.x + v.x;
+            r.y = u.y + v.y;
+            r.z = u.z + v.z;
+            r.w = u.w + v.w;
+            st4(y, i, r);
+        }
+        done = 4 * n4;
+    }
+    GRID_STRIDE_LOOP(i, n - done) st(y, done + i, ld(a, done + i) + ld(b, done + i));
 }

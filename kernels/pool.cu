@@ -1,18 +1,23 @@
 // Pooling, f32, NCHW: max pool with an argmax for the backward, global average pool.
+//
+// bf16 activations (common.cuh "bf16 storage"): every kernel is one body templated on the
+// storage type T of x / y / dy / dx, instantiated as `*_f32` and `*_bf16` (half the memory
+// traffic; argmax stays int, math f32). Max pool forward in bf16 is exact: it stores one of its
+// inputs, which round_bf16 leaves unchanged. The other kernels accumulate in f32 and round once.
 #include "common.cuh"
 
 // Max pool forward. x: (N, C, H, W), y and argmax: (N, C, HO, WO) with
 // HO = (H + 2 pad - k) / stride + 1 (likewise WO). Padding acts as -inf. argmax holds the
 // index h * W + w inside the input plane; the first maximum in row-major window order wins on
 // ties (PyTorch's rule); a NaN in the window wins (NaN propagates, as PyTorch).
-extern "C" __global__ void maxpool2d_fwd_f32(const float* x, float* y, int* argmax, i64 NC,
-                                             int H, int W, int HO, int WO, int k, int stride,
-                                             int pad) {
+template <class T>
+__device__ __forceinline__ void maxpool2d_fwd(const T* x, T* y, int* argmax, i64 NC, int H, int W,
+                                              int HO, int WO, int k, int stride, int pad) {
     GRID_STRIDE_LOOP(i, NC * HO * WO) {
         const int ow = (int)(i % WO);
         const int oh = (int)((i / WO) % HO);
         const i64 nc = i / ((i64)HO * WO);
-        const float* plane = x + nc * H * W;
+        const T* plane = x + nc * H * W;
         float best = -CUDART_INF_F;
         int best_idx = -1;
         for (int kh = 0; kh < k; ++kh) {
@@ -21,24 +26,33 @@ extern "C" __global__ void maxpool2d_fwd_f32(const float* x, float* y, int* argm
             for (int kw = 0; kw < k; ++kw) {
                 const int w = ow * stride - pad + kw;
                 if (w < 0 || w >= W) continue;
-                const float v = plane[h * W + w];
+                const float v = ld(plane, h * W + w);
                 if (best_idx < 0 || v > best || (isnan(v) && !isnan(best))) {
                     best = v;
                     best_idx = h * W + w;
                 }
             }
         }
-        y[i] = best;
+        st(y, i, best);
         argmax[i] = best_idx;
     }
+}
+extern "C" __global__ void maxpool2d_fwd_f32(const float* x, float* y, int* argmax, i64 NC,
+                                             int H, int W, int HO, int WO, int k, int stride,
+                                             int pad) {
+    maxpool2d_fwd(x, y, argmax, NC, H, W, HO, WO, k, stride, pad);
+}
+extern "C" __global__ void maxpool2d_fwd_bf16(const bf16* x, bf16* y, int* argmax, i64 NC, int H,
+                                              int W, int HO, int WO, int k, int stride, int pad) {
+    maxpool2d_fwd(x, y, argmax, NC, H, W, HO, WO, k, stride, pad);
 }
 
 // Max pool backward, as a gather so that every dx element is written exactly once, without
 // atomics (windows overlap when stride < k): dx[h, w] = sum of dy over the outputs whose
 // argmax is (h, w). dy, argmax: (N, C, HO, WO); dx: (N, C, H, W).
-extern "C" __global__ void maxpool2d_bwd_f32(const float* dy, const int* argmax, float* dx,
-                                             i64 NC, int H, int W, int HO, int WO, int k,
-                                             int stride, int pad) {
+template <class T>
+__device__ __forceinline__ void maxpool2d_bwd(const T* dy, const int* argmax, T* dx, i64 NC, int H,
+                                              int W, int HO, int WO, int k, int stride, int pad) {
     GRID_STRIDE_LOOP(i, NC * H * W) {
         const int w = (int)(i % W);
         const int h = (int)((i / W) % H);
@@ -53,29 +67,53 @@ extern "C" __global__ void maxpool2d_bwd_f32(const float* dy, const int* argmax,
         for (int oh = oh_lo; oh <= oh_hi; ++oh) {
             for (int ow = ow_lo; ow <= ow_hi; ++ow) {
                 const i64 o = (nc * HO + oh) * WO + ow;
-                if (argmax[o] == me) acc += dy[o];
+                if (argmax[o] == me) acc += ld(dy, o);
             }
         }
-        dx[i] = acc;
+        st(dx, i, acc);
     }
+}
+extern "C" __global__ void maxpool2d_bwd_f32(const float* dy, const int* argmax, float* dx,
+                                             i64 NC, int H, int W, int HO, int WO, int k,
+                                             int stride, int pad) {
+    maxpool2d_bwd(dy, argmax, dx, NC, H, W, HO, WO, k, stride, pad);
+}
+extern "C" __global__ void maxpool2d_bwd_bf16(const bf16* dy, const int* argmax, bf16* dx,
+                                              i64 NC, int H, int W, int HO, int WO, int k,
+                                              int stride, int pad) {
+    maxpool2d_bwd(dy, argmax, dx, NC, H, W, HO, WO, k, stride, pad);
 }
 
 // Global average pool forward: y[nc] = mean over the HW plane. x: (N*C, HW), y: (N*C,).
 // One warp per plane (planes are at most 56x56 in ResNet50's last stages: 49 elements).
-extern "C" __global__ void global_avgpool_fwd_f32(const float* x, float* y, i64 NC, i64 HW) {
+template <class T>
+__device__ __forceinline__ void global_avgpool_fwd(const T* x, T* y, i64 NC, i64 HW) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
     for (i64 p = warp; p < NC; p += nwarps) {
         float acc = 0.0f;
-        for (i64 j = lane; j < HW; j += 32) acc += x[p * HW + j];
+        for (i64 j = lane; j < HW; j += 32) acc += ld(x, p * HW + j);
         acc = warp_sum(acc);
-        if (lane == 0) y[p] = acc / (float)HW;
+        if (lane == 0) st(y, p, acc / (float)HW);
     }
+}
+extern "C" __global__ void global_avgpool_fwd_f32(const float* x, float* y, i64 NC, i64 HW) {
+    global_avgpool_fwd(x, y, NC, HW);
+}
+extern "C" __global__ void global_avgpool_fwd_bf16(const bf16* x, bf16* y, i64 NC, i64 HW) {
+    global_avgpool_fwd(x, y, NC, HW);
 }
 
 // Global average pool backward: dx[nc, j] = dy[nc] / HW. dy: (N*C,), dx: (N*C, HW).
-extern "C" __global__ void global_avgpool_bwd_f32(const float* dy, float* dx, i64 NC, i64 HW) {
+template <class T>
+__device__ __forceinline__ void global_avgpool_bwd(const T* dy, T* dx, i64 NC, i64 HW) {
     const float inv = 1.0f / (float)HW;
-    GRID_STRIDE_LOOP(i, NC * HW) dx[i] = dy[i / HW] * inv;
+    GRID_STRIDE_LOOP(i, NC * HW) st(dx, i, ld(dy, i / HW) * inv);
+}
+extern "C" __global__ void global_avgpool_bwd_f32(const float* dy, float* dx, i64 NC, i64 HW) {
+    global_avgpool_bwd(dy, dx, NC, HW);
+}
+extern "C" __global__ void global_avgpool_bwd_bf16(const bf16* dy, bf16* dx, i64 NC, i64 HW) {
+    global_avgpool_bwd(dy, dx, NC, HW);
 }

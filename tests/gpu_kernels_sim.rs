@@ -2,8 +2,10 @@
 //! kernels/*.cu under a small emulation of the CUDA execution model (tests/gpu_sim/cuda_sim.h:
 //! real threads per block, barriers for __syncthreads and warp shuffles) and compares the fused
 //! CARP loss and gradient, batch norm, max pool, weight norm, global average pool and LARS with
-//! double-precision references. This checks the kernels' logic where no GPU exists (CI); the
-//! real-GPU checks are in tests/gpu_ops.rs. Needs g++ with C++20 (<barrier>); without one it
+//! double-precision references, and the bf16-storage instantiations of the memory-bound kernels
+//! against the f32 ones (bit for bit after rounding) and against the Rust `round_bf16` (the CPU
+//! emulation of bf16). This checks the kernels' logic where no GPU exists (CI); the real-GPU
+//! checks are in tests/gpu_ops.rs. Needs g++ with C++20 (<barrier>); without one it
 //! prints SKIPPED and returns.
 
 use std::io::Write as _;
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carp::data::augment::{finish, ColorParams, ViewConfig};
+use carp::tensor::round_bf16;
 use carp::train::views::AugNorm;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,7 +34,15 @@ fn compile_emulator(tag: &str) -> Option<PathBuf> {
     }
     let exe = std::env::temp_dir().join(format!("carp-gpu-sim-{tag}-{}", std::process::id()));
     let compiled = Command::new("g++")
-        .args(["-std=c++20", "-O1", "-w", "-pthread"])
+        // No strict aliasing: the kernels reinterpret buffers (float4, and uint2 over bf16) as
+        // CUDA allows; g++ must not reorder those accesses.
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-w",
+            "-pthread",
+            "-fno-strict-aliasing",
+        ])
         .arg("-I")
         .arg(&sim)
         .arg("-I")
@@ -239,4 +250,101 @@ fn augment_kernels_on_cpu_emulator() {
         );
     }
     let _ = std::fs::remove_file(&exe);
+}
+
+/// The GPU's f32 -> bf16 rounding (kernels/common.cuh `f32_to_bf16`, through the
+/// `cast_f32_bf16` and `cast_bf16_f32` kernels on the emulator) equals the CPU emulation's
+/// `round_bf16` bit for bit, so bf16 tensors on the GPU hold what `--precision bf16` computes on
+/// the CPU. Inputs: special values (zeros, ties to even both ways, the overflow threshold,
+/// subnormals, infinities, NaNs with payloads of both signs, signalling ones), every exponent
+/// with tie / near-tie mantissas, and random bit patterns.
+#[test]
+fn bf16_rounding_matches_rust() {
+    let Some(exe) = compile_emulator("bf16round") else {
+        return;
+    };
+    let mut bits: Vec<u32> = vec![
+        0x0000_0000,
+        0x8000_0000,
+        0x0000_0001,
+        0x8000_0001,
+        0x0000_8000,
+        0x0001_8000,
+        0x0000_8001,
+        0x007f_ffff,
+        0x0080_0000,
+        0x3f80_0000,
+        0x3f80_8000,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x3f80_7fff,
+        0xbf80_8000,
+        0xbf81_8000,
+        0x7f7f_ffff,
+        0x7f7f_7fff,
+        0x7f7f_8000,
+        0xff7f_ffff,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0xffc0_0000,
+        0x7f80_0001,
+        0xff80_0001,
+        0x7fa1_2345,
+        0xffff_ffff,
+        0x7fbf_ffff,
+    ];
+    for e in 0..=255u32 {
+        for m in [
+            0x0000u32, 0x7fff, 0x8000, 0x8001, 0x1_8000, 0x7f_8000, 0x7f_ffff,
+        ] {
+            for sign in [0u32, 0x8000_0000] {
+                bits.push(sign | (e << 23) | m);
+            }
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    bits.extend((0..4000).map(|_| rng.gen::<u32>()));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (inp, outp) = (dir.path().join("in"), dir.path().join("out"));
+    let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    std::fs::write(&inp, bytes).expect("writing the emulator input");
+    let run = Command::new(&exe)
+        .arg("bf16round")
+        .arg(&inp)
+        .arg(&outp)
+        .output()
+        .expect("running the emulator");
+    let _ = std::fs::remove_file(&exe);
+    assert!(
+        run.status.success(),
+        "emulator failed:\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let raw = std::fs::read(&outp).expect("reading the emulator output");
+    let n = bits.len();
+    assert_eq!(raw.len(), 6 * n, "expected {n} u16 then {n} u32");
+    let (half, wide) = raw.split_at(2 * n);
+    for (i, &b) in bits.iter().enumerate() {
+        let want = round_bf16(f32::from_bits(b)).to_bits();
+        let got16 = u16::from_le_bytes([half[2 * i], half[2 * i + 1]]) as u32;
+        let w = &wide[4 * i..4 * i + 4];
+        let got32 = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        assert_eq!(
+            want & 0xffff,
+            0,
+            "round_bf16({b:#010x}) = {want:#010x} has a lower half"
+        );
+        assert_eq!(
+            got16 << 16,
+            want,
+            "cast_f32_bf16({b:#010x}) = {got16:#06x}, round_bf16 gives {want:#010x}"
+        );
+        assert_eq!(
+            got32, want,
+            "cast_bf16_f32(cast_f32_bf16({b:#010x})) = {got32:#010x}, round_bf16 gives {want:#010x}"
+        );
+    }
+    eprintln!("bf16 rounding: {n} patterns, the kernels equal round_bf16 bit for bit");
 }

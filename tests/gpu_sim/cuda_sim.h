@@ -6,6 +6,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -16,6 +17,8 @@ using std::min;
 using std::isnan;
 // CUDA's float4: 16-byte aligned, so float4 loads need 16-byte aligned pointers as on a GPU.
 struct alignas(16) float4 { float x, y, z, w; };
+// CUDA's uint2 (8-byte aligned: the 4 x bf16 loads of common.cuh's ld4 / st4).
+struct alignas(8) uint2 { unsigned x, y; };
 struct dim3s { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3s threadIdx, blockIdx;
 dim3s blockDim, gridDim;
@@ -28,6 +31,9 @@ std::mutex g_atomic;
 #define __forceinline__ inline
 #define __shared__ static
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// CUDA's bit casts (the bf16 conversions of common.cuh).
+inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+inline float __uint_as_float(unsigned u) { float x; std::memcpy(&x, &u, 4); return x; }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     unsigned t = threadIdx.x, w = t / 32;

@@ -2,6 +2,8 @@
 // CUDA execution model) and compared with double-precision references. Run by
 // tests/gpu_kernels_sim.rs, so the kernels' indexing, reductions and barriers are checked on
 // machines without a GPU (CI included). Outputs start as NaN: an unwritten element fails.
+// The bf16-storage kernels (`*_bf16`) are checked against their f32 instantiations on the
+// widened inputs, bit for bit after rounding (test_bf16_all, at the end), and against f64.
 #include "cuda_sim.h"
 #include "elementwise.cu"
 #include "batchnorm.cu"
@@ -624,8 +626,455 @@ void test_launcher_configs() {
     }
 }
 
+// ---------------------------------------------------------------- bf16 storage
+// The `*_bf16` kernels (common.cuh "bf16 storage") against the f32 kernels run on the widened
+// bf16 inputs in the same test: a bf16 kernel's stored outputs must be round_bf16(the f32
+// kernel's outputs) bit for bit, and its f32 partials / statistics equal the f32 kernel's bit
+// for bit (same grid, same reduction order, same vector-or-scalar path: the bf16 buffers sit
+// `off` elements off an aligned start exactly as the f32 ones, and for off in {0, 1, 2, 4}
+// both types take the same path: 0 and 4 vector (bf16 8-byte aligned, f32 16), 1 and 2
+// scalar). Then against an f64 reference on the same widened inputs, so that a bug shared by
+// both instantiations fails too: tolerance 5e-3 relative to the largest reference value on
+// stored outputs (bf16 keeps 8 significant bits: rounding moves a value by at most 2^-8 = 3.9e-3 of it, plus the
+// f32 kernels' own error), the f32 tests' tolerances on f32 statistics and partials.
+// bf16 outputs start as the quiet-NaN pattern 0x7fc0: an unwritten element fails.
+
+// Reference f32 -> bf16 rounding, independent of common.cuh's bit trick: the two bf16
+// neighbours of x (truncation toward zero and the next one away from zero; past the largest
+// finite bf16 the next one is 2^128, IEEE's overflow threshold, stored as infinity), the nearer
+// one, ties to the even mantissa. NaN: the sign and the top payload bits, quiet bit set.
+float widen16(unsigned b) { unsigned u = b << 16; float f; std::memcpy(&f, &u, 4); return f; }
+bf16 ref_bf16(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    if (std::isnan(x)) return (bf16)((u >> 16) | 0x40u);
+    const unsigned lo = u >> 16;  // also exact for +-0, +-inf
+    if ((lo << 16) == u) return (bf16)lo;
+    const unsigned hi = lo + 1;  // next magnitude up, same sign
+    const double xl = widen16(lo);
+    const double xh = (hi & 0x7fffu) == 0x7f80u ? std::copysign(std::ldexp(1.0, 128), (double)x) : (double)widen16(hi);
+    const double dl = std::fabs((double)x - xl), dh = std::fabs(xh - (double)x);
+    if (dl != dh) return (bf16)(dl < dh ? lo : hi);
+    return (bf16)((lo & 1) ? hi : lo);
+}
+typedef std::vector<bf16> vb;
+vb tob(const std::vector<float>& v) { vb r(v.size()); for (size_t i = 0; i < v.size(); ++i) r[i] = ref_bf16(v[i]); return r; }
+std::vector<float> wid(const bf16* p, size_t n) { std::vector<float> r(n); for (size_t i = 0; i < n; ++i) r[i] = widen16(p[i]); return r; }
+std::vector<float> wid(const vb& v) { return wid(v.data(), v.size()); }
+vb nanb(size_t n) { return vb(n, (bf16)0x7fc0); }
+// got[i] == round_bf16(want[i]) for every i (want: the f32 kernel's output).
+void bits_eq(const char* name, const bf16* got, const float* want, size_t n) {
+    size_t bad = 0, at = 0;
+    for (size_t i = 0; i < n; ++i)
+        if (got[i] != ref_bf16(want[i])) { if (!bad) at = i; bad++; }
+    if (bad) { printf("FAIL %s: %zu of %zu differ from round_bf16(f32 kernel) (first %zu: %04x vs %04x from %g)\n", name, bad, n, at, got[at], ref_bf16(want[at]), want[at]); fails++; }
+    else printf("ok   %s: %zu bit-exact\n", name, n);
+}
+// Bitwise equal f32 buffers (partials and statistics of the two instantiations).
+void same_f32(const char* name, const float* a, const float* b, size_t n) {
+    if (std::memcmp(a, b, 4 * n) != 0) { printf("FAIL %s: f32 results of the bf16 and f32 kernels differ\n", name); fails++; }
+    else printf("ok   %s: %zu f32 values bit-identical\n", name, n);
+}
+void guard16(const char* name, const vb& v, int off) {
+    for (int i = 0; i < off; ++i) if (v[i] != 0x7fc0) { printf("FAIL %s: wrote before the buffer start\n", name); fails++; return; }
+}
+void aligned_start(const void* p) {
+    if (reinterpret_cast<unsigned long long>(p) & 15ull) { printf("FAIL test setup: a buffer is not 16-byte aligned\n"); fails++; }
+}
+
+// The rounding on special values (ties to even both ways and both signs, the overflow
+// threshold, zeros, subnormals: ties, flush to zero, round up into the normal range; infinities;
+// NaNs with payloads, signalling, negative), then common.cuh's f32_to_bf16 == the reference on
+// a million random bit patterns and every bf16 widened and rounded back (the identity; NaN ->
+// quiet). tests/gpu_kernels_sim.rs checks the cast kernels against the Rust round_bf16.
+void test_bf16_round() {
+    const unsigned table[][2] = {
+        {0x3f808000u, 0x3f80}, {0x3f818000u, 0x3f82}, {0x3f808001u, 0x3f81}, {0x3f807fffu, 0x3f80},
+        {0xbf808000u, 0xbf80}, {0xbf818000u, 0xbf82}, {0x3f800000u, 0x3f80}, {0x40490fdbu, 0x4049},
+        {0x7f7fffffu, 0x7f80}, {0x7f7f7fffu, 0x7f7f}, {0x7f7f8000u, 0x7f80}, {0xff7fffffu, 0xff80},
+        {0x7f7e8000u, 0x7f7e}, {0x00000000u, 0x0000}, {0x80000000u, 0x8000}, {0x00000001u, 0x0000},
+        {0x80000001u, 0x8000}, {0x00008000u, 0x0000}, {0x00018000u, 0x0002}, {0x00008001u, 0x0001},
+        {0x80008001u, 0x8001}, {0x007fffffu, 0x0080}, {0x007f7fffu, 0x007f}, {0x00800000u, 0x0080},
+        {0x7f800000u, 0x7f80}, {0xff800000u, 0xff80}, {0x7fc00000u, 0x7fc0}, {0x7f800001u, 0x7fc0},
+        {0xff800001u, 0xffc0}, {0x7fa12345u, 0x7fe1}, {0xffffffffu, 0xffff}, {0x7fbfffffu, 0x7fff},
+    };
+    int bad = 0;
+    for (auto& t : table) {
+        const float x = __uint_as_float(t[0]);
+        const bf16 r = ref_bf16(x), k = f32_to_bf16(x);
+        if (r != t[1] || k != t[1]) { printf("FAIL bf16 rounding of %08x: reference %04x, kernel %04x, want %04x\n", t[0], r, k, t[1]); bad++; }
+    }
+    std::uniform_int_distribution<unsigned> bits;
+    for (int i = 0; i < 1000000; ++i) {
+        const unsigned u = i % 4 == 0 ? (bits(rng) & 0xffff0000u) | (0x7fffu + (i / 4) % 3) : bits(rng);
+        const float x = __uint_as_float(u);
+        if (ref_bf16(x) != f32_to_bf16(x)) { if (bad < 5) printf("FAIL bf16 rounding of %08x: reference %04x, kernel %04x\n", u, ref_bf16(x), f32_to_bf16(x)); bad++; }
+    }
+    for (unsigned b = 0; b < 65536; ++b) {
+        const bool nan = (b & 0x7fffu) > 0x7f80u;
+        const bf16 want = nan ? (bf16)(b | 0x40u) : (bf16)b;
+        if (f32_to_bf16(bf16_to_f32((bf16)b)) != want || __float_as_uint(bf16_to_f32((bf16)b)) != b << 16) { if (bad < 10) printf("FAIL bf16 round trip of %04x\n", b); bad++; }
+    }
+    printf("%s bf16 rounding: %zu special values, 1e6 random patterns, all 65536 bf16 round trips\n", bad ? "FAIL" : "ok  ", sizeof table / sizeof table[0]);
+    fails += bad != 0;
+}
+
+// cast_f32_bf16 / cast_bf16_f32 / add_bf16 on n elements (odd and even), grid eb x et, every
+// buffer `off` elements into its allocation (0, 4: the 4-wide path plus the n % 4 tail; 1, 2:
+// misaligned, element by element); add_bf16 also in place (y aliasing a, then b).
+void test_elementwise_bf16(int n, unsigned eb, unsigned et, int off) {
+    auto a = randn(n + off, 3), b = randn(n + off, 3);
+    a[off] = NAN; a[off + 1] = INFINITY; a[off + 2] = -0.0f; a[off + 3] = 3.4e38f; a[off + 4] = 1e-42f;
+    std::uniform_int_distribution<unsigned> bits;
+    for (int i = off + 5; i < n + off; i += 7) a[i] = __uint_as_float(bits(rng));  // any pattern
+    char name[96];
+    vb ab = nanb(n + off), bb = tob(b);
+    launch({eb}, et, cast_f32_bf16, (const float*)a.data() + off, ab.data() + off, (i64)n);
+    snprintf(name, sizeof name, "cast_f32_bf16 n=%d eb=%u et=%u off=%d", n, eb, et, off);
+    bits_eq(name, ab.data() + off, a.data() + off, n);
+    guard16(name, ab, off);
+    std::vector<float> aw = nanv(n + off);
+    launch({eb}, et, cast_bf16_f32, (const bf16*)ab.data() + off, aw.data() + off, (i64)n);
+    snprintf(name, sizeof name, "cast_bf16_f32 n=%d eb=%u et=%u off=%d", n, eb, et, off);
+    auto want = wid(ab);
+    same_f32(name, aw.data() + off, want.data() + off, n);
+    for (int i = 0; i < off; ++i) if (!std::isnan(aw[i])) { printf("FAIL %s: wrote before the start\n", name); fails++; break; }
+    // add: finite inputs (a re-drawn), f32 kernel on the widened values as the reference.
+    a = randn(n + off, 3);
+    ab = tob(a);
+    auto a32 = wid(ab), b32 = wid(bb);
+    std::vector<float> y32 = nanv(n + off);
+    launch({eb}, et, add_f32, (const float*)a32.data() + off, (const float*)b32.data() + off, y32.data() + off, (i64)n);
+    vb yb = nanb(n + off);
+    launch({eb}, et, add_bf16, (const bf16*)ab.data() + off, (const bf16*)bb.data() + off, yb.data() + off, (i64)n);
+    snprintf(name, sizeof name, "add_bf16 n=%d eb=%u et=%u off=%d", n, eb, et, off);
+    bits_eq(name, yb.data() + off, y32.data() + off, n);
+    guard16(name, yb, off);
+    std::vector<double> r(n);
+    for (int i = 0; i < n; ++i) r[i] = (double)a32[i + off] + b32[i + off];
+    check(name, wid(yb.data() + off, n), r, 5e-3);
+    vb ia = ab, ib = bb;
+    launch({eb}, et, add_bf16, (const bf16*)ia.data() + off, (const bf16*)bb.data() + off, ia.data() + off, (i64)n);
+    launch({eb}, et, add_bf16, (const bf16*)ab.data() + off, (const bf16*)ib.data() + off, ib.data() + off, (i64)n);
+    const bool ok = std::equal(ia.begin() + off, ia.end(), yb.begin() + off) && std::equal(ib.begin() + off, ib.end(), yb.begin() + off);
+    printf("%s add_bf16 in place (y = a, y = b) n=%d off=%d\n", ok ? "ok  " : "FAIL", n, off);
+    fails += !ok;
+}
+
+// test_bn's pipeline with bf16 activations, next to the f32 kernels on the widened inputs.
+void test_bn_bf16(int n, int c, int hw, unsigned threads, unsigned S, unsigned eb = 3, unsigned et = 64, int off = 0, float shift = 0.5f) {
+    const size_t tot = (size_t)n * c * hw, all = tot + off;
+    auto xs = randn(all, 2), gm = randn(c), bt = randn(c), dys = randn(all);
+    for (auto& v : xs) v += shift;
+    vb xb = tob(xs), dyb = tob(dys);
+    auto xw = wid(xb), dyw = wid(dyb);
+    aligned_start(xb.data()); aligned_start(xw.data());
+    const float eps = 1e-5f;
+    // f32 kernels on the widened inputs
+    std::vector<float> ps = nanv((size_t)c * S), pq = nanv((size_t)c * S), mean = nanv(c), is = nanv(c), vu = nanv(c), y32 = nanv(all);
+    std::vector<float> pg = nanv((size_t)c * S), pb = nanv((size_t)c * S), dg = nanv(c), db = nanv(c), dx32 = nanv(all);
+    launch({(unsigned)c, S}, threads, bn_sum_partial_f32, (const float*)xw.data() + off, ps.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_sqdev_partial_f32, (const float*)xw.data() + off, (const float*)ps.data(), pq.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps.data(), (const float*)pq.data(), mean.data(), is.data(), vu.data(), (i64)n, (i64)hw, (int)S, eps);
+    launch({eb}, et, bn_forward_f32, (const float*)xw.data() + off, (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)bt.data(), y32.data() + off, (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_backward_partial_f32, (const float*)dyw.data() + off, (const float*)xw.data() + off, (const float*)mean.data(), (const float*)is.data(), pg.data(), pb.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
+    launch({eb}, et, bn_backward_dx_f32, (const float*)dyw.data() + off, (const float*)xw.data() + off, (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dx32.data() + off, (i64)n, c, (i64)hw);
+    // bf16 kernels (the finalize kernels are the shared f32 ones)
+    std::vector<float> ps2 = nanv((size_t)c * S), pq2 = nanv((size_t)c * S), mean2 = nanv(c), is2 = nanv(c), vu2 = nanv(c);
+    std::vector<float> pg2 = nanv((size_t)c * S), pb2 = nanv((size_t)c * S), dg2 = nanv(c), db2 = nanv(c);
+    vb yb = nanb(all), dxb = nanb(all);
+    launch({(unsigned)c, S}, threads, bn_sum_partial_bf16, (const bf16*)xb.data() + off, ps2.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_sqdev_partial_bf16, (const bf16*)xb.data() + off, (const float*)ps2.data(), pq2.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps2.data(), (const float*)pq2.data(), mean2.data(), is2.data(), vu2.data(), (i64)n, (i64)hw, (int)S, eps);
+    launch({eb}, et, bn_forward_bf16, (const bf16*)xb.data() + off, (const float*)mean2.data(), (const float*)is2.data(), (const float*)gm.data(), (const float*)bt.data(), yb.data() + off, (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_backward_partial_bf16, (const bf16*)dyb.data() + off, (const bf16*)xb.data() + off, (const float*)mean2.data(), (const float*)is2.data(), pg2.data(), pb2.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg2.data(), (const float*)pb2.data(), dg2.data(), db2.data(), (int)S);
+    launch({eb}, et, bn_backward_dx_bf16, (const bf16*)dyb.data() + off, (const bf16*)xb.data() + off, (const float*)mean2.data(), (const float*)is2.data(), (const float*)gm.data(), (const float*)dg2.data(), (const float*)db2.data(), dxb.data() + off, (i64)n, c, (i64)hw);
+    char tag[96];
+    snprintf(tag, sizeof tag, "(%d,%d,%d) S=%u thr=%u eb=%u et=%u off=%d shift=%g", n, c, hw, S, threads, eb, et, off, shift);
+    auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "bn_bf16 %s %s", what, tag); return b; };
+    same_f32(nm("part_sum"), ps2.data(), ps.data(), ps.size()); same_f32(nm("part_sq"), pq2.data(), pq.data(), pq.size());
+    same_f32(nm("mean"), mean2.data(), mean.data(), c); same_f32(nm("invstd"), is2.data(), is.data(), c); same_f32(nm("var_u"), vu2.data(), vu.data(), c);
+    bits_eq(nm("y"), yb.data() + off, y32.data() + off, tot);
+    same_f32(nm("part_g"), pg2.data(), pg.data(), pg.size()); same_f32(nm("part_b"), pb2.data(), pb.data(), pb.size());
+    same_f32(nm("dgamma"), dg2.data(), dg.data(), c); same_f32(nm("dbeta"), db2.data(), db.data(), c);
+    bits_eq(nm("dx"), dxb.data() + off, dx32.data() + off, tot);
+    guard16(nm("y"), yb, off); guard16(nm("dx"), dxb, off);
+    // f64 reference on the widened inputs
+    const float* x = xw.data() + off;
+    const float* dy = dyw.data() + off;
+    std::vector<double> rm(c), ry(tot), rdg(c), rdb(c), rdx(tot);
+    const double M = (double)n * hw;
+    for (int ci = 0; ci < c; ++ci) {
+        double s = 0, s2 = 0;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) s += x[((size_t)a * c + ci) * hw + h];
+        const double mu = s / M;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) { double dd = x[((size_t)a * c + ci) * hw + h] - mu; s2 += dd * dd; }
+        const double isd = 1 / std::sqrt(s2 / M + eps);
+        rm[ci] = mu;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            ry[i] = (x[i] - mu) * isd * gm[ci] + bt[ci];
+            rdb[ci] += dy[i]; rdg[ci] += dy[i] * (x[i] - mu) * isd;
+        }
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            rdx[i] = gm[ci] * isd / M * (M * dy[i] - rdb[ci] - (x[i] - mu) * isd * rdg[ci]);
+        }
+    }
+    check(nm("mean vs f64"), mean2, rm, 1e-5); check(nm("dgamma vs f64"), dg2, rdg, 1e-5); check(nm("dbeta vs f64"), db2, rdb, 1e-5);
+    check(nm("y vs f64"), wid(yb.data() + off, tot), ry, 5e-3); check(nm("dx vs f64"), wid(dxb.data() + off, tot), rdx, 5e-3);
+}
+
+void test_bn_eval_dx_bf16(int N, int C, int HW, unsigned eb, unsigned et, int off) {
+    const size_t tot = (size_t)N * C * HW, all = tot + off;
+    vb dyb = tob(randn(all));
+    auto dyw = wid(dyb), is = randn(C), gm = randn(C);
+    std::vector<float> dx32 = nanv(all);
+    vb dxb = nanb(all);
+    launch({eb}, et, bn_eval_backward_dx_f32, (const float*)dyw.data() + off, (const float*)is.data(), (const float*)gm.data(), dx32.data() + off, (i64)N, C, (i64)HW);
+    launch({eb}, et, bn_eval_backward_dx_bf16, (const bf16*)dyb.data() + off, (const float*)is.data(), (const float*)gm.data(), dxb.data() + off, (i64)N, C, (i64)HW);
+    char name[96];
+    snprintf(name, sizeof name, "bn_eval_dx_bf16 (%d,%d,%d) eb=%u et=%u off=%d", N, C, HW, eb, et, off);
+    bits_eq(name, dxb.data() + off, dx32.data() + off, tot);
+    guard16(name, dxb, off);
+    std::vector<double> r(tot);
+    for (size_t i = 0; i < tot; ++i) r[i] = (double)dyw[i + off] * gm[(i / HW) % C] * is[(i / HW) % C];
+    check(name, wid(dxb.data() + off, tot), r, 5e-3);
+}
+
+// test_bn_act's pipeline with bf16 activations, next to the f32 kernels on the widened inputs
+// (the f32 backward reads the widened bf16 output y: the mask both instantiations see).
+void test_bn_act_bf16(int n, int c, int hw, unsigned threads, unsigned S, bool train, bool resid, unsigned eb = 3, unsigned et = 64, int off = 0) {
+    const size_t tot = (size_t)n * c * hw, all = tot + off;
+    auto xs = randn(all, 2), gm = randn(c), bt = randn(c), dys = randn(all), rs = randn(all);
+    for (auto& v : xs) v += 0.5f;
+    vb xb = tob(xs), dyb = tob(dys), rb = tob(rs);
+    auto xw = wid(xb), dyw = wid(dyb), rw = wid(rb);
+    const float* x = xw.data() + off;
+    const float* dy = dyw.data() + off;
+    const double M = (double)n * hw;
+    const float eps = 1e-5f;
+    std::vector<double> mu(c), isd(c);
+    std::vector<float> meanf(c), isf(c);
+    auto rvar = randn(c);
+    for (int ci = 0; ci < c; ++ci) {
+        double s = 0, s2 = 0;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) s += x[((size_t)a * c + ci) * hw + h];
+        double m = s / M;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) { double dd = x[((size_t)a * c + ci) * hw + h] - m; s2 += dd * dd; }
+        double var = train ? s2 / M : 0.3 + (double)rvar[ci] * rvar[ci];
+        if (!train) m = 0.5 + 0.3 * rvar[ci];
+        meanf[ci] = (float)m; isf[ci] = (float)(1 / std::sqrt(var + eps));
+        mu[ci] = meanf[ci]; isd[ci] = isf[ci];
+    }
+    const float* mf = meanf.data();
+    const float* sf = isf.data();
+    // forward
+    std::vector<float> y32 = nanv(all);
+    vb yb = nanb(all);
+    launch({eb}, et, bn_act_forward_f32, x, resid ? (const float*)rw.data() + off : (const float*)nullptr, mf, sf, (const float*)gm.data(), (const float*)bt.data(), y32.data() + off, (i64)n, c, (i64)hw);
+    launch({eb}, et, bn_act_forward_bf16, (const bf16*)xb.data() + off, resid ? (const bf16*)rb.data() + off : (const bf16*)nullptr, mf, sf, (const float*)gm.data(), (const float*)bt.data(), yb.data() + off, (i64)n, c, (i64)hw);
+    auto yw = wid(yb);  // what the f32 backward reads
+    // backward partials (+ dresidual), finalize
+    std::vector<float> pg = nanv((size_t)c * S), pb = nanv((size_t)c * S), dm32 = nanv(all), dg = nanv(c), db = nanv(c);
+    std::vector<float> pg2 = nanv((size_t)c * S), pb2 = nanv((size_t)c * S), dg2 = nanv(c), db2 = nanv(c);
+    vb dmb = nanb(all);
+    launch({(unsigned)c, S}, threads, bn_act_backward_partial_f32, dy, (const float*)yw.data() + off, x, mf, sf, pg.data(), pb.data(), resid ? dm32.data() + off : (float*)nullptr, (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, bn_act_backward_partial_bf16, (const bf16*)dyb.data() + off, (const bf16*)yb.data() + off, (const bf16*)xb.data() + off, mf, sf, pg2.data(), pb2.data(), resid ? dmb.data() + off : (bf16*)nullptr, (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg2.data(), (const float*)pb2.data(), dg2.data(), db2.data(), (int)S);
+    // dx: with a residual from the masked dresidual (y = null), else masking dy with y
+    std::vector<float> dx32 = nanv(all);
+    vb dxb = nanb(all);
+    launch({eb}, et, bn_act_backward_dx_f32, resid ? (const float*)dm32.data() + off : dy, resid ? (const float*)nullptr : (const float*)yw.data() + off, x, mf, sf, (const float*)gm.data(), (const float*)dg.data(), (const float*)db.data(), dx32.data() + off, (i64)n, c, (i64)hw, (int)train);
+    launch({eb}, et, bn_act_backward_dx_bf16, resid ? (const bf16*)dmb.data() + off : (const bf16*)dyb.data() + off, resid ? (const bf16*)nullptr : (const bf16*)yb.data() + off, (const bf16*)xb.data() + off, mf, sf, (const float*)gm.data(), (const float*)dg2.data(), (const float*)db2.data(), dxb.data() + off, (i64)n, c, (i64)hw, (int)train);
+    char tag[128];
+    snprintf(tag, sizeof tag, "(%d,%d,%d) S=%u thr=%u %s%s eb=%u et=%u off=%d", n, c, hw, S, threads, train ? "train" : "eval", resid ? " +res" : "", eb, et, off);
+    auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "bn_act_bf16 %s %s", what, tag); return b; };
+    bits_eq(nm("y"), yb.data() + off, y32.data() + off, tot);
+    same_f32(nm("part_g"), pg2.data(), pg.data(), pg.size()); same_f32(nm("part_b"), pb2.data(), pb.data(), pb.size());
+    same_f32(nm("dgamma"), dg2.data(), dg.data(), c); same_f32(nm("dbeta"), db2.data(), db.data(), c);
+    if (resid) { bits_eq(nm("dresidual"), dmb.data() + off, dm32.data() + off, tot); guard16(nm("dresidual"), dmb, off); }
+    else for (bf16 v : dmb) if (v != 0x7fc0) { printf("FAIL %s\n", nm("wrote a null dresidual")); fails++; break; }
+    bits_eq(nm("dx"), dxb.data() + off, dx32.data() + off, tot);
+    guard16(nm("y"), yb, off); guard16(nm("dx"), dxb, off);
+    // f64 reference on the widened inputs, the ReLU mask from the stored bf16 y
+    std::vector<double> ry(tot), rdg(c, 0), rdb(c, 0), rdx(tot), rdr(tot);
+    const float* r = rw.data() + off;
+    const float* y = yw.data() + off;
+    size_t zeros = 0;
+    for (int ci = 0; ci < c; ++ci) {
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            ry[i] = std::max((x[i] - mu[ci]) * isd[ci] * gm[ci] + bt[ci] + (resid ? r[i] : 0.0), 0.0);
+            double g = y[i] > 0 ? dy[i] : 0.0;
+            zeros += y[i] == 0;
+            rdr[i] = g; rdb[ci] += g; rdg[ci] += g * (x[i] - mu[ci]) * isd[ci];
+        }
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            size_t i = ((size_t)a * c + ci) * hw + h;
+            double g = rdr[i], xh = (x[i] - mu[ci]) * isd[ci];
+            rdx[i] = train ? gm[ci] * isd[ci] / M * (M * g - rdb[ci] - xh * rdg[ci]) : g * gm[ci] * isd[ci];
+        }
+    }
+    if (zeros == 0 || zeros == tot) { printf("FAIL bn_act_bf16: the ReLU cut %zu of %zu %s\n", zeros, tot, tag); fails++; }
+    check(nm("y vs f64"), wid(yb.data() + off, tot), ry, 5e-3); check(nm("dgamma vs f64"), dg2, rdg, 1e-5); check(nm("dbeta vs f64"), db2, rdb, 1e-5);
+    check(nm("dx vs f64"), wid(dxb.data() + off, tot), rdx, 5e-3);
+    if (resid) check(nm("dresidual vs f64"), wid(dmb.data() + off, tot), rdr, 0);
+}
+
+// Max pool and global average pool, bf16 next to f32 on the widened inputs. The max pool input
+// is shuffled from 23 values, so windows hold ties (first maximum wins); buffers `off`
+// elements into their allocation.
+void test_pool_bf16(int n, int c, int H, int W, int k, int st, int p, int off, unsigned eb, unsigned et) {
+    const int HO = (H + 2 * p - k) / st + 1, WO = (W + 2 * p - k) / st + 1;
+    const size_t len = (size_t)n * c * H * W, ol = (size_t)n * c * HO * WO;
+    std::vector<float> xs(len + off);
+    for (size_t i = 0; i < xs.size(); ++i) xs[i] = (float)(i % 23) * 0.37f - 3;
+    std::shuffle(xs.begin(), xs.end(), rng);
+    vb xb = tob(xs), dyb = tob(randn(ol + off));
+    auto xw = wid(xb), dyw = wid(dyb);
+    std::vector<float> y32 = nanv(ol + off), dx32 = nanv(len + off);
+    vb yb = nanb(ol + off), dxb = nanb(len + off);
+    std::vector<int> a32(ol, -7), ab(ol, -7);
+    launch({eb}, et, maxpool2d_fwd_f32, (const float*)xw.data() + off, y32.data() + off, a32.data(), (i64)n * c, H, W, HO, WO, k, st, p);
+    launch({eb}, et, maxpool2d_fwd_bf16, (const bf16*)xb.data() + off, yb.data() + off, ab.data(), (i64)n * c, H, W, HO, WO, k, st, p);
+    launch({eb + 1}, 32, maxpool2d_bwd_f32, (const float*)dyw.data() + off, (const int*)a32.data(), dx32.data() + off, (i64)n * c, H, W, HO, WO, k, st, p);
+    launch({eb + 1}, 32, maxpool2d_bwd_bf16, (const bf16*)dyb.data() + off, (const int*)ab.data(), dxb.data() + off, (i64)n * c, H, W, HO, WO, k, st, p);
+    char tag[96];
+    snprintf(tag, sizeof tag, "(%d,%d,%d,%d) k=%d s=%d p=%d off=%d eb=%u et=%u", n, c, H, W, k, st, p, off, eb, et);
+    auto nm = [&](const char* what) { static char b[160]; snprintf(b, sizeof b, "pool_bf16 %s %s", what, tag); return b; };
+    const bool same_arg = a32 == ab;
+    printf("%s %s\n", same_arg ? "ok  " : "FAIL", nm("argmax == f32 kernel's"));
+    fails += !same_arg;
+    bits_eq(nm("maxpool y"), yb.data() + off, y32.data() + off, ol);
+    bits_eq(nm("maxpool dx"), dxb.data() + off, dx32.data() + off, len);
+    guard16(nm("maxpool y"), yb, off); guard16(nm("maxpool dx"), dxb, off);
+    const float* x = xw.data() + off;
+    std::vector<double> ry(ol), rdx(len, 0);
+    size_t ties = 0;
+    for (int nc = 0; nc < n * c; ++nc)
+        for (int oh = 0; oh < HO; ++oh)
+            for (int ow = 0; ow < WO; ++ow) {
+                double best = -INFINITY; int bi = -1;
+                for (int a = 0; a < k; ++a) for (int b = 0; b < k; ++b) {
+                    int h = oh * st - p + a, w = ow * st - p + b;
+                    if (h < 0 || w < 0 || h >= H || w >= W) continue;
+                    double v = x[(size_t)nc * H * W + h * W + w];
+                    if (bi >= 0 && v == best) ties++;
+                    if (bi < 0 || v > best) { best = v; bi = h * W + w; }
+                }
+                size_t o = ((size_t)nc * HO + oh) * WO + ow;
+                ry[o] = best; rdx[(size_t)nc * H * W + bi] += dyw[o + off];
+                if (ab[o] != bi) { printf("FAIL %s: argmax %zu = %d, want %d\n", nm("maxpool"), o, ab[o], bi); fails++; }
+            }
+    if (!ties) { printf("FAIL %s: no ties in any window\n", nm("maxpool")); fails++; }
+    check(nm("maxpool y vs f64 (exact)"), wid(yb.data() + off, ol), ry, 0);
+    check(nm("maxpool dx vs f64"), wid(dxb.data() + off, len), rdx, 5e-3);
+    // global average pool over (n * c, H * W) planes
+    const i64 NC = (i64)n * c, HW = (i64)H * W;
+    vb gx = tob(randn(len + off)), gdy = tob(randn(NC + off));
+    auto gxw = wid(gx), gdyw = wid(gdy);
+    std::vector<float> gy32 = nanv(NC + off), gdx32 = nanv(len + off);
+    vb gyb = nanb(NC + off), gdxb = nanb(len + off);
+    launch({eb}, et, global_avgpool_fwd_f32, (const float*)gxw.data() + off, gy32.data() + off, NC, HW);
+    launch({eb}, et, global_avgpool_fwd_bf16, (const bf16*)gx.data() + off, gyb.data() + off, NC, HW);
+    launch({eb}, et, global_avgpool_bwd_f32, (const float*)gdyw.data() + off, gdx32.data() + off, NC, HW);
+    launch({eb}, et, global_avgpool_bwd_bf16, (const bf16*)gdy.data() + off, gdxb.data() + off, NC, HW);
+    bits_eq(nm("gap y"), gyb.data() + off, gy32.data() + off, NC);
+    bits_eq(nm("gap dx"), gdxb.data() + off, gdx32.data() + off, len);
+    guard16(nm("gap y"), gyb, off); guard16(nm("gap dx"), gdxb, off);
+    std::vector<double> rgy(NC), rgdx(len);
+    for (i64 q = 0; q < NC; ++q) {
+        double s = 0;
+        for (i64 j = 0; j < HW; ++j) { s += gxw[off + q * HW + j]; rgdx[q * HW + j] = gdyw[off + q] / (double)HW; }
+        rgy[q] = s / HW;
+    }
+    check(nm("gap y vs f64"), wid(gyb.data() + off, NC), rgy, 5e-3);
+    check(nm("gap dx vs f64"), wid(gdxb.data() + off, len), rgdx, 5e-3);
+}
+
+// Max pool ties and NaN in bf16 (the f32 case of test_misc): first maximum wins, a NaN wins
+// and is stored as the same quiet NaN.
+void test_pool_bf16_special() {
+    vb px = tob({1, 5, 5, 5, 2, NAN, 3, 1}), py = {0x1234, 0x1234};
+    std::vector<int> pa(2, -7);
+    launch({1}, 32, maxpool2d_fwd_bf16, (const bf16*)px.data(), py.data(), pa.data(), (i64)2, 2, 2, 1, 1, 2, 2, 0);
+    const bool ok = pa[0] == 1 && py[0] == 0x40a0 && py[1] == 0x7fc0 && pa[1] == 1;
+    printf("%s maxpool_bf16 ties/NaN: arg %d %d, y %04x %04x\n", ok ? "ok  " : "FAIL", pa[0], pa[1], py[0], py[1]);
+    fails += !ok;
+}
+
+// Driven by tests/gpu_kernels_sim.rs: reads u32 f32 bit patterns, runs cast_f32_bf16 then
+// cast_bf16_f32 on them (as the launcher would: a grid-stride grid smaller than n), writes the
+// u16 results and then the u32 widened results; the Rust side compares them with round_bf16.
+int run_bf16_round(const char* in_path, const char* out_path) {
+    std::ifstream in(in_path, std::ios::binary | std::ios::ate);
+    const size_t n = (size_t)in.tellg() / 4;
+    in.seekg(0);
+    std::vector<float> x(n);
+    in.read((char*)x.data(), 4 * n);
+    if (!in) { printf("FAIL bf16round: cannot read %s\n", in_path); return 1; }
+    vb y = nanb(n);
+    std::vector<float> w = nanv(n);
+    launch({3}, 64, cast_f32_bf16, (const float*)x.data(), y.data(), (i64)n);
+    launch({2}, 96, cast_bf16_f32, (const bf16*)y.data(), w.data(), (i64)n);
+    std::ofstream o(out_path, std::ios::binary);
+    o.write((const char*)y.data(), 2 * n);
+    o.write((const char*)w.data(), 4 * n);
+    if (!o) { printf("FAIL bf16round: cannot write %s\n", out_path); return 1; }
+    printf("bf16round: %zu values written\n", n);
+    return 0;
+}
+
+void test_bf16_all() {
+    test_bf16_round();
+    test_elementwise_bf16(1003, 2, 64, 0);
+    test_elementwise_bf16(64, 1, 32, 0);
+    test_elementwise_bf16(517, 5, 96, 4);
+    test_elementwise_bf16(1003, 3, 32, 1);
+    test_elementwise_bf16(66, 2, 64, 2);
+    test_elementwise_bf16(7, 1, 32, 0);
+    // As test_bn: S = 1 and uneven multi-block slices (cutting planes, empty trailing ones, more
+    // slices than the finalize threads), HW = 1, HW % 4 == 0 at off 0 and 4 (vector path; off 4
+    // = 8 bytes: bf16-aligned only) and off 1, 2 (2- and 4-byte misaligned: scalar path), odd HW,
+    // the unrolled walk, a large mean.
+    test_bn_bf16(3, 5, 7, 64, 1);
+    test_bn_bf16(6, 10, 1, 32, 4, 2, 32);
+    test_bn_bf16(3, 2, 3, 32, 6, 1, 32, 1);
+    test_bn_bf16(5, 3, 16, 64, 3, 2, 64);
+    test_bn_bf16(5, 3, 16, 64, 3, 2, 64, 1);
+    test_bn_bf16(5, 3, 16, 64, 3, 3, 32, 2);
+    test_bn_bf16(2, 7, 12, 32, 5, 3, 32, 4);
+    test_bn_bf16(4, 6, 20, 64, 9, 2, 96, 0, 100.0f);
+    test_bn_bf16(3, 2, 150, 32, 2, 2, 32, 1);
+    test_bn_bf16(2, 2, 152, 32, 70, 3, 32, 4, 20.0f);
+    test_bn_eval_dx_bf16(3, 4, 5, 2, 32, 0);
+    test_bn_eval_dx_bf16(3, 5, 8, 2, 32, 0);
+    test_bn_eval_dx_bf16(3, 5, 8, 1, 64, 1);
+    test_bn_eval_dx_bf16(3, 5, 8, 3, 32, 4);
+    test_bn_eval_dx_bf16(2, 3, 12, 2, 32, 2);
+    for (bool train : {true, false})
+        for (bool resid : {false, true}) {
+            test_bn_act_bf16(3, 5, 7, 64, 1, train, resid);
+            test_bn_act_bf16(6, 10, 1, 32, 4, train, resid, 2, 32, 1);
+            test_bn_act_bf16(5, 3, 16, 64, 3, train, resid, 2, 64);
+            test_bn_act_bf16(5, 3, 16, 64, 3, train, resid, 2, 64, 1);
+            test_bn_act_bf16(5, 3, 16, 64, 3, train, resid, 3, 32, 4);
+            test_bn_act_bf16(3, 2, 150, 32, 7, train, resid, 2, 32, 2);
+            test_bn_act_bf16(2, 2, 152, 32, 70, train, resid, 3, 32);
+        }
+    test_pool_bf16(2, 3, 11, 9, 3, 2, 1, 0, 2, 64);
+    test_pool_bf16(3, 2, 8, 7, 2, 2, 0, 1, 1, 32);
+    test_pool_bf16(1, 5, 7, 7, 3, 1, 1, 3, 3, 96);
+    test_pool_bf16_special();
+}
+
 int main(int argc, char** argv) {
     if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
+    if (argc == 4 && std::strcmp(argv[1], "bf16round") == 0) return run_bf16_round(argv[2], argv[3]);
     test_misc();
     test_carp(2, 3, 48, 16, 32);
     test_carp(4, 3, 80, 40, 32);
@@ -671,6 +1120,8 @@ int main(int argc, char** argv) {
             test_bn_act(3, 2, 150, 32, 7, train, resid, 2, 32, 2);
             test_bn_act(2, 2, 150, 32, 70, train, resid, 3, 32);
         }
+    // bf16 storage (after the f32 tests: their random draws are unchanged).
+    test_bf16_all();
     printf(fails ? "FAILURES: %d\n" : "ALL OK\n", fails);
     return fails != 0;
 }
