@@ -121,6 +121,9 @@ const KERNELS: &[(&str, &[&str])] = &[
         "elementwise",
         &[
             "add_f32",
+            "add_bf16",
+            "cast_f32_bf16",
+            "cast_bf16_f32",
             "accumulate_f32",
             "scale_f32",
             "fill_f32",
@@ -137,14 +140,20 @@ const KERNELS: &[(&str, &[&str])] = &[
         "batchnorm",
         &[
             "bn_sum_partial_f32",
+            "bn_sum_partial_bf16",
             "bn_sqdev_partial_f32",
+            "bn_sqdev_partial_bf16",
             "bn_stats_finalize_f32",
             "bn_forward_f32",
+            "bn_forward_bf16",
             "bn_invstd_f32",
             "bn_backward_partial_f32",
+            "bn_backward_partial_bf16",
             "bn_backward_finalize_f32",
             "bn_backward_dx_f32",
+            "bn_backward_dx_bf16",
             "bn_eval_backward_dx_f32",
+            "bn_eval_backward_dx_bf16",
             "bn_running_update_f32",
             "bn_running_update_gated_f32",
         ],
@@ -153,9 +162,13 @@ const KERNELS: &[(&str, &[&str])] = &[
         "pool",
         &[
             "maxpool2d_fwd_f32",
+            "maxpool2d_fwd_bf16",
             "maxpool2d_bwd_f32",
+            "maxpool2d_bwd_bf16",
             "global_avgpool_fwd_f32",
+            "global_avgpool_fwd_bf16",
             "global_avgpool_bwd_f32",
+            "global_avgpool_bwd_bf16",
         ],
     ),
     (
@@ -192,8 +205,11 @@ const KERNELS: &[(&str, &[&str])] = &[
         "bn_fused",
         &[
             "bn_act_forward_f32",
+            "bn_act_forward_bf16",
             "bn_act_backward_partial_f32",
+            "bn_act_backward_partial_bf16",
             "bn_act_backward_dx_f32",
+            "bn_act_backward_dx_bf16",
         ],
     ),
 ];
@@ -549,3 +565,28 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+#[cfg(test)]
+mod tests {
+    use super::{kernels::MODULES, KERNELS};
+
+    // Every entry point the backend loads at start-up is in its module's PTX (a kernel renamed
+    // or missing in a .cu file fails here, in CI, instead of when a GPU opens the backend), and
+    // every module named exists.
+    #[test]
+    fn every_listed_kernel_is_in_the_compiled_ptx() {
+        for (module, names) in KERNELS {
+            let ptx = MODULES
+                .iter()
+                .find(|(m, _)| m == module)
+                .map(|(_, p)| *p)
+                .unwrap_or_else(|| panic!("module {module} is not built"));
+            for n in names.iter() {
+                assert!(
+                    ptx.contains(&format!(".entry {n}(")),
+                    "kernel {n} is listed for {module} but not in {module}.ptx"
+                );
+            }
+        }
+    }
+}
