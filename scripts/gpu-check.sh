@@ -34,11 +34,34 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$LOG"
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 
 declare -a ROWS
-row() { ROWS+=("$(printf '%-44s %-6s %8s  %s' "$1" "$2" "$3" "$4")"); }
+TABLE="${OUT:-/tmp}/gpu-check-table.txt"
+: >"$TABLE"
+# Each row also goes to the log, stdout and $OUT/gpu-check-table.txt as it is made, so a run cut
+# short still reports what it measured.
+row() {
+    local r
+    r=$(printf '%-44s %-6s %8s  %s' "$1" "$2" "$3" "$4")
+    ROWS+=("$r")
+    echo "ROW $r"
+    echo "$r" >>"$TABLE"
+}
 
+# The whole check stays inside GPU_CHECK_BUDGET_S seconds (default 530: the device tool's
+# 600-second command limit, less the start-up): a step gets at most the time left, and steps
+# that would start with under 20 seconds left are skipped and reported (RESULT: INCOMPLETE).
+T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-530}
+incomplete=0
 run_step() { # name timeout_s command...
     local name=$1 t=$2
     shift 2
+    local left=$((BUDGET - ($(date +%s) - T0)))
+    if [ "$left" -lt 20 ]; then
+        row "$name" SKIP "-" "out of time (GPU_CHECK_BUDGET_S=$BUDGET)"
+        incomplete=1
+        return 0
+    fi
+    [ "$t" -gt "$left" ] && t=$left
     local start end rc
     start=$(date +%s.%N)
     echo "=== $name: $*" | tee -a "$LOG"
@@ -66,25 +89,16 @@ if grep -q "^SKIPPED" "$LOG"; then
     row "GPU tests skipped (no GPU seen)" FAIL "-" "$(grep -m1 '^SKIPPED' "$LOG")"
     overall=1
 fi
-# 2. memcheck over the op tests, without the large ResNet50 conv shapes (slow under the tool).
-if [ "${GPU_CHECK_MEMCHECK:-1}" = 0 ]; then
-    row "memcheck gpu_ops" SKIP "-" "GPU_CHECK_MEMCHECK=0"
-elif command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
-    CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-    run_step "memcheck gpu_ops" 200 "$CS" --tool memcheck --error-exitcode 1 \
-        "$B/tests/gpu_ops" --test-threads=1 --skip conv2d_resnet50_shapes || overall=1
-else
-    row "memcheck gpu_ops" SKIP "-" "compute-sanitizer not found"
-fi
 # 3. ResNet50 training steps (K 65536, NB 512, 224x224): ours with every fast path on, then once
 # per A/B switch with that path off (same run, same machine), then PyTorch's reference.
 # BENCH_VARIANTS: space-separated env settings, one bench each ("-" = the defaults).
 BB=${BENCH_BATCH:-256}
 BS=${BENCH_STEPS:-3}
-# A token starting with "--" is carp-bench flags instead, comma-separated (--no-phase-sync: the
+# A token is comma-separated items: "--..." items are carp-bench flags (--no-phase-sync: the
 # step without a wait after each phase, as training runs it; the default bench waits per phase
-# for its table; --precision=bf16: bf16 activations on the GPU).
-VARIANTS=${BENCH_VARIANTS:-"- --no-phase-sync --precision=bf16,--no-phase-sync --precision=bf16 CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
+# for its table; --precision=bf16: bf16 activations on the GPU, NHWC unless CARP_NHWC=0), the
+# others environment settings.
+VARIANTS=${BENCH_VARIANTS:-"- --no-phase-sync --precision=bf16,--no-phase-sync --precision=bf16 CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
 # images/s of the step as training runs it (no per-phase waits), in f32 and in bf16: the ratios
 # against PyTorch's eager fp32 and eager bf16 at the end of step 3.
 ours_ips="" ours_bf16_ips=""
@@ -95,13 +109,17 @@ if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
     for v in $VARIANTS; do
         tag=${v//[^A-Za-z0-9_]/_}
         envs=() flags=""
-        case "$v" in
-        -) ;;
-        --*) flags=${v//,/ } ;;
-        *) envs=("$v") ;;
-        esac
+        if [ "$v" != "-" ]; then
+            IFS=, read -ra items <<<"$v"
+            for it in "${items[@]}"; do
+                case "$it" in
+                --*) flags="$flags $it" ;;
+                *) envs+=("$it") ;;
+                esac
+            done
+        fi
         out="${OUT:-/tmp}/carp-bench-$tag.json"
-        label="carp-bench resnet50 b$BB${envs:+ $v}${flags:+ $flags}"
+        label="carp-bench resnet50 b$BB${envs[*]:+ ${envs[*]}}$flags"
         run_step "$label" 240 env "${envs[@]}" bash -o pipefail -c \
             "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS $flags --json | tee '$out'" ||
             overall=1
@@ -116,23 +134,6 @@ if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
             ours_bf16_ips=$ips
         fi
     done
-    if [ "${GPU_CHECK_MULTICROP:-1}" != 0 ]; then
-        # SPEC's optional multi-crop: 6 local 96x96 views per image through the student.
-        mc="${OUT:-/tmp}/carp-bench-multicrop.json"
-        run_step "carp-bench resnet50 b$BB --local-crops 6" 240 bash -o pipefail -c \
-            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --local-crops 6 --warmup 1 --steps $BS --json | tee '$mc'" ||
-            overall=1
-        row "  images/s, step ms, peak GiB" INFO "-" "$(json_field "$mc" images_per_s), $(json_field "$mc" step_ms), $(json_field "$mc" peak_mem_gib)"
-    fi
-    if [ "${GPU_CHECK_BIG_BATCH:-1}" != 0 ]; then
-        # Issue 7: the paper's whole global batch (1024) fits on one H200 (in bf16: f32 needs
-        # ~4 x the 55 GiB of batch 256).
-        big="${OUT:-/tmp}/carp-bench-b1024.json"
-        run_step "carp-bench resnet50 b1024 bf16 (fits?)" 300 bash -o pipefail -c \
-            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch 1024 --precision bf16 --no-phase-sync --warmup 1 --steps 1 --json | tee '$big'"
-        # A target, not a correctness check: not fitting is reported, not a failure.
-        row "  images/s, peak GiB" INFO "-" "$(json_field "$big" images_per_s), $(json_field "$big" peak_mem_gib)"
-    fi
 else
     row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
 fi
@@ -159,6 +160,37 @@ if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
     done <"$torch_out"
 else
     row "torch reference" SKIP "-" "GPU_CHECK_TORCH=0, no torch_carp_bench.py, or no torch"
+fi
+
+# 3b. memcheck over the op tests, without the large ResNet50 conv shapes (slow under the tool).
+if [ "${GPU_CHECK_MEMCHECK:-1}" = 0 ]; then
+    row "memcheck gpu_ops" SKIP "-" "GPU_CHECK_MEMCHECK=0"
+elif command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+    CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    run_step "memcheck gpu_ops" 200 "$CS" --tool memcheck --error-exitcode 1 \
+        "$B/tests/gpu_ops" --test-threads=1 --skip conv2d_resnet50_shapes || overall=1
+else
+    row "memcheck gpu_ops" SKIP "-" "compute-sanitizer not found"
+fi
+# 3c. Multi-crop and the batch-1024 fit check (after PyTorch: the ratios come first).
+if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
+    if [ "${GPU_CHECK_MULTICROP:-1}" != 0 ]; then
+        # SPEC's optional multi-crop: 6 local 96x96 views per image through the student.
+        mc="${OUT:-/tmp}/carp-bench-multicrop.json"
+        run_step "carp-bench resnet50 b$BB --local-crops 6" 240 bash -o pipefail -c \
+            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --local-crops 6 --warmup 1 --steps $BS --json | tee '$mc'" ||
+            overall=1
+        row "  images/s, step ms, peak GiB" INFO "-" "$(json_field "$mc" images_per_s), $(json_field "$mc" step_ms), $(json_field "$mc" peak_mem_gib)"
+    fi
+    if [ "${GPU_CHECK_BIG_BATCH:-1}" != 0 ]; then
+        # Issue 7: the paper's whole global batch (1024) fits on one H200 (in bf16: f32 needs
+        # ~4 x the 55 GiB of batch 256).
+        big="${OUT:-/tmp}/carp-bench-b1024.json"
+        run_step "carp-bench resnet50 b1024 bf16 (fits?)" 300 bash -o pipefail -c \
+            "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch 1024 --precision bf16 --no-phase-sync --warmup 1 --steps 1 --json | tee '$big'"
+        # A target, not a correctness check: not fitting is reported, not a failure.
+        row "  images/s, peak GiB" INFO "-" "$(json_field "$big" images_per_s), $(json_field "$big" peak_mem_gib)"
+    fi
 fi
 
 # 4. The data path on this machine's cores: an ImageNet-like packed JPEG set (natural photos at
@@ -203,5 +235,11 @@ echo
 echo "==== gpu-check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1) ===="
 printf '%-44s %-6s %8s  %s\n' step status time note
 for r in "${ROWS[@]}"; do echo "$r"; done
-[ $overall -eq 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"
+if [ $overall -ne 0 ]; then
+    echo "RESULT: FAIL"
+elif [ $incomplete -ne 0 ]; then
+    echo "RESULT: INCOMPLETE (steps skipped for time: rerun them with the GPU_CHECK_* switches)"
+else
+    echo "RESULT: PASS"
+fi
 exit $overall

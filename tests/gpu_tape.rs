@@ -21,7 +21,7 @@ use std::io::Write as _;
 use std::sync::{Mutex, MutexGuard};
 
 use carp::autograd::{Precision, Tape};
-use carp::tensor::{DType, Device, Tensor};
+use carp::tensor::{DType, Device, Layout, Tensor};
 use carp::testutil::randn_vec;
 
 /// Runs everywhere: the device parser and the error for CUDA without the feature.
@@ -679,12 +679,22 @@ fn compare_bf16(dev: &Device, name: &str, inputs: &[Tensor], tol_fwd: f64, tol_b
 /// bf16 tapes on the GPU: the ops with bf16 kernels (convolution, max and average pooling, BN,
 /// the fused BN + ReLU (+ add), add) store bf16, the others (matmul, linear, GELU, ReLU, the
 /// weight-normalized linear) run in f32 on bf16 values, and every one matches the CPU
-/// emulation of bf16.
+/// emulation of bf16; with the activations channels-last (NHWC, the default) and NCHW.
 #[test]
 fn bf16_ops_match_the_cpu_emulation() {
     let Some((dev, _serial)) = gpu_or_skip("bf16_ops_match_the_cpu_emulation") else {
         return;
     };
+    for nhwc in [true, false] {
+        carp::autograd::set_bf16_nhwc(nhwc);
+        bf16_ops_in_one_layout(&dev, nhwc);
+    }
+    carp::autograd::set_bf16_nhwc(true);
+}
+
+fn bf16_ops_in_one_layout(dev: &Device, nhwc: bool) {
+    let dev = dev.clone();
+    let layout = if nhwc { Layout::Nhwc } else { Layout::Nchw };
     // Storage: an op with bf16 kernels writes bf16; a parameter stays f32 and its gradient
     // comes back f32.
     {
@@ -693,12 +703,20 @@ fn bf16_ops_match_the_cpu_emulation() {
         let w = tape.track(&randn(&[4, 3, 3, 3], 2).to_device(&dev).unwrap());
         let y = tape.conv2d(&x, &w, 1, 1).unwrap();
         assert_eq!(y.dtype(), DType::Bf16, "conv2d output storage");
+        assert_eq!(y.layout(), layout, "conv2d output layout");
         let p = tape.max_pool2d(&y, 3, 2, 1).unwrap();
         assert_eq!(p.dtype(), DType::Bf16, "max_pool2d output storage");
+        assert_eq!(p.layout(), layout, "max_pool2d output layout");
         let dy = randn(p.shape(), 3).to_device(&dev).unwrap();
         let g = tape.backward_from(vec![(p, dy)]).unwrap();
-        assert_eq!(g.get(&w).unwrap().dtype(), DType::F32, "weight gradient");
-        assert_eq!(g.get(&x).unwrap().dtype(), DType::F32, "image gradient");
+        for (what, t) in [("weight", &w), ("image", &x)] {
+            let d = g.get(t).unwrap();
+            assert_eq!(
+                (d.dtype(), d.layout()),
+                (DType::F32, Layout::Nchw),
+                "{what} gradient"
+            );
+        }
     }
     let conv_cases: &[([usize; 4], [usize; 4], usize, usize)] = &[
         ([2, 3, 9, 11], [5, 3, 3, 3], 2, 1),
@@ -822,6 +840,15 @@ fn bf16_training_step_matches_the_cpu_emulation() {
     let Some((dev, _serial)) = gpu_or_skip("bf16_training_step_matches_the_cpu_emulation") else {
         return;
     };
+    for nhwc in [true, false] {
+        carp::autograd::set_bf16_nhwc(nhwc);
+        bf16_step_in_one_layout(&dev);
+    }
+    carp::autograd::set_bf16_nhwc(true);
+}
+
+fn bf16_step_in_one_layout(dev: &Device) {
+    let dev = dev.clone();
     let mut cpu = small_state();
     cpu.precision = Precision::Bf16;
     let mut gpu = cpu.clone();

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::{DType, Tensor, TensorId};
+use crate::tensor::{DType, Layout, Tensor, TensorId};
 
 /// Maps the output gradient to one optional gradient per recorded input (same order).
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send>;
@@ -27,6 +27,32 @@ struct Node {
     out: TensorId,
     inputs: Vec<TensorId>,
     backward: BackwardFn,
+}
+
+/// Whether bf16 GPU activations are channels-last (NHWC): 0 = not decided yet (read
+/// `CARP_NHWC`), 1 = NCHW, 2 = NHWC.
+static BF16_NHWC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses the layout of bf16 GPU activations from now on: NHWC (true) or NCHW.
+pub fn set_bf16_nhwc(on: bool) {
+    BF16_NHWC.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The layout of bf16 GPU activations: [`set_bf16_nhwc`], else `CARP_NHWC` (unset or anything
+/// but "0": NHWC, the layout of cuDNN's fastest bf16 convolutions; `CARP_NHWC=0`: NCHW, the
+/// A/B switch). f32 tensors are always NCHW.
+pub fn bf16_nhwc() -> bool {
+    match BF16_NHWC.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("CARP_NHWC")
+                .map(|v| v.trim() != "0")
+                .unwrap_or(true);
+            set_bf16_nhwc(on);
+            on
+        }
+    }
 }
 
 /// How an op runs in bf16 mode on a GPU (see [`Tape::bf16_inputs`]); the CPU emulation is the
@@ -189,7 +215,14 @@ impl Tape {
                 out.push(r.clone());
                 continue;
             }
-            let r = x.to_dtype(DType::Bf16).map_err(|e| {
+            // Rank-4 operands (images, conv weights) go channels-last when NHWC is on; a weight
+            // (O, C, KH, KW) in NHWC order is cuDNN's NHWC filter layout (O, KH, KW, C).
+            let layout = if bf16_nhwc() && x.rank() == 4 {
+                Layout::Nhwc
+            } else {
+                Layout::Nchw
+            };
+            let r = x.to_format(DType::Bf16, layout).map_err(|e| {
                 crate::error::Error::Device(format!("{op}: bf16 copy of an input: {e}"))
             })?;
             self.record("to_bf16", &r, &[x], |dr| {

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::ops::batchnorm::BnDims;
 use crate::ops::conv::Conv2dShape;
 use crate::ops::pool::Pool2dShape;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Layout, Tensor};
 
 type Be = Arc<CudaBackend>;
 
@@ -31,16 +31,26 @@ fn dbuf<'a>(op: &str, t: &'a Tensor) -> Result<&'a DeviceBuffer> {
 /// output): moved here, so the backward stays on the op's GPU; in f32, the type of every op
 /// without bf16 kernels (a bf16 gradient widens exactly).
 fn on_gpu(be: &Be, t: &Tensor) -> Result<Tensor> {
-    on_gpu_as(be, t, DType::F32)
+    on_gpu_as(be, t, (DType::F32, Layout::Nchw))
 }
 
-/// As [`on_gpu`], in the element type `dt` of the op's activations (an op with bf16 kernels
-/// takes its output gradient in its output's type: an f32 gradient, e.g. the sum of a bf16
-/// and an f32 contribution, is rounded here, where the CPU emulation's bf16 output node
+/// As [`on_gpu`], in the element type and layout of the op's activations (an op with bf16
+/// kernels takes its output gradient in its output's format: an f32 gradient, e.g. the sum of a
+/// bf16 and an f32 contribution, is rounded here, where the CPU emulation's bf16 output node
 /// rounds it).
-fn on_gpu_as(be: &Be, t: &Tensor, dt: DType) -> Result<Tensor> {
+fn on_gpu_as(be: &Be, t: &Tensor, (dt, layout): (DType, Layout)) -> Result<Tensor> {
     t.to_device(&crate::tensor::Device::Cuda(be.ordinal()))?
-        .to_dtype(dt)
+        .to_format(dt, layout)
+}
+
+/// The (element type, layout) of a tensor's storage.
+fn format_of(t: &Tensor) -> (DType, Layout) {
+    (t.dtype(), t.layout())
+}
+
+/// A new device buffer for `n` elements in format `f`.
+fn alloc_fmt(be: &Be, (dt, layout): (DType, Layout), n: usize) -> Result<DeviceBuffer> {
+    Ok(be.alloc_dt(dt, n)?.with_layout(layout))
 }
 
 fn wrap(be: &Be, buf: DeviceBuffer, shape: &[usize]) -> Result<Tensor> {
@@ -53,13 +63,13 @@ fn wrap(be: &Be, buf: DeviceBuffer, shape: &[usize]) -> Result<Tensor> {
 /// once); mixed types: an f32 sum of the exact values (the tape's gradient accumulation, whose
 /// result the consumer rounds if it is bf16, as on the CPU).
 pub(crate) fn add(be: &Be, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dt = if a.dtype() == b.dtype() {
-        a.dtype()
+    let f = if a.dtype() == b.dtype() {
+        format_of(a)
     } else {
-        DType::F32
+        (DType::F32, Layout::Nchw)
     };
-    let (a, b) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
-    let mut y = be.alloc_dt(dt, a.numel())?;
+    let (a, b) = (a.to_format(f.0, f.1)?, b.to_format(f.0, f.1)?);
+    let mut y = alloc_fmt(be, f, a.numel())?;
     be.add(dbuf("add", &a)?, dbuf("add", &b)?, &mut y)?;
     wrap(be, y, a.shape())
 }
@@ -116,29 +126,33 @@ pub(crate) fn conv2d(
         stride: s.stride,
         padding: s.padding,
     };
-    let dt = x.dtype(); // x, w, y and the gradients share it (bf16: cuDNN's bf16 config)
-    let mut y = be.alloc_dt(dt, s.y_len())?; // (N, O, HO, WO)
-    be.conv2d_forward(&cs, dbuf("conv2d", x)?, dbuf("conv2d", w)?, &mut y)?;
+    // x, w, y and the gradients share x's element type and layout (bf16: cuDNN's bf16 config;
+    // NHWC: the filter in cuDNN's NHWC order).
+    let f = format_of(x);
+    // The weights in x's format (a copy only when they differ; the tape records the original).
+    let wf = w.to_format(f.0, f.1)?;
+    let mut y = alloc_fmt(&be, f, s.y_len())?; // (N, O, HO, WO)
+    be.conv2d_forward(&cs, dbuf("conv2d", x)?, dbuf("conv2d", &wf)?, &mut y)?;
     let y_shape = [s.n, s.o, s.ho(), s.wo()];
     let y = wrap(&be, y, &y_shape)?;
     // As on the CPU: the images need no dx, a frozen weight no dw.
     let need_dx = tape.requires_grad(x);
     let need_dw = tape.requires_grad(w);
-    let (xs, ws) = (x.clone(), w.clone());
+    let (xs, ws) = (x.clone(), wf);
     tape.record("conv2d", &y, &[x, w], move |dy| {
         let _r = nvtx::Range::new("conv2d backward");
-        let dy = on_gpu_as(&be, dy, dt)?;
+        let dy = on_gpu_as(&be, dy, f)?;
         dy.expect_shape("conv2d output gradient", &y_shape)?;
         let dyb = dbuf("conv2d backward", &dy)?;
         let dx = if need_dx {
-            let mut dx = be.alloc_dt(dt, s.x_len())?; // (N, C, H, W)
+            let mut dx = alloc_fmt(&be, f, s.x_len())?; // (N, C, H, W)
             be.conv2d_backward_data(&cs, dbuf("conv2d backward", &ws)?, dyb, &mut dx)?;
             Some(wrap(&be, dx, xs.shape())?)
         } else {
             None
         };
         let dw = if need_dw {
-            let mut dw = be.alloc_dt(dt, s.w_len())?; // (O, C, KH, KW)
+            let mut dw = alloc_fmt(&be, f, s.w_len())?; // (O, C, KH, KW)
             be.conv2d_backward_filter(&cs, dbuf("conv2d backward", &xs)?, dyb, &mut dw)?;
             Some(wrap(&be, dw, ws.shape())?)
         } else {
@@ -160,8 +174,8 @@ pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) ->
         stride: s.stride,
         padding: s.padding,
     };
-    let dt = x.dtype();
-    let mut y = be.alloc_dt(dt, s.y_len())?; // (N, C, HO, WO)
+    let f = format_of(x);
+    let mut y = alloc_fmt(&be, f, s.y_len())?; // (N, C, HO, WO)
     let mut argmax = be.alloc_bytes(s.y_len() * 4)?; // i32 (N, C, HO, WO): index in the plane
     be.max_pool2d_forward(&gs, dbuf("max_pool2d", x)?, &mut y, &mut argmax)?;
     let y_shape = [s.n, s.c, s.ho(), s.wo()];
@@ -169,9 +183,9 @@ pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) ->
     let x_shape = x.shape().to_vec();
     tape.record("max_pool2d", &y, &[x], move |dy| {
         let _r = nvtx::Range::new("max_pool2d backward");
-        let dy = on_gpu_as(&be, dy, dt)?;
+        let dy = on_gpu_as(&be, dy, f)?;
         dy.expect_shape("max_pool2d output gradient", &y_shape)?;
-        let mut dx = be.alloc_dt(dt, s.x_len())?; // (N, C, H, W)
+        let mut dx = alloc_fmt(&be, f, s.x_len())?; // (N, C, H, W)
         be.max_pool2d_backward(&gs, dbuf("max_pool2d backward", &dy)?, &argmax, &mut dx)?;
         Ok(vec![Some(wrap(&be, dx, &x_shape)?)])
     });
@@ -187,17 +201,29 @@ pub(crate) fn global_avg_pool(
 ) -> Result<Tensor> {
     let _r = nvtx::Range::new("global_avg_pool");
     let x_shape = x.shape().to_vec();
-    let dt = x.dtype();
-    let mut y = be.alloc_dt(dt, rows)?; // (N, C)
-    be.global_avg_pool_forward(dbuf("global_avg_pool", x)?, rows, hw, &mut y)?;
+    let f = format_of(x);
+    let (n, c) = (x_shape[0], x_shape[1]);
+    let mut y = be.alloc_dt(f.0, rows)?; // (N, C)
+    match f.1 {
+        Layout::Nchw => {
+            be.global_avg_pool_forward(dbuf("global_avg_pool", x)?, rows, hw, &mut y)?
+        }
+        Layout::Nhwc => {
+            be.global_avg_pool_forward_nhwc(dbuf("global_avg_pool", x)?, n, c, hw, &mut y)?
+        }
+    }
     let y_shape = [x_shape[0], x_shape[1]];
     let y = wrap(&be, y, &y_shape)?;
     tape.record("global_avg_pool", &y, &[x], move |dy| {
         let _r = nvtx::Range::new("global_avg_pool backward");
-        let dy = on_gpu_as(&be, dy, dt)?;
+        let dy = on_gpu_as(&be, dy, (f.0, Layout::Nchw))?; // (N, C): no spatial layout
         dy.expect_shape("global_avg_pool output gradient", &y_shape)?;
-        let mut dx = be.alloc_dt(dt, rows * hw)?; // (N, C, H, W)
-        be.global_avg_pool_backward(dbuf("global_avg_pool backward", &dy)?, rows, hw, &mut dx)?;
+        let mut dx = alloc_fmt(&be, f, rows * hw)?; // (N, C, H, W)
+        let dyb = dbuf("global_avg_pool backward", &dy)?;
+        match f.1 {
+            Layout::Nchw => be.global_avg_pool_backward(dyb, rows, hw, &mut dx)?,
+            Layout::Nhwc => be.global_avg_pool_backward_nhwc(dyb, n, c, hw, &mut dx)?,
+        }
         Ok(vec![Some(wrap(&be, dx, &x_shape)?)])
     });
     Ok(y)
@@ -283,7 +309,7 @@ fn bn_apply(
     beta: &Tensor,
     d: BnDims,
 ) -> Result<Tensor> {
-    let mut y = be.alloc_dt(x.dtype(), d.numel())?; // (N, C, S)
+    let mut y = alloc_fmt(be, format_of(x), d.numel())?; // (N, C, S)
     be.batch_norm_forward(
         dbuf(op, x)?,
         mean,
@@ -318,12 +344,12 @@ fn record_bn_backward(
         return;
     }
     let (sx, sg, sm) = (x.clone(), gamma.clone(), mean.clone());
-    let dt = x.dtype();
+    let f = format_of(x);
     tape.record(op, y, &[x, gamma, beta], move |dy| {
         let _r = nvtx::Range::new(&format!("{op} backward"));
-        let dy = on_gpu_as(&be, dy, dt)?;
+        let dy = on_gpu_as(&be, dy, f)?;
         dy.expect_shape(&format!("{op} backward dy"), sx.shape())?;
-        let mut dx = be.alloc_dt(dt, d.numel())?;
+        let mut dx = alloc_fmt(&be, f, d.numel())?;
         let mut dgamma = be.alloc_f32(d.c)?;
         let mut dbeta = be.alloc_f32(d.c)?;
         be.batch_norm_backward(
@@ -703,7 +729,10 @@ fn bn_act_apply(
     beta: &Tensor,
     d: BnDims,
 ) -> Result<Tensor> {
-    let mut y = be.alloc_dt(x.dtype(), d.numel())?; // (N, C, S)
+    let f = format_of(x);
+    let residual = residual.map(|r| r.to_format(f.0, f.1)).transpose()?;
+    let residual = residual.as_ref();
+    let mut y = alloc_fmt(be, f, d.numel())?; // (N, C, S)
     be.bn_act_forward(
         dbuf(op, x)?,
         residual.map(|r| dbuf(op, r)).transpose()?,
@@ -743,14 +772,14 @@ fn record_bn_act_backward(
     inputs.extend(residual);
     let with_residual = residual.is_some();
     let (sx, sy, sg, sm) = (x.clone(), y.clone(), gamma.clone(), mean.clone());
-    let dt = x.dtype();
+    let f = format_of(x);
     tape.record(op, y, &inputs, move |dy| {
         let _r = nvtx::Range::new(&format!("{op} backward"));
-        let dy = on_gpu_as(&be, dy, dt)?;
+        let dy = on_gpu_as(&be, dy, f)?;
         dy.expect_shape(&format!("{op} backward dy"), sx.shape())?;
-        let mut dx = be.alloc_dt(dt, d.numel())?; // (N, C, S)
+        let mut dx = alloc_fmt(&be, f, d.numel())?; // (N, C, S)
         let mut dres = if with_residual {
-            Some(be.alloc_dt(dt, d.numel())?) // (N, C, S)
+            Some(alloc_fmt(&be, f, d.numel())?) // (N, C, S)
         } else {
             None
         };

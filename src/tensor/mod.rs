@@ -100,8 +100,28 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// The bytes behind a tensor: f32 on the CPU; f32 or bf16 ([`DType`]) on a GPU. The layout is
-/// row-major NCHW on every device.
+/// How a rank-4 tensor's logical (N, C, H, W) maps to memory. The CPU and every f32 tensor use
+/// NCHW; a bf16 GPU activation may be channels-last (NHWC: element (n, c, h, w) at
+/// ((n H + h) W + w) C + c), the layout of cuDNN's fastest bf16 convolutions. Shapes stay
+/// (N, C, H, W) either way; host copies (`to_vec`) are NCHW.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    #[default]
+    Nchw,
+    Nhwc,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Nchw => "NCHW",
+            Layout::Nhwc => "NHWC",
+        })
+    }
+}
+
+/// The bytes behind a tensor: f32 on the CPU; f32 or bf16 ([`DType`]) on a GPU. Row-major
+/// NCHW, except bf16 GPU activations, which may be NHWC ([`Layout`]).
 #[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
@@ -140,6 +160,14 @@ impl Storage {
             Storage::Cpu(_) => DType::F32,
             #[cfg(feature = "cuda")]
             Storage::Cuda(c) => c.buf.dtype(),
+        }
+    }
+    /// The memory layout (always NCHW on the CPU).
+    pub fn layout(&self) -> Layout {
+        match self {
+            Storage::Cpu(_) => Layout::Nchw,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.buf.layout(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -275,22 +303,46 @@ impl Tensor {
 
     /// The same values stored as `dtype` (a new tensor, not recorded on a tape; the same
     /// tensor when it already is). On a GPU, f32 -> bf16 rounds to nearest even exactly as
-    /// [`round_bf16`]; bf16 -> f32 is exact. CPU tensors are f32 only.
+    /// [`round_bf16`] and keeps the layout; bf16 -> f32 is exact and NCHW (f32 tensors are NCHW).
+    /// CPU tensors are f32 only.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
-        if self.dtype() == dtype {
+        match dtype {
+            DType::F32 => self.to_format(DType::F32, Layout::Nchw),
+            DType::Bf16 => self.to_format(DType::Bf16, self.layout()),
+        }
+    }
+
+    /// The same values stored as `dtype` in `layout` (see [`Tensor::to_dtype`]): a new tensor,
+    /// not recorded, or the same one when it already is. NHWC is for rank-4 bf16 GPU tensors.
+    pub fn to_format(&self, dtype: DType, layout: Layout) -> Result<Tensor> {
+        if self.dtype() == dtype && self.layout() == layout {
             return Ok(self.clone());
+        }
+        if layout == Layout::Nhwc && (dtype != DType::Bf16 || self.rank() != 4) {
+            bail!(
+                Shape,
+                "NHWC storage is for rank-4 bf16 GPU tensors, not {dtype} of shape {:?}",
+                self.shape()
+            );
         }
         match self.storage() {
             Storage::Cpu(_) => bail!(
                 Device,
-                "CPU tensors are f32 only (the bf16 mode rounds values held in f32 there); \
-                 {dtype} storage exists on a GPU"
+                "CPU tensors are f32 NCHW only (the bf16 mode rounds values held in f32 there); \
+                 {dtype} {layout} storage exists on a GPU"
             ),
             #[cfg(feature = "cuda")]
             Storage::Cuda(c) => {
-                let mut y = c.backend.alloc_dt(dtype, self.numel())?;
-                c.backend.cast(&c.buf, &mut y)?;
-                Tensor::from_cuda(y, c.backend.clone(), self.shape())
+                let s = self.shape();
+                // (N, C, H*W) for the layout kernels; any rank is one plane otherwise.
+                let (n, ch, hw) = if self.rank() == 4 {
+                    (s[0], s[1], s[2] * s[3])
+                } else {
+                    (1, 1, self.numel())
+                };
+                let mut y = c.backend.alloc_dt(dtype, self.numel())?.with_layout(layout);
+                c.backend.convert(&c.buf, n, ch, hw, &mut y)?;
+                Tensor::from_cuda(y, c.backend.clone(), s)
             }
         }
     }
@@ -321,6 +373,10 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         self.0.storage.dtype()
     }
+    /// The storage's memory layout.
+    pub fn layout(&self) -> Layout {
+        self.0.storage.layout()
+    }
 
     /// The host slice of a CPU tensor; an error for other devices.
     pub fn cpu(&self) -> Result<&[f32]> {
@@ -343,7 +399,13 @@ impl Tensor {
         match self.storage() {
             Storage::Cpu(v) => Ok(v.clone()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(c) => c.backend.download_values(&c.buf),
+            Storage::Cuda(c) => {
+                let v = c.backend.download_values(&c.buf)?;
+                match c.buf.layout() {
+                    Layout::Nchw => Ok(v),
+                    Layout::Nhwc => Ok(nhwc_to_nchw_host(&v, self.shape())),
+                }
+            }
         }
     }
 
@@ -358,6 +420,10 @@ impl Tensor {
     /// Same storage, new shape and new id. Not recorded on a tape: use `Tape::reshape` inside a
     /// differentiated computation.
     pub fn reshaped(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.layout() == Layout::Nhwc && shape != self.shape() {
+            // A channels-last buffer is not row-major in the logical shape: reshape its NCHW copy.
+            return self.to_format(self.dtype(), Layout::Nchw)?.reshaped(shape);
+        }
         let n: usize = shape.iter().product();
         if n != self.numel() {
             bail!(
@@ -408,6 +474,21 @@ impl Tensor {
     }
 }
 
+/// An NHWC host copy of a rank-4 tensor of logical shape (N, C, H, W), reordered to NCHW.
+#[cfg(feature = "cuda")]
+fn nhwc_to_nchw_host(v: &[f32], shape: &[usize]) -> Vec<f32> {
+    let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
+    let mut out = vec![0.0; v.len()];
+    for i in 0..n {
+        for p in 0..hw {
+            for ch in 0..c {
+                out[(i * c + ch) * hw + p] = v[(i * hw + p) * c + ch];
+            }
+        }
+    }
+    out
+}
+
 /// `x` rounded to the nearest bfloat16 (1 sign, 8 exponent, 7 mantissa bits), ties to even, and
 /// widened back to f32: what a GPU stores when it writes `x` to a bf16 buffer. bf16 shares f32's
 /// exponent range, so subnormals stay subnormal (rounded at bit 16 like any other value), a
@@ -433,5 +514,31 @@ impl Tensor {
     pub fn round_bf16(&self) -> Result<Tensor> {
         let v = self.cpu()?;
         self.like(v.iter().map(|&x| round_bf16(x)).collect())
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::nhwc_to_nchw_host;
+
+    // (N, C, H, W) = (2, 3, 2, 2): element (n, c, h, w) is stored NHWC at ((n H + h) W + w) C + c
+    // and must land at ((n C + c) H + h) W + w; the values encode their NCHW index.
+    #[test]
+    fn nhwc_host_copies_reorder_to_nchw() {
+        let (n, c, h, w) = (2usize, 3usize, 2usize, 2usize);
+        let mut stored = vec![0.0f32; n * c * h * w];
+        for i in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let nchw = ((i * c + ch) * h + y) * w + x;
+                        stored[((i * h + y) * w + x) * c + ch] = nchw as f32;
+                    }
+                }
+            }
+        }
+        let out = nhwc_to_nchw_host(&stored, &[n, c, h, w]);
+        let want: Vec<f32> = (0..n * c * h * w).map(|v| v as f32).collect();
+        assert_eq!(out, want);
     }
 }

@@ -138,15 +138,16 @@ fn stack_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let (Storage::Cuda(ca), Storage::Cuda(_)) = (a.storage(), b.storage()) {
         let be = &ca.backend;
-        // One element type for both (bf16 features of a bf16 step; mixed: f32, exact).
-        let dt = if a.dtype() == b.dtype() {
-            a.dtype()
+        // One format for both (bf16 features of a bf16 step; mixed types: f32, exact). The rows
+        // are the outermost dimension in NCHW and NHWC alike, so the bytes just follow.
+        let (dt, layout) = if a.dtype() == b.dtype() {
+            (a.dtype(), a.layout())
         } else {
-            crate::tensor::DType::F32
+            (crate::tensor::DType::F32, crate::tensor::Layout::Nchw)
         };
-        let (a, b) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
+        let (a, b) = (a.to_format(dt, layout)?, b.to_format(dt, layout)?);
         let (bytes_a, bytes_b) = (a.numel() * dt.size(), b.numel() * dt.size());
-        let mut both = be.alloc_dt(dt, a.numel() + b.numel())?;
+        let mut both = be.alloc_dt(dt, a.numel() + b.numel())?.with_layout(layout);
         be.copy_dtod_range(&a.cuda()?.buf, 0, &mut both, 0, bytes_a)?;
         be.copy_dtod_range(&b.cuda()?.buf, 0, &mut both, bytes_a, bytes_b)?;
         return Tensor::from_cuda(both, be.clone(), &shape);
@@ -170,8 +171,8 @@ fn split_rows(t: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
         let (na, nb) = (r * width, (rows - r) * width);
         let dt = c.buf.dtype();
         let es = dt.size();
-        let mut a = be.alloc_dt(dt, na)?;
-        let mut b = be.alloc_dt(dt, nb)?;
+        let mut a = be.alloc_dt(dt, na)?.with_layout(c.buf.layout());
+        let mut b = be.alloc_dt(dt, nb)?.with_layout(c.buf.layout());
         be.copy_dtod_range(&c.buf, 0, &mut a, 0, na * es)?;
         be.copy_dtod_range(&c.buf, na * es, &mut b, 0, nb * es)?;
         return Ok((

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext};
 
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{DType, Layout};
 
 /// Rounds a request up to its bucket: 512-byte steps below 1 MiB, above that steps of 1/8 of
 /// the enclosing power of two (at most 12.5% waste). Equal requests share a bucket, which is
@@ -113,6 +113,7 @@ impl Pool {
                     bytes,
                     cap,
                     dtype,
+                    layout: Layout::Nchw,
                     pool: self.clone(),
                 });
             }
@@ -149,6 +150,7 @@ impl Pool {
             bytes,
             cap,
             dtype,
+            layout: Layout::Nchw,
             pool: self.clone(),
         })
     }
@@ -197,13 +199,15 @@ impl Drop for Pool {
 }
 
 /// Device memory from the pool; returns to the pool when dropped. The bytes carry an element
-/// type label: f32 (also used for 4-byte int32 buffers such as argmax and permutations) or bf16.
-/// Launchers pick the kernel by it and refuse a bf16 buffer where only an f32 kernel exists.
+/// type label, f32 (also used for 4-byte int32 buffers such as argmax and permutations) or bf16,
+/// and a layout label (NCHW or NHWC) for rank-4 activations. Launchers pick the kernel by them
+/// and refuse a buffer no kernel of theirs reads.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     cap: usize,
     dtype: DType,
+    layout: Layout,
     pool: Arc<Pool>,
 }
 
@@ -211,8 +215,8 @@ impl std::fmt::Debug for DeviceBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "DeviceBuffer({:#x}, {} bytes, {})",
-            self.ptr, self.bytes, self.dtype
+            "DeviceBuffer({:#x}, {} bytes, {} {})",
+            self.ptr, self.bytes, self.dtype, self.layout
         )
     }
 }
@@ -233,6 +237,15 @@ impl DeviceBuffer {
     /// The element type label.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    /// The memory layout label of a rank-4 activation (NCHW unless an NHWC op wrote it).
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    /// The same buffer labelled with `layout` (set by whoever writes it in that layout).
+    pub fn with_layout(mut self, layout: Layout) -> DeviceBuffer {
+        self.layout = layout;
+        self
     }
     /// Number of elements of its element type.
     pub fn len(&self) -> usize {

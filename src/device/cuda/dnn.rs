@@ -1,6 +1,6 @@
-//! cuDNN convolutions (NCHW, f32): forward, backward-data, backward-filter. For every distinct
-//! shape the descriptors, the three algorithms and their workspace sizes are chosen once and
-//! cached; one workspace buffer, grown to the largest need, serves every call. The algorithms
+//! cuDNN convolutions (f32 NCHW, or bf16 data with f32 accumulation in NCHW or NHWC): forward,
+//! backward-data, backward-filter. For every distinct shape the descriptors, the three
+//! algorithms and their workspace sizes are chosen once and cached; one workspace buffer, grown to the largest need, serves every call. The algorithms
 //! are timed with `cudnnFind*` (the fastest that runs within the workspace limit with a math
 //! type the mode allows, then run with the math type it was timed with), or, with
 //! `CARP_CUDNN_FIND=0` or when the search fails, cuDNN's heuristic first choice.
@@ -9,7 +9,7 @@
 //! (`torch.backends.cudnn.allow_tf32 = True`), so "f32" comparisons with it are like for like.
 //! `CARP_TF32=0` in the environment, or [`set_conv_tf32`]`(false)` (the GPU-vs-CPU tests), selects
 //! FMA-only math, whose results match the CPU reference to f32 rounding. Plans are cached per
-//! (shape, math mode). The bf16/NHWC path of the performance work will add its own plans.
+//! (shape, math mode, element type); bf16 plans use tensor-op math whatever the TF32 switch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::{CudaBackend, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{DType, Layout};
 
 /// Whether convolutions may use TF32 tensor cores: 0 = not decided yet (read `CARP_TF32`),
 /// 1 = FMA only, 2 = TF32 allowed.
@@ -175,7 +175,16 @@ fn cudnn_type(dt: DType) -> ds::cudnnDataType_t {
     }
 }
 
-fn tensor_desc(dims: [usize; 4], dt: DType) -> Result<TensorDesc> {
+/// cuDNN's tensor format for a layout (the filter of an NHWC convolution is (O, KH, KW, C)).
+fn cudnn_format(layout: Layout) -> ds::cudnnTensorFormat_t {
+    match layout {
+        Layout::Nchw => ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        Layout::Nhwc => ds::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+    }
+}
+
+/// A 4-d tensor descriptor; `dims` is the logical (n, c, h, w) whatever the layout.
+fn tensor_desc(dims: [usize; 4], dt: DType, layout: Layout) -> Result<TensorDesc> {
     let d = TensorDesc(dr::create_tensor_descriptor().map_err(|e| dnn_err("tensor desc", e))?);
     let dims = [
         c_int(dims[0])?,
@@ -184,15 +193,8 @@ fn tensor_desc(dims: [usize; 4], dt: DType) -> Result<TensorDesc> {
         c_int(dims[3])?,
     ];
     // SAFETY: d.0 was just created.
-    unsafe {
-        dr::set_tensor4d_descriptor(
-            d.0,
-            ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            cudnn_type(dt),
-            dims,
-        )
-    }
-    .map_err(|e| dnn_err("set tensor desc", e))?;
+    unsafe { dr::set_tensor4d_descriptor(d.0, cudnn_format(layout), cudnn_type(dt), dims) }
+        .map_err(|e| dnn_err("set tensor desc", e))?;
     Ok(d)
 }
 
@@ -229,7 +231,7 @@ impl Drop for Handle {
 /// The cuDNN handle, the plan cache and the shared workspace (behind the backend's Mutex).
 pub struct Dnn {
     handle: Handle,
-    plans: HashMap<(ConvShape, bool, DType), Plan>,
+    plans: HashMap<(ConvShape, bool, DType, Layout), Plan>,
     workspace: Option<DeviceBuffer>,
 }
 
@@ -260,10 +262,10 @@ impl Dnn {
         })
     }
 
-    fn plan(&mut self, s: &ConvShape, dt: DType) -> Result<&Plan> {
-        let key = (*s, conv_tf32(), dt);
+    fn plan(&mut self, s: &ConvShape, dt: DType, layout: Layout) -> Result<&Plan> {
+        let key = (*s, conv_tf32(), dt, layout);
         if !self.plans.contains_key(&key) {
-            let p = self.make_plan(s, key.1, dt)?;
+            let p = self.make_plan(s, key.1, dt, layout)?;
             self.plans.insert(key, p);
         }
         self.plans
@@ -274,10 +276,10 @@ impl Dnn {
     /// `dt` bf16: bf16 tensors and filter with f32 accumulation (cuDNN's BFLOAT16 config,
     /// compute type float), tensor-core math whatever the TF32 switch (which concerns f32
     /// data only).
-    fn make_plan(&self, s: &ConvShape, tf32: bool, dt: DType) -> Result<Plan> {
+    fn make_plan(&self, s: &ConvShape, tf32: bool, dt: DType, layout: Layout) -> Result<Plan> {
         let (ho, wo) = s.out_hw()?;
-        let x = tensor_desc([s.n, s.c, s.h, s.w], dt)?;
-        let y = tensor_desc([s.n, s.o, ho, wo], dt)?;
+        let x = tensor_desc([s.n, s.c, s.h, s.w], dt, layout)?;
+        let y = tensor_desc([s.n, s.o, ho, wo], dt, layout)?;
         // Tensor cores for bf16 data; for f32 data as the TF32 switch says.
         let tf32 = tf32 || dt == DType::Bf16;
         let w = FilterDesc(dr::create_filter_descriptor().map_err(|e| dnn_err("filter", e))?);
@@ -290,7 +292,7 @@ impl Dnn {
             dr::set_filter4d_descriptor(
                 w.0,
                 cudnn_type(dt),
-                ds::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                cudnn_format(layout),
                 [c_int(s.o)?, c_int(s.c)?, c_int(s.kh)?, c_int(s.kw)?],
             )
             .map_err(|e| dnn_err("set filter", e))?;
@@ -307,7 +309,11 @@ impl Dnn {
                 ds::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
             .map_err(|e| dnn_err("set conv", e))?;
-            let math = if tf32 {
+            // bf16 data: tensor-op math asked for explicitly (the heuristic's pick then runs on
+            // tensor cores; no down-conversion is involved, the data already is bf16).
+            let math = if dt == DType::Bf16 {
+                ds::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            } else if tf32 {
                 ds::cudnnMathType_t::CUDNN_DEFAULT_MATH
             } else {
                 ds::cudnnMathType_t::CUDNN_FMA_MATH
@@ -449,8 +455,21 @@ impl Dnn {
     }
 }
 
-/// `buf` holds at least `need` elements of `dt` (x, w and y of one convolution share a type).
-fn check(name: &str, buf: &DeviceBuffer, need: usize, dt: DType, s: &ConvShape) -> Result<()> {
+/// `buf` holds at least `need` elements of `dt` in `layout` (x, w and y of one convolution share
+/// a type and a layout).
+fn check(
+    name: &str,
+    buf: &DeviceBuffer,
+    need: usize,
+    (dt, layout): (DType, Layout),
+    s: &ConvShape,
+) -> Result<()> {
+    if buf.layout() != layout {
+        return Err(Error::Device(format!(
+            "conv2d: {name} is {}, the others {layout} ({s:?}): convert to one layout",
+            buf.layout()
+        )));
+    }
     if buf.dtype() != dt {
         return Err(Error::Device(format!(
             "conv2d: {name} is a {} buffer, the others {dt} ({s:?}): cast the weights and \
@@ -479,7 +498,7 @@ impl CudaBackend {
     fn conv_run(
         &self,
         s: &ConvShape,
-        dt: DType,
+        (dt, layout): (DType, Layout),
         which: Which,
         a: u64,
         b: u64,
@@ -493,7 +512,7 @@ impl CudaBackend {
             .map_err(|e| super::driver_err("binding the CUDA context", e))?;
         let mut dnn = self.dnn()?;
         let ws_need = {
-            let p = dnn.plan(s, dt)?;
+            let p = dnn.plan(s, dt, layout)?;
             match which {
                 Which::Fwd => p.fwd.1,
                 Which::BwdData => p.bwd_data.1,
@@ -509,7 +528,7 @@ impl CudaBackend {
             .as_ref()
             .map_or((0, 0), |w| (w.ptr(), w.bytes()));
         let h = dnn.handle.0;
-        let p = dnn.plan(s, dt)?;
+        let p = dnn.plan(s, dt, layout)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let al = &alpha as *const f32 as *const std::ffi::c_void;
         let be = &beta as *const f32 as *const std::ffi::c_void;
@@ -575,11 +594,11 @@ impl CudaBackend {
         w: &DeviceBuffer,
         y: &mut DeviceBuffer,
     ) -> Result<()> {
-        let dt = x.dtype();
-        check("x", x, s.x_len(), dt, s)?;
-        check("w", w, s.w_len(), dt, s)?;
-        check("y", y, s.y_len()?, dt, s)?;
-        self.conv_run(s, dt, Which::Fwd, x.ptr(), w.ptr(), y.ptr())
+        let f = (x.dtype(), x.layout());
+        check("x", x, s.x_len(), f, s)?;
+        check("w", w, s.w_len(), f, s)?;
+        check("y", y, s.y_len()?, f, s)?;
+        self.conv_run(s, f, Which::Fwd, x.ptr(), w.ptr(), y.ptr())
     }
 
     /// dx = conv^T(dy, w). dy (n, o, ho, wo), w (o, c, kh, kw), dx (n, c, h, w), overwritten.
@@ -590,11 +609,11 @@ impl CudaBackend {
         dy: &DeviceBuffer,
         dx: &mut DeviceBuffer,
     ) -> Result<()> {
-        let dt = w.dtype();
-        check("w", w, s.w_len(), dt, s)?;
-        check("dy", dy, s.y_len()?, dt, s)?;
-        check("dx", dx, s.x_len(), dt, s)?;
-        self.conv_run(s, dt, Which::BwdData, w.ptr(), dy.ptr(), dx.ptr())
+        let f = (w.dtype(), w.layout());
+        check("w", w, s.w_len(), f, s)?;
+        check("dy", dy, s.y_len()?, f, s)?;
+        check("dx", dx, s.x_len(), f, s)?;
+        self.conv_run(s, f, Which::BwdData, w.ptr(), dy.ptr(), dx.ptr())
     }
 
     /// dw = sum over the batch of x (*) dy. x (n, c, h, w), dy (n, o, ho, wo), dw (o, c, kh, kw),
@@ -606,11 +625,11 @@ impl CudaBackend {
         dy: &DeviceBuffer,
         dw: &mut DeviceBuffer,
     ) -> Result<()> {
-        let dt = x.dtype();
-        check("x", x, s.x_len(), dt, s)?;
-        check("dy", dy, s.y_len()?, dt, s)?;
-        check("dw", dw, s.w_len(), dt, s)?;
-        self.conv_run(s, dt, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
+        let f = (x.dtype(), x.layout());
+        check("x", x, s.x_len(), f, s)?;
+        check("dy", dy, s.y_len()?, f, s)?;
+        check("dw", dw, s.w_len(), f, s)?;
+        self.conv_run(s, f, Which::BwdFilter, x.ptr(), dy.ptr(), dw.ptr())
     }
 }
 

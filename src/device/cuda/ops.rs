@@ -6,10 +6,14 @@ use cudarc::driver::LaunchConfig;
 
 use super::{launch, CudaBackend, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{DType, Layout};
 
 /// Threads per block for the elementwise (grid-stride) kernels.
 const THREADS: u32 = 256;
+
+/// Block of the channels-last BN reductions: 32 channels (threadIdx.x) x 8 rows (threadIdx.y);
+/// kernels/batchnorm.cu's `*_nhwc_*` reductions are written for exactly this shape.
+const NHWC_BLOCK: (u32, u32, u32) = (32, 8, 1);
 
 /// An f32 (or int32) buffer of at least `n` elements: the kernels without a bf16 variant.
 fn need(op: &str, name: &str, buf: &DeviceBuffer, n: usize) -> Result<()> {
@@ -32,6 +36,19 @@ fn need_dt(op: &str, name: &str, buf: &DeviceBuffer, n: usize, dt: DType) -> Res
             "{op}: {name} holds {} values, needs {n}",
             buf.len()
         )));
+    }
+    Ok(())
+}
+
+/// Every named buffer has `layout` (the activations of one call share the first input's).
+fn need_layout(op: &str, bufs: &[(&str, &DeviceBuffer)], layout: Layout) -> Result<()> {
+    for (name, b) in bufs {
+        if b.layout() != layout {
+            return Err(Error::Device(format!(
+                "{op}: {name} is {} where {layout} is needed (convert it to the input's layout)",
+                b.layout()
+            )));
+        }
     }
     Ok(())
 }
@@ -138,21 +155,52 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// y = x converted to y's element type, over y's elements: f32 -> bf16 rounds to nearest
-    /// even (as `tensor::round_bf16`), bf16 -> f32 is exact; the same type is a copy.
-    pub fn cast(&self, x: &DeviceBuffer, y: &mut DeviceBuffer) -> Result<()> {
-        let n = y.len();
-        need_dt("cast", "x", x, n, x.dtype())?;
-        if n == 0 {
+    /// y = x in y's element type and layout; x and y hold (n, c, hw) values (any shape is
+    /// n = c = 1). f32 -> bf16 rounds to nearest even (as `tensor::round_bf16`), bf16 -> f32 is
+    /// exact; NCHW <-> NHWC is for bf16 storage (f32 is NCHW only); the same format is a copy.
+    pub fn convert(
+        &self,
+        x: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        y: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "convert";
+        let total = n * c * hw;
+        need_dt(op, "x", x, total, x.dtype())?;
+        need_dt(op, "y", y, total, y.dtype())?;
+        if total == 0 {
             return Ok(());
         }
-        let name = match (x.dtype(), y.dtype()) {
-            (DType::F32, DType::Bf16) => "cast_f32_bf16",
-            (DType::Bf16, DType::F32) => "cast_bf16_f32",
-            _ => return self.copy_dtod_range(x, 0, y, 0, n * x.dtype().size()),
+        use DType::{Bf16, F32};
+        use Layout::{Nchw, Nhwc};
+        let (px, py) = (x.ptr(), y.ptr());
+        let cfg = self.elementwise_cfg(total);
+        let name = match ((x.dtype(), x.layout()), (y.dtype(), y.layout())) {
+            (a, b) if a == b => {
+                return self.copy_dtod_range(x, 0, y, 0, total * x.dtype().size());
+            }
+            ((F32, Nchw), (Bf16, Nchw)) => "cast_f32_bf16",
+            ((Bf16, Nchw), (F32, Nchw)) => "cast_bf16_f32",
+            ((F32, Nchw), (Bf16, Nhwc)) => "nchw_to_nhwc_f32_bf16",
+            ((Bf16, Nchw), (Bf16, Nhwc)) => "nchw_to_nhwc_bf16_bf16",
+            ((Bf16, Nhwc), (F32, Nchw)) => "nhwc_to_nchw_bf16_f32",
+            ((Bf16, Nhwc), (Bf16, Nchw)) => "nhwc_to_nchw_bf16_bf16",
+            (a, b) => {
+                return Err(Error::Device(format!(
+                    "{op}: no conversion from {} {} to {} {}",
+                    a.0, a.1, b.0, b.1
+                )))
+            }
         };
-        let (px, py, nn) = (x.ptr(), y.ptr(), i64_of(n));
-        launch!(self, name, self.elementwise_cfg(n), px, py, nn);
+        if name.starts_with("cast") {
+            let nn = i64_of(total);
+            launch!(self, name, cfg, px, py, nn);
+        } else {
+            let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
+            launch!(self, name, cfg, px, py, nn, cc, hh);
+        }
         Ok(())
     }
 
@@ -359,6 +407,24 @@ impl CudaBackend {
         (cfg, s as u32)
     }
 
+    /// Grid for the channels-last partial reductions over `r` rows of `c` channels: blocks of
+    /// 32 channels x NHWC_ROWS rows (`NHWC_BLOCK`), s row slices so that the blocks reach ~8
+    /// per SM, no slice shorter than 256 rows. The partials have the NCHW kernels' (c, s)
+    /// layout, combined by the same finalize kernels. Returns (config, s).
+    fn bn_nhwc_reduce_cfg(&self, c: usize, r: usize) -> (LaunchConfig, u32) {
+        let cb = c.div_ceil(32).max(1);
+        let s = (8 * self.num_sms as usize)
+            .div_ceil(cb)
+            .min(r.div_ceil(256))
+            .clamp(1, 1024);
+        let cfg = LaunchConfig {
+            grid_dim: (cb as u32, s as u32, 1),
+            block_dim: NHWC_BLOCK,
+            shared_mem_bytes: 0,
+        };
+        (cfg, s as u32)
+    }
+
     /// One block per channel combining `s` partials each.
     fn bn_finalize_cfg(c: usize, s: u32) -> LaunchConfig {
         LaunchConfig {
@@ -407,34 +473,63 @@ impl CudaBackend {
             return Ok(());
         }
         let cc = i32_of(op, c)?;
-        let (rcfg, s) = self.bn_reduce_cfg(c, n * hw);
+        let nhwc = x.layout() == Layout::Nhwc;
+        let (rcfg, s) = if nhwc {
+            self.bn_nhwc_reduce_cfg(c, n * hw)
+        } else {
+            self.bn_reduce_cfg(c, n * hw)
+        };
         // (c, s) workspaces: per-block partial sums, then partial squared deviations.
         let part_sum = self.alloc_f32(c * s as usize)?;
         let part_sq = self.alloc_f32(c * s as usize)?;
         let (px, pps, ppq) = (x.ptr(), part_sum.ptr(), part_sq.ptr());
         let (pm, pi, pv) = (mean.ptr(), invstd.ptr(), var_unbiased.ptr());
         let (nn, hh, ss) = (i64_of(n), i64_of(hw), s as i32);
-        launch!(
-            self,
-            &kname("bn_sum_partial", dt),
-            rcfg,
-            px,
-            pps,
-            nn,
-            cc,
-            hh
-        );
-        launch!(
-            self,
-            &kname("bn_sqdev_partial", dt),
-            rcfg,
-            px,
-            pps,
-            ppq,
-            nn,
-            cc,
-            hh
-        );
+        if nhwc {
+            // (R, C) rows of channels, R = n * hw.
+            let rr = i64_of(n * hw);
+            launch!(
+                self,
+                &kname("bn_sum_partial_nhwc", dt),
+                rcfg,
+                px,
+                pps,
+                rr,
+                cc
+            );
+            launch!(
+                self,
+                &kname("bn_sqdev_partial_nhwc", dt),
+                rcfg,
+                px,
+                pps,
+                ppq,
+                rr,
+                cc
+            );
+        } else {
+            launch!(
+                self,
+                &kname("bn_sum_partial", dt),
+                rcfg,
+                px,
+                pps,
+                nn,
+                cc,
+                hh
+            );
+            launch!(
+                self,
+                &kname("bn_sqdev_partial", dt),
+                rcfg,
+                px,
+                pps,
+                ppq,
+                nn,
+                cc,
+                hh
+            );
+        }
         let fcfg = Self::bn_finalize_cfg(c, s);
         launch!(
             self,
@@ -492,6 +587,14 @@ impl CudaBackend {
             beta.ptr(),
             y.ptr(),
         );
+        // NHWC: the same elementwise kernel over (n * hw, c, 1), where i % c is the channel.
+        let (n, hw) = if x.layout() == Layout::Nhwc {
+            need_layout(op, &[("y", y)], Layout::Nhwc)?;
+            (n * hw, 1)
+        } else {
+            need_layout(op, &[("y", y)], Layout::Nchw)?;
+            (n, hw)
+        };
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
@@ -574,28 +677,52 @@ impl CudaBackend {
                 "{op}: empty input (n={n}, c={c}, hw={hw})"
             )));
         }
+        let nhwc = x.layout() == Layout::Nhwc;
+        need_layout(op, &[("dy", dy), ("dx", dx)], x.layout())?;
         let (pdy, px, pm, pi, pg) = (dy.ptr(), x.ptr(), mean.ptr(), invstd.ptr(), gamma.ptr());
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
+        let (rcfg, s) = if nhwc {
+            self.bn_nhwc_reduce_cfg(c, n * hw)
+        } else {
+            self.bn_reduce_cfg(c, n * hw)
+        };
+        // NHWC: the elementwise dx kernels over (n * hw, c, 1), where i % c is the channel.
+        let (n, hw) = if nhwc { (n * hw, 1) } else { (n, hw) };
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
-        let (rcfg, s) = self.bn_reduce_cfg(c, n * hw);
         // (c, s) workspaces: per-block partials of sum dy * xhat and sum dy.
         let part_g = self.alloc_f32(c * s as usize)?;
         let part_b = self.alloc_f32(c * s as usize)?;
         let (ppg, ppb, ss) = (part_g.ptr(), part_b.ptr(), s as i32);
-        launch!(
-            self,
-            &kname("bn_backward_partial", dt),
-            rcfg,
-            pdy,
-            px,
-            pm,
-            pi,
-            ppg,
-            ppb,
-            nn,
-            cc,
-            hh
-        );
+        if nhwc {
+            launch!(
+                self,
+                &kname("bn_backward_partial_nhwc", dt),
+                rcfg,
+                pdy,
+                px,
+                pm,
+                pi,
+                ppg,
+                ppb,
+                nn,
+                cc
+            );
+        } else {
+            launch!(
+                self,
+                &kname("bn_backward_partial", dt),
+                rcfg,
+                pdy,
+                px,
+                pm,
+                pi,
+                ppg,
+                ppb,
+                nn,
+                cc,
+                hh
+            );
+        }
         let fcfg = Self::bn_finalize_cfg(c, s);
         launch!(
             self,
@@ -710,6 +837,28 @@ impl CudaBackend {
             i32_of(op, s.padding)?,
         );
         let cfg = self.elementwise_cfg(nc * ho * wo);
+        if x.layout() == Layout::Nhwc {
+            need_layout(op, &[("y", &*y)], Layout::Nhwc)?;
+            let (nb, cc) = (i64_of(s.n), i32_of(op, s.c)?);
+            launch!(
+                self,
+                &kname("maxpool2d_fwd_nhwc", dt),
+                cfg,
+                px,
+                py,
+                pa,
+                nb,
+                cc,
+                h,
+                w,
+                hoi,
+                woi,
+                k,
+                st,
+                p
+            );
+            return Ok(());
+        }
         launch!(
             self,
             &kname("maxpool2d_fwd", dt),
@@ -756,6 +905,28 @@ impl CudaBackend {
             i32_of(op, s.padding)?,
         );
         let cfg = self.elementwise_cfg(nc * s.h * s.w);
+        if dy.layout() == Layout::Nhwc {
+            need_layout(op, &[("dx", &*dx)], Layout::Nhwc)?;
+            let (nb, cc) = (i64_of(s.n), i32_of(op, s.c)?);
+            launch!(
+                self,
+                &kname("maxpool2d_bwd_nhwc", dt),
+                cfg,
+                pdy,
+                pa,
+                pdx,
+                nb,
+                cc,
+                h,
+                w,
+                hoi,
+                woi,
+                k,
+                st,
+                p
+            );
+            return Ok(());
+        }
         launch!(
             self,
             &kname("maxpool2d_bwd", dt),
@@ -785,6 +956,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "global_avg_pool_forward";
         let dt = x.dtype();
+        need_layout(op, &[("x", x)], Layout::Nchw)?;
         need_dt(op, "x", x, nc * hw, dt)?;
         need_dt(op, "y", y, nc, dt)?;
         if nc == 0 {
@@ -817,6 +989,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "global_avg_pool_backward";
         let dt = dy.dtype();
+        need_layout(op, &[("dx", &*dx)], Layout::Nchw)?;
         need_dt(op, "dy", dy, nc, dt)?;
         need_dt(op, "dx", dx, nc * hw, dt)?;
         if nc * hw == 0 {
@@ -831,6 +1004,72 @@ impl CudaBackend {
             pdx,
             a,
             b
+        );
+        Ok(())
+    }
+
+    /// Channels-last x (n, c, hw) in NHWC order -> y (n, c) = the mean over each channel's hw
+    /// positions.
+    pub fn global_avg_pool_forward_nhwc(
+        &self,
+        x: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        y: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "global_avg_pool_forward_nhwc";
+        let dt = x.dtype();
+        need_dt(op, "x", x, n * c * hw, dt)?;
+        need_dt(op, "y", y, n * c, dt)?;
+        need_layout(op, &[("x", x)], Layout::Nhwc)?;
+        if n * c == 0 {
+            return Ok(());
+        }
+        if hw == 0 {
+            return Err(Error::Shape(format!("{op}: empty planes")));
+        }
+        let (px, py, nn, cc, hh) = (x.ptr(), y.ptr(), i64_of(n), i32_of(op, c)?, i64_of(hw));
+        launch!(
+            self,
+            &kname("global_avgpool_fwd_nhwc", dt),
+            self.elementwise_cfg(n * c),
+            px,
+            py,
+            nn,
+            cc,
+            hh
+        );
+        Ok(())
+    }
+
+    /// dx (n, c, hw) in NHWC order = dy (n, c) / hw broadcast over each channel's positions.
+    pub fn global_avg_pool_backward_nhwc(
+        &self,
+        dy: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dx: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "global_avg_pool_backward_nhwc";
+        let dt = dy.dtype();
+        need_dt(op, "dy", dy, n * c, dt)?;
+        need_dt(op, "dx", dx, n * c * hw, dt)?;
+        need_layout(op, &[("dx", &*dx)], Layout::Nhwc)?;
+        if n * c * hw == 0 {
+            return Ok(());
+        }
+        let (pdy, pdx, nn, cc, hh) = (dy.ptr(), dx.ptr(), i64_of(n), i32_of(op, c)?, i64_of(hw));
+        launch!(
+            self,
+            &kname("global_avgpool_bwd_nhwc", dt),
+            self.elementwise_cfg(n * c * hw),
+            pdy,
+            pdx,
+            nn,
+            cc,
+            hh
         );
         Ok(())
     }
@@ -1525,6 +1764,16 @@ impl CudaBackend {
             beta.ptr(),
             y.ptr(),
         );
+        // NHWC: the elementwise kernel over (n * hw, c, 1), where i % c is the channel.
+        need_layout(op, &[("y", &*y)], x.layout())?;
+        if let Some(r) = residual {
+            need_layout(op, &[("residual", r)], x.layout())?;
+        }
+        let (n, hw) = if x.layout() == Layout::Nhwc {
+            (n * hw, 1)
+        } else {
+            (n, hw)
+        };
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
@@ -1577,7 +1826,9 @@ impl CudaBackend {
         need_dt(op, "dx", dx, total, dt)?;
         if let Some(r) = &dresidual {
             need_dt(op, "dresidual", r, total, dt)?;
+            need_layout(op, &[("dresidual", &**r)], x.layout())?;
         }
+        need_layout(op, &[("dy", dy), ("y", y), ("dx", &*dx)], x.layout())?;
         for (nm, b) in [("mean", mean), ("invstd", invstd), ("gamma", gamma)] {
             need(op, nm, b, c)?;
         }
@@ -1598,28 +1849,53 @@ impl CudaBackend {
         );
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
         let pdr = dresidual.map_or(0, |r| r.ptr());
+        let nhwc = x.layout() == Layout::Nhwc;
+        let (rcfg, s) = if nhwc {
+            self.bn_nhwc_reduce_cfg(c, n * hw)
+        } else {
+            self.bn_reduce_cfg(c, n * hw)
+        };
+        // NHWC: the elementwise dx kernel over (n * hw, c, 1), where i % c is the channel.
+        let (n, hw) = if nhwc { (n * hw, 1) } else { (n, hw) };
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
-        let (rcfg, s) = self.bn_reduce_cfg(c, n * hw);
         // (c, s) workspaces: per-block partials of sum dy' * xhat and sum dy'.
         let part_g = self.alloc_f32(c * s as usize)?;
         let part_b = self.alloc_f32(c * s as usize)?;
         let (ppg, ppb, ss) = (part_g.ptr(), part_b.ptr(), s as i32);
-        launch!(
-            self,
-            &kname("bn_act_backward_partial", dt),
-            rcfg,
-            pdy,
-            py,
-            px,
-            pm,
-            pi,
-            ppg,
-            ppb,
-            pdr,
-            nn,
-            cc,
-            hh
-        );
+        if nhwc {
+            launch!(
+                self,
+                &kname("bn_act_backward_partial_nhwc", dt),
+                rcfg,
+                pdy,
+                py,
+                px,
+                pm,
+                pi,
+                ppg,
+                ppb,
+                pdr,
+                nn,
+                cc
+            );
+        } else {
+            launch!(
+                self,
+                &kname("bn_act_backward_partial", dt),
+                rcfg,
+                pdy,
+                py,
+                px,
+                pm,
+                pi,
+                ppg,
+                ppb,
+                pdr,
+                nn,
+                cc,
+                hh
+            );
+        }
         let fcfg = Self::bn_finalize_cfg(c, s);
         launch!(
             self,
