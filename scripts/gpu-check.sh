@@ -8,7 +8,8 @@
 # the A/B switches benched (see step 3); GPU_CHECK_BIG_BATCH=0 skips the batch-1024 fit check;
 # TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's variants; GPU_CHECK_LOADER=0
 # skips the data-path benches (LOADER_IMAGES, 2048, sizes their ImageNet-like set).
-# GPU_CHECK_MULTICROP=0 skips the 6-local-crop bench; GPU_CHECK_TRAIN=0 the `carp train` run.
+# GPU_CHECK_MULTICROP=0 skips the 6-local-crop bench; GPU_CHECK_TRAIN=0 the `carp train` run;
+# GPU_CHECK_TESTS=0 the GPU tests; GPU_CHECK_BUDGET_S (530) bounds the whole run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
@@ -81,6 +82,8 @@ overall=0
 # 1. The GPU tests (gpu_* binaries), then the rest of the suite built with --features cuda.
 for t in "$B"/tests/gpu_*; do
     [ -x "$t" ] || continue
+    # GPU_CHECK_TESTS=0: a second call that only benches (the tests ran in the first).
+    [ "${GPU_CHECK_TESTS:-1}" = 0 ] && break
     # The kernel emulator is a CPU test (needs the sources and g++), not a GPU check.
     [ "$(basename "$t")" = gpu_kernels_sim ] && continue
     run_step "test $(basename "$t")" 300 "$t" || overall=1
