@@ -153,12 +153,15 @@ fn gpu_allocs(device: &Device) -> Result<Option<u64>> {
     Ok(None)
 }
 
-/// Peak device memory the caching allocator held from the driver, in GiB (None on the CPU).
-fn gpu_peak_gib(device: &Device) -> Result<Option<f64>> {
+/// Peak device memory the caching allocator held from the driver, and the peak held by live
+/// buffers (the rest was cached blocks waiting for a request of their size), in GiB (None on
+/// the CPU).
+fn gpu_peak_gib(device: &Device) -> Result<Option<(f64, f64)>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(i) = device {
         let st = carp::device::cuda::backend(*i)?.pool_stats();
-        return Ok(Some(st.peak_device_bytes as f64 / (1u64 << 30) as f64));
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        return Ok(Some((gib(st.peak_device_bytes), gib(st.peak_bytes_in_use))));
     }
     let _ = device;
     Ok(None)
@@ -316,9 +319,9 @@ fn run(args: Args) -> Result<()> {
         ("EMA", ph(|p| p.ema_ms)),
     ];
     let ips = n as f64 / (med / 1e3);
-    let (peak, peak_what) = match gpu_peak_gib(&device)? {
-        Some(g) => (g, "GPU memory held by the allocator"),
-        None => (peak_rss_gib(), "host RSS"),
+    let (peak, peak_live, peak_what) = match gpu_peak_gib(&device)? {
+        Some((g, live)) => (g, Some(live), "GPU memory held by the allocator"),
+        None => (peak_rss_gib(), None, "host RSS"),
     };
     let local_desc = match n_local {
         0 => String::new(),
@@ -355,6 +358,9 @@ fn run(args: Args) -> Result<()> {
         "gpu step"
     );
     println!("images/s {ips:.1}   peak memory {peak:.2} GiB ({peak_what})   final loss {loss:.4}");
+    if let Some(live) = peak_live {
+        println!("peak GPU memory in live buffers {live:.2} GiB (the rest: cached free blocks)");
+    }
     let timed_allocs = gpu_allocs(&device)?
         .zip(allocs_after_warmup)
         .map(|(a, b)| a - b);
@@ -369,7 +375,7 @@ fn run(args: Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what,
+                "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what, "peak_live_gib": peak_live,
                 "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "precision": args.precision.as_str(), "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "phase_sync": !args.no_phase_sync, "gpu_step_ms": gpu_step, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },
