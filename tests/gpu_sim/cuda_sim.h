@@ -1,6 +1,8 @@
 // Minimal CPU emulation of the CUDA execution model for carp's kernels: blocks run one after
 // another, a block's threads run as real threads (barriers for __syncthreads and warp shuffles),
-// __shared__ becomes static (one block at a time).
+// __shared__ becomes static (one block at a time). Blocks may be 1-, 2- or 3-d: threads are
+// numbered x fastest, then y, then z (CUDA's linear thread id), and warps are 32 consecutive
+// linear ids, as on the hardware.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -36,7 +38,7 @@ inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); r
 inline float __uint_as_float(unsigned u) { float x; std::memcpy(&x, &u, 4); return x; }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
-    unsigned t = threadIdx.x, w = t / 32;
+    unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z), w = t / 32;
     g_slots[t] = v;
     g_warps[w]->arrive_and_wait();
     float r = g_slots[t ^ o];
@@ -50,9 +52,10 @@ inline float atomicAdd(float* a, float v) {
     return old;
 }
 template <class F, class... A>
-void launch(dim3s g, unsigned bx, F f, A... a) {
+void launch(dim3s g, dim3s bd, F f, A... a) {
     gridDim = g;
-    blockDim = {bx, 1, 1};
+    blockDim = bd;
+    const unsigned bx = bd.x * bd.y * bd.z;  // threads per block
     for (unsigned z = 0; z < g.z; ++z)
         for (unsigned y = 0; y < g.y; ++y)
             for (unsigned x = 0; x < g.x; ++x) {
@@ -64,10 +67,15 @@ void launch(dim3s g, unsigned bx, F f, A... a) {
                 std::vector<std::thread> ts;
                 for (unsigned t = 0; t < bx; ++t)
                     ts.emplace_back([=] {
-                        threadIdx = {t, 0, 0};
+                        threadIdx = {t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
                         blockIdx = {x, y, z};
                         f(a...);
                     });
                 for (auto& t : ts) t.join();
             }
+}
+// A 1-d block of bx threads.
+template <class F, class... A>
+void launch(dim3s g, unsigned bx, F f, A... a) {
+    launch(g, dim3s{bx, 1, 1}, f, a...);
 }
