@@ -51,28 +51,33 @@ inline float atomicAdd(float* a, float v) {
     *a = old + v;
     return old;
 }
+// One OS thread per thread of a block, created once per launch: each runs its thread of every
+// block in turn, blocks in (z, y, x) order, and a barrier after each block keeps one block at a
+// time (the static __shared__ arrays are reused by the next block only after every thread is done
+// with them). Creating the threads per launch rather than per block keeps large grids cheap.
 template <class F, class... A>
 void launch(dim3s g, dim3s bd, F f, A... a) {
     gridDim = g;
     blockDim = bd;
     const unsigned bx = bd.x * bd.y * bd.z;  // threads per block
-    for (unsigned z = 0; z < g.z; ++z)
-        for (unsigned y = 0; y < g.y; ++y)
-            for (unsigned x = 0; x < g.x; ++x) {
-                std::barrier<> b(bx);
-                g_block = &b;
-                g_warps.clear();
-                for (unsigned w = 0; w < (bx + 31) / 32; ++w)
-                    g_warps.emplace_back(new std::barrier<>(std::min(32u, bx - 32 * w)));
-                std::vector<std::thread> ts;
-                for (unsigned t = 0; t < bx; ++t)
-                    ts.emplace_back([=] {
-                        threadIdx = {t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
+    std::barrier<> b(bx), done(bx);
+    g_block = &b;
+    g_warps.clear();
+    for (unsigned w = 0; w < (bx + 31) / 32; ++w)
+        g_warps.emplace_back(new std::barrier<>(std::min(32u, bx - 32 * w)));
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < bx; ++t)
+        ts.emplace_back([=, &done] {
+            threadIdx = {t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
+            for (unsigned z = 0; z < g.z; ++z)
+                for (unsigned y = 0; y < g.y; ++y)
+                    for (unsigned x = 0; x < g.x; ++x) {
                         blockIdx = {x, y, z};
                         f(a...);
-                    });
-                for (auto& t : ts) t.join();
-            }
+                        done.arrive_and_wait();
+                    }
+        });
+    for (auto& t : ts) t.join();
 }
 // A 1-d block of bx threads.
 template <class F, class... A>
