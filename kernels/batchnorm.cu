@@ -16,7 +16,9 @@
 // - No per-element 64-bit division: a thread locates its first element once (one division)
 //   and then advances (n, hw) / (c, hw) incrementally by its constant stride.
 // - The elementwise kernels load/store float4 when HW % 4 == 0 and the pointers are 16-byte
-//   aligned (all four lanes then lie in one (n, c) plane); otherwise one float at a time.
+//   aligned (all four lanes then lie in one (n, c) plane), or when HW == 1 and C % 4 == 0 (an
+//   (N, C) tensor or an NHWC one launched as (R, C, 1): the lanes are four channels of one row,
+//   each computed with the one-element path's expression); otherwise one float at a time.
 // - Pointers are __restrict__ (the launchers take &mut outputs, so they never alias inputs):
 //   read-only data may go through the non-coherent cache and loads may be reordered.
 //
@@ -106,6 +108,28 @@ __device__ __forceinline__ void bn_for_each(i64 total, int C, i64 HWV, F f) {
         c += dc + carry;
         if (c >= C) c -= C;
     }
+}
+
+
+// The 4-wide path of the elementwise kernels for HW == 1 (an (N, C) tensor, or an NHWC tensor
+// launched as (R, C, 1)) with C % 4 == 0: unit i holds elements 4i .. 4i+3, which are the
+// channels c .. c+3 (c = 4 (i % (C / 4))) of one row. f(i, c) is called per unit; each lane then
+// computes the one-element path's expression with its own channel (lanes(v, c, g) below), so
+// both paths store the same bits.
+template <class F>
+__device__ __forceinline__ void bn_for_each_rows4(i64 rows, int C, F f) {
+    bn_for_each(rows * C / 4, C / 4, 1, [&](i64 i, int cq) { f(i, 4 * cq); });
+}
+
+// (g(v.x, c), g(v.y, c + 1), g(v.z, c + 2), g(v.w, c + 3)): one float4 of four channels.
+template <class G>
+__device__ __forceinline__ float4 lanes(float4 v, int c, G g) {
+    float4 r;
+    r.x = g(v.x, c);
+    r.y = g(v.y, c + 1);
+    r.z = g(v.z, c + 2);
+    r.w = g(v.w, c + 3);
+    return r;
 }
 
 
@@ -207,6 +231,12 @@ __device__ __forceinline__ void bn_forward(
             r.z = (v.z - mu) * a + b;
             r.w = (v.w - mu) * a + b;
             st4(y, i, r);
+        });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(x) && aligned4(y)) {
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            st4(y, i, lanes(ld4(x, i), c, [&](float v, int k) {
+                    return (v - mean[k]) * (invstd[k] * gamma[k]) + beta[k];
+                }));
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
@@ -311,6 +341,20 @@ __device__ __forceinline__ void bn_backward_dx(
             r.w = k * (Mf * g.w - db - (v.w - mu) * is * dg);
             st4(dx, i, r);
         });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(dy) && aligned4(x) && aligned4(dx)) {
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            const float4 g = ld4(dy, i), v = ld4(x, i);
+            float4 r;
+            auto one = [&](float gv, float xv, int k) {
+                const float xhat = (xv - mean[k]) * invstd[k];
+                return gamma[k] * invstd[k] / Mf * (Mf * gv - dbeta[k] - xhat * dgamma[k]);
+            };
+            r.x = one(g.x, v.x, c);
+            r.y = one(g.y, v.y, c + 1);
+            r.z = one(g.z, v.z, c + 2);
+            r.w = one(g.w, v.w, c + 3);
+            st4(dx, i, r);
+        });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
             const float xhat = (ld(x, i) - mean[c]) * invstd[c];
@@ -348,6 +392,12 @@ __device__ __forceinline__ void bn_eval_backward_dx(
             r.z = g.z * k;
             r.w = g.w * k;
             st4(dx, i, r);
+        });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(dy) && aligned4(dx)) {
+        // The one-element path's (dy * gamma) * invstd, per lane (the HW % 4 path above
+        // multiplies by gamma * invstd: up to 1 ulp apart).
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            st4(dx, i, lanes(ld4(dy, i), c, [&](float g, int k) { return g * gamma[k] * invstd[k]; }));
         });
     } else {
         bn_for_each(N * C * HW, C, HW,

@@ -64,6 +64,22 @@ __device__ __forceinline__ void bn_act_forward(
             r.w = fmaxf(t.w, 0.0f);
             st4(y, i, r);
         });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(x) && aligned4(y) &&
+               (!has_r || aligned4(residual))) {
+        // Four channels of one row (batchnorm.cu bn_for_each_rows4), the one-element expression.
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            float4 t = lanes(ld4(x, i), c, [&](float v, int k) {
+                return (v - mean[k]) * (invstd[k] * gamma[k]) + beta[k];
+            });
+            if (has_r) {
+                const float4 s = ld4(residual, i);
+                t.x += s.x;
+                t.y += s.y;
+                t.z += s.z;
+                t.w += s.w;
+            }
+            st4(y, i, lanes(t, c, [](float v, int) { return fmaxf(v, 0.0f); }));
+        });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
             float t = (ld(x, i) - mean[c]) * (invstd[c] * gamma[c]) + beta[c];
@@ -176,6 +192,26 @@ __device__ __forceinline__ void bn_act_backward_dx(
             r.y = dx_of(g.y, v.y, c);
             r.z = dx_of(g.z, v.z, c);
             r.w = dx_of(g.w, v.w, c);
+            st4(dx, i, r);
+        });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(dy) && (masked || aligned4(y)) &&
+               aligned4(x) && aligned4(dx)) {
+        // Four channels of one row (batchnorm.cu bn_for_each_rows4).
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            float4 g = ld4(dy, i);
+            if (!masked) {
+                const float4 o = ld4(y, i);
+                g.x = o.x > 0.0f ? g.x : 0.0f;
+                g.y = o.y > 0.0f ? g.y : 0.0f;
+                g.z = o.z > 0.0f ? g.z : 0.0f;
+                g.w = o.w > 0.0f ? g.w : 0.0f;
+            }
+            const float4 v = ld4(x, i);
+            float4 r;
+            r.x = dx_of(g.x, v.x, c);
+            r.y = dx_of(g.y, v.y, c + 1);
+            r.z = dx_of(g.z, v.z, c + 2);
+            r.w = dx_of(g.w, v.w, c + 3);
             st4(dx, i, r);
         });
     } else {

@@ -1206,32 +1206,47 @@ void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
 
 // The elementwise BN kernels on NHWC data launched as (N = R, C, HW = 1) == the same kernels on
 // the NCHW data (N, C, HW), element by element after transposing back. Grid eb x et.
+// `offn` shifts every NHWC buffer by that many elements from an aligned start: with c % 4 == 0,
+// offn = 0 takes the kernels' 4-channel path for HW == 1, offn = 1 their one-element path.
 template <class T>
-void test_bn_elem_nhwc(int n, int c, int hw, unsigned eb, unsigned et) {
+void test_bn_elem_nhwc(int n, int c, int hw, unsigned eb, unsigned et, int offn = 0) {
     const int R = n * hw;
     const size_t tot = (size_t)R * c;
     auto yr = randn(tot);
     for (auto& v : yr) v = std::max(v, 0.0f);
     auto xT = store<T>(randn(tot, 2)), dyT = store<T>(randn(tot)), rT = store<T>(randn(tot)), yT = store<T>(yr);
-    auto xN = to_nhwc(xT, n, c, hw), dyN = to_nhwc(dyT, n, c, hw), rN = to_nhwc(rT, n, c, hw), yN = to_nhwc(yT, n, c, hw);
+    // The NHWC buffers live `offn` elements into their allocations (a view: .data() is moved).
+    struct Shifted {
+        std::vector<T> v;
+        int off;
+        T* data() { return v.data() + off; }
+        const T* data() const { return v.data() + off; }
+    };
+    auto shift = [&](const std::vector<T>& a) { Shifted r{nant<T>(a.size() + offn), offn}; std::copy(a.begin(), a.end(), r.v.begin() + offn); return r; };
+    auto unshift = [&](const Shifted& a) { return std::vector<T>(a.v.begin() + a.off, a.v.end()); };
+    auto xN = shift(to_nhwc(xT, n, c, hw)), dyN = shift(to_nhwc(dyT, n, c, hw)), rN = shift(to_nhwc(rT, n, c, hw)), yN = shift(to_nhwc(yT, n, c, hw));
     auto mean = randn(c), is = randn(c), gm = randn(c), bt = randn(c), dg = randn(c, 3), db = randn(c, 3);
     for (auto& v : is) v = 0.2f + std::fabs(v);
     const float *mf = mean.data(), *sf = is.data(), *gf = gm.data(), *bf = bt.data(), *dgf = dg.data(), *dbf = db.data();
-    char tag[96];
-    snprintf(tag, sizeof tag, "%s (n=%d,c=%d,hw=%d) as (R=%d,c,1) eb=%u et=%u", tname<T>(), n, c, hw, R, eb, et);
+    char tag[112];
+    snprintf(tag, sizeof tag, "%s (n=%d,c=%d,hw=%d) as (R=%d,c,1) eb=%u et=%u offn=%d", tname<T>(), n, c, hw, R, eb, et, offn);
     auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "bn_elem_nhwc %s %s", what, tag); return b; };
-    auto cmp = [&](const char* what, const std::vector<T>& outN, const std::vector<T>& out) { same_bits(nm(what), to_nchw(outN, n, c, hw), out); };
-    auto a = nant<T>(tot), b = nant<T>(tot);
+    auto cmp = [&](const char* what, const Shifted& outN, const std::vector<T>& out) {
+        same_bits(nm(what), to_nchw(unshift(outN), n, c, hw), out);
+        for (int i = 0; i < offn; ++i) if (std::memcmp(&outN.v[i], &nant<T>(1)[0], sizeof(T)) != 0) { printf("FAIL %s: wrote before the start\n", nm(what)); fails++; break; }
+    };
+    std::vector<T> a = nant<T>(tot);
+    Shifted b = shift(nant<T>(tot));
     launch({eb}, et, KT(bn_forward), (const T*)xT.data(), mf, sf, gf, bf, a.data(), (i64)n, c, (i64)hw);
     launch({eb}, et, KT(bn_forward), (const T*)xN.data(), mf, sf, gf, bf, b.data(), (i64)R, c, (i64)1);
     cmp("bn_forward", b, a);
     for (bool resid : {false, true}) {
-        a = nant<T>(tot); b = nant<T>(tot);
+        a = nant<T>(tot); b = shift(nant<T>(tot));
         launch({eb}, et, KT(bn_act_forward), (const T*)xT.data(), resid ? (const T*)rT.data() : (const T*)nullptr, mf, sf, gf, bf, a.data(), (i64)n, c, (i64)hw);
         launch({eb}, et, KT(bn_act_forward), (const T*)xN.data(), resid ? (const T*)rN.data() : (const T*)nullptr, mf, sf, gf, bf, b.data(), (i64)R, c, (i64)1);
         cmp(resid ? "bn_act_forward +res" : "bn_act_forward", b, a);
     }
-    a = nant<T>(tot); b = nant<T>(tot);
+    a = nant<T>(tot); b = shift(nant<T>(tot));
     launch({eb}, et, KT(bn_backward_dx), (const T*)dyT.data(), (const T*)xT.data(), mf, sf, gf, dgf, dbf, a.data(), (i64)n, c, (i64)hw);
     launch({eb}, et, KT(bn_backward_dx), (const T*)dyN.data(), (const T*)xN.data(), mf, sf, gf, dgf, dbf, b.data(), (i64)R, c, (i64)1);
     cmp("bn_backward_dx", b, a);
@@ -1240,17 +1255,17 @@ void test_bn_elem_nhwc(int n, int c, int hw, unsigned eb, unsigned et) {
     // takes the one-element path, so the NHWC result is compared bit for bit with the NCHW
     // kernel forced onto that path (buffers one element off alignment), and with the aligned NCHW
     // run to 1e-6 relative.
-    a = nant<T>(tot); b = nant<T>(tot);
+    a = nant<T>(tot); b = shift(nant<T>(tot));
     auto dy1 = nant<T>(tot + 1), a1 = nant<T>(tot + 1);
     std::copy(dyT.begin(), dyT.end(), dy1.begin() + 1);
     launch({eb}, et, KT(bn_eval_backward_dx), (const T*)dyT.data(), sf, gf, a.data(), (i64)n, c, (i64)hw);
     launch({eb}, et, KT(bn_eval_backward_dx), (const T*)dy1.data() + 1, sf, gf, a1.data() + 1, (i64)n, c, (i64)hw);
     launch({eb}, et, KT(bn_eval_backward_dx), (const T*)dyN.data(), sf, gf, b.data(), (i64)R, c, (i64)1);
     cmp("bn_eval_backward_dx (== NCHW one-element path)", b, std::vector<T>(a1.begin() + 1, a1.end()));
-    check(nm("bn_eval_backward_dx vs NCHW aligned"), widen(to_nchw(b, n, c, hw)), dbl(widen(a)), std::is_same_v<T, float> ? 1e-6 : 5e-3);
+    check(nm("bn_eval_backward_dx vs NCHW aligned"), widen(to_nchw(unshift(b), n, c, hw)), dbl(widen(a)), std::is_same_v<T, float> ? 1e-6 : 5e-3);
     for (int train : {0, 1})
         for (bool masked : {false, true}) {  // masked: dy is already dy' (y = null)
-            a = nant<T>(tot); b = nant<T>(tot);
+            a = nant<T>(tot); b = shift(nant<T>(tot));
             launch({eb}, et, KT(bn_act_backward_dx), (const T*)dyT.data(), masked ? (const T*)nullptr : (const T*)yT.data(), (const T*)xT.data(), mf, sf, gf, dgf, dbf, a.data(), (i64)n, c, (i64)hw, train);
             launch({eb}, et, KT(bn_act_backward_dx), (const T*)dyN.data(), masked ? (const T*)nullptr : (const T*)yN.data(), (const T*)xN.data(), mf, sf, gf, dgf, dbf, b.data(), (i64)R, c, (i64)1, train);
             char what[64];
@@ -1259,10 +1274,10 @@ void test_bn_elem_nhwc(int n, int c, int hw, unsigned eb, unsigned et) {
         }
     // the NHWC forward against f64 too (so a bug shared by both layouts fails)
     std::vector<double> ry(tot);
-    const auto xw = widen(xN);
+    const auto xw = widen(unshift(xN));
     for (size_t i = 0; i < tot; ++i) { const int ci = (int)(i % c); ry[i] = ((double)xw[i] - mean[ci]) * is[ci] * gm[ci] + bt[ci]; }
     launch({eb}, et, KT(bn_forward), (const T*)xN.data(), mf, sf, gf, bf, b.data(), (i64)R, c, (i64)1);
-    check(nm("bn_forward NHWC vs f64"), widen(b), ry, std::is_same_v<T, float> ? 1e-5 : 5e-3);
+    check(nm("bn_forward NHWC vs f64"), widen(unshift(b)), ry, std::is_same_v<T, float> ? 1e-5 : 5e-3);
 }
 
 // NHWC max pool and global average pool against the NCHW kernels on the same values. The max
@@ -1393,14 +1408,20 @@ void test_nhwc_all() {
         run(1, 33, 9, 7);
         run(2, 5, 36, 7);
     }
-    // Elementwise BN as (R, C, 1): odd C and C % 4 == 0, NCHW hw % 4 == 0 (its 4-wide path) and not.
+    // Elementwise BN as (R, C, 1): odd C and C % 4 == 0 (the 4-channel path aligned; the
+    // one-element path at offn 1, 2), NCHW hw % 4 == 0 (its 4-wide path) and not; a grid-stride
+    // loop that wraps (R * C / 4 units > the threads) and one that does not.
     for (int t = 0; t < 2; ++t) {
-        auto run = [&](int n, int c, int hw, unsigned eb, unsigned et) { if (t == 0) test_bn_elem_nhwc<float>(n, c, hw, eb, et); else test_bn_elem_nhwc<bf16>(n, c, hw, eb, et); };
-        run(3, 3, 7, 2, 64);
-        run(3, 5, 8, 3, 32);
-        run(2, 64, 9, 3, 64);
-        run(3, 100, 4, 2, 96);
-        run(1, 7, 1, 1, 32);
+        auto run = [&](int n, int c, int hw, unsigned eb, unsigned et, int offn) { if (t == 0) test_bn_elem_nhwc<float>(n, c, hw, eb, et, offn); else test_bn_elem_nhwc<bf16>(n, c, hw, eb, et, offn); };
+        run(3, 3, 7, 2, 64, 0);
+        run(3, 5, 8, 3, 32, 0);
+        run(2, 64, 9, 3, 64, 0);
+        run(2, 64, 9, 3, 64, 1);
+        run(3, 100, 4, 2, 96, 0);
+        run(3, 100, 4, 2, 96, 2);
+        run(1, 8, 1, 1, 32, 0);
+        run(5, 12, 3, 1, 32, 0);
+        run(1, 7, 1, 1, 32, 0);
     }
     for (int t = 0; t < 2; ++t) {
         auto run = [&](int n, int c, int H, int W, int k, int s, int p, unsigned eb, unsigned et) { if (t == 0) test_pool_nhwc<float>(n, c, H, W, k, s, p, eb, et); else test_pool_nhwc<bf16>(n, c, H, W, k, s, p, eb, et); };
