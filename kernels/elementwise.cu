@@ -149,7 +149,10 @@ extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* y, i64 n
 // axis into shared memory (8 rows of 32 per pass, 4 passes) and writes it along the output's
 // contiguous axis, so both the loads and the stores of a warp are 32 consecutive elements.
 // Edge tiles are guarded (any C, HW >= 1); the tile is padded to 33 columns against shared-
-// memory bank conflicts on the transposed access.
+// memory bank conflicts on the transposed access. HW == 1 or C == 1 (both layouts coincide:
+// 1x1 conv weights) is a plain elementwise cast on the same grid (transpose_trivial).
+// Known inefficiency: for small C (the 3 image channels) a tile uses C of its 32 channel rows,
+// so the grid has ~10x more blocks than the data needs (fine for once-per-step image inputs).
 #define TRANSPOSE_TILE 32
 #define TRANSPOSE_ROWS 8
 
@@ -158,11 +161,30 @@ __device__ __forceinline__ void cvt_st(bf16* p, i64 i, bf16 v) { p[i] = v; }
 __device__ __forceinline__ void cvt_st(bf16* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
 __device__ __forceinline__ void cvt_st(float* p, i64 i, bf16 v) { p[i] = bf16_to_f32(v); }
 
+// HW == 1 (1x1 conv weights, (N, C) tensors) or C == 1: both layouts are the same array, so the
+// conversion is an elementwise cast. Every block of the transpose grid takes this branch (it
+// depends on the arguments only), as a grid-stride loop over all N * C * HW elements with the
+// grid's threads numbered linearly (any grid is correct; the transpose grid has 256 threads per
+// 32 x 32 tile, more than the elements unless N > 65535). Returns whether it did the work.
+template <class Tin, class Tout>
+__device__ __forceinline__ bool transpose_trivial(const Tin* __restrict__ x, Tout* __restrict__ y,
+                                                  i64 N, int C, i64 HW) {
+    if (HW != 1 && C != 1) return false;
+    const i64 block = ((i64)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const i64 threads = (i64)blockDim.x * blockDim.y;
+    const i64 stride = threads * gridDim.x * gridDim.y * gridDim.z;
+    const i64 total = N * C * HW;
+    for (i64 i = block * threads + threadIdx.y * blockDim.x + threadIdx.x; i < total; i += stride)
+        cvt_st(y, i, x[i]);
+    return true;
+}
+
 // y (N, HW, C) = x (N, C, HW) transposed per n, converted from Tin to Tout.
 template <class Tin, class Tout>
 __device__ __forceinline__ void nchw_to_nhwc(const Tin* __restrict__ x, Tout* __restrict__ y,
                                              i64 N, int C, i64 HW) {
     __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [c - c0][hw - hw0]
+    if (transpose_trivial(x, y, N, C, HW)) return;
     const i64 hw0 = (i64)blockIdx.x * TRANSPOSE_TILE;
     const int c0 = blockIdx.y * TRANSPOSE_TILE;
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -189,6 +211,7 @@ template <class Tin, class Tout>
 __device__ __forceinline__ void nhwc_to_nchw(const Tin* __restrict__ x, Tout* __restrict__ y,
                                              i64 N, int C, i64 HW) {
     __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [hw - hw0][c - c0]
+    if (transpose_trivial(x, y, N, C, HW)) return;
     const i64 hw0 = (i64)blockIdx.x * TRANSPOSE_TILE;
     const int c0 = blockIdx.y * TRANSPOSE_TILE;
     const int tx = threadIdx.x, ty = threadIdx.y;

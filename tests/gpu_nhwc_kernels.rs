@@ -824,12 +824,15 @@ fn nhwc_layout_conversions() {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(10);
-    // images, conv weights (O, C, 3x3), odd sizes, N past the grid's z limit (the z loop)
+    // images, conv weights (O, C, 3x3), odd sizes, N past the grid's z limit (the z loop), HW == 1
+    // (1x1 conv weights) and C == 1 (layouts coincide: the kernels' elementwise branch)
     for &(n, c, hw) in &[
         (4usize, 3usize, 224 * 224usize),
         (512, 256, 9),
         (7, 100, 33),
         (70_000, 3, 1),
+        (2048, 512, 1),
+        (3, 1, 45),
         (2, 2048, 49),
     ] {
         let tag = format!("(n={n}, c={c}, hw={hw})");

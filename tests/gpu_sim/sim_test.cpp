@@ -1433,7 +1433,9 @@ void test_nhwc_all() {
     test_convert_nhwc(2, 3, 49, 2);
     test_convert_nhwc(3, 64, 9, 2);
     test_convert_nhwc(2, 100, 33, 1);
-    test_convert_nhwc(5, 7, 1, 3);
+    test_convert_nhwc(5, 7, 1, 3);    // HW == 1: the layouts coincide (a cast)
+    test_convert_nhwc(300, 40, 1, 7); // HW == 1 with the grid's z loop
+    test_convert_nhwc(3, 1, 45, 2);   // C == 1
     test_convert_nhwc(1, 33, 64, 1);
     test_convert_nhwc(3, 3, 70, 3);
 }
