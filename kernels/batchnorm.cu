@@ -447,7 +447,8 @@ extern "C" __global__ void bn_running_update_gated_f32(float* running_mean, floa
 // Elementwise kernels: none here. bn_forward_T, bn_backward_dx_T, bn_eval_backward_dx_T (and
 // bn_fused.cu's bn_act_forward_T, bn_act_backward_dx_T) launched with (N = R, C, HW = 1) read
 // the channel as c = i % C, which is exactly the NHWC channel: same kernels, same numerics
-// (HW = 1 takes their one-element path).
+// (HW = 1 takes their one-element path, or with C % 4 == 0 and aligned buffers their 4-channel
+// path, whose lanes compute the one-element expression: the same bits either way).
 //
 // Per-channel reductions: the (C, S) partial layout of the NCHW kernels (part[c * S + s],
 // S = gridDim.y), so bn_stats_finalize_f32 (with N = R, HW = 1) and bn_backward_finalize_f32
@@ -482,16 +483,15 @@ __device__ __forceinline__ void bn_nhwc_walk(int C, i64 r0, i64 r1, F f) {
     for (; r < r1; r += BN_NHWC_TY, o += step) f(o);
 }
 
-// Sum of v over threadIdx.y (the 8 row walkers of one channel), in y order; the result is
-// meaningful in thread y == 0 only. Every thread of the block must call it (barriers); the
+// Sum of v over threadIdx.y (the 8 row walkers of one channel), in y order; every thread of the
+// column gets it (the same bits). Every thread of the block must call it (barriers); the
 // trailing barrier lets the caller call it again right away.
 __device__ __forceinline__ float bn_nhwc_rows_sum(float v) {
     __shared__ float sh[BN_NHWC_TY][BN_NHWC_TX];
     sh[threadIdx.y][threadIdx.x] = v;
     __syncthreads();
     float r = 0.0f;
-    if (threadIdx.y == 0)
-        for (int j = 0; j < BN_NHWC_TY; ++j) r += sh[j][threadIdx.x];
+    for (int j = 0; j < BN_NHWC_TY; ++j) r += sh[j][threadIdx.x];
     __syncthreads();
     return r;
 }
@@ -518,20 +518,18 @@ extern "C" __global__ void bn_sum_partial_nhwc_bf16(const bf16* __restrict__ x,
 }
 
 // part_sq[c * S + s] = sum of (x - mean_c)^2 over slice s of channel c, mean_c = (sum over s of
-// part_sum[c * S + s]) / R (S values, summed in s order by each thread). x: (R, C) NHWC;
-// part_sum, part_sq: (C, S).
+// part_sum[c * S + s]) / R (the S partials split over the 8 row threads, then combined: S can be
+// hundreds when C is small). x: (R, C) NHWC; part_sum, part_sq: (C, S).
 template <class T>
 __device__ __forceinline__ void bn_sqdev_partial_nhwc(const T* __restrict__ x,
                                                       const float* __restrict__ part_sum,
                                                       float* __restrict__ part_sq, i64 R, int C) {
     const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
     const int S = gridDim.y;
-    float mu = 0.0f;
-    if (c < C) {
-        float s = 0.0f;
-        for (int j = 0; j < S; ++j) s += part_sum[(i64)c * S + j];
-        mu = s / (float)R;
-    }
+    float s = 0.0f;
+    if (c < C)
+        for (int j = threadIdx.y; j < S; j += BN_NHWC_TY) s += part_sum[(i64)c * S + j];
+    const float mu = bn_nhwc_rows_sum(s) / (float)R;
     i64 r0, r1;
     bn_slice(R, &r0, &r1);
     float acc = 0.0f;

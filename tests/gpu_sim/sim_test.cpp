@@ -1395,7 +1395,7 @@ void test_convert_nhwc(int n, int c, int hw, unsigned gz) {
 
 void test_nhwc_all() {
     // Reductions: C = 3, 33, 64, 100 (one, two and four 32-channel blocks; partial last blocks),
-    // odd R (21, 45, 147), S = 1, 3, 7, slices of more than 32 rows (the 4-row unrolled walk),
+    // odd R (21, 45, 147), S = 1, 3, 7, 20, slices of more than 32 rows (the 4-row unrolled walk),
     // empty trailing slices (R = 9, S = 7). The NCHW reference kernels run C x S blocks: sizes
     // are kept small for the emulator's time.
     for (int t = 0; t < 2; ++t) {
@@ -1407,6 +1407,7 @@ void test_nhwc_all() {
         run(3, 3, 49, 7);
         run(1, 33, 9, 7);
         run(2, 5, 36, 7);
+        run(3, 33, 49, 20);  // S > 8: the mean's partials split over the row threads
     }
     // Elementwise BN as (R, C, 1): odd C and C % 4 == 0 (the 4-channel path aligned; the
     // one-element path at offn 1, 2), NCHW hw % 4 == 0 (its 4-wide path) and not; a grid-stride
