@@ -11,7 +11,8 @@
 //! - Elementwise BN kernels launched as (N = R, C, HW = 1) on NHWC data: bit for bit the NCHW
 //!   launch on buffers one element off alignment (which takes the same one-element code path).
 //! - Max pool (forward, argmax, backward) and global average pool backward: bit for bit; global
-//!   average pool forward: 1e-6 (f32; summation order) and round_bf16 of the f32 NHWC kernel.
+//!   average pool forward: 1e-6 * sqrt(HW) (f32; summation order) and round_bf16 of the f32
+//!   NHWC kernel.
 //! - Conversions: bit for bit against a host transposition and carp::tensor::round_bf16.
 //!
 //! Outputs start as NaN (0x7fc0 for bf16): an unwritten element fails. The same checks run on
@@ -778,13 +779,16 @@ fn pool_case<T: Act>(
         })
         .collect();
     if T::SUFFIX == "f32" {
+        // The NHWC kernel sums each plane in order, the NCHW one over 32 lanes and a tree: their
+        // rounding errors grow like sqrt(HW) (the stem-sized 112x112 plane: ~4e-6 expected).
+        let tol = 1e-6 * (hw as f64).sqrt().max(1.0);
         close(
             &format!("{tag}: gap y vs NCHW"),
             &got,
             &f64s(&widen(&g.down(&gy))),
-            1e-6,
+            tol,
         );
-        close(&format!("{tag}: gap y vs f64"), &got, &want, 1e-5);
+        close(&format!("{tag}: gap y vs f64"), &got, &want, tol);
     } else {
         let f = g.up(&widen(&to_nhwc(&gxv, n, c, hw)));
         let fy = g.nan32(n * c);
