@@ -2,8 +2,9 @@
 // M = N * HW elements per channel. Training mode normalizes with the batch statistics (biased
 // variance) and reports the unbiased variance for the running update (PyTorch's convention).
 //
-// Layout note: x[(n * C + c) * HW + hw]. NHWC variants will add their own kernels beside these
-// (the host picks by the tensor's layout).
+// Layout note: x[(n * C + c) * HW + hw]. Channels-last (NHWC) tensors have their own
+// per-channel reductions at the end of this file (`*_nhwc_*`); the elementwise kernels serve
+// both layouts (an NHWC tensor is the case (N = N * H * W, C, HW = 1)).
 //
 // Performance layout (why the kernels look like this):
 // - The per-channel reductions run on a (C, S) grid: block (c, s) reduces the s-th contiguous
@@ -15,7 +16,9 @@
 // - No per-element 64-bit division: a thread locates its first element once (one division)
 //   and then advances (n, hw) / (c, hw) incrementally by its constant stride.
 // - The elementwise kernels load/store float4 when HW % 4 == 0 and the pointers are 16-byte
-//   aligned (all four lanes then lie in one (n, c) plane); otherwise one float at a time.
+//   aligned (all four lanes then lie in one (n, c) plane), or when HW == 1 and C % 4 == 0 (an
+//   (N, C) tensor or an NHWC one launched as (R, C, 1): the lanes are four channels of one row,
+//   each computed with the one-element path's expression); otherwise one float at a time.
 // - Pointers are __restrict__ (the launchers take &mut outputs, so they never alias inputs):
 //   read-only data may go through the non-coherent cache and loads may be reordered.
 //
@@ -105,6 +108,28 @@ __device__ __forceinline__ void bn_for_each(i64 total, int C, i64 HWV, F f) {
         c += dc + carry;
         if (c >= C) c -= C;
     }
+}
+
+
+// The 4-wide path of the elementwise kernels for HW == 1 (an (N, C) tensor, or an NHWC tensor
+// launched as (R, C, 1)) with C % 4 == 0: unit i holds elements 4i .. 4i+3, which are the
+// channels c .. c+3 (c = 4 (i % (C / 4))) of one row. f(i, c) is called per unit; each lane then
+// computes the one-element path's expression with its own channel (lanes(v, c, g) below), so
+// both paths store the same bits.
+template <class F>
+__device__ __forceinline__ void bn_for_each_rows4(i64 rows, int C, F f) {
+    bn_for_each(rows * C / 4, C / 4, 1, [&](i64 i, int cq) { f(i, 4 * cq); });
+}
+
+// (g(v.x, c), g(v.y, c + 1), g(v.z, c + 2), g(v.w, c + 3)): one float4 of four channels.
+template <class G>
+__device__ __forceinline__ float4 lanes(float4 v, int c, G g) {
+    float4 r;
+    r.x = g(v.x, c);
+    r.y = g(v.y, c + 1);
+    r.z = g(v.z, c + 2);
+    r.w = g(v.w, c + 3);
+    return r;
 }
 
 
@@ -206,6 +231,12 @@ __device__ __forceinline__ void bn_forward(
             r.z = (v.z - mu) * a + b;
             r.w = (v.w - mu) * a + b;
             st4(y, i, r);
+        });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(x) && aligned4(y)) {
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            st4(y, i, lanes(ld4(x, i), c, [&](float v, int k) {
+                    return (v - mean[k]) * (invstd[k] * gamma[k]) + beta[k];
+                }));
         });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
@@ -310,6 +341,20 @@ __device__ __forceinline__ void bn_backward_dx(
             r.w = k * (Mf * g.w - db - (v.w - mu) * is * dg);
             st4(dx, i, r);
         });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(dy) && aligned4(x) && aligned4(dx)) {
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            const float4 g = ld4(dy, i), v = ld4(x, i);
+            float4 r;
+            auto one = [&](float gv, float xv, int k) {
+                const float xhat = (xv - mean[k]) * invstd[k];
+                return gamma[k] * invstd[k] / Mf * (Mf * gv - dbeta[k] - xhat * dgamma[k]);
+            };
+            r.x = one(g.x, v.x, c);
+            r.y = one(g.y, v.y, c + 1);
+            r.z = one(g.z, v.z, c + 2);
+            r.w = one(g.w, v.w, c + 3);
+            st4(dx, i, r);
+        });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
             const float xhat = (ld(x, i) - mean[c]) * invstd[c];
@@ -347,6 +392,12 @@ __device__ __forceinline__ void bn_eval_backward_dx(
             r.z = g.z * k;
             r.w = g.w * k;
             st4(dx, i, r);
+        });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(dy) && aligned4(dx)) {
+        // The one-element path's (dy * gamma) * invstd, per lane (the HW % 4 path above
+        // multiplies by gamma * invstd: up to 1 ulp apart).
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            st4(dx, i, lanes(ld4(dy, i), c, [&](float g, int k) { return g * gamma[k] * invstd[k]; }));
         });
     } else {
         bn_for_each(N * C * HW, C, HW,
@@ -387,4 +438,154 @@ extern "C" __global__ void bn_running_update_gated_f32(float* running_mean, floa
         running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * batch_mean[c];
         running_var[c] = (1.0f - momentum) * running_var[c] + momentum * batch_var_unbiased[c];
     }
+}
+
+// ---------------------------------------------------------------- NHWC (channels-last)
+// An NHWC activation stores element (n, c, h, w) at ((n * H + h) * W + w) * C + c: R = N * H * W
+// rows of C contiguous channels. The host picks these kernels by the buffer's layout.
+//
+// Elementwise kernels: none here. bn_forward_T, bn_backward_dx_T, bn_eval_backward_dx_T (and
+// bn_fused.cu's bn_act_forward_T, bn_act_backward_dx_T) launched with (N = R, C, HW = 1) read
+// the channel as c = i % C, which is exactly the NHWC channel: same kernels, same numerics
+// (HW = 1 takes their one-element path, or with C % 4 == 0 and aligned buffers their 4-channel
+// path, whose lanes compute the one-element expression: the same bits either way).
+//
+// Per-channel reductions: the (C, S) partial layout of the NCHW kernels (part[c * S + s],
+// S = gridDim.y), so bn_stats_finalize_f32 (with N = R, HW = 1) and bn_backward_finalize_f32
+// combine them unchanged. Slice s covers rows [s * chunk, min((s + 1) * chunk, R)),
+// chunk = ceil(R / S): the rows r = n * HW + hw are the NCHW kernels' per-channel indices m, so
+// both layouts reduce the same elements per slice (only the summation order differs).
+//
+// LAUNCH GEOMETRY (the kernels rely on it): grid (ceil(C / 32), S, 1), block (32, 8, 1).
+// threadIdx.x picks the channel c = blockIdx.x * 32 + threadIdx.x (a warp reads 32 consecutive
+// channels of one row: coalesced), threadIdx.y walks the slice's rows r0 + y, r0 + y + 8, ...;
+// the 8 row partials of each channel are combined in shared memory (in y order) and thread
+// y == 0 writes the channel's partial. Threads with c >= C only take part in the barriers.
+#define BN_NHWC_TX 32
+#define BN_NHWC_TY 8
+
+// Calls f(offset) for every element of channel c = blockIdx.x * 32 + threadIdx.x in rows
+// [r0, r1), this thread taking rows r0 + threadIdx.y + 8 k. Nothing when c >= C.
+template <class F>
+__device__ __forceinline__ void bn_nhwc_walk(int C, i64 r0, i64 r1, F f) {
+    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
+    if (c >= C) return;
+    const i64 step = (i64)BN_NHWC_TY * C;  // offset between this thread's consecutive rows
+    i64 r = r0 + threadIdx.y;
+    i64 o = r * C + c;
+    // Four rows per iteration, offsets first (several loads in flight, as bn_channel_walk).
+    for (; r + 3 * BN_NHWC_TY < r1; r += 4 * BN_NHWC_TY, o += 4 * step) {
+        f(o);
+        f(o + step);
+        f(o + 2 * step);
+        f(o + 3 * step);
+    }
+    for (; r < r1; r += BN_NHWC_TY, o += step) f(o);
+}
+
+// Sum of v over threadIdx.y (the 8 row walkers of one channel), in y order; every thread of the
+// column gets it (the same bits). Every thread of the block must call it (barriers); the
+// trailing barrier lets the caller call it again right away.
+__device__ __forceinline__ float bn_nhwc_rows_sum(float v) {
+    __shared__ float sh[BN_NHWC_TY][BN_NHWC_TX];
+    sh[threadIdx.y][threadIdx.x] = v;
+    __syncthreads();
+    float r = 0.0f;
+    for (int j = 0; j < BN_NHWC_TY; ++j) r += sh[j][threadIdx.x];
+    __syncthreads();
+    return r;
+}
+
+// part_sum[c * S + s] = sum of x over slice s of channel c. x: (R, C) NHWC; part_sum: (C, S).
+template <class T>
+__device__ __forceinline__ void bn_sum_partial_nhwc(const T* __restrict__ x,
+                                                    float* __restrict__ part_sum, i64 R, int C) {
+    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    float acc = 0.0f;
+    bn_nhwc_walk(C, r0, r1, [&](i64 i) { acc += ld(x, i); });
+    acc = bn_nhwc_rows_sum(acc);
+    if (threadIdx.y == 0 && c < C) part_sum[(i64)c * gridDim.y + blockIdx.y] = acc;
+}
+extern "C" __global__ void bn_sum_partial_nhwc_f32(const float* __restrict__ x,
+                                                   float* __restrict__ part_sum, i64 R, int C) {
+    bn_sum_partial_nhwc(x, part_sum, R, C);
+}
+extern "C" __global__ void bn_sum_partial_nhwc_bf16(const bf16* __restrict__ x,
+                                                    float* __restrict__ part_sum, i64 R, int C) {
+    bn_sum_partial_nhwc(x, part_sum, R, C);
+}
+
+// part_sq[c * S + s] = sum of (x - mean_c)^2 over slice s of channel c, mean_c = (sum over s of
+// part_sum[c * S + s]) / R (the S partials split over the 8 row threads, then combined: S can be
+// hundreds when C is small). x: (R, C) NHWC; part_sum, part_sq: (C, S).
+template <class T>
+__device__ __forceinline__ void bn_sqdev_partial_nhwc(const T* __restrict__ x,
+                                                      const float* __restrict__ part_sum,
+                                                      float* __restrict__ part_sq, i64 R, int C) {
+    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
+    const int S = gridDim.y;
+    float s = 0.0f;
+    if (c < C)
+        for (int j = threadIdx.y; j < S; j += BN_NHWC_TY) s += part_sum[(i64)c * S + j];
+    const float mu = bn_nhwc_rows_sum(s) / (float)R;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    float acc = 0.0f;
+    bn_nhwc_walk(C, r0, r1, [&](i64 i) {
+        const float d = ld(x, i) - mu;
+        acc += d * d;
+    });
+    acc = bn_nhwc_rows_sum(acc);
+    if (threadIdx.y == 0 && c < C) part_sq[(i64)c * S + blockIdx.y] = acc;
+}
+extern "C" __global__ void bn_sqdev_partial_nhwc_f32(const float* __restrict__ x,
+                                                     const float* __restrict__ part_sum,
+                                                     float* __restrict__ part_sq, i64 R, int C) {
+    bn_sqdev_partial_nhwc(x, part_sum, part_sq, R, C);
+}
+extern "C" __global__ void bn_sqdev_partial_nhwc_bf16(const bf16* __restrict__ x,
+                                                      const float* __restrict__ part_sum,
+                                                      float* __restrict__ part_sq, i64 R, int C) {
+    bn_sqdev_partial_nhwc(x, part_sum, part_sq, R, C);
+}
+
+// Parameter-gradient partials (bn_backward_partial_T's, NHWC): part_g = invstd[c] * sum of
+// dy * (x - mean[c]), part_b = sum of dy over slice s of channel c. dy, x: (R, C) NHWC; mean,
+// invstd: (C,); part_g, part_b: (C, S).
+template <class T>
+__device__ __forceinline__ void bn_backward_partial_nhwc(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 R, int C) {
+    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
+    const float mu = c < C ? mean[c] : 0.0f;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    float sg = 0.0f, sb = 0.0f;
+    bn_nhwc_walk(C, r0, r1, [&](i64 i) {
+        const float g = ld(dy, i);
+        sb += g;
+        sg += g * (ld(x, i) - mu);
+    });
+    sg = bn_nhwc_rows_sum(sg);
+    sb = bn_nhwc_rows_sum(sb);
+    if (threadIdx.y == 0 && c < C) {
+        const i64 o = (i64)c * gridDim.y + blockIdx.y;
+        part_g[o] = sg * invstd[c];
+        part_b[o] = sb;
+    }
+}
+extern "C" __global__ void bn_backward_partial_nhwc_f32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 R, int C) {
+    bn_backward_partial_nhwc(dy, x, mean, invstd, part_g, part_b, R, C);
+}
+extern "C" __global__ void bn_backward_partial_nhwc_bf16(
+    const bf16* __restrict__ dy, const bf16* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 R, int C) {
+    bn_backward_partial_nhwc(dy, x, mean, invstd, part_g, part_b, R, C);
 }

@@ -64,6 +64,22 @@ __device__ __forceinline__ void bn_act_forward(
             r.w = fmaxf(t.w, 0.0f);
             st4(y, i, r);
         });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(x) && aligned4(y) &&
+               (!has_r || aligned4(residual))) {
+        // Four channels of one row (batchnorm.cu bn_for_each_rows4), the one-element expression.
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            float4 t = lanes(ld4(x, i), c, [&](float v, int k) {
+                return (v - mean[k]) * (invstd[k] * gamma[k]) + beta[k];
+            });
+            if (has_r) {
+                const float4 s = ld4(residual, i);
+                t.x += s.x;
+                t.y += s.y;
+                t.z += s.z;
+                t.w += s.w;
+            }
+            st4(y, i, lanes(t, c, [](float v, int) { return fmaxf(v, 0.0f); }));
+        });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
             float t = (ld(x, i) - mean[c]) * (invstd[c] * gamma[c]) + beta[c];
@@ -178,6 +194,26 @@ __device__ __forceinline__ void bn_act_backward_dx(
             r.w = dx_of(g.w, v.w, c);
             st4(dx, i, r);
         });
+    } else if (HW == 1 && (C & 3) == 0 && aligned4(dy) && (masked || aligned4(y)) &&
+               aligned4(x) && aligned4(dx)) {
+        // Four channels of one row (batchnorm.cu bn_for_each_rows4).
+        bn_for_each_rows4(N, C, [&](i64 i, int c) {
+            float4 g = ld4(dy, i);
+            if (!masked) {
+                const float4 o = ld4(y, i);
+                g.x = o.x > 0.0f ? g.x : 0.0f;
+                g.y = o.y > 0.0f ? g.y : 0.0f;
+                g.z = o.z > 0.0f ? g.z : 0.0f;
+                g.w = o.w > 0.0f ? g.w : 0.0f;
+            }
+            const float4 v = ld4(x, i);
+            float4 r;
+            r.x = dx_of(g.x, v.x, c);
+            r.y = dx_of(g.y, v.y, c + 1);
+            r.z = dx_of(g.z, v.z, c + 2);
+            r.w = dx_of(g.w, v.w, c + 3);
+            st4(dx, i, r);
+        });
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
             const float g = masked || ld(y, i) > 0.0f ? ld(dy, i) : 0.0f;
@@ -200,4 +236,55 @@ extern "C" __global__ void bn_act_backward_dx_bf16(
     const float* __restrict__ dbeta, bf16* __restrict__ dx, i64 N, int C, i64 HW,
     int training) {
     bn_act_backward_dx(dy, y, x, mean, invstd, gamma, dgamma, dbeta, dx, N, C, HW, training);
+}
+
+// NHWC (channels-last; batchnorm.cu "NHWC"): bn_act_backward_partial_T's partials and dmasked
+// for (R, C) NHWC tensors dy, y, x, dmasked, on batchnorm.cu's NHWC geometry: grid
+// (ceil(C / 32), S, 1), block (32, 8, 1). part_g, part_b: (C, S), combined by
+// bn_backward_finalize_f32. The slices partition the rows and each (row, channel < C) belongs to
+// one thread, so every element of dmasked (when not null) is written exactly once. The forward
+// and dx passes are bn_act_forward_T / bn_act_backward_dx_T with (N = R, C, HW = 1).
+template <class T>
+__device__ __forceinline__ void bn_act_backward_partial_nhwc(
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
+    float* __restrict__ part_b, T* __restrict__ dmasked, i64 R, int C) {
+    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
+    const float mu = c < C ? mean[c] : 0.0f;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    float sg = 0.0f, sb = 0.0f;
+    if (dmasked != nullptr) {
+        bn_nhwc_walk(C, r0, r1, [&](i64 i) {
+            const float g = ld(y, i) > 0.0f ? ld(dy, i) : 0.0f;
+            st(dmasked, i, g);
+            sb += g;
+            sg += g * (ld(x, i) - mu);
+        });
+    } else {
+        bn_nhwc_walk(C, r0, r1, [&](i64 i) {
+            const float g = ld(y, i) > 0.0f ? ld(dy, i) : 0.0f;
+            sb += g;
+            sg += g * (ld(x, i) - mu);
+        });
+    }
+    sg = bn_nhwc_rows_sum(sg);
+    sb = bn_nhwc_rows_sum(sb);
+    if (threadIdx.y == 0 && c < C) {
+        const i64 o = (i64)c * gridDim.y + blockIdx.y;
+        part_g[o] = sg * invstd[c];
+        part_b[o] = sb;
+    }
+}
+extern "C" __global__ void bn_act_backward_partial_nhwc_f32(
+    const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
+    float* __restrict__ part_b, float* __restrict__ dmasked, i64 R, int C) {
+    bn_act_backward_partial_nhwc(dy, y, x, mean, invstd, part_g, part_b, dmasked, R, C);
+}
+extern "C" __global__ void bn_act_backward_partial_nhwc_bf16(
+    const bf16* __restrict__ dy, const bf16* __restrict__ y, const bf16* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
+    float* __restrict__ part_b, bf16* __restrict__ dmasked, i64 R, int C) {
+    bn_act_backward_partial_nhwc(dy, y, x, mean, invstd, part_g, part_b, dmasked, R, C);
 }

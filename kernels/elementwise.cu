@@ -1,6 +1,8 @@
 // Elementwise kernels (f32, any shape flattened to n elements) plus two small reductions the
 // other ops need (bias add / column sums for linear layers, and a one-block sum).
-// All are grid-stride loops: any grid size is correct; the launcher picks one that fills the GPU.
+// All are grid-stride loops: any grid size is correct; the launcher picks one that fills the GPU
+// (except the NCHW <-> NHWC layout conversions at the end, tiled transposes with their own
+// launch geometry).
 //
 // bf16 (common.cuh "bf16 storage"): the casts between f32 and bf16 storage, and add_bf16 (the
 // residual adds of bf16 activations, half the memory traffic of add_f32). Each reads bf16,
@@ -131,4 +133,125 @@ extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* y, i64 n
         done = 4 * n4;
     }
     GRID_STRIDE_LOOP(i, n - done) st(y, done + i, ld(a, done + i) + ld(b, done + i));
+}
+
+// ---------------------------------------------------------------- NCHW <-> NHWC
+// Layout conversions of (N, C, HW) tensors: NCHW stores (n, c, hw) at (n * C + c) * HW + hw,
+// NHWC at (n * HW + hw) * C + c; for each n that is the transpose of a (C, HW) matrix. Images
+// and activations: HW = H * W; conv weights (O, C, KH, KW): N = O, HW = KH * KW. Each element is
+// converted exactly as cast_f32_bf16 / cast_bf16_f32 would (f32 -> bf16: f32_to_bf16, RNE; bf16
+// -> f32: exact widening; bf16 -> bf16: the bits copied unchanged, NaN payloads included).
+//
+// Tiled shared-memory transpose. LAUNCH GEOMETRY (the kernels rely on it): block (32, 8, 1),
+// grid (ceil(HW / 32), ceil(C / 32), min(N, 65535)), the same grid for both directions. Block
+// (bx, by) moves the 32 x 32 tile hw in [32 bx, 32 bx + 32), c in [32 by, 32 by + 32) of images
+// n = blockIdx.z, blockIdx.z + gridDim.z, ...: it reads the tile along the input's contiguous
+// axis into shared memory (8 rows of 32 per pass, 4 passes) and writes it along the output's
+// contiguous axis, so both the loads and the stores of a warp are 32 consecutive elements.
+// Edge tiles are guarded (any C, HW >= 1); the tile is padded to 33 columns against shared-
+// memory bank conflicts on the transposed access. HW == 1 or C == 1 (both layouts coincide:
+// 1x1 conv weights) is a plain elementwise cast on the same grid (transpose_trivial).
+// Known inefficiency: for small C (the 3 image channels) a tile uses C of its 32 channel rows,
+// so the grid has ~10x more blocks than the data needs (fine for once-per-step image inputs).
+#define TRANSPOSE_TILE 32
+#define TRANSPOSE_ROWS 8
+
+// Stores one converted element: bf16 -> bf16 copies the bits; the others as the casts.
+__device__ __forceinline__ void cvt_st(bf16* p, i64 i, bf16 v) { p[i] = v; }
+__device__ __forceinline__ void cvt_st(bf16* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ void cvt_st(float* p, i64 i, bf16 v) { p[i] = bf16_to_f32(v); }
+
+// HW == 1 (1x1 conv weights, (N, C) tensors) or C == 1: both layouts are the same array, so the
+// conversion is an elementwise cast. Every block of the transpose grid takes this branch (it
+// depends on the arguments only), as a grid-stride loop over all N * C * HW elements with the
+// grid's threads numbered linearly (any grid is correct; the transpose grid has 256 threads per
+// 32 x 32 tile, more than the elements unless N > 65535). Returns whether it did the work.
+template <class Tin, class Tout>
+__device__ __forceinline__ bool transpose_trivial(const Tin* __restrict__ x, Tout* __restrict__ y,
+                                                  i64 N, int C, i64 HW) {
+    if (HW != 1 && C != 1) return false;
+    const i64 block = ((i64)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const i64 threads = (i64)blockDim.x * blockDim.y;
+    const i64 stride = threads * gridDim.x * gridDim.y * gridDim.z;
+    const i64 total = N * C * HW;
+    for (i64 i = block * threads + threadIdx.y * blockDim.x + threadIdx.x; i < total; i += stride)
+        cvt_st(y, i, x[i]);
+    return true;
+}
+
+// y (N, HW, C) = x (N, C, HW) transposed per n, converted from Tin to Tout.
+template <class Tin, class Tout>
+__device__ __forceinline__ void nchw_to_nhwc(const Tin* __restrict__ x, Tout* __restrict__ y,
+                                             i64 N, int C, i64 HW) {
+    __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [c - c0][hw - hw0]
+    if (transpose_trivial(x, y, N, C, HW)) return;
+    const i64 hw0 = (i64)blockIdx.x * TRANSPOSE_TILE;
+    const int c0 = blockIdx.y * TRANSPOSE_TILE;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
+        // Load: rows c, consecutive threads on consecutive hw.
+        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
+            const int c = c0 + j;
+            const i64 hw = hw0 + tx;
+            if (c < C && hw < HW) tile[j][tx] = x[(n * C + c) * HW + hw];
+        }
+        __syncthreads();
+        // Store: rows hw, consecutive threads on consecutive c.
+        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
+            const i64 hw = hw0 + j;
+            const int c = c0 + tx;
+            if (c < C && hw < HW) cvt_st(y, (n * HW + hw) * C + c, tile[tx][j]);
+        }
+        __syncthreads();  // the tile is reused by the next n
+    }
+}
+
+// y (N, C, HW) = x (N, HW, C) transposed per n, converted from Tin to Tout.
+template <class Tin, class Tout>
+__device__ __forceinline__ void nhwc_to_nchw(const Tin* __restrict__ x, Tout* __restrict__ y,
+                                             i64 N, int C, i64 HW) {
+    __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [hw - hw0][c - c0]
+    if (transpose_trivial(x, y, N, C, HW)) return;
+    const i64 hw0 = (i64)blockIdx.x * TRANSPOSE_TILE;
+    const int c0 = blockIdx.y * TRANSPOSE_TILE;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
+        // Load: rows hw, consecutive threads on consecutive c.
+        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
+            const i64 hw = hw0 + j;
+            const int c = c0 + tx;
+            if (c < C && hw < HW) tile[j][tx] = x[(n * HW + hw) * C + c];
+        }
+        __syncthreads();
+        // Store: rows c, consecutive threads on consecutive hw.
+        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
+            const int c = c0 + j;
+            const i64 hw = hw0 + tx;
+            if (c < C && hw < HW) cvt_st(y, (n * C + c) * HW + hw, tile[tx][j]);
+        }
+        __syncthreads();
+    }
+}
+
+// f32 NCHW -> bf16 NHWC (images, conv weights): round_bf16 of each element. x: (N, C, HW) f32,
+// y: (N, HW, C) bf16.
+extern "C" __global__ void nchw_to_nhwc_f32_bf16(const float* __restrict__ x,
+                                                 bf16* __restrict__ y, i64 N, int C, i64 HW) {
+    nchw_to_nhwc(x, y, N, C, HW);
+}
+// bf16 NCHW -> bf16 NHWC, bits unchanged. x: (N, C, HW), y: (N, HW, C).
+extern "C" __global__ void nchw_to_nhwc_bf16_bf16(const bf16* __restrict__ x,
+                                                  bf16* __restrict__ y, i64 N, int C, i64 HW) {
+    nchw_to_nhwc(x, y, N, C, HW);
+}
+// bf16 NHWC -> f32 NCHW (weight gradients, activations going back to f32): exact. x: (N, HW, C)
+// bf16, y: (N, C, HW) f32.
+extern "C" __global__ void nhwc_to_nchw_bf16_f32(const bf16* __restrict__ x,
+                                                 float* __restrict__ y, i64 N, int C, i64 HW) {
+    nhwc_to_nchw(x, y, N, C, HW);
+}
+// bf16 NHWC -> bf16 NCHW, bits unchanged. x: (N, HW, C), y: (N, C, HW).
+extern "C" __global__ void nhwc_to_nchw_bf16_bf16(const bf16* __restrict__ x,
+                                                  bf16* __restrict__ y, i64 N, int C, i64 HW) {
+    nhwc_to_nchw(x, y, N, C, HW);
 }

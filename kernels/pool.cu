@@ -4,6 +4,8 @@
 // storage type T of x / y / dy / dx, instantiated as `*_f32` and `*_bf16` (half the memory
 // traffic; argmax stays int, math f32). Max pool forward in bf16 is exact: it stores one of its
 // inputs, which round_bf16 leaves unchanged. The other kernels accumulate in f32 and round once.
+//
+// Channels-last (NHWC) twins `*_nhwc_*` of every kernel are at the end of this file.
 #include "common.cuh"
 
 // Max pool forward. x: (N, C, H, W), y and argmax: (N, C, HO, WO) with
@@ -116,4 +118,138 @@ extern "C" __global__ void global_avgpool_bwd_f32(const float* dy, float* dx, i6
 }
 extern "C" __global__ void global_avgpool_bwd_bf16(const bf16* dy, bf16* dx, i64 NC, i64 HW) {
     global_avgpool_bwd(dy, dx, NC, HW);
+}
+
+// ---------------------------------------------------------------- NHWC (channels-last)
+// Element (n, c, h, w) of an NHWC tensor is at ((n * H + h) * W + w) * C + c. The kernels below
+// compute per element exactly what their NCHW twins compute (same expressions, same order), with
+// consecutive threads on consecutive channels (coalesced). Grid-stride loops over the output
+// elements: any 1-d grid is correct (the host uses its elementwise config, 256 threads).
+
+// Max pool forward. x: (N, H, W, C) NHWC; y, argmax: (N, HO, WO, C) NHWC. argmax holds
+// h * W + w (the index inside the input's (H, W) plane, as maxpool2d_fwd_T), so the NCHW
+// backward's convention carries over. Same window order, tie and NaN rules as maxpool2d_fwd_T.
+template <class T>
+__device__ __forceinline__ void maxpool2d_fwd_nhwc(const T* x, T* y, int* argmax, i64 N, int C,
+                                                   int H, int W, int HO, int WO, int k,
+                                                   int stride, int pad) {
+    GRID_STRIDE_LOOP(i, N * HO * WO * C) {
+        const int c = (int)(i % C);
+        const i64 p = i / C;  // output pixel (n, oh, ow)
+        const int ow = (int)(p % WO);
+        const int oh = (int)((p / WO) % HO);
+        const i64 n = p / ((i64)HO * WO);
+        const T* img = x + n * H * W * C + c;  // (H, W) plane of channel c, stride C
+        float best = -CUDART_INF_F;
+        int best_idx = -1;
+        for (int kh = 0; kh < k; ++kh) {
+            const int h = oh * stride - pad + kh;
+            if (h < 0 || h >= H) continue;
+            for (int kw = 0; kw < k; ++kw) {
+                const int w = ow * stride - pad + kw;
+                if (w < 0 || w >= W) continue;
+                const float v = ld(img, (i64)(h * W + w) * C);
+                if (best_idx < 0 || v > best || (isnan(v) && !isnan(best))) {
+                    best = v;
+                    best_idx = h * W + w;
+                }
+            }
+        }
+        st(y, i, best);
+        argmax[i] = best_idx;
+    }
+}
+extern "C" __global__ void maxpool2d_fwd_nhwc_f32(const float* x, float* y, int* argmax, i64 N,
+                                                  int C, int H, int W, int HO, int WO, int k,
+                                                  int stride, int pad) {
+    maxpool2d_fwd_nhwc(x, y, argmax, N, C, H, W, HO, WO, k, stride, pad);
+}
+extern "C" __global__ void maxpool2d_fwd_nhwc_bf16(const bf16* x, bf16* y, int* argmax, i64 N,
+                                                   int C, int H, int W, int HO, int WO, int k,
+                                                   int stride, int pad) {
+    maxpool2d_fwd_nhwc(x, y, argmax, N, C, H, W, HO, WO, k, stride, pad);
+}
+
+// Max pool backward as a gather (every dx element written once, no atomics): dx[n, h, w, c] =
+// sum of dy[n, oh, ow, c] over the outputs whose argmax is h * W + w, in maxpool2d_bwd_T's
+// (oh, ow) order. dy, argmax: (N, HO, WO, C) NHWC; dx: (N, H, W, C) NHWC.
+template <class T>
+__device__ __forceinline__ void maxpool2d_bwd_nhwc(const T* dy, const int* argmax, T* dx, i64 N,
+                                                   int C, int H, int W, int HO, int WO, int k,
+                                                   int stride, int pad) {
+    GRID_STRIDE_LOOP(i, N * H * W * C) {
+        const int c = (int)(i % C);
+        const i64 p = i / C;  // input pixel (n, h, w)
+        const int w = (int)(p % W);
+        const int h = (int)((p / W) % H);
+        const i64 n = p / ((i64)H * W);
+        const int me = h * W + w;
+        const int oh_lo = max(0, (h + pad - k + stride) / stride);
+        const int oh_hi = min(HO - 1, (h + pad) / stride);
+        const int ow_lo = max(0, (w + pad - k + stride) / stride);
+        const int ow_hi = min(WO - 1, (w + pad) / stride);
+        float acc = 0.0f;
+        for (int oh = oh_lo; oh <= oh_hi; ++oh) {
+            for (int ow = ow_lo; ow <= ow_hi; ++ow) {
+                const i64 o = ((n * HO + oh) * WO + ow) * C + c;
+                if (argmax[o] == me) acc += ld(dy, o);
+            }
+        }
+        st(dx, i, acc);
+    }
+}
+extern "C" __global__ void maxpool2d_bwd_nhwc_f32(const float* dy, const int* argmax, float* dx,
+                                                  i64 N, int C, int H, int W, int HO, int WO,
+                                                  int k, int stride, int pad) {
+    maxpool2d_bwd_nhwc(dy, argmax, dx, N, C, H, W, HO, WO, k, stride, pad);
+}
+extern "C" __global__ void maxpool2d_bwd_nhwc_bf16(const bf16* dy, const int* argmax, bf16* dx,
+                                                   i64 N, int C, int H, int W, int HO, int WO,
+                                                   int k, int stride, int pad) {
+    maxpool2d_bwd_nhwc(dy, argmax, dx, N, C, H, W, HO, WO, k, stride, pad);
+}
+
+// Global average pool forward: y[n, c] = (sum over hw of x[n, hw, c]) / HW. x: (N, HW, C) NHWC;
+// y: (N, C) (the same (N, C) tensor as the NCHW kernel's). One thread per (n, c), consecutive
+// threads on consecutive channels (coalesced), summing hw in order: the f32 sum differs from
+// global_avgpool_fwd_T's (a warp-strided tree) only in summation order.
+template <class T>
+__device__ __forceinline__ void global_avgpool_fwd_nhwc(const T* x, T* y, i64 N, int C, i64 HW) {
+    const float hwf = (float)HW;
+    GRID_STRIDE_LOOP(i, N * C) {
+        const i64 n = i / C;
+        const i64 c = i - n * C;
+        const T* p = x + n * HW * C + c;
+        float acc = 0.0f;
+        for (i64 j = 0; j < HW; ++j) acc += ld(p, j * C);
+        st(y, i, acc / hwf);
+    }
+}
+extern "C" __global__ void global_avgpool_fwd_nhwc_f32(const float* x, float* y, i64 N, int C,
+                                                       i64 HW) {
+    global_avgpool_fwd_nhwc(x, y, N, C, HW);
+}
+extern "C" __global__ void global_avgpool_fwd_nhwc_bf16(const bf16* x, bf16* y, i64 N, int C,
+                                                        i64 HW) {
+    global_avgpool_fwd_nhwc(x, y, N, C, HW);
+}
+
+// Global average pool backward: dx[n, hw, c] = dy[n, c] / HW (global_avgpool_bwd_T's
+// expression). dy: (N, C); dx: (N, HW, C) NHWC.
+template <class T>
+__device__ __forceinline__ void global_avgpool_bwd_nhwc(const T* dy, T* dx, i64 N, int C, i64 HW) {
+    const float inv = 1.0f / (float)HW;
+    GRID_STRIDE_LOOP(i, N * HW * C) {
+        const i64 c = i % C;
+        const i64 n = i / (HW * C);
+        st(dx, i, ld(dy, n * C + c) * inv);
+    }
+}
+extern "C" __global__ void global_avgpool_bwd_nhwc_f32(const float* dy, float* dx, i64 N, int C,
+                                                       i64 HW) {
+    global_avgpool_bwd_nhwc(dy, dx, N, C, HW);
+}
+extern "C" __global__ void global_avgpool_bwd_nhwc_bf16(const bf16* dy, bf16* dx, i64 N, int C,
+                                                        i64 HW) {
+    global_avgpool_bwd_nhwc(dy, dx, N, C, HW);
 }

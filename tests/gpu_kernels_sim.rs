@@ -2,11 +2,13 @@
 //! kernels/*.cu under a small emulation of the CUDA execution model (tests/gpu_sim/cuda_sim.h:
 //! real threads per block, barriers for __syncthreads and warp shuffles) and compares the fused
 //! CARP loss and gradient, batch norm, max pool, weight norm, global average pool and LARS with
-//! double-precision references, and the bf16-storage instantiations of the memory-bound kernels
+//! double-precision references, the bf16-storage instantiations of the memory-bound kernels
 //! against the f32 ones (bit for bit after rounding) and against the Rust `round_bf16` (the CPU
-//! emulation of bf16). This checks the kernels' logic where no GPU exists (CI); the real-GPU
-//! checks are in tests/gpu_ops.rs. Needs g++ with C++20 (<barrier>); without one it
-//! prints SKIPPED and returns.
+//! emulation of bf16), and the channels-last (NHWC) kernels and layout conversions against their
+//! NCHW twins on the transposed data (bit for bit where the arithmetic is the same, 1e-6
+//! relative where only the summation order differs) and f64. This checks the kernels' logic
+//! where no GPU exists (CI); the real-GPU checks are in tests/gpu_ops.rs. Needs g++ with C++20
+//! (<barrier>); without one it prints SKIPPED and returns.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -1072,6 +1072,375 @@ void test_bf16_all() {
     test_pool_bf16_special();
 }
 
+// ---------------------------------------------------------------- NHWC (channels-last)
+// The `*_nhwc_*` kernels and the layout conversions, for both storage types (T = float: the
+// `_f32` instantiation on f32 data; T = bf16: `_bf16` on bf16 data, whose f32 reference data
+// are the widened values). Each NHWC kernel runs next to its NCHW twin on the same values
+// (NHWC = the NCHW buffer transposed per image): elementwise results and max pool must be
+// bit-identical after transposing back; reductions differ only in summation order, so their
+// partials and finalized statistics must agree to 1e-6 relative to the largest value, and to a
+// double-precision reference to the f32 tests' tolerances. Outputs start as NaN (0x7fc0 for
+// bf16): an unwritten element fails.
+#include <type_traits>
+
+// Picks the `_f32` or `_bf16` instantiation of kernel `name` for the test's storage type T.
+#define KT(name) [] { if constexpr (std::is_same_v<T, float>) return name##_f32; else return name##_bf16; }()
+
+// (N, C, HW) NCHW -> (N, HW, C) NHWC and back.
+template <class V>
+V to_nhwc(const V& v, int N, int C, size_t HW) {
+    V r(v.size());
+    for (int n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (size_t h = 0; h < HW; ++h)
+        r[((size_t)n * HW + h) * C + c] = v[((size_t)n * C + c) * HW + h];
+    return r;
+}
+template <class V>
+V to_nchw(const V& v, int N, int C, size_t HW) {
+    V r(v.size());
+    for (int n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (size_t h = 0; h < HW; ++h)
+        r[((size_t)n * C + c) * HW + h] = v[((size_t)n * HW + h) * C + c];
+    return r;
+}
+// Storage-type helpers: random values stored as T (bf16: rounded), T -> f32, NaN-filled T.
+template <class T> std::vector<T> store(const std::vector<float>& v) { if constexpr (std::is_same_v<T, float>) return v; else return tob(v); }
+template <class T> std::vector<float> widen(const std::vector<T>& v) { if constexpr (std::is_same_v<T, float>) return v; else return wid(v); }
+template <class T> std::vector<T> nant(size_t n) { if constexpr (std::is_same_v<T, float>) return nanv(n); else return nanb(n); }
+template <class T> const char* tname() { return std::is_same_v<T, float> ? "f32" : "bf16"; }
+// Bitwise equality of two buffers of the same type.
+template <class T>
+void same_bits(const char* name, const std::vector<T>& got, const std::vector<T>& want) {
+    size_t bad = 0, at = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+        if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) { if (!bad) at = i; bad++; }
+    if (bad || got.size() != want.size()) { printf("FAIL %s: %zu of %zu differ (first at %zu)\n", name, bad, want.size(), at); fails++; }
+    else printf("ok   %s: %zu bit-identical\n", name, want.size());
+}
+std::vector<double> dbl(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+dim3s nhwc_grid(int C, unsigned S) { return {(unsigned)((C + 31) / 32), S, 1}; }
+const dim3s NHWC_BLOCK = {32, 8, 1};
+
+// The NHWC per-channel reductions (statistics, BN backward, fused BN + ReLU backward) against the
+// NCHW kernels on the same values, then f64. R = n * hw rows, S slices, NCHW blocks of `threads`.
+template <class T>
+void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
+    const int R = n * hw;
+    const size_t tot = (size_t)R * c;
+    auto xr = randn(tot, 2), dyr = randn(tot), yr = randn(tot);
+    for (auto& v : xr) v += 0.5f;
+    for (auto& v : yr) v = std::max(v, 0.0f);  // a ReLU output: about half zeros
+    auto xT = store<T>(xr), dyT = store<T>(dyr), yT = store<T>(yr);
+    auto xN = to_nhwc(xT, n, c, hw), dyN = to_nhwc(dyT, n, c, hw), yN = to_nhwc(yT, n, c, hw);
+    const auto x = widen(xT), dy = widen(dyT), y = widen(yT);  // NCHW f32 values
+    const float eps = 1e-5f;
+    const size_t cs = (size_t)c * S;
+    char tag[96];
+    snprintf(tag, sizeof tag, "%s (n=%d,c=%d,hw=%d) R=%d S=%u", tname<T>(), n, c, hw, R, S);
+    auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "bn_nhwc %s %s", what, tag); return b; };
+    // statistics: NCHW
+    std::vector<float> ps = nanv(cs), pq = nanv(cs), mean = nanv(c), is = nanv(c), vu = nanv(c);
+    launch({(unsigned)c, S}, threads, KT(bn_sum_partial), (const T*)xT.data(), ps.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c, S}, threads, KT(bn_sqdev_partial), (const T*)xT.data(), (const float*)ps.data(), pq.data(), (i64)n, c, (i64)hw);
+    launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps.data(), (const float*)pq.data(), mean.data(), is.data(), vu.data(), (i64)n, (i64)hw, (int)S, eps);
+    // statistics: NHWC, finalized as (N = R, HW = 1)
+    std::vector<float> ps2 = nanv(cs), pq2 = nanv(cs), mean2 = nanv(c), is2 = nanv(c), vu2 = nanv(c);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_sum_partial_nhwc), (const T*)xN.data(), ps2.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_sqdev_partial_nhwc), (const T*)xN.data(), (const float*)ps2.data(), pq2.data(), (i64)R, c);
+    launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps2.data(), (const float*)pq2.data(), mean2.data(), is2.data(), vu2.data(), (i64)R, (i64)1, (int)S, eps);
+    check(nm("part_sum vs NCHW"), ps2, dbl(ps), 1e-6); check(nm("part_sq vs NCHW"), pq2, dbl(pq), 1e-6);
+    check(nm("mean vs NCHW"), mean2, dbl(mean), 1e-6); check(nm("invstd vs NCHW"), is2, dbl(is), 1e-6); check(nm("var_u vs NCHW"), vu2, dbl(vu), 1e-6);
+    // backward partials, both layouts on the NCHW kernels' statistics
+    std::vector<float> pg = nanv(cs), pb = nanv(cs), dg = nanv(c), db = nanv(c), pg2 = nanv(cs), pb2 = nanv(cs), dg2 = nanv(c), db2 = nanv(c);
+    launch({(unsigned)c, S}, threads, KT(bn_backward_partial), (const T*)dyT.data(), (const T*)xT.data(), (const float*)mean.data(), (const float*)is.data(), pg.data(), pb.data(), (i64)n, c, (i64)hw);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_backward_partial_nhwc), (const T*)dyN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), pg2.data(), pb2.data(), (i64)R, c);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg2.data(), (const float*)pb2.data(), dg2.data(), db2.data(), (int)S);
+    check(nm("part_g vs NCHW"), pg2, dbl(pg), 1e-6); check(nm("part_b vs NCHW"), pb2, dbl(pb), 1e-6);
+    check(nm("dgamma vs NCHW"), dg2, dbl(dg), 1e-6); check(nm("dbeta vs NCHW"), db2, dbl(db), 1e-6);
+    // fused BN + ReLU backward partials, with dmasked and without (null)
+    std::vector<float> ag = nanv(cs), ab = nanv(cs), ag2 = nanv(cs), ab2 = nanv(cs), ag3 = nanv(cs), ab3 = nanv(cs), adg2 = nanv(c), adb2 = nanv(c);
+    auto dm = nant<T>(tot), dmN = nant<T>(tot);
+    launch({(unsigned)c, S}, threads, KT(bn_act_backward_partial), (const T*)dyT.data(), (const T*)yT.data(), (const T*)xT.data(), (const float*)mean.data(), (const float*)is.data(), ag.data(), ab.data(), dm.data(), (i64)n, c, (i64)hw);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_act_backward_partial_nhwc), (const T*)dyN.data(), (const T*)yN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), ag2.data(), ab2.data(), dmN.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_act_backward_partial_nhwc), (const T*)dyN.data(), (const T*)yN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), ag3.data(), ab3.data(), (T*)nullptr, (i64)R, c);
+    launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)ag2.data(), (const float*)ab2.data(), adg2.data(), adb2.data(), (int)S);
+    check(nm("act part_g vs NCHW"), ag2, dbl(ag), 1e-6); check(nm("act part_b vs NCHW"), ab2, dbl(ab), 1e-6);
+    same_bits(nm("act dmasked == NCHW's transposed"), to_nchw(dmN, n, c, hw), dm);
+    same_f32(nm("act partials with dmasked null == with dmasked"), ag3.data(), ag2.data(), cs);
+    same_f32(nm("act part_b with dmasked null"), ab3.data(), ab2.data(), cs);
+    if constexpr (!std::is_same_v<T, float>) {
+        // the f32 instantiation on the widened NHWC values: the same partials bit for bit
+        const auto xw = widen(xN), dyw = widen(dyN), yw = widen(yN);
+        std::vector<float> f1 = nanv(cs), f2 = nanv(cs), f3 = nanv(cs), f4 = nanv(cs), f5 = nanv(cs), f6 = nanv(cs);
+        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_sum_partial_nhwc_f32, (const float*)xw.data(), f1.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_sqdev_partial_nhwc_f32, (const float*)xw.data(), (const float*)ps2.data(), f2.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_backward_partial_nhwc_f32, (const float*)dyw.data(), (const float*)xw.data(), (const float*)mean.data(), (const float*)is.data(), f3.data(), f4.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_act_backward_partial_nhwc_f32, (const float*)dyw.data(), (const float*)yw.data(), (const float*)xw.data(), (const float*)mean.data(), (const float*)is.data(), f5.data(), f6.data(), (float*)nullptr, (i64)R, c);
+        same_f32(nm("part_sum == f32 kernel's"), ps2.data(), f1.data(), cs); same_f32(nm("part_sq == f32 kernel's"), pq2.data(), f2.data(), cs);
+        same_f32(nm("part_g == f32 kernel's"), pg2.data(), f3.data(), cs); same_f32(nm("part_b == f32 kernel's"), pb2.data(), f4.data(), cs);
+        same_f32(nm("act part_g == f32 kernel's"), ag2.data(), f5.data(), cs); same_f32(nm("act part_b == f32 kernel's"), ab2.data(), f6.data(), cs);
+    }
+    // f64 reference (NCHW indexing of the f32 values)
+    std::vector<double> rm(c), ris(c), rvu(c), rdg(c, 0), rdb(c, 0), radg(c, 0), radb(c, 0);
+    const double M = R;
+    size_t zeros = 0;
+    for (int ci = 0; ci < c; ++ci) {
+        double s = 0, s2 = 0;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) s += x[((size_t)a * c + ci) * hw + h];
+        const double mu = s / M;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) { double d = x[((size_t)a * c + ci) * hw + h] - mu; s2 += d * d; }
+        rm[ci] = mu; ris[ci] = 1 / std::sqrt(s2 / M + eps); rvu[ci] = M > 1 ? s2 / (M - 1) : s2 / M;
+        for (int a = 0; a < n; ++a) for (int h = 0; h < hw; ++h) {
+            const size_t i = ((size_t)a * c + ci) * hw + h;
+            const double xh = (x[i] - (double)mean[ci]) * is[ci];
+            rdb[ci] += dy[i]; rdg[ci] += dy[i] * xh;
+            const double g = y[i] > 0 ? dy[i] : 0.0;
+            zeros += y[i] == 0;
+            radb[ci] += g; radg[ci] += g * xh;
+        }
+    }
+    if (zeros == 0 || zeros == tot) { printf("FAIL %s: the mask cut %zu of %zu\n", nm("act"), zeros, tot); fails++; }
+    check(nm("mean vs f64"), mean2, rm, 1e-5); check(nm("invstd vs f64"), is2, ris, 1e-5); check(nm("var_u vs f64"), vu2, rvu, 1e-5);
+    check(nm("dgamma vs f64"), dg2, rdg, 1e-5); check(nm("dbeta vs f64"), db2, rdb, 1e-5);
+    check(nm("act dgamma vs f64"), adg2, radg, 1e-5); check(nm("act dbeta vs f64"), adb2, radb, 1e-5);
+}
+
+// The elementwise BN kernels on NHWC data launched as (N = R, C, HW = 1) == the same kernels on
+// the NCHW data (N, C, HW), element by element after transposing back. Grid eb x et.
+// `offn` shifts every NHWC buffer by that many elements from an aligned start: with c % 4 == 0,
+// offn = 0 takes the kernels' 4-channel path for HW == 1, offn = 1 their one-element path.
+template <class T>
+void test_bn_elem_nhwc(int n, int c, int hw, unsigned eb, unsigned et, int offn = 0) {
+    const int R = n * hw;
+    const size_t tot = (size_t)R * c;
+    auto yr = randn(tot);
+    for (auto& v : yr) v = std::max(v, 0.0f);
+    auto xT = store<T>(randn(tot, 2)), dyT = store<T>(randn(tot)), rT = store<T>(randn(tot)), yT = store<T>(yr);
+    // The NHWC buffers live `offn` elements into their allocations (a view: .data() is moved).
+    struct Shifted {
+        std::vector<T> v;
+        int off;
+        T* data() { return v.data() + off; }
+        const T* data() const { return v.data() + off; }
+    };
+    auto shift = [&](const std::vector<T>& a) { Shifted r{nant<T>(a.size() + offn), offn}; std::copy(a.begin(), a.end(), r.v.begin() + offn); return r; };
+    auto unshift = [&](const Shifted& a) { return std::vector<T>(a.v.begin() + a.off, a.v.end()); };
+    auto xN = shift(to_nhwc(xT, n, c, hw)), dyN = shift(to_nhwc(dyT, n, c, hw)), rN = shift(to_nhwc(rT, n, c, hw)), yN = shift(to_nhwc(yT, n, c, hw));
+    auto mean = randn(c), is = randn(c), gm = randn(c), bt = randn(c), dg = randn(c, 3), db = randn(c, 3);
+    for (auto& v : is) v = 0.2f + std::fabs(v);
+    const float *mf = mean.data(), *sf = is.data(), *gf = gm.data(), *bf = bt.data(), *dgf = dg.data(), *dbf = db.data();
+    char tag[112];
+    snprintf(tag, sizeof tag, "%s (n=%d,c=%d,hw=%d) as (R=%d,c,1) eb=%u et=%u offn=%d", tname<T>(), n, c, hw, R, eb, et, offn);
+    auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "bn_elem_nhwc %s %s", what, tag); return b; };
+    auto cmp = [&](const char* what, const Shifted& outN, const std::vector<T>& out) {
+        same_bits(nm(what), to_nchw(unshift(outN), n, c, hw), out);
+        for (int i = 0; i < offn; ++i) if (std::memcmp(&outN.v[i], &nant<T>(1)[0], sizeof(T)) != 0) { printf("FAIL %s: wrote before the start\n", nm(what)); fails++; break; }
+    };
+    std::vector<T> a = nant<T>(tot);
+    Shifted b = shift(nant<T>(tot));
+    launch({eb}, et, KT(bn_forward), (const T*)xT.data(), mf, sf, gf, bf, a.data(), (i64)n, c, (i64)hw);
+    launch({eb}, et, KT(bn_forward), (const T*)xN.data(), mf, sf, gf, bf, b.data(), (i64)R, c, (i64)1);
+    cmp("bn_forward", b, a);
+    for (bool resid : {false, true}) {
+        a = nant<T>(tot); b = shift(nant<T>(tot));
+        launch({eb}, et, KT(bn_act_forward), (const T*)xT.data(), resid ? (const T*)rT.data() : (const T*)nullptr, mf, sf, gf, bf, a.data(), (i64)n, c, (i64)hw);
+        launch({eb}, et, KT(bn_act_forward), (const T*)xN.data(), resid ? (const T*)rN.data() : (const T*)nullptr, mf, sf, gf, bf, b.data(), (i64)R, c, (i64)1);
+        cmp(resid ? "bn_act_forward +res" : "bn_act_forward", b, a);
+    }
+    a = nant<T>(tot); b = shift(nant<T>(tot));
+    launch({eb}, et, KT(bn_backward_dx), (const T*)dyT.data(), (const T*)xT.data(), mf, sf, gf, dgf, dbf, a.data(), (i64)n, c, (i64)hw);
+    launch({eb}, et, KT(bn_backward_dx), (const T*)dyN.data(), (const T*)xN.data(), mf, sf, gf, dgf, dbf, b.data(), (i64)R, c, (i64)1);
+    cmp("bn_backward_dx", b, a);
+    // bn_eval_backward_dx_T's 4-wide NCHW path (hw % 4 == 0, aligned) computes dy * (gamma *
+    // invstd), its one-element path (dy * gamma) * invstd: they may differ in the last bit. HW = 1
+    // takes the one-element path, so the NHWC result is compared bit for bit with the NCHW
+    // kernel forced onto that path (buffers one element off alignment), and with the aligned NCHW
+    // run to 1e-6 relative.
+    a = nant<T>(tot); b = shift(nant<T>(tot));
+    auto dy1 = nant<T>(tot + 1), a1 = nant<T>(tot + 1);
+    std::copy(dyT.begin(), dyT.end(), dy1.begin() + 1);
+    launch({eb}, et, KT(bn_eval_backward_dx), (const T*)dyT.data(), sf, gf, a.data(), (i64)n, c, (i64)hw);
+    launch({eb}, et, KT(bn_eval_backward_dx), (const T*)dy1.data() + 1, sf, gf, a1.data() + 1, (i64)n, c, (i64)hw);
+    launch({eb}, et, KT(bn_eval_backward_dx), (const T*)dyN.data(), sf, gf, b.data(), (i64)R, c, (i64)1);
+    cmp("bn_eval_backward_dx (== NCHW one-element path)", b, std::vector<T>(a1.begin() + 1, a1.end()));
+    check(nm("bn_eval_backward_dx vs NCHW aligned"), widen(to_nchw(unshift(b), n, c, hw)), dbl(widen(a)), std::is_same_v<T, float> ? 1e-6 : 5e-3);
+    for (int train : {0, 1})
+        for (bool masked : {false, true}) {  // masked: dy is already dy' (y = null)
+            a = nant<T>(tot); b = shift(nant<T>(tot));
+            launch({eb}, et, KT(bn_act_backward_dx), (const T*)dyT.data(), masked ? (const T*)nullptr : (const T*)yT.data(), (const T*)xT.data(), mf, sf, gf, dgf, dbf, a.data(), (i64)n, c, (i64)hw, train);
+            launch({eb}, et, KT(bn_act_backward_dx), (const T*)dyN.data(), masked ? (const T*)nullptr : (const T*)yN.data(), (const T*)xN.data(), mf, sf, gf, dgf, dbf, b.data(), (i64)R, c, (i64)1, train);
+            char what[64];
+            snprintf(what, sizeof what, "bn_act_backward_dx %s%s", train ? "train" : "eval", masked ? " y=null" : "");
+            cmp(what, b, a);
+        }
+    // the NHWC forward against f64 too (so a bug shared by both layouts fails)
+    std::vector<double> ry(tot);
+    const auto xw = widen(unshift(xN));
+    for (size_t i = 0; i < tot; ++i) { const int ci = (int)(i % c); ry[i] = ((double)xw[i] - mean[ci]) * is[ci] * gm[ci] + bt[ci]; }
+    launch({eb}, et, KT(bn_forward), (const T*)xN.data(), mf, sf, gf, bf, b.data(), (i64)R, c, (i64)1);
+    check(nm("bn_forward NHWC vs f64"), widen(unshift(b)), ry, std::is_same_v<T, float> ? 1e-5 : 5e-3);
+}
+
+// NHWC max pool and global average pool against the NCHW kernels on the same values. The max
+// pool input comes from 23 values (ties in the windows) with one NaN; grid eb x et.
+template <class T>
+void test_pool_nhwc(int n, int c, int H, int W, int k, int st, int p, unsigned eb, unsigned et) {
+    const int HO = (H + 2 * p - k) / st + 1, WO = (W + 2 * p - k) / st + 1;
+    const size_t len = (size_t)n * c * H * W, ol = (size_t)n * c * HO * WO;
+    std::vector<float> xr(len);
+    for (size_t i = 0; i < len; ++i) xr[i] = (float)(i % 23) * 0.37f - 3;
+    std::shuffle(xr.begin(), xr.end(), rng);
+    xr[len / 2] = NAN;
+    auto xT = store<T>(xr), dyT = store<T>(randn(ol));
+    auto xN = to_nhwc(xT, n, c, (size_t)H * W), dyN = to_nhwc(dyT, n, c, (size_t)HO * WO);
+    char tag[112];
+    snprintf(tag, sizeof tag, "%s (%d,%d,%d,%d) k=%d s=%d p=%d eb=%u et=%u", tname<T>(), n, c, H, W, k, st, p, eb, et);
+    auto nm = [&](const char* what) { static char b[192]; snprintf(b, sizeof b, "pool_nhwc %s %s", what, tag); return b; };
+    auto y = nant<T>(ol), yN = nant<T>(ol), dx = nant<T>(len), dxN = nant<T>(len);
+    std::vector<int> a(ol, -7), aN(ol, -7);
+    launch({eb}, et, KT(maxpool2d_fwd), (const T*)xT.data(), y.data(), a.data(), (i64)n * c, H, W, HO, WO, k, st, p);
+    launch({eb}, et, KT(maxpool2d_fwd_nhwc), (const T*)xN.data(), yN.data(), aN.data(), (i64)n, c, H, W, HO, WO, k, st, p);
+    // the backward on the NHWC kernel's own argmax (checked equal to the NCHW one)
+    launch({eb + 1}, et, KT(maxpool2d_bwd), (const T*)dyT.data(), (const int*)a.data(), dx.data(), (i64)n * c, H, W, HO, WO, k, st, p);
+    launch({eb + 1}, et, KT(maxpool2d_bwd_nhwc), (const T*)dyN.data(), (const int*)aN.data(), dxN.data(), (i64)n, c, H, W, HO, WO, k, st, p);
+    same_bits(nm("maxpool y"), to_nchw(yN, n, c, (size_t)HO * WO), y);
+    same_bits(nm("maxpool argmax"), to_nchw(aN, n, c, (size_t)HO * WO), a);
+    same_bits(nm("maxpool dx"), to_nchw(dxN, n, c, (size_t)H * W), dx);
+    size_t nans = 0;
+    for (auto v : widen(y)) nans += std::isnan(v);
+    if (nans == 0) { printf("FAIL %s: the NaN reached no output\n", nm("maxpool")); fails++; }
+    // f64 reference of the max pool (windows holding the NaN skipped) and of its backward, so a
+    // bug shared by both layouts fails.
+    const auto xw = widen(xT), yw = widen(y), dyw = widen(dyT);
+    std::vector<double> rdx(len, 0.0);  // dy scattered to the argmax (checked against bi)
+    size_t bad = 0;
+    for (int q = 0; q < n * c; ++q)
+        for (int oh = 0; oh < HO; ++oh) for (int ow = 0; ow < WO; ++ow) {
+            double best = -INFINITY; int bi = -1; bool has_nan = false;
+            for (int u = 0; u < k; ++u) for (int v = 0; v < k; ++v) {
+                const int h = oh * st - p + u, w = ow * st - p + v;
+                if (h < 0 || w < 0 || h >= H || w >= W) continue;
+                const double xv = xw[(size_t)q * H * W + h * W + w];
+                has_nan |= std::isnan(xv);
+                if (bi < 0 || xv > best) { best = xv; bi = h * W + w; }
+            }
+            const size_t o = ((size_t)q * HO + oh) * WO + ow;
+            if (!has_nan && (yw[o] != best || a[o] != bi)) bad++;
+            if (a[o] >= 0) rdx[(size_t)q * H * W + a[o]] += dyw[o];
+        }
+    printf("%s %s\n", bad ? "FAIL" : "ok  ", nm("maxpool vs f64 reference (first max wins)"));
+    fails += bad != 0;
+    check(nm("maxpool dx vs f64"), widen(to_nchw(dxN, n, c, (size_t)H * W)), rdx, std::is_same_v<T, float> ? 1e-6 : 5e-3);
+    // global average pool over (n, c, H * W)
+    const i64 HW = (i64)H * W, NC = (i64)n * c;
+    auto gT = store<T>(randn(len)), gdT = store<T>(randn(NC));
+    auto gN = to_nhwc(gT, n, c, HW);
+    auto gy = nant<T>(NC), gyN = nant<T>(NC), gdx = nant<T>(len), gdxN = nant<T>(len);
+    launch({eb}, et, KT(global_avgpool_fwd), (const T*)gT.data(), gy.data(), NC, HW);
+    launch({eb}, et, KT(global_avgpool_fwd_nhwc), (const T*)gN.data(), gyN.data(), (i64)n, c, HW);
+    launch({eb}, et, KT(global_avgpool_bwd), (const T*)gdT.data(), gdx.data(), NC, HW);
+    launch({eb}, et, KT(global_avgpool_bwd_nhwc), (const T*)gdT.data(), gdxN.data(), (i64)n, c, HW);
+    same_bits(nm("gap dx"), to_nchw(gdxN, n, c, HW), gdx);
+    const auto gw = widen(gT);
+    std::vector<double> rgy(NC);
+    for (i64 q = 0; q < NC; ++q) { double s = 0; for (i64 j = 0; j < HW; ++j) s += gw[q * HW + j]; rgy[q] = s / HW; }
+    if constexpr (std::is_same_v<T, float>) {
+        check(nm("gap y vs NCHW"), gyN, dbl(gy), 1e-6);
+        check(nm("gap y vs f64"), gyN, rgy, 1e-6);
+    } else {
+        // bf16: round_bf16 of the f32 NHWC kernel on the widened values, bit for bit (the f32
+        // NHWC sum and the NCHW one may differ in their last bit, which can flip a rounding)
+        const auto gNw = widen(gN);
+        std::vector<float> f = nanv(NC);
+        launch({eb}, et, global_avgpool_fwd_nhwc_f32, (const float*)gNw.data(), f.data(), (i64)n, c, HW);
+        bits_eq(nm("gap y == round_bf16(f32 NHWC kernel)"), gyN.data(), f.data(), NC);
+        check(nm("gap y vs NCHW"), widen(gyN), dbl(widen(gy)), 5e-3);
+        check(nm("gap y vs f64"), widen(gyN), rgy, 5e-3);
+    }
+}
+
+// The layout conversions against a C++ transposition and ref_bf16, bit for bit, on the launch
+// geometry the kernels state (block (32, 8), grid (ceil(HW / 32), ceil(C / 32), gz), gz <= N).
+// f32 inputs include NaN (with payload), infinities, -0, rounding ties and subnormals; bf16
+// inputs are random bit patterns (NaNs with payloads included: copied, not quieted).
+void test_convert_nhwc(int n, int c, int hw, unsigned gz) {
+    const size_t tot = (size_t)n * c * hw;
+    auto x = randn(tot, 3);
+    const unsigned sp[] = {0x7fa12345u, 0xff800001u, 0x7f800000u, 0xff800000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x00018000u, 0x7f7fffffu, 0x00000001u};
+    for (size_t j = 0; j < sizeof sp / sizeof sp[0] && j < tot; ++j) x[(j * 7919) % tot] = __uint_as_float(sp[j]);
+    std::uniform_int_distribution<unsigned> bits;
+    vb xb(tot);
+    for (auto& v : xb) v = (bf16)bits(rng);
+    const dim3s g = {(unsigned)((hw + 31) / 32), (unsigned)((c + 31) / 32), gz};
+    char tag[64];
+    snprintf(tag, sizeof tag, "(n=%d,c=%d,hw=%d) gz=%u", n, c, hw, gz);
+    auto nm = [&](const char* what) { static char b[160]; snprintf(b, sizeof b, "%s %s", what, tag); return b; };
+    // f32 NCHW -> bf16 NHWC
+    vb y = nanb(tot);
+    launch(g, NHWC_BLOCK, nchw_to_nhwc_f32_bf16, (const float*)x.data(), y.data(), (i64)n, c, (i64)hw);
+    same_bits(nm("nchw_to_nhwc_f32_bf16"), y, to_nhwc(tob(x), n, c, hw));
+    // bf16 NCHW -> bf16 NHWC, and back
+    vb yb = nanb(tot), back = nanb(tot);
+    launch(g, NHWC_BLOCK, nchw_to_nhwc_bf16_bf16, (const bf16*)xb.data(), yb.data(), (i64)n, c, (i64)hw);
+    same_bits(nm("nchw_to_nhwc_bf16_bf16"), yb, to_nhwc(xb, n, c, hw));
+    // NHWC inputs: the bf16 pattern buffer read as (n, hw, c)
+    launch(g, NHWC_BLOCK, nhwc_to_nchw_bf16_bf16, (const bf16*)xb.data(), back.data(), (i64)n, c, (i64)hw);
+    same_bits(nm("nhwc_to_nchw_bf16_bf16"), back, to_nchw(xb, n, c, hw));
+    std::vector<float> yf = nanv(tot);
+    launch(g, NHWC_BLOCK, nhwc_to_nchw_bf16_f32, (const bf16*)xb.data(), yf.data(), (i64)n, c, (i64)hw);
+    same_bits(nm("nhwc_to_nchw_bf16_f32"), yf, to_nchw(wid(xb), n, c, hw));
+    // round trip
+    launch(g, NHWC_BLOCK, nhwc_to_nchw_bf16_bf16, (const bf16*)yb.data(), back.data(), (i64)n, c, (i64)hw);
+    same_bits(nm("nchw -> nhwc -> nchw (bf16)"), back, xb);
+}
+
+void test_nhwc_all() {
+    // Reductions: C = 3, 33, 64, 100 (one, two and four 32-channel blocks; partial last blocks),
+    // odd R (21, 45, 147), S = 1, 3, 7, 20, slices of more than 32 rows (the 4-row unrolled walk),
+    // empty trailing slices (R = 9, S = 7). The NCHW reference kernels run C x S blocks: sizes
+    // are kept small for the emulator's time.
+    for (int t = 0; t < 2; ++t) {
+        auto run = [&](int n, int c, int hw, unsigned S) { if (t == 0) test_bn_nhwc<float>(n, c, hw, S); else test_bn_nhwc<bf16>(n, c, hw, S); };
+        run(3, 3, 7, 1);
+        run(3, 64, 7, 3);
+        run(3, 100, 7, 3);
+        run(5, 100, 9, 1);
+        run(3, 3, 49, 7);
+        run(1, 33, 9, 7);
+        run(2, 5, 36, 7);
+        run(3, 33, 49, 20);  // S > 8: the mean's partials split over the row threads
+    }
+    // Elementwise BN as (R, C, 1): odd C and C % 4 == 0 (the 4-channel path aligned; the
+    // one-element path at offn 1, 2), NCHW hw % 4 == 0 (its 4-wide path) and not; a grid-stride
+    // loop that wraps (R * C / 4 units > the threads) and one that does not.
+    for (int t = 0; t < 2; ++t) {
+        auto run = [&](int n, int c, int hw, unsigned eb, unsigned et, int offn) { if (t == 0) test_bn_elem_nhwc<float>(n, c, hw, eb, et, offn); else test_bn_elem_nhwc<bf16>(n, c, hw, eb, et, offn); };
+        run(3, 3, 7, 2, 64, 0);
+        run(3, 5, 8, 3, 32, 0);
+        run(2, 64, 9, 3, 64, 0);
+        run(2, 64, 9, 3, 64, 1);
+        run(3, 100, 4, 2, 96, 0);
+        run(3, 100, 4, 2, 96, 2);
+        run(1, 8, 1, 1, 32, 0);
+        run(5, 12, 3, 1, 32, 0);
+        run(1, 7, 1, 1, 32, 0);
+    }
+    for (int t = 0; t < 2; ++t) {
+        auto run = [&](int n, int c, int H, int W, int k, int s, int p, unsigned eb, unsigned et) { if (t == 0) test_pool_nhwc<float>(n, c, H, W, k, s, p, eb, et); else test_pool_nhwc<bf16>(n, c, H, W, k, s, p, eb, et); };
+        run(2, 3, 11, 9, 3, 2, 1, 2, 64);
+        run(3, 64, 8, 7, 2, 2, 0, 3, 96);
+        run(1, 100, 7, 7, 3, 1, 1, 2, 64);
+        run(3, 5, 1, 1, 1, 1, 0, 1, 32);
+    }
+    test_convert_nhwc(2, 3, 49, 2);
+    test_convert_nhwc(3, 64, 9, 2);
+    test_convert_nhwc(2, 100, 33, 1);
+    test_convert_nhwc(5, 7, 1, 3);    // HW == 1: the layouts coincide (a cast)
+    test_convert_nhwc(300, 40, 1, 7); // HW == 1 with the grid's z loop
+    test_convert_nhwc(3, 1, 45, 2);   // C == 1
+    test_convert_nhwc(1, 33, 64, 1);
+    test_convert_nhwc(3, 3, 70, 3);
+}
+
 int main(int argc, char** argv) {
     if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     if (argc == 4 && std::strcmp(argv[1], "bf16round") == 0) return run_bf16_round(argv[2], argv[3]);
@@ -1122,6 +1491,8 @@ int main(int argc, char** argv) {
         }
     // bf16 storage (after the f32 tests: their random draws are unchanged).
     test_bf16_all();
+    // channels-last kernels (after the others: their random draws are unchanged)
+    test_nhwc_all();
     printf(fails ? "FAILURES: %d\n" : "ALL OK\n", fails);
     return fails != 0;
 }
