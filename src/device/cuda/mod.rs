@@ -124,6 +124,10 @@ const KERNELS: &[(&str, &[&str])] = &[
             "add_bf16",
             "cast_f32_bf16",
             "cast_bf16_f32",
+            "nchw_to_nhwc_f32_bf16",
+            "nchw_to_nhwc_bf16_bf16",
+            "nhwc_to_nchw_bf16_f32",
+            "nhwc_to_nchw_bf16_bf16",
             "accumulate_f32",
             "scale_f32",
             "fill_f32",
@@ -143,12 +147,18 @@ const KERNELS: &[(&str, &[&str])] = &[
             "bn_sum_partial_bf16",
             "bn_sqdev_partial_f32",
             "bn_sqdev_partial_bf16",
+            "bn_sum_partial_nhwc_f32",
+            "bn_sum_partial_nhwc_bf16",
+            "bn_sqdev_partial_nhwc_f32",
+            "bn_sqdev_partial_nhwc_bf16",
             "bn_stats_finalize_f32",
             "bn_forward_f32",
             "bn_forward_bf16",
             "bn_invstd_f32",
             "bn_backward_partial_f32",
             "bn_backward_partial_bf16",
+            "bn_backward_partial_nhwc_f32",
+            "bn_backward_partial_nhwc_bf16",
             "bn_backward_finalize_f32",
             "bn_backward_dx_f32",
             "bn_backward_dx_bf16",
@@ -169,6 +179,14 @@ const KERNELS: &[(&str, &[&str])] = &[
             "global_avgpool_fwd_bf16",
             "global_avgpool_bwd_f32",
             "global_avgpool_bwd_bf16",
+            "maxpool2d_fwd_nhwc_f32",
+            "maxpool2d_fwd_nhwc_bf16",
+            "maxpool2d_bwd_nhwc_f32",
+            "maxpool2d_bwd_nhwc_bf16",
+            "global_avgpool_fwd_nhwc_f32",
+            "global_avgpool_fwd_nhwc_bf16",
+            "global_avgpool_bwd_nhwc_f32",
+            "global_avgpool_bwd_nhwc_bf16",
         ],
     ),
     (
@@ -208,6 +226,8 @@ const KERNELS: &[(&str, &[&str])] = &[
             "bn_act_forward_bf16",
             "bn_act_backward_partial_f32",
             "bn_act_backward_partial_bf16",
+            "bn_act_backward_partial_nhwc_f32",
+            "bn_act_backward_partial_nhwc_bf16",
             "bn_act_backward_dx_f32",
             "bn_act_backward_dx_bf16",
         ],
@@ -569,6 +589,102 @@ pub(crate) use launch;
 #[cfg(test)]
 mod tests {
     use super::{kernels::MODULES, KERNELS};
+
+    /// The parameters of kernel `name` in any module's PTX: (count, widths in bits), or None.
+    fn ptx_params(name: &str) -> Option<Vec<u32>> {
+        let head = format!(".entry {name}(");
+        for (_, ptx) in MODULES {
+            if let Some(at) = ptx.find(&head) {
+                let rest = &ptx[at + head.len()..];
+                let end = rest.find(')')?;
+                return Some(
+                    rest[..end]
+                        .lines()
+                        .filter_map(|l| l.trim().strip_prefix(".param ."))
+                        .map(|t| {
+                            let ty = t.split_whitespace().next().unwrap_or("");
+                            ty[1..].parse::<u32>().unwrap_or(0)
+                        })
+                        .collect(),
+                );
+            }
+        }
+        None
+    }
+
+    /// The launch! calls of a launcher source: (kernel names it may launch, argument count).
+    /// `&kname("base", dt)` may launch base_f32 or base_bf16; a kernel named by a variable is
+    /// skipped (its callers are checked where they name it).
+    fn launches(src: &str) -> Vec<(Vec<String>, usize)> {
+        let mut out = Vec::new();
+        let mut rest = src;
+        while let Some(at) = rest.find("launch!(") {
+            rest = &rest[at + "launch!(".len()..];
+            // The arguments up to the matching ')', split at top-level commas.
+            let (mut depth, mut args, mut cur) = (0i32, Vec::new(), String::new());
+            for ch in rest.chars() {
+                match ch {
+                    '(' | '[' => depth += 1,
+                    ')' | ']' if depth == 0 => break,
+                    ')' | ']' => depth -= 1,
+                    ',' if depth == 0 => {
+                        args.push(std::mem::take(&mut cur).trim().to_string());
+                        continue;
+                    }
+                    _ => {}
+                }
+                cur.push(ch);
+            }
+            if !cur.trim().is_empty() {
+                args.push(cur.trim().to_string());
+            }
+            if args.len() < 3 || args[0].starts_with('$') {
+                continue; // the macro's own definition
+            }
+            let name = &args[1];
+            let names = if let Some(lit) = name.strip_prefix('"') {
+                vec![lit.trim_end_matches('"').to_string()]
+            } else if let Some(k) = name.strip_prefix("&kname(\"") {
+                let base = &k[..k.find('"').unwrap_or(0)];
+                vec![format!("{base}_f32"), format!("{base}_bf16")]
+            } else {
+                continue;
+            };
+            out.push((names, args.len() - 3));
+        }
+        out
+    }
+
+    // Every launch! in the launchers passes as many arguments as its kernel declares (a kernel
+    // whose signature changed without its launcher, or the wrong variant's argument list, fails
+    // here in CI instead of as a garbled launch on a GPU). Both instantiations of a typed kernel
+    // are checked, and each launched name must exist in the PTX.
+    #[test]
+    fn launch_argument_counts_match_the_kernels() {
+        let mut checked = 0;
+        for src in [include_str!("ops.rs"), include_str!("augment.rs")] {
+            for (names, nargs) in launches(src) {
+                let mut found = false;
+                for n in &names {
+                    if let Some(params) = ptx_params(n) {
+                        found = true;
+                        assert_eq!(
+                            params.len(),
+                            nargs,
+                            "launch of {n} passes {nargs} arguments, the kernel takes {}",
+                            params.len()
+                        );
+                        checked += 1;
+                    }
+                }
+                assert!(found, "launched kernel {names:?} is not in the PTX");
+            }
+        }
+        assert!(
+            checked > 40,
+            "only {checked} launches found: the parser missed them"
+        );
+    }
 
     // Every entry point the backend loads at start-up is in its module's PTX (a kernel renamed
     // or missing in a .cu file fails here, in CI, instead of when a GPU opens the backend), and

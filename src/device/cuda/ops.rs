@@ -198,6 +198,20 @@ impl CudaBackend {
             let nn = i64_of(total);
             launch!(self, name, cfg, px, py, nn);
         } else {
+            // The tiled transposes' geometry (kernels/elementwise.cu): 32 x 32 tiles of each
+            // sample's (C, HW) plane, blocks of (32, 8), samples along z (grid-stride past
+            // 65535).
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32::try_from(hw.div_ceil(32))
+                        .map_err(|_| Error::Shape(format!("{op}: plane of {hw} too large")))?,
+                    u32::try_from(c.div_ceil(32))
+                        .map_err(|_| Error::Shape(format!("{op}: {c} channels too many")))?,
+                    n.min(65535) as u32,
+                ),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
             let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
             launch!(self, name, cfg, px, py, nn, cc, hh);
         }
