@@ -245,6 +245,9 @@ impl ParamStore {
             let Some(g) = grads.get(t) else { continue };
             let e = &self.entries[i];
             g.expect_shape(&format!("gradient of {}", e.name), &e.shape)?;
+            // The flat buffer is f32 NCHW: a gradient in another format (none reaches here
+            // today: the bf16 casts hand back f32) is converted, not copied as raw bytes.
+            let g = g.to_format(crate::tensor::DType::F32, crate::tensor::Layout::Nchw)?;
             match g.storage() {
                 crate::tensor::Storage::Cuda(c) => {
                     be.copy_dtod_range(&c.buf, 0, dflat, e.offset * 4, e.len() * 4)?

@@ -542,3 +542,33 @@ mod tests {
         assert_eq!(out, want);
     }
 }
+
+#[cfg(test)]
+mod format_tests {
+    use super::{DType, Layout, Tensor};
+
+    // CPU tensors are f32 NCHW: asking for that is the same tensor, anything else is an error
+    // that says where bf16 / NHWC storage exists; NHWC is refused for non-4-d shapes and f32.
+    #[test]
+    fn cpu_formats_and_their_errors() {
+        let t = Tensor::from_vec(vec![1.0, -2.5, 3.0, 0.5], &[1, 1, 2, 2]).unwrap();
+        assert_eq!((t.dtype(), t.layout()), (DType::F32, Layout::Nchw));
+        assert_eq!(t.to_dtype(DType::F32).unwrap().id(), t.id());
+        assert_eq!(t.to_format(DType::F32, Layout::Nchw).unwrap().id(), t.id());
+        let e = t.to_dtype(DType::Bf16).unwrap_err().to_string();
+        assert!(e.contains("GPU"), "{e}");
+        let e = t
+            .to_format(DType::F32, Layout::Nhwc)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank-4 bf16"), "{e}");
+        let flat = Tensor::from_vec(vec![1.0; 6], &[2, 3]).unwrap();
+        let e = flat
+            .to_format(DType::Bf16, Layout::Nhwc)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank-4 bf16"), "{e}");
+        assert_eq!(DType::Bf16.size(), 2);
+        assert_eq!(format!("{} {}", DType::Bf16, Layout::Nhwc), "bf16 NHWC");
+    }
+}

@@ -93,6 +93,16 @@ fn bn_slices(c: usize, m: usize, num_sms: usize) -> usize {
         .clamp(1, BN_MAX_SLICES)
 }
 
+/// Row slices for the channels-last BN reductions over `r` rows of `c` channels (blocks of 32
+/// channels, `CudaBackend::bn_nhwc_reduce_cfg`): enough that the ceil(c / 32) * s blocks reach
+/// 8 per SM, none shorter than 256 rows, in [1, 1024].
+fn bn_nhwc_slices(c: usize, r: usize, num_sms: usize) -> usize {
+    (8 * num_sms)
+        .div_ceil(c.div_ceil(32).max(1))
+        .min(r.div_ceil(256))
+        .clamp(1, 1024)
+}
+
 /// Max-pool geometry over (n, c, h, w) planes: square window `k`, `stride`, zero-free
 /// padding (padding acts as -inf). ho = (h + 2 pad - k) / stride + 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -427,10 +437,7 @@ impl CudaBackend {
     /// layout, combined by the same finalize kernels. Returns (config, s).
     fn bn_nhwc_reduce_cfg(&self, c: usize, r: usize) -> (LaunchConfig, u32) {
         let cb = c.div_ceil(32).max(1);
-        let s = (8 * self.num_sms as usize)
-            .div_ceil(cb)
-            .min(r.div_ceil(256))
-            .clamp(1, 1024);
+        let s = bn_nhwc_slices(c, r, self.num_sms as usize);
         let cfg = LaunchConfig {
             grid_dim: (cb as u32, s as u32, 1),
             block_dim: NHWC_BLOCK,
@@ -1950,7 +1957,22 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::bn_slices;
+    use super::{bn_nhwc_slices, bn_slices};
+
+    #[test]
+    fn bn_nhwc_slices_fill_the_gpu_without_tiny_slices() {
+        // ResNet50 at 512 images on a 132-SM H200, channels-last: the stem BN (64 channels =
+        // 2 column blocks of 512 * 112^2 rows) gets 528 slices (1056 blocks of ~12k rows),
+        // layer4 (2048 channels = 64 column blocks of 512 * 7^2 rows) 17, the head's (n, c)
+        // BN (4096 channels, 512 rows) 2 (no slice under 256 rows).
+        assert_eq!(bn_nhwc_slices(64, 512 * 112 * 112, 132), 528);
+        assert_eq!(bn_nhwc_slices(2048, 512 * 49, 132), 17);
+        assert!(64 * bn_nhwc_slices(2048, 512 * 49, 132) >= 8 * 132);
+        assert_eq!(bn_nhwc_slices(4096, 512, 132), 2);
+        assert_eq!(bn_nhwc_slices(3, 10, 132), 1);
+        assert_eq!(bn_nhwc_slices(0, 0, 132), 1);
+        assert_eq!(bn_nhwc_slices(1, usize::MAX / 2, 100_000), 1024);
+    }
 
     #[test]
     fn bn_slices_fill_the_gpu_without_tiny_slices() {
