@@ -222,13 +222,16 @@ if [ "${GPU_CHECK_LOADER:-1}" != 0 ]; then
 fi
 
 if [ "${GPU_CHECK_TRAIN:-1}" != 0 ]; then
-    # What a user runs: `carp train` on the GPU (tiny model, embedded data, k-NN on the GPU).
-    train_dir="${OUT:-/tmp}/gpu-train"
-    rm -rf "$train_dir"
-    run_step "carp train --device cuda (tiny, ${TRAIN_STEPS:-40} steps)" 240 bash -o pipefail -c \
-        "'$B/bin/carp' train --device cuda --steps ${TRAIN_STEPS:-40} --out '$train_dir' --json | tee '${OUT:-/tmp}/train.json'" ||
-        overall=1
-    row "  train summary" INFO "-" "$(tail -1 "${OUT:-/tmp}/train.json" 2>/dev/null | grep -o '"knn_top1":[0-9.]*\|"knn_top1_random_init":[0-9.]*\|"images_per_s":[0-9.]*' | tr '\n' ' ')"
+    # What a user runs: `carp train` on the GPU (tiny model, embedded data, k-NN on the GPU), in
+    # f32 and in bf16 (its k-NN gain is the end-to-end check of the bf16 GPU path).
+    for prec in f32 bf16; do
+        train_dir="${OUT:-/tmp}/gpu-train-$prec"
+        rm -rf "$train_dir"
+        run_step "carp train --device cuda --precision $prec (tiny, ${TRAIN_STEPS:-40} steps)" 240 bash -o pipefail -c \
+            "'$B/bin/carp' train --device cuda --precision $prec --steps ${TRAIN_STEPS:-40} --out '$train_dir' --json | tee '${OUT:-/tmp}/train-$prec.json'" ||
+            overall=1
+        row "  train summary ($prec)" INFO "-" "$(tail -1 "${OUT:-/tmp}/train-$prec.json" 2>/dev/null | grep -o '"knn_top1":[0-9.]*\|"knn_top1_random_init":[0-9.]*\|"images_per_s":[0-9.]*' | tr '\n' ' ')"
+    done
 fi
 
 echo
