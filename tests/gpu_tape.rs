@@ -1742,3 +1742,43 @@ fn device_state_step_sync_matches_gated() {
     }
     assert_eq!(gated.step, 3);
 }
+
+/// A bf16 activation taken by an op without bf16 kernels is widened to an f32 copy for that op
+/// only: after a ReLU (which saves its output, not its input) the copy is freed, so the tape
+/// gains ReLU's saved f32 output and its bf16 output (6 bytes per element, under 7 with the
+/// pool's bucket rounding of at most 12.5%), not also a cached f32 copy of the input (10).
+#[test]
+fn bf16_widened_activation_is_not_kept_by_the_tape() {
+    let Some((dev, _serial)) = gpu_or_skip("bf16_widened_activation_is_not_kept_by_the_tape")
+    else {
+        return;
+    };
+    let shape = [4, 64, 33, 31]; // (N, C, H, W), 261,888 elements
+    let n: usize = shape.iter().product();
+    let x = randn(&shape, 77)
+        .to_device(&dev)
+        .unwrap()
+        .to_dtype(DType::Bf16)
+        .unwrap();
+    let be = x.cuda().unwrap().backend.clone();
+    be.synchronize().unwrap();
+    let mut tape = Tape::new().with_precision(Precision::Bf16);
+    let x = tape.track(&x);
+    let before = be.pool_stats().bytes_in_use;
+    let y = tape.relu(&x).unwrap();
+    let grown = be.pool_stats().bytes_in_use - before;
+    assert!(
+        grown < 8 * n,
+        "a bf16 ReLU keeps {grown} bytes for {n} elements (a widened f32 copy still held?)"
+    );
+    // The gradient still reaches x (through the uncached copy's record).
+    let grads = tape
+        .backward_from(vec![(y.clone(), y.to_dtype(DType::F32).unwrap())])
+        .unwrap();
+    let dx = grads.get(&x).expect("x has a gradient").to_vec().unwrap();
+    let (xv, yv) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+    for i in 0..n {
+        let want = if xv[i] > 0.0 { yv[i] } else { 0.0 };
+        assert_eq!(dx[i], want, "dx[{i}]");
+    }
+}
