@@ -1747,6 +1747,7 @@ fn device_state_step_sync_matches_gated() {
 /// only: after a ReLU (which saves its output, not its input) the copy is freed, so the tape
 /// gains ReLU's saved f32 output and its bf16 output (6 bytes per element, under 7 with the
 /// pool's bucket rounding of at most 12.5%), not also a cached f32 copy of the input (10).
+#[cfg(feature = "cuda")]
 #[test]
 fn bf16_widened_activation_is_not_kept_by_the_tape() {
     let Some((dev, _serial)) = gpu_or_skip("bf16_widened_activation_is_not_kept_by_the_tape")
