@@ -1783,3 +1783,47 @@ fn bf16_widened_activation_is_not_kept_by_the_tape() {
         assert_eq!(dx[i], want, "dx[{i}]");
     }
 }
+
+/// A conv weight used by two convolutions of one bf16 tape (the global and the local views'
+/// passes of a step) gets the f32 sum of the two bf16 weight gradients cuDNN returns, as the
+/// CPU emulation sums in f32: the gradient with both uses equals (to f32 rounding) the sum of
+/// the gradients of each use alone. A bf16 accumulation would round the sum once more (about
+/// half the elements off by up to 0.2%); at most 1% of the elements may differ (a cuDNN
+/// algorithm's nondeterministic f32 order can flip a rare bf16 rounding).
+#[test]
+fn bf16_conv_weight_used_twice_accumulates_in_f32() {
+    let Some((dev, _serial)) = gpu_or_skip("bf16_conv_weight_used_twice_accumulates_in_f32") else {
+        return;
+    };
+    let w = randn(&[6, 3, 3, 3], 31).to_device(&dev).unwrap();
+    let xs = [
+        randn(&[2, 3, 9, 11], 32).to_device(&dev).unwrap(),
+        randn(&[3, 3, 7, 7], 33).to_device(&dev).unwrap(),
+    ];
+    let dw = |uses: &[usize]| -> Vec<f32> {
+        let mut tape = Tape::new().with_precision(Precision::Bf16);
+        let w = tape.track(&w);
+        let mut seeds = Vec::new();
+        for &i in uses {
+            let y = tape.conv2d(&xs[i], &w, 1, 1).unwrap();
+            let dy = randn(y.shape(), 40 + i as u64).to_device(&dev).unwrap();
+            seeds.push((y, dy));
+        }
+        let g = tape.backward_from(seeds).unwrap();
+        let d = g.get(&w).expect("weight gradient");
+        assert_eq!((d.dtype(), d.layout()), (DType::F32, Layout::Nchw));
+        d.to_vec().unwrap()
+    };
+    let (g0, g1, both) = (dw(&[0]), dw(&[1]), dw(&[0, 1]));
+    let scale = both.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let off = both
+        .iter()
+        .zip(g0.iter().zip(&g1))
+        .filter(|(b, (a, c))| (**b - (**a + **c)).abs() > 1e-5 * scale)
+        .count();
+    assert!(
+        off * 100 <= both.len(),
+        "{off} of {} weight-gradient elements differ from the f32 sum of the two uses",
+        both.len()
+    );
+}
