@@ -1657,3 +1657,49 @@ fn bn_act_fused_vs_unfused_timed() {
          {unfused_fwd:.3} ms; backward fused {fused_bwd:.3} ms vs unfused {unfused_bwd:.3} ms"
     );
 }
+
+// The layout-agnostic launchers refuse buffers whose layout labels disagree (an NHWC operand
+// next to an NCHW one would otherwise be combined element by element without an error): add
+// with mixed a/b/y layouts, max pool with an NCHW input and an NHWC output (or gradient).
+#[test]
+fn launchers_refuse_mixed_layouts() {
+    use carp::tensor::Layout;
+    let Some(be) = gpu_or_skip("launchers_refuse_mixed_layouts") else {
+        return;
+    };
+    let n = 2 * 3 * 5 * 7; // (2, 3, 5, 7)
+    let a = be.alloc_bf16(n).unwrap();
+    let b = be.alloc_bf16(n).unwrap().with_layout(Layout::Nhwc);
+    let mut y = be.alloc_bf16(n).unwrap();
+    let e = be.add(&a, &b, &mut y).expect_err("NCHW a + NHWC b");
+    assert!(e.to_string().contains("NHWC"), "{e}");
+    let b = be.alloc_bf16(n).unwrap();
+    be.add(&a, &b, &mut y).expect("one layout");
+
+    let s = Pool2dShape {
+        n: 2,
+        c: 3,
+        h: 5,
+        w: 7,
+        k: 3,
+        stride: 2,
+        padding: 1,
+    };
+    let (ho, wo) = s.out_hw().unwrap();
+    let x = be.alloc_bf16(n).unwrap(); // (N, C, H, W)
+    let mut yp = be
+        .alloc_bf16(2 * 3 * ho * wo)
+        .unwrap()
+        .with_layout(Layout::Nhwc);
+    let mut argmax = be.alloc_bytes(2 * 3 * ho * wo * 4).unwrap();
+    let e = be
+        .max_pool2d_forward(&s, &x, &mut yp, &mut argmax)
+        .expect_err("NCHW x, NHWC y");
+    assert!(e.to_string().contains("NHWC"), "{e}");
+    let dy = be.alloc_bf16(2 * 3 * ho * wo).unwrap(); // NCHW
+    let mut dx = be.alloc_bf16(n).unwrap().with_layout(Layout::Nhwc);
+    let e = be
+        .max_pool2d_backward(&s, &dy, &argmax, &mut dx)
+        .expect_err("NCHW dy, NHWC dx");
+    assert!(e.to_string().contains("NHWC"), "{e}");
+}

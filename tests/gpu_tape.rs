@@ -1742,3 +1742,88 @@ fn device_state_step_sync_matches_gated() {
     }
     assert_eq!(gated.step, 3);
 }
+
+/// A bf16 activation taken by an op without bf16 kernels is widened to an f32 copy for that op
+/// only: after a ReLU (which saves its output, not its input) the copy is freed, so the tape
+/// gains ReLU's saved f32 output and its bf16 output (6 bytes per element, under 7 with the
+/// pool's bucket rounding of at most 12.5%), not also a cached f32 copy of the input (10).
+#[cfg(feature = "cuda")]
+#[test]
+fn bf16_widened_activation_is_not_kept_by_the_tape() {
+    let Some((dev, _serial)) = gpu_or_skip("bf16_widened_activation_is_not_kept_by_the_tape")
+    else {
+        return;
+    };
+    let shape = [4, 64, 33, 31]; // (N, C, H, W), 261,888 elements
+    let n: usize = shape.iter().product();
+    let x = randn(&shape, 77)
+        .to_device(&dev)
+        .unwrap()
+        .to_dtype(DType::Bf16)
+        .unwrap();
+    let be = x.cuda().unwrap().backend.clone();
+    be.synchronize().unwrap();
+    let mut tape = Tape::new().with_precision(Precision::Bf16);
+    let x = tape.track(&x);
+    let before = be.pool_stats().bytes_in_use;
+    let y = tape.relu(&x).unwrap();
+    let grown = be.pool_stats().bytes_in_use - before;
+    assert!(
+        grown < 8 * n,
+        "a bf16 ReLU keeps {grown} bytes for {n} elements (a widened f32 copy still held?)"
+    );
+    // The gradient still reaches x (through the uncached copy's record).
+    let grads = tape
+        .backward_from(vec![(y.clone(), y.to_dtype(DType::F32).unwrap())])
+        .unwrap();
+    let dx = grads.get(&x).expect("x has a gradient").to_vec().unwrap();
+    let (xv, yv) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+    for i in 0..n {
+        let want = if xv[i] > 0.0 { yv[i] } else { 0.0 };
+        assert_eq!(dx[i], want, "dx[{i}]");
+    }
+}
+
+/// A conv weight used by two convolutions of one bf16 tape (the global and the local views'
+/// passes of a step) gets the f32 sum of the two bf16 weight gradients cuDNN returns, as the
+/// CPU emulation sums in f32: the gradient with both uses equals (to f32 rounding) the sum of
+/// the gradients of each use alone. A bf16 accumulation would round the sum once more (about
+/// half the elements off by up to 0.2%); at most 1% of the elements may differ (a cuDNN
+/// algorithm's nondeterministic f32 order can flip a rare bf16 rounding).
+#[test]
+fn bf16_conv_weight_used_twice_accumulates_in_f32() {
+    let Some((dev, _serial)) = gpu_or_skip("bf16_conv_weight_used_twice_accumulates_in_f32") else {
+        return;
+    };
+    let w = randn(&[6, 3, 3, 3], 31).to_device(&dev).unwrap();
+    let xs = [
+        randn(&[2, 3, 9, 11], 32).to_device(&dev).unwrap(),
+        randn(&[3, 3, 7, 7], 33).to_device(&dev).unwrap(),
+    ];
+    let dw = |uses: &[usize]| -> Vec<f32> {
+        let mut tape = Tape::new().with_precision(Precision::Bf16);
+        let w = tape.track(&w);
+        let mut seeds = Vec::new();
+        for &i in uses {
+            let y = tape.conv2d(&xs[i], &w, 1, 1).unwrap();
+            let dy = randn(y.shape(), 40 + i as u64).to_device(&dev).unwrap();
+            seeds.push((y, dy));
+        }
+        let g = tape.backward_from(seeds).unwrap();
+        let d = g.get(&w).expect("weight gradient");
+        assert_eq!((d.dtype(), d.layout()), (DType::F32, Layout::Nchw));
+        d.to_vec().unwrap()
+    };
+    let (g0, g1, both) = (dw(&[0]), dw(&[1]), dw(&[0, 1]));
+    let scale = both.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let off = both
+        .iter()
+        .zip(g0.iter().zip(&g1))
+        .filter(|(b, (a, c))| (**b - (**a + **c)).abs() > 1e-5 * scale)
+        .count();
+    assert!(
+        off * 100 <= both.len(),
+        "{off} of {} weight-gradient elements differ from the f32 sum of the two uses",
+        both.len()
+    );
+}

@@ -234,17 +234,18 @@ impl Tape {
         Ok(out)
     }
 
-    /// A bf16 GPU activation widened (exactly) to f32 storage for an op without bf16 kernels;
-    /// once per tensor. Its gradient passes through in f32: where the activation's producer has
-    /// bf16 kernels it rounds the (accumulated) gradient, as the CPU's bf16 output node does.
+    /// A bf16 GPU activation widened (exactly) to f32 storage for an op without bf16 kernels.
+    /// Its gradient passes through in f32: where the activation's producer has bf16 kernels it
+    /// rounds the (accumulated) gradient, as the CPU's bf16 output node does.
+    ///
+    /// Not cached in `casts` (unlike a parameter's rounded copy): the f32 copy is as large as
+    /// the activation twice over, and the map would keep it alive until the tape is dropped
+    /// even where its op does not save its input (ReLU saves only its output). A second f32
+    /// consumer widens again (the same exact values; both records route their gradient to x).
     fn widen_bf16(&mut self, x: &Tensor) -> Result<Tensor> {
-        if let Some(r) = self.casts.get(&x.id()) {
-            return Ok(r.clone());
-        }
         let r = x.to_dtype(DType::F32)?;
         self.record("bf16_to_f32", &r, &[x], |dr| Ok(vec![Some(dr.clone())]));
         self.bf16.insert(r.id());
-        self.casts.insert(x.id(), r.clone());
         Ok(r)
     }
 

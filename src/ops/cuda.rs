@@ -154,7 +154,12 @@ pub(crate) fn conv2d(
         let dw = if need_dw {
             let mut dw = alloc_fmt(&be, f, s.w_len())?; // (O, C, KH, KW)
             be.conv2d_backward_filter(&cs, dbuf("conv2d backward", &xs)?, dyb, &mut dw)?;
-            Some(wrap(&be, dw, ws.shape())?)
+            // cuDNN's bf16 config writes dw in bf16 (the one documented rounding); widened to
+            // f32 NCHW here, so that a weight used by several convolutions in one tape (the
+            // global and the local views' passes) accumulates its gradients in f32 as on the
+            // CPU, instead of a bf16 add rounding the sum once more. The weight's to_bf16 node
+            // would widen it anyway: the same conversion, done earlier.
+            Some(wrap(&be, dw, ws.shape())?.to_format(DType::F32, Layout::Nchw)?)
         } else {
             None
         };

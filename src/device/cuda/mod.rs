@@ -686,6 +686,225 @@ mod tests {
         );
     }
 
+    /// The PTX parameter types of kernel `name` (`u64`, `u32`, `f32`, or the first word of an
+    /// aggregate such as `align`), or None when no module declares it.
+    fn ptx_param_types(name: &str) -> Option<Vec<String>> {
+        let head = format!(".entry {name}(");
+        for (_, ptx) in MODULES {
+            if let Some(at) = ptx.find(&head) {
+                let rest = &ptx[at + head.len()..];
+                let end = rest.find(')')?;
+                return Some(
+                    rest[..end]
+                        .lines()
+                        .filter_map(|l| l.trim().strip_prefix(".param ."))
+                        .map(|t| t.split_whitespace().next().unwrap_or("").to_string())
+                        .collect(),
+                );
+            }
+        }
+        None
+    }
+
+    /// `s` split at its top-level commas (not inside (), [], {} or a closure's |..|).
+    fn split_top(s: &str) -> Vec<String> {
+        let (mut depth, mut out, mut cur) = (0i32, Vec::new(), String::new());
+        for ch in s.chars() {
+            match ch {
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.push(std::mem::take(&mut cur).trim().to_string());
+                    continue;
+                }
+                _ => {}
+            }
+            cur.push(ch);
+        }
+        if !cur.trim().is_empty() {
+            out.push(cur.trim().to_string());
+        }
+        out
+    }
+
+    /// The PTX type class an expression binds (`u64` for device pointers and i64 sizes, `u32`
+    /// for i32, `f32`), following plain aliases back through `before`; None if unknown.
+    fn class_of(expr: &str, before: &str, depth: u32) -> Option<&'static str> {
+        let e = expr.trim();
+        if e.contains("ptr()")
+            || e.contains("i64_of(")
+            || e.contains("as i64")
+            || e.contains("as u64")
+        {
+            return Some("u64");
+        }
+        if e.contains("i32_of(") || e.contains("as i32") || e.contains("i32::from") {
+            return Some("u32");
+        }
+        if e.ends_with("f32") || e.starts_with("*") && depth > 0 {
+            // `x: f32` parameters, `1.0f32` literals; `*norm` (an aggregate) is skipped by the
+            // caller through the kernel's type.
+            return if e.ends_with("f32") {
+                Some("f32")
+            } else {
+                None
+            };
+        }
+        if depth < 4 && !e.is_empty() && e.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            return binding_class(e, before, depth + 1);
+        }
+        None
+    }
+
+    /// The type class of the nearest binding of `name` in `before` (a `let`, simple or tuple,
+    /// including `if .. { (a, b) } else { (c, d) }` tuples, or an `name: f32` parameter).
+    fn binding_class(name: &str, before: &str, depth: u32) -> Option<&'static str> {
+        let lines: Vec<&str> = before.lines().collect();
+        for k in (0..lines.len()).rev() {
+            let line = lines[k];
+            for pat in [format!("({name}: f32"), format!(" {name}: f32")] {
+                if line.contains(&pat) {
+                    return Some("f32");
+                }
+            }
+            if line.trim_start().starts_with(&format!("{name}: f32")) {
+                return Some("f32");
+            }
+            let Some(at) = line.find("let ") else {
+                continue;
+            };
+            let after = &line[at + 4..];
+            let Some(eq) = after.find(" = ") else {
+                continue;
+            };
+            let pat = after[..eq].trim().trim_start_matches("mut ").trim();
+            let pat = pat.split(':').next().unwrap_or("").trim();
+            let names: Vec<String> = if let Some(t) = pat.strip_prefix('(') {
+                split_top(t.trim_end_matches(')'))
+                    .iter()
+                    .map(|n| n.trim_start_matches("mut ").to_string())
+                    .collect()
+            } else {
+                vec![pat.to_string()]
+            };
+            let Some(idx) = names.iter().position(|n| n == name) else {
+                continue;
+            };
+            // The whole statement, to its ';'.
+            let mut stmt = after[eq + 3..].to_string();
+            let mut j = k + 1;
+            while !stmt.contains(';') && j < lines.len() {
+                stmt.push(' ');
+                stmt.push_str(lines[j].trim());
+                j += 1;
+            }
+            let rhs = stmt[..stmt.rfind(';').unwrap_or(stmt.len())]
+                .trim()
+                .to_string();
+            let prior = lines[..k].join("\n");
+            if names.len() == 1 {
+                return class_of(&rhs, &prior, depth);
+            }
+            // Tuples: the literal one, or each branch's of an if/else.
+            let mut tuples = Vec::new();
+            let mut rest = rhs.as_str();
+            if !rest.starts_with("if ") {
+                let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')'));
+                tuples.push(inner.unwrap_or(rest).to_string());
+            } else {
+                while let Some(o) = rest.find("{ (") {
+                    let body = &rest[o + 3..];
+                    let close = body.find(") }").unwrap_or(body.len());
+                    tuples.push(body[..close].to_string());
+                    rest = &body[close..];
+                }
+            }
+            for t in tuples {
+                let parts = split_top(&t);
+                if parts.len() == names.len() {
+                    if let Some(c) = class_of(&parts[idx], &prior, depth) {
+                        return Some(c);
+                    }
+                }
+            }
+            return None;
+        }
+        None
+    }
+
+    // Every launch! passes each argument in the width and kind its kernel declares: a device
+    // pointer or i64 size where the PTX has .u64, an i32 where it has .u32 (an `int`), an f32
+    // where it has .f32 (the count test cannot see a usize or i32 passed for a long long, or an
+    // i64 for an int: those launch with shifted, garbled arguments). Each argument's type is read
+    // from its binding in the launcher (`x.ptr()`, `i64_of(..)`, `i32_of(..)?`, `.. as i32`,
+    // an `f32` parameter); an argument whose binding cannot be read fails the test, so new
+    // launchers keep to those forms. Aggregates (the augment kernels' structs) are skipped.
+    #[test]
+    fn launch_argument_types_match_the_kernels() {
+        let mut checked = 0;
+        for src in [include_str!("ops.rs"), include_str!("augment.rs")] {
+            let mut from = 0;
+            while let Some(at) = src[from..].find("launch!(") {
+                let start = from + at;
+                from = start + "launch!(".len();
+                let body = &src[from..];
+                let close = {
+                    let mut depth = 0i32;
+                    let mut end = body.len();
+                    for (i, ch) in body.char_indices() {
+                        match ch {
+                            '(' | '[' => depth += 1,
+                            ')' | ']' if depth == 0 => {
+                                end = i;
+                                break;
+                            }
+                            ')' | ']' => depth -= 1,
+                            _ => {}
+                        }
+                    }
+                    end
+                };
+                let args = split_top(&body[..close]);
+                if args.len() < 3 || args[0].starts_with('$') {
+                    continue;
+                }
+                let name = &args[1];
+                let names = if let Some(lit) = name.strip_prefix('"') {
+                    vec![lit.trim_end_matches('"').to_string()]
+                } else if let Some(k) = name.strip_prefix("&kname(\"") {
+                    let base = &k[..k.find('"').unwrap_or(0)];
+                    vec![format!("{base}_f32"), format!("{base}_bf16")]
+                } else {
+                    continue; // named by a variable: checked where its callers name it
+                };
+                let before = &src[..start];
+                for n in &names {
+                    let Some(types) = ptx_param_types(n) else {
+                        continue;
+                    };
+                    assert_eq!(types.len(), args.len() - 3, "argument count of {n}");
+                    for (i, (arg, ty)) in args[3..].iter().zip(&types).enumerate() {
+                        if !matches!(ty.as_str(), "u64" | "u32" | "f32") {
+                            continue; // an aggregate passed by value
+                        }
+                        let got = class_of(arg, before, 0);
+                        assert_eq!(
+                            got,
+                            Some(ty.as_str()),
+                            "launch of {n}: argument {i} `{arg}` is {got:?}, the kernel \
+                             declares .{ty}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            checked > 300,
+            "only {checked} arguments checked: the parser missed them"
+        );
+    }
+
     // Every entry point the backend loads at start-up is in its module's PTX (a kernel renamed
     // or missing in a .cu file fails here, in CI, instead of when a GPU opens the backend), and
     // every module named exists.

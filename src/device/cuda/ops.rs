@@ -149,6 +149,9 @@ impl CudaBackend {
         let n = y.len();
         need_dt("add", "a", a, n, dt)?;
         need_dt("add", "b", b, n, dt)?;
+        // Elementwise over the raw arrays: correct only when all three share one layout (an
+        // NHWC a plus an NCHW b would add unrelated elements without any error).
+        need_layout("add", &[("a", a), ("b", b)], y.layout())?;
         if n == 0 {
             return Ok(());
         }
@@ -880,6 +883,7 @@ impl CudaBackend {
             );
             return Ok(());
         }
+        need_layout(op, &[("y", &*y)], Layout::Nchw)?;
         launch!(
             self,
             &kname("maxpool2d_fwd", dt),
@@ -948,6 +952,7 @@ impl CudaBackend {
             );
             return Ok(());
         }
+        need_layout(op, &[("dx", &*dx)], Layout::Nchw)?;
         launch!(
             self,
             &kname("maxpool2d_bwd", dt),
