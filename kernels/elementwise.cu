@@ -179,58 +179,45 @@ __device__ __forceinline__ bool transpose_trivial(const Tin* __restrict__ x, Tou
     return true;
 }
 
+// y (N, B, A) = x (N, A, B) transposed per n, converted from Tin to Tout, for the tile of this
+// block whose corner is (a0, b0): it loads rows a (consecutive threads on consecutive b) and
+// stores rows b (consecutive threads on consecutive a). Both directions are this one transpose:
+// NCHW -> NHWC is (A, B) = (C, HW), NHWC -> NCHW is (A, B) = (HW, C).
+template <class Tin, class Tout>
+__device__ __forceinline__ void transpose_planes(const Tin* __restrict__ x, Tout* __restrict__ y,
+                                                 i64 N, i64 A, i64 B, i64 a0, i64 b0) {
+    __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [a - a0][b - b0]
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
+        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
+            const i64 a = a0 + j, b = b0 + tx;
+            if (a < A && b < B) tile[j][tx] = x[(n * A + a) * B + b];
+        }
+        __syncthreads();
+        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
+            const i64 b = b0 + j, a = a0 + tx;
+            if (a < A && b < B) cvt_st(y, (n * B + b) * A + a, tile[tx][j]);
+        }
+        __syncthreads();  // the tile is reused by the next n
+    }
+}
+
 // y (N, HW, C) = x (N, C, HW) transposed per n, converted from Tin to Tout.
 template <class Tin, class Tout>
 __device__ __forceinline__ void nchw_to_nhwc(const Tin* __restrict__ x, Tout* __restrict__ y,
                                              i64 N, int C, i64 HW) {
-    __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [c - c0][hw - hw0]
     if (transpose_trivial(x, y, N, C, HW)) return;
-    const i64 hw0 = (i64)blockIdx.x * TRANSPOSE_TILE;
-    const int c0 = blockIdx.y * TRANSPOSE_TILE;
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
-        // Load: rows c, consecutive threads on consecutive hw.
-        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
-            const int c = c0 + j;
-            const i64 hw = hw0 + tx;
-            if (c < C && hw < HW) tile[j][tx] = x[(n * C + c) * HW + hw];
-        }
-        __syncthreads();
-        // Store: rows hw, consecutive threads on consecutive c.
-        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
-            const i64 hw = hw0 + j;
-            const int c = c0 + tx;
-            if (c < C && hw < HW) cvt_st(y, (n * HW + hw) * C + c, tile[tx][j]);
-        }
-        __syncthreads();  // the tile is reused by the next n
-    }
+    transpose_planes(x, y, N, (i64)C, HW, (i64)blockIdx.y * TRANSPOSE_TILE,
+                     (i64)blockIdx.x * TRANSPOSE_TILE);
 }
 
 // y (N, C, HW) = x (N, HW, C) transposed per n, converted from Tin to Tout.
 template <class Tin, class Tout>
 __device__ __forceinline__ void nhwc_to_nchw(const Tin* __restrict__ x, Tout* __restrict__ y,
                                              i64 N, int C, i64 HW) {
-    __shared__ Tin tile[TRANSPOSE_TILE][TRANSPOSE_TILE + 1];  // [hw - hw0][c - c0]
     if (transpose_trivial(x, y, N, C, HW)) return;
-    const i64 hw0 = (i64)blockIdx.x * TRANSPOSE_TILE;
-    const int c0 = blockIdx.y * TRANSPOSE_TILE;
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
-        // Load: rows hw, consecutive threads on consecutive c.
-        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
-            const i64 hw = hw0 + j;
-            const int c = c0 + tx;
-            if (c < C && hw < HW) tile[j][tx] = x[(n * HW + hw) * C + c];
-        }
-        __syncthreads();
-        // Store: rows c, consecutive threads on consecutive hw.
-        for (int j = ty; j < TRANSPOSE_TILE; j += TRANSPOSE_ROWS) {
-            const int c = c0 + j;
-            const i64 hw = hw0 + tx;
-            if (c < C && hw < HW) cvt_st(y, (n * C + c) * HW + hw, tile[tx][j]);
-        }
-        __syncthreads();
-    }
+    transpose_planes(x, y, N, HW, (i64)C, (i64)blockIdx.x * TRANSPOSE_TILE,
+                     (i64)blockIdx.y * TRANSPOSE_TILE);
 }
 
 // f32 NCHW -> bf16 NHWC (images, conv weights): round_bf16 of each element. x: (N, C, HW) f32,
