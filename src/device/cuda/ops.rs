@@ -93,6 +93,15 @@ fn bn_slices(c: usize, m: usize, num_sms: usize) -> usize {
         .clamp(1, BN_MAX_SLICES)
 }
 
+/// The (n, hw) the elementwise BN kernels run over for a tensor of `layout`: NCHW as it is;
+/// NHWC as (n * hw, 1), where the flat index's `i % c` is the channel.
+fn bn_rows(layout: Layout, n: usize, hw: usize) -> (usize, usize) {
+    match layout {
+        Layout::Nchw => (n, hw),
+        Layout::Nhwc => (n * hw, 1),
+    }
+}
+
 /// Row slices for the channels-last BN reductions over `r` rows of `c` channels (blocks of 32
 /// channels, `CudaBackend::bn_nhwc_reduce_cfg`): enough that the ceil(c / 32) * s blocks reach
 /// 8 per SM, none shorter than 256 rows, in [1, 1024].
@@ -449,6 +458,15 @@ impl CudaBackend {
         (cfg, s as u32)
     }
 
+    /// The per-channel partial-reduction grid for x's `layout` over `m` = n * hw elements per
+    /// channel (`bn_reduce_cfg` or `bn_nhwc_reduce_cfg`). Returns (config, s).
+    fn bn_reduce_cfg_for(&self, layout: Layout, c: usize, m: usize) -> (LaunchConfig, u32) {
+        match layout {
+            Layout::Nchw => self.bn_reduce_cfg(c, m),
+            Layout::Nhwc => self.bn_nhwc_reduce_cfg(c, m),
+        }
+    }
+
     /// One block per channel combining `s` partials each.
     fn bn_finalize_cfg(c: usize, s: u32) -> LaunchConfig {
         LaunchConfig {
@@ -498,11 +516,7 @@ impl CudaBackend {
         }
         let cc = i32_of(op, c)?;
         let nhwc = x.layout() == Layout::Nhwc;
-        let (rcfg, s) = if nhwc {
-            self.bn_nhwc_reduce_cfg(c, n * hw)
-        } else {
-            self.bn_reduce_cfg(c, n * hw)
-        };
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw);
         // (c, s) workspaces: per-block partial sums, then partial squared deviations.
         let part_sum = self.alloc_f32(c * s as usize)?;
         let part_sq = self.alloc_f32(c * s as usize)?;
@@ -611,14 +625,8 @@ impl CudaBackend {
             beta.ptr(),
             y.ptr(),
         );
-        // NHWC: the same elementwise kernel over (n * hw, c, 1), where i % c is the channel.
-        let (n, hw) = if x.layout() == Layout::Nhwc {
-            need_layout(op, &[("y", y)], Layout::Nhwc)?;
-            (n * hw, 1)
-        } else {
-            need_layout(op, &[("y", y)], Layout::Nchw)?;
-            (n, hw)
-        };
+        need_layout(op, &[("y", y)], x.layout())?;
+        let (n, hw) = bn_rows(x.layout(), n, hw);
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
@@ -705,13 +713,8 @@ impl CudaBackend {
         need_layout(op, &[("dy", dy), ("dx", dx)], x.layout())?;
         let (pdy, px, pm, pi, pg) = (dy.ptr(), x.ptr(), mean.ptr(), invstd.ptr(), gamma.ptr());
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
-        let (rcfg, s) = if nhwc {
-            self.bn_nhwc_reduce_cfg(c, n * hw)
-        } else {
-            self.bn_reduce_cfg(c, n * hw)
-        };
-        // NHWC: the elementwise dx kernels over (n * hw, c, 1), where i % c is the channel.
-        let (n, hw) = if nhwc { (n * hw, 1) } else { (n, hw) };
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw);
+        let (n, hw) = bn_rows(x.layout(), n, hw);
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         // (c, s) workspaces: per-block partials of sum dy * xhat and sum dy.
         let part_g = self.alloc_f32(c * s as usize)?;
@@ -1790,16 +1793,11 @@ impl CudaBackend {
             beta.ptr(),
             y.ptr(),
         );
-        // NHWC: the elementwise kernel over (n * hw, c, 1), where i % c is the channel.
         need_layout(op, &[("y", &*y)], x.layout())?;
         if let Some(r) = residual {
             need_layout(op, &[("residual", r)], x.layout())?;
         }
-        let (n, hw) = if x.layout() == Layout::Nhwc {
-            (n * hw, 1)
-        } else {
-            (n, hw)
-        };
+        let (n, hw) = bn_rows(x.layout(), n, hw);
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         let cfg = self.bn_elementwise_cfg(total, hw);
         launch!(
@@ -1876,13 +1874,8 @@ impl CudaBackend {
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
         let pdr = dresidual.map_or(0, |r| r.ptr());
         let nhwc = x.layout() == Layout::Nhwc;
-        let (rcfg, s) = if nhwc {
-            self.bn_nhwc_reduce_cfg(c, n * hw)
-        } else {
-            self.bn_reduce_cfg(c, n * hw)
-        };
-        // NHWC: the elementwise dx kernel over (n * hw, c, 1), where i % c is the channel.
-        let (n, hw) = if nhwc { (n * hw, 1) } else { (n, hw) };
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw);
+        let (n, hw) = bn_rows(x.layout(), n, hw);
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         // (c, s) workspaces: per-block partials of sum dy' * xhat and sum dy'.
         let part_g = self.alloc_f32(c * s as usize)?;
