@@ -8,6 +8,57 @@
 // Channels-last (NHWC) twins `*_nhwc_*` of every kernel are at the end of this file.
 #include "common.cuh"
 
+// The max of output (oh, ow)'s window over one channel's (H, W) plane whose element (h, w) is
+// plane[(h * W + w) * step] (NCHW: step 1; NHWC: step C), and its index h * W + w: the first
+// maximum in row-major window order wins on ties, a NaN wins over numbers. Shared by both
+// layouts' forward kernels.
+template <class T>
+__device__ __forceinline__ void maxpool_window(const T* plane, i64 step, int H, int W, int oh,
+                                               int ow, int k, int stride, int pad, float* best_out,
+                                               int* idx_out) {
+    float best = -CUDART_INF_F;
+    int best_idx = -1;
+    for (int kh = 0; kh < k; ++kh) {
+        const int h = oh * stride - pad + kh;
+        if (h < 0 || h >= H) continue;
+        for (int kw = 0; kw < k; ++kw) {
+            const int w = ow * stride - pad + kw;
+            if (w < 0 || w >= W) continue;
+            const float v = ld(plane, (i64)(h * W + w) * step);
+            if (best_idx < 0 || v > best || (isnan(v) && !isnan(best))) {
+                best = v;
+                best_idx = h * W + w;
+            }
+        }
+    }
+    *best_out = best;
+    *idx_out = best_idx;
+}
+
+// The gradient of input (h, w) of one channel: the sum of dy over the outputs (oh, ow) whose
+// window contains it and whose argmax is h * W + w, in (oh, ow) order; output (oh, ow) of that
+// channel is at base + (oh * WO + ow) * step in dy and argmax (NCHW: step 1; NHWC: step C).
+// Shared by both layouts' backward kernels.
+template <class T>
+__device__ __forceinline__ float maxpool_gather(const T* dy, const int* argmax, i64 base, i64 step,
+                                                int h, int w, int W, int HO, int WO, int k,
+                                                int stride, int pad) {
+    const int me = h * W + w;
+    // Outputs whose window [o*stride - pad, o*stride - pad + k) contains h.
+    const int oh_lo = max(0, (h + pad - k + stride) / stride);
+    const int oh_hi = min(HO - 1, (h + pad) / stride);
+    const int ow_lo = max(0, (w + pad - k + stride) / stride);
+    const int ow_hi = min(WO - 1, (w + pad) / stride);
+    float acc = 0.0f;
+    for (int oh = oh_lo; oh <= oh_hi; ++oh) {
+        for (int ow = ow_lo; ow <= ow_hi; ++ow) {
+            const i64 o = base + (i64)(oh * WO + ow) * step;
+            if (argmax[o] == me) acc += ld(dy, o);
+        }
+    }
+    return acc;
+}
+
 // Max pool forward. x: (N, C, H, W), y and argmax: (N, C, HO, WO) with
 // HO = (H + 2 pad - k) / stride + 1 (likewise WO). Padding acts as -inf. argmax holds the
 // index h * W + w inside the input plane; the first maximum in row-major window order wins on
@@ -19,22 +70,9 @@ __device__ __forceinline__ void maxpool2d_fwd(const T* x, T* y, int* argmax, i64
         const int ow = (int)(i % WO);
         const int oh = (int)((i / WO) % HO);
         const i64 nc = i / ((i64)HO * WO);
-        const T* plane = x + nc * H * W;
-        float best = -CUDART_INF_F;
-        int best_idx = -1;
-        for (int kh = 0; kh < k; ++kh) {
-            const int h = oh * stride - pad + kh;
-            if (h < 0 || h >= H) continue;
-            for (int kw = 0; kw < k; ++kw) {
-                const int w = ow * stride - pad + kw;
-                if (w < 0 || w >= W) continue;
-                const float v = ld(plane, h * W + w);
-                if (best_idx < 0 || v > best || (isnan(v) && !isnan(best))) {
-                    best = v;
-                    best_idx = h * W + w;
-                }
-            }
-        }
+        float best;
+        int best_idx;
+        maxpool_window(x + nc * H * W, 1, H, W, oh, ow, k, stride, pad, &best, &best_idx);
         st(y, i, best);
         argmax[i] = best_idx;
     }
@@ -59,20 +97,8 @@ __device__ __forceinline__ void maxpool2d_bwd(const T* dy, const int* argmax, T*
         const int w = (int)(i % W);
         const int h = (int)((i / W) % H);
         const i64 nc = i / ((i64)H * W);
-        const int me = h * W + w;
-        // Outputs whose window [o*stride - pad, o*stride - pad + k) contains h.
-        const int oh_lo = max(0, (h + pad - k + stride) / stride);
-        const int oh_hi = min(HO - 1, (h + pad) / stride);
-        const int ow_lo = max(0, (w + pad - k + stride) / stride);
-        const int ow_hi = min(WO - 1, (w + pad) / stride);
-        float acc = 0.0f;
-        for (int oh = oh_lo; oh <= oh_hi; ++oh) {
-            for (int ow = ow_lo; ow <= ow_hi; ++ow) {
-                const i64 o = (nc * HO + oh) * WO + ow;
-                if (argmax[o] == me) acc += ld(dy, o);
-            }
-        }
-        st(dx, i, acc);
+        st(dx, i,
+           maxpool_gather(dy, argmax, nc * HO * WO, 1, h, w, W, HO, WO, k, stride, pad));
     }
 }
 extern "C" __global__ void maxpool2d_bwd_f32(const float* dy, const int* argmax, float* dx,
@@ -139,22 +165,10 @@ __device__ __forceinline__ void maxpool2d_fwd_nhwc(const T* x, T* y, int* argmax
         const int ow = (int)(p % WO);
         const int oh = (int)((p / WO) % HO);
         const i64 n = p / ((i64)HO * WO);
-        const T* img = x + n * H * W * C + c;  // (H, W) plane of channel c, stride C
-        float best = -CUDART_INF_F;
-        int best_idx = -1;
-        for (int kh = 0; kh < k; ++kh) {
-            const int h = oh * stride - pad + kh;
-            if (h < 0 || h >= H) continue;
-            for (int kw = 0; kw < k; ++kw) {
-                const int w = ow * stride - pad + kw;
-                if (w < 0 || w >= W) continue;
-                const float v = ld(img, (i64)(h * W + w) * C);
-                if (best_idx < 0 || v > best || (isnan(v) && !isnan(best))) {
-                    best = v;
-                    best_idx = h * W + w;
-                }
-            }
-        }
+        float best;
+        int best_idx;
+        // The (H, W) plane of channel c, stride C.
+        maxpool_window(x + n * H * W * C + c, C, H, W, oh, ow, k, stride, pad, &best, &best_idx);
         st(y, i, best);
         argmax[i] = best_idx;
     }
@@ -183,19 +197,8 @@ __device__ __forceinline__ void maxpool2d_bwd_nhwc(const T* dy, const int* argma
         const int w = (int)(p % W);
         const int h = (int)((p / W) % H);
         const i64 n = p / ((i64)H * W);
-        const int me = h * W + w;
-        const int oh_lo = max(0, (h + pad - k + stride) / stride);
-        const int oh_hi = min(HO - 1, (h + pad) / stride);
-        const int ow_lo = max(0, (w + pad - k + stride) / stride);
-        const int ow_hi = min(WO - 1, (w + pad) / stride);
-        float acc = 0.0f;
-        for (int oh = oh_lo; oh <= oh_hi; ++oh) {
-            for (int ow = ow_lo; ow <= ow_hi; ++ow) {
-                const i64 o = ((n * HO + oh) * WO + ow) * C + c;
-                if (argmax[o] == me) acc += ld(dy, o);
-            }
-        }
-        st(dx, i, acc);
+        st(dx, i,
+           maxpool_gather(dy, argmax, n * HO * WO * C + c, C, h, w, W, HO, WO, k, stride, pad));
     }
 }
 extern "C" __global__ void maxpool2d_bwd_nhwc_f32(const float* dy, const int* argmax, float* dx,
