@@ -14,13 +14,11 @@
 //! Without a GPU (or driver) each test prints "SKIPPED: <reason>" to stderr and returns.
 #![cfg(feature = "cuda")]
 
-use std::collections::HashMap;
-use std::io::Write as _;
-use std::sync::Arc;
+mod ptx_harness;
+use ptx_harness::{close, gpu_or_skip, randn, Gpu, NAN16};
 
-use carp::device::cuda::{kernels::MODULES, CudaBackend};
 use carp::tensor::round_bf16;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -75,53 +73,13 @@ const FUNCS: &[(&str, &[&str])] = &[
     ),
 ];
 
-struct Gpu {
-    // Keeps the context alive (the stream and functions borrow it).
-    _be: CudaBackend,
-    stream: Arc<CudaStream>,
-    funcs: HashMap<&'static str, CudaFunction>,
-}
-
-/// The GPU with this file's kernels loaded, or None after printing why the test is skipped.
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
-    let be = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
-            return None;
-        }
-    };
-    let mut funcs = HashMap::new();
-    for &(module, names) in FUNCS {
-        let ptx = MODULES
-            .iter()
-            .find(|(m, _)| *m == module)
-            .unwrap_or_else(|| panic!("kernels/{module}.cu missing from the build"))
-            .1;
-        let m = be
-            .context()
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .unwrap_or_else(|e| panic!("loading {module}.ptx: {e:?}"));
-        for &n in names {
-            let f = m
-                .load_function(n)
-                .unwrap_or_else(|e| panic!("kernel {n} in {module}.ptx: {e:?}"));
-            funcs.insert(n, f);
-        }
-    }
-    Some(Gpu {
-        stream: be.stream().clone(),
-        _be: be,
-        funcs,
-    })
-}
-
 /// Launches kernel `$name` on `$grid` (x, y) blocks of `$block` threads. The arguments must be
 /// plain variables (the launch builder keeps references to them).
 macro_rules! launch {
     ($g:expr, $name:expr, $grid:expr, $block:expr; $($arg:ident),* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
-        let f = &$g.funcs[$name];
+        let name: &str = &$name;
+        let f = $g.funcs.get(name).unwrap_or_else(|| panic!("{name} not loaded"));
         let mut b = $g.stream.launch_builder(f);
         $( b.arg(&$arg); )*
         let (gx, gy): (u32, u32) = $grid;
@@ -133,41 +91,8 @@ macro_rules! launch {
         // SAFETY: the argument lists below follow the kernels' signatures in kernels/*.cu, and
         // every pointer addresses a live buffer of this test sized for the kernel's index range
         // (offset `off` elements into an allocation of `off` + the tensor's length).
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("launching {}: {e:?}", $name));
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("launching {name}: {e:?}"));
     }};
-}
-
-impl Gpu {
-    fn up<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
-        self.stream.clone_htod(v).expect("upload")
-    }
-    fn down<T: cudarc::driver::DeviceRepr>(&self, s: &CudaSlice<T>) -> Vec<T> {
-        self.stream.clone_dtoh(s).expect("download")
-    }
-    /// The device address of element `off` of `s`.
-    fn at<T>(&self, s: &CudaSlice<T>, off: usize) -> u64 {
-        let (p, _sync) = s.device_ptr(&self.stream);
-        p + (off * std::mem::size_of::<T>()) as u64
-    }
-    fn nan32(&self, n: usize) -> CudaSlice<f32> {
-        self.up(&vec![f32::NAN; n])
-    }
-    fn nan16(&self, n: usize) -> CudaSlice<u16> {
-        self.up(&vec![NAN16; n])
-    }
-}
-
-const NAN16: u16 = 0x7fc0;
-
-fn randn(n: usize, rng: &mut ChaCha8Rng, scale: f32, shift: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1: f64 = rng.gen_range(1e-12..1.0);
-            let u2: f64 = rng.gen();
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            z as f32 * scale + shift
-        })
-        .collect()
 }
 
 fn to16(x: f32) -> u16 {
@@ -215,25 +140,6 @@ fn same_f32(name: &str, a: &[f32], b: &[f32]) {
     );
 }
 
-/// Max |got - want| / max |want| <= tol, every value finite.
-fn close(name: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!("{name}: element {i} is {}", got[i]);
-    }
-    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max);
-    assert!(
-        worst / scale <= tol,
-        "{name}: relative error {:.3e} > {tol:.1e}",
-        worst / scale
-    );
-}
-
 /// A grid-stride grid: `units` work items on blocks of 256 (at most 2048 blocks), or the small
 /// grid (3 blocks of 64) whose loop wraps across planes and channels.
 fn grid_1d(units: usize, small: bool) -> ((u32, u32), u32) {
@@ -246,7 +152,7 @@ fn grid_1d(units: usize, small: bool) -> ((u32, u32), u32) {
 
 #[test]
 fn bf16_casts_and_add() {
-    let Some(g) = gpu_or_skip("bf16_casts_and_add") else {
+    let Some(g) = gpu_or_skip("bf16_casts_and_add", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -397,13 +303,7 @@ fn bn_case(g: &Gpu, rng: &mut ChaCha8Rng, n: usize, c: usize, hw: usize, off: us
         dgdb: CudaSlice<f32>,
     }
     let run = |sfx: &str, px: u64, pdy: u64, py: u64, pdx: u64, pedx: u64| -> Out {
-        let k = |base: &str| -> &'static str {
-            let name = format!("{base}_{sfx}");
-            g.funcs
-                .keys()
-                .find(|&&f| f == name)
-                .unwrap_or_else(|| panic!("{name} not loaded"))
-        };
+        let k = |base: &str| format!("{base}_{sfx}");
         let cs = c * s as usize;
         let o = Out {
             ps: g.nan32(cs),
@@ -511,7 +411,7 @@ fn bn_case(g: &Gpu, rng: &mut ChaCha8Rng, n: usize, c: usize, hw: usize, off: us
 
 #[test]
 fn bf16_batch_norm() {
-    let Some(g) = gpu_or_skip("bf16_batch_norm") else {
+    let Some(g) = gpu_or_skip("bf16_batch_norm", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -663,7 +563,7 @@ fn bn_act_case(
 
 #[test]
 fn bf16_bn_act() {
-    let Some(g) = gpu_or_skip("bf16_bn_act") else {
+    let Some(g) = gpu_or_skip("bf16_bn_act", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -685,7 +585,7 @@ fn bf16_bn_act() {
 
 #[test]
 fn bf16_pooling() {
-    let Some(g) = gpu_or_skip("bf16_pooling") else {
+    let Some(g) = gpu_or_skip("bf16_pooling", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(4);

@@ -21,13 +21,11 @@
 //! Without a GPU (or driver) each test prints "SKIPPED: <reason>" to stderr and returns.
 #![cfg(feature = "cuda")]
 
-use std::collections::HashMap;
-use std::io::Write as _;
-use std::sync::Arc;
+mod ptx_harness;
+use ptx_harness::{close, gpu_or_skip, randn, Gpu};
 
-use carp::device::cuda::{kernels::MODULES, CudaBackend};
 use carp::tensor::round_bf16;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -83,53 +81,6 @@ const FUNCS: &[(&str, &[&str])] = &[
     ),
 ];
 
-struct Gpu {
-    // Keeps the context alive (the stream and functions borrow it).
-    _be: CudaBackend,
-    stream: Arc<CudaStream>,
-    funcs: HashMap<String, CudaFunction>,
-}
-
-/// The GPU with this file's kernels loaded, or None after printing why the test is skipped.
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
-    let be = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
-            return None;
-        }
-    };
-    let mut funcs = HashMap::new();
-    for &(module, names) in FUNCS {
-        let ptx = MODULES
-            .iter()
-            .find(|(m, _)| *m == module)
-            .unwrap_or_else(|| panic!("kernels/{module}.cu missing from the build"))
-            .1;
-        let m = be
-            .context()
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .unwrap_or_else(|e| panic!("loading {module}.ptx: {e:?}"));
-        for &pattern in names {
-            let full: Vec<String> = match pattern.strip_suffix('*') {
-                Some(base) => vec![format!("{base}f32"), format!("{base}bf16")],
-                None => vec![pattern.to_string()],
-            };
-            for n in full {
-                let f = m
-                    .load_function(&n)
-                    .unwrap_or_else(|e| panic!("kernel {n} in {module}.ptx: {e:?}"));
-                funcs.insert(n, f);
-            }
-        }
-    }
-    Some(Gpu {
-        stream: be.stream().clone(),
-        _be: be,
-        funcs,
-    })
-}
-
 /// Launches kernel `$name` (a &str) on a `$grid` of `$block` threads, both (x, y, z). The
 /// arguments must be plain variables (the launch builder keeps references to them).
 macro_rules! launch {
@@ -149,23 +100,6 @@ macro_rules! launch {
         // the grid / block are the geometry the kernel's comment requires.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("launching {name}: {e:?}"));
     }};
-}
-
-impl Gpu {
-    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
-        self.stream.clone_htod(v).expect("upload")
-    }
-    fn down<T: DeviceRepr>(&self, s: &CudaSlice<T>) -> Vec<T> {
-        self.stream.clone_dtoh(s).expect("download")
-    }
-    /// The device address of element `off` of `s`.
-    fn at<T>(&self, s: &CudaSlice<T>, off: usize) -> u64 {
-        let (p, _sync) = s.device_ptr(&self.stream);
-        p + (off * std::mem::size_of::<T>()) as u64
-    }
-    fn nan32(&self, n: usize) -> CudaSlice<f32> {
-        self.up(&vec![f32::NAN; n])
-    }
 }
 
 /// An activation storage type: f32, or bf16 held as its u16 bits.
@@ -206,17 +140,6 @@ impl Act for u16 {
 /// `base` with T's suffix.
 fn k<T: Act>(base: &str) -> String {
     format!("{base}_{}", T::SUFFIX)
-}
-
-fn randn(n: usize, rng: &mut ChaCha8Rng, scale: f32, shift: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1: f64 = rng.gen_range(1e-12..1.0);
-            let u2: f64 = rng.gen();
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            z as f32 * scale + shift
-        })
-        .collect()
 }
 
 fn store<T: Act>(v: &[f32]) -> Vec<T> {
@@ -267,25 +190,6 @@ fn same_bits<T: Act>(name: &str, got: &[T], want: &[T]) {
         bad[0],
         got[bad[0]],
         want[bad[0]]
-    );
-}
-
-/// Max |got - want| / max |want| <= tol, every value finite.
-fn close(name: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!("{name}: element {i} is {}", got[i]);
-    }
-    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max);
-    assert!(
-        worst / scale <= tol,
-        "{name}: relative error {:.3e} > {tol:.1e}",
-        worst / scale
     );
 }
 
@@ -503,7 +407,7 @@ fn bn_reduce_case<T: Act>(g: &Gpu, rng: &mut ChaCha8Rng, n: usize, c: usize, hw:
 
 #[test]
 fn nhwc_batch_norm_reductions() {
-    let Some(g) = gpu_or_skip("nhwc_batch_norm_reductions") else {
+    let Some(g) = gpu_or_skip("nhwc_batch_norm_reductions", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -617,7 +521,7 @@ fn bn_elem_case<T: Act>(g: &Gpu, rng: &mut ChaCha8Rng, n: usize, c: usize, hw: u
 
 #[test]
 fn nhwc_batch_norm_elementwise() {
-    let Some(g) = gpu_or_skip("nhwc_batch_norm_elementwise") else {
+    let Some(g) = gpu_or_skip("nhwc_batch_norm_elementwise", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -806,7 +710,7 @@ fn pool_case<T: Act>(
 
 #[test]
 fn nhwc_pooling() {
-    let Some(g) = gpu_or_skip("nhwc_pooling") else {
+    let Some(g) = gpu_or_skip("nhwc_pooling", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -824,7 +728,7 @@ fn nhwc_pooling() {
 
 #[test]
 fn nhwc_layout_conversions() {
-    let Some(g) = gpu_or_skip("nhwc_layout_conversions") else {
+    let Some(g) = gpu_or_skip("nhwc_layout_conversions", FUNCS) else {
         return;
     };
     let mut rng = ChaCha8Rng::seed_from_u64(10);
