@@ -319,9 +319,15 @@ fn run(args: Args) -> Result<()> {
         ("EMA", ph(|p| p.ema_ms)),
     ];
     let ips = n as f64 / (med / 1e3);
+    // Live: what tensors held at once (PyTorch's max_memory_allocated is the same measure);
+    // held: what the process kept from the system (cached free blocks included).
     let (peak, peak_live, peak_what) = match gpu_peak_gib(&device)? {
-        Some((g, live)) => (g, Some(live), "GPU memory held by the allocator"),
-        None => (peak_rss_gib(), None, "host RSS"),
+        Some((g, live)) => (g, live, "GPU memory held by the allocator"),
+        None => (
+            peak_rss_gib(),
+            carp::tensor::cpu_storage_bytes().1 as f64 / (1u64 << 30) as f64,
+            "host RSS",
+        ),
     };
     let local_desc = match n_local {
         0 => String::new(),
@@ -358,9 +364,7 @@ fn run(args: Args) -> Result<()> {
         "gpu step"
     );
     println!("images/s {ips:.1}   peak memory {peak:.2} GiB ({peak_what})   final loss {loss:.4}");
-    if let Some(live) = peak_live {
-        println!("peak GPU memory in live buffers {live:.2} GiB (the rest: cached free blocks)");
-    }
+    println!("peak memory in live tensors {peak_live:.2} GiB (the rest: cached free blocks, code, loader)");
     let timed_allocs = gpu_allocs(&device)?
         .zip(allocs_after_warmup)
         .map(|(a, b)| a - b);

@@ -2,7 +2,7 @@
 //! enum is where a backend joins (`Storage::Cuda` with the `cuda` feature) without touching the
 //! callers of any op.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::bail;
@@ -139,7 +139,51 @@ pub struct CudaStorage {
     pub backend: Arc<crate::device::cuda::CudaBackend>,
 }
 
+/// Bytes of CPU tensor storage alive now, and the most alive at once since the last
+/// [`reset_cpu_storage_peak`]: the CPU's counterpart of the GPU pool's live-buffer peak (what the
+/// tape keeps for backward shows here). Counted when a tensor wraps the storage, uncounted when
+/// the storage is dropped.
+static CPU_LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static CPU_PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// (bytes of CPU tensor storage alive now, the peak since the last reset). Process-wide: tests
+/// that read it must run alone in their process.
+pub fn cpu_storage_bytes() -> (usize, usize) {
+    (
+        CPU_LIVE_BYTES.load(Ordering::Relaxed),
+        CPU_PEAK_BYTES.load(Ordering::Relaxed),
+    )
+}
+
+/// Starts a new peak for [`cpu_storage_bytes`] at what is alive now.
+pub fn reset_cpu_storage_peak() {
+    CPU_PEAK_BYTES.store(CPU_LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+fn count_cpu_storage(bytes: usize) {
+    let live = CPU_LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    CPU_PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let bytes = self.cpu_bytes();
+        // Saturating: a storage built and dropped without ever being wrapped was never counted.
+        let _ = CPU_LIVE_BYTES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+            Some(l.saturating_sub(bytes))
+        });
+    }
+}
+
 impl Storage {
+    /// Host bytes held (0 for device storage).
+    fn cpu_bytes(&self) -> usize {
+        match self {
+            Storage::Cpu(v) => v.len() * 4,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => 0,
+        }
+    }
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
@@ -201,6 +245,8 @@ pub struct Tensor(Arc<Inner>);
 impl Tensor {
     /// Wraps a storage; checks the element count against the shape.
     pub fn new(storage: Storage, shape: &[usize]) -> Result<Tensor> {
+        // Counted first: the storage's drop uncounts it even when the shape check fails.
+        count_cpu_storage(storage.cpu_bytes());
         let n: usize = shape.iter().product();
         if n != storage.len() {
             bail!(
