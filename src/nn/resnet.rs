@@ -100,6 +100,17 @@ pub struct ResNet {
     /// BN + ReLU (+ residual add) as single fused tape ops ([`fused_bn_default`]); the unfused
     /// composition computes the same values (kept for A/B runs and as a fallback).
     fused_bn: bool,
+    /// Training with the fused ops: the inner BN + ReLU outputs of each bottleneck (the inputs
+    /// of conv2 and conv3) are recomputed in backward instead of kept
+    /// ([`Tape::bn_relu_conv2d_train`], [`recompute_default`]); the same values either way.
+    recompute: bool,
+}
+
+/// Whether training recomputes the bottlenecks' inner BN + ReLU outputs in backward: yes unless
+/// the environment variable `CARP_RECOMPUTE` is `0` (read once per process).
+pub fn recompute_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CARP_RECOMPUTE").map_or(true, |v| v.trim() != "0"))
 }
 
 /// Whether ResNets use the fused BN + ReLU (+ add) ops: yes unless the environment variable
@@ -182,6 +193,31 @@ pub fn bn_relu_forward(
             None => tape.bn_relu_eval(x, gamma, beta, &rm, &rv, BN_EPS),
         }
     }
+}
+
+/// conv(relu(BN(x)), w) in training mode with the BN output recomputed in backward
+/// ([`Tape::bn_relu_conv2d_train`]); the running-statistics update is queued as
+/// [`bn_relu_forward`] queues it.
+#[allow(clippy::too_many_arguments)]
+fn bn_relu_conv_train(
+    tape: &mut Tape,
+    leaves: &ParamLeaves,
+    ids: &BnIds,
+    x: &Tensor,
+    w: ParamId,
+    stride: usize,
+    padding: usize,
+    updates: &mut Vec<BnUpdate>,
+) -> Result<Tensor> {
+    let (gamma, beta) = (&leaves[ids.gamma], &leaves[ids.beta]);
+    let (z, mean, var) =
+        tape.bn_relu_conv2d_train(x, gamma, beta, &leaves[w], stride, padding, BN_EPS)?;
+    updates.push(BnUpdate {
+        ids: ids.clone(),
+        batch_mean: mean,
+        batch_var: var,
+    });
+    Ok(z)
 }
 
 /// BN in the requested mode; in training mode the running-statistics update is queued.
@@ -287,7 +323,14 @@ impl ResNet {
             bn1,
             blocks,
             fused_bn: fused_bn_default(),
+            recompute: recompute_default(),
         })
+    }
+
+    /// Switches the recomputation of the inner BN + ReLU outputs in training (the default comes
+    /// from `CARP_RECOMPUTE`, [`recompute_default`]); it applies with the fused BN ops only.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     /// Switches between the fused BN + ReLU (+ add) ops and the unfused composition (the
@@ -369,10 +412,18 @@ impl ResNet {
         updates: &mut Vec<BnUpdate>,
     ) -> Result<Tensor> {
         let mut h = tape.conv2d(x, &leaves[blk.conv1], 1, 0)?; // (N, width, H, W)
-        h = self.bn_relu(tape, leaves, buffers, &blk.bn1, &h, None, train, updates)?;
-        h = tape.conv2d(&h, &leaves[blk.conv2], blk.stride, 1)?; // (N, width, H/s, W/s)
-        h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
-        h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
+        if train && self.fused_bn && self.recompute {
+            h = bn_relu_conv_train(
+                tape, leaves, &blk.bn1, &h, blk.conv2, blk.stride, 1, updates,
+            )?; // (N, width, H/s, W/s)
+            h = bn_relu_conv_train(tape, leaves, &blk.bn2, &h, blk.conv3, 1, 0, updates)?;
+        // (N, 4*width, H/s, W/s)
+        } else {
+            h = self.bn_relu(tape, leaves, buffers, &blk.bn1, &h, None, train, updates)?;
+            h = tape.conv2d(&h, &leaves[blk.conv2], blk.stride, 1)?; // (N, width, H/s, W/s)
+            h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
+            h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
+        }
 
         // The shortcut is computed before bn3 (the fused op consumes it), but its BN update is
         // queued after bn3's, in the order the updates always had.
@@ -409,7 +460,8 @@ mod tests {
     /// both modes, fused vs unfused: the output, every parameter's gradient, the input's
     /// gradient and the queued BN updates (same layers, same order, same statistics) agree to
     /// 1e-5 relative to 1 + |value| (the same expressions in the same order: in practice they
-    /// agree exactly).
+    /// agree exactly); the fused ops with the inner BN outputs recomputed in backward agree
+    /// with the fused ops bit for bit.
     #[test]
     fn fused_and_unfused_resnet_agree_forward_backward_and_bn_updates() {
         let cfg = ResNetConfig {
@@ -468,11 +520,29 @@ mod tests {
                 (y.to_vec().unwrap(), grads, updates, nodes)
             };
             net.set_fused_bn(true);
+            net.set_recompute(true);
+            let recomputed = run(&net);
+            net.set_recompute(false);
             let (yf, gf, uf, nf) = run(&net);
             net.set_fused_bn(false);
             let (yu, gu, uu, nu) = run(&net);
             // Stem: 2 ops fused into 1; each block's bn1, bn2: 2 -> 1; bn3 + add + relu: 3 -> 1.
             assert_eq!(nu - nf, 1 + 3 * 4, "train={train}: recorded ops");
+            // Recomputation (training only): each block's bn1 + conv2 and bn2 + conv3: 2 -> 1,
+            // with the same values bit for bit.
+            let saved = if train { 3 * 2 } else { 0 };
+            assert_eq!(nf - recomputed.3, saved, "train={train}: recorded ops");
+            assert_eq!(recomputed.0, yf, "train={train}: features");
+            assert_eq!(recomputed.1, gf, "train={train}: gradients");
+            assert_eq!(recomputed.2.len(), uf.len());
+            for (a, b) in recomputed.2.iter().zip(&uf) {
+                assert_eq!(a.ids.gamma, b.ids.gamma);
+                assert_eq!(
+                    a.batch_mean.to_vec().unwrap(),
+                    b.batch_mean.to_vec().unwrap()
+                );
+                assert_eq!(a.batch_var.to_vec().unwrap(), b.batch_var.to_vec().unwrap());
+            }
             let close = |a: &[f32], b: &[f32], what: &str| {
                 assert_eq!(a.len(), b.len());
                 for (i, (&p, &q)) in a.iter().zip(b).enumerate() {

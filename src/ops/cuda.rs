@@ -107,15 +107,9 @@ pub(crate) fn gelu(tape: &mut Tape, be: Be, x: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- conv / pool
 
-pub(crate) fn conv2d(
-    tape: &mut Tape,
-    be: Be,
-    x: &Tensor,
-    w: &Tensor,
-    s: Conv2dShape,
-) -> Result<Tensor> {
-    let _r = nvtx::Range::new("conv2d");
-    let cs = ConvShape {
+/// The launcher's copy of a convolution's sizes.
+fn conv_shape(s: Conv2dShape) -> ConvShape {
+    ConvShape {
         n: s.n,
         c: s.c,
         h: s.h,
@@ -125,7 +119,18 @@ pub(crate) fn conv2d(
         kw: s.kw,
         stride: s.stride,
         padding: s.padding,
-    };
+    }
+}
+
+pub(crate) fn conv2d(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    w: &Tensor,
+    s: Conv2dShape,
+) -> Result<Tensor> {
+    let _r = nvtx::Range::new("conv2d");
+    let cs = conv_shape(s);
     // x, w, y and the gradients share x's element type and layout (bf16: cuDNN's bf16 config;
     // NHWC: the filter in cuDNN's NHWC order).
     let f = format_of(x);
@@ -673,6 +678,102 @@ pub(crate) fn bn_act_train(
         tape, be, op, true, x, gamma, beta, residual, &y, &mean, invstd, d,
     );
     Ok((y, mean, var_t))
+}
+
+/// conv2d(relu(BN(x)), w) in training mode without keeping the BN output (src/ops/recompute.rs):
+/// the statistics and the fused apply as `bn_act_train`, the convolution as `conv2d`, then the
+/// BN output is dropped; backward applies it again from x and the saved statistics, runs the
+/// convolution's two backward kernels and the fused BN + ReLU backward. Every buffer is in x's
+/// format (bf16 / NHWC as `conv2d`). Returns (z, batch mean (C,), unbiased batch variance (C,)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_relu_conv2d_train(
+    tape: &mut Tape,
+    be: Be,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    w: &Tensor,
+    d: BnDims,
+    s: Conv2dShape,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "bn_relu_conv2d_train";
+    let _r = nvtx::Range::new(op);
+    let mut mean = be.alloc_f32(d.c)?; // (C,)
+    let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
+    let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
+    be.batch_norm_stats(
+        dbuf(op, x)?,
+        d.n,
+        d.c,
+        d.s,
+        eps,
+        &mut mean,
+        &mut invstd,
+        &mut var_unbiased,
+    )?;
+    let y = bn_act_apply(&be, op, x, None, &mean, &invstd, gamma, beta, d)?; // (N, C, H, W)
+    let cs = conv_shape(s);
+    let f = format_of(x);
+    let wf = w.to_format(f.0, f.1)?;
+    let mut z = alloc_fmt(&be, f, s.y_len())?; // (N, O, HO, WO)
+    be.conv2d_forward(&cs, dbuf(op, &y)?, dbuf(op, &wf)?, &mut z)?;
+    drop(y);
+    let z_shape = [s.n, s.o, s.ho(), s.wo()];
+    let z = wrap(&be, z, &z_shape)?;
+    let mean = wrap(&be, mean, &[d.c])?;
+    let var_t = wrap(&be, var_unbiased, &[d.c])?;
+    let need_dw = tape.requires_grad(w);
+    let need_bn = [x, gamma, beta].iter().any(|t| tape.requires_grad(t));
+    let (sx, sg, sb, sm) = (x.clone(), gamma.clone(), beta.clone(), mean.clone());
+    tape.record(op, &z, &[x, gamma, beta, w], move |dz| {
+        let _r = nvtx::Range::new(&format!("{op} backward"));
+        let dz = on_gpu_as(&be, dz, f)?;
+        dz.expect_shape(&format!("{op} backward dz"), &z_shape)?;
+        let dzb = dbuf(op, &dz)?;
+        let sm_b = dbuf(op, &sm)?;
+        // The forward's BN + ReLU output, again (deterministic: the same kernel and inputs).
+        let y = bn_act_apply(&be, op, &sx, None, sm_b, &invstd, &sg, &sb, d)?;
+        let dw = if need_dw {
+            let mut dw = alloc_fmt(&be, f, s.w_len())?; // (O, C, KH, KW)
+            be.conv2d_backward_filter(&cs, dbuf(op, &y)?, dzb, &mut dw)?;
+            // Widened at once, as conv2d does (f32 accumulation across uses of the weight).
+            Some(wrap(&be, dw, wf.shape())?.to_format(DType::F32, Layout::Nchw)?)
+        } else {
+            None
+        };
+        if !need_bn {
+            return Ok(vec![None, None, None, dw]);
+        }
+        let mut dy = alloc_fmt(&be, f, d.numel())?; // (N, C, H, W)
+        be.conv2d_backward_data(&cs, dbuf(op, &wf)?, dzb, &mut dy)?;
+        let mut dx = alloc_fmt(&be, f, d.numel())?; // (N, C, H, W)
+        let mut dgamma = be.alloc_f32(d.c)?;
+        let mut dbeta = be.alloc_f32(d.c)?;
+        be.bn_act_backward(
+            true,
+            &dy,
+            dbuf(op, &y)?,
+            dbuf(op, &sx)?,
+            sm_b,
+            &invstd,
+            dbuf(op, &sg)?,
+            d.n,
+            d.c,
+            d.s,
+            &mut dx,
+            None,
+            &mut dgamma,
+            &mut dbeta,
+        )?;
+        Ok(vec![
+            Some(wrap(&be, dx, sx.shape())?),
+            Some(wrap(&be, dgamma, &[d.c])?),
+            Some(wrap(&be, dbeta, &[d.c])?),
+            dw,
+        ])
+    });
+    Ok((z, mean, var_t))
 }
 
 /// relu(BN(x) [+ residual]) in eval mode with the running statistics (constants).

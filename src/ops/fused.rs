@@ -266,6 +266,31 @@ fn check_residual(op: &str, x: &Tensor, residual: Option<&Tensor>) -> Result<()>
     Ok(())
 }
 
+/// The argument checks of a training-mode BN + ReLU (+ add): the dimensions of x, with more
+/// than one value per channel.
+pub(crate) fn check_bn_act_train(
+    op: &str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    eps: f32,
+) -> Result<BnDims> {
+    let d = BnDims::of(op, x.shape())?;
+    check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
+    check_residual(op, x, residual)?;
+    check_eps(op, eps)?;
+    if d.per_channel() < 2 {
+        // As PyTorch: one value per channel has no variance to normalize with.
+        bail!(
+            Shape,
+            "{op}: expected more than 1 value per channel in training mode, got input {:?}",
+            x.shape()
+        );
+    }
+    Ok(d)
+}
+
 /// The recorded inputs and the closure of either mode's backward: gradients for x, gamma, beta
 /// (and the residual when there is one).
 #[allow(clippy::too_many_arguments)]
@@ -423,19 +448,8 @@ impl Tape {
                 self.as_f32(|t| t.bn_act_train(op, &r[0], gamma, beta, r.get(1), eps))?;
             return Ok((self.bf16_output(&y)?, mean, var));
         }
-        let d = BnDims::of(op, x.shape())?;
-        check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
-        check_residual(op, x, residual)?;
-        check_eps(op, eps)?;
+        let d = check_bn_act_train(op, x, gamma, beta, residual, eps)?;
         let m = d.per_channel();
-        if m < 2 {
-            // As PyTorch: one value per channel has no variance to normalize with.
-            bail!(
-                Shape,
-                "{op}: expected more than 1 value per channel in training mode, got input {:?}",
-                x.shape()
-            );
-        }
         #[cfg(feature = "cuda")]
         {
             let mut all = vec![x, gamma, beta];

@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod fused;
 pub mod linear;
 pub mod pool;
+pub mod recompute;
 
 use crate::bail;
 use crate::error::Result;
