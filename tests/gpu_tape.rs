@@ -1652,6 +1652,82 @@ fn fused_bn_relu_add() {
     }
 }
 
+/// The recomputing ops (src/ops/recompute.rs: bn -> ReLU -> conv, and the bottleneck tail bn2 ->
+/// ReLU -> conv3 -> bn3 + residual -> ReLU) on CUDA against the CPU in f32 (tolerances of the
+/// fused BN ops and convolutions), and in bf16 against the CPU emulation in both layouts
+/// (tolerances of the bf16 BN ops: the GPU rounds conv gradients to bf16 where the emulation
+/// keeps f32). The recomputation in backward must reproduce the forward's BN output on the
+/// GPU too, or the gradients drift from the CPU's.
+#[test]
+fn recompute_ops_match_cpu() {
+    let Some((dev, _serial)) = gpu_or_skip("recompute_ops_match_cpu") else {
+        return;
+    };
+    let pos = |c: usize, seed: u64| {
+        Tensor::from_vec(
+            randn_vec(c, seed).iter().map(|v| 1.0 + 0.3 * v).collect(),
+            &[c],
+        )
+        .unwrap()
+    };
+    let seg = [
+        randn(&[4, 16, 14, 14], 1001),
+        pos(16, 1002),
+        randn(&[16], 1003),
+        randn(&[24, 16, 3, 3], 1004),
+    ];
+    let tail = [
+        randn(&[4, 16, 14, 14], 1011),
+        pos(16, 1012),
+        randn(&[16], 1013),
+        randn(&[64, 16, 1, 1], 1014),
+        pos(64, 1015),
+        randn(&[64], 1016),
+        randn(&[4, 64, 14, 14], 1017),
+    ];
+    let seg_op: &Op = &|t, v| {
+        let (z, (m, var)) = t.bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], 2, 1, 1e-5)?;
+        Ok(vec![z, m, var])
+    };
+    let tail_op: &Op = &|t, v| {
+        let (y, s2, s3) = t.bn_relu_conv2d_bn_add_relu_train(
+            &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], 1e-5,
+        )?;
+        Ok(vec![y, s2.0, s2.1, s3.0, s3.1])
+    };
+    compare(&dev, "bn_relu_conv2d_train", &seg, 1e-4, 1e-3, seg_op);
+    compare(
+        &dev,
+        "bn_relu_conv2d_bn_add_relu_train",
+        &tail,
+        1e-4,
+        1e-3,
+        tail_op,
+    );
+    for nhwc in [true, false] {
+        carp::autograd::set_bf16_nhwc(nhwc);
+        let z_only: &Op = &|t, v| Ok(vec![seg_op(t, v)?.remove(0)]);
+        let y_only: &Op = &|t, v| Ok(vec![tail_op(t, v)?.remove(0)]);
+        compare_bf16(
+            &dev,
+            &format!("bn_relu_conv2d_train nhwc={nhwc}"),
+            &seg,
+            2e-2,
+            5e-2,
+            z_only,
+        );
+        compare_bf16(
+            &dev,
+            &format!("bn_relu_conv2d_bn_add_relu_train nhwc={nhwc}"),
+            &tail,
+            2e-2,
+            5e-2,
+            y_only,
+        );
+    }
+    carp::autograd::set_bf16_nhwc(true);
+}
+
 /// `CARP_STEP_SYNC=1` (the verdict read before ungated updates: the fallback of the device
 /// gate) and the default gated step agree over a few steps, and a NaN step fails in both modes
 /// with the loss named and the state unchanged. Tolerance 1e-5 relative: the same kernels, but

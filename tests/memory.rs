@@ -4,7 +4,7 @@
 
 use carp::autograd::Tape;
 use carp::nn::params::ParamStore;
-use carp::nn::resnet::{ResNet, ResNetConfig, Stem};
+use carp::nn::resnet::{Recompute, ResNet, ResNetConfig, Stem};
 use carp::tensor::{cpu_storage_bytes, reset_cpu_storage_peak, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -43,8 +43,9 @@ fn forward_backward(
 }
 
 /// With recomputation the tape keeps exactly the two inner BN + ReLU outputs of every
-/// bottleneck less (widths and strides by hand from the config below), the values are the
-/// same, and after backward nothing the step made stays alive either way.
+/// bottleneck less, and with conv3 recomputed conv3's outputs too (widths and strides by hand
+/// from the config below); the peak drops, and after backward nothing the step made stays
+/// alive at any level.
 #[test]
 fn recompute_drops_the_inner_bn_outputs_and_backward_frees_everything() {
     let cfg = ResNetConfig {
@@ -60,16 +61,27 @@ fn recompute_drops_the_inner_bn_outputs_and_backward_frees_everything() {
     let x = randn(&[n, 3, h, h], 2);
 
     net.set_fused_bn(true);
-    net.set_recompute(false);
-    let (kept, peak_kept, left_kept) = forward_backward(&net, &params, &buffers, &x);
-    net.set_recompute(true);
-    let (rec, peak_rec, left_rec) = forward_backward(&net, &params, &buffers, &x);
+    let mut run = |level| {
+        net.set_recompute(level);
+        forward_backward(&net, &params, &buffers, &x)
+    };
+    let (kept, peak_kept, left_kept) = run(Recompute::Nothing);
+    let (rec, peak_rec, left_rec) = run(Recompute::BnOutputs);
+    let (rec3, peak_rec3, left_rec3) = run(Recompute::BnAndConv3);
 
     // Stage 1 (width 4, 8x8): two blocks, y1 and y2 at 8x8. Stage 2 (width 8, stride 2 in
-    // conv2): y1 at 8x8, y2 at 4x4.
+    // conv2): y1 at 8x8, y2 at 4x4. conv3's outputs: 16 channels at 8x8 (twice), 32 at 4x4.
     let y = |c: usize, hw: usize| (n * c * hw * hw * 4) as isize;
     let inner = 2 * (y(4, 8) + y(4, 8)) + y(8, 8) + y(8, 4);
     assert_eq!(kept - rec, inner, "kept {kept} B, recomputed {rec} B");
+    let conv3 = 2 * y(16, 8) + y(32, 4);
+    assert_eq!(
+        rec - rec3,
+        conv3,
+        "BN outputs recomputed {rec} B, and conv3 {rec3} B"
+    );
+    assert!(peak_rec3 < peak_rec, "peak {peak_rec3} vs {peak_rec}");
+    assert_eq!(left_rec3, 0, "bytes left after backward (conv3 recomputed)");
     assert!(peak_rec < peak_kept, "peak {peak_rec} vs {peak_kept}");
     assert_eq!(left_kept, 0, "bytes left after backward (kept)");
     assert_eq!(left_rec, 0, "bytes left after backward (recomputed)");

@@ -100,17 +100,37 @@ pub struct ResNet {
     /// BN + ReLU (+ residual add) as single fused tape ops ([`fused_bn_default`]); the unfused
     /// composition computes the same values (kept for A/B runs and as a fallback).
     fused_bn: bool,
-    /// Training with the fused ops: the inner BN + ReLU outputs of each bottleneck (the inputs
-    /// of conv2 and conv3) are recomputed in backward instead of kept
-    /// ([`Tape::bn_relu_conv2d_train`], [`recompute_default`]); the same values either way.
-    recompute: bool,
+    /// What training with the fused ops recomputes in backward instead of keeping
+    /// ([`Recompute`], default from `CARP_RECOMPUTE`); the same values either way.
+    recompute: Recompute,
 }
 
-/// Whether training recomputes the bottlenecks' inner BN + ReLU outputs in backward: yes unless
-/// the environment variable `CARP_RECOMPUTE` is `0` (read once per process).
-pub fn recompute_default() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CARP_RECOMPUTE").map_or(true, |v| v.trim() != "0"))
+/// What ResNet training (with the fused BN ops) recomputes in backward instead of keeping
+/// alive from the forward (src/ops/recompute.rs). Per bottleneck the tape otherwise keeps 12
+/// activation-widths (conv1's output, bn1 + ReLU's, conv2's, bn2 + ReLU's, conv3's (4), the
+/// block output (4)); the values are bit-identical at every level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recompute {
+    /// Keep everything the ops save (`CARP_RECOMPUTE=0`).
+    Nothing,
+    /// The inner BN + ReLU outputs (the inputs of conv2 and conv3): 12 -> 10 widths, for an
+    /// apply pass each in backward (`CARP_RECOMPUTE=bn`).
+    BnOutputs,
+    /// Also conv3's output (bn3's input): 12 -> 6 widths, for a second forward of the 1x1 conv3
+    /// (~1/4 of a bottleneck's FLOPs) in backward. The default (`CARP_RECOMPUTE=all`).
+    BnAndConv3,
+}
+
+impl Recompute {
+    /// Parses `CARP_RECOMPUTE`'s values: `0`/`off`/`none`, `bn`, `all`/`1`.
+    pub fn parse(s: &str) -> Result<Recompute> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "0" | "off" | "none" => Ok(Recompute::Nothing),
+            "bn" => Ok(Recompute::BnOutputs),
+            "1" | "all" | "" => Ok(Recompute::BnAndConv3),
+            other => bail!(Config, "CARP_RECOMPUTE={other:?}: use 0, bn or all"),
+        }
+    }
 }
 
 /// Whether ResNets use the fused BN + ReLU (+ add) ops: yes unless the environment variable
@@ -118,6 +138,19 @@ pub fn recompute_default() -> bool {
 pub fn fused_bn_default() -> bool {
     static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FUSED.get_or_init(|| std::env::var("CARP_FUSED_BN").map_or(true, |v| v.trim() != "0"))
+}
+
+/// The recomputation level of new ResNets: `CARP_RECOMPUTE` (read once per process; an
+/// unknown value is reported on stderr and the default used), else [`Recompute::BnAndConv3`].
+pub fn recompute_default() -> Recompute {
+    static LEVEL: std::sync::OnceLock<Recompute> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var("CARP_RECOMPUTE") {
+        Err(_) => Recompute::BnAndConv3,
+        Ok(v) => Recompute::parse(&v).unwrap_or_else(|e| {
+            eprintln!("warning: {e}; using all");
+            Recompute::BnAndConv3
+        }),
+    })
 }
 
 /// A running-statistics update produced by a training-mode BN forward, applied after the pass.
@@ -210,7 +243,7 @@ fn bn_relu_conv_train(
     updates: &mut Vec<BnUpdate>,
 ) -> Result<Tensor> {
     let (gamma, beta) = (&leaves[ids.gamma], &leaves[ids.beta]);
-    let (z, mean, var) =
+    let (z, (mean, var)) =
         tape.bn_relu_conv2d_train(x, gamma, beta, &leaves[w], stride, padding, BN_EPS)?;
     updates.push(BnUpdate {
         ids: ids.clone(),
@@ -327,10 +360,10 @@ impl ResNet {
         })
     }
 
-    /// Switches the recomputation of the inner BN + ReLU outputs in training (the default comes
-    /// from `CARP_RECOMPUTE`, [`recompute_default`]); it applies with the fused BN ops only.
-    pub fn set_recompute(&mut self, on: bool) {
-        self.recompute = on;
+    /// Sets what training recomputes in backward (the default comes from `CARP_RECOMPUTE`,
+    /// [`recompute_default`]); it applies with the fused BN ops only.
+    pub fn set_recompute(&mut self, level: Recompute) {
+        self.recompute = level;
     }
 
     /// Switches between the fused BN + ReLU (+ add) ops and the unfused composition (the
@@ -411,21 +444,22 @@ impl ResNet {
         train: bool,
         updates: &mut Vec<BnUpdate>,
     ) -> Result<Tensor> {
-        let mut h = tape.conv2d(x, &leaves[blk.conv1], 1, 0)?; // (N, width, H, W)
-        if train && self.fused_bn && self.recompute {
-            h = bn_relu_conv_train(
-                tape, leaves, &blk.bn1, &h, blk.conv2, blk.stride, 1, updates,
-            )?; // (N, width, H/s, W/s)
-            h = bn_relu_conv_train(tape, leaves, &blk.bn2, &h, blk.conv3, 1, 0, updates)?;
-        // (N, 4*width, H/s, W/s)
+        let recompute = if train && self.fused_bn {
+            self.recompute
         } else {
+            Recompute::Nothing
+        };
+        let mut h = tape.conv2d(x, &leaves[blk.conv1], 1, 0)?; // (N, width, H, W)
+        if recompute == Recompute::Nothing {
             h = self.bn_relu(tape, leaves, buffers, &blk.bn1, &h, None, train, updates)?;
             h = tape.conv2d(&h, &leaves[blk.conv2], blk.stride, 1)?; // (N, width, H/s, W/s)
-            h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
-            h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
+        } else {
+            h = bn_relu_conv_train(
+                tape, leaves, &blk.bn1, &h, blk.conv2, blk.stride, 1, updates,
+            )?;
         }
 
-        // The shortcut is computed before bn3 (the fused op consumes it), but its BN update is
+        // The shortcut is computed before bn3 (the fused ops consume it), but its BN update is
         // queued after bn3's, in the order the updates always had.
         let mut shortcut_updates = Vec::new();
         let shortcut = match &blk.downsample {
@@ -435,16 +469,47 @@ impl ResNet {
             }
             None => x.clone(),
         };
-        let y = self.bn_relu(
-            tape,
-            leaves,
-            buffers,
-            &blk.bn3,
-            &h,
-            Some(&shortcut),
-            train,
-            updates,
-        )?;
+        let y = match recompute {
+            Recompute::BnAndConv3 => {
+                let (bn2, bn3) = (&blk.bn2, &blk.bn3);
+                let (y, s2, s3) = tape.bn_relu_conv2d_bn_add_relu_train(
+                    &h,
+                    &leaves[bn2.gamma],
+                    &leaves[bn2.beta],
+                    &leaves[blk.conv3],
+                    &leaves[bn3.gamma],
+                    &leaves[bn3.beta],
+                    &shortcut,
+                    BN_EPS,
+                )?; // (N, 4*width, H/s, W/s)
+                for (ids, (batch_mean, batch_var)) in [(bn2, s2), (bn3, s3)] {
+                    updates.push(BnUpdate {
+                        ids: ids.clone(),
+                        batch_mean,
+                        batch_var,
+                    });
+                }
+                y
+            }
+            _ => {
+                if recompute == Recompute::Nothing {
+                    h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
+                    h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
+                } else {
+                    h = bn_relu_conv_train(tape, leaves, &blk.bn2, &h, blk.conv3, 1, 0, updates)?;
+                }
+                self.bn_relu(
+                    tape,
+                    leaves,
+                    buffers,
+                    &blk.bn3,
+                    &h,
+                    Some(&shortcut),
+                    train,
+                    updates,
+                )?
+            }
+        };
         updates.append(&mut shortcut_updates);
         Ok(y)
     }
@@ -520,28 +585,38 @@ mod tests {
                 (y.to_vec().unwrap(), grads, updates, nodes)
             };
             net.set_fused_bn(true);
-            net.set_recompute(true);
-            let recomputed = run(&net);
-            net.set_recompute(false);
+            let mut recomputed = Vec::new();
+            for level in [Recompute::BnOutputs, Recompute::BnAndConv3] {
+                net.set_recompute(level);
+                recomputed.push((level, run(&net)));
+            }
+            net.set_recompute(Recompute::Nothing);
             let (yf, gf, uf, nf) = run(&net);
             net.set_fused_bn(false);
             let (yu, gu, uu, nu) = run(&net);
             // Stem: 2 ops fused into 1; each block's bn1, bn2: 2 -> 1; bn3 + add + relu: 3 -> 1.
             assert_eq!(nu - nf, 1 + 3 * 4, "train={train}: recorded ops");
-            // Recomputation (training only): each block's bn1 + conv2 and bn2 + conv3: 2 -> 1,
-            // with the same values bit for bit.
-            let saved = if train { 3 * 2 } else { 0 };
-            assert_eq!(nf - recomputed.3, saved, "train={train}: recorded ops");
-            assert_eq!(recomputed.0, yf, "train={train}: features");
-            assert_eq!(recomputed.1, gf, "train={train}: gradients");
-            assert_eq!(recomputed.2.len(), uf.len());
-            for (a, b) in recomputed.2.iter().zip(&uf) {
-                assert_eq!(a.ids.gamma, b.ids.gamma);
-                assert_eq!(
-                    a.batch_mean.to_vec().unwrap(),
-                    b.batch_mean.to_vec().unwrap()
-                );
-                assert_eq!(a.batch_var.to_vec().unwrap(), b.batch_var.to_vec().unwrap());
+            // Recomputation (training only), per block: bn1 + conv2 and bn2 + conv3: 2 -> 1
+            // each; with conv3 recomputed, bn2 + conv3 + bn3 (+ add + relu): 3 -> 1. The same
+            // values bit for bit.
+            for (level, (y, g, u, n)) in recomputed {
+                let fewer = match (train, level) {
+                    (false, _) => 0,
+                    (true, Recompute::BnOutputs) => 3 * 2,
+                    (true, _) => 3 * 3,
+                };
+                assert_eq!(nf - n, fewer, "train={train} {level:?}: recorded ops");
+                assert_eq!(y, yf, "train={train} {level:?}: features");
+                assert_eq!(g, gf, "train={train} {level:?}: gradients");
+                assert_eq!(u.len(), uf.len());
+                for (a, b) in u.iter().zip(&uf) {
+                    assert_eq!(a.ids.gamma, b.ids.gamma);
+                    assert_eq!(
+                        a.batch_mean.to_vec().unwrap(),
+                        b.batch_mean.to_vec().unwrap()
+                    );
+                    assert_eq!(a.batch_var.to_vec().unwrap(), b.batch_var.to_vec().unwrap());
+                }
             }
             let close = |a: &[f32], b: &[f32], what: &str| {
                 assert_eq!(a.len(), b.len());

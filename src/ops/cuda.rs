@@ -680,84 +680,128 @@ pub(crate) fn bn_act_train(
     Ok((y, mean, var_t))
 }
 
-/// conv2d(relu(BN(x)), w) in training mode without keeping the BN output (src/ops/recompute.rs):
-/// the statistics and the fused apply as `bn_act_train`, the convolution as `conv2d`, then the
-/// BN output is dropped; backward applies it again from x and the saved statistics, runs the
-/// convolution's two backward kernels and the fused BN + ReLU backward. Every buffer is in x's
-/// format (bf16 / NHWC as `conv2d`). Returns (z, batch mean (C,), unbiased batch variance (C,)).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn bn_relu_conv2d_train(
-    tape: &mut Tape,
+/// What the GPU keeps of one bn -> ReLU -> conv segment in training mode (src/ops/recompute.rs),
+/// and its recomputation and backward. Every activation buffer is in x's format (bf16 / NHWC as
+/// `conv2d`); the statistics are f32.
+struct BnReluConvGpu {
     be: Be,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    w: &Tensor,
+    x: Tensor,     // (N, C, H, W)
+    gamma: Tensor, // (C,)
+    beta: Tensor,  // (C,)
+    wf: Tensor,    // (O, C, KH, KW) in x's format
+    w_shape: Vec<usize>,
+    mean: Tensor,         // (C,)
+    invstd: DeviceBuffer, // (C,) 1 / sqrt(biased var + eps)
     d: BnDims,
+    cs: ConvShape,
     s: Conv2dShape,
-    eps: f32,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let op = "bn_relu_conv2d_train";
-    let _r = nvtx::Range::new(op);
-    let mut mean = be.alloc_f32(d.c)?; // (C,)
-    let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
-    let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
-    be.batch_norm_stats(
-        dbuf(op, x)?,
-        d.n,
-        d.c,
-        d.s,
-        eps,
-        &mut mean,
-        &mut invstd,
-        &mut var_unbiased,
-    )?;
-    let y = bn_act_apply(&be, op, x, None, &mean, &invstd, gamma, beta, d)?; // (N, C, H, W)
-    let cs = conv_shape(s);
-    let f = format_of(x);
-    let wf = w.to_format(f.0, f.1)?;
-    let mut z = alloc_fmt(&be, f, s.y_len())?; // (N, O, HO, WO)
-    be.conv2d_forward(&cs, dbuf(op, &y)?, dbuf(op, &wf)?, &mut z)?;
-    drop(y);
-    let z_shape = [s.n, s.o, s.ho(), s.wo()];
-    let z = wrap(&be, z, &z_shape)?;
-    let mean = wrap(&be, mean, &[d.c])?;
-    let var_t = wrap(&be, var_unbiased, &[d.c])?;
-    let need_dw = tape.requires_grad(w);
-    let need_bn = [x, gamma, beta].iter().any(|t| tape.requires_grad(t));
-    let (sx, sg, sb, sm) = (x.clone(), gamma.clone(), beta.clone(), mean.clone());
-    tape.record(op, &z, &[x, gamma, beta, w], move |dz| {
-        let _r = nvtx::Range::new(&format!("{op} backward"));
-        let dz = on_gpu_as(&be, dz, f)?;
-        dz.expect_shape(&format!("{op} backward dz"), &z_shape)?;
-        let dzb = dbuf(op, &dz)?;
-        let sm_b = dbuf(op, &sm)?;
-        // The forward's BN + ReLU output, again (deterministic: the same kernel and inputs).
-        let y = bn_act_apply(&be, op, &sx, None, sm_b, &invstd, &sg, &sb, d)?;
+}
+
+impl BnReluConvGpu {
+    /// The forward: batch statistics and the fused apply as `bn_act_train`, then the
+    /// convolution; the BN output is dropped. Returns the segment, z (N, O, HO, WO) and the
+    /// unbiased batch variance (C,).
+    fn forward(
+        be: &Be,
+        [x, gamma, beta, w]: [&Tensor; 4],
+        d: BnDims,
+        s: Conv2dShape,
+        eps: f32,
+    ) -> Result<(BnReluConvGpu, DeviceBuffer, Tensor)> {
+        let op = "bn_relu_conv2d_train";
+        let mut mean = be.alloc_f32(d.c)?; // (C,)
+        let mut invstd = be.alloc_f32(d.c)?; // (C,)
+        let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
+        be.batch_norm_stats(
+            dbuf(op, x)?,
+            d.n,
+            d.c,
+            d.s,
+            eps,
+            &mut mean,
+            &mut invstd,
+            &mut var_unbiased,
+        )?;
+        let f = format_of(x);
+        let seg = BnReluConvGpu {
+            be: be.clone(),
+            x: x.clone(),
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+            wf: w.to_format(f.0, f.1)?,
+            w_shape: w.shape().to_vec(),
+            mean: wrap(be, mean, &[d.c])?,
+            invstd,
+            d,
+            cs: conv_shape(s),
+            s,
+        };
+        let y = seg.bn_output()?;
+        let z = seg.conv_output(&y)?;
+        Ok((seg, z, wrap(be, var_unbiased, &[d.c])?))
+    }
+
+    /// The BN + ReLU output (N, C, H, W), again (deterministic: the same kernel and inputs).
+    fn bn_output(&self) -> Result<Tensor> {
+        let (be, d) = (&self.be, self.d);
+        let mean = dbuf("bn_relu_conv2d_train", &self.mean)?;
+        bn_act_apply(
+            be,
+            "bn_relu_conv2d_train",
+            &self.x,
+            None,
+            mean,
+            &self.invstd,
+            &self.gamma,
+            &self.beta,
+            d,
+        )
+    }
+
+    /// The convolution's output (N, O, HO, WO) of the BN output `y`.
+    fn conv_output(&self, y: &Tensor) -> Result<DeviceBuffer> {
+        let op = "bn_relu_conv2d_train";
+        let mut z = alloc_fmt(&self.be, format_of(&self.x), self.s.y_len())?;
+        self.be
+            .conv2d_forward(&self.cs, dbuf(op, y)?, dbuf(op, &self.wf)?, &mut z)?;
+        Ok(z)
+    }
+
+    /// Gradients [dx, dgamma, dbeta, dw] from dz (in x's format) and the recomputed BN output
+    /// y; `need_dw` / `need_bn` skip the filter gradient / the BN backward.
+    fn backward(
+        &self,
+        y: &Tensor,
+        dz: &DeviceBuffer,
+        need_dw: bool,
+        need_bn: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let op = "bn_relu_conv2d_train backward";
+        let (be, d, s, f) = (&self.be, self.d, self.s, format_of(&self.x));
         let dw = if need_dw {
-            let mut dw = alloc_fmt(&be, f, s.w_len())?; // (O, C, KH, KW)
-            be.conv2d_backward_filter(&cs, dbuf(op, &y)?, dzb, &mut dw)?;
+            let mut dw = alloc_fmt(be, f, s.w_len())?; // (O, C, KH, KW)
+            be.conv2d_backward_filter(&self.cs, dbuf(op, y)?, dz, &mut dw)?;
             // Widened at once, as conv2d does (f32 accumulation across uses of the weight).
-            Some(wrap(&be, dw, wf.shape())?.to_format(DType::F32, Layout::Nchw)?)
+            Some(wrap(be, dw, &self.w_shape)?.to_format(DType::F32, Layout::Nchw)?)
         } else {
             None
         };
         if !need_bn {
             return Ok(vec![None, None, None, dw]);
         }
-        let mut dy = alloc_fmt(&be, f, d.numel())?; // (N, C, H, W)
-        be.conv2d_backward_data(&cs, dbuf(op, &wf)?, dzb, &mut dy)?;
-        let mut dx = alloc_fmt(&be, f, d.numel())?; // (N, C, H, W)
+        let mut dy = alloc_fmt(be, f, d.numel())?; // (N, C, H, W)
+        be.conv2d_backward_data(&self.cs, dbuf(op, &self.wf)?, dz, &mut dy)?;
+        let mut dx = alloc_fmt(be, f, d.numel())?; // (N, C, H, W)
         let mut dgamma = be.alloc_f32(d.c)?;
         let mut dbeta = be.alloc_f32(d.c)?;
         be.bn_act_backward(
             true,
             &dy,
-            dbuf(op, &y)?,
-            dbuf(op, &sx)?,
-            sm_b,
-            &invstd,
-            dbuf(op, &sg)?,
+            dbuf(op, y)?,
+            dbuf(op, &self.x)?,
+            dbuf(op, &self.mean)?,
+            &self.invstd,
+            dbuf(op, &self.gamma)?,
             d.n,
             d.c,
             d.s,
@@ -767,13 +811,136 @@ pub(crate) fn bn_relu_conv2d_train(
             &mut dbeta,
         )?;
         Ok(vec![
-            Some(wrap(&be, dx, sx.shape())?),
-            Some(wrap(&be, dgamma, &[d.c])?),
-            Some(wrap(&be, dbeta, &[d.c])?),
+            Some(wrap(be, dx, self.x.shape())?),
+            Some(wrap(be, dgamma, &[d.c])?),
+            Some(wrap(be, dbeta, &[d.c])?),
             dw,
         ])
+    }
+}
+
+/// conv2d(relu(BN(x)), w) in training mode without keeping the BN output
+/// (src/ops/recompute.rs); `t` = [x, gamma, beta, w]. Returns (z, (batch mean, unbiased batch
+/// variance)).
+pub(crate) fn bn_relu_conv2d_train(
+    tape: &mut Tape,
+    be: Be,
+    t: [&Tensor; 4],
+    d: BnDims,
+    s: Conv2dShape,
+    eps: f32,
+) -> Result<(Tensor, (Tensor, Tensor))> {
+    let op = "bn_relu_conv2d_train";
+    let _r = nvtx::Range::new(op);
+    let (seg, z, var) = BnReluConvGpu::forward(&be, t, d, s, eps)?;
+    let z_shape = [s.n, s.o, s.ho(), s.wo()];
+    let z = wrap(&be, z, &z_shape)?;
+    let mean = seg.mean.clone();
+    let [x, gamma, beta, w] = t;
+    let need_dw = tape.requires_grad(w);
+    let need_bn = [x, gamma, beta].iter().any(|t| tape.requires_grad(t));
+    let f = format_of(x);
+    tape.record(op, &z, &t, move |dz| {
+        let _r = nvtx::Range::new(&format!("{op} backward"));
+        let dz = on_gpu_as(&seg.be, dz, f)?;
+        dz.expect_shape(&format!("{op} backward dz"), &z_shape)?;
+        let y = seg.bn_output()?;
+        seg.backward(&y, dbuf(op, &dz)?, need_dw, need_bn)
     });
-    Ok((z, mean, var_t))
+    Ok((z, (mean, var)))
+}
+
+/// relu(bn3(conv2d(relu(bn2(x)), w)) + residual) in training mode, keeping neither BN output
+/// nor the convolution's output (src/ops/recompute.rs); `t` = [x, gamma2, beta2, w, gamma3,
+/// beta3, residual]. Returns (y, bn2's statistics, bn3's statistics).
+#[allow(clippy::type_complexity)]
+pub(crate) fn bottleneck_tail_train(
+    tape: &mut Tape,
+    be: Be,
+    t: [&Tensor; 7],
+    d2: BnDims,
+    s: Conv2dShape,
+    eps: f32,
+) -> Result<(Tensor, (Tensor, Tensor), (Tensor, Tensor))> {
+    let op = "bn_relu_conv2d_bn_add_relu_train";
+    let _r = nvtx::Range::new(op);
+    let [x, gamma2, beta2, w, gamma3, beta3, residual] = t;
+    let (seg, x3, var2) = BnReluConvGpu::forward(&be, [x, gamma2, beta2, w], d2, s, eps)?;
+    let y_shape = [s.n, s.o, s.ho(), s.wo()];
+    let d3 = BnDims::of(op, &y_shape)?;
+    let x3 = wrap(&be, x3, &y_shape)?;
+    let (y, mean3, var3, invstd3) = {
+        let mut mean = be.alloc_f32(d3.c)?; // (O,)
+        let mut invstd = be.alloc_f32(d3.c)?; // (O,)
+        let mut var_unbiased = be.alloc_f32(d3.c)?; // (O,)
+        be.batch_norm_stats(
+            dbuf(op, &x3)?,
+            d3.n,
+            d3.c,
+            d3.s,
+            eps,
+            &mut mean,
+            &mut invstd,
+            &mut var_unbiased,
+        )?;
+        let y = bn_act_apply(
+            &be,
+            op,
+            &x3,
+            Some(residual),
+            &mean,
+            &invstd,
+            gamma3,
+            beta3,
+            d3,
+        )?;
+        let mean = wrap(&be, mean, &[d3.c])?;
+        (y, mean, wrap(&be, var_unbiased, &[d3.c])?, invstd)
+    };
+    drop(x3);
+    let stats2 = (seg.mean.clone(), var2);
+    let need_dw = tape.requires_grad(w);
+    let need_bn2 = [x, gamma2, beta2].iter().any(|t| tape.requires_grad(t));
+    let f = format_of(x);
+    let (sy, sg3, sm3) = (y.clone(), gamma3.clone(), mean3.clone());
+    tape.record(op, &y, &t, move |dy| {
+        let _r = nvtx::Range::new(&format!("{op} backward"));
+        let be = &seg.be;
+        let dy = on_gpu_as(be, dy, f)?;
+        dy.expect_shape(&format!("{op} backward dy"), &y_shape)?;
+        // The forward's bn2 output and convolution output, again.
+        let y2 = seg.bn_output()?;
+        let x3 = seg.conv_output(&y2)?;
+        let mut dx3 = alloc_fmt(be, f, d3.numel())?; // (N, O, H, W)
+        let mut dres = alloc_fmt(be, f, d3.numel())?; // (N, O, H, W)
+        let mut dgamma3 = be.alloc_f32(d3.c)?;
+        let mut dbeta3 = be.alloc_f32(d3.c)?;
+        be.bn_act_backward(
+            true,
+            dbuf(op, &dy)?,
+            dbuf(op, &sy)?,
+            &x3,
+            dbuf(op, &sm3)?,
+            &invstd3,
+            dbuf(op, &sg3)?,
+            d3.n,
+            d3.c,
+            d3.s,
+            &mut dx3,
+            Some(&mut dres),
+            &mut dgamma3,
+            &mut dbeta3,
+        )?;
+        drop(x3);
+        let mut grads = seg.backward(&y2, &dx3, need_dw, need_bn2)?;
+        grads.extend([
+            Some(wrap(be, dgamma3, &[d3.c])?),
+            Some(wrap(be, dbeta3, &[d3.c])?),
+            Some(wrap(be, dres, &y_shape)?),
+        ]);
+        Ok(grads)
+    });
+    Ok((y, stats2, (mean3, var3)))
 }
 
 /// relu(BN(x) [+ residual]) in eval mode with the running statistics (constants).

@@ -18,7 +18,9 @@
 //! output, as the unfused op saves it.
 
 use crate::autograd::{Bf16Path, Tape};
+use crate::bail;
 use crate::error::Result;
+use crate::ops::batchnorm::{check_channel_params, BnDims};
 use crate::ops::conv::{
     conv2d_backward_data_cpu, conv2d_backward_filter_cpu, conv2d_forward_cpu, Conv2dShape,
 };
@@ -27,6 +29,13 @@ use crate::ops::fused::{
 };
 use crate::tensor::{round_bf16, Tensor};
 
+/// The per-channel batch statistics a training-mode BN returns for its running update:
+/// (batch mean (C,), unbiased batch variance (C,)).
+pub type BatchStats = (Tensor, Tensor);
+
+const OP: &str = "bn_relu_conv2d_train";
+const TAIL: &str = "bn_relu_conv2d_bn_add_relu_train";
+
 /// Rounds every value to bf16 in place (the CPU's bf16 storage).
 fn round_all(v: &mut [f32]) {
     for x in v {
@@ -34,12 +43,208 @@ fn round_all(v: &mut [f32]) {
     }
 }
 
+/// (mean, unbiased variance) tensors from the biased variance over `m` values per channel.
+fn batch_stats(mean: &[f32], var: &[f32], m: usize) -> Result<BatchStats> {
+    let unbiased = m as f32 / (m - 1) as f32;
+    Ok((
+        Tensor::from_vec(mean.to_vec(), &[mean.len()])?,
+        Tensor::from_vec(var.iter().map(|&v| v * unbiased).collect(), &[var.len()])?,
+    ))
+}
+
+/// What the CPU keeps of a training-mode BN + ReLU whose output is recomputed: x, the
+/// parameters and the batch statistics.
+struct BnReluCpu {
+    x: Tensor,     // (N, C, H, W)
+    gamma: Tensor, // (C,)
+    beta: Tensor,  // (C,)
+    mean: Vec<f32>,
+    var: Vec<f32>, // biased
+    d: BnDims,
+    eps: f32,
+    /// bf16 emulation: the output and the gradient reaching it are rounded to bf16.
+    bf16_mid: bool,
+}
+
+/// A BN + ReLU output: `y` (the ReLU mask: unrounded, as the unfused op saves it) and, in bf16
+/// mode, its rounded copy (what the next op reads).
+struct BnReluOut {
+    y: Vec<f32>,
+    rounded: Option<Vec<f32>>,
+}
+
+impl BnReluOut {
+    /// What the consumer reads: the bf16 copy in bf16 mode, else y.
+    fn input(&self) -> &[f32] {
+        self.rounded.as_deref().unwrap_or(&self.y)
+    }
+}
+
+impl BnReluCpu {
+    /// The forward: the batch statistics and the output; `d` from `check_bn_act_train`.
+    fn forward(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        d: BnDims,
+        eps: f32,
+        bf16_mid: bool,
+    ) -> Result<(BnReluCpu, BnReluOut)> {
+        let mut mean = vec![0.0; d.c];
+        let mut var = vec![0.0; d.c];
+        let mut y = vec![0.0; d.numel()]; // (N, C, H, W)
+        let (g, b) = (gamma.cpu()?, beta.cpu()?);
+        bn_act_train_forward_cpu(x.cpu()?, None, g, b, d, eps, &mut y, &mut mean, &mut var)?;
+        let bn = BnReluCpu {
+            x: x.clone(),
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+            mean,
+            var,
+            d,
+            eps,
+            bf16_mid,
+        };
+        let out = bn.rounded(y);
+        Ok((bn, out))
+    }
+
+    fn rounded(&self, y: Vec<f32>) -> BnReluOut {
+        let rounded = self.bf16_mid.then(|| {
+            let mut r = y.clone();
+            round_all(&mut r);
+            r
+        });
+        BnReluOut { y, rounded }
+    }
+
+    /// The forward's output again (the same apply pass on the same values).
+    fn output(&self) -> Result<BnReluOut> {
+        let mut y = vec![0.0; self.d.numel()]; // (N, C, H, W)
+        let (g, b) = (self.gamma.cpu()?, self.beta.cpu()?);
+        let (d, eps) = (self.d, self.eps);
+        bn_act_apply_cpu(
+            self.x.cpu()?,
+            None,
+            g,
+            b,
+            &self.mean,
+            &self.var,
+            d,
+            eps,
+            &mut y,
+        )?;
+        Ok(self.rounded(y))
+    }
+
+    /// [dx, dgamma, dbeta] from the gradient `dy` of the output (rounded to bf16 first in bf16
+    /// mode, as the unfused op's bf16 output node rounds it).
+    fn backward(&self, out: &BnReluOut, mut dy: Vec<f32>) -> Result<Vec<Option<Tensor>>> {
+        let d = self.d;
+        if self.bf16_mid {
+            round_all(&mut dy);
+        }
+        let mut dx = vec![0.0; d.numel()]; // (N, C, H, W)
+        let mut dgamma = vec![0.0; d.c];
+        let mut dbeta = vec![0.0; d.c];
+        bn_act_backward_cpu(
+            true,
+            self.x.cpu()?,
+            &out.y,
+            &dy,
+            self.gamma.cpu()?,
+            &self.mean,
+            &self.var,
+            d,
+            self.eps,
+            &mut dx,
+            None,
+            &mut dgamma,
+            &mut dbeta,
+        )?;
+        Ok(vec![
+            Some(self.x.like(dx)?),
+            Some(Tensor::from_vec(dgamma, &[d.c])?),
+            Some(Tensor::from_vec(dbeta, &[d.c])?),
+        ])
+    }
+
+    fn stats(&self) -> Result<BatchStats> {
+        batch_stats(&self.mean, &self.var, self.d.per_channel())
+    }
+}
+
+/// What the CPU keeps of one bn -> ReLU -> conv segment, and its recomputation and backward.
+struct BnReluConvCpu {
+    bn: BnReluCpu,
+    w: Tensor, // (O, C, KH, KW)
+    s: Conv2dShape,
+}
+
+impl BnReluConvCpu {
+    /// The forward: returns the segment and the convolution's output z (N, O, HO, WO); the BN
+    /// output is dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        d: BnDims,
+        w: &Tensor,
+        s: Conv2dShape,
+        eps: f32,
+        bf16_mid: bool,
+    ) -> Result<(BnReluConvCpu, Vec<f32>)> {
+        let (bn, out) = BnReluCpu::forward(x, gamma, beta, d, eps, bf16_mid)?;
+        let seg = BnReluConvCpu {
+            bn,
+            w: w.clone(),
+            s,
+        };
+        let z = seg.conv_output(&out)?;
+        Ok((seg, z))
+    }
+
+    /// The convolution's output (N, O, HO, WO) of the BN output.
+    fn conv_output(&self, out: &BnReluOut) -> Result<Vec<f32>> {
+        let mut z = vec![0.0; self.s.y_len()];
+        conv2d_forward_cpu(out.input(), self.w.cpu()?, &self.s, &mut z);
+        Ok(z)
+    }
+
+    /// Gradients [dx, dgamma, dbeta, dw] from dz (N, O, HO, WO) and the recomputed BN output;
+    /// `need_dw` / `need_bn` skip the weight's GEMM / the BN backward.
+    fn backward(
+        &self,
+        out: &BnReluOut,
+        dz: &[f32],
+        need_dw: bool,
+        need_bn: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let s = self.s;
+        let dw = if need_dw {
+            let mut dw = vec![0.0; s.w_len()]; // (O, C, KH, KW)
+            conv2d_backward_filter_cpu(out.input(), dz, &s, &mut dw);
+            Some(self.w.like(dw)?)
+        } else {
+            None
+        };
+        if !need_bn {
+            return Ok(vec![None, None, None, dw]);
+        }
+        let mut dy = vec![0.0; self.bn.d.numel()]; // (N, C, H, W)
+        conv2d_backward_data_cpu(dz, self.w.cpu()?, &s, &mut dy);
+        let mut grads = self.bn.backward(out, dy)?;
+        grads.push(dw);
+        Ok(grads)
+    }
+}
+
 impl Tape {
     /// conv2d(relu(batch_norm_train(x)), w, stride, padding): x (N, C, H, W), gamma, beta (C,),
-    /// w (O, C, KH, KW). Returns (z (N, O, HO, WO), batch_mean (C,), batch_var_unbiased (C,)),
-    /// the last two for the running update as [`Tape::bn_relu_train`]. Backward: dx, dgamma,
-    /// dbeta, dw. Saves x, gamma, beta, w and the statistics, not the BN output (see the
-    /// module documentation).
+    /// w (O, C, KH, KW). Returns (z (N, O, HO, WO), the batch statistics for the running update
+    /// as [`Tape::bn_relu_train`]). Backward: dx, dgamma, dbeta, dw. Saves x, gamma, beta, w
+    /// and the statistics, not the BN output (see the module documentation).
     #[allow(clippy::too_many_arguments)]
     pub fn bn_relu_conv2d_train(
         &mut self,
@@ -50,15 +255,15 @@ impl Tape {
         stride: usize,
         padding: usize,
         eps: f32,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, BatchStats)> {
         // Bf16 mode (Tape::bf16_inputs): a bf16 x and weight copy, the f32 body rounding where
         // the unfused ops' bf16 outputs round, a bf16 output.
         if self.is_bf16() {
-            let r = self.bf16_inputs("bn_relu_conv2d_train", &[x, w], Bf16Path::Native)?;
-            let (z, mean, var) = self.as_f32(|t| {
+            let r = self.bf16_inputs(OP, &[x, w], Bf16Path::Native)?;
+            let (z, st) = self.as_f32(|t| {
                 t.bn_relu_conv2d_body(&r[0], gamma, beta, &r[1], stride, padding, eps, true)
             })?;
-            return Ok((self.bf16_output(&z)?, mean, var));
+            return Ok((self.bf16_output(&z)?, st));
         }
         self.bn_relu_conv2d_body(x, gamma, beta, w, stride, padding, eps, false)
     }
@@ -76,91 +281,166 @@ impl Tape {
         padding: usize,
         eps: f32,
         bf16_mid: bool,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let op = "bn_relu_conv2d_train";
-        let d = check_bn_act_train(op, x, gamma, beta, None, eps)?;
+    ) -> Result<(Tensor, BatchStats)> {
+        let d = check_bn_act_train(OP, x, gamma, beta, None, eps)?;
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), stride, padding)?;
         #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend(op, &[x, gamma, beta, w])? {
-            return crate::ops::cuda::bn_relu_conv2d_train(self, be, x, gamma, beta, w, d, s, eps);
+        if let Some(be) = crate::ops::cuda_backend(OP, &[x, gamma, beta, w])? {
+            return crate::ops::cuda::bn_relu_conv2d_train(
+                self,
+                be,
+                [x, gamma, beta, w],
+                d,
+                s,
+                eps,
+            );
         }
-        let (g, b) = (gamma.cpu()?, beta.cpu()?);
-        let mut mean = vec![0.0; d.c]; // (C,)
-        let mut var = vec![0.0; d.c]; // (C,) biased
-        let mut y = vec![0.0; d.numel()]; // (N, C, H, W), dropped after the conv
-        bn_act_train_forward_cpu(x.cpu()?, None, g, b, d, eps, &mut y, &mut mean, &mut var)?;
-        if bf16_mid {
-            round_all(&mut y);
-        }
-        let mut z = vec![0.0; s.y_len()]; // (N, O, HO, WO)
-        conv2d_forward_cpu(&y, w.cpu()?, &s, &mut z);
-        drop(y);
+        let (seg, z) = BnReluConvCpu::forward(x, gamma, beta, d, w, s, eps, bf16_mid)?;
         let z_shape = [s.n, s.o, s.ho(), s.wo()];
         let z = Tensor::from_vec(z, &z_shape)?;
-        let m = d.per_channel();
-        let unbiased = m as f32 / (m - 1) as f32;
-        let mean_t = Tensor::from_vec(mean.clone(), &[d.c])?;
-        let var_t = Tensor::from_vec(var.iter().map(|&v| v * unbiased).collect(), &[d.c])?;
+        let stats = seg.bn.stats()?;
         // Decided at forward time, as conv2d does: a frozen weight needs no dw, a frozen BN
         // with a constant input no BN backward.
         let need_dw = self.requires_grad(w);
         let need_bn = [x, gamma, beta].iter().any(|t| self.requires_grad(t));
-        let (sx, sg, sb, sw) = (x.clone(), gamma.clone(), beta.clone(), w.clone());
-        self.record(op, &z, &[x, gamma, beta, w], move |dz| {
-            dz.expect_shape(&format!("{op} backward dz"), &z_shape)?;
-            let (xv, gv) = (sx.cpu()?, sg.cpu()?);
-            let mut y = vec![0.0; d.numel()]; // (N, C, H, W): the forward's BN + ReLU output
-            bn_act_apply_cpu(xv, None, gv, sb.cpu()?, &mean, &var, d, eps, &mut y)?;
-            // The conv's input: the bf16 copy in bf16 mode (the mask stays the unrounded y).
-            let y_in = if bf16_mid {
-                let mut r = y.clone();
-                round_all(&mut r);
-                Some(r)
-            } else {
-                None
-            };
-            let y_in = y_in.as_deref().unwrap_or(&y);
-            let dw = if need_dw {
-                let mut dw = vec![0.0; s.w_len()]; // (O, C, KH, KW)
-                conv2d_backward_filter_cpu(y_in, dz.cpu()?, &s, &mut dw);
-                Some(sw.like(dw)?)
-            } else {
-                None
-            };
-            if !need_bn {
-                return Ok(vec![None, None, None, dw]);
-            }
-            let mut dy = vec![0.0; d.numel()]; // (N, C, H, W)
-            conv2d_backward_data_cpu(dz.cpu()?, sw.cpu()?, &s, &mut dy);
+        self.record(OP, &z, &[x, gamma, beta, w], move |dz| {
+            dz.expect_shape(&format!("{OP} backward dz"), &z_shape)?;
+            let out = seg.bn.output()?;
+            seg.backward(&out, dz.cpu()?, need_dw, need_bn)
+        });
+        Ok((z, stats))
+    }
+
+    /// The end of a bottleneck block as one op: relu(bn3(conv2d(relu(bn2(x)), w)) + residual),
+    /// training mode, the convolution 1x1 with stride 1 (ResNet's conv3). x (N, C, H, W),
+    /// gamma2/beta2 (C,), w (O, C, 1, 1), gamma3/beta3 (O,), residual (N, O, H, W). Returns
+    /// (y, bn2's statistics, bn3's statistics). Backward: dx, dgamma2, dbeta2, dw, dgamma3,
+    /// dbeta3, dresidual.
+    ///
+    /// Keeps neither the BN outputs nor the convolution's output: backward recomputes bn2's
+    /// output (an apply pass) and the convolution (a second forward of the 1x1 conv, ~1/4 of a
+    /// bottleneck's FLOPs) from x. Saved: x, the output y (the ReLU mask; the next block's input
+    /// anyway), the parameters and the statistics. Bit-identical to `bn_relu_train`, `conv2d`,
+    /// `bn_add_relu_train` in a row, in f32 and in the bf16 emulation (there the convolution's
+    /// output is rounded to bf16 before bn3, as the unfused conv's bf16 output is).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_relu_conv2d_bn_add_relu_train(
+        &mut self,
+        x: &Tensor,
+        gamma2: &Tensor,
+        beta2: &Tensor,
+        w: &Tensor,
+        gamma3: &Tensor,
+        beta3: &Tensor,
+        residual: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, BatchStats, BatchStats)> {
+        if self.is_bf16() {
+            let r = self.bf16_inputs(TAIL, &[x, w, residual], Bf16Path::Native)?;
+            let (y, s2, s3) = self.as_f32(|t| {
+                t.tail_body(
+                    [&r[0], gamma2, beta2, &r[1], gamma3, beta3, &r[2]],
+                    eps,
+                    true,
+                )
+            })?;
+            return Ok((self.bf16_output(&y)?, s2, s3));
+        }
+        self.tail_body([x, gamma2, beta2, w, gamma3, beta3, residual], eps, false)
+    }
+
+    /// The tail in f32 arithmetic (`bf16_mid`: the bf16 emulation's inner roundings). `t` =
+    /// [x, gamma2, beta2, w, gamma3, beta3, residual].
+    fn tail_body(
+        &mut self,
+        t: [&Tensor; 7],
+        eps: f32,
+        bf16_mid: bool,
+    ) -> Result<(Tensor, BatchStats, BatchStats)> {
+        let [x, gamma2, beta2, w, gamma3, beta3, residual] = t;
+        let d2 = check_bn_act_train(TAIL, x, gamma2, beta2, None, eps)?;
+        let s = Conv2dShape::from_shapes(x.shape(), w.shape(), 1, 0)?;
+        if (s.kh, s.kw) != (1, 1) {
+            bail!(
+                Shape,
+                "{TAIL}: expected a 1x1 convolution, got weight {:?}",
+                w.shape()
+            );
+        }
+        let y_shape = [s.n, s.o, s.ho(), s.wo()];
+        if residual.shape() != y_shape {
+            bail!(
+                Shape,
+                "{TAIL}: residual must have the convolution's output shape {y_shape:?}, got {:?}",
+                residual.shape()
+            );
+        }
+        let d3 = BnDims::of(TAIL, &y_shape)?;
+        check_channel_params(
+            TAIL,
+            residual,
+            d3.c,
+            &[("gamma3", gamma3), ("beta3", beta3)],
+        )?;
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend(TAIL, &t)? {
+            return crate::ops::cuda::bottleneck_tail_train(self, be, t, d2, s, eps);
+        }
+        let (seg, mut x3) = BnReluConvCpu::forward(x, gamma2, beta2, d2, w, s, eps, bf16_mid)?;
+        if bf16_mid {
+            round_all(&mut x3);
+        }
+        let (mut mean3, mut var3) = (vec![0.0; d3.c], vec![0.0; d3.c]); // (O,), biased
+        let mut y = vec![0.0; d3.numel()]; // (N, O, H, W)
+        let (g3, b3) = (gamma3.cpu()?, beta3.cpu()?);
+        let res = Some(residual.cpu()?);
+        bn_act_train_forward_cpu(&x3, res, g3, b3, d3, eps, &mut y, &mut mean3, &mut var3)?;
+        drop(x3);
+        let y = Tensor::from_vec(y, &y_shape)?;
+        let s2 = seg.bn.stats()?;
+        let s3 = batch_stats(&mean3, &var3, d3.per_channel())?;
+        let need_dw = self.requires_grad(w);
+        let need_bn2 = [x, gamma2, beta2].iter().any(|t| self.requires_grad(t));
+        let (sy, sg3) = (y.clone(), gamma3.clone());
+        self.record(TAIL, &y, &t, move |dy| {
+            dy.expect_shape(&format!("{TAIL} backward dy"), &y_shape)?;
+            let y2 = seg.bn.output()?;
+            let mut x3 = seg.conv_output(&y2)?;
             if bf16_mid {
-                round_all(&mut dy);
+                round_all(&mut x3);
             }
-            let mut dx = vec![0.0; d.numel()]; // (N, C, H, W)
-            let mut dgamma = vec![0.0; d.c];
-            let mut dbeta = vec![0.0; d.c];
+            let mut dx3 = vec![0.0; d3.numel()]; // (N, O, H, W)
+            let mut dres = vec![0.0; d3.numel()]; // (N, O, H, W)
+            let mut dgamma3 = vec![0.0; d3.c];
+            let mut dbeta3 = vec![0.0; d3.c];
             bn_act_backward_cpu(
                 true,
-                xv,
-                &y,
-                &dy,
-                gv,
-                &mean,
-                &var,
-                d,
+                &x3,
+                sy.cpu()?,
+                dy.cpu()?,
+                sg3.cpu()?,
+                &mean3,
+                &var3,
+                d3,
                 eps,
-                &mut dx,
-                None,
-                &mut dgamma,
-                &mut dbeta,
+                &mut dx3,
+                Some(&mut dres),
+                &mut dgamma3,
+                &mut dbeta3,
             )?;
-            Ok(vec![
-                Some(sx.like(dx)?),
-                Some(Tensor::from_vec(dgamma, &[d.c])?),
-                Some(Tensor::from_vec(dbeta, &[d.c])?),
-                dw,
-            ])
+            drop(x3);
+            if bf16_mid {
+                round_all(&mut dx3);
+            }
+            let mut grads = seg.backward(&y2, &dx3, need_dw, need_bn2)?;
+            grads.extend([
+                Some(Tensor::from_vec(dgamma3, &[d3.c])?),
+                Some(Tensor::from_vec(dbeta3, &[d3.c])?),
+                Some(sy.like(dres)?),
+            ]);
+            Ok(grads)
         });
-        Ok((z, mean_t, var_t))
+        Ok((y, s2, s3))
     }
 }
 
@@ -183,12 +463,15 @@ mod tests {
     ) -> Vec<Vec<f32>> {
         let mut tape = Tape::new().with_precision(precision);
         let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
-        let (z, mean, var) = if recompute {
+        let (z, (mean, var)) = if recompute {
             tape.bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], stride, padding, BN_EPS)
                 .unwrap()
         } else {
             let (y, mean, var) = tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS).unwrap();
-            (tape.conv2d(&y, &v[3], stride, padding).unwrap(), mean, var)
+            (
+                tape.conv2d(&y, &v[3], stride, padding).unwrap(),
+                (mean, var),
+            )
         };
         let dz = randn(z.shape(), dz_seed);
         let g = tape.backward_from(vec![(z.clone(), dz)]).unwrap();
@@ -232,6 +515,136 @@ mod tests {
         }
     }
 
+    /// (y, mean2, var2, mean3, var3, and the gradients of x, gamma2, beta2, w, gamma3, beta3,
+    /// residual) of the bottleneck tail with output gradient dy, as the one op or as
+    /// bn_relu_train, conv2d, bn_add_relu_train.
+    fn run_tail(
+        precision: Precision,
+        one_op: bool,
+        xs: &[Tensor; 7],
+        dy_seed: u64,
+    ) -> Vec<Vec<f32>> {
+        let mut tape = Tape::new().with_precision(precision);
+        let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
+        let (y, s2, s3) = if one_op {
+            tape.bn_relu_conv2d_bn_add_relu_train(
+                &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], BN_EPS,
+            )
+            .unwrap()
+        } else {
+            let (h, m2, v2) = tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS).unwrap();
+            let h = tape.conv2d(&h, &v[3], 1, 0).unwrap();
+            let (y, m3, v3) = tape
+                .bn_add_relu_train(&h, &v[4], &v[5], &v[6], BN_EPS)
+                .unwrap();
+            (y, (m2, v2), (m3, v3))
+        };
+        let dy = randn(y.shape(), dy_seed);
+        let g = tape.backward_from(vec![(y.clone(), dy)]).unwrap();
+        let mut out: Vec<Vec<f32>> = [&y, &s2.0, &s2.1, &s3.0, &s3.1]
+            .iter()
+            .map(|t| t.to_vec().unwrap())
+            .collect();
+        for t in &v {
+            out.push(g.get(t).unwrap().to_vec().unwrap());
+        }
+        out
+    }
+
+    /// The tail equals its unfused composition bit for bit, in f32 and in the bf16 emulation.
+    #[test]
+    fn tail_equals_the_unfused_ops_bit_for_bit() {
+        for (n, c, o, hw, seed) in [(3, 4, 8, 5, 60u64), (2, 6, 12, 7, 70)] {
+            let xs = [
+                randn(&[n, c, hw, hw], seed),
+                randn(&[c], seed + 1),
+                randn(&[c], seed + 2),
+                randn(&[o, c, 1, 1], seed + 3),
+                randn(&[o], seed + 4),
+                randn(&[o], seed + 5),
+                randn(&[n, o, hw, hw], seed + 6),
+            ];
+            for precision in [Precision::F32, Precision::Bf16] {
+                let a = run_tail(precision, true, &xs, seed + 7);
+                let b = run_tail(precision, false, &xs, seed + 7);
+                assert_eq!(a.len(), 12);
+                for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                    assert!(p.iter().any(|&v| v != 0.0), "{precision} output {i}");
+                    assert_eq!(p, q, "{precision} n={n} c={c}: output {i}");
+                }
+            }
+            let f = run_tail(Precision::F32, true, &xs, seed + 7);
+            let h = run_tail(Precision::Bf16, true, &xs, seed + 7);
+            assert_ne!(f[0], h[0]);
+        }
+    }
+
+    #[test]
+    fn tail_matches_finite_differences() {
+        let xs = [
+            randn(&[2, 3, 4, 3], 81),
+            randn(&[3], 82),
+            randn(&[3], 83),
+            randn(&[5, 3, 1, 1], 84),
+            randn(&[5], 85),
+            randn(&[5], 86),
+            randn(&[2, 5, 4, 3], 87),
+        ];
+        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
+            Ok(tape
+                .bn_relu_conv2d_bn_add_relu_train(
+                    &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], BN_EPS,
+                )?
+                .0)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn tail_errors_name_the_op_and_the_argument() {
+        let (x, g, w) = (
+            randn(&[2, 3, 4, 4], 91),
+            randn(&[3], 92),
+            randn(&[5, 3, 1, 1], 93),
+        );
+        let (g5, r) = (randn(&[5], 94), randn(&[2, 5, 4, 4], 95));
+        let mut t = Tape::no_grad();
+        let e = t
+            .bn_relu_conv2d_bn_add_relu_train(
+                &x,
+                &g,
+                &g,
+                &w,
+                &g5,
+                &g5,
+                &randn(&[2, 5, 4, 3], 96),
+                BN_EPS,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("residual"), "{e}");
+        let e = t
+            .bn_relu_conv2d_bn_add_relu_train(&x, &g, &g, &w, &g, &g5, &r, BN_EPS)
+            .unwrap_err();
+        assert!(e.to_string().contains("gamma3"), "{e}");
+        let e = t
+            .bn_relu_conv2d_bn_add_relu_train(
+                &x,
+                &g,
+                &g,
+                &randn(&[5, 3, 3, 3], 97),
+                &g5,
+                &g5,
+                &r,
+                BN_EPS,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("1x1"), "{e}");
+        assert!(
+            e.to_string().contains("bn_relu_conv2d_bn_add_relu_train"),
+            "{e}"
+        );
+    }
+
     /// Finite differences through the op (ReLU kinks left out as in fused.rs's checks).
     #[test]
     fn matches_finite_differences() {
@@ -260,7 +673,7 @@ mod tests {
         );
         let mut tape = Tape::new();
         let wt = tape.track(&w);
-        let (z, _, _) = tape
+        let (z, _) = tape
             .bn_relu_conv2d_train(&x, &g, &b, &wt, 1, 0, BN_EPS)
             .unwrap();
         let grads = tape
