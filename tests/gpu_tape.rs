@@ -1652,8 +1652,8 @@ fn fused_bn_relu_add() {
     }
 }
 
-/// The recomputing ops (src/ops/recompute.rs: bn -> ReLU -> conv, and the bottleneck tail bn2 ->
-/// ReLU -> conv3 -> bn3 + residual -> ReLU) on CUDA against the CPU in f32 (tolerances of the
+/// The recomputing ops (src/ops/recompute.rs: bn -> ReLU -> conv, the bottleneck tail bn2 ->
+/// ReLU -> conv3 -> bn3 + residual -> ReLU, and the stem's bn -> ReLU -> max pool) on CUDA against the CPU in f32 (tolerances of the
 /// fused BN ops and convolutions), and in bf16 against the CPU emulation in both layouts
 /// (tolerances of the bf16 BN ops: the GPU rounds conv gradients to bf16 where the emulation
 /// keeps f32). The recomputation in backward must reproduce the forward's BN output on the
@@ -1695,6 +1695,16 @@ fn recompute_ops_match_cpu() {
         )?;
         Ok(vec![y, s2.0, s2.1, s3.0, s3.1])
     };
+    let stem = [
+        randn(&[4, 8, 18, 17], 1021),
+        pos(8, 1022),
+        randn(&[8], 1023),
+    ];
+    let pool_op: &Op = &|t, v| {
+        let (p, (m, var)) = t.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, 1e-5)?;
+        Ok(vec![p, m, var])
+    };
+    compare(&dev, "bn_relu_max_pool2d_train", &stem, 1e-4, 1e-3, pool_op);
     compare(&dev, "bn_relu_conv2d_train", &seg, 1e-4, 1e-3, seg_op);
     compare(
         &dev,
@@ -1708,6 +1718,15 @@ fn recompute_ops_match_cpu() {
         carp::autograd::set_bf16_nhwc(nhwc);
         let z_only: &Op = &|t, v| Ok(vec![seg_op(t, v)?.remove(0)]);
         let y_only: &Op = &|t, v| Ok(vec![tail_op(t, v)?.remove(0)]);
+        let p_only: &Op = &|t, v| Ok(vec![pool_op(t, v)?.remove(0)]);
+        compare_bf16(
+            &dev,
+            &format!("bn_relu_max_pool2d_train nhwc={nhwc}"),
+            &stem,
+            2e-2,
+            5e-2,
+            p_only,
+        );
         compare_bf16(
             &dev,
             &format!("bn_relu_conv2d_train nhwc={nhwc}"),

@@ -114,7 +114,8 @@ pub enum Recompute {
     /// Keep everything the ops save (`CARP_RECOMPUTE=0`).
     Nothing,
     /// The inner BN + ReLU outputs (the inputs of conv2 and conv3): 12 -> 10 widths, for an
-    /// apply pass each in backward (`CARP_RECOMPUTE=bn`).
+    /// apply pass each in backward; and the ImageNet stem's BN + ReLU output (the max pool's
+    /// input) (`CARP_RECOMPUTE=bn`).
     BnOutputs,
     /// Also conv3's output (bn3's input): 12 -> 6 widths, for a second forward of the 1x1 conv3
     /// (~1/4 of a bottleneck's FLOPs) in backward. The default (`CARP_RECOMPUTE=all`).
@@ -421,9 +422,22 @@ impl ResNet {
             Stem::Imagenet => tape.conv2d(x, &leaves[self.conv1], 2, 3)?, // (N, 64, H/2, W/2)
             Stem::Cifar => tape.conv2d(x, &leaves[self.conv1], 1, 1)?,    // (N, w0, H, W)
         };
-        h = self.bn_relu(tape, leaves, buffers, &self.bn1, &h, None, train, updates)?;
-        if self.cfg.stem == Stem::Imagenet {
-            h = tape.max_pool2d(&h, 3, 2, 1)?; // (N, 64, H/4, W/4)
+        let recompute = train && self.fused_bn && self.recompute != Recompute::Nothing;
+        if recompute && self.cfg.stem == Stem::Imagenet {
+            let (gamma, beta) = (&leaves[self.bn1.gamma], &leaves[self.bn1.beta]);
+            let (p, (batch_mean, batch_var)) =
+                tape.bn_relu_max_pool2d_train(&h, gamma, beta, 3, 2, 1, BN_EPS)?; // (N, 64, H/4, W/4)
+            updates.push(BnUpdate {
+                ids: self.bn1.clone(),
+                batch_mean,
+                batch_var,
+            });
+            h = p;
+        } else {
+            h = self.bn_relu(tape, leaves, buffers, &self.bn1, &h, None, train, updates)?;
+            if self.cfg.stem == Stem::Imagenet {
+                h = tape.max_pool2d(&h, 3, 2, 1)?; // (N, 64, H/4, W/4)
+            }
         }
         for (i, blk) in self.blocks.iter().enumerate() {
             // One NVTX range per bottleneck (a no-op without the profiler).
@@ -529,10 +543,21 @@ mod tests {
     /// with the fused ops bit for bit.
     #[test]
     fn fused_and_unfused_resnet_agree_forward_backward_and_bn_updates() {
+        fused_recomputed_and_unfused_agree(Stem::Cifar, [3, 3, 7, 6]);
+    }
+
+    /// The same with the ImageNet stem (7x7 stride-2 conv, BN + ReLU, 3x3 stride-2 max pool,
+    /// whose BN + ReLU output the recomputing levels also drop).
+    #[test]
+    fn fused_and_unfused_resnet_agree_with_the_imagenet_stem() {
+        fused_recomputed_and_unfused_agree(Stem::Imagenet, [2, 3, 17, 14]);
+    }
+
+    fn fused_recomputed_and_unfused_agree(stem: Stem, x_shape: [usize; 4]) {
         let cfg = ResNetConfig {
             layers: vec![2, 1],
             base_width: 3,
-            stem: Stem::Cifar,
+            stem,
         };
         let mut params = ParamStore::new();
         let mut buffers = ParamStore::new();
@@ -564,8 +589,8 @@ mod tests {
                 };
             }
         }
-        let x = randn(&[3, 3, 7, 6], 6);
-        let dy = randn(&[3, cfg.feature_dim()], 7);
+        let x = randn(&x_shape, 6);
+        let dy = randn(&[x_shape[0], cfg.feature_dim()], 7);
         for train in [true, false] {
             let run = |net: &ResNet| {
                 let mut tape = Tape::new();
@@ -600,10 +625,11 @@ mod tests {
             // each; with conv3 recomputed, bn2 + conv3 + bn3 (+ add + relu): 3 -> 1. The same
             // values bit for bit.
             for (level, (y, g, u, n)) in recomputed {
+                let stem_ops = usize::from(stem == Stem::Imagenet);
                 let fewer = match (train, level) {
                     (false, _) => 0,
-                    (true, Recompute::BnOutputs) => 3 * 2,
-                    (true, _) => 3 * 3,
+                    (true, Recompute::BnOutputs) => 3 * 2 + stem_ops,
+                    (true, _) => 3 * 3 + stem_ops,
                 };
                 assert_eq!(nf - n, fewer, "train={train} {level:?}: recorded ops");
                 assert_eq!(y, yf, "train={train} {level:?}: features");

@@ -173,9 +173,9 @@ pub(crate) fn conv2d(
     Ok(y)
 }
 
-pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) -> Result<Tensor> {
-    let _r = nvtx::Range::new("max_pool2d");
-    let gs = GpuPoolShape {
+/// The launcher's copy of a max pool's sizes.
+fn gpu_pool_shape(s: Pool2dShape) -> GpuPoolShape {
+    GpuPoolShape {
         n: s.n,
         c: s.c,
         h: s.h,
@@ -183,7 +183,12 @@ pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) ->
         k: s.kernel,
         stride: s.stride,
         padding: s.padding,
-    };
+    }
+}
+
+pub(crate) fn max_pool2d(tape: &mut Tape, be: Be, x: &Tensor, s: Pool2dShape) -> Result<Tensor> {
+    let _r = nvtx::Range::new("max_pool2d");
+    let gs = gpu_pool_shape(s);
     let f = format_of(x);
     let mut y = alloc_fmt(&be, f, s.y_len())?; // (N, C, HO, WO)
     let mut argmax = be.alloc_bytes(s.y_len() * 4)?; // i32 (N, C, HO, WO): index in the plane
@@ -680,35 +685,30 @@ pub(crate) fn bn_act_train(
     Ok((y, mean, var_t))
 }
 
-/// What the GPU keeps of one bn -> ReLU -> conv segment in training mode (src/ops/recompute.rs),
-/// and its recomputation and backward. Every activation buffer is in x's format (bf16 / NHWC as
-/// `conv2d`); the statistics are f32.
-struct BnReluConvGpu {
+/// What the GPU keeps of a training-mode BN + ReLU whose output is recomputed
+/// (src/ops/recompute.rs): x, the parameters and the batch statistics. The output is in x's
+/// format (bf16 / NHWC); the statistics are f32.
+struct BnReluGpu {
     be: Be,
-    x: Tensor,     // (N, C, H, W)
-    gamma: Tensor, // (C,)
-    beta: Tensor,  // (C,)
-    wf: Tensor,    // (O, C, KH, KW) in x's format
-    w_shape: Vec<usize>,
+    op: &'static str,
+    x: Tensor,            // (N, C, H, W)
+    gamma: Tensor,        // (C,)
+    beta: Tensor,         // (C,)
     mean: Tensor,         // (C,)
     invstd: DeviceBuffer, // (C,) 1 / sqrt(biased var + eps)
     d: BnDims,
-    cs: ConvShape,
-    s: Conv2dShape,
 }
 
-impl BnReluConvGpu {
-    /// The forward: batch statistics and the fused apply as `bn_act_train`, then the
-    /// convolution; the BN output is dropped. Returns the segment, z (N, O, HO, WO) and the
-    /// unbiased batch variance (C,).
+impl BnReluGpu {
+    /// The batch statistics as `bn_act_train`. Returns the BN, its output and the unbiased
+    /// batch variance (C,).
     fn forward(
         be: &Be,
-        [x, gamma, beta, w]: [&Tensor; 4],
+        op: &'static str,
+        [x, gamma, beta]: [&Tensor; 3],
         d: BnDims,
-        s: Conv2dShape,
         eps: f32,
-    ) -> Result<(BnReluConvGpu, DeviceBuffer, Tensor)> {
-        let op = "bn_relu_conv2d_train";
+    ) -> Result<(BnReluGpu, Tensor, Tensor)> {
         let mut mean = be.alloc_f32(d.c)?; // (C,)
         let mut invstd = be.alloc_f32(d.c)?; // (C,)
         let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
@@ -722,81 +722,36 @@ impl BnReluConvGpu {
             &mut invstd,
             &mut var_unbiased,
         )?;
-        let f = format_of(x);
-        let seg = BnReluConvGpu {
+        let bn = BnReluGpu {
             be: be.clone(),
+            op,
             x: x.clone(),
             gamma: gamma.clone(),
             beta: beta.clone(),
-            wf: w.to_format(f.0, f.1)?,
-            w_shape: w.shape().to_vec(),
             mean: wrap(be, mean, &[d.c])?,
             invstd,
             d,
-            cs: conv_shape(s),
-            s,
         };
-        let y = seg.bn_output()?;
-        let z = seg.conv_output(&y)?;
-        Ok((seg, z, wrap(be, var_unbiased, &[d.c])?))
+        let y = bn.output()?;
+        Ok((bn, y, wrap(be, var_unbiased, &[d.c])?))
     }
 
-    /// The BN + ReLU output (N, C, H, W), again (deterministic: the same kernel and inputs).
-    fn bn_output(&self) -> Result<Tensor> {
-        let (be, d) = (&self.be, self.d);
-        let mean = dbuf("bn_relu_conv2d_train", &self.mean)?;
-        bn_act_apply(
-            be,
-            "bn_relu_conv2d_train",
-            &self.x,
-            None,
-            mean,
-            &self.invstd,
-            &self.gamma,
-            &self.beta,
-            d,
-        )
+    /// The output (N, C, H, W); again in backward (deterministic: the same kernel and inputs).
+    fn output(&self) -> Result<Tensor> {
+        let mean = dbuf(self.op, &self.mean)?;
+        let (x, g, b) = (&self.x, &self.gamma, &self.beta);
+        bn_act_apply(&self.be, self.op, x, None, mean, &self.invstd, g, b, self.d)
     }
 
-    /// The convolution's output (N, O, HO, WO) of the BN output `y`.
-    fn conv_output(&self, y: &Tensor) -> Result<DeviceBuffer> {
-        let op = "bn_relu_conv2d_train";
-        let mut z = alloc_fmt(&self.be, format_of(&self.x), self.s.y_len())?;
-        self.be
-            .conv2d_forward(&self.cs, dbuf(op, y)?, dbuf(op, &self.wf)?, &mut z)?;
-        Ok(z)
-    }
-
-    /// Gradients [dx, dgamma, dbeta, dw] from dz (in x's format) and the recomputed BN output
-    /// y; `need_dw` / `need_bn` skip the filter gradient / the BN backward.
-    fn backward(
-        &self,
-        y: &Tensor,
-        dz: &DeviceBuffer,
-        need_dw: bool,
-        need_bn: bool,
-    ) -> Result<Vec<Option<Tensor>>> {
-        let op = "bn_relu_conv2d_train backward";
-        let (be, d, s, f) = (&self.be, self.d, self.s, format_of(&self.x));
-        let dw = if need_dw {
-            let mut dw = alloc_fmt(be, f, s.w_len())?; // (O, C, KH, KW)
-            be.conv2d_backward_filter(&self.cs, dbuf(op, y)?, dz, &mut dw)?;
-            // Widened at once, as conv2d does (f32 accumulation across uses of the weight).
-            Some(wrap(be, dw, &self.w_shape)?.to_format(DType::F32, Layout::Nchw)?)
-        } else {
-            None
-        };
-        if !need_bn {
-            return Ok(vec![None, None, None, dw]);
-        }
-        let mut dy = alloc_fmt(be, f, d.numel())?; // (N, C, H, W)
-        be.conv2d_backward_data(&self.cs, dbuf(op, &self.wf)?, dz, &mut dy)?;
-        let mut dx = alloc_fmt(be, f, d.numel())?; // (N, C, H, W)
+    /// [dx, dgamma, dbeta] from the output y and its gradient dy (in x's format).
+    fn backward(&self, y: &Tensor, dy: &DeviceBuffer) -> Result<Vec<Option<Tensor>>> {
+        let (be, d, op) = (&self.be, self.d, self.op);
+        let mut dx = alloc_fmt(be, format_of(&self.x), d.numel())?; // (N, C, H, W)
         let mut dgamma = be.alloc_f32(d.c)?;
         let mut dbeta = be.alloc_f32(d.c)?;
         be.bn_act_backward(
             true,
-            &dy,
+            dy,
             dbuf(op, y)?,
             dbuf(op, &self.x)?,
             dbuf(op, &self.mean)?,
@@ -814,8 +769,79 @@ impl BnReluConvGpu {
             Some(wrap(be, dx, self.x.shape())?),
             Some(wrap(be, dgamma, &[d.c])?),
             Some(wrap(be, dbeta, &[d.c])?),
-            dw,
         ])
+    }
+}
+
+/// What the GPU keeps of one bn -> ReLU -> conv segment in training mode, and its
+/// recomputation and backward (the weight in x's format, as `conv2d`).
+struct BnReluConvGpu {
+    bn: BnReluGpu,
+    wf: Tensor, // (O, C, KH, KW) in x's format
+    w_shape: Vec<usize>,
+    cs: ConvShape,
+    s: Conv2dShape,
+}
+
+impl BnReluConvGpu {
+    /// The forward; the BN output is dropped. Returns the segment, z (N, O, HO, WO) and the
+    /// unbiased batch variance (C,).
+    fn forward(
+        be: &Be,
+        op: &'static str,
+        [x, gamma, beta, w]: [&Tensor; 4],
+        d: BnDims,
+        s: Conv2dShape,
+        eps: f32,
+    ) -> Result<(BnReluConvGpu, DeviceBuffer, Tensor)> {
+        let (bn, y, var) = BnReluGpu::forward(be, op, [x, gamma, beta], d, eps)?;
+        let f = format_of(x);
+        let seg = BnReluConvGpu {
+            bn,
+            wf: w.to_format(f.0, f.1)?,
+            w_shape: w.shape().to_vec(),
+            cs: conv_shape(s),
+            s,
+        };
+        let z = seg.conv_output(&y)?;
+        Ok((seg, z, var))
+    }
+
+    /// The convolution's output (N, O, HO, WO) of the BN output `y`.
+    fn conv_output(&self, y: &Tensor) -> Result<DeviceBuffer> {
+        let (be, op) = (&self.bn.be, self.bn.op);
+        let mut z = alloc_fmt(be, format_of(&self.bn.x), self.s.y_len())?;
+        be.conv2d_forward(&self.cs, dbuf(op, y)?, dbuf(op, &self.wf)?, &mut z)?;
+        Ok(z)
+    }
+
+    /// Gradients [dx, dgamma, dbeta, dw] from dz (in x's format) and the recomputed BN output
+    /// y; `need_dw` / `need_bn` skip the filter gradient / the BN backward.
+    fn backward(
+        &self,
+        y: &Tensor,
+        dz: &DeviceBuffer,
+        need_dw: bool,
+        need_bn: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (be, op) = (&self.bn.be, self.bn.op);
+        let f = format_of(&self.bn.x);
+        let dw = if need_dw {
+            let mut dw = alloc_fmt(be, f, self.s.w_len())?; // (O, C, KH, KW)
+            be.conv2d_backward_filter(&self.cs, dbuf(op, y)?, dz, &mut dw)?;
+            // Widened at once, as conv2d does (f32 accumulation across uses of the weight).
+            Some(wrap(be, dw, &self.w_shape)?.to_format(DType::F32, Layout::Nchw)?)
+        } else {
+            None
+        };
+        if !need_bn {
+            return Ok(vec![None, None, None, dw]);
+        }
+        let mut dy = alloc_fmt(be, f, self.bn.d.numel())?; // (N, C, H, W)
+        be.conv2d_backward_data(&self.cs, dbuf(op, &self.wf)?, dz, &mut dy)?;
+        let mut grads = self.bn.backward(y, &dy)?;
+        grads.push(dw);
+        Ok(grads)
     }
 }
 
@@ -832,19 +858,19 @@ pub(crate) fn bn_relu_conv2d_train(
 ) -> Result<(Tensor, (Tensor, Tensor))> {
     let op = "bn_relu_conv2d_train";
     let _r = nvtx::Range::new(op);
-    let (seg, z, var) = BnReluConvGpu::forward(&be, t, d, s, eps)?;
+    let (seg, z, var) = BnReluConvGpu::forward(&be, op, t, d, s, eps)?;
     let z_shape = [s.n, s.o, s.ho(), s.wo()];
     let z = wrap(&be, z, &z_shape)?;
-    let mean = seg.mean.clone();
+    let mean = seg.bn.mean.clone();
     let [x, gamma, beta, w] = t;
     let need_dw = tape.requires_grad(w);
     let need_bn = [x, gamma, beta].iter().any(|t| tape.requires_grad(t));
     let f = format_of(x);
     tape.record(op, &z, &t, move |dz| {
         let _r = nvtx::Range::new(&format!("{op} backward"));
-        let dz = on_gpu_as(&seg.be, dz, f)?;
+        let dz = on_gpu_as(&seg.bn.be, dz, f)?;
         dz.expect_shape(&format!("{op} backward dz"), &z_shape)?;
-        let y = seg.bn_output()?;
+        let y = seg.bn.output()?;
         seg.backward(&y, dbuf(op, &dz)?, need_dw, need_bn)
     });
     Ok((z, (mean, var)))
@@ -865,7 +891,7 @@ pub(crate) fn bottleneck_tail_train(
     let op = "bn_relu_conv2d_bn_add_relu_train";
     let _r = nvtx::Range::new(op);
     let [x, gamma2, beta2, w, gamma3, beta3, residual] = t;
-    let (seg, x3, var2) = BnReluConvGpu::forward(&be, [x, gamma2, beta2, w], d2, s, eps)?;
+    let (seg, x3, var2) = BnReluConvGpu::forward(&be, op, [x, gamma2, beta2, w], d2, s, eps)?;
     let y_shape = [s.n, s.o, s.ho(), s.wo()];
     let d3 = BnDims::of(op, &y_shape)?;
     let x3 = wrap(&be, x3, &y_shape)?;
@@ -898,18 +924,18 @@ pub(crate) fn bottleneck_tail_train(
         (y, mean, wrap(&be, var_unbiased, &[d3.c])?, invstd)
     };
     drop(x3);
-    let stats2 = (seg.mean.clone(), var2);
+    let stats2 = (seg.bn.mean.clone(), var2);
     let need_dw = tape.requires_grad(w);
     let need_bn2 = [x, gamma2, beta2].iter().any(|t| tape.requires_grad(t));
     let f = format_of(x);
     let (sy, sg3, sm3) = (y.clone(), gamma3.clone(), mean3.clone());
     tape.record(op, &y, &t, move |dy| {
         let _r = nvtx::Range::new(&format!("{op} backward"));
-        let be = &seg.be;
+        let be = &seg.bn.be;
         let dy = on_gpu_as(be, dy, f)?;
         dy.expect_shape(&format!("{op} backward dy"), &y_shape)?;
         // The forward's bn2 output and convolution output, again.
-        let y2 = seg.bn_output()?;
+        let y2 = seg.bn.output()?;
         let x3 = seg.conv_output(&y2)?;
         let mut dx3 = alloc_fmt(be, f, d3.numel())?; // (N, O, H, W)
         let mut dres = alloc_fmt(be, f, d3.numel())?; // (N, O, H, W)
@@ -941,6 +967,49 @@ pub(crate) fn bottleneck_tail_train(
         Ok(grads)
     });
     Ok((y, stats2, (mean3, var3)))
+}
+
+/// max_pool2d(relu(BN(x))) in training mode (the stem), keeping neither the BN output nor the
+/// pool's argmax (src/ops/recompute.rs): backward applies the BN again and reruns the pool's
+/// forward for its argmax. `t` = [x, gamma, beta]. Returns (the pooled output, (batch mean,
+/// unbiased batch variance)).
+pub(crate) fn bn_relu_max_pool2d_train(
+    tape: &mut Tape,
+    be: Be,
+    t: [&Tensor; 3],
+    d: BnDims,
+    s: Pool2dShape,
+    eps: f32,
+) -> Result<(Tensor, (Tensor, Tensor))> {
+    let op = "bn_relu_max_pool2d_train";
+    let _r = nvtx::Range::new(op);
+    let (bn, y, var) = BnReluGpu::forward(&be, op, t, d, eps)?;
+    let gs = gpu_pool_shape(s);
+    let f = format_of(t[0]);
+    // The pooled output and its argmax (i32 (N, C, HO, WO): the index in the plane) of y.
+    let pool = move |be: &Be, y: &Tensor| -> Result<(DeviceBuffer, DeviceBuffer)> {
+        let mut p = alloc_fmt(be, f, s.y_len())?;
+        let mut argmax = be.alloc_bytes(s.y_len() * 4)?;
+        be.max_pool2d_forward(&gs, dbuf(op, y)?, &mut p, &mut argmax)?;
+        Ok((p, argmax))
+    };
+    let (p, _) = pool(&be, &y)?;
+    drop(y);
+    let p_shape = [s.n, s.c, s.ho(), s.wo()];
+    let p = wrap(&be, p, &p_shape)?;
+    let mean = bn.mean.clone();
+    tape.record(op, &p, &t, move |dp| {
+        let _r = nvtx::Range::new(&format!("{op} backward"));
+        let be = &bn.be;
+        let dp = on_gpu_as(be, dp, f)?;
+        dp.expect_shape(&format!("{op} backward dp"), &p_shape)?;
+        let y = bn.output()?;
+        let (_, argmax) = pool(be, &y)?;
+        let mut dy = alloc_fmt(be, f, s.x_len())?; // (N, C, H, W)
+        be.max_pool2d_backward(&gs, dbuf(op, &dp)?, &argmax, &mut dy)?;
+        bn.backward(&y, &dy)
+    });
+    Ok((p, (mean, var)))
 }
 
 /// relu(BN(x) [+ residual]) in eval mode with the running statistics (constants).

@@ -27,6 +27,7 @@ use crate::ops::conv::{
 use crate::ops::fused::{
     bn_act_apply_cpu, bn_act_backward_cpu, bn_act_train_forward_cpu, check_bn_act_train,
 };
+use crate::ops::pool::{max_pool2d_backward_cpu, max_pool2d_forward_cpu, Pool2dShape};
 use crate::tensor::{round_bf16, Tensor};
 
 /// The per-channel batch statistics a training-mode BN returns for its running update:
@@ -35,6 +36,7 @@ pub type BatchStats = (Tensor, Tensor);
 
 const OP: &str = "bn_relu_conv2d_train";
 const TAIL: &str = "bn_relu_conv2d_bn_add_relu_train";
+const POOL: &str = "bn_relu_max_pool2d_train";
 
 /// Rounds every value to bf16 in place (the CPU's bf16 storage).
 fn round_all(v: &mut [f32]) {
@@ -444,6 +446,79 @@ impl Tape {
     }
 }
 
+impl Tape {
+    /// max_pool2d(relu(batch_norm_train(x)), kernel, stride, padding) in training mode (the
+    /// ImageNet stem's bn1 -> ReLU -> max pool): x (N, C, H, W), gamma, beta (C,). Returns (the
+    /// pooled output (N, C, HO, WO), the batch statistics). Backward: dx, dgamma, dbeta.
+    ///
+    /// Keeps x, not the BN output (the stem's largest activation, 64 channels at half the image
+    /// resolution) nor, on a GPU, the pool's argmax indices: backward recomputes the BN output
+    /// and the pool's window maxima. Bit-identical to `bn_relu_train` then `max_pool2d`, in f32
+    /// and in the bf16 emulation (the pool reads the bf16 BN output).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_relu_max_pool2d_train(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        eps: f32,
+    ) -> Result<(Tensor, BatchStats)> {
+        if self.is_bf16() {
+            let r = self.bf16_inputs(POOL, &[x], Bf16Path::Native)?;
+            let (p, st) = self.as_f32(|t| {
+                t.bn_relu_max_pool2d_body(&r[0], gamma, beta, kernel, stride, padding, eps, true)
+            })?;
+            return Ok((self.bf16_output(&p)?, st));
+        }
+        self.bn_relu_max_pool2d_body(x, gamma, beta, kernel, stride, padding, eps, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bn_relu_max_pool2d_body(
+        &mut self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        eps: f32,
+        bf16_mid: bool,
+    ) -> Result<(Tensor, BatchStats)> {
+        let d = check_bn_act_train(POOL, x, gamma, beta, None, eps)?;
+        let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
+        #[cfg(feature = "cuda")]
+        if let Some(be) = crate::ops::cuda_backend(POOL, &[x, gamma, beta])? {
+            return crate::ops::cuda::bn_relu_max_pool2d_train(
+                self,
+                be,
+                [x, gamma, beta],
+                d,
+                s,
+                eps,
+            );
+        }
+        let (bn, out) = BnReluCpu::forward(x, gamma, beta, d, eps, bf16_mid)?;
+        let mut p = vec![0.0; s.y_len()]; // (N, C, HO, WO)
+        max_pool2d_forward_cpu(out.input(), &s, &mut p);
+        drop(out);
+        let p_shape = [s.n, s.c, s.ho(), s.wo()];
+        let p = Tensor::from_vec(p, &p_shape)?;
+        let stats = bn.stats()?;
+        self.record(POOL, &p, &[x, gamma, beta], move |dp| {
+            dp.expect_shape(&format!("{POOL} backward dp"), &p_shape)?;
+            let out = bn.output()?;
+            let mut dy = vec![0.0; s.x_len()]; // (N, C, H, W)
+            max_pool2d_backward_cpu(out.input(), dp.cpu()?, &s, &mut dy);
+            bn.backward(&out, dy)
+        });
+        Ok((p, stats))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::autograd::{Precision, Tape};
@@ -643,6 +718,48 @@ mod tests {
             e.to_string().contains("bn_relu_conv2d_bn_add_relu_train"),
             "{e}"
         );
+    }
+
+    /// The stem's bn -> ReLU -> max pool as one op equals the two ops bit for bit (f32 and the
+    /// bf16 emulation), including the gradient routed through overlapping windows.
+    #[test]
+    fn pool_equals_bn_relu_then_max_pool_bit_for_bit() {
+        let xs = [randn(&[3, 4, 9, 8], 71), randn(&[4], 72), randn(&[4], 73)];
+        let run = |precision: Precision, one_op: bool| -> Vec<Vec<f32>> {
+            let mut tape = Tape::new().with_precision(precision);
+            let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
+            let (p, (m, var)) = if one_op {
+                tape.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)
+                    .unwrap()
+            } else {
+                let (y, m, var) = tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS).unwrap();
+                (tape.max_pool2d(&y, 3, 2, 1).unwrap(), (m, var))
+            };
+            let dp = randn(p.shape(), 74);
+            let g = tape.backward_from(vec![(p.clone(), dp)]).unwrap();
+            let mut out: Vec<Vec<f32>> =
+                [&p, &m, &var].iter().map(|t| t.to_vec().unwrap()).collect();
+            out.extend(v.iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
+            out
+        };
+        for precision in [Precision::F32, Precision::Bf16] {
+            let (a, b) = (run(precision, true), run(precision, false));
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!(p.iter().any(|&v| v != 0.0), "{precision} output {i}");
+                assert_eq!(p, q, "{precision}: output {i}");
+            }
+        }
+        assert_ne!(run(Precision::F32, true)[0], run(Precision::Bf16, true)[0]);
+        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
+            Ok(tape
+                .bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)?
+                .0)
+        })
+        .unwrap();
+        let e = Tape::no_grad()
+            .bn_relu_max_pool2d_train(&xs[0], &xs[1], &xs[2], 3, 2, 5, BN_EPS)
+            .unwrap_err();
+        assert!(e.to_string().contains("pad"), "{e}");
     }
 
     /// Finite differences through the op (ReLU kinks left out as in fused.rs's checks).
