@@ -104,7 +104,7 @@ BS=${BENCH_STEPS:-3}
 VARIANTS=${BENCH_VARIANTS:-"- --no-phase-sync --precision=bf16,--no-phase-sync --precision=bf16 CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=0,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
 # images/s of the step as training runs it (no per-phase waits), in f32 and in bf16: the ratios
 # against PyTorch's eager fp32 and eager bf16 at the end of step 3.
-ours_ips="" ours_bf16_ips=""
+ours_ips="" ours_bf16_ips="" ours_bf16_live=""
 json_field() { # file field
     grep -o "\"$2\": *[0-9.eE+-]*" "$1" 2>/dev/null | tail -1 | sed 's/.*: *//'
 }
@@ -135,6 +135,7 @@ if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
         if [ "$v" = "--precision=bf16,--no-phase-sync" ] ||
             { [ "$v" = "--precision=bf16" ] && [ -z "$ours_bf16_ips" ]; }; then
             ours_bf16_ips=$ips
+            ours_bf16_live=$(json_field "$out" peak_live_gib)
         fi
     done
 else
@@ -159,6 +160,10 @@ if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
         fi
         if [ -n "$ours_bf16_ips" ]; then
             row "  carp bf16 / torch $tv" INFO "-" "$(awk -v a="$ours_bf16_ips" -v b="$tips" 'BEGIN{printf "%.3f", a/b}')"
+        fi
+        # Memory, like for like: carp's live-buffer peak against torch's max_memory_allocated.
+        if [ -n "$ours_bf16_live" ] && [ -n "$tmem" ]; then
+            row "  carp bf16 live GiB / torch $tv GiB" INFO "-" "$ours_bf16_live / $tmem"
         fi
     done <"$torch_out"
 else
