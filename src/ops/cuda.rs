@@ -258,19 +258,7 @@ pub(crate) fn batch_norm_train(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let _r = nvtx::Range::new("batch_norm_train");
     let op = "batch_norm_train";
-    let mut mean = be.alloc_f32(d.c)?; // (C,)
-    let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
-    let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
-    be.batch_norm_stats(
-        dbuf(op, x)?,
-        d.n,
-        d.c,
-        d.s,
-        eps,
-        &mut mean,
-        &mut invstd,
-        &mut var_unbiased,
-    )?;
+    let (mean, invstd, var_unbiased) = batch_stats(&be, op, x, d, eps)?;
     let y = bn_apply(&be, op, x, &mean, &invstd, gamma, beta, d)?;
     let mean = wrap(&be, mean, &[d.c])?;
     let var_t = wrap(&be, var_unbiased, &[d.c])?;
@@ -647,6 +635,31 @@ pub(crate) fn sum_all(tape: &mut Tape, be: Be, x: &Tensor, mean: bool) -> Result
 
 // ---------------------------------------------------------------- fused BN + ReLU (+ add)
 
+/// The batch statistics of x (N, C, S): (mean, 1 / sqrt(biased var + eps), unbiased var),
+/// each (C,) in f32.
+fn batch_stats(
+    be: &Be,
+    op: &str,
+    x: &Tensor,
+    d: BnDims,
+    eps: f32,
+) -> Result<(DeviceBuffer, DeviceBuffer, DeviceBuffer)> {
+    let mut mean = be.alloc_f32(d.c)?;
+    let mut invstd = be.alloc_f32(d.c)?;
+    let mut var_unbiased = be.alloc_f32(d.c)?;
+    be.batch_norm_stats(
+        dbuf(op, x)?,
+        d.n,
+        d.c,
+        d.s,
+        eps,
+        &mut mean,
+        &mut invstd,
+        &mut var_unbiased,
+    )?;
+    Ok((mean, invstd, var_unbiased))
+}
+
 /// relu(BN(x) [+ residual]) in training mode (src/ops/fused.rs): the batch statistics as
 /// `batch_norm_train`, then one fused apply pass. Returns (y, batch mean (C,), unbiased batch
 /// variance (C,)), all on the GPU.
@@ -663,19 +676,7 @@ pub(crate) fn bn_act_train(
     eps: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let _r = nvtx::Range::new(op);
-    let mut mean = be.alloc_f32(d.c)?; // (C,)
-    let mut invstd = be.alloc_f32(d.c)?; // (C,) 1 / sqrt(biased var + eps)
-    let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
-    be.batch_norm_stats(
-        dbuf(op, x)?,
-        d.n,
-        d.c,
-        d.s,
-        eps,
-        &mut mean,
-        &mut invstd,
-        &mut var_unbiased,
-    )?;
+    let (mean, invstd, var_unbiased) = batch_stats(&be, op, x, d, eps)?;
     let y = bn_act_apply(&be, op, x, residual, &mean, &invstd, gamma, beta, d)?;
     let mean = wrap(&be, mean, &[d.c])?;
     let var_t = wrap(&be, var_unbiased, &[d.c])?;
@@ -709,19 +710,7 @@ impl BnReluGpu {
         d: BnDims,
         eps: f32,
     ) -> Result<(BnReluGpu, Tensor, Tensor)> {
-        let mut mean = be.alloc_f32(d.c)?; // (C,)
-        let mut invstd = be.alloc_f32(d.c)?; // (C,)
-        let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
-        be.batch_norm_stats(
-            dbuf(op, x)?,
-            d.n,
-            d.c,
-            d.s,
-            eps,
-            &mut mean,
-            &mut invstd,
-            &mut var_unbiased,
-        )?;
+        let (mean, invstd, var_unbiased) = batch_stats(be, op, x, d, eps)?;
         let bn = BnReluGpu {
             be: be.clone(),
             op,
@@ -896,19 +885,7 @@ pub(crate) fn bottleneck_tail_train(
     let d3 = BnDims::of(op, &y_shape)?;
     let x3 = wrap(&be, x3, &y_shape)?;
     let (y, mean3, var3, invstd3) = {
-        let mut mean = be.alloc_f32(d3.c)?; // (O,)
-        let mut invstd = be.alloc_f32(d3.c)?; // (O,)
-        let mut var_unbiased = be.alloc_f32(d3.c)?; // (O,)
-        be.batch_norm_stats(
-            dbuf(op, &x3)?,
-            d3.n,
-            d3.c,
-            d3.s,
-            eps,
-            &mut mean,
-            &mut invstd,
-            &mut var_unbiased,
-        )?;
+        let (mean, invstd, var_unbiased) = batch_stats(&be, op, &x3, d3, eps)?;
         let y = bn_act_apply(
             &be,
             op,

@@ -522,43 +522,46 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use crate::autograd::{Precision, Tape};
+    use crate::error::Result;
     use crate::ops::batchnorm::BN_EPS;
     use crate::tensor::Tensor;
     use crate::testutil::{check_grad_kinks, randn};
 
-    /// (z, mean, var, dx, dgamma, dbeta, dw) of conv(relu(bn(x))) with output gradient dz, as
-    /// the one op (`recompute`) or as bn_relu_train then conv2d.
-    fn run(
-        precision: Precision,
-        recompute: bool,
-        xs: &[Tensor; 4],
-        stride: usize,
-        padding: usize,
-        dz_seed: u64,
-    ) -> Vec<Vec<f32>> {
+    /// An op under test: the tracked inputs to its outputs, the first one differentiated.
+    type Op<'a> = &'a dyn Fn(&mut Tape, &[Tensor]) -> Result<Vec<Tensor>>;
+
+    /// Every output of `f` on `xs`, then the gradient of every input for a random output
+    /// gradient of the first output.
+    fn run(precision: Precision, xs: &[Tensor], f: Op) -> Vec<Vec<f32>> {
         let mut tape = Tape::new().with_precision(precision);
         let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
-        let (z, (mean, var)) = if recompute {
-            tape.bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], stride, padding, BN_EPS)
-                .unwrap()
-        } else {
-            let (y, mean, var) = tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS).unwrap();
-            (
-                tape.conv2d(&y, &v[3], stride, padding).unwrap(),
-                (mean, var),
-            )
-        };
-        let dz = randn(z.shape(), dz_seed);
-        let g = tape.backward_from(vec![(z.clone(), dz)]).unwrap();
-        let mut out = vec![
-            z.to_vec().unwrap(),
-            mean.to_vec().unwrap(),
-            var.to_vec().unwrap(),
-        ];
-        for t in &v {
-            out.push(g.get(t).unwrap().to_vec().unwrap());
+        let outs = f(&mut tape, &v).unwrap();
+        let dy = randn(outs[0].shape(), 4242);
+        let g = tape.backward_from(vec![(outs[0].clone(), dy)]).unwrap();
+        let mut got: Vec<Vec<f32>> = outs.iter().map(|t| t.to_vec().unwrap()).collect();
+        got.extend(v.iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
+        got
+    }
+
+    /// `one_op` equals `unfused` bit for bit in f32 and in the bf16 emulation (no output or
+    /// gradient all zero), and the two precisions differ (bf16 really rounds somewhere).
+    fn assert_bit_identical(what: &str, xs: &[Tensor], one_op: Op, unfused: Op) {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let (a, b) = (run(precision, xs, one_op), run(precision, xs, unfused));
+            assert_eq!(a.len(), b.len());
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    p.iter().any(|&v| v != 0.0),
+                    "{what} {precision}: {i} is zero"
+                );
+                assert_eq!(p, q, "{what} {precision}: output or gradient {i}");
+            }
         }
-        out
+        assert_ne!(
+            run(Precision::F32, xs, one_op)[0],
+            run(Precision::Bf16, xs, one_op)[0],
+            "{what}"
+        );
     }
 
     /// The op equals the unfused composition bit for bit (the same kernels on the same values,
@@ -574,59 +577,25 @@ mod tests {
                 randn(&[4], seed + 2),
                 randn(&[5, 4, k, k], seed + 3),
             ];
-            for precision in [Precision::F32, Precision::Bf16] {
-                let a = run(precision, true, &xs, stride, padding, seed + 4);
-                let b = run(precision, false, &xs, stride, padding, seed + 4);
-                let what = ["z", "mean", "var", "dx", "dgamma", "dbeta", "dw"];
-                for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                    assert!(p.iter().any(|&v| v != 0.0), "{precision} {}", what[i]);
-                    assert_eq!(p, q, "{precision} k={k} stride={stride}: {}", what[i]);
-                }
-            }
-            // bf16 really rounds somewhere: the two precisions differ.
-            let f = run(Precision::F32, true, &xs, stride, padding, seed + 4);
-            let h = run(Precision::Bf16, true, &xs, stride, padding, seed + 4);
-            assert_ne!(f[0], h[0]);
+            assert_bit_identical(
+                &format!("k={k} stride={stride}"),
+                &xs,
+                &|t, v| {
+                    let (z, (m, var)) = t.bn_relu_conv2d_train(
+                        &v[0], &v[1], &v[2], &v[3], stride, padding, BN_EPS,
+                    )?;
+                    Ok(vec![z, m, var])
+                },
+                &|t, v| {
+                    let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS)?;
+                    Ok(vec![t.conv2d(&y, &v[3], stride, padding)?, m, var])
+                },
+            );
         }
     }
 
-    /// (y, mean2, var2, mean3, var3, and the gradients of x, gamma2, beta2, w, gamma3, beta3,
-    /// residual) of the bottleneck tail with output gradient dy, as the one op or as
-    /// bn_relu_train, conv2d, bn_add_relu_train.
-    fn run_tail(
-        precision: Precision,
-        one_op: bool,
-        xs: &[Tensor; 7],
-        dy_seed: u64,
-    ) -> Vec<Vec<f32>> {
-        let mut tape = Tape::new().with_precision(precision);
-        let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
-        let (y, s2, s3) = if one_op {
-            tape.bn_relu_conv2d_bn_add_relu_train(
-                &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], BN_EPS,
-            )
-            .unwrap()
-        } else {
-            let (h, m2, v2) = tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS).unwrap();
-            let h = tape.conv2d(&h, &v[3], 1, 0).unwrap();
-            let (y, m3, v3) = tape
-                .bn_add_relu_train(&h, &v[4], &v[5], &v[6], BN_EPS)
-                .unwrap();
-            (y, (m2, v2), (m3, v3))
-        };
-        let dy = randn(y.shape(), dy_seed);
-        let g = tape.backward_from(vec![(y.clone(), dy)]).unwrap();
-        let mut out: Vec<Vec<f32>> = [&y, &s2.0, &s2.1, &s3.0, &s3.1]
-            .iter()
-            .map(|t| t.to_vec().unwrap())
-            .collect();
-        for t in &v {
-            out.push(g.get(t).unwrap().to_vec().unwrap());
-        }
-        out
-    }
-
-    /// The tail equals its unfused composition bit for bit, in f32 and in the bf16 emulation.
+    /// The tail equals bn_relu_train, conv2d, bn_add_relu_train bit for bit, in f32 and in the
+    /// bf16 emulation.
     #[test]
     fn tail_equals_the_unfused_ops_bit_for_bit() {
         for (n, c, o, hw, seed) in [(3, 4, 8, 5, 60u64), (2, 6, 12, 7, 70)] {
@@ -639,30 +608,65 @@ mod tests {
                 randn(&[o], seed + 5),
                 randn(&[n, o, hw, hw], seed + 6),
             ];
-            for precision in [Precision::F32, Precision::Bf16] {
-                let a = run_tail(precision, true, &xs, seed + 7);
-                let b = run_tail(precision, false, &xs, seed + 7);
-                assert_eq!(a.len(), 12);
-                for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                    assert!(p.iter().any(|&v| v != 0.0), "{precision} output {i}");
-                    assert_eq!(p, q, "{precision} n={n} c={c}: output {i}");
-                }
-            }
-            let f = run_tail(Precision::F32, true, &xs, seed + 7);
-            let h = run_tail(Precision::Bf16, true, &xs, seed + 7);
-            assert_ne!(f[0], h[0]);
+            assert_bit_identical(
+                &format!("tail n={n} c={c}"),
+                &xs,
+                &|t, v| {
+                    let (y, s2, s3) = t.bn_relu_conv2d_bn_add_relu_train(
+                        &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], BN_EPS,
+                    )?;
+                    Ok(vec![y, s2.0, s2.1, s3.0, s3.1])
+                },
+                &|t, v| {
+                    let (h, m2, v2) = t.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS)?;
+                    let h = t.conv2d(&h, &v[3], 1, 0)?;
+                    let (y, m3, v3) = t.bn_add_relu_train(&h, &v[4], &v[5], &v[6], BN_EPS)?;
+                    Ok(vec![y, m2, v2, m3, v3])
+                },
+            );
         }
     }
 
+    /// The stem's bn -> ReLU -> max pool as one op equals the two ops bit for bit (f32 and the
+    /// bf16 emulation), including the gradient routed through overlapping windows.
     #[test]
-    fn tail_matches_finite_differences() {
+    fn pool_equals_bn_relu_then_max_pool_bit_for_bit() {
+        let xs = [randn(&[3, 4, 9, 8], 71), randn(&[4], 72), randn(&[4], 73)];
+        assert_bit_identical(
+            "pool",
+            &xs,
+            &|t, v| {
+                let (p, (m, var)) =
+                    t.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)?;
+                Ok(vec![p, m, var])
+            },
+            &|t, v| {
+                let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS)?;
+                Ok(vec![t.max_pool2d(&y, 3, 2, 1)?, m, var])
+            },
+        );
+    }
+
+    /// Finite differences through the three ops (ReLU kinks left out as in fused.rs's checks).
+    #[test]
+    fn ops_match_finite_differences() {
+        let bn = |seed: u64, c: usize| [randn(&[c], seed), randn(&[c], seed + 1)];
+        let [g, b] = bn(42, 3);
+        let xs = [randn(&[2, 3, 5, 4], 41), g, b, randn(&[4, 3, 3, 3], 44)];
+        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
+            Ok(tape
+                .bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], 2, 1, BN_EPS)?
+                .0)
+        })
+        .unwrap();
+        let ([g2, b2], [g3, b3]) = (bn(82, 3), bn(85, 5));
         let xs = [
             randn(&[2, 3, 4, 3], 81),
-            randn(&[3], 82),
-            randn(&[3], 83),
+            g2,
+            b2,
             randn(&[5, 3, 1, 1], 84),
-            randn(&[5], 85),
-            randn(&[5], 86),
+            g3,
+            b3,
             randn(&[2, 5, 4, 3], 87),
         ];
         check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
@@ -673,115 +677,19 @@ mod tests {
                 .0)
         })
         .unwrap();
-    }
-
-    #[test]
-    fn tail_errors_name_the_op_and_the_argument() {
-        let (x, g, w) = (
-            randn(&[2, 3, 4, 4], 91),
-            randn(&[3], 92),
-            randn(&[5, 3, 1, 1], 93),
-        );
-        let (g5, r) = (randn(&[5], 94), randn(&[2, 5, 4, 4], 95));
-        let mut t = Tape::no_grad();
-        let e = t
-            .bn_relu_conv2d_bn_add_relu_train(
-                &x,
-                &g,
-                &g,
-                &w,
-                &g5,
-                &g5,
-                &randn(&[2, 5, 4, 3], 96),
-                BN_EPS,
-            )
-            .unwrap_err();
-        assert!(e.to_string().contains("residual"), "{e}");
-        let e = t
-            .bn_relu_conv2d_bn_add_relu_train(&x, &g, &g, &w, &g, &g5, &r, BN_EPS)
-            .unwrap_err();
-        assert!(e.to_string().contains("gamma3"), "{e}");
-        let e = t
-            .bn_relu_conv2d_bn_add_relu_train(
-                &x,
-                &g,
-                &g,
-                &randn(&[5, 3, 3, 3], 97),
-                &g5,
-                &g5,
-                &r,
-                BN_EPS,
-            )
-            .unwrap_err();
-        assert!(e.to_string().contains("1x1"), "{e}");
-        assert!(
-            e.to_string().contains("bn_relu_conv2d_bn_add_relu_train"),
-            "{e}"
-        );
-    }
-
-    /// The stem's bn -> ReLU -> max pool as one op equals the two ops bit for bit (f32 and the
-    /// bf16 emulation), including the gradient routed through overlapping windows.
-    #[test]
-    fn pool_equals_bn_relu_then_max_pool_bit_for_bit() {
-        let xs = [randn(&[3, 4, 9, 8], 71), randn(&[4], 72), randn(&[4], 73)];
-        let run = |precision: Precision, one_op: bool| -> Vec<Vec<f32>> {
-            let mut tape = Tape::new().with_precision(precision);
-            let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
-            let (p, (m, var)) = if one_op {
-                tape.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)
-                    .unwrap()
-            } else {
-                let (y, m, var) = tape.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS).unwrap();
-                (tape.max_pool2d(&y, 3, 2, 1).unwrap(), (m, var))
-            };
-            let dp = randn(p.shape(), 74);
-            let g = tape.backward_from(vec![(p.clone(), dp)]).unwrap();
-            let mut out: Vec<Vec<f32>> =
-                [&p, &m, &var].iter().map(|t| t.to_vec().unwrap()).collect();
-            out.extend(v.iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
-            out
-        };
-        for precision in [Precision::F32, Precision::Bf16] {
-            let (a, b) = (run(precision, true), run(precision, false));
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                assert!(p.iter().any(|&v| v != 0.0), "{precision} output {i}");
-                assert_eq!(p, q, "{precision}: output {i}");
-            }
-        }
-        assert_ne!(run(Precision::F32, true)[0], run(Precision::Bf16, true)[0]);
+        let [g, b] = bn(72, 4);
+        let xs = [randn(&[3, 4, 9, 8], 71), g, b];
         check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
             Ok(tape
                 .bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)?
                 .0)
         })
         .unwrap();
-        let e = Tape::no_grad()
-            .bn_relu_max_pool2d_train(&xs[0], &xs[1], &xs[2], 3, 2, 5, BN_EPS)
-            .unwrap_err();
-        assert!(e.to_string().contains("pad"), "{e}");
     }
 
-    /// Finite differences through the op (ReLU kinks left out as in fused.rs's checks).
+    /// Only the weight tracked: dw alone, the BN backward skipped.
     #[test]
-    fn matches_finite_differences() {
-        let xs = [
-            randn(&[2, 3, 5, 4], 41),
-            randn(&[3], 42),
-            randn(&[3], 43),
-            randn(&[4, 3, 3, 3], 44),
-        ];
-        check_grad_kinks(&xs, 1e-2, 3e-3, 0.1, |tape, v| {
-            Ok(tape
-                .bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], 2, 1, BN_EPS)?
-                .0)
-        })
-        .unwrap();
-    }
-
-    /// Only the weight tracked: dw alone, the BN backward skipped; and the op's errors name it.
-    #[test]
-    fn frozen_bn_and_errors() {
+    fn frozen_bn_gives_the_weight_gradient_alone() {
         let (x, g, b, w) = (
             randn(&[2, 3, 4, 4], 51),
             randn(&[3], 52),
@@ -798,13 +706,47 @@ mod tests {
             .unwrap();
         assert_eq!(grads.len(), 1);
         assert!(grads.get(&wt).is_some());
-        let e = Tape::no_grad()
-            .bn_relu_conv2d_train(&x, &g, &b, &randn(&[2, 4, 1, 1], 56), 1, 0, BN_EPS)
-            .unwrap_err();
-        assert!(e.to_string().contains("conv"), "{e}");
-        let e = Tape::no_grad()
-            .bn_relu_conv2d_train(&x, &randn(&[2], 57), &b, &w, 1, 0, BN_EPS)
-            .unwrap_err();
-        assert!(e.to_string().contains("bn_relu_conv2d_train"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_op_and_the_argument() {
+        let (x, g, b, w) = (
+            randn(&[2, 3, 4, 4], 91),
+            randn(&[3], 92),
+            randn(&[3], 93),
+            randn(&[5, 3, 1, 1], 94),
+        );
+        let (g5, r) = (randn(&[5], 95), randn(&[2, 5, 4, 4], 96));
+        let mut t = Tape::no_grad();
+        let msg = |e: crate::error::Error| e.to_string();
+        let e = msg(t
+            .bn_relu_conv2d_train(&x, &g, &b, &randn(&[2, 4, 1, 1], 97), 1, 0, BN_EPS)
+            .unwrap_err());
+        assert!(e.contains("conv"), "{e}");
+        let e = msg(t
+            .bn_relu_conv2d_train(&x, &randn(&[2], 98), &b, &w, 1, 0, BN_EPS)
+            .unwrap_err());
+        assert!(
+            e.contains("bn_relu_conv2d_train") && e.contains("gamma"),
+            "{e}"
+        );
+        let tail = |t: &mut Tape, w: &Tensor, g3: &Tensor, r: &Tensor| {
+            msg(t
+                .bn_relu_conv2d_bn_add_relu_train(&x, &g, &b, w, g3, &g5, r, BN_EPS)
+                .unwrap_err())
+        };
+        let e = tail(&mut t, &w, &g5, &randn(&[2, 5, 4, 3], 99));
+        assert!(e.contains("residual"), "{e}");
+        let e = tail(&mut t, &w, &g, &r);
+        assert!(e.contains("gamma3"), "{e}");
+        let e = tail(&mut t, &randn(&[5, 3, 3, 3], 100), &g5, &r);
+        assert!(
+            e.contains("bn_relu_conv2d_bn_add_relu_train") && e.contains("1x1"),
+            "{e}"
+        );
+        let e = msg(t
+            .bn_relu_max_pool2d_train(&x, &g, &b, 3, 2, 5, BN_EPS)
+            .unwrap_err());
+        assert!(e.contains("pad"), "{e}");
     }
 }
