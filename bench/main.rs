@@ -161,7 +161,10 @@ fn gpu_peak_gib(device: &Device) -> Result<Option<(f64, f64)>> {
     if let Device::Cuda(i) = device {
         let st = carp::device::cuda::backend(*i)?.pool_stats();
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-        return Ok(Some((gib(st.peak_device_bytes), gib(st.peak_bytes_in_use))));
+        return Ok(Some((
+            gib(st.peak_device_bytes),
+            gib(st.peak_bytes_requested),
+        )));
     }
     let _ = device;
     Ok(None)

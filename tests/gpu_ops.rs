@@ -1201,6 +1201,16 @@ fn allocator_reuses_memory_in_steady_state() {
         after.reuses >= before.reuses + 15,
         "{before:?} -> {after:?}"
     );
+    // The requested-bytes peak saw the three buffers alive together, and buckets only round up.
+    assert!(
+        after.peak_bytes_requested >= sizes.iter().sum::<usize>(),
+        "{after:?}"
+    );
+    assert!(
+        after.peak_bytes_requested <= after.peak_bytes_in_use,
+        "{after:?}"
+    );
+    assert!(after.bytes_requested <= after.bytes_in_use, "{after:?}");
 }
 
 #[test]

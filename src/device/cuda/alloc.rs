@@ -42,9 +42,21 @@ pub struct PoolStats {
     /// The largest `bytes_in_use + bytes_cached` so far: device memory the pool held from
     /// the driver at its peak (what `nvidia-smi` would show, less the context's own).
     pub peak_device_bytes: usize,
+    /// Bytes live buffers asked for (before rounding to buckets).
+    pub bytes_requested: usize,
+    /// The largest `bytes_requested` so far: what the tensors needed at once, the measure
+    /// PyTorch's `max_memory_allocated` gives (it rounds requests to 512 bytes only).
+    pub peak_bytes_requested: usize,
 }
 
 impl PoolStats {
+    fn note_alloc(&mut self, cap: usize, bytes: usize) {
+        self.bytes_in_use += cap;
+        self.bytes_requested += bytes;
+        self.peak_bytes_requested = self.peak_bytes_requested.max(self.bytes_requested);
+        self.note_peaks();
+    }
+
     fn note_peaks(&mut self) {
         self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
         self.peak_device_bytes = self
@@ -106,8 +118,7 @@ impl Pool {
             if let Some(ptr) = inner.free.get_mut(&cap).and_then(|v| v.pop()) {
                 inner.stats.reuses += 1;
                 inner.stats.bytes_cached -= cap;
-                inner.stats.bytes_in_use += cap;
-                inner.stats.note_peaks();
+                inner.stats.note_alloc(cap, bytes);
                 return Ok(DeviceBuffer {
                     ptr,
                     bytes,
@@ -143,8 +154,7 @@ impl Pool {
         };
         let mut inner = self.lock();
         inner.stats.device_allocs += 1;
-        inner.stats.bytes_in_use += cap;
-        inner.stats.note_peaks();
+        inner.stats.note_alloc(cap, bytes);
         Ok(DeviceBuffer {
             ptr,
             bytes,
@@ -174,9 +184,10 @@ impl Pool {
         Ok(())
     }
 
-    fn give_back(&self, ptr: sys::CUdeviceptr, cap: usize) {
+    fn give_back(&self, ptr: sys::CUdeviceptr, cap: usize, bytes: usize) {
         let mut inner = self.lock();
         inner.stats.bytes_in_use -= cap;
+        inner.stats.bytes_requested -= bytes;
         inner.stats.bytes_cached += cap;
         inner.free.entry(cap).or_default().push(ptr);
     }
@@ -258,7 +269,7 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        self.pool.give_back(self.ptr, self.cap);
+        self.pool.give_back(self.ptr, self.cap, self.bytes);
     }
 }
 
