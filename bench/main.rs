@@ -19,6 +19,7 @@ use carp::{Error, Result};
 #[derive(Parser)]
 #[command(
     name = "carp-bench",
+    after_long_help = carp::device::ENV_SWITCHES,
     version,
     about = "Benchmark one CARP training configuration",
     long_about = "Measures one CARP training step (teacher forward, student forward, loss, backward, \

@@ -16,6 +16,7 @@ use carp::{Error, Result};
 #[derive(Parser)]
 #[command(
     name = "carp",
+    after_long_help = carp::device::ENV_SWITCHES,
     version,
     about = "Train ResNet50 with CARP (self-supervised), evaluate it, pack datasets",
     long_about = "carp trains a ResNet with the CARP self-supervised method (a student and an EMA \
@@ -32,6 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train (or resume) a CARP run.
+    #[command(after_long_help = carp::device::ENV_SWITCHES)]
     Train(Box<TrainArgs>),
     /// Pack an ImageFolder tree or IDX files into carp's shard format.
     Pack(carp::data::PackArgs),
