@@ -4,10 +4,11 @@
 # training step through carp-bench when it supports one. Prints a short table at the end.
 # Fits in 10 minutes: every step has its own timeout.
 # Environment: GPU_CHECK_MEMCHECK=0 skips compute-sanitizer; GPU_CHECK_TORCH=0 skips the PyTorch
-# reference; BENCH_BATCH (256) and BENCH_STEPS (3) size the ResNet50 step; BENCH_VARIANTS lists
-# the A/B switches benched (see step 3); GPU_CHECK_BIG_BATCH=0 skips the batch-1024 fit check;
-# TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's variants; GPU_CHECK_LOADER=0
-# skips the data-path benches (LOADER_IMAGES, 2048, sizes their ImageNet-like set).
+# reference; BENCH_BATCH (256) and BENCH_STEPS (3) size the ResNet50 step; BENCH_KEY_VARIANTS and
+# BENCH_VARIANTS list the benches before and after PyTorch's (see step 3); GPU_CHECK_BIG_BATCH=0
+# skips the batch-1024 fit check; TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's
+# variants; GPU_CHECK_LOADER=0 skips the data-path benches (LOADER_IMAGES, 2048, sizes their
+# ImageNet-like set).
 # GPU_CHECK_MULTICROP=0 skips the 6-local-crop bench; GPU_CHECK_TRAIN=0 the `carp train` run;
 # GPU_CHECK_TESTS=0 the GPU tests; GPU_CHECK_BUDGET_S (530) bounds the whole run.
 set -uo pipefail
@@ -92,26 +93,37 @@ if grep -q "^SKIPPED" "$LOG"; then
     row "GPU tests skipped (no GPU seen)" FAIL "-" "$(grep -m1 '^SKIPPED' "$LOG")"
     overall=1
 fi
-# 3. ResNet50 training steps (K 65536, NB 512, 224x224): ours with every fast path on, then once
-# per A/B switch with that path off (same run, same machine), then PyTorch's reference.
-# BENCH_VARIANTS: space-separated env settings, one bench each ("-" = the defaults).
+# 3. ResNet50 training steps (K 65536, NB 512, 224x224): first the two steps the ratios use
+# (f32 and bf16 as training runs them, no per-phase waits), then PyTorch's reference, then once
+# per A/B switch with that path off (same run, same machine): if the budget runs out, the A/B
+# rows are the ones lost. BENCH_KEY_VARIANTS / BENCH_VARIANTS override the two lists (an empty
+# value runs none); a token is comma-separated items: "--..." items are carp-bench flags
+# (--no-phase-sync: the step without a wait after each phase, as training runs it; the default
+# bench waits per phase for its table; --precision=bf16: bf16 activations on the GPU, NHWC
+# unless CARP_NHWC=0), the others environment settings; "-" alone is the defaults.
 BB=${BENCH_BATCH:-256}
 BS=${BENCH_STEPS:-3}
-# A token is comma-separated items: "--..." items are carp-bench flags (--no-phase-sync: the
-# step without a wait after each phase, as training runs it; the default bench waits per phase
-# for its table; --precision=bf16: bf16 activations on the GPU, NHWC unless CARP_NHWC=0), the
-# others environment settings.
-VARIANTS=${BENCH_VARIANTS:-"- --no-phase-sync --precision=bf16,--no-phase-sync --precision=bf16 CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=0,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
+KEY_VARIANTS=${BENCH_KEY_VARIANTS-"--no-phase-sync --precision=bf16,--no-phase-sync"}
+VARIANTS=${BENCH_VARIANTS-"- --precision=bf16 CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=0,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
 # images/s of the step as training runs it (no per-phase waits), in f32 and in bf16: the ratios
-# against PyTorch's eager fp32 and eager bf16 at the end of step 3.
+# against PyTorch's eager fp32 and eager bf16 below; and bf16's live-buffer peak.
 ours_ips="" ours_bf16_ips="" ours_bf16_live=""
 json_field() { # file field
     grep -o "\"$2\": *[0-9.eE+-]*" "$1" 2>/dev/null | tail -1 | sed 's/.*: *//'
 }
+has_bench=0
 if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
-    for v in $VARIANTS; do
+    has_bench=1
+else
+    row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
+fi
+bench_variants() { # space-separated tokens
+    [ "$has_bench" = 1 ] || return 0
+    local v tag flags out label ips it
+    for v in $1; do
         tag=${v//[^A-Za-z0-9_]/_}
-        envs=() flags=""
+        local envs=()
+        flags=""
         if [ "$v" != "-" ]; then
             IFS=, read -ra items <<<"$v"
             for it in "${items[@]}"; do
@@ -138,9 +150,8 @@ if "$B/bin/carp-bench" --help 2>/dev/null | grep -q -- "--device"; then
             ours_bf16_live=$(json_field "$out" peak_live_gib)
         fi
     done
-else
-    row "carp-bench resnet50 step" SKIP "-" "this carp-bench has no --device flag yet"
-fi
+}
+bench_variants "$KEY_VARIANTS"
 if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
     python3 -c 'import torch, torchvision' 2>/dev/null; then
     torch_out="${OUT:-/tmp}/torch-bench.jsonl"
@@ -169,6 +180,8 @@ if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && [ -f "$B/torch_carp_bench.py" ] &&
 else
     row "torch reference" SKIP "-" "GPU_CHECK_TORCH=0, no torch_carp_bench.py, or no torch"
 fi
+
+bench_variants "$VARIANTS"
 
 # 3b. memcheck over the op tests, without the large ResNet50 conv shapes (slow under the tool).
 if [ "${GPU_CHECK_MEMCHECK:-1}" = 0 ]; then
