@@ -59,5 +59,15 @@ fn default_training_beats_random_init_knn_by_3_points() {
     assert_eq!(losses.len(), r.steps);
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     assert!(mean(&losses[losses.len() - 10..]) < mean(&losses[..10]) - 0.1);
+    // Each step reports the process's live-tensor peak so far: positive, never falling, and
+    // for the tiny model at batch 128 of 32x32 views well under 1 GiB.
+    let peaks: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "step")
+        .map(|v| v["peak_live_gib"].as_f64().unwrap())
+        .collect();
+    assert!(peaks[0] > 0.0 && peaks[peaks.len() - 1] < 1.0, "{peaks:?}");
+    assert!(peaks.windows(2).all(|w| w[1] >= w[0]), "{peaks:?}");
     let _ = std::fs::remove_dir_all(&out);
 }

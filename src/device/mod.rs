@@ -35,6 +35,22 @@ pub fn available() -> Vec<&'static str> {
     v
 }
 
+/// The most bytes live tensors on `device` needed at once so far in this process (the measure
+/// PyTorch's `max_memory_allocated` gives): the CPU's tensor-storage counter, or the GPU pool's
+/// requested-bytes peak.
+pub fn peak_live_bytes(device: &crate::tensor::Device) -> crate::error::Result<usize> {
+    match device {
+        crate::tensor::Device::Cpu => Ok(crate::tensor::cpu_storage_bytes().1),
+        #[cfg(feature = "cuda")]
+        crate::tensor::Device::Cuda(i) => Ok(cuda::backend(*i)?.pool_stats().peak_bytes_requested),
+        #[cfg(not(feature = "cuda"))]
+        crate::tensor::Device::Cuda(_) => crate::bail!(
+            Device,
+            "this build has no CUDA support (rebuild with --features cuda)"
+        ),
+    }
+}
+
 /// NVTX ranges callable without `cfg`: the real ones (`cuda::nvtx`) with the `cuda` feature,
 /// no-ops without it.
 pub mod nvtx {

@@ -412,22 +412,25 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             train_secs += dt;
             images += n;
             let ips = n as f64 / dt;
+            // For choosing a batch size: what live tensors needed at once so far.
+            let peak_gib = crate::device::peak_live_bytes(&device)? as f64 / (1u64 << 30) as f64;
             last = stats;
             metrics.write(serde_json::json!({
                 "type": "step", "step": state.step, "epoch": epoch, "loss": stats.loss,
                 "consistency": stats.consistency, "entropy": stats.entropy, "lr": stats.lr,
                 "teacher_momentum": stats.momentum, "images_per_s": ips,
+                "peak_live_gib": peak_gib,
             }))?;
             pb.set_position(state.step as u64);
             pb.set_message(format!(
-                "loss {:.4} (H {:.4}) | {:.0} img/s",
-                stats.loss, stats.entropy, ips
+                "loss {:.4} (H {:.4}) | {:.0} img/s | peak {:.2} GiB",
+                stats.loss, stats.entropy, ips, peak_gib
             ));
             if pb.is_hidden() && !opts.quiet && (state.step % log_every == 0 || state.step == total)
             {
                 eprintln!(
-                    "step {}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s",
-                    state.step, stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips
+                    "step {}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s, peak {:.2} GiB",
+                    state.step, stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips, peak_gib
                 );
             }
             if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
