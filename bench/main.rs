@@ -157,14 +157,17 @@ fn gpu_allocs(device: &Device) -> Result<Option<u64>> {
 /// Peak device memory the caching allocator held from the driver, and the peak held by live
 /// buffers (the rest was cached blocks waiting for a request of their size), in GiB (None on
 /// the CPU).
-fn gpu_peak_gib(device: &Device) -> Result<Option<(f64, f64)>> {
+/// (pool held at its peak, live requested bytes at their peak, the cuDNN workspace) in GiB.
+fn gpu_peak_gib(device: &Device) -> Result<Option<(f64, f64, f64)>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(i) = device {
-        let st = carp::device::cuda::backend(*i)?.pool_stats();
+        let be = carp::device::cuda::backend(*i)?;
+        let st = be.pool_stats();
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         return Ok(Some((
             gib(st.peak_device_bytes),
             gib(st.peak_bytes_requested),
+            gib(be.cudnn_workspace_bytes()),
         )));
     }
     let _ = device;
@@ -325,11 +328,12 @@ fn run(args: Args) -> Result<()> {
     let ips = n as f64 / (med / 1e3);
     // Live: what tensors held at once (PyTorch's max_memory_allocated is the same measure);
     // held: what the process kept from the system (cached free blocks included).
-    let (peak, peak_live, peak_what) = match gpu_peak_gib(&device)? {
-        Some((g, live)) => (g, live, "GPU memory held by the allocator"),
+    let (peak, peak_live, workspace, peak_what) = match gpu_peak_gib(&device)? {
+        Some((g, live, ws)) => (g, live, ws, "GPU memory held by the allocator"),
         None => (
             peak_rss_gib(),
             carp::tensor::cpu_storage_bytes().1 as f64 / (1u64 << 30) as f64,
+            0.0,
             "host RSS",
         ),
     };
@@ -369,6 +373,10 @@ fn run(args: Args) -> Result<()> {
     );
     println!("images/s {ips:.1}   peak memory {peak:.2} GiB ({peak_what})   final loss {loss:.4}");
     println!("peak memory in live tensors {peak_live:.2} GiB (the rest: cached free blocks, code, loader)");
+    if workspace > 0.0 {
+        // Live for the whole run here; PyTorch's is live only during each convolution call.
+        println!("  of which the cuDNN workspace {workspace:.2} GiB (kept for the whole run)");
+    }
     let timed_allocs = gpu_allocs(&device)?
         .zip(allocs_after_warmup)
         .map(|(a, b)| a - b);
@@ -383,7 +391,7 @@ fn run(args: Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what, "peak_live_gib": peak_live,
+                "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what, "peak_live_gib": peak_live, "cudnn_workspace_gib": workspace,
                 "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "precision": args.precision.as_str(), "k": args.k, "nb": args.nb,
                 "phases_ms": phases, "phase_sync": !args.no_phase_sync, "gpu_step_ms": gpu_step, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },

@@ -139,7 +139,7 @@ bench_variants() { # space-separated tokens
             "'$B/bin/carp-bench' --device cuda --arch resnet50 --batch $BB --warmup 1 --steps $BS $flags --json | tee '$out'" ||
             overall=1
         ips=$(json_field "$out" images_per_s)
-        row "  images/s, step ms, gpu ms, peak (live) GiB" INFO "-" "${ips:-?}, $(json_field "$out" step_ms), $(json_field "$out" gpu_step_ms), $(json_field "$out" peak_mem_gib) ($(json_field "$out" peak_live_gib))"
+        row "  images/s, step ms, gpu ms, peak (live; ws) GiB" INFO "-" "${ips:-?}, $(json_field "$out" step_ms), $(json_field "$out" gpu_step_ms), $(json_field "$out" peak_mem_gib) ($(json_field "$out" peak_live_gib); $(json_field "$out" cudnn_workspace_gib))"
         # The ratio against PyTorch uses the step as training runs it (no per-phase waits).
         if [ "$v" = "--no-phase-sync" ] || { [ "$v" = "-" ] && [ -z "$ours_ips" ]; }; then
             ours_ips=$ips

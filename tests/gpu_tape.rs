@@ -18,6 +18,7 @@
 //! returns.
 
 use std::io::Write as _;
+use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard};
 
 use carp::autograd::{Precision, Tape};
@@ -1652,17 +1653,13 @@ fn fused_bn_relu_add() {
     }
 }
 
-/// The recomputing ops (src/ops/recompute.rs: bn -> ReLU -> conv, the bottleneck tail bn2 ->
-/// ReLU -> conv3 -> bn3 + residual -> ReLU, and the stem's bn -> ReLU -> max pool) on CUDA against the CPU in f32 (tolerances of the
-/// fused BN ops and convolutions), and in bf16 against the CPU emulation in both layouts
-/// (tolerances of the bf16 BN ops: the GPU rounds conv gradients to bf16 where the emulation
-/// keeps f32). The recomputation in backward must reproduce the forward's BN output on the
-/// GPU too, or the gradients drift from the CPU's.
-#[test]
-fn recompute_ops_match_cpu() {
-    let Some((dev, _serial)) = gpu_or_skip("recompute_ops_match_cpu") else {
-        return;
-    };
+/// (name, inputs, the one op, its unfused composition).
+type RecomputeCase = (&'static str, Vec<Tensor>, Rc<Op>, Rc<Op>);
+
+/// The recomputing ops (src/ops/recompute.rs) and their unfused compositions, on inputs with
+/// non-trivial BN scales: (name, inputs, the one op, bn_relu_train / conv2d / bn_add_relu_train /
+/// max_pool2d in a row). Each returns its output first, then the batch statistics.
+fn recompute_cases() -> Vec<RecomputeCase> {
     let pos = |c: usize, seed: u64| {
         Tensor::from_vec(
             randn_vec(c, seed).iter().map(|v| 1.0 + 0.3 * v).collect(),
@@ -1670,81 +1667,174 @@ fn recompute_ops_match_cpu() {
         )
         .unwrap()
     };
-    let seg = [
-        randn(&[4, 16, 14, 14], 1001),
-        pos(16, 1002),
-        randn(&[16], 1003),
-        randn(&[24, 16, 3, 3], 1004),
-    ];
-    let tail = [
-        randn(&[4, 16, 14, 14], 1011),
-        pos(16, 1012),
-        randn(&[16], 1013),
-        randn(&[64, 16, 1, 1], 1014),
-        pos(64, 1015),
-        randn(&[64], 1016),
-        randn(&[4, 64, 14, 14], 1017),
-    ];
-    let seg_op: &Op = &|t, v| {
-        let (z, (m, var)) = t.bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], 2, 1, 1e-5)?;
-        Ok(vec![z, m, var])
+    vec![
+        (
+            "bn_relu_conv2d_train",
+            vec![
+                randn(&[4, 16, 14, 14], 1001),
+                pos(16, 1002),
+                randn(&[16], 1003),
+                randn(&[24, 16, 3, 3], 1004),
+            ],
+            Rc::new(|t: &mut Tape, v: &[Tensor]| {
+                let (z, (m, var)) =
+                    t.bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], 2, 1, 1e-5)?;
+                Ok(vec![z, m, var])
+            }),
+            Rc::new(|t: &mut Tape, v: &[Tensor]| {
+                let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], 1e-5)?;
+                Ok(vec![t.conv2d(&y, &v[3], 2, 1)?, m, var])
+            }),
+        ),
+        (
+            "bn_relu_conv2d_bn_add_relu_train",
+            vec![
+                randn(&[4, 16, 14, 14], 1011),
+                pos(16, 1012),
+                randn(&[16], 1013),
+                randn(&[64, 16, 1, 1], 1014),
+                pos(64, 1015),
+                randn(&[64], 1016),
+                randn(&[4, 64, 14, 14], 1017),
+            ],
+            Rc::new(|t: &mut Tape, v: &[Tensor]| {
+                let (y, s2, s3) = t.bn_relu_conv2d_bn_add_relu_train(
+                    &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], 1e-5,
+                )?;
+                Ok(vec![y, s2.0, s2.1, s3.0, s3.1])
+            }),
+            Rc::new(|t: &mut Tape, v: &[Tensor]| {
+                let (h, m2, v2) = t.bn_relu_train(&v[0], &v[1], &v[2], 1e-5)?;
+                let h = t.conv2d(&h, &v[3], 1, 0)?;
+                let (y, m3, v3) = t.bn_add_relu_train(&h, &v[4], &v[5], &v[6], 1e-5)?;
+                Ok(vec![y, m2, v2, m3, v3])
+            }),
+        ),
+        (
+            "bn_relu_max_pool2d_train",
+            vec![
+                randn(&[4, 8, 18, 17], 1021),
+                pos(8, 1022),
+                randn(&[8], 1023),
+            ],
+            Rc::new(|t: &mut Tape, v: &[Tensor]| {
+                let (p, (m, var)) =
+                    t.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, 1e-5)?;
+                Ok(vec![p, m, var])
+            }),
+            Rc::new(|t: &mut Tape, v: &[Tensor]| {
+                let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], 1e-5)?;
+                Ok(vec![t.max_pool2d(&y, 3, 2, 1)?, m, var])
+            }),
+        ),
+    ]
+}
+
+/// The recomputing ops on CUDA against the CPU in f32 (tolerances of the fused BN ops and
+/// convolutions), and in bf16 against the CPU emulation in both layouts (tolerances of the
+/// bf16 BN ops: the GPU rounds conv gradients to bf16 where the emulation keeps f32).
+#[test]
+fn recompute_ops_match_cpu() {
+    let Some((dev, _serial)) = gpu_or_skip("recompute_ops_match_cpu") else {
+        return;
     };
-    let tail_op: &Op = &|t, v| {
-        let (y, s2, s3) = t.bn_relu_conv2d_bn_add_relu_train(
-            &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], 1e-5,
-        )?;
-        Ok(vec![y, s2.0, s2.1, s3.0, s3.1])
+    for (name, inputs, one_op, _) in recompute_cases() {
+        compare(&dev, name, &inputs, 1e-4, 1e-3, &*one_op);
+        for nhwc in [true, false] {
+            carp::autograd::set_bf16_nhwc(nhwc);
+            let op = one_op.clone();
+            let out_only: &Op = &move |t, v| Ok(vec![op(t, v)?.remove(0)]);
+            let what = format!("{name} nhwc={nhwc}");
+            compare_bf16(&dev, &what, &inputs, 2e-2, 5e-2, out_only);
+        }
+        carp::autograd::set_bf16_nhwc(true);
+    }
+}
+
+/// On the GPU each recomputing op equals its unfused composition: the forward outputs and
+/// statistics bit for bit (the same kernels on the same values), the gradients to 1e-5 in f32
+/// and 1e-2 in bf16 of each gradient's largest value (not bit for bit only because cuDNN's
+/// backward algorithms may sum in a run-dependent order, which can move a bf16 rounding by one
+/// step). A recomputation that drifted from the forward (other statistics, another plan) fails
+/// here. Also: with only the weight tracked, dw alone, equal to the full run's; and in bf16 NHWC
+/// a residual stored NCHW (converted by the op) gives the unfused ops' result.
+#[test]
+fn recompute_ops_equal_their_unfused_composition_on_gpu() {
+    let Some((dev, _serial)) = gpu_or_skip("recompute_ops_equal_their_unfused_composition_on_gpu")
+    else {
+        return;
     };
-    let stem = [
-        randn(&[4, 8, 18, 17], 1021),
-        pos(8, 1022),
-        randn(&[8], 1023),
+    let modes = [
+        (Precision::F32, true, 1e-5),
+        (Precision::Bf16, true, 1e-2),
+        (Precision::Bf16, false, 1e-2),
     ];
-    let pool_op: &Op = &|t, v| {
-        let (p, (m, var)) = t.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, 1e-5)?;
-        Ok(vec![p, m, var])
-    };
-    compare(&dev, "bn_relu_max_pool2d_train", &stem, 1e-4, 1e-3, pool_op);
-    compare(&dev, "bn_relu_conv2d_train", &seg, 1e-4, 1e-3, seg_op);
-    compare(
-        &dev,
-        "bn_relu_conv2d_bn_add_relu_train",
-        &tail,
-        1e-4,
-        1e-3,
-        tail_op,
-    );
-    for nhwc in [true, false] {
-        carp::autograd::set_bf16_nhwc(nhwc);
-        let z_only: &Op = &|t, v| Ok(vec![seg_op(t, v)?.remove(0)]);
-        let y_only: &Op = &|t, v| Ok(vec![tail_op(t, v)?.remove(0)]);
-        let p_only: &Op = &|t, v| Ok(vec![pool_op(t, v)?.remove(0)]);
-        compare_bf16(
-            &dev,
-            &format!("bn_relu_max_pool2d_train nhwc={nhwc}"),
-            &stem,
-            2e-2,
-            5e-2,
-            p_only,
-        );
-        compare_bf16(
-            &dev,
-            &format!("bn_relu_conv2d_train nhwc={nhwc}"),
-            &seg,
-            2e-2,
-            5e-2,
-            z_only,
-        );
-        compare_bf16(
-            &dev,
-            &format!("bn_relu_conv2d_bn_add_relu_train nhwc={nhwc}"),
-            &tail,
-            2e-2,
-            5e-2,
-            y_only,
-        );
+    for (name, inputs, one_op, unfused) in recompute_cases() {
+        for (precision, nhwc, tol) in modes {
+            carp::autograd::set_bf16_nhwc(nhwc);
+            let what = format!("{name} {precision} nhwc={nhwc}");
+            let seed = randn(
+                unfused(&mut Tape::no_grad(), &inputs).unwrap()[0].shape(),
+                1099,
+            );
+            let (ya, ga) = run_on_in(&dev, &inputs, &seed, &*one_op, precision);
+            let (yb, gb) = run_on_in(&dev, &inputs, &seed, &*unfused, precision);
+            for (i, (a, b)) in ya.iter().zip(&yb).enumerate() {
+                assert_eq!(a, b, "{what}: output {i}");
+            }
+            for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                check_close(&format!("{what}: gradient {i}"), a, b, tol, 1e-6);
+            }
+        }
     }
     carp::autograd::set_bf16_nhwc(true);
+    // Only the weight tracked (the BN backward skipped).
+    let (_, inputs, one_op, _) = recompute_cases().remove(0);
+    let (_, g_all) = run_on_in(
+        &dev,
+        &inputs,
+        &randn(&[4, 24, 7, 7], 1098),
+        &*one_op,
+        Precision::F32,
+    );
+    let mut tape = Tape::new();
+    let on: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+    let w = tape.track(&on[3]);
+    let (z, _) = tape
+        .bn_relu_conv2d_train(&on[0], &on[1], &on[2], &w, 2, 1, 1e-5)
+        .unwrap();
+    let dz = randn(&[4, 24, 7, 7], 1098).to_device(&dev).unwrap();
+    let g = tape.backward_from(vec![(z, dz)]).unwrap();
+    assert_eq!(g.len(), 1, "only the weight's gradient");
+    let dw = g.get(&w).unwrap().to_vec().unwrap();
+    check_close(
+        "weight-only dw",
+        &dw,
+        g_all[3].as_ref().unwrap(),
+        1e-5,
+        1e-6,
+    );
+    // bf16 NHWC with the residual stored NCHW.
+    let (_, inputs, one_op, unfused) = recompute_cases().remove(1);
+    let run = |f: &Op| {
+        let mut tape = Tape::new().with_precision(Precision::Bf16);
+        let mut v: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| tape.track(&t.to_device(&dev).unwrap()))
+            .collect();
+        v[6] = tape.track(&v[6].to_format(DType::Bf16, Layout::Nchw).unwrap());
+        let outs = f(&mut tape, &v).unwrap();
+        let dy = randn(outs[0].shape(), 1097).to_device(&dev).unwrap();
+        let g = tape.backward_from(vec![(outs[0].clone(), dy)]).unwrap();
+        (
+            outs[0].to_vec().unwrap(),
+            g.get(&v[6]).unwrap().to_vec().unwrap(),
+        )
+    };
+    let ((ya, ra), (yb, rb)) = (run(&*one_op), run(&*unfused));
+    assert_eq!(ya, yb, "NCHW residual: output");
+    check_close("NCHW residual: its gradient", &ra, &rb, 1e-2, 1e-6);
 }
 
 /// `CARP_STEP_SYNC=1` (the verdict read before ungated updates: the fallback of the device

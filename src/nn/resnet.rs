@@ -467,10 +467,15 @@ impl ResNet {
         if recompute == Recompute::Nothing {
             h = self.bn_relu(tape, leaves, buffers, &blk.bn1, &h, None, train, updates)?;
             h = tape.conv2d(&h, &leaves[blk.conv2], blk.stride, 1)?; // (N, width, H/s, W/s)
+            h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
+            h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
         } else {
             h = bn_relu_conv_train(
                 tape, leaves, &blk.bn1, &h, blk.conv2, blk.stride, 1, updates,
             )?;
+            if recompute == Recompute::BnOutputs {
+                h = bn_relu_conv_train(tape, leaves, &blk.bn2, &h, blk.conv3, 1, 0, updates)?;
+            }
         }
 
         // The shortcut is computed before bn3 (the fused ops consume it), but its BN update is
@@ -483,46 +488,39 @@ impl ResNet {
             }
             None => x.clone(),
         };
-        let y = match recompute {
-            Recompute::BnAndConv3 => {
-                let (bn2, bn3) = (&blk.bn2, &blk.bn3);
-                let (y, s2, s3) = tape.bn_relu_conv2d_bn_add_relu_train(
-                    &h,
-                    &leaves[bn2.gamma],
-                    &leaves[bn2.beta],
-                    &leaves[blk.conv3],
-                    &leaves[bn3.gamma],
-                    &leaves[bn3.beta],
-                    &shortcut,
-                    BN_EPS,
-                )?; // (N, 4*width, H/s, W/s)
-                for (ids, (batch_mean, batch_var)) in [(bn2, s2), (bn3, s3)] {
-                    updates.push(BnUpdate {
-                        ids: ids.clone(),
-                        batch_mean,
-                        batch_var,
-                    });
-                }
-                y
+        let y = if recompute == Recompute::BnAndConv3 {
+            // h is conv2's output: bn2 -> ReLU -> conv3 -> bn3 + shortcut -> ReLU in one op.
+            let (bn2, bn3) = (&blk.bn2, &blk.bn3);
+            let (y, s2, s3) = tape.bn_relu_conv2d_bn_add_relu_train(
+                &h,
+                &leaves[bn2.gamma],
+                &leaves[bn2.beta],
+                &leaves[blk.conv3],
+                &leaves[bn3.gamma],
+                &leaves[bn3.beta],
+                &shortcut,
+                BN_EPS,
+            )?; // (N, 4*width, H/s, W/s)
+            for (ids, (batch_mean, batch_var)) in [(bn2, s2), (bn3, s3)] {
+                updates.push(BnUpdate {
+                    ids: ids.clone(),
+                    batch_mean,
+                    batch_var,
+                });
             }
-            _ => {
-                if recompute == Recompute::Nothing {
-                    h = self.bn_relu(tape, leaves, buffers, &blk.bn2, &h, None, train, updates)?;
-                    h = tape.conv2d(&h, &leaves[blk.conv3], 1, 0)?; // (N, 4*width, H/s, W/s)
-                } else {
-                    h = bn_relu_conv_train(tape, leaves, &blk.bn2, &h, blk.conv3, 1, 0, updates)?;
-                }
-                self.bn_relu(
-                    tape,
-                    leaves,
-                    buffers,
-                    &blk.bn3,
-                    &h,
-                    Some(&shortcut),
-                    train,
-                    updates,
-                )?
-            }
+            y
+        } else {
+            let bn3 = &blk.bn3;
+            self.bn_relu(
+                tape,
+                leaves,
+                buffers,
+                bn3,
+                &h,
+                Some(&shortcut),
+                train,
+                updates,
+            )?
         };
         updates.append(&mut shortcut_updates);
         Ok(y)

@@ -494,6 +494,16 @@ enum Which {
 }
 
 impl CudaBackend {
+    /// Bytes of the shared cuDNN workspace (kept for the backend's life, grown to the largest
+    /// plan's need; 0 without cuDNN or before the first convolution). It counts in the pool's
+    /// live bytes at every moment, where PyTorch's workspace is live only during a call.
+    pub fn cudnn_workspace_bytes(&self) -> usize {
+        self.dnn()
+            .ok()
+            .and_then(|d| d.workspace.as_ref().map(|w| w.bytes()))
+            .unwrap_or(0)
+    }
+
     /// Makes sure the shared workspace holds `bytes`, returning its address (0 when none).
     fn conv_run(
         &self,
