@@ -243,6 +243,24 @@ impl BnReluConvCpu {
 }
 
 impl Tape {
+    /// Runs an op's f32 `body` on its activation operands `xs` in this tape's precision: in
+    /// f32 as they are; in bf16 mode (Tape::bf16_inputs) on their bf16 copies with `bf16_mid`
+    /// set (the body rounds where the unfused ops' bf16 outputs round), its output rounded.
+    fn in_precision<R>(
+        &mut self,
+        op: &str,
+        xs: &[&Tensor],
+        body: impl FnOnce(&mut Tape, &[Tensor], bool) -> Result<(Tensor, R)>,
+    ) -> Result<(Tensor, R)> {
+        if !self.is_bf16() {
+            let xs: Vec<Tensor> = xs.iter().map(|&t| t.clone()).collect();
+            return body(self, &xs, false);
+        }
+        let r = self.bf16_inputs(op, xs, Bf16Path::Native)?;
+        let (y, rest) = self.as_f32(|t| body(t, &r, true))?;
+        Ok((self.bf16_output(&y)?, rest))
+    }
+
     /// conv2d(relu(batch_norm_train(x)), w, stride, padding): x (N, C, H, W), gamma, beta (C,),
     /// w (O, C, KH, KW). Returns (z (N, O, HO, WO), the batch statistics for the running update
     /// as [`Tape::bn_relu_train`]). Backward: dx, dgamma, dbeta, dw. Saves x, gamma, beta, w
@@ -258,16 +276,9 @@ impl Tape {
         padding: usize,
         eps: f32,
     ) -> Result<(Tensor, BatchStats)> {
-        // Bf16 mode (Tape::bf16_inputs): a bf16 x and weight copy, the f32 body rounding where
-        // the unfused ops' bf16 outputs round, a bf16 output.
-        if self.is_bf16() {
-            let r = self.bf16_inputs(OP, &[x, w], Bf16Path::Native)?;
-            let (z, st) = self.as_f32(|t| {
-                t.bn_relu_conv2d_body(&r[0], gamma, beta, &r[1], stride, padding, eps, true)
-            })?;
-            return Ok((self.bf16_output(&z)?, st));
-        }
-        self.bn_relu_conv2d_body(x, gamma, beta, w, stride, padding, eps, false)
+        self.in_precision(OP, &[x, w], |t, r, mid| {
+            t.bn_relu_conv2d_body(&r[0], gamma, beta, &r[1], stride, padding, eps, mid)
+        })
     }
 
     /// The op in f32 arithmetic; `bf16_mid` rounds the BN output and its gradient to bf16 (the
@@ -337,18 +348,15 @@ impl Tape {
         residual: &Tensor,
         eps: f32,
     ) -> Result<(Tensor, BatchStats, BatchStats)> {
-        if self.is_bf16() {
-            let r = self.bf16_inputs(TAIL, &[x, w, residual], Bf16Path::Native)?;
-            let (y, s2, s3) = self.as_f32(|t| {
-                t.tail_body(
-                    [&r[0], gamma2, beta2, &r[1], gamma3, beta3, &r[2]],
-                    eps,
-                    true,
-                )
-            })?;
-            return Ok((self.bf16_output(&y)?, s2, s3));
-        }
-        self.tail_body([x, gamma2, beta2, w, gamma3, beta3, residual], eps, false)
+        let (y, (s2, s3)) = self.in_precision(TAIL, &[x, w, residual], |t, r, mid| {
+            let (y, s2, s3) = t.tail_body(
+                [&r[0], gamma2, beta2, &r[1], gamma3, beta3, &r[2]],
+                eps,
+                mid,
+            )?;
+            Ok((y, (s2, s3)))
+        })?;
+        Ok((y, s2, s3))
     }
 
     /// The tail in f32 arithmetic (`bf16_mid`: the bf16 emulation's inner roundings). `t` =
@@ -466,14 +474,9 @@ impl Tape {
         padding: usize,
         eps: f32,
     ) -> Result<(Tensor, BatchStats)> {
-        if self.is_bf16() {
-            let r = self.bf16_inputs(POOL, &[x], Bf16Path::Native)?;
-            let (p, st) = self.as_f32(|t| {
-                t.bn_relu_max_pool2d_body(&r[0], gamma, beta, kernel, stride, padding, eps, true)
-            })?;
-            return Ok((self.bf16_output(&p)?, st));
-        }
-        self.bn_relu_max_pool2d_body(x, gamma, beta, kernel, stride, padding, eps, false)
+        self.in_precision(POOL, &[x], |t, r, mid| {
+            t.bn_relu_max_pool2d_body(&r[0], gamma, beta, kernel, stride, padding, eps, mid)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
