@@ -590,56 +590,41 @@ pub(crate) use launch;
 mod tests {
     use super::{kernels::MODULES, KERNELS};
 
-    /// The parameters of kernel `name` in any module's PTX: (count, widths in bits), or None.
-    fn ptx_params(name: &str) -> Option<Vec<u32>> {
-        let head = format!(".entry {name}(");
-        for (_, ptx) in MODULES {
-            if let Some(at) = ptx.find(&head) {
-                let rest = &ptx[at + head.len()..];
-                let end = rest.find(')')?;
-                return Some(
-                    rest[..end]
-                        .lines()
-                        .filter_map(|l| l.trim().strip_prefix(".param ."))
-                        .map(|t| {
-                            let ty = t.split_whitespace().next().unwrap_or("");
-                            ty[1..].parse::<u32>().unwrap_or(0)
-                        })
-                        .collect(),
-                );
-            }
-        }
-        None
+    /// One `launch!` call in a launcher source: where it starts, the kernels it may launch
+    /// (`&kname("base", dt)` may launch base_f32 or base_bf16) and its arguments, the macro's
+    /// (self, name, cfg) included.
+    struct LaunchCall {
+        start: usize,
+        names: Vec<String>,
+        args: Vec<String>,
     }
 
-    /// The launch! calls of a launcher source: (kernel names it may launch, argument count).
-    /// `&kname("base", dt)` may launch base_f32 or base_bf16; a kernel named by a variable is
-    /// skipped (its callers are checked where they name it).
-    fn launches(src: &str) -> Vec<(Vec<String>, usize)> {
+    /// The launch! calls of a launcher source. A kernel named by a variable is skipped (its
+    /// callers are checked where they name it), as is the macro's own definition.
+    fn launch_calls(src: &str) -> Vec<LaunchCall> {
         let mut out = Vec::new();
-        let mut rest = src;
-        while let Some(at) = rest.find("launch!(") {
-            rest = &rest[at + "launch!(".len()..];
-            // The arguments up to the matching ')', split at top-level commas.
-            let (mut depth, mut args, mut cur) = (0i32, Vec::new(), String::new());
-            for ch in rest.chars() {
+        let mut from = 0;
+        while let Some(at) = src[from..].find("launch!(") {
+            let start = from + at;
+            from = start + "launch!(".len();
+            let body = &src[from..];
+            // The arguments up to the matching ')'.
+            let mut depth = 0i32;
+            let mut close = body.len();
+            for (i, ch) in body.char_indices() {
                 match ch {
                     '(' | '[' => depth += 1,
-                    ')' | ']' if depth == 0 => break,
-                    ')' | ']' => depth -= 1,
-                    ',' if depth == 0 => {
-                        args.push(std::mem::take(&mut cur).trim().to_string());
-                        continue;
+                    ')' | ']' if depth == 0 => {
+                        close = i;
+                        break;
                     }
+                    ')' | ']' => depth -= 1,
                     _ => {}
                 }
-                cur.push(ch);
             }
-            if !cur.trim().is_empty() {
-                args.push(cur.trim().to_string());
-            }
+            let args = split_top(&body[..close]);
             if args.len() < 3 || args[0].starts_with('$') {
-                continue; // the macro's own definition
+                continue;
             }
             let name = &args[1];
             let names = if let Some(lit) = name.strip_prefix('"') {
@@ -650,7 +635,7 @@ mod tests {
             } else {
                 continue;
             };
-            out.push((names, args.len() - 3));
+            out.push(LaunchCall { start, names, args });
         }
         out
     }
@@ -663,10 +648,11 @@ mod tests {
     fn launch_argument_counts_match_the_kernels() {
         let mut checked = 0;
         for src in [include_str!("ops.rs"), include_str!("augment.rs")] {
-            for (names, nargs) in launches(src) {
+            for LaunchCall { names, args, .. } in launch_calls(src) {
+                let nargs = args.len() - 3;
                 let mut found = false;
                 for n in &names {
-                    if let Some(params) = ptx_params(n) {
+                    if let Some(params) = ptx_param_types(n) {
                         found = true;
                         assert_eq!(
                             params.len(),
@@ -843,40 +829,7 @@ mod tests {
     fn launch_argument_types_match_the_kernels() {
         let mut checked = 0;
         for src in [include_str!("ops.rs"), include_str!("augment.rs")] {
-            let mut from = 0;
-            while let Some(at) = src[from..].find("launch!(") {
-                let start = from + at;
-                from = start + "launch!(".len();
-                let body = &src[from..];
-                let close = {
-                    let mut depth = 0i32;
-                    let mut end = body.len();
-                    for (i, ch) in body.char_indices() {
-                        match ch {
-                            '(' | '[' => depth += 1,
-                            ')' | ']' if depth == 0 => {
-                                end = i;
-                                break;
-                            }
-                            ')' | ']' => depth -= 1,
-                            _ => {}
-                        }
-                    }
-                    end
-                };
-                let args = split_top(&body[..close]);
-                if args.len() < 3 || args[0].starts_with('$') {
-                    continue;
-                }
-                let name = &args[1];
-                let names = if let Some(lit) = name.strip_prefix('"') {
-                    vec![lit.trim_end_matches('"').to_string()]
-                } else if let Some(k) = name.strip_prefix("&kname(\"") {
-                    let base = &k[..k.find('"').unwrap_or(0)];
-                    vec![format!("{base}_f32"), format!("{base}_bf16")]
-                } else {
-                    continue; // named by a variable: checked where its callers name it
-                };
+            for LaunchCall { start, names, args } in launch_calls(src) {
                 let before = &src[..start];
                 for n in &names {
                     let Some(types) = ptx_param_types(n) else {
