@@ -264,6 +264,22 @@ extern "C" __global__ void bn_invstd_f32(const float* var, float* invstd, int C,
 
 // ---------------------------------------------------------------- backward
 
+// The end of a (C, S)-grid backward partial (one block per (channel c, slice)): the block's
+// sums of dy' * (x - mean) and of dy', summed over the block, stored at [c * S + slice] with
+// invstd applied once. Every thread of the block must call it (block_sum's barriers).
+__device__ __forceinline__ void bn_store_partials(float sg, float sb, int c,
+                                                  const float* __restrict__ invstd,
+                                                  float* __restrict__ part_g,
+                                                  float* __restrict__ part_b, float* scratch) {
+    sg = block_sum(sg, scratch) * invstd[c];
+    sb = block_sum(sb, scratch);
+    if (threadIdx.x == 0) {
+        const i64 o = (i64)c * gridDim.y + blockIdx.y;
+        part_g[o] = sg;
+        part_b[o] = sb;
+    }
+}
+
 // Parameter-gradient partials on the (C, S) grid. dy, x: (N, C, HW); mean, invstd: (C,)
 // (batch stats in training, running stats in eval); part_g, part_b: (C, S) workspaces with
 // part_g = sum dy * xhat, part_b = sum dy over block (c, s)'s slice, xhat = (x - mean) * invstd.
@@ -284,13 +300,7 @@ __device__ __forceinline__ void bn_backward_partial(
         sb += g;
         sg += g * (ld(x, i) - mu);
     });
-    sg = block_sum(sg, scratch) * invstd[c];
-    sb = block_sum(sb, scratch);
-    if (threadIdx.x == 0) {
-        const i64 o = (i64)c * gridDim.y + blockIdx.y;
-        part_g[o] = sg;
-        part_b[o] = sb;
-    }
+    bn_store_partials(sg, sb, c, invstd, part_g, part_b, scratch);
 }
 extern "C" __global__ void bn_backward_partial_f32(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
@@ -496,6 +506,22 @@ __device__ __forceinline__ float bn_nhwc_rows_sum(float v) {
     return r;
 }
 
+// The NHWC twin of bn_store_partials (a block = 32 channels x 8 row walkers): each column's
+// sums over its walkers, stored at [c * S + slice] with invstd applied. Every thread of the
+// block must call it (bn_nhwc_rows_sum's barriers).
+__device__ __forceinline__ void bn_nhwc_store_partials(float sg, float sb, int c, int C,
+                                                       const float* __restrict__ invstd,
+                                                       float* __restrict__ part_g,
+                                                       float* __restrict__ part_b) {
+    sg = bn_nhwc_rows_sum(sg);
+    sb = bn_nhwc_rows_sum(sb);
+    if (threadIdx.y == 0 && c < C) {
+        const i64 o = (i64)c * gridDim.y + blockIdx.y;
+        part_g[o] = sg * invstd[c];
+        part_b[o] = sb;
+    }
+}
+
 // part_sum[c * S + s] = sum of x over slice s of channel c. x: (R, C) NHWC; part_sum: (C, S).
 template <class T>
 __device__ __forceinline__ void bn_sum_partial_nhwc(const T* __restrict__ x,
@@ -569,13 +595,7 @@ __device__ __forceinline__ void bn_backward_partial_nhwc(
         sb += g;
         sg += g * (ld(x, i) - mu);
     });
-    sg = bn_nhwc_rows_sum(sg);
-    sb = bn_nhwc_rows_sum(sb);
-    if (threadIdx.y == 0 && c < C) {
-        const i64 o = (i64)c * gridDim.y + blockIdx.y;
-        part_g[o] = sg * invstd[c];
-        part_b[o] = sb;
-    }
+    bn_nhwc_store_partials(sg, sb, c, C, invstd, part_g, part_b);
 }
 extern "C" __global__ void bn_backward_partial_nhwc_f32(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,

@@ -134,13 +134,7 @@ __device__ __forceinline__ void bn_act_backward_partial(
             sg += g * (ld(x, i) - mu);
         });
     }
-    sg = block_sum(sg, scratch) * invstd[c];
-    sb = block_sum(sb, scratch);
-    if (threadIdx.x == 0) {
-        const i64 o = (i64)c * gridDim.y + blockIdx.y;
-        part_g[o] = sg;
-        part_b[o] = sb;
-    }
+    bn_store_partials(sg, sb, c, invstd, part_g, part_b, scratch);
 }
 extern "C" __global__ void bn_act_backward_partial_f32(
     const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
@@ -153,6 +147,19 @@ extern "C" __global__ void bn_act_backward_partial_bf16(
     const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
     float* __restrict__ part_b, bf16* __restrict__ dmasked, i64 N, int C, i64 HW) {
     bn_act_backward_partial(dy, y, x, mean, invstd, part_g, part_b, dmasked, N, C, HW);
+}
+
+// dy[i .. i + 4] where y > 0, else 0 (the ReLU's backward, four elements at once).
+template <class T>
+__device__ __forceinline__ float4 relu_masked4(const T* __restrict__ dy, const T* __restrict__ y,
+                                               i64 i) {
+    float4 g = ld4(dy, i);
+    const float4 o = ld4(y, i);
+    g.x = o.x > 0.0f ? g.x : 0.0f;
+    g.y = o.y > 0.0f ? g.y : 0.0f;
+    g.z = o.z > 0.0f ? g.z : 0.0f;
+    g.w = o.w > 0.0f ? g.w : 0.0f;
+    return g;
 }
 
 // The fused op's input gradient (after bn_backward_finalize_f32), with dy' = dy where y > 0,
@@ -178,14 +185,7 @@ __device__ __forceinline__ void bn_act_backward_dx(
     };
     if ((HW & 3) == 0 && aligned4(dy) && (masked || aligned4(y)) && aligned4(x) && aligned4(dx)) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
-            float4 g = ld4(dy, i);
-            if (!masked) {
-                const float4 o = ld4(y, i);
-                g.x = o.x > 0.0f ? g.x : 0.0f;
-                g.y = o.y > 0.0f ? g.y : 0.0f;
-                g.z = o.z > 0.0f ? g.z : 0.0f;
-                g.w = o.w > 0.0f ? g.w : 0.0f;
-            }
+            const float4 g = masked ? ld4(dy, i) : relu_masked4(dy, y, i);
             const float4 v = ld4(x, i);
             float4 r;
             r.x = dx_of(g.x, v.x, c);
@@ -198,14 +198,7 @@ __device__ __forceinline__ void bn_act_backward_dx(
                aligned4(x) && aligned4(dx)) {
         // Four channels of one row (batchnorm.cu bn_for_each_rows4).
         bn_for_each_rows4(N, C, [&](i64 i, int c) {
-            float4 g = ld4(dy, i);
-            if (!masked) {
-                const float4 o = ld4(y, i);
-                g.x = o.x > 0.0f ? g.x : 0.0f;
-                g.y = o.y > 0.0f ? g.y : 0.0f;
-                g.z = o.z > 0.0f ? g.z : 0.0f;
-                g.w = o.w > 0.0f ? g.w : 0.0f;
-            }
+            const float4 g = masked ? ld4(dy, i) : relu_masked4(dy, y, i);
             const float4 v = ld4(x, i);
             float4 r;
             r.x = dx_of(g.x, v.x, c);
@@ -268,13 +261,7 @@ __device__ __forceinline__ void bn_act_backward_partial_nhwc(
             sg += g * (ld(x, i) - mu);
         });
     }
-    sg = bn_nhwc_rows_sum(sg);
-    sb = bn_nhwc_rows_sum(sb);
-    if (threadIdx.y == 0 && c < C) {
-        const i64 o = (i64)c * gridDim.y + blockIdx.y;
-        part_g[o] = sg * invstd[c];
-        part_b[o] = sb;
-    }
+    bn_nhwc_store_partials(sg, sb, c, C, invstd, part_g, part_b);
 }
 extern "C" __global__ void bn_act_backward_partial_nhwc_f32(
     const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,
