@@ -22,16 +22,8 @@ mkdir -p "${OUT:-/tmp}"
 LOG="${OUT:-/tmp}/gpu-check.log"
 : >"$LOG"
 
-# PyTorch brings its own cuDNN: it runs with the loader path as it was (see step 3).
-ORIG_LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
-# cuBLAS / cuDNN / NCCL: the image ships them as Python wheels (nvidia-cublas, nvidia-cudnn-cu13,
-# ...); put their lib folders on the loader path for cudarc's dlopen.
-for lib in 'libcudnn.so.9*' 'libcublas.so.13*' 'libcublasLt.so.13*' 'libnccl.so.2*'; do
-    for d in $(find /opt /usr/local /usr/lib /usr/lib64 -name "$lib" -printf '%h\n' 2>/dev/null | sort -u); do
-        case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
-    done
-done
-export LD_LIBRARY_PATH
+# The libraries' folders on the loader path (PyTorch keeps the original: see step 3).
+. scripts/gpu-env.sh
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$LOG"
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 

@@ -1156,6 +1156,35 @@ fn device_state_nan_gradient_is_named_and_changes_nothing() {
     }
 }
 
+/// The cause a step's error names, without its "(...)" details and "; stopping ..." tail:
+/// "step 1: the loss is NaN" or "step 1: non-finite gradient in conv1.weight".
+fn error_cause(e: &str) -> String {
+    e.split([';', '('])
+        .next()
+        .unwrap_or(e)
+        .trim_end()
+        .to_string()
+}
+
+/// What the host guard says of a step on the CPU from `st` (a clone; `st` is unchanged): the
+/// device verdict must name the same cause. A NaN pixel does not always give a NaN loss: the
+/// BN mean of every channel it reaches is NaN, ReLU maps NaN to 0 on both backends (`f32::max`,
+/// `fmaxf`), so the loss can stay finite while conv1's weight gradient is not.
+fn host_guard_cause(
+    st: &carp::train::step::CarpState,
+    v1: &Tensor,
+    v2: &Tensor,
+    lr: f32,
+    m: f32,
+) -> String {
+    let mut host = st.clone();
+    let e = host
+        .train_step(v1, v2, lr, m)
+        .expect_err("the CPU step accepted a non-finite input")
+        .to_string();
+    error_cause(&e)
+}
+
 /// A whole GPU step whose input is NaN fails, and the state (device and host) is unchanged.
 #[test]
 fn device_state_failed_step_changes_nothing() {
@@ -1176,7 +1205,8 @@ fn device_state_failed_step_changes_nothing() {
     let mut bad = v1.to_vec().unwrap();
     bad[5] = f32::NAN;
     let bad = Tensor::from_vec(bad, v1.shape()).unwrap();
-    // The loss is NaN (the whole step is queued; the verdict at its end names it).
+    let want = host_guard_cause(&before, &bad, &v2, 0.3, 0.99);
+    // The whole step is queued; the verdict at its end names the cause.
     let e = st
         .train_step(
             &bad.to_device(&dev).unwrap(),
@@ -1186,7 +1216,7 @@ fn device_state_failed_step_changes_nothing() {
         )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("step 1: the loss is NaN"), "{e}");
+    assert_eq!(error_cause(&e), want, "{e}");
     assert!(st.host_is_current(), "a failed step marked the host stale");
     assert_eq!(st.step, before.step);
     st.sync_to_host().unwrap();
@@ -1857,14 +1887,22 @@ fn device_state_step_sync_matches_gated() {
     let prev = std::env::var("CARP_STEP_SYNC").ok();
     let mut gated = small_state();
     let mut synced = small_state();
+    // The same steps on the CPU: what the host guard says of the NaN step.
+    let mut host = small_state();
     let (bad1, v2_0) = {
         let (v1, v2) = views(0);
         let mut b = v1.to_vec().unwrap();
         b[7] = f32::NAN;
         (Tensor::from_vec(b, v1.shape()).unwrap(), v2)
     };
+    let mut want = String::new();
     for s in 0..3 {
         let (v1, v2) = views(s);
+        if s == 1 {
+            want = host_guard_cause(&host, &bad1, &v2_0, 0.3, 0.99);
+        }
+        host.train_step(&v1, &v2, 0.3 - 0.05 * s as f32, 0.99)
+            .unwrap();
         for (st, sync) in [(&mut gated, false), (&mut synced, true)] {
             if sync {
                 std::env::set_var("CARP_STEP_SYNC", "1");
@@ -1877,7 +1915,7 @@ fn device_state_step_sync_matches_gated() {
                     .train_step(&on(&bad1), &on(&v2_0), 0.3, 0.99)
                     .unwrap_err()
                     .to_string();
-                assert!(e.contains("step 1: the loss is NaN"), "sync {sync}: {e}");
+                assert_eq!(error_cause(&e), want, "sync {sync}: {e}");
                 assert_eq!(st.step, 1);
             }
             st.train_step(&on(&v1), &on(&v2), 0.3 - 0.05 * s as f32, 0.99)
