@@ -595,6 +595,72 @@ extern "C" __global__ void bn_sqdev_partial_nhwc_bf16(const bf16* __restrict__ x
     bn_sqdev_partial_nhwc(x, part_sum, part_sq, R, C);
 }
 
+// One-pass statistics (the channels-last default; CARP_BN_TWO_PASS=1 runs the two kernels above):
+// one read of x instead of two. Sums of deviations from a per-channel shift k_c = x[row 0, c]
+// (one of the channel's own values, so |mean - k| is a few standard deviations at most for
+// any sample that is not an outlier): part_sum[c * S + s] = sum of (x - k_c), part_sq[c * S + s]
+// = sum of (x - k_c)^2 over slice s, and shift[c] = k_c (written by slice 0). The variance is
+// then E[(x - k)^2] - (E[x - k])^2 (bn_stats_finalize_shifted_f32): the cancellation that makes
+// E[x^2] - E[x]^2 unusable is bounded by (mean - k)^2 / var, a small factor, not by mean^2 / var.
+// Same geometry as bn_sum_partial_nhwc_T. x: (R, C) NHWC; part_sum, part_sq: (C, S); shift: (C,).
+template <class T>
+__device__ __forceinline__ void bn_stats_partial_nhwc(const T* __restrict__ x,
+                                                      float* __restrict__ part_sum,
+                                                      float* __restrict__ part_sq,
+                                                      float* __restrict__ shift, i64 R, int C) {
+    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
+    const float k = c < C && R > 0 ? ld(x, c) : 0.0f;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    float s1 = 0.0f, s2 = 0.0f;
+    bn_nhwc_walk(C, r0, r1, [&](i64 i) {
+        const float d = ld(x, i) - k;
+        s1 += d;
+        s2 += d * d;
+    });
+    s1 = bn_nhwc_rows_sum(s1);
+    s2 = bn_nhwc_rows_sum(s2);
+    if (threadIdx.y == 0 && c < C) {
+        const i64 o = (i64)c * gridDim.y + blockIdx.y;
+        part_sum[o] = s1;
+        part_sq[o] = s2;
+        if (blockIdx.y == 0) shift[c] = k;
+    }
+}
+extern "C" __global__ void bn_stats_partial_nhwc_f32(const float* __restrict__ x,
+                                                     float* __restrict__ part_sum,
+                                                     float* __restrict__ part_sq,
+                                                     float* __restrict__ shift, i64 R, int C) {
+    bn_stats_partial_nhwc(x, part_sum, part_sq, shift, R, C);
+}
+extern "C" __global__ void bn_stats_partial_nhwc_bf16(const bf16* __restrict__ x,
+                                                      float* __restrict__ part_sum,
+                                                      float* __restrict__ part_sq,
+                                                      float* __restrict__ shift, i64 R, int C) {
+    bn_stats_partial_nhwc(x, part_sum, part_sq, shift, R, C);
+}
+
+// bn_stats_finalize_f32 for bn_stats_partial_nhwc_T's shifted partials, one block per channel:
+// d = sum_s part_sum / M, mean = shift + d, var = max(sum_s part_sq / M - d^2, 0) (rounding can
+// take a constant channel's difference below 0; NaN stays NaN), invstd and var_unbiased as bn_stats_finalize_f32.
+extern "C" __global__ void bn_stats_finalize_shifted_f32(const float* part_sum,
+                                                         const float* part_sq, const float* shift,
+                                                         float* mean, float* invstd,
+                                                         float* var_unbiased, i64 M, int S,
+                                                         float eps) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
+    const float d = bn_sum_parts(part_sum + (i64)c * S, S, scratch) / (float)M;
+    const float q = bn_sum_parts(part_sq + (i64)c * S, S, scratch) / (float)M;
+    if (threadIdx.x == 0) {
+        float var = q - d * d;
+        if (var < 0.0f) var = 0.0f;  // not fmaxf: a NaN stays NaN, as in the two-pass kernels
+        mean[c] = shift[c] + d;
+        invstd[c] = rsqrtf(var + eps);
+        var_unbiased[c] = M > 1 ? var * (float)M / (float)(M - 1) : var;
+    }
+}
+
 // Parameter-gradient partials (bn_backward_partial_T's, NHWC): part_g = invstd[c] * sum of
 // dy * (x - mean[c]), part_b = sum of dy over slice s of channel c. dy, x: (R, C) NHWC; mean,
 // invstd: (C,); part_g, part_b: (C, S).

@@ -16,6 +16,8 @@ GPU only:
   CARP_TF32=0         FMA-only convolutions (no TF32 tensor cores)
   CARP_CUDNN_FIND=0   cuDNN's heuristic algorithm instead of timing each one (cudnnFind)
   CARP_NHWC=0         bf16 activations in NCHW instead of channels-last
+  CARP_BN_TWO_PASS=1  channels-last BN statistics in two reads of x (sums, then squared
+                      deviations) instead of one read of shifted sums
   CARP_HOST_OPTIM=1   LARS, EMA and BN statistics updates on the host instead of the device
   CARP_STEP_SYNC=1    wait for the NaN verdict mid-step instead of gating updates on the device
   CARP_PHASE_SYNC=1   wait after each phase (per-phase times; carp-bench does unless

@@ -1148,6 +1148,19 @@ void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
     launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps2.data(), (const float*)pq2.data(), mean2.data(), is2.data(), vu2.data(), (i64)R, (i64)1, (int)S, eps);
     check(nm("part_sum vs NCHW"), ps2, dbl(ps), 1e-6); check(nm("part_sq vs NCHW"), pq2, dbl(pq), 1e-6);
     check(nm("mean vs NCHW"), mean2, dbl(mean), 1e-6); check(nm("invstd vs NCHW"), is2, dbl(is), 1e-6); check(nm("var_u vs NCHW"), vu2, dbl(vu), 1e-6);
+    // statistics: NHWC in one pass (shifted sums), against the two-pass NCHW ones and below f64
+    std::vector<float> ps1 = nanv(cs), pq1 = nanv(cs), sh1 = nanv(c), mean1 = nanv(c), is1 = nanv(c), vu1 = nanv(c);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_stats_partial_nhwc), (const T*)xN.data(), ps1.data(), pq1.data(), sh1.data(), (i64)R, c);
+    launch({(unsigned)c}, 32, bn_stats_finalize_shifted_f32, (const float*)ps1.data(), (const float*)pq1.data(), (const float*)sh1.data(), mean1.data(), is1.data(), vu1.data(), (i64)R, (int)S, eps);
+    check(nm("one-pass mean vs NCHW"), mean1, dbl(mean), 1e-6); check(nm("one-pass invstd vs NCHW"), is1, dbl(is), 1e-5); check(nm("one-pass var_u vs NCHW"), vu1, dbl(vu), 1e-5);
+    if constexpr (!std::is_same_v<T, float>) {
+        // the f32 instantiation on the widened values: the same partials and shift bit for bit
+        const auto xw1 = widen(xN);
+        std::vector<float> g1 = nanv(cs), g2 = nanv(cs), g3 = nanv(c);
+        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_stats_partial_nhwc_f32, (const float*)xw1.data(), g1.data(), g2.data(), g3.data(), (i64)R, c);
+        same_f32(nm("one-pass part_sum == f32 kernel's"), ps1.data(), g1.data(), cs); same_f32(nm("one-pass part_sq == f32 kernel's"), pq1.data(), g2.data(), cs);
+        same_f32(nm("one-pass shift == f32 kernel's"), sh1.data(), g3.data(), c);
+    }
     // backward partials, both layouts on the NCHW kernels' statistics
     std::vector<float> pg = nanv(cs), pb = nanv(cs), dg = nanv(c), db = nanv(c), pg2 = nanv(cs), pb2 = nanv(cs), dg2 = nanv(c), db2 = nanv(c);
     launch({(unsigned)c, S}, threads, KT(bn_backward_partial), (const T*)dyT.data(), (const T*)xT.data(), (const float*)mean.data(), (const float*)is.data(), pg.data(), pb.data(), (i64)n, c, (i64)hw);
@@ -1200,6 +1213,7 @@ void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
     }
     if (zeros == 0 || zeros == tot) { printf("FAIL %s: the mask cut %zu of %zu\n", nm("act"), zeros, tot); fails++; }
     check(nm("mean vs f64"), mean2, rm, 1e-5); check(nm("invstd vs f64"), is2, ris, 1e-5); check(nm("var_u vs f64"), vu2, rvu, 1e-5);
+    check(nm("one-pass mean vs f64"), mean1, rm, 1e-5); check(nm("one-pass invstd vs f64"), is1, ris, 1e-5); check(nm("one-pass var_u vs f64"), vu1, rvu, 1e-5);
     check(nm("dgamma vs f64"), dg2, rdg, 1e-5); check(nm("dbeta vs f64"), db2, rdb, 1e-5);
     check(nm("act dgamma vs f64"), adg2, radg, 1e-5); check(nm("act dbeta vs f64"), adb2, radb, 1e-5);
 }
@@ -1393,7 +1407,44 @@ void test_convert_nhwc(int n, int c, int hw, unsigned gz) {
     same_bits(nm("nchw -> nhwc -> nchw (bf16)"), back, xb);
 }
 
+// The one-pass NHWC statistics where E[x^2] - E[x]^2 would fail: a mean far from 0 next to a
+// small spread (f32: 1000 + N(0, 0.01^2), bf16: 50 + N(0, 1): bf16's spacing at 50 is 0.25), a
+// constant channel (variance 0, not negative), against f64 on the stored values.
+template <class T>
+void test_bn_stats_onepass_offset(int n, int c, int hw, unsigned S) {
+    const bool f = std::is_same_v<T, float>;
+    const int R = n * hw;
+    const size_t tot = (size_t)R * c;
+    auto xr = randn(tot, f ? 0.01f : 1.0f);
+    for (size_t i = 0; i < tot; ++i) xr[i] = (i % c == 1) ? 7.0f : xr[i] + (f ? 1000.0f : 50.0f);  // NHWC: channel i % c
+    const auto xN = store<T>(xr);
+    const auto x = widen(xN);
+    std::vector<float> ps = nanv((size_t)c * S), pq = nanv((size_t)c * S), sh = nanv(c), mean = nanv(c), is = nanv(c), vu = nanv(c);
+    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_stats_partial_nhwc), (const T*)xN.data(), ps.data(), pq.data(), sh.data(), (i64)R, c);
+    launch({(unsigned)c}, 32, bn_stats_finalize_shifted_f32, (const float*)ps.data(), (const float*)pq.data(), (const float*)sh.data(), mean.data(), is.data(), vu.data(), (i64)R, (int)S, 1e-12f);
+    std::vector<double> rm(c), rv(c);
+    for (int ci = 0; ci < c; ++ci) {
+        double s1 = 0, s2 = 0;
+        for (int r = 0; r < R; ++r) s1 += x[(size_t)r * c + ci];
+        const double mu = s1 / R;
+        for (int r = 0; r < R; ++r) { const double d = x[(size_t)r * c + ci] - mu; s2 += d * d; }
+        rm[ci] = mu; rv[ci] = s2 / (R - 1);
+    }
+    char tag[96];
+    snprintf(tag, sizeof tag, "bn_stats one-pass offset %s (R=%d,c=%d) S=%u", tname<T>(), R, c, S);
+    std::string t(tag);
+    check((t + " mean").c_str(), mean, rm, 1e-6);
+    // the variance per channel (its scale differs by orders of magnitude from the constant one)
+    for (int ci = 0; ci < c; ++ci) {
+        const double err = std::fabs(vu[ci] - rv[ci]), tol = ci == 1 ? 0.0 : 1e-4 * rv[ci];
+        if (!(err <= tol)) { printf("FAIL %s var channel %d: %g vs %g\n", tag, ci, vu[ci], rv[ci]); fails++; return; }
+    }
+    printf("ok   %s var (constant channel exactly 0, the others within 1e-4 relative)\n", tag);
+}
+
 void test_nhwc_all() {
+    test_bn_stats_onepass_offset<float>(4, 5, 37, 3);
+    test_bn_stats_onepass_offset<bf16>(4, 5, 37, 3);
     // Reductions: C = 3, 33, 64, 100 (one, two and four 32-channel blocks; partial last blocks),
     // odd R (21, 45, 147), S = 1, 3, 7, 20, slices of more than 32 rows (the 4-row unrolled walk),
     // empty trailing slices (R = 9, S = 7). The NCHW reference kernels run C x S blocks: sizes

@@ -112,6 +112,14 @@ fn bn_nhwc_slices(c: usize, r: usize, num_sms: usize) -> usize {
         .clamp(1, 1024)
 }
 
+/// Whether channels-last BN statistics take two passes over x (sums, then squared deviations
+/// from the mean: the NCHW kernels' method) instead of one pass of shifted sums:
+/// `CARP_BN_TWO_PASS=1` (read once), for A/B runs and as a fallback.
+fn bn_two_pass() -> bool {
+    static TWO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TWO.get_or_init(|| std::env::var("CARP_BN_TWO_PASS").is_ok_and(|v| v.trim() == "1"))
+}
+
 /// Max-pool geometry over (n, c, h, w) planes: square window `k`, `stride`, zero-free
 /// padding (padding acts as -inf). ho = (h + 2 pad - k) / stride + 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -523,6 +531,39 @@ impl CudaBackend {
         let (px, pps, ppq) = (x.ptr(), part_sum.ptr(), part_sq.ptr());
         let (pm, pi, pv) = (mean.ptr(), invstd.ptr(), var_unbiased.ptr());
         let (nn, hh, ss) = (i64_of(n), i64_of(hw), s as i32);
+        if nhwc && !bn_two_pass() {
+            // One read of x: shifted sums (kernels/batchnorm.cu bn_stats_partial_nhwc_T), the
+            // shift per channel in a (c,) workspace.
+            let shift = self.alloc_f32(c)?;
+            let (psh, rr) = (shift.ptr(), i64_of(n * hw));
+            launch!(
+                self,
+                &kname("bn_stats_partial_nhwc", dt),
+                rcfg,
+                px,
+                pps,
+                ppq,
+                psh,
+                rr,
+                cc
+            );
+            let fcfg = Self::bn_finalize_cfg(c, s);
+            launch!(
+                self,
+                "bn_stats_finalize_shifted_f32",
+                fcfg,
+                pps,
+                ppq,
+                psh,
+                pm,
+                pi,
+                pv,
+                rr,
+                ss,
+                eps
+            );
+            return Ok(());
+        }
         if nhwc {
             // (R, C) rows of channels, R = n * hw.
             let rr = i64_of(n * hw);
