@@ -20,10 +20,12 @@ def our_kernels(kdir):
 
 
 def kind(name, ours):
-    base = name.split("(")[0].split("<")[0].strip()
+    # With --print-nvtx-rename kernel a name reads "<nvtx range>/<kernel>": classify the kernel.
+    kernel = name.split("(")[0].split("/")[-1]
+    base = kernel.split("<")[0].strip()
     if base in ours:
         return "carp kernels"
-    low = name.lower()
+    low = kernel.lower()
     if any(k in low for k in ("dgrad", "wgrad", "fprop", "conv", "implicit", "xmma", "cudnn", "nchw", "nhwc")):
         return "cuDNN"
     if any(k in low for k in ("gemm", "cublas", "splitk", "sm90_", "cutlass")):
