@@ -1007,7 +1007,11 @@ fn device_state_steps_match_cpu() {
     assert_eq!(gpu.step, cpu.step);
     let (pc, pg) = (&cpu.student.params, &gpu.student.params);
     // Per entry against its own scale, floored by 1e-4 of the largest parameter (a bias
-    // followed by a BN gets a ~0 gradient and stays at rounding noise on both devices).
+    // followed by a BN gets a ~0 gradient and stays at rounding noise on both devices). Its
+    // LARS momentum is that noise accumulated: on an H200 the two devices' head.fc1.bias
+    // momenta differed by 2e-6 of the largest momentum (1e-7 values of opposite signs), so the
+    // momentum floor is 1e-2 of the largest (the entries with real gradients keep their own
+    // scale, or an absolute 2e-5 of the largest below it).
     let pmax = pc.data.iter().fold(0.0f64, |a, &v| a.max(v.abs() as f64));
     for e in &pc.entries {
         check_close(
@@ -1022,7 +1026,7 @@ fn device_state_steps_match_cpu() {
             &gpu.lars.momentum_buf[e.range()],
             &cpu.lars.momentum_buf[e.range()],
             2e-3,
-            1e-3 * cpu
+            1e-2 * cpu
                 .lars
                 .momentum_buf
                 .iter()
