@@ -484,73 +484,167 @@ extern "C" __global__ void bn_running_update_gated_f32(float* running_mean, floa
 // chunk = ceil(R / S): the rows r = n * HW + hw are the NCHW kernels' per-channel indices m, so
 // both layouts reduce the same elements per slice (only the summation order differs).
 //
-// LAUNCH GEOMETRY (the kernels rely on it): grid (ceil(C / 32), S, 1), block (32, 8, 1).
-// threadIdx.x picks the channel c = blockIdx.x * 32 + threadIdx.x (a warp reads 32 consecutive
-// channels of one row: coalesced), threadIdx.y walks the slice's rows r0 + y, r0 + y + 8, ...;
-// the 8 row partials of each channel are combined in shared memory (in y order) and thread
-// y == 0 writes the channel's partial. Threads with c >= C only take part in the barriers.
-#define BN_NHWC_TX 32
-#define BN_NHWC_TY 8
+// LAUNCH GEOMETRY (the kernels rely on it; the host's CudaBackend::bn_nhwc_reduce_cfg and the
+// emulator's nhwc_geom compute it): a thread reduces V consecutive channels, a "group": V = 4
+// when C % 4 == 0 and every activation pointer is aligned4 (bn_nhwc_v4; the host applies the same
+// rule to its buffers), else V = 1. G = C / V groups; block (TX, TY, 1) with TX = min(32, the
+// power of two >= G), TY = 256 / TX; grid (ceil(G / TX), S, 1). threadIdx.x picks the group
+// g = blockIdx.x * TX + threadIdx.x (a warp reads TX consecutive groups in each of 32 / TX rows:
+// contiguous runs of 8-byte bf16 / 16-byte f32 loads), threadIdx.y walks the slice's rows
+// r0 + y, r0 + y + TY, ...; the TY row partials of each channel are combined in shared memory
+// in y order and thread y == 0 writes the group's partials. Threads with g >= G only take part
+// in the barriers. (The first version ran V = 1 on (32, 8) blocks: a warp moved 64 bytes of bf16
+// per load, and the 64-channel tensors, the largest in ResNet50, left half of each block idle.)
+#define BN_NHWC_THREADS 256
 
-// Calls f(offset) for every element of channel c = blockIdx.x * 32 + threadIdx.x in rows
-// [r0, r1), this thread taking rows r0 + threadIdx.y + 8 k. Nothing when c >= C.
-template <class F>
-__device__ __forceinline__ void bn_nhwc_walk(int C, i64 r0, i64 r1, F f) {
-    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
-    if (c >= C) return;
-    const i64 step = (i64)BN_NHWC_TY * C;  // offset between this thread's consecutive rows
-    i64 r = r0 + threadIdx.y;
-    i64 o = r * C + c;
-    // Four rows per iteration, offsets first (several loads in flight, as bn_channel_walk).
-    for (; r + 3 * BN_NHWC_TY < r1; r += 4 * BN_NHWC_TY, o += 4 * step) {
-        f(o);
-        f(o + step);
-        f(o + 2 * step);
-        f(o + 3 * step);
-    }
-    for (; r < r1; r += BN_NHWC_TY, o += step) f(o);
+// Whether a channels-last reduction over C channels takes V = 4: C % 4 == 0 and every pointer
+// that is not null aligned4.
+template <class T>
+__device__ __forceinline__ bool bn_nhwc_v4(int C, const T* a, const T* b = nullptr,
+                                           const T* c = nullptr, const T* d = nullptr) {
+    return (C & 3) == 0 && aligned4(a) && (b == nullptr || aligned4(b)) &&
+           (c == nullptr || aligned4(c)) && (d == nullptr || aligned4(d));
 }
 
-// Sum of v over threadIdx.y (the 8 row walkers of one channel), in y order; every thread of the
-// column gets it (the same bits). Every thread of the block must call it (barriers); the
-// trailing barrier lets the caller call it again right away.
-__device__ __forceinline__ float bn_nhwc_rows_sum(float v) {
-    __shared__ float sh[BN_NHWC_TY][BN_NHWC_TX];
-    sh[threadIdx.y][threadIdx.x] = v;
+// The V channels of one group, as f32.
+template <int V>
+struct Lanes {
+    float v[V];
+};
+// Unit u of p: its V elements V u .. V u + V - 1 (V = 4: one ld4).
+template <int V, class T>
+__device__ __forceinline__ Lanes<V> ldv(const T* __restrict__ p, i64 u) {
+    Lanes<V> r;
+    if constexpr (V == 4) {
+        const float4 q = ld4(p, u);
+        r.v[0] = q.x;
+        r.v[1] = q.y;
+        r.v[2] = q.z;
+        r.v[3] = q.w;
+    } else {
+        r.v[0] = ld(p, u);
+    }
+    return r;
+}
+template <int V, class T>
+__device__ __forceinline__ void stv(T* __restrict__ p, i64 u, const Lanes<V>& a) {
+    if constexpr (V == 4) {
+        float4 q;
+        q.x = a.v[0];
+        q.y = a.v[1];
+        q.z = a.v[2];
+        q.w = a.v[3];
+        st4(p, u, q);
+    } else {
+        st(p, u, a.v[0]);
+    }
+}
+
+// Calls f(u) for every row r in [r0, r1) that this thread walks (r0 + threadIdx.y + TY k), with
+// u = r * G + g the unit index of its group's channels in row r. Nothing when g >= G.
+template <class F>
+__device__ __forceinline__ void bn_nhwc_walk(int G, i64 r0, i64 r1, F f) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= G) return;
+    const i64 TY = blockDim.y;
+    const i64 step = TY * G;  // units between this thread's consecutive rows
+    i64 r = r0 + threadIdx.y;
+    i64 u = r * G + g;
+    // Four rows per iteration, offsets first (several loads in flight, as bn_channel_walk).
+    for (; r + 3 * TY < r1; r += 4 * TY, u += 4 * step) {
+        f(u);
+        f(u + step);
+        f(u + 2 * step);
+        f(u + 3 * step);
+    }
+    for (; r < r1; r += TY, u += step) f(u);
+}
+
+// Per lane, the sum of a over threadIdx.y (the row walkers of one group), in y order; every
+// thread of the column gets it (the same bits). Every thread of the block must call it
+// (barriers); the trailing barrier lets the caller call it again right away.
+template <int V>
+__device__ __forceinline__ Lanes<V> bn_nhwc_rows_sum(const Lanes<V>& a) {
+    __shared__ float sh[BN_NHWC_THREADS * V];
+    const int tx = threadIdx.x, TX = blockDim.x;
+    for (int k = 0; k < V; ++k) sh[(threadIdx.y * TX + tx) * V + k] = a.v[k];
     __syncthreads();
-    float r = 0.0f;
-    for (int j = 0; j < BN_NHWC_TY; ++j) r += sh[j][threadIdx.x];
+    Lanes<V> r;
+    for (int k = 0; k < V; ++k) r.v[k] = 0.0f;
+    for (int j = 0; j < (int)blockDim.y; ++j)
+        for (int k = 0; k < V; ++k) r.v[k] += sh[(j * TX + tx) * V + k];
     __syncthreads();
     return r;
 }
 
-// The NHWC twin of bn_store_partials (a block = 32 channels x 8 row walkers): each column's
-// sums over its walkers, stored at [c * S + slice] with invstd applied. Every thread of the
-// block must call it (bn_nhwc_rows_sum's barriers).
-__device__ __forceinline__ void bn_nhwc_store_partials(float sg, float sb, int c, int C,
+// part[(g V + k) * S + slice] = a.v[k] for the V channels of this thread's group (thread y == 0
+// of a group g < G; S = gridDim.y).
+template <int V>
+__device__ __forceinline__ void bn_nhwc_store(float* __restrict__ part, int G,
+                                              const Lanes<V>& a) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (threadIdx.y != 0 || g >= G) return;
+    for (int k = 0; k < V; ++k) part[(i64)(g * V + k) * gridDim.y + blockIdx.y] = a.v[k];
+}
+
+// The per-lane parameters of this thread's group (v[k] = p[g V + k]), zeros past the end.
+template <int V>
+__device__ __forceinline__ Lanes<V> bn_nhwc_params(const float* __restrict__ p, int G) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    Lanes<V> r;
+    for (int k = 0; k < V; ++k) r.v[k] = g < G ? p[g * V + k] : 0.0f;
+    return r;
+}
+
+// The NHWC twin of bn_store_partials: each channel's sums over its walkers, stored at
+// [c * S + slice] with invstd applied. Every thread of the block must call it (barriers).
+template <int V>
+__device__ __forceinline__ void bn_nhwc_store_partials(Lanes<V> sg, Lanes<V> sb, int G,
                                                        const float* __restrict__ invstd,
                                                        float* __restrict__ part_g,
                                                        float* __restrict__ part_b) {
     sg = bn_nhwc_rows_sum(sg);
     sb = bn_nhwc_rows_sum(sb);
-    if (threadIdx.y == 0 && c < C) {
-        const i64 o = (i64)c * gridDim.y + blockIdx.y;
-        part_g[o] = sg * invstd[c];
-        part_b[o] = sb;
-    }
+    const Lanes<V> is = bn_nhwc_params<V>(invstd, G);
+    for (int k = 0; k < V; ++k) sg.v[k] *= is.v[k];
+    bn_nhwc_store(part_g, G, sg);
+    bn_nhwc_store(part_b, G, sb);
+}
+
+// Calls f(VW<4>{}) when `v4`, else f(VW<1>{}): each kernel below is one body for both widths,
+// whose V is decltype(w)::v.
+template <int W>
+struct VW {
+    static constexpr int v = W;
+};
+template <class F>
+__device__ __forceinline__ void bn_nhwc_dispatch(bool v4, F f) {
+    if (v4)
+        f(VW<4>{});
+    else
+        f(VW<1>{});
 }
 
 // part_sum[c * S + s] = sum of x over slice s of channel c. x: (R, C) NHWC; part_sum: (C, S).
+template <int V, class T>
+__device__ __forceinline__ void bn_sum_partial_nhwc_v(const T* __restrict__ x,
+                                                      float* __restrict__ part_sum, i64 R, int C) {
+    const int G = C / V;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    Lanes<V> acc = {};
+    bn_nhwc_walk(G, r0, r1, [&](i64 u) {
+        const Lanes<V> v = ldv<V>(x, u);
+        for (int k = 0; k < V; ++k) acc.v[k] += v.v[k];
+    });
+    bn_nhwc_store(part_sum, G, bn_nhwc_rows_sum(acc));
+}
 template <class T>
 __device__ __forceinline__ void bn_sum_partial_nhwc(const T* __restrict__ x,
                                                     float* __restrict__ part_sum, i64 R, int C) {
-    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
-    i64 r0, r1;
-    bn_slice(R, &r0, &r1);
-    float acc = 0.0f;
-    bn_nhwc_walk(C, r0, r1, [&](i64 i) { acc += ld(x, i); });
-    acc = bn_nhwc_rows_sum(acc);
-    if (threadIdx.y == 0 && c < C) part_sum[(i64)c * gridDim.y + blockIdx.y] = acc;
+    bn_nhwc_dispatch(bn_nhwc_v4(C, x), [&](auto w) {
+        bn_sum_partial_nhwc_v<decltype(w)::v>(x, part_sum, R, C);
+    });
 }
 extern "C" __global__ void bn_sum_partial_nhwc_f32(const float* __restrict__ x,
                                                    float* __restrict__ part_sum, i64 R, int C) {
@@ -562,27 +656,40 @@ extern "C" __global__ void bn_sum_partial_nhwc_bf16(const bf16* __restrict__ x,
 }
 
 // part_sq[c * S + s] = sum of (x - mean_c)^2 over slice s of channel c, mean_c = (sum over s of
-// part_sum[c * S + s]) / R (the S partials split over the 8 row threads, then combined: S can be
+// part_sum[c * S + s]) / R (the S partials split over the TY row threads, then combined: S can be
 // hundreds when C is small). x: (R, C) NHWC; part_sum, part_sq: (C, S).
+template <int V, class T>
+__device__ __forceinline__ void bn_sqdev_partial_nhwc_v(const T* __restrict__ x,
+                                                        const float* __restrict__ part_sum,
+                                                        float* __restrict__ part_sq, i64 R,
+                                                        int C) {
+    const int G = C / V, g = blockIdx.x * blockDim.x + threadIdx.x;
+    const int S = gridDim.y;
+    Lanes<V> mu = {};
+    if (g < G)
+        for (int j = threadIdx.y; j < S; j += blockDim.y)
+            for (int k = 0; k < V; ++k) mu.v[k] += part_sum[(i64)(g * V + k) * S + j];
+    mu = bn_nhwc_rows_sum(mu);
+    for (int k = 0; k < V; ++k) mu.v[k] /= (float)R;
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    Lanes<V> acc = {};
+    bn_nhwc_walk(G, r0, r1, [&](i64 u) {
+        const Lanes<V> v = ldv<V>(x, u);
+        for (int k = 0; k < V; ++k) {
+            const float d = v.v[k] - mu.v[k];
+            acc.v[k] += d * d;
+        }
+    });
+    bn_nhwc_store(part_sq, G, bn_nhwc_rows_sum(acc));
+}
 template <class T>
 __device__ __forceinline__ void bn_sqdev_partial_nhwc(const T* __restrict__ x,
                                                       const float* __restrict__ part_sum,
                                                       float* __restrict__ part_sq, i64 R, int C) {
-    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
-    const int S = gridDim.y;
-    float s = 0.0f;
-    if (c < C)
-        for (int j = threadIdx.y; j < S; j += BN_NHWC_TY) s += part_sum[(i64)c * S + j];
-    const float mu = bn_nhwc_rows_sum(s) / (float)R;
-    i64 r0, r1;
-    bn_slice(R, &r0, &r1);
-    float acc = 0.0f;
-    bn_nhwc_walk(C, r0, r1, [&](i64 i) {
-        const float d = ld(x, i) - mu;
-        acc += d * d;
+    bn_nhwc_dispatch(bn_nhwc_v4(C, x), [&](auto w) {
+        bn_sqdev_partial_nhwc_v<decltype(w)::v>(x, part_sum, part_sq, R, C);
     });
-    acc = bn_nhwc_rows_sum(acc);
-    if (threadIdx.y == 0 && c < C) part_sq[(i64)c * S + blockIdx.y] = acc;
 }
 extern "C" __global__ void bn_sqdev_partial_nhwc_f32(const float* __restrict__ x,
                                                      const float* __restrict__ part_sum,
@@ -602,30 +709,39 @@ extern "C" __global__ void bn_sqdev_partial_nhwc_bf16(const bf16* __restrict__ x
 // = sum of (x - k_c)^2 over slice s, and shift[c] = k_c (written by slice 0). The variance is
 // then E[(x - k)^2] - (E[x - k])^2 (bn_stats_finalize_shifted_f32): the cancellation that makes
 // E[x^2] - E[x]^2 unusable is bounded by (mean - k)^2 / var, a small factor, not by mean^2 / var.
-// Same geometry as bn_sum_partial_nhwc_T. x: (R, C) NHWC; part_sum, part_sq: (C, S); shift: (C,).
+// x: (R, C) NHWC; part_sum, part_sq: (C, S); shift: (C,).
+template <int V, class T>
+__device__ __forceinline__ void bn_stats_partial_nhwc_v(const T* __restrict__ x,
+                                                        float* __restrict__ part_sum,
+                                                        float* __restrict__ part_sq,
+                                                        float* __restrict__ shift, i64 R, int C) {
+    const int G = C / V, g = blockIdx.x * blockDim.x + threadIdx.x;
+    Lanes<V> k = {};
+    if (g < G && R > 0) k = ldv<V>(x, g);  // row 0's unit of this group
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    Lanes<V> s1 = {}, s2 = {};
+    bn_nhwc_walk(G, r0, r1, [&](i64 u) {
+        const Lanes<V> v = ldv<V>(x, u);
+        for (int j = 0; j < V; ++j) {
+            const float d = v.v[j] - k.v[j];
+            s1.v[j] += d;
+            s2.v[j] += d * d;
+        }
+    });
+    bn_nhwc_store(part_sum, G, bn_nhwc_rows_sum(s1));
+    bn_nhwc_store(part_sq, G, bn_nhwc_rows_sum(s2));
+    if (blockIdx.y == 0 && threadIdx.y == 0 && g < G)
+        for (int j = 0; j < V; ++j) shift[g * V + j] = k.v[j];
+}
 template <class T>
 __device__ __forceinline__ void bn_stats_partial_nhwc(const T* __restrict__ x,
                                                       float* __restrict__ part_sum,
                                                       float* __restrict__ part_sq,
                                                       float* __restrict__ shift, i64 R, int C) {
-    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
-    const float k = c < C && R > 0 ? ld(x, c) : 0.0f;
-    i64 r0, r1;
-    bn_slice(R, &r0, &r1);
-    float s1 = 0.0f, s2 = 0.0f;
-    bn_nhwc_walk(C, r0, r1, [&](i64 i) {
-        const float d = ld(x, i) - k;
-        s1 += d;
-        s2 += d * d;
+    bn_nhwc_dispatch(bn_nhwc_v4(C, x), [&](auto w) {
+        bn_stats_partial_nhwc_v<decltype(w)::v>(x, part_sum, part_sq, shift, R, C);
     });
-    s1 = bn_nhwc_rows_sum(s1);
-    s2 = bn_nhwc_rows_sum(s2);
-    if (threadIdx.y == 0 && c < C) {
-        const i64 o = (i64)c * gridDim.y + blockIdx.y;
-        part_sum[o] = s1;
-        part_sq[o] = s2;
-        if (blockIdx.y == 0) shift[c] = k;
-    }
 }
 extern "C" __global__ void bn_stats_partial_nhwc_f32(const float* __restrict__ x,
                                                      float* __restrict__ part_sum,
@@ -664,22 +780,33 @@ extern "C" __global__ void bn_stats_finalize_shifted_f32(const float* part_sum,
 // Parameter-gradient partials (bn_backward_partial_T's, NHWC): part_g = invstd[c] * sum of
 // dy * (x - mean[c]), part_b = sum of dy over slice s of channel c. dy, x: (R, C) NHWC; mean,
 // invstd: (C,); part_g, part_b: (C, S).
+template <int V, class T>
+__device__ __forceinline__ void bn_backward_partial_nhwc_v(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
+    i64 R, int C) {
+    const int G = C / V;
+    const Lanes<V> mu = bn_nhwc_params<V>(mean, G);
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    Lanes<V> sg = {}, sb = {};
+    bn_nhwc_walk(G, r0, r1, [&](i64 u) {
+        const Lanes<V> g = ldv<V>(dy, u), v = ldv<V>(x, u);
+        for (int k = 0; k < V; ++k) {
+            sb.v[k] += g.v[k];
+            sg.v[k] += g.v[k] * (v.v[k] - mu.v[k]);
+        }
+    });
+    bn_nhwc_store_partials(sg, sb, G, invstd, part_g, part_b);
+}
 template <class T>
 __device__ __forceinline__ void bn_backward_partial_nhwc(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ invstd, float* __restrict__ part_g, float* __restrict__ part_b,
     i64 R, int C) {
-    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
-    const float mu = c < C ? mean[c] : 0.0f;
-    i64 r0, r1;
-    bn_slice(R, &r0, &r1);
-    float sg = 0.0f, sb = 0.0f;
-    bn_nhwc_walk(C, r0, r1, [&](i64 i) {
-        const float g = ld(dy, i);
-        sb += g;
-        sg += g * (ld(x, i) - mu);
+    bn_nhwc_dispatch(bn_nhwc_v4(C, dy, x), [&](auto w) {
+        bn_backward_partial_nhwc_v<decltype(w)::v>(dy, x, mean, invstd, part_g, part_b, R, C);
     });
-    bn_nhwc_store_partials(sg, sb, c, C, invstd, part_g, part_b);
 }
 extern "C" __global__ void bn_backward_partial_nhwc_f32(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,

@@ -247,36 +247,48 @@ extern "C" __global__ void bn_act_backward_dx_bf16(
 }
 
 // NHWC (channels-last; batchnorm.cu "NHWC"): bn_act_backward_partial_T's partials and dmasked
-// for (R, C) NHWC tensors dy, y, x, dmasked, on batchnorm.cu's NHWC geometry: grid
-// (ceil(C / 32), S, 1), block (32, 8, 1). part_g, part_b: (C, S), combined by
-// bn_backward_finalize_f32. The slices partition the rows and each (row, channel < C) belongs to
+// for (R, C) NHWC tensors dy, y, x, dmasked, on batchnorm.cu's NHWC geometry (V channels per
+// thread, blocks of TX x TY threads: its "LAUNCH GEOMETRY"). part_g, part_b: (C, S), combined by
+// bn_backward_finalize_f32. The slices partition the rows and each (row, group < G) belongs to
 // one thread, so every element of dmasked (when not null) is written exactly once. The forward
 // and dx passes are bn_act_forward_T / bn_act_backward_dx_T with (N = R, C, HW = 1).
+template <int V, class T>
+__device__ __forceinline__ void bn_act_backward_partial_nhwc_v(
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
+    float* __restrict__ part_b, T* __restrict__ dmasked, i64 R, int C) {
+    const int G = C / V;
+    const Lanes<V> mu = bn_nhwc_params<V>(mean, G);
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    Lanes<V> sg = {}, sb = {};
+    // The masked gradient of unit u, accumulated; dy loaded whatever y holds (see
+    // bn_act_backward_partial_T).
+    auto step = [&](i64 u) {
+        Lanes<V> g = ldv<V>(dy, u);
+        const Lanes<V> o = ldv<V>(y, u), v = ldv<V>(x, u);
+        for (int k = 0; k < V; ++k) {
+            g.v[k] = o.v[k] > 0.0f ? g.v[k] : 0.0f;
+            sb.v[k] += g.v[k];
+            sg.v[k] += g.v[k] * (v.v[k] - mu.v[k]);
+        }
+        return g;
+    };
+    if (dmasked != nullptr)
+        bn_nhwc_walk(G, r0, r1, [&](i64 u) { stv<V>(dmasked, u, step(u)); });
+    else
+        bn_nhwc_walk(G, r0, r1, [&](i64 u) { step(u); });
+    bn_nhwc_store_partials(sg, sb, G, invstd, part_g, part_b);
+}
 template <class T>
 __device__ __forceinline__ void bn_act_backward_partial_nhwc(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ part_g,
     float* __restrict__ part_b, T* __restrict__ dmasked, i64 R, int C) {
-    const int c = blockIdx.x * BN_NHWC_TX + threadIdx.x;
-    const float mu = c < C ? mean[c] : 0.0f;
-    i64 r0, r1;
-    bn_slice(R, &r0, &r1);
-    float sg = 0.0f, sb = 0.0f;
-    if (dmasked != nullptr) {
-        bn_nhwc_walk(C, r0, r1, [&](i64 i) {
-            const float d = ld(dy, i), g = ld(y, i) > 0.0f ? d : 0.0f;
-            st(dmasked, i, g);
-            sb += g;
-            sg += g * (ld(x, i) - mu);
-        });
-    } else {
-        bn_nhwc_walk(C, r0, r1, [&](i64 i) {
-            const float d = ld(dy, i), g = ld(y, i) > 0.0f ? d : 0.0f;
-            sb += g;
-            sg += g * (ld(x, i) - mu);
-        });
-    }
-    bn_nhwc_store_partials(sg, sb, c, C, invstd, part_g, part_b);
+    bn_nhwc_dispatch(bn_nhwc_v4(C, dy, y, x, (const T*)dmasked), [&](auto w) {
+        bn_act_backward_partial_nhwc_v<decltype(w)::v>(dy, y, x, mean, invstd, part_g, part_b,
+                                                       dmasked, R, C);
+    });
 }
 extern "C" __global__ void bn_act_backward_partial_nhwc_f32(
     const float* __restrict__ dy, const float* __restrict__ y, const float* __restrict__ x,

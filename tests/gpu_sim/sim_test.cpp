@@ -1116,8 +1116,14 @@ void same_bits(const char* name, const std::vector<T>& got, const std::vector<T>
     else printf("ok   %s: %zu bit-identical\n", name, want.size());
 }
 std::vector<double> dbl(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
-dim3s nhwc_grid(int C, unsigned S) { return {(unsigned)((C + 31) / 32), S, 1}; }
-const dim3s NHWC_BLOCK = {32, 8, 1};
+// The host's channels-last reduction geometry (src/device/cuda/ops.rs bn_nhwc_reduce_cfg): G
+// groups of 4 channels when C % 4 == 0 (the test buffers are aligned), else of 1; blocks of
+// (tx, 256 / tx) with tx = min(32, G rounded up to a power of two); (ceil(G / tx), S) blocks.
+int nhwc_groups(int C) { return C % 4 == 0 ? C / 4 : C; }
+unsigned nhwc_tx(int C) { unsigned t = 1; while (t < (unsigned)nhwc_groups(C) && t < 32) t <<= 1; return t; }
+dim3s nhwc_grid(int C, unsigned S) { return {(nhwc_groups(C) + nhwc_tx(C) - 1) / nhwc_tx(C), S, 1}; }
+dim3s nhwc_block(int C) { return {nhwc_tx(C), 256 / nhwc_tx(C), 1}; }
+const dim3s NHWC_BLOCK = {32, 8, 1};  // the layout transposes' block (kernels/elementwise.cu)
 
 // The NHWC per-channel reductions (statistics, BN backward, fused BN + ReLU backward) against the
 // NCHW kernels on the same values, then f64. R = n * hw rows, S slices, NCHW blocks of `threads`.
@@ -1143,28 +1149,28 @@ void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
     launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps.data(), (const float*)pq.data(), mean.data(), is.data(), vu.data(), (i64)n, (i64)hw, (int)S, eps);
     // statistics: NHWC, finalized as (N = R, HW = 1)
     std::vector<float> ps2 = nanv(cs), pq2 = nanv(cs), mean2 = nanv(c), is2 = nanv(c), vu2 = nanv(c);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_sum_partial_nhwc), (const T*)xN.data(), ps2.data(), (i64)R, c);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_sqdev_partial_nhwc), (const T*)xN.data(), (const float*)ps2.data(), pq2.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_sum_partial_nhwc), (const T*)xN.data(), ps2.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_sqdev_partial_nhwc), (const T*)xN.data(), (const float*)ps2.data(), pq2.data(), (i64)R, c);
     launch({(unsigned)c}, 32, bn_stats_finalize_f32, (const float*)ps2.data(), (const float*)pq2.data(), mean2.data(), is2.data(), vu2.data(), (i64)R, (i64)1, (int)S, eps);
     check(nm("part_sum vs NCHW"), ps2, dbl(ps), 1e-6); check(nm("part_sq vs NCHW"), pq2, dbl(pq), 1e-6);
     check(nm("mean vs NCHW"), mean2, dbl(mean), 1e-6); check(nm("invstd vs NCHW"), is2, dbl(is), 1e-6); check(nm("var_u vs NCHW"), vu2, dbl(vu), 1e-6);
     // statistics: NHWC in one pass (shifted sums), against the two-pass NCHW ones and below f64
     std::vector<float> ps1 = nanv(cs), pq1 = nanv(cs), sh1 = nanv(c), mean1 = nanv(c), is1 = nanv(c), vu1 = nanv(c);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_stats_partial_nhwc), (const T*)xN.data(), ps1.data(), pq1.data(), sh1.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_stats_partial_nhwc), (const T*)xN.data(), ps1.data(), pq1.data(), sh1.data(), (i64)R, c);
     launch({(unsigned)c}, 32, bn_stats_finalize_shifted_f32, (const float*)ps1.data(), (const float*)pq1.data(), (const float*)sh1.data(), mean1.data(), is1.data(), vu1.data(), (i64)R, (int)S, eps);
     check(nm("one-pass mean vs NCHW"), mean1, dbl(mean), 1e-6); check(nm("one-pass invstd vs NCHW"), is1, dbl(is), 1e-5); check(nm("one-pass var_u vs NCHW"), vu1, dbl(vu), 1e-5);
     if constexpr (!std::is_same_v<T, float>) {
         // the f32 instantiation on the widened values: the same partials and shift bit for bit
         const auto xw1 = widen(xN);
         std::vector<float> g1 = nanv(cs), g2 = nanv(cs), g3 = nanv(c);
-        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_stats_partial_nhwc_f32, (const float*)xw1.data(), g1.data(), g2.data(), g3.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), nhwc_block(c), bn_stats_partial_nhwc_f32, (const float*)xw1.data(), g1.data(), g2.data(), g3.data(), (i64)R, c);
         same_f32(nm("one-pass part_sum == f32 kernel's"), ps1.data(), g1.data(), cs); same_f32(nm("one-pass part_sq == f32 kernel's"), pq1.data(), g2.data(), cs);
         same_f32(nm("one-pass shift == f32 kernel's"), sh1.data(), g3.data(), c);
     }
     // backward partials, both layouts on the NCHW kernels' statistics
     std::vector<float> pg = nanv(cs), pb = nanv(cs), dg = nanv(c), db = nanv(c), pg2 = nanv(cs), pb2 = nanv(cs), dg2 = nanv(c), db2 = nanv(c);
     launch({(unsigned)c, S}, threads, KT(bn_backward_partial), (const T*)dyT.data(), (const T*)xT.data(), (const float*)mean.data(), (const float*)is.data(), pg.data(), pb.data(), (i64)n, c, (i64)hw);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_backward_partial_nhwc), (const T*)dyN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), pg2.data(), pb2.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_backward_partial_nhwc), (const T*)dyN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), pg2.data(), pb2.data(), (i64)R, c);
     launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
     launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg2.data(), (const float*)pb2.data(), dg2.data(), db2.data(), (int)S);
     check(nm("part_g vs NCHW"), pg2, dbl(pg), 1e-6); check(nm("part_b vs NCHW"), pb2, dbl(pb), 1e-6);
@@ -1173,8 +1179,8 @@ void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
     std::vector<float> ag = nanv(cs), ab = nanv(cs), ag2 = nanv(cs), ab2 = nanv(cs), ag3 = nanv(cs), ab3 = nanv(cs), adg2 = nanv(c), adb2 = nanv(c);
     auto dm = nant<T>(tot), dmN = nant<T>(tot);
     launch({(unsigned)c, S}, threads, KT(bn_act_backward_partial), (const T*)dyT.data(), (const T*)yT.data(), (const T*)xT.data(), (const float*)mean.data(), (const float*)is.data(), ag.data(), ab.data(), dm.data(), (i64)n, c, (i64)hw);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_act_backward_partial_nhwc), (const T*)dyN.data(), (const T*)yN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), ag2.data(), ab2.data(), dmN.data(), (i64)R, c);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_act_backward_partial_nhwc), (const T*)dyN.data(), (const T*)yN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), ag3.data(), ab3.data(), (T*)nullptr, (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_act_backward_partial_nhwc), (const T*)dyN.data(), (const T*)yN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), ag2.data(), ab2.data(), dmN.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_act_backward_partial_nhwc), (const T*)dyN.data(), (const T*)yN.data(), (const T*)xN.data(), (const float*)mean.data(), (const float*)is.data(), ag3.data(), ab3.data(), (T*)nullptr, (i64)R, c);
     launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)ag2.data(), (const float*)ab2.data(), adg2.data(), adb2.data(), (int)S);
     check(nm("act part_g vs NCHW"), ag2, dbl(ag), 1e-6); check(nm("act part_b vs NCHW"), ab2, dbl(ab), 1e-6);
     same_bits(nm("act dmasked == NCHW's transposed"), to_nchw(dmN, n, c, hw), dm);
@@ -1184,10 +1190,10 @@ void test_bn_nhwc(int n, int c, int hw, unsigned S, unsigned threads = 32) {
         // the f32 instantiation on the widened NHWC values: the same partials bit for bit
         const auto xw = widen(xN), dyw = widen(dyN), yw = widen(yN);
         std::vector<float> f1 = nanv(cs), f2 = nanv(cs), f3 = nanv(cs), f4 = nanv(cs), f5 = nanv(cs), f6 = nanv(cs);
-        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_sum_partial_nhwc_f32, (const float*)xw.data(), f1.data(), (i64)R, c);
-        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_sqdev_partial_nhwc_f32, (const float*)xw.data(), (const float*)ps2.data(), f2.data(), (i64)R, c);
-        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_backward_partial_nhwc_f32, (const float*)dyw.data(), (const float*)xw.data(), (const float*)mean.data(), (const float*)is.data(), f3.data(), f4.data(), (i64)R, c);
-        launch(nhwc_grid(c, S), NHWC_BLOCK, bn_act_backward_partial_nhwc_f32, (const float*)dyw.data(), (const float*)yw.data(), (const float*)xw.data(), (const float*)mean.data(), (const float*)is.data(), f5.data(), f6.data(), (float*)nullptr, (i64)R, c);
+        launch(nhwc_grid(c, S), nhwc_block(c), bn_sum_partial_nhwc_f32, (const float*)xw.data(), f1.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), nhwc_block(c), bn_sqdev_partial_nhwc_f32, (const float*)xw.data(), (const float*)ps2.data(), f2.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), nhwc_block(c), bn_backward_partial_nhwc_f32, (const float*)dyw.data(), (const float*)xw.data(), (const float*)mean.data(), (const float*)is.data(), f3.data(), f4.data(), (i64)R, c);
+        launch(nhwc_grid(c, S), nhwc_block(c), bn_act_backward_partial_nhwc_f32, (const float*)dyw.data(), (const float*)yw.data(), (const float*)xw.data(), (const float*)mean.data(), (const float*)is.data(), f5.data(), f6.data(), (float*)nullptr, (i64)R, c);
         same_f32(nm("part_sum == f32 kernel's"), ps2.data(), f1.data(), cs); same_f32(nm("part_sq == f32 kernel's"), pq2.data(), f2.data(), cs);
         same_f32(nm("part_g == f32 kernel's"), pg2.data(), f3.data(), cs); same_f32(nm("part_b == f32 kernel's"), pb2.data(), f4.data(), cs);
         same_f32(nm("act part_g == f32 kernel's"), ag2.data(), f5.data(), cs); same_f32(nm("act part_b == f32 kernel's"), ab2.data(), f6.data(), cs);
@@ -1420,7 +1426,7 @@ void test_bn_stats_onepass_offset(int n, int c, int hw, unsigned S) {
     const auto xN = store<T>(xr);
     const auto x = widen(xN);
     std::vector<float> ps = nanv((size_t)c * S), pq = nanv((size_t)c * S), sh = nanv(c), mean = nanv(c), is = nanv(c), vu = nanv(c);
-    launch(nhwc_grid(c, S), NHWC_BLOCK, KT(bn_stats_partial_nhwc), (const T*)xN.data(), ps.data(), pq.data(), sh.data(), (i64)R, c);
+    launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_stats_partial_nhwc), (const T*)xN.data(), ps.data(), pq.data(), sh.data(), (i64)R, c);
     launch({(unsigned)c}, 32, bn_stats_finalize_shifted_f32, (const float*)ps.data(), (const float*)pq.data(), (const float*)sh.data(), mean.data(), is.data(), vu.data(), (i64)R, (int)S, 1e-12f);
     std::vector<double> rm(c), rv(c);
     for (int ci = 0; ci < c; ++ci) {
@@ -1445,7 +1451,10 @@ void test_bn_stats_onepass_offset(int n, int c, int hw, unsigned S) {
 void test_nhwc_all() {
     test_bn_stats_onepass_offset<float>(4, 5, 37, 3);
     test_bn_stats_onepass_offset<bf16>(4, 5, 37, 3);
-    // Reductions: C = 3, 33, 64, 100 (one, two and four 32-channel blocks; partial last blocks),
+    test_bn_stats_onepass_offset<float>(4, 8, 37, 3);  // 4 channels per thread
+    test_bn_stats_onepass_offset<bf16>(4, 8, 37, 3);
+    // Reductions: C = 3, 5, 33 (one channel per thread: 4 x 64, 8 x 32 and 32 x 8 blocks), 64 and
+    // 100 (4 channels per thread: 16 x 16 and 32 x 8 blocks; a partial last block),
     // odd R (21, 45, 147), S = 1, 3, 7, 20, slices of more than 32 rows (the 4-row unrolled walk),
     // empty trailing slices (R = 9, S = 7). The NCHW reference kernels run C x S blocks: sizes
     // are kept small for the emulator's time.
@@ -1459,6 +1468,9 @@ void test_nhwc_all() {
         run(1, 33, 9, 7);
         run(2, 5, 36, 7);
         run(3, 33, 49, 20);  // S > 8: the mean's partials split over the row threads
+        // 4 channels per thread with the 4-row unrolled walk (16 x 16 and 32 x 8 blocks)
+        run(4, 64, 49, 2);
+        run(3, 100, 36, 1);
     }
     // Elementwise BN as (R, C, 1): odd C and C % 4 == 0 (the 4-channel path aligned; the
     // one-element path at offn 1, 2), NCHW hw % 4 == 0 (its 4-wide path) and not; a grid-stride

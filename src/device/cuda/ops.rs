@@ -11,10 +11,6 @@ use crate::tensor::{DType, Layout};
 /// Threads per block for the elementwise (grid-stride) kernels.
 const THREADS: u32 = 256;
 
-/// Block of the channels-last BN reductions: 32 channels (threadIdx.x) x 8 rows (threadIdx.y);
-/// kernels/batchnorm.cu's `*_nhwc_*` reductions are written for exactly this shape.
-const NHWC_BLOCK: (u32, u32, u32) = (32, 8, 1);
-
 /// An f32 (or int32) buffer of at least `n` elements: the kernels without a bf16 variant.
 fn need(op: &str, name: &str, buf: &DeviceBuffer, n: usize) -> Result<()> {
     need_dt(op, name, buf, n, DType::F32)
@@ -102,14 +98,29 @@ fn bn_rows(layout: Layout, n: usize, hw: usize) -> (usize, usize) {
     }
 }
 
-/// Row slices for the channels-last BN reductions over `r` rows of `c` channels (blocks of 32
-/// channels, `CudaBackend::bn_nhwc_reduce_cfg`): enough that the ceil(c / 32) * s blocks reach
-/// 8 per SM, none shorter than 256 rows, in [1, 1024].
-fn bn_nhwc_slices(c: usize, r: usize, num_sms: usize) -> usize {
+/// Row slices for the channels-last BN reductions over `r` rows, with `col_blocks` blocks across
+/// the channels (`CudaBackend::bn_nhwc_reduce_cfg`): enough that col_blocks * s reaches 8 blocks
+/// per SM, none shorter than 256 rows, in [1, 1024].
+fn bn_nhwc_slices(col_blocks: usize, r: usize, num_sms: usize) -> usize {
     (8 * num_sms)
-        .div_ceil(c.div_ceil(32).max(1))
+        .div_ceil(col_blocks.max(1))
         .min(r.div_ceil(256))
         .clamp(1, 1024)
+}
+
+/// Whether the channels-last reductions take 4 channels per thread (kernels/batchnorm.cu
+/// `bn_nhwc_v4`, the same rule): c % 4 == 0 and every activation pointer (0: absent) aligned to
+/// 4 elements of `dt`. The grid depends on it, so host and kernel must agree.
+fn nhwc_v4(c: usize, dt: DType, ptrs: &[u64]) -> bool {
+    let align = 4 * dt.size() as u64;
+    c.is_multiple_of(4) && ptrs.iter().all(|&p| p % align == 0)
+}
+
+/// The channels-last reduction block for `g` channel groups (kernels/batchnorm.cu "LAUNCH
+/// GEOMETRY"): (tx, ty) with tx = min(32, g rounded up to a power of two), tx * ty = 256.
+fn bn_nhwc_block(g: usize) -> (u32, u32) {
+    let tx = g.max(1).next_power_of_two().min(32) as u32;
+    (tx, 256 / tx)
 }
 
 /// Whether channels-last BN statistics take two passes over x (sums, then squared deviations
@@ -451,27 +462,37 @@ impl CudaBackend {
         (cfg, s as u32)
     }
 
-    /// Grid for the channels-last partial reductions over `r` rows of `c` channels: blocks of
-    /// 32 channels x NHWC_ROWS rows (`NHWC_BLOCK`), s row slices so that the blocks reach ~8
-    /// per SM, no slice shorter than 256 rows. The partials have the NCHW kernels' (c, s)
-    /// layout, combined by the same finalize kernels. Returns (config, s).
-    fn bn_nhwc_reduce_cfg(&self, c: usize, r: usize) -> (LaunchConfig, u32) {
-        let cb = c.div_ceil(32).max(1);
-        let s = bn_nhwc_slices(c, r, self.num_sms as usize);
+    /// Grid for the channels-last partial reductions over `r` rows of `c` channels, `v4`
+    /// (`nhwc_v4`) channels per thread in groups of 4: blocks of (tx, ty) = `bn_nhwc_block`
+    /// threads, tx channel groups by ty row walkers, s row slices so that the blocks reach ~8 per
+    /// SM, no slice shorter than 256 rows. The partials have the NCHW kernels' (c, s) layout,
+    /// combined by the same finalize kernels. Returns (config, s).
+    fn bn_nhwc_reduce_cfg(&self, c: usize, r: usize, v4: bool) -> (LaunchConfig, u32) {
+        let groups = if v4 { c / 4 } else { c };
+        let (tx, ty) = bn_nhwc_block(groups);
+        let cb = groups.div_ceil(tx as usize).max(1);
+        let s = bn_nhwc_slices(cb, r, self.num_sms as usize);
         let cfg = LaunchConfig {
             grid_dim: (cb as u32, s as u32, 1),
-            block_dim: NHWC_BLOCK,
+            block_dim: (tx, ty, 1),
             shared_mem_bytes: 0,
         };
         (cfg, s as u32)
     }
 
     /// The per-channel partial-reduction grid for x's `layout` over `m` = n * hw elements per
-    /// channel (`bn_reduce_cfg` or `bn_nhwc_reduce_cfg`). Returns (config, s).
-    fn bn_reduce_cfg_for(&self, layout: Layout, c: usize, m: usize) -> (LaunchConfig, u32) {
+    /// channel (`bn_reduce_cfg` or `bn_nhwc_reduce_cfg`; `v4` only matters for NHWC). Returns
+    /// (config, s).
+    fn bn_reduce_cfg_for(
+        &self,
+        layout: Layout,
+        c: usize,
+        m: usize,
+        v4: bool,
+    ) -> (LaunchConfig, u32) {
         match layout {
             Layout::Nchw => self.bn_reduce_cfg(c, m),
-            Layout::Nhwc => self.bn_nhwc_reduce_cfg(c, m),
+            Layout::Nhwc => self.bn_nhwc_reduce_cfg(c, m, v4),
         }
     }
 
@@ -524,7 +545,8 @@ impl CudaBackend {
         }
         let cc = i32_of(op, c)?;
         let nhwc = x.layout() == Layout::Nhwc;
-        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw);
+        let v4 = nhwc_v4(c, dt, &[x.ptr()]);
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw, v4);
         // (c, s) workspaces: per-block partial sums, then partial squared deviations.
         let part_sum = self.alloc_f32(c * s as usize)?;
         let part_sq = self.alloc_f32(c * s as usize)?;
@@ -754,7 +776,8 @@ impl CudaBackend {
         need_layout(op, &[("dy", dy), ("dx", dx)], x.layout())?;
         let (pdy, px, pm, pi, pg) = (dy.ptr(), x.ptr(), mean.ptr(), invstd.ptr(), gamma.ptr());
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
-        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw);
+        let v4 = nhwc_v4(c, dt, &[pdy, px]);
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw, v4);
         let (n, hw) = bn_rows(x.layout(), n, hw);
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         // (c, s) workspaces: per-block partials of sum dy * xhat and sum dy.
@@ -1915,7 +1938,8 @@ impl CudaBackend {
         let (pdx, pdg, pdb) = (dx.ptr(), dgamma.ptr(), dbeta.ptr());
         let pdr = dresidual.map_or(0, |r| r.ptr());
         let nhwc = x.layout() == Layout::Nhwc;
-        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw);
+        let v4 = nhwc_v4(c, dt, &[pdy, py, px, pdr]);
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw, v4);
         let (n, hw) = bn_rows(x.layout(), n, hw);
         let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
         // (c, s) workspaces: per-block partials of sum dy' * xhat and sum dy'.
@@ -1996,21 +2020,36 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{bn_nhwc_slices, bn_slices};
+    use super::{bn_nhwc_block, bn_nhwc_slices, bn_slices, nhwc_v4};
 
     #[test]
     fn bn_nhwc_slices_fill_the_gpu_without_tiny_slices() {
-        // ResNet50 at 512 images on a 132-SM H200, channels-last: the stem BN (64 channels =
-        // 2 column blocks of 512 * 112^2 rows) gets 528 slices (1056 blocks of ~12k rows),
-        // layer4 (2048 channels = 64 column blocks of 512 * 7^2 rows) 17, the head's (n, c)
-        // BN (4096 channels, 512 rows) 2 (no slice under 256 rows).
-        assert_eq!(bn_nhwc_slices(64, 512 * 112 * 112, 132), 528);
-        assert_eq!(bn_nhwc_slices(2048, 512 * 49, 132), 17);
-        assert!(64 * bn_nhwc_slices(2048, 512 * 49, 132) >= 8 * 132);
-        assert_eq!(bn_nhwc_slices(4096, 512, 132), 2);
-        assert_eq!(bn_nhwc_slices(3, 10, 132), 1);
+        // ResNet50 at 512 images on a 132-SM H200, channels-last, 4 channels per thread: the
+        // stem BN (64 channels = 16 groups: one 16 x 16 block across the channels, 512 * 112^2
+        // rows) gets 1024 slices (the cap; ~6.3k rows each), layer4 (2048 channels = 512
+        // groups: 16 blocks of 32 x 8, 512 * 7^2 rows) 66 (1056 blocks), the head's (n, c) BN
+        // (4096 channels = 32 blocks, 512 rows) 2 (no slice under 256 rows).
+        assert_eq!(bn_nhwc_block(16), (16, 16));
+        assert_eq!(bn_nhwc_block(512), (32, 8));
+        assert_eq!(bn_nhwc_block(3), (4, 64));
+        assert_eq!(bn_nhwc_block(0), (1, 256));
+        assert_eq!(bn_nhwc_slices(1, 512 * 112 * 112, 132), 1024);
+        assert_eq!(bn_nhwc_slices(16, 512 * 49, 132), 66);
+        assert!(16 * bn_nhwc_slices(16, 512 * 49, 132) >= 8 * 132);
+        assert_eq!(bn_nhwc_slices(32, 512, 132), 2);
+        assert_eq!(bn_nhwc_slices(1, 10, 132), 1);
         assert_eq!(bn_nhwc_slices(0, 0, 132), 1);
         assert_eq!(bn_nhwc_slices(1, usize::MAX / 2, 100_000), 1024);
+    }
+
+    #[test]
+    fn nhwc_v4_needs_four_channels_and_aligned_pointers() {
+        use crate::tensor::DType;
+        assert!(nhwc_v4(64, DType::Bf16, &[256, 8, 0]));
+        assert!(!nhwc_v4(64, DType::Bf16, &[256, 4]));
+        assert!(!nhwc_v4(66, DType::Bf16, &[256]));
+        assert!(nhwc_v4(64, DType::F32, &[256, 16]));
+        assert!(!nhwc_v4(64, DType::F32, &[256, 8]));
     }
 
     #[test]
