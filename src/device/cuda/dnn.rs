@@ -61,16 +61,14 @@ pub fn conv_find() -> bool {
 /// mode allows (cudnnFind* returns them fastest first), as (algorithm, math type), or None when
 /// the search failed or found nothing usable.
 macro_rules! fastest {
-    ($status:expr, $n:expr, $perf:expr, $tf32:expr) => {{
+    ($status:expr, $n:expr, $perf:expr, $tf32:expr, $limit:expr) => {{
         let ok = ds::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
         if $status != ok {
             None
         } else {
             $perf[..($n.max(0) as usize).min($perf.len())]
                 .iter()
-                .find(|p| {
-                    p.status == ok && p.memory <= WORKSPACE_LIMIT && math_ok(p.mathType, $tf32)
-                })
+                .find(|p| p.status == ok && p.memory <= $limit && math_ok(p.mathType, $tf32))
                 .map(|p| (p.algo, p.mathType))
         }
     }};
@@ -88,8 +86,22 @@ fn math_ok(m: ds::cudnnMathType_t, tf32: bool) -> bool {
     }
 }
 
-/// Largest workspace an algorithm may ask for.
+/// Largest workspace an algorithm may ask for, unless the convolution's input or output is
+/// larger (`workspace_limit`).
 const WORKSPACE_LIMIT: usize = 1 << 30;
+
+/// The workspace an algorithm of convolution `s` may ask for: 1 GiB, or the bytes of its larger
+/// operand (x or y) when that is more. A fixed 1 GiB kept batch 256 under the memory
+/// target (its largest bf16 activation is 0.8 GB: the limit is unchanged there), but at batch
+/// 1024 (3.3 GB activations) it can exclude the algorithms that scale their workspace with the
+/// batch; the backward of that step ran 12x slower than 4x the batch-256 one on an H200. PyTorch
+/// lets cuDNN take whatever memory is free.
+fn workspace_limit(s: &ConvShape, dt: DType) -> usize {
+    let (ho, wo) = s.out_hw().unwrap_or((0, 0));
+    let x = s.n * s.c * s.h * s.w;
+    let y = s.n * s.o * ho * wo;
+    WORKSPACE_LIMIT.max(x.max(y) * dt.size())
+}
 
 /// A 2-d convolution: x (n, c, h, w), weights (o, c, kh, kw), no bias, the same stride and
 /// zero padding in both directions; y (n, o, ho, wo) with ho = (h + 2 padding - kh) / stride + 1.
@@ -282,6 +294,7 @@ impl Dnn {
         let y = tensor_desc([s.n, s.o, ho, wo], dt, layout)?;
         // Tensor cores for bf16 data; for f32 data as the TF32 switch says.
         let tf32 = tf32 || dt == DType::Bf16;
+        let ws_limit = workspace_limit(s, dt);
         let w = FilterDesc(dr::create_filter_descriptor().map_err(|e| dnn_err("filter", e))?);
         let conv =
             ConvDesc(dr::create_convolution_descriptor().map_err(|e| dnn_err("conv desc", e))?);
@@ -337,7 +350,7 @@ impl Dnn {
             .map_err(|e| dnn_err("forward algorithm query", e))?;
             let f = fwd[..n.max(0) as usize]
                 .iter()
-                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .find(|p| p.status == ok && p.memory <= ws_limit)
                 .ok_or_else(|| Error::Device(format!("cuDNN: no forward algorithm for {s:?}")))?;
             // Timed search (cached with the plan: once per shape and math mode). It runs every
             // candidate on cuDNN's own scratch buffers and waits for them; the descriptor's math
@@ -356,7 +369,8 @@ impl Dnn {
                     &mut n,
                     perf.as_mut_ptr(),
                 );
-                (f_algo, f_math) = fastest!(st, n, perf, tf32).unwrap_or((f_algo, f_math));
+                (f_algo, f_math) =
+                    fastest!(st, n, perf, tf32, ws_limit).unwrap_or((f_algo, f_math));
             }
             // The workspace for the math type the algorithm will run with; then the mode's
             // math type back on the descriptor for the next queries (it bounds their choice).
@@ -379,7 +393,7 @@ impl Dnn {
             .map_err(|e| dnn_err("backward-data algorithm query", e))?;
             let d = bd[..n.max(0) as usize]
                 .iter()
-                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .find(|p| p.status == ok && p.memory <= ws_limit)
                 .ok_or_else(|| {
                     Error::Device(format!("cuDNN: no backward-data algorithm for {s:?}"))
                 })?;
@@ -396,7 +410,8 @@ impl Dnn {
                     &mut n,
                     perf.as_mut_ptr(),
                 );
-                (d_algo, d_math) = fastest!(st, n, perf, tf32).unwrap_or((d_algo, d_math));
+                (d_algo, d_math) =
+                    fastest!(st, n, perf, tf32, ws_limit).unwrap_or((d_algo, d_math));
             }
             dr::set_convolution_math_type(conv.0, d_math).map_err(|e| dnn_err("math type", e))?;
             let d_ws =
@@ -418,7 +433,7 @@ impl Dnn {
             .map_err(|e| dnn_err("backward-filter algorithm query", e))?;
             let g = bf[..n.max(0) as usize]
                 .iter()
-                .find(|p| p.status == ok && p.memory <= WORKSPACE_LIMIT)
+                .find(|p| p.status == ok && p.memory <= ws_limit)
                 .ok_or_else(|| {
                     Error::Device(format!("cuDNN: no backward-filter algorithm for {s:?}"))
                 })?;
@@ -435,7 +450,8 @@ impl Dnn {
                     &mut n,
                     perf.as_mut_ptr(),
                 );
-                (g_algo, g_math) = fastest!(st, n, perf, tf32).unwrap_or((g_algo, g_math));
+                (g_algo, g_math) =
+                    fastest!(st, n, perf, tf32, ws_limit).unwrap_or((g_algo, g_math));
             }
             dr::set_convolution_math_type(conv.0, g_math).map_err(|e| dnn_err("math type", e))?;
             let g_ws = dr::get_convolution_backward_filter_workspace_size(
@@ -645,7 +661,35 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{ds, math_ok};
+    use super::{ds, math_ok, workspace_limit, ConvShape, WORKSPACE_LIMIT};
+    use crate::tensor::DType;
+
+    // ResNet50's layer1 conv3 (1x1, 64 -> 256 channels at 56x56) over both views: at batch 256
+    // (512 images) its bf16 output is 0.82 GB and the limit stays 1 GiB; at batch 1024 it is
+    // 3.3 GB and so is the limit.
+    #[test]
+    fn workspace_limit_grows_with_the_operands_past_1_gib() {
+        let conv = |n| ConvShape {
+            n,
+            c: 64,
+            h: 56,
+            w: 56,
+            o: 256,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            padding: 0,
+        };
+        assert_eq!(workspace_limit(&conv(512), DType::Bf16), WORKSPACE_LIMIT);
+        assert_eq!(
+            workspace_limit(&conv(2048), DType::Bf16),
+            2048 * 256 * 56 * 56 * 2
+        );
+        assert_eq!(
+            workspace_limit(&conv(2048), DType::F32),
+            2048 * 256 * 56 * 56 * 4
+        );
+    }
 
     // FMA-only mode (the GPU-vs-CPU tests) must never run a cudnnFind* result that may use
     // tensor cores; TF32 mode takes anything but the half-precision down-conversion.
