@@ -96,7 +96,7 @@ fi
 BB=${BENCH_BATCH:-256}
 BS=${BENCH_STEPS:-3}
 KEY_VARIANTS=${BENCH_KEY_VARIANTS-"--no-phase-sync --precision=bf16,--no-phase-sync"}
-VARIANTS=${BENCH_VARIANTS-"- --precision=bf16 CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=bn,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
+VARIANTS=${BENCH_VARIANTS-"- --precision=bf16 CARP_BN_TWO_PASS=1,--precision=bf16,--no-phase-sync CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=bn,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
 # images/s of the step as training runs it (no per-phase waits), in f32 and in bf16: the ratios
 # against PyTorch's eager fp32 and eager bf16 below; and bf16's live-buffer peak.
 ours_ips="" ours_bf16_ips="" ours_bf16_live=""

@@ -6,7 +6,9 @@
 # cuDNN's heuristic algorithms (CARP_CUDNN_FIND=0) keep cudnnFind's thousands of trial launches
 # out of the profile; a plain bench row with the same switch gives that step's time unprofiled.
 # Environment: PROFILE_BATCH (256), PROFILE_PRECISION (bf16), PROFILE_TESTS (a gpu_tape test
-# filter to run first; empty: none), PROFILE_BIG_BATCH=0 skips the batch-1024 step log.
+# filter to run first; empty: none), PROFILE_BIG_BATCH=0 skips the batch-1024 step log
+# (PROFILE_BIG_STEPS, 2, timed steps; PROFILE_BIG_FIND=1 with cudnnFind), PROFILE_NCU=0 the
+# profile.
 # Output under $OUT: kernels.csv, kernel-summary.txt, bench-*.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,9 @@ fi
 bench heuristic 120 CARP_CUDNN_FIND=0 -- --batch "$BB" --precision "$PREC" --warmup 1 --steps 3
 
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
+if [ "${PROFILE_NCU:-1}" = 0 ]; then
+    echo "== ncu skipped (PROFILE_NCU=0)"
+elif [ -n "$NCU" ]; then
     rm -f /tmp/carp-step.ncu-rep
     timeout "${PROFILE_NCU_TIMEOUT_S:-240}" env CARP_CUDNN_FIND=0 "$NCU" --clock-control none \
         --metrics gpu__time_duration.sum --nvtx -o /tmp/carp-step -f \
@@ -60,7 +64,9 @@ else
 fi
 
 if [ "${PROFILE_BIG_BATCH:-1}" != 0 ]; then
-    # The paper's global batch on one card, phases synchronized, every step's time in the log.
-    bench b1024 200 -- --batch 1024 --precision bf16 --warmup 1 --steps 2
+    # The paper's global batch on one card, phases synchronized, every step's time in the log;
+    # cuDNN's heuristics (cudnnFind took 70 s at this batch), PROFILE_BIG_FIND=1 to time them.
+    bench b1024 200 CARP_CUDNN_FIND="${PROFILE_BIG_FIND:-0}" -- --batch 1024 --precision bf16 \
+        --warmup 1 --steps "${PROFILE_BIG_STEPS:-2}"
     grep '^step ' "$O/bench-b1024.txt"
 fi
