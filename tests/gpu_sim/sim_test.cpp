@@ -1382,7 +1382,9 @@ void test_pool_nhwc(int n, int c, int H, int W, int k, int st, int p, unsigned e
 // geometry the kernels state (block (32, 8), grid (ceil(HW / 32), ceil(C / 32), gz), gz <= N).
 // f32 inputs include NaN (with payload), infinities, -0, rounding ties and subnormals; bf16
 // inputs are random bit patterns (NaNs with payloads included: copied, not quieted).
-void test_convert_nhwc(int n, int c, int hw, unsigned gz) {
+// gz: the tile grid's z size; grid1d > 0: a 1-d grid of that many 256-thread blocks instead
+// (the host's geometry for C <= 8, the per-pixel path; fewer blocks than pixels: it wraps).
+void test_convert_nhwc(int n, int c, int hw, unsigned gz, unsigned grid1d = 0) {
     const size_t tot = (size_t)n * c * hw;
     auto x = randn(tot, 3);
     const unsigned sp[] = {0x7fa12345u, 0xff800001u, 0x7f800000u, 0xff800000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x00018000u, 0x7f7fffffu, 0x00000001u};
@@ -1390,9 +1392,10 @@ void test_convert_nhwc(int n, int c, int hw, unsigned gz) {
     std::uniform_int_distribution<unsigned> bits;
     vb xb(tot);
     for (auto& v : xb) v = (bf16)bits(rng);
-    const dim3s g = {(unsigned)((hw + 31) / 32), (unsigned)((c + 31) / 32), gz};
+    const dim3s g = grid1d ? dim3s{grid1d, 1, 1} : dim3s{(unsigned)((hw + 31) / 32), (unsigned)((c + 31) / 32), gz};
+    const dim3s NHWC_BLOCK = grid1d ? dim3s{256, 1, 1} : ::NHWC_BLOCK;
     char tag[64];
-    snprintf(tag, sizeof tag, "(n=%d,c=%d,hw=%d) gz=%u", n, c, hw, gz);
+    snprintf(tag, sizeof tag, "(n=%d,c=%d,hw=%d) gz=%u grid1d=%u", n, c, hw, gz, grid1d);
     auto nm = [&](const char* what) { static char b[160]; snprintf(b, sizeof b, "%s %s", what, tag); return b; };
     // f32 NCHW -> bf16 NHWC
     vb y = nanb(tot);
@@ -1501,6 +1504,12 @@ void test_nhwc_all() {
     test_convert_nhwc(300, 40, 1, 7); // HW == 1 with the grid's z loop
     test_convert_nhwc(3, 1, 45, 2);   // C == 1
     test_convert_nhwc(1, 33, 64, 1);
+    // the per-pixel path (C <= 8): on the host's 1-d grid (wrapping), and on the tile grid
+    test_convert_nhwc(3, 3, 1000, 0, 5);
+    test_convert_nhwc(2, 8, 37, 0, 1);
+    test_convert_nhwc(4, 5, 33, 0, 2);
+    test_convert_nhwc(3, 3, 70, 2);
+    test_convert_nhwc(2, 9, 49, 2);  // C = 9: the tiles again
     test_convert_nhwc(3, 3, 70, 3);
 }
 

@@ -238,6 +238,12 @@ impl CudaBackend {
         if name.starts_with("cast") {
             let nn = i64_of(total);
             launch!(self, name, cfg, px, py, nn);
+        } else if c <= 8 && hw != 1 {
+            // A few channels (the images; c <= TRANSPOSE_SMALL_C in kernels/elementwise.cu): the
+            // kernels' per-pixel path, grid-stride over the n * hw pixels on any grid.
+            let cfg = self.grid_1d(n * hw, THREADS);
+            let (nn, cc, hh) = (i64_of(n), i32_of(op, c)?, i64_of(hw));
+            launch!(self, name, cfg, px, py, nn, cc, hh);
         } else {
             // The tiled transposes' geometry (kernels/elementwise.cu): 32 x 32 tiles of each
             // sample's (C, HW) plane, blocks of (32, 8), samples along z (grid-stride past
