@@ -3,7 +3,8 @@
 # present: the GPU tests, compute-sanitizer memcheck over the GPU op tests, and one ResNet50
 # training step through carp-bench when it supports one. Prints a short table at the end.
 # Fits in 10 minutes: every step has its own timeout.
-# Environment: GPU_CHECK_MEMCHECK=0 skips compute-sanitizer; GPU_CHECK_TORCH=0 skips the PyTorch
+# Environment: GPU_CHECK_MEMCHECK=0 skips compute-sanitizer (GPU_CHECK_MEMCHECK_TESTS, gpu_ops:
+# the test binaries it runs); GPU_CHECK_TORCH=0 skips the PyTorch
 # reference; BENCH_BATCH (256) and BENCH_STEPS (3) size the ResNet50 step; BENCH_KEY_VARIANTS and
 # BENCH_VARIANTS list the benches before and after PyTorch's (see step 3); GPU_CHECK_BIG_BATCH=0
 # skips the batch-1024 fit check; TORCH_VARIANTS (eager32,eager16) picks the PyTorch reference's
@@ -180,8 +181,10 @@ if [ "${GPU_CHECK_MEMCHECK:-1}" = 0 ]; then
     row "memcheck gpu_ops" SKIP "-" "GPU_CHECK_MEMCHECK=0"
 elif command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
     CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-    run_step "memcheck gpu_ops" 200 "$CS" --tool memcheck --error-exitcode 1 \
-        "$B/tests/gpu_ops" --test-threads=1 --skip conv2d_resnet50_shapes || overall=1
+    for mt in ${GPU_CHECK_MEMCHECK_TESTS:-gpu_ops}; do
+        run_step "memcheck $mt" 200 "$CS" --tool memcheck --error-exitcode 1 \
+            "$B/tests/$mt" --test-threads=1 --skip conv2d_resnet50_shapes || overall=1
+    done
 else
     row "memcheck gpu_ops" SKIP "-" "compute-sanitizer not found"
 fi
