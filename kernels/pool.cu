@@ -64,6 +64,25 @@ __device__ __forceinline__ float maxpool_gather(const T* dy, const int* argmax, 
 // element with three divisions of i; as 64-bit divisions (a long emulated sequence) they made
 // these kernels integer-bound (an H200 profile: 2.4 ms for the stem's forward, ~7x its memory
 // time); as 32-bit ones they are a few instructions each. Same elements, same results.
+// i = (q * B + b) * A + a with a < A, b < B: returns q and sets a, b (one division per level,
+// in i's own width).
+template <class I>
+__device__ __forceinline__ I unravel2(I i, int A, int B, int* a, int* b) {
+    const I p = i / (I)A;
+    *a = (int)(i - p * (I)A);
+    const I q = p / (I)B;
+    *b = (int)(p - q * (I)B);
+    return q;
+}
+
+// i = ((q * D + d) * B + b) * A + a: returns q and sets a, b, d.
+template <class I>
+__device__ __forceinline__ I unravel3(I i, int A, int B, int D, int* a, int* b, int* d) {
+    const I p = i / (I)A;
+    *a = (int)(i - p * (I)A);
+    return unravel2(p, B, D, b, d);
+}
+
 template <class F>
 __device__ __forceinline__ void pool_for_each(i64 total, F f) {
     if (total < 0x7fffffffLL) {
@@ -82,11 +101,8 @@ template <class T>
 __device__ __forceinline__ void maxpool2d_fwd(const T* x, T* y, int* argmax, i64 NC, int H, int W,
                                               int HO, int WO, int k, int stride, int pad) {
     pool_for_each(NC * HO * WO, [&](auto i) {
-        using I = decltype(i);
-        const I q = i / (I)WO;  // (nc, oh)
-        const int ow = (int)(i - q * (I)WO);
-        const I nc = q / (I)HO;
-        const int oh = (int)(q - nc * (I)HO);
+        int ow, oh;
+        const auto nc = unravel2(i, WO, HO, &ow, &oh);
         float best;
         int best_idx;
         maxpool_window(x + (i64)nc * H * W, 1, H, W, oh, ow, k, stride, pad, &best, &best_idx);
@@ -111,11 +127,8 @@ template <class T>
 __device__ __forceinline__ void maxpool2d_bwd(const T* dy, const int* argmax, T* dx, i64 NC, int H,
                                               int W, int HO, int WO, int k, int stride, int pad) {
     pool_for_each(NC * H * W, [&](auto i) {
-        using I = decltype(i);
-        const I q = i / (I)W;  // (nc, h)
-        const int w = (int)(i - q * (I)W);
-        const I nc = q / (I)H;
-        const int h = (int)(q - nc * (I)H);
+        int w, h;
+        const auto nc = unravel2(i, W, H, &w, &h);
         st(dx, (i64)i,
            maxpool_gather(dy, argmax, (i64)nc * HO * WO, 1, h, w, W, HO, WO, k, stride, pad));
     });
@@ -179,13 +192,8 @@ __device__ __forceinline__ void maxpool2d_fwd_nhwc(const T* x, T* y, int* argmax
                                                    int H, int W, int HO, int WO, int k,
                                                    int stride, int pad) {
     pool_for_each(N * HO * WO * C, [&](auto i) {
-        using I = decltype(i);
-        const I p = i / (I)C;  // output pixel (n, oh, ow)
-        const int c = (int)(i - p * (I)C);
-        const I q = p / (I)WO;  // (n, oh)
-        const int ow = (int)(p - q * (I)WO);
-        const I n = q / (I)HO;
-        const int oh = (int)(q - n * (I)HO);
+        int c, ow, oh;
+        const auto n = unravel3(i, C, WO, HO, &c, &ow, &oh);
         float best;
         int best_idx;
         // The (H, W) plane of channel c, stride C.
@@ -214,13 +222,8 @@ __device__ __forceinline__ void maxpool2d_bwd_nhwc(const T* dy, const int* argma
                                                    int C, int H, int W, int HO, int WO, int k,
                                                    int stride, int pad) {
     pool_for_each(N * H * W * C, [&](auto i) {
-        using I = decltype(i);
-        const I p = i / (I)C;  // input pixel (n, h, w)
-        const int c = (int)(i - p * (I)C);
-        const I q = p / (I)W;  // (n, h)
-        const int w = (int)(p - q * (I)W);
-        const I n = q / (I)H;
-        const int h = (int)(q - n * (I)H);
+        int c, w, h;
+        const auto n = unravel3(i, C, W, H, &c, &w, &h);
         st(dx, (i64)i,
            maxpool_gather(dy, argmax, (i64)n * HO * WO * C + c, C, h, w, W, HO, WO, k, stride,
                           pad));
