@@ -177,14 +177,14 @@ __device__ __forceinline__ void bn_act_backward_dx(
     const float* __restrict__ dbeta, T* __restrict__ dx, i64 N, int C, i64 HW, int training) {
     const float Mf = (float)(N * HW);
     const bool masked = y == nullptr;
-    // dx of one element from its masked gradient g (the two modes' expressions; the 4-channel
-    // path below spells them out again per mode).
+    // dx of one element of channel c from its masked gradient g and input v, per mode.
+    auto dx_train = [&](float g, float v, int c) {
+        const float k = gamma[c] * invstd[c] / Mf;
+        return k * (Mf * g - dbeta[c] - (v - mean[c]) * invstd[c] * dgamma[c]);
+    };
+    auto dx_eval = [&](float g, float, int c) { return g * gamma[c] * invstd[c]; };
     auto dx_of = [&](float g, float v, int c) {
-        if (training) {
-            const float k = gamma[c] * invstd[c] / Mf;
-            return k * (Mf * g - dbeta[c] - (v - mean[c]) * invstd[c] * dgamma[c]);
-        }
-        return g * gamma[c] * invstd[c];
+        return training ? dx_train(g, v, c) : dx_eval(g, v, c);
     };
     if ((HW & 3) == 0 && aligned4(dy) && (masked || aligned4(y)) && aligned4(x) && aligned4(dx)) {
         bn_for_each(N * C * HW / 4, C, HW / 4, [&](i64 i, int c) {
@@ -202,7 +202,7 @@ __device__ __forceinline__ void bn_act_backward_dx(
         // Four channels of one row (batchnorm.cu bn_for_each_rows4), one loop per mode: with
         // the mode's branch outside the loop, the per-channel parameters of a thread's fixed
         // channel quad are loaded once, not per unit (they bound this pass through the L1).
-        auto rows4 = [&](auto one) {  // one(g, v, c): dx_of's expression for one mode
+        auto rows4 = [&](auto one) {  // one: dx_train or dx_eval
             bn_for_each_rows4(N, C, [&](i64 i, int c) {
                 const float4 g = masked ? ld4(dy, i) : relu_masked4(dy, y, i);
                 const float4 v = ld4(x, i);
@@ -214,14 +214,10 @@ __device__ __forceinline__ void bn_act_backward_dx(
                 st4(dx, i, r);
             });
         };
-        if (training) {
-            rows4([&](float g, float v, int c) {
-                const float k = gamma[c] * invstd[c] / Mf;
-                return k * (Mf * g - dbeta[c] - (v - mean[c]) * invstd[c] * dgamma[c]);
-            });
-        } else {
-            rows4([&](float g, float, int c) { return g * gamma[c] * invstd[c]; });
-        }
+        if (training)
+            rows4(dx_train);
+        else
+            rows4(dx_eval);
     } else {
         bn_for_each(N * C * HW, C, HW, [&](i64 i, int c) {
             const float d = ld(dy, i), g = masked || ld(y, i) > 0.0f ? d : 0.0f;
