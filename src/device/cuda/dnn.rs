@@ -96,11 +96,11 @@ const WORKSPACE_LIMIT: usize = 1 << 30;
 /// 1024 (3.3 GB activations) it can exclude the algorithms that scale their workspace with the
 /// batch; the backward of that step ran 12x slower than 4x the batch-256 one on an H200. PyTorch
 /// lets cuDNN take whatever memory is free.
-fn workspace_limit(s: &ConvShape, dt: DType) -> usize {
-    let (ho, wo) = s.out_hw().unwrap_or((0, 0));
+fn workspace_limit(s: &ConvShape, dt: DType) -> Result<usize> {
+    let (ho, wo) = s.out_hw()?;
     let x = s.n * s.c * s.h * s.w;
     let y = s.n * s.o * ho * wo;
-    WORKSPACE_LIMIT.max(x.max(y) * dt.size())
+    Ok(WORKSPACE_LIMIT.max(x.max(y) * dt.size()))
 }
 
 /// A 2-d convolution: x (n, c, h, w), weights (o, c, kh, kw), no bias, the same stride and
@@ -294,7 +294,7 @@ impl Dnn {
         let y = tensor_desc([s.n, s.o, ho, wo], dt, layout)?;
         // Tensor cores for bf16 data; for f32 data as the TF32 switch says.
         let tf32 = tf32 || dt == DType::Bf16;
-        let ws_limit = workspace_limit(s, dt);
+        let ws_limit = workspace_limit(s, dt)?;
         let w = FilterDesc(dr::create_filter_descriptor().map_err(|e| dnn_err("filter", e))?);
         let conv =
             ConvDesc(dr::create_convolution_descriptor().map_err(|e| dnn_err("conv desc", e))?);
@@ -680,13 +680,16 @@ mod tests {
             stride: 1,
             padding: 0,
         };
-        assert_eq!(workspace_limit(&conv(512), DType::Bf16), WORKSPACE_LIMIT);
         assert_eq!(
-            workspace_limit(&conv(2048), DType::Bf16),
+            workspace_limit(&conv(512), DType::Bf16).unwrap(),
+            WORKSPACE_LIMIT
+        );
+        assert_eq!(
+            workspace_limit(&conv(2048), DType::Bf16).unwrap(),
             2048 * 256 * 56 * 56 * 2
         );
         assert_eq!(
-            workspace_limit(&conv(2048), DType::F32),
+            workspace_limit(&conv(2048), DType::F32).unwrap(),
             2048 * 256 * 56 * 56 * 4
         );
     }

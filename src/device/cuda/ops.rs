@@ -558,12 +558,14 @@ impl CudaBackend {
         let part_sq = self.alloc_f32(c * s as usize)?;
         let (px, pps, ppq) = (x.ptr(), part_sum.ptr(), part_sq.ptr());
         let (pm, pi, pv) = (mean.ptr(), invstd.ptr(), var_unbiased.ptr());
-        let (nn, hh, ss) = (i64_of(n), i64_of(hw), s as i32);
+        // (R, C) rows of channels for NHWC, R = n * hw.
+        let (nn, hh, ss, rr) = (i64_of(n), i64_of(hw), s as i32, i64_of(n * hw));
+        let fcfg = Self::bn_finalize_cfg(c, s);
         if nhwc && !bn_two_pass() {
             // One read of x: shifted sums (kernels/batchnorm.cu bn_stats_partial_nhwc_T), the
             // shift per channel in a (c,) workspace.
             let shift = self.alloc_f32(c)?;
-            let (psh, rr) = (shift.ptr(), i64_of(n * hw));
+            let psh = shift.ptr();
             launch!(
                 self,
                 &kname("bn_stats_partial_nhwc", dt),
@@ -575,7 +577,6 @@ impl CudaBackend {
                 rr,
                 cc
             );
-            let fcfg = Self::bn_finalize_cfg(c, s);
             launch!(
                 self,
                 "bn_stats_finalize_shifted_f32",
@@ -593,8 +594,6 @@ impl CudaBackend {
             return Ok(());
         }
         if nhwc {
-            // (R, C) rows of channels, R = n * hw.
-            let rr = i64_of(n * hw);
             launch!(
                 self,
                 &kname("bn_sum_partial_nhwc", dt),
@@ -637,7 +636,6 @@ impl CudaBackend {
                 hh
             );
         }
-        let fcfg = Self::bn_finalize_cfg(c, s);
         launch!(
             self,
             "bn_stats_finalize_f32",
