@@ -5,6 +5,7 @@ kernels vs carp's own kernels from kernels/*.cu), largest first.
 
 usage: kernel_summary.py KERNELS.csv [KERNELS_DIR] [--top N]
 """
+import argparse
 import csv
 import glob
 import os
@@ -34,24 +35,23 @@ def kind(name, ours):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    top = 40
-    if "--top" in sys.argv:
-        top = int(sys.argv[sys.argv.index("--top") + 1])
-        args = [a for a in args if a != str(top)]
-    if not args:
-        sys.exit(__doc__)
-    kdir = args[1] if len(args) > 1 else os.path.join(os.path.dirname(__file__), "..", "kernels")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv", help="ncu --csv --page raw output")
+    ap.add_argument("kernels_dir", nargs="?", help="kernels/ (default: next to this script)")
+    ap.add_argument("--top", type=int, default=40, help="kernel names to list")
+    a = ap.parse_args()
+    kdir = a.kernels_dir or os.path.join(os.path.dirname(__file__), "..", "kernels")
+    top, path = a.top, a.csv
     ours = our_kernels(kdir)
-    rows = list(csv.reader(open(args[0], newline="")))
+    rows = list(csv.reader(open(path, newline="")))
     hi = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
     if hi is None:
-        sys.exit(f"{args[0]}: no 'Kernel Name' column (not an ncu --csv --page raw file?)")
+        sys.exit(f"{path}: no 'Kernel Name' column (not an ncu --csv --page raw file?)")
     head = rows[hi]
     ki = head.index("Kernel Name")
     ti = next((i for i, h in enumerate(head) if h.startswith("gpu__time_duration")), None)
     if ti is None:
-        sys.exit(f"{args[0]}: no gpu__time_duration column; columns: {head}")
+        sys.exit(f"{path}: no gpu__time_duration column; columns: {head}")
     launches = []
     for r in rows[hi + 1:]:
         if len(r) <= max(ki, ti):
@@ -62,7 +62,7 @@ def main():
             continue  # the units row
         launches.append((r[ki], t))
     if not launches:
-        sys.exit(f"{args[0]}: no kernel rows")
+        sys.exit(f"{path}: no kernel rows")
     unit = rows[hi + 1][ti] if len(rows) > hi + 1 else ""
     scale = 1e-6 if unit in ("ns", "nsecond", "") else 1e-3 if unit in ("us", "usecond") else 1.0
     total = sum(t for _, t in launches) * scale

@@ -1393,26 +1393,26 @@ void test_convert_nhwc(int n, int c, int hw, unsigned gz, unsigned grid1d = 0) {
     vb xb(tot);
     for (auto& v : xb) v = (bf16)bits(rng);
     const dim3s g = grid1d ? dim3s{grid1d, 1, 1} : dim3s{(unsigned)((hw + 31) / 32), (unsigned)((c + 31) / 32), gz};
-    const dim3s NHWC_BLOCK = grid1d ? dim3s{256, 1, 1} : ::NHWC_BLOCK;
+    const dim3s blk = grid1d ? dim3s{256, 1, 1} : NHWC_BLOCK;
     char tag[64];
     snprintf(tag, sizeof tag, "(n=%d,c=%d,hw=%d) gz=%u grid1d=%u", n, c, hw, gz, grid1d);
     auto nm = [&](const char* what) { static char b[160]; snprintf(b, sizeof b, "%s %s", what, tag); return b; };
     // f32 NCHW -> bf16 NHWC
     vb y = nanb(tot);
-    launch(g, NHWC_BLOCK, nchw_to_nhwc_f32_bf16, (const float*)x.data(), y.data(), (i64)n, c, (i64)hw);
+    launch(g, blk, nchw_to_nhwc_f32_bf16, (const float*)x.data(), y.data(), (i64)n, c, (i64)hw);
     same_bits(nm("nchw_to_nhwc_f32_bf16"), y, to_nhwc(tob(x), n, c, hw));
     // bf16 NCHW -> bf16 NHWC, and back
     vb yb = nanb(tot), back = nanb(tot);
-    launch(g, NHWC_BLOCK, nchw_to_nhwc_bf16_bf16, (const bf16*)xb.data(), yb.data(), (i64)n, c, (i64)hw);
+    launch(g, blk, nchw_to_nhwc_bf16_bf16, (const bf16*)xb.data(), yb.data(), (i64)n, c, (i64)hw);
     same_bits(nm("nchw_to_nhwc_bf16_bf16"), yb, to_nhwc(xb, n, c, hw));
     // NHWC inputs: the bf16 pattern buffer read as (n, hw, c)
-    launch(g, NHWC_BLOCK, nhwc_to_nchw_bf16_bf16, (const bf16*)xb.data(), back.data(), (i64)n, c, (i64)hw);
+    launch(g, blk, nhwc_to_nchw_bf16_bf16, (const bf16*)xb.data(), back.data(), (i64)n, c, (i64)hw);
     same_bits(nm("nhwc_to_nchw_bf16_bf16"), back, to_nchw(xb, n, c, hw));
     std::vector<float> yf = nanv(tot);
-    launch(g, NHWC_BLOCK, nhwc_to_nchw_bf16_f32, (const bf16*)xb.data(), yf.data(), (i64)n, c, (i64)hw);
+    launch(g, blk, nhwc_to_nchw_bf16_f32, (const bf16*)xb.data(), yf.data(), (i64)n, c, (i64)hw);
     same_bits(nm("nhwc_to_nchw_bf16_f32"), yf, to_nchw(wid(xb), n, c, hw));
     // round trip
-    launch(g, NHWC_BLOCK, nhwc_to_nchw_bf16_bf16, (const bf16*)yb.data(), back.data(), (i64)n, c, (i64)hw);
+    launch(g, blk, nhwc_to_nchw_bf16_bf16, (const bf16*)yb.data(), back.data(), (i64)n, c, (i64)hw);
     same_bits(nm("nchw -> nhwc -> nchw (bf16)"), back, xb);
 }
 
