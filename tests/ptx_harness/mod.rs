@@ -34,7 +34,7 @@ pub fn gpu_or_skip(test: &str, kernels: &[(&str, &[&str])]) -> Option<Gpu> {
     for &(module, names) in kernels {
         let ptx = MODULES
             .iter()
-            .find(|(m, _)| *m == module)
+            .find(|(m, _, _)| *m == module)
             .unwrap_or_else(|| panic!("kernels/{module}.cu missing from the build"))
             .1;
         let m = be

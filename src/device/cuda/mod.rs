@@ -114,129 +114,6 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-/// Every kernel entry point in kernels/*.cu, by module. `CudaBackend::new` loads them all, so a
-/// kernel renamed in a .cu file without updating this list fails at start-up, not mid-step.
-const KERNELS: &[(&str, &[&str])] = &[
-    (
-        "elementwise",
-        &[
-            "add_f32",
-            "add_bf16",
-            "cast_f32_bf16",
-            "cast_bf16_f32",
-            "nchw_to_nhwc_f32_bf16",
-            "nchw_to_nhwc_bf16_bf16",
-            "nhwc_to_nchw_bf16_f32",
-            "nhwc_to_nchw_bf16_bf16",
-            "accumulate_f32",
-            "scale_f32",
-            "fill_f32",
-            "relu_fwd_f32",
-            "relu_bwd_f32",
-            "gelu_fwd_f32",
-            "gelu_bwd_f32",
-            "bias_add_f32",
-            "col_sum_f32",
-            "sum_f32",
-        ],
-    ),
-    (
-        "batchnorm",
-        &[
-            "bn_sum_partial_f32",
-            "bn_sum_partial_bf16",
-            "bn_sqdev_partial_f32",
-            "bn_sqdev_partial_bf16",
-            "bn_sum_partial_nhwc_f32",
-            "bn_sum_partial_nhwc_bf16",
-            "bn_sqdev_partial_nhwc_f32",
-            "bn_sqdev_partial_nhwc_bf16",
-            "bn_stats_partial_nhwc_f32",
-            "bn_stats_partial_nhwc_bf16",
-            "bn_stats_finalize_shifted_f32",
-            "bn_stats_finalize_f32",
-            "bn_forward_f32",
-            "bn_forward_bf16",
-            "bn_invstd_f32",
-            "bn_backward_partial_f32",
-            "bn_backward_partial_bf16",
-            "bn_backward_partial_nhwc_f32",
-            "bn_backward_partial_nhwc_bf16",
-            "bn_backward_finalize_f32",
-            "bn_backward_dx_f32",
-            "bn_backward_dx_bf16",
-            "bn_eval_backward_dx_f32",
-            "bn_eval_backward_dx_bf16",
-            "bn_running_update_f32",
-            "bn_running_update_gated_f32",
-        ],
-    ),
-    (
-        "pool",
-        &[
-            "maxpool2d_fwd_f32",
-            "maxpool2d_fwd_bf16",
-            "maxpool2d_bwd_f32",
-            "maxpool2d_bwd_bf16",
-            "global_avgpool_fwd_f32",
-            "global_avgpool_fwd_bf16",
-            "global_avgpool_bwd_f32",
-            "global_avgpool_bwd_bf16",
-            "maxpool2d_fwd_nhwc_f32",
-            "maxpool2d_fwd_nhwc_bf16",
-            "maxpool2d_bwd_nhwc_f32",
-            "maxpool2d_bwd_nhwc_bf16",
-            "global_avgpool_fwd_nhwc_f32",
-            "global_avgpool_fwd_nhwc_bf16",
-            "global_avgpool_bwd_nhwc_f32",
-            "global_avgpool_bwd_nhwc_bf16",
-        ],
-    ),
-    (
-        "weightnorm",
-        &[
-            "row_norms_f32",
-            "row_normalize_f32",
-            "row_normalize_bwd_f32",
-        ],
-    ),
-    (
-        "carp_loss",
-        &[
-            "carp_softmax_gather_f32",
-            "carp_entropy_f32",
-            "carp_consistency_grad_f32",
-        ],
-    ),
-    (
-        "lars",
-        &[
-            "lars_update_f32",
-            "lars_norms_checked_f32",
-            "lars_update_gated_f32",
-            "step_ok_f32",
-        ],
-    ),
-    ("ema", &["ema_update_f32", "ema_update_gated_f32"]),
-    (
-        "augment",
-        &["aug_color_f32", "aug_blur_h_f32", "aug_blur_v_f32"],
-    ),
-    (
-        "bn_fused",
-        &[
-            "bn_act_forward_f32",
-            "bn_act_forward_bf16",
-            "bn_act_backward_partial_f32",
-            "bn_act_backward_partial_bf16",
-            "bn_act_backward_partial_nhwc_f32",
-            "bn_act_backward_partial_nhwc_bf16",
-            "bn_act_backward_dx_f32",
-            "bn_act_backward_dx_bf16",
-        ],
-    ),
-];
-
 impl CudaBackend {
     /// Opens GPU `ordinal`. Fails with `Error::Device` when there is no CUDA driver, no such
     /// GPU, or the PTX does not load (e.g. a driver older than the PTX's CUDA 13.0).
@@ -269,17 +146,13 @@ impl CudaBackend {
             )
             .map_err(|e| driver_err("reading the multiprocessor count", e))?
             .max(1) as u32;
+        // Every entry point of every module, as build.rs read them off the PTX: a kernel the
+        // launchers name but the .cu files lost fails here at start-up (and in CI, see the
+        // tests below), not mid-step.
         let mut funcs = HashMap::new();
-        for (module, names) in KERNELS {
-            let ptx = kernels::MODULES
-                .iter()
-                .find(|(m, _)| m == module)
-                .map(|(_, p)| *p)
-                .ok_or_else(|| {
-                    Error::Device(format!("kernel module {module} missing from the build"))
-                })?;
+        for (module, ptx, names) in kernels::MODULES {
             let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .load_module(cudarc::nvrtc::Ptx::from_src(*ptx))
                 .map_err(|e| {
                     driver_err(
                         &format!(
@@ -591,7 +464,7 @@ pub(crate) use launch;
 
 #[cfg(test)]
 mod tests {
-    use super::{kernels::MODULES, KERNELS};
+    use super::kernels::MODULES;
 
     /// One `launch!` call in a launcher source: where it starts, the kernels it may launch
     /// (`&kname("base", dt)` may launch base_f32 or base_bf16) and its arguments, the macro's
@@ -679,7 +552,7 @@ mod tests {
     /// aggregate such as `align`), or None when no module declares it.
     fn ptx_param_types(name: &str) -> Option<Vec<String>> {
         let head = format!(".entry {name}(");
-        for (_, ptx) in MODULES {
+        for (_, ptx, _) in MODULES {
             if let Some(at) = ptx.find(&head) {
                 let rest = &ptx[at + head.len()..];
                 let end = rest.find(')')?;
@@ -861,23 +734,63 @@ mod tests {
         );
     }
 
-    // Every entry point the backend loads at start-up is in its module's PTX (a kernel renamed
-    // or missing in a .cu file fails here, in CI, instead of when a GPU opens the backend), and
-    // every module named exists.
+    /// The launcher sources, whose kernel names the tests check against the PTX.
+    const LAUNCHERS: [&str; 2] = [include_str!("ops.rs"), include_str!("augment.rs")];
+
+    /// Whether some module's PTX declares entry point `name`.
+    fn is_entry(name: &str) -> bool {
+        MODULES.iter().any(|(_, _, names)| names.contains(&name))
+    }
+
+    // build.rs's list of each module's entry points is what the PTX declares: an independent
+    // count of `.entry` directives agrees, and every listed name heads one.
     #[test]
-    fn every_listed_kernel_is_in_the_compiled_ptx() {
-        for (module, names) in KERNELS {
-            let ptx = MODULES
-                .iter()
-                .find(|(m, _)| m == module)
-                .map(|(_, p)| *p)
-                .unwrap_or_else(|| panic!("module {module} is not built"));
+    fn module_entry_lists_match_the_ptx() {
+        assert!(!MODULES.is_empty(), "build.rs listed no module");
+        for (module, ptx, names) in MODULES {
+            assert!(!names.is_empty(), "{module}: no entry point listed");
+            assert_eq!(
+                ptx.matches(".entry ").count(),
+                names.len(),
+                "{module}: entry count"
+            );
             for n in names.iter() {
                 assert!(
                     ptx.contains(&format!(".entry {n}(")),
-                    "kernel {n} is listed for {module} but not in {module}.ptx"
+                    "{n} is listed for {module} but not declared in {module}.ptx"
                 );
             }
         }
+    }
+
+    // Every kernel name the launchers spell, whether passed to launch! directly or bound to a
+    // variable first (`"..._f32"` / `"..._bf16"` literals, `kname("base", dt)`), is an entry
+    // point of the compiled PTX: a kernel renamed or dropped in a .cu file fails here, in CI,
+    // instead of when a GPU first launches it.
+    #[test]
+    fn every_kernel_the_launchers_name_is_in_the_compiled_ptx() {
+        let mut checked = 0;
+        for src in LAUNCHERS {
+            for lit in src.split('"').skip(1).step_by(2) {
+                let ident =
+                    !lit.is_empty() && lit.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if ident && (lit.ends_with("_f32") || lit.ends_with("_bf16")) {
+                    assert!(is_entry(lit), "kernel {lit} is named but not in the PTX");
+                    checked += 1;
+                }
+            }
+            for part in src.split("kname(\"").skip(1) {
+                let base = &part[..part.find('"').unwrap_or(0)];
+                assert!(
+                    is_entry(&format!("{base}_f32")) || is_entry(&format!("{base}_bf16")),
+                    "kname({base:?}, ..) names no kernel of the PTX"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked > 60,
+            "only {checked} kernel names found: the scan missed them"
+        );
     }
 }
