@@ -1,5 +1,5 @@
-//! The two views and the evaluation transform: resampling against an independent f64
-//! reference, each colour operation against its formula, determinism under a seed, and the
+//! The two views and the evaluation transform: resampling against independent f64
+//! references (exact, and as PIL computes it on 8-bit images), each colour operation against its formula, determinism under a seed, and the
 //! probabilities / ranges of SPEC.md checked over many draws. Real photographs (fixtures)
 //! for decode + crop.
 
@@ -24,6 +24,44 @@ fn random_image(h: usize, w: usize, seed: u64) -> Image {
 
 // ---------- resampling ----------
 
+/// PIL's bicubic kernel, a = -0.5.
+fn cubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        (a + 2.0) * x * x * x - (a + 3.0) * x * x + 1.0
+    } else if x < 2.0 {
+        a * x * x * x - 5.0 * a * x * x + 8.0 * a * x - 4.0 * a
+    } else {
+        0.0
+    }
+}
+
+/// PIL's antialiased resampling weights along one axis: (n_out, n_in), each row normalized.
+fn weights(n_in: usize, b0: f64, blen: f64, n_out: usize) -> Vec<Vec<f64>> {
+    let scale = blen / n_out as f64;
+    let fs = scale.max(1.0);
+    (0..n_out)
+        .map(|o| {
+            let c = b0 + (o as f64 + 0.5) * scale;
+            // Every input pixel whose centre lies within the support, clipped to the image.
+            let mut w: Vec<f64> = (0..n_in)
+                .map(|i| {
+                    let d = (i as f64 + 0.5 - c) / fs;
+                    if (i as f64 + 0.5 - c).abs() < 2.0 * fs + 0.5 {
+                        cubic(d)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let s: f64 = w.iter().sum();
+            w.iter_mut().for_each(|v| *v /= s);
+            w
+        })
+        .collect()
+}
+
 /// PIL's antialiased bicubic (a = -0.5) written directly in f64, 2-D, no intermediate
 /// rounding: out(y, x) = sum_i sum_j wy(y, i) wx(x, j) img(i, j).
 #[allow(clippy::needless_range_loop)] // written as the formula's sums on purpose
@@ -36,40 +74,6 @@ fn reference_resample(
     oh: usize,
     ow: usize,
 ) -> Vec<f64> {
-    fn k(x: f64) -> f64 {
-        let a = -0.5;
-        let x = x.abs();
-        if x < 1.0 {
-            (a + 2.0) * x * x * x - (a + 3.0) * x * x + 1.0
-        } else if x < 2.0 {
-            a * x * x * x - 5.0 * a * x * x + 8.0 * a * x - 4.0 * a
-        } else {
-            0.0
-        }
-    }
-    fn weights(n_in: usize, b0: f64, blen: f64, n_out: usize) -> Vec<Vec<f64>> {
-        let scale = blen / n_out as f64;
-        let fs = scale.max(1.0);
-        (0..n_out)
-            .map(|o| {
-                let c = b0 + (o as f64 + 0.5) * scale;
-                // Every input pixel whose centre lies within the support, clipped to the image.
-                let mut w: Vec<f64> = (0..n_in)
-                    .map(|i| {
-                        let d = (i as f64 + 0.5 - c) / fs;
-                        if (i as f64 + 0.5 - c).abs() < 2.0 * fs + 0.5 {
-                            k(d)
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let s: f64 = w.iter().sum();
-                w.iter_mut().for_each(|v| *v /= s);
-                w
-            })
-            .collect()
-    }
     let wy = weights(img.height, top, bh, oh);
     let wx = weights(img.width, left, bw, ow);
     let mut out = vec![0.0; oh * ow * 3];
@@ -90,6 +94,75 @@ fn reference_resample(
         }
     }
     out
+}
+
+/// The same resampling as PIL computes it on 8-bit images: one axis, then the other, each
+/// pass rounded and clamped to 0..255 (exact f64 weights, where PIL's are fixed-point).
+/// `vertical_first` picks the order: PIL goes horizontal first, fast_image_resize vertical
+/// first; they differ only where a pass's result leaves 0..255 and is clamped.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn reference_resample_8bit(
+    img: &Image,
+    top: f64,
+    left: f64,
+    bh: f64,
+    bw: f64,
+    oh: usize,
+    ow: usize,
+    vertical_first: bool,
+) -> Vec<u8> {
+    let q = |v: f64| (v + 0.5).floor().clamp(0.0, 255.0);
+    let wy = weights(img.height, top, bh, oh);
+    let wx = weights(img.width, left, bw, ow);
+    let (h, w) = (img.height, img.width);
+    let px = |i: usize, j: usize, c: usize| img.data[(i * w + j) * 3 + c] as f64;
+    let mut out = vec![0u8; oh * ow * 3];
+    if vertical_first {
+        // (oh, w, 3)
+        let mut t = vec![0.0; oh * w * 3];
+        for y in 0..oh {
+            for j in 0..w {
+                for c in 0..3 {
+                    t[(y * w + j) * 3 + c] = q((0..h).map(|i| wy[y][i] * px(i, j, c)).sum());
+                }
+            }
+        }
+        for y in 0..oh {
+            for x in 0..ow {
+                for c in 0..3 {
+                    let v: f64 = (0..w).map(|j| wx[x][j] * t[(y * w + j) * 3 + c]).sum();
+                    out[(y * ow + x) * 3 + c] = q(v) as u8;
+                }
+            }
+        }
+    } else {
+        // (h, ow, 3)
+        let mut t = vec![0.0; h * ow * 3];
+        for i in 0..h {
+            for x in 0..ow {
+                for c in 0..3 {
+                    t[(i * ow + x) * 3 + c] = q((0..w).map(|j| wx[x][j] * px(i, j, c)).sum());
+                }
+            }
+        }
+        for y in 0..oh {
+            for x in 0..ow {
+                for c in 0..3 {
+                    let v: f64 = (0..h).map(|i| wy[y][i] * t[(i * ow + x) * 3 + c]).sum();
+                    out[(y * ow + x) * 3 + c] = q(v) as u8;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn max_diff_u8(a: &[u8], b: &[u8]) -> u8 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x.abs_diff(y))
+        .max()
+        .unwrap_or(0)
 }
 
 fn max_diff_u8_f64(a: &[u8], b: &[f64]) -> f64 {
@@ -115,7 +188,7 @@ fn resample_identity_and_flip_are_exact() {
 }
 
 #[test]
-fn resample_matches_the_f64_reference_up_and_down() {
+fn resample_matches_pils_8bit_resampling_up_and_down() {
     let img = random_image(23, 17, 2);
     for &(top, left, bh, bw, oh, ow) in &[
         (0.0, 0.0, 23.0, 17.0, 9, 8),   // downscale (antialiased)
@@ -124,28 +197,41 @@ fn resample_matches_the_f64_reference_up_and_down() {
         (0.0, 0.0, 23.0, 17.0, 23, 17), // identity
     ] {
         let got = resample(&img, top, left, bh, bw, oh, ow, false);
-        let want = reference_resample(&img, top, left, bh, bw, oh, ow);
-        // One level: the fast path rounds f32 sums once; the reference is exact.
-        let d = max_diff_u8_f64(&got, &want);
+        let want = reference_resample_8bit(&img, top, left, bh, bw, oh, ow, false);
+        // PIL's order and rounding with f64 weights: fixed-point weights move a sum by less
+        // than a level, which the second pass can carry to two.
+        let d = max_diff_u8(&got, &want);
         assert!(
-            d <= 1.0,
+            d <= 2,
             "box {top},{left},{bh},{bw} -> {oh}x{ow}: max diff {d}"
         );
     }
 }
 
-/// The vectorized resampler (padded taps, reused scratch, AVX2 where the CPU has it) on
-/// random real-valued boxes of a random image and a real photo, down- and upscaling, flipped
-/// or not, reusing its per-thread scratch across shapes: within one grey level of the exact
-/// f64 resampling everywhere, and almost always exact after rounding.
+/// fast_image_resize on random real-valued boxes of a random image and real photos, down-
+/// and upscaling, flipped or not, reusing the thread's resizer across shapes, against
+/// PIL's 8-bit resampling (horizontal pass, rounded and clamped, then vertical): within two
+/// grey levels everywhere and almost always exact. (Against the exact f64 resampling, which
+/// the previous f32 resampler matched within one level, bicubic ringing that a pass clamps
+/// moves outputs further, as it does in PIL: up to ~21 levels on noise, ~9 on these photos
+/// under strong upscaling, 0.3 levels on average.)
 #[test]
-fn resample_fast_path_matches_the_f64_reference_on_random_boxes() {
+fn resample_fast_path_matches_pils_8bit_resampling_on_random_boxes() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let noise = random_image(61, 83, 3);
-    let photo = fixture("coffee.jpg");
+    let photos = [
+        fixture("coffee.jpg"),
+        fixture("astronaut.jpg"),
+        fixture("chelsea.jpg"),
+    ];
     let (mut off, mut total) = (0usize, 0usize);
-    for t in 0..40 {
-        let img = if t % 2 == 0 { &noise } else { &photo };
+    let (mut exact_max, mut exact_sum, mut exact_n) = (0.0f64, 0.0, 0usize);
+    for t in 0..60 {
+        let img = if t % 2 == 0 {
+            &noise
+        } else {
+            &photos[t / 2 % 3]
+        };
         let (h, w) = (img.height as f64, img.width as f64);
         let bh = rng.gen_range(2.0..h);
         let bw = rng.gen_range(2.0..w);
@@ -154,29 +240,41 @@ fn resample_fast_path_matches_the_f64_reference_on_random_boxes() {
         let (oh, ow) = (rng.gen_range(1..70), rng.gen_range(1..70));
         let flip = rng.gen_bool(0.5);
         let got = resample(img, top, left, bh, bw, oh, ow, flip);
-        let mut want = reference_resample(img, top, left, bh, bw, oh, ow);
+        let mut want = reference_resample_8bit(img, top, left, bh, bw, oh, ow, false);
         if flip {
             for row in want.chunks_exact_mut(ow * 3) {
-                let px: Vec<f64> = row.to_vec();
+                let px: Vec<u8> = row.to_vec();
                 for x in 0..ow {
                     row[x * 3..x * 3 + 3].copy_from_slice(&px[(ow - 1 - x) * 3..][..3]);
                 }
             }
         }
-        let d = max_diff_u8_f64(&got, &want);
+        let d = max_diff_u8(&got, &want);
         assert!(
-            d <= 1.0,
+            d <= 2,
             "box {top},{left},{bh},{bw} -> {oh}x{ow}: max diff {d}"
         );
-        off += got
-            .iter()
-            .zip(&want)
-            .filter(|(&g, &r)| g as f64 != r.clamp(0.0, 255.0).round())
-            .count();
+        off += got.iter().zip(&want).filter(|(g, r)| g != r).count();
         total += got.len();
+        if t % 2 == 1 && !flip {
+            let exact = reference_resample(img, top, left, bh, bw, oh, ow);
+            exact_max = exact_max.max(max_diff_u8_f64(&got, &exact));
+            exact_sum += got
+                .iter()
+                .zip(&exact)
+                .map(|(&g, &e)| (g as f64 - e.clamp(0.0, 255.0)).abs())
+                .sum::<f64>();
+            exact_n += got.len();
+        }
     }
-    // Off by one only where the exact value sits within f32 noise of a .5 boundary.
-    assert!(off * 200 < total, "{off} of {total} values off by one");
+    let exact_mean = exact_sum / exact_n as f64;
+    eprintln!("{off} of {total} values off; photos vs exact: max {exact_max}, mean {exact_mean}");
+    assert!(
+        exact_max <= 12.0 && exact_mean <= 0.4,
+        "{exact_max} {exact_mean}"
+    );
+    // Off only where a sum sits within fixed-point noise of a rounding boundary.
+    assert!(off * 50 < total, "{off} of {total} values off");
 }
 
 #[test]
@@ -224,7 +322,16 @@ fn eval_crop_on_real_photos_matches_resize_then_centre_crop() {
                 t,
             )
         };
-        let full = reference_resample(&img, 0.0, 0.0, img.height as f64, img.width as f64, nh, nw);
+        let full = reference_resample_8bit(
+            &img,
+            0.0,
+            0.0,
+            img.height as f64,
+            img.width as f64,
+            nh,
+            nw,
+            false,
+        );
         let (top, left) = (
             ((nh - size) as f64 / 2.0).round() as usize,
             ((nw - size) as f64 / 2.0).round() as usize,
@@ -233,14 +340,15 @@ fn eval_crop_on_real_photos_matches_resize_then_centre_crop() {
         for y in 0..size {
             want.extend_from_slice(&full[((top + y) * nw + left) * 3..][..size * 3]);
         }
-        let d = max_diff_u8_f64(&got, &want);
-        assert!(d <= 1.0, "{name}: {d}");
+        // One pass over the centre box gives the taps of the whole resize at those pixels.
+        let d = max_diff_u8(&got, &want);
+        assert!(d <= 2, "{name}: {d}");
     }
     // Smaller than the resize target: resized whole (28x28 gray -> 32x32).
     let small = random_image(28, 28, 5);
     let got = eval_crop(&small, 32);
-    let want = reference_resample(&small, 0.0, 0.0, 28.0, 28.0, 32, 32);
-    assert!(max_diff_u8_f64(&got, &want) <= 1.0);
+    let want = reference_resample_8bit(&small, 0.0, 0.0, 28.0, 28.0, 32, 32, false);
+    assert!(max_diff_u8(&got, &want) <= 2);
 }
 
 #[test]

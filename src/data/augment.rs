@@ -11,11 +11,12 @@
 //! works on u8 images between operations, this works on f32 and rounds nothing: the results
 //! differ by less than one grey level per operation. The blur is an exact separable Gaussian
 //! of radius ceil(3 sigma) with clamped edges (PIL's GaussianBlur approximates the same
-//! Gaussian with box passes); the resampling is PIL's antialiased bicubic (a = -0.5).
+//! Gaussian with box passes); the resampling is PIL's antialiased bicubic (a = -0.5), by
+//! `fast_image_resize` on u8 pixels as PIL computes it.
 
 use rand::Rng;
 
-use crate::data::decode::Image;
+use crate::data::decode::{Image, JpegWindow};
 
 /// ImageNet normalization (SPEC.md "Views").
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -273,66 +274,6 @@ fn uniform32<R: Rng>(rng: &mut R, lo: f32, hi: f32) -> f32 {
     }
 }
 
-/// Bicubic kernel with a = -0.5 (PIL's, which torchvision uses on PIL images).
-fn cubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
-    }
-}
-
-/// Per output coordinate: first input index and normalized weights (PIL's antialiased
-/// resampling: the kernel widens by the scale factor when shrinking).
-struct Taps {
-    start: Vec<usize>,
-    /// Number of taps in bounds for each output coordinate (start + len <= in_size).
-    len: Vec<usize>,
-    /// (out, ksize) weights, zero-padded.
-    weights: Vec<f32>,
-    ksize: usize,
-}
-
-fn taps(in_size: usize, box0: f64, box_len: f64, out_size: usize) -> Taps {
-    let scale = box_len / out_size as f64;
-    let fscale = scale.max(1.0);
-    let support = 2.0 * fscale;
-    let ksize = (support.ceil() as usize) * 2 + 1;
-    let mut start = Vec::with_capacity(out_size);
-    let mut lens = Vec::with_capacity(out_size);
-    let mut weights = vec![0f32; out_size * ksize];
-    for i in 0..out_size {
-        let center = box0 + (i as f64 + 0.5) * scale;
-        let xmin = ((center - support + 0.5).floor().max(0.0) as usize).min(in_size - 1);
-        let xmax = ((center + support + 0.5).floor() as isize)
-            .clamp(xmin as isize + 1, in_size as isize) as usize;
-        let n = (xmax - xmin).min(ksize);
-        let wrow = &mut weights[i * ksize..i * ksize + n];
-        let mut total = 0.0f64;
-        for (k, wk) in wrow.iter_mut().enumerate() {
-            let v = cubic((k as f64 + xmin as f64 - center + 0.5) / fscale);
-            *wk = v as f32;
-            total += v;
-        }
-        if total != 0.0 {
-            let inv = (1.0 / total) as f32;
-            wrow.iter_mut().for_each(|v| *v *= inv);
-        }
-        start.push(xmin);
-        lens.push(n);
-    }
-    Taps {
-        start,
-        len: lens,
-        weights,
-        ksize,
-    }
-}
-
 /// Resamples the box (top, left, height, width) — real-valued, in source pixels — of `img`
 /// to (out_h, out_w, 3) u8 with antialiased bicubic, mirrored horizontally if `flip`.
 #[allow(clippy::too_many_arguments)] // a box and an output shape: clearer flat than bundled
@@ -351,36 +292,27 @@ pub fn resample(
     out
 }
 
-/// Per-thread scratch of the resampler, reused across calls (no per-view allocation).
-#[derive(Default)]
-struct ResampleScratch {
-    /// One source row's touched columns as RGBx f32, zero-padded by the tap count: (cols + K, 4)
-    row: Vec<[f32; 4]>,
-    /// Horizontal taps padded to a fixed count K: (out_w, K)
-    hw: Vec<f32>,
-    /// Horizontal pass output: (rows, out_w, 3)
-    tmp: Vec<f32>,
-    /// One output row's accumulator: (out_w * 3)
-    acc: Vec<f32>,
-}
-
-/// The largest horizontal-pass buffer a thread keeps between resizes (16 MB).
-const KEEP_SCRATCH_FLOATS: usize = 1 << 22;
+/// Sources up to this many pixels resample with the thread's kept `Resizer`, whose scratch
+/// grows to the largest resize it did; larger ones (packing a huge image) use a fresh one.
+const KEEP_RESIZER_PIXELS: usize = 2048 * 2048;
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<ResampleScratch> =
-        std::cell::RefCell::new(ResampleScratch::default());
+    /// The resizer and the (rows, out_w, 3) intermediate between the two passes.
+    static RESIZER: std::cell::RefCell<(fast_image_resize::Resizer, Vec<u8>)> =
+        std::cell::RefCell::new((fast_image_resize::Resizer::new(), Vec::new()));
 }
 
 /// `resample` into `out` (out_h, out_w, 3), which must hold exactly out_h * out_w * 3 bytes.
 ///
-/// The same arithmetic as the plain two-pass loop (f32 taps normalized in f64, f32 sums in
-/// tap order, f32 intermediate, one rounding at the end), arranged to vectorize: the
-/// horizontal pass reads only the crop's rows and columns, converted once to RGBx f32, with
-/// every output column's taps zero-padded to one count K (adding 0 * x leaves a sum
-/// unchanged); the vertical pass is whole-row multiply-adds. On x86-64 with AVX2 the same code
-/// is compiled for AVX2 and chosen at run time; no FMA is enabled, so the results are
-/// bit-identical on every path.
+/// `fast_image_resize`'s convolution with Catmull-Rom (the cubic with a = -0.5, PIL's
+/// BICUBIC) and an adaptive kernel (widened by the scale factor when shrinking, PIL's
+/// antialiasing), straight from the box of the source (no copy of the crop; taps reach
+/// outside the box as PIL's do). It works as PIL does on 8-bit images: fixed-point weights,
+/// an 8-bit intermediate between the two passes (vertical first, where PIL goes horizontal
+/// first), each pass rounded and clamped. Against the exact f64 resampling that is within
+/// one grey level on natural images; where a pass overshoots 0..255 (bicubic ringing on
+/// noise) the clamped intermediate can move an output further, exactly as in PIL.
+/// The box is clipped to the image.
 #[allow(clippy::too_many_arguments)]
 pub fn resample_into(
     img: &Image,
@@ -393,216 +325,87 @@ pub fn resample_into(
     flip: bool,
     out: &mut [u8],
 ) {
+    use fast_image_resize::{images, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
     assert_eq!(out.len(), out_h * out_w * 3, "resample_into: output size");
     if out_h == 0 || out_w == 0 || img.height == 0 || img.width == 0 {
         return;
     }
-    let tx = taps(img.width, left, width, out_w);
-    let ty = taps(img.height, top, height, out_h);
-    SCRATCH.with(|sc| {
-        let sc = &mut *sc.borrow_mut();
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { resample_avx2(img, &tx, &ty, out_h, out_w, flip, sc, out) };
-            return;
-        }
-        resample_body(img, &tx, &ty, out_h, out_w, flip, sc, out);
-    });
-    // Keep the scratch of ordinary views; release what an outsized resize (packing a huge
-    // image, say) grew it to.
-    SCRATCH.with(|sc| {
-        let sc = &mut *sc.borrow_mut();
-        if sc.tmp.capacity() > KEEP_SCRATCH_FLOATS || sc.row.capacity() > KEEP_SCRATCH_FLOATS / 4 {
-            *sc = ResampleScratch::default();
-        }
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn resample_avx2(
-    img: &Image,
-    tx: &Taps,
-    ty: &Taps,
-    out_h: usize,
-    out_w: usize,
-    flip: bool,
-    sc: &mut ResampleScratch,
-    out: &mut [u8],
-) {
-    resample_body(img, tx, ty, out_h, out_w, flip, sc, out)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn resample_body(
-    img: &Image,
-    tx: &Taps,
-    ty: &Taps,
-    out_h: usize,
-    out_w: usize,
-    flip: bool,
-    sc: &mut ResampleScratch,
-    out: &mut [u8],
-) {
+    let (ih, iw) = (img.height as f64, img.width as f64);
+    let top = top.clamp(0.0, ih - 1.0);
+    let left = left.clamp(0.0, iw - 1.0);
+    let height = height.clamp(1e-6, ih - top);
+    let width = width.clamp(1e-6, iw - left);
+    // PIL's order: the horizontal pass over the source rows the vertical taps reach (fir's
+    // bounds: centre -+ 2 * max(scale, 1), clipped), into an 8-bit (rows, out_w, 3)
+    // intermediate, then the vertical pass. (fir alone would go vertical first on u8
+    // images, which differs from PIL wherever a pass clamps.)
+    let sy = height / out_h as f64;
+    let reach = 2.0 * sy.max(1.0);
+    let y0 = ((top + 0.5 * sy - reach).floor().max(0.0) as usize).min(img.height - 1);
+    let y1 = ((top + (out_h as f64 - 0.5) * sy + reach).ceil() as usize).clamp(y0 + 1, img.height);
     let w = img.width;
-    // Source rows and columns touched by the taps.
-    let span = |t: &Taps| {
-        let a = t.start.iter().copied().min().unwrap_or(0);
-        let b = t
-            .start
-            .iter()
-            .zip(&t.len)
-            .map(|(&s, &n)| s + n)
-            .max()
-            .unwrap_or(0)
-            .max(a + 1);
-        (a, b)
+    let rows = &img.data[y0 * w * 3..y1 * w * 3];
+    let alg = ResizeAlg::Convolution(FilterType::CatmullRom);
+    // Invariants rather than input errors: the sizes fit u32 (decoders cap sides at
+    // MAX_SIDE), the buffers hold exactly the (H, W, 3) bytes given, and the boxes lie in
+    // their images.
+    let mut run = |r: &mut Resizer, tmp: &mut Vec<u8>| {
+        tmp.resize((y1 - y0) * out_w * 3, 0);
+        let src = images::ImageRef::new(w as u32, (y1 - y0) as u32, rows, PixelType::U8x3)
+            .expect("resample: source rows hold (rows, W, 3) bytes");
+        let mut mid =
+            images::Image::from_slice_u8(out_w as u32, (y1 - y0) as u32, tmp, PixelType::U8x3)
+                .expect("resample: intermediate holds (rows, out_w, 3) bytes");
+        // Same height and an integer top: fir runs the horizontal pass only.
+        let opts = ResizeOptions::new()
+            .resize_alg(alg)
+            .crop(left, 0.0, width, (y1 - y0) as f64);
+        r.resize(&src, &mut mid, &opts)
+            .expect("resample: box clipped to the image, pixel types equal");
+        let mid = images::ImageRef::new(out_w as u32, (y1 - y0) as u32, tmp, PixelType::U8x3)
+            .expect("resample: intermediate holds (rows, out_w, 3) bytes");
+        let mut dst =
+            images::Image::from_slice_u8(out_w as u32, out_h as u32, out, PixelType::U8x3)
+                .expect("resample: output holds (out_h, out_w, 3) bytes");
+        // Same width at left 0: the vertical pass only.
+        let opts =
+            ResizeOptions::new()
+                .resize_alg(alg)
+                .crop(0.0, top - y0 as f64, out_w as f64, height);
+        r.resize(&mid, &mut dst, &opts)
+            .expect("resample: box clipped to the image, pixel types equal");
     };
-    let (r0, r1) = span(ty);
-    let (c0, c1) = span(tx);
-    // Horizontal taps padded to K = the longest in-bounds tap list, relative to column c0.
-    let k = tx.len.iter().copied().max().unwrap_or(1).max(1);
-    sc.hw.clear();
-    sc.hw.resize(out_w * k, 0.0);
-    for x in 0..out_w {
-        let n = tx.len[x];
-        sc.hw[x * k..x * k + n].copy_from_slice(&tx.weights[x * tx.ksize..x * tx.ksize + n]);
+    if img.height * img.width <= KEEP_RESIZER_PIXELS {
+        RESIZER.with(|r| {
+            let (r, tmp) = &mut *r.borrow_mut();
+            run(r, tmp)
+        });
+    } else {
+        run(&mut Resizer::new(), &mut Vec::new());
     }
-    let cols = c1 - c0;
-    sc.row.clear();
-    sc.row.resize(cols + k, [0.0; 4]);
-    sc.tmp.clear();
-    sc.tmp.resize((r1 - r0) * out_w * 3 + 1, 0.0); // + 1: see the stores below
-                                                   // Horizontal pass: (r1 - r0, out_w, 3)
-    for y in r0..r1 {
-        let src = &img.data[(y * w + c0) * 3..(y * w + c1) * 3];
-        for (d, p) in sc.row[..cols].iter_mut().zip(src.chunks_exact(3)) {
-            *d = [p[0] as f32, p[1] as f32, p[2] as f32, 0.0];
-        }
-        // This row plus the next row's first float (or the buffer's padding float): the
-        // 4-lane stores below spill their unused 4th lane one float ahead, which the next
-        // store (output columns go in ascending order) or the next row overwrites.
-        let trow = &mut sc.tmp[(y - r0) * out_w * 3..(y - r0 + 1) * out_w * 3 + 1];
-        // Four output columns at a time: four independent sums hide the add latency (each
-        // sum still runs over its taps in order, so the result is unchanged).
-        let mut xo = 0;
-        #[cfg(target_arch = "x86_64")]
-        while xo + 4 <= out_w {
-            use std::arch::x86_64::*;
-            let col = |j: usize| if flip { out_w - 1 - (xo + j) } else { xo + j };
-            let (xa, xb, xc, xd) = (col(0), col(1), col(2), col(3));
-            let (sa, sb, scc, sd) = (
-                tx.start[xa] - c0,
-                tx.start[xb] - c0,
-                tx.start[xc] - c0,
-                tx.start[xd] - c0,
-            );
-            let (wa, wb, wc, wd) = (
-                &sc.hw[xa * k..(xa + 1) * k],
-                &sc.hw[xb * k..(xb + 1) * k],
-                &sc.hw[xc * k..(xc + 1) * k],
-                &sc.hw[xd * k..(xd + 1) * k],
-            );
-            let (pa, pb, pc, pd) = (
-                &sc.row[sa..sa + k],
-                &sc.row[sb..sb + k],
-                &sc.row[scc..scc + k],
-                &sc.row[sd..sd + k],
-            );
-            // SAFETY: SSE is part of the x86-64 baseline; the loads read [f32; 4] elements
-            // of the slices above (all of length k); the stores write trow[xo*3 .. xo*3 + 13],
-            // in bounds since xo + 4 <= out_w and trow has out_w * 3 + 1 floats.
-            unsafe {
-                let (mut a, mut b, mut c, mut d) = (
-                    _mm_setzero_ps(),
-                    _mm_setzero_ps(),
-                    _mm_setzero_ps(),
-                    _mm_setzero_ps(),
-                );
-                for j in 0..k {
-                    a = _mm_add_ps(
-                        a,
-                        _mm_mul_ps(_mm_set1_ps(wa[j]), _mm_loadu_ps(pa[j].as_ptr())),
-                    );
-                    b = _mm_add_ps(
-                        b,
-                        _mm_mul_ps(_mm_set1_ps(wb[j]), _mm_loadu_ps(pb[j].as_ptr())),
-                    );
-                    c = _mm_add_ps(
-                        c,
-                        _mm_mul_ps(_mm_set1_ps(wc[j]), _mm_loadu_ps(pc[j].as_ptr())),
-                    );
-                    d = _mm_add_ps(
-                        d,
-                        _mm_mul_ps(_mm_set1_ps(wd[j]), _mm_loadu_ps(pd[j].as_ptr())),
-                    );
+    if flip {
+        for row in out.chunks_exact_mut(out_w * 3) {
+            let (mut a, mut b) = (0, out_w - 1);
+            while a < b {
+                for c in 0..3 {
+                    row.swap(a * 3 + c, b * 3 + c);
                 }
-                debug_assert!(xo * 3 + 13 <= trow.len());
-                let o = trow.as_mut_ptr().add(xo * 3);
-                _mm_storeu_ps(o, a);
-                _mm_storeu_ps(o.add(3), b);
-                _mm_storeu_ps(o.add(6), c);
-                _mm_storeu_ps(o.add(9), d);
-            }
-            xo += 4;
-        }
-        for xo in xo..out_w {
-            let x = if flip { out_w - 1 - xo } else { xo };
-            let s = tx.start[x] - c0;
-            let ws = &sc.hw[x * k..(x + 1) * k];
-            let px = &sc.row[s..s + k];
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::x86_64::*;
-                // SAFETY: SSE is part of the x86-64 baseline; every load reads one
-                // [f32; 4] of `px` and the store writes trow[xo*3 .. xo*3 + 4], in bounds
-                // since trow has out_w * 3 + 1 floats.
-                unsafe {
-                    let mut acc = _mm_setzero_ps();
-                    for (&wk, p) in ws.iter().zip(px) {
-                        acc =
-                            _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(wk), _mm_loadu_ps(p.as_ptr())));
-                    }
-                    debug_assert!(xo * 3 + 4 <= trow.len());
-                    _mm_storeu_ps(trow.as_mut_ptr().add(xo * 3), acc);
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let mut acc = [0f32; 4];
-                for (&wk, p) in ws.iter().zip(px) {
-                    for c in 0..4 {
-                        acc[c] += wk * p[c];
-                    }
-                }
-                trow[xo * 3..xo * 3 + 3].copy_from_slice(&acc[..3]);
+                a += 1;
+                b -= 1;
             }
         }
     }
-    // Vertical pass: (out_h, out_w, 3) u8, rounded and clamped as PIL does.
-    sc.acc.clear();
-    sc.acc.resize(out_w * 3, 0.0);
-    for y in 0..out_h {
-        let (s, n) = (ty.start[y], ty.len[y]);
-        let ws = &ty.weights[y * ty.ksize..y * ty.ksize + n];
-        // Whole-row multiply-adds (vectorize).
-        sc.acc.fill(0.0);
-        for (j, &wj) in ws.iter().enumerate() {
-            let trow = &sc.tmp[(s + j - r0) * out_w * 3..(s + j - r0 + 1) * out_w * 3];
-            for (a, &t) in sc.acc.iter_mut().zip(trow) {
-                *a += wj * t;
-            }
-        }
-        let orow = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
-        for (o, &a) in orow.iter_mut().zip(&sc.acc) {
-            // round-half-up on the clamped (non-negative) value: equal to round() there,
-            // and it vectorizes (round() is a libm call without SSE4.1).
-            *o = (a.clamp(0.0, 255.0) + 0.5) as u8;
-        }
-    }
+}
+
+/// One view's drawn geometry and colour parameters (what `sample_view_into` draws before it
+/// resamples): the crop box in source pixels, the output side and the flip (also in
+/// `params.flipped`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ViewDraw {
+    pub crop: CropBox,
+    pub size: usize,
+    pub flip: bool,
+    pub params: ColorParams,
 }
 
 /// Draws one view's geometry and colour parameters; returns the u8 (S, S, 3) crop.
@@ -630,6 +433,31 @@ pub fn sample_view_into<R: Rng>(
     rng: &mut R,
     out: &mut [u8],
 ) -> ColorParams {
+    let d = draw_view(img.height, img.width, cfg, view, rng);
+    let b = d.crop;
+    resample_into(
+        img,
+        b.top as f64,
+        b.left as f64,
+        b.height as f64,
+        b.width as f64,
+        d.size,
+        d.size,
+        d.flip,
+        out,
+    );
+    d.params
+}
+
+/// Draws one view of an `h` x `w` image: the numbers `sample_view_into` draws, in the same
+/// order, without touching pixels (so the loader can decode only what the views need).
+pub fn draw_view<R: Rng>(
+    h: usize,
+    w: usize,
+    cfg: &ViewConfig,
+    view: usize,
+    rng: &mut R,
+) -> ViewDraw {
     let local = view >= 2;
     let v = view.min(1);
     let (size, scale) = if local {
@@ -637,25 +465,8 @@ pub fn sample_view_into<R: Rng>(
     } else {
         (cfg.size, (cfg.min_scale, cfg.max_scale))
     };
-    let b = random_resized_crop_box(
-        rng,
-        img.height,
-        img.width,
-        scale,
-        (cfg.min_ratio, cfg.max_ratio),
-    );
+    let crop = random_resized_crop_box(rng, h, w, scale, (cfg.min_ratio, cfg.max_ratio));
     let flip = rng.gen::<f32>() < cfg.flip_p;
-    resample_into(
-        img,
-        b.top as f64,
-        b.left as f64,
-        b.height as f64,
-        b.width as f64,
-        size,
-        size,
-        flip,
-        out,
-    );
     let mut p = ColorParams::identity();
     p.flipped = flip as u8;
     if rng.gen::<f32>() < cfg.jitter_p {
@@ -682,7 +493,32 @@ pub fn sample_view_into<R: Rng>(
         p.blur_sigma = uniform32(rng, cfg.blur_sigma.0, cfg.blur_sigma.1);
     }
     p.solarize = (rng.gen::<f32>() < solarize_p) as u8;
-    p
+    ViewDraw {
+        crop,
+        size,
+        flip,
+        params: p,
+    }
+}
+
+/// Resamples view `d` from `img`, the decode of `win` (see `JpegWindow`): the crop box,
+/// in source pixels, is mapped into the decoded pixels (scaled by 1 / denom, shifted by the
+/// window's corner) and resampled from there, so a window that contains the box and its
+/// taps gives the view a full decode would give at that scale.
+pub fn resample_view(img: &Image, win: &JpegWindow, d: &ViewDraw, out: &mut [u8]) {
+    let s = 1.0 / win.denom as f64;
+    let b = d.crop;
+    resample_into(
+        img,
+        b.top as f64 * s - win.top as f64,
+        b.left as f64 * s - win.left as f64,
+        b.height as f64 * s,
+        b.width as f64 * s,
+        d.size,
+        d.size,
+        d.flip,
+        out,
+    );
 }
 
 /// Evaluation geometry: resize the short side to `round(size * 256 / 224)` (bicubic) and take

@@ -152,7 +152,7 @@ pub fn bench_stages(
     view: &crate::data::ViewConfig,
     images: usize,
 ) -> Result<StageTimes> {
-    use crate::data::augment::{finish_clocked, sample_view_into};
+    use crate::data::augment::{finish_clocked, resample_view};
     let n = images.max(1);
     let (mut dec, mut res) = (0.0, 0.0);
     let mut fin = [0.0f64; 2];
@@ -166,11 +166,13 @@ pub fn bench_stages(
     for k in 0..n {
         let i = k % ds.len().max(1);
         let t0 = thread_cpu_seconds();
-        ds.image_into(i, &mut img)?;
-        let t1 = thread_cpu_seconds();
+        // Drawing the views is part of the decode stage: the decode depends on them.
         let mut rng = crate::data::loader::image_rng(0, 0, i);
-        let p1 = sample_view_into(&img, view, 0, &mut rng, &mut c1);
-        let p2 = sample_view_into(&img, view, 1, &mut rng, &mut c2);
+        let (draws, win) = crate::data::loader::decode_for_views(ds, i, view, &mut rng, &mut img)?;
+        let t1 = thread_cpu_seconds();
+        resample_view(&img, &win, &draws[0], &mut c1);
+        resample_view(&img, &win, &draws[1], &mut c2);
+        let (p1, p2) = (draws[0].params, draws[1].params);
         let t2 = thread_cpu_seconds();
         dec += t1 - t0;
         res += t2 - t1;

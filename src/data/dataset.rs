@@ -181,7 +181,7 @@ impl Dataset {
     }
 
     /// `record(i)` plus the record's index within its shard (for error messages).
-    fn locate(&self, i: usize) -> Result<(IndexEntry, &[u8], &Path, usize)> {
+    pub(crate) fn locate(&self, i: usize) -> Result<(IndexEntry, &[u8], &Path, usize)> {
         let &(s, r) = self.locs.get(i).ok_or_else(|| {
             Error::format(
                 &self.dir,

@@ -15,9 +15,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::data::augment::{eval_crop, finish_view, sample_view_into, ColorParams, ViewConfig};
+use crate::data::augment::{
+    draw_view, eval_crop, finish_view, resample_view, ColorParams, ViewConfig, ViewDraw,
+};
 use crate::data::dataset::Dataset;
-use crate::data::decode::Image;
+use crate::data::decode::{
+    decode_jpeg_window_into, decode_record_into, jpeg_header, Image, JpegWindow,
+};
+use crate::data::shard::Encoding;
 use crate::error::{Error, Result};
 
 /// Loader settings. `workers` 0 = all cores; `prefetch` = batches decoded ahead (>= 1).
@@ -162,6 +167,97 @@ pub fn image_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix(mix(mix(seed) ^ epoch as u64) ^ index as u64))
 }
 
+/// The JPEG decode that a set of views of an `h` x `w` image needs, for a JPEG of iMCU
+/// width `mcu_width` (0: region decode unavailable).
+///
+/// - DCT-domain scale 1/d: the largest d in {1, 2, 4, 8} such that every view's crop is at
+///   least d times its output side, so that every view still shrinks (or keeps its scale)
+///   when resampled from the scaled frame.
+/// - Region: the union of the crops, widened by the resampler's reach (its taps read past a
+///   box's edge, as PIL's do) plus two pixels, clipped to the frame, its left edge moved down
+///   to a scaled iMCU boundary (TurboJPEG's requirement). The crops are drawn as before, from
+///   the whole frame: only the decoding changes, not the distribution of views.
+pub fn plan_window(h: usize, w: usize, mcu_width: usize, draws: &[ViewDraw]) -> JpegWindow {
+    if draws.is_empty() {
+        return JpegWindow::full(h, w, 1);
+    }
+    let mut denom = 8;
+    for d in draws {
+        let side = d.crop.height.min(d.crop.width);
+        while denom > 1 && side < denom * d.size {
+            denom /= 2;
+        }
+    }
+    let full = JpegWindow::full(h, w, denom);
+    if mcu_width == 0 {
+        return full;
+    }
+    let s = 1.0 / denom as f64;
+    let top = draws.iter().map(|d| d.crop.top).min().unwrap_or(0);
+    let left = draws.iter().map(|d| d.crop.left).min().unwrap_or(0);
+    let bottom = draws
+        .iter()
+        .map(|d| d.crop.top + d.crop.height)
+        .max()
+        .unwrap_or(h);
+    let right = draws
+        .iter()
+        .map(|d| d.crop.left + d.crop.width)
+        .max()
+        .unwrap_or(w);
+    // The widest kernel's half-width in scaled pixels: 2 * max(1, box / output).
+    let reach = draws
+        .iter()
+        .map(|d| 2.0 * (d.crop.height.max(d.crop.width) as f64 * s / d.size as f64).max(1.0))
+        .fold(0.0, f64::max);
+    let m = reach.ceil() as usize + 2;
+    let mcu = mcu_width.div_ceil(denom);
+    let x0 = ((left as f64 * s).floor() as usize).saturating_sub(m) / mcu * mcu;
+    let y0 = ((top as f64 * s).floor() as usize).saturating_sub(m);
+    let x1 = ((right as f64 * s).ceil() as usize + m).min(full.width);
+    let y1 = ((bottom as f64 * s).ceil() as usize + m).min(full.height);
+    JpegWindow {
+        denom,
+        top: y0,
+        left: x0,
+        height: y1 - y0,
+        width: x1 - x0,
+    }
+}
+
+/// One image's views, as the loader makes them, up to the resampling: draws view 1, view 2,
+/// then `local_count` local views from `rng` (the numbers and order of `sample_view` on
+/// each), then decodes into `img` the window of record `i` they need (`plan_window`; the
+/// whole frame for raw and PNG records). `resample_view` then makes each view.
+pub fn decode_for_views<R: rand::Rng>(
+    ds: &Dataset,
+    i: usize,
+    view: &ViewConfig,
+    rng: &mut R,
+    img: &mut Image,
+) -> Result<(Vec<ViewDraw>, JpegWindow)> {
+    let (e, bytes, path, r) = ds.locate(i)?;
+    let (h, w) = (e.height as usize, e.width as usize);
+    let draws: Vec<ViewDraw> = (0..2 + view.local_count)
+        .map(|v| draw_view(h, w, view, v.min(2), rng))
+        .collect();
+    if Encoding::from_u8(e.encoding) != Some(Encoding::Jpeg) {
+        decode_record_into(path, r, &e, bytes, img)?;
+        return Ok((draws, JpegWindow::full(h, w, 1)));
+    }
+    let err = |m: String| Error::format(path, format!("record {r}: {m}"));
+    let hd = jpeg_header(bytes).map_err(err)?;
+    if (hd.height, hd.width) != (h, w) {
+        return Err(err(format!(
+            "decoded image is {}x{}, the index says {h}x{w}",
+            hd.height, hd.width
+        )));
+    }
+    let win = plan_window(h, w, hd.mcu_width, &draws);
+    decode_jpeg_window_into(bytes, Some(win), img).map_err(err)?;
+    Ok((draws, win))
+}
+
 /// Builds the crops of the images `indices` (in parallel on the current rayon pool).
 pub fn make_crops(
     ds: &Dataset,
@@ -193,22 +289,22 @@ pub fn make_crops(
             // Each worker thread decodes into its own reused image buffer.
             DECODED.with(|img| -> Result<()> {
                 let img = &mut *img.borrow_mut();
-                ds.image_into(i, img)?;
                 let mut rng = image_rng(seed, epoch, i);
-                let p1 = sample_view_into(img, view, 0, &mut rng, v1);
-                let p2 = sample_view_into(img, view, 1, &mut rng, v2);
-                *p = (p1, p2);
+                let (draws, win) = decode_for_views(ds, i, view, &mut rng, img)?;
+                resample_view(img, &win, &draws[0], v1);
+                resample_view(img, &win, &draws[1], v2);
+                *p = (draws[0].params, draws[1].params);
                 // Local views come after both global views from the same stream, so turning
                 // multi-crop on leaves the global views unchanged.
                 for l in 0..nl {
-                    let q = sample_view_into(
+                    let d = &draws[2 + l];
+                    resample_view(
                         img,
-                        view,
-                        2,
-                        &mut rng,
+                        &win,
+                        d,
                         &mut lc[l * ls * ls * 3..(l + 1) * ls * ls * 3],
                     );
-                    lp[l] = q;
+                    lp[l] = d.params;
                 }
                 // Keep ImageNet-sized buffers (~0.8 MB); let an occasional huge frame go.
                 if img.data.capacity() > KEEP_DECODED_BYTES {

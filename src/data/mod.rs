@@ -3,7 +3,8 @@
 //! - `shard`: the on-disk format (header, index, records), memory-mapped, validated on open;
 //!   documented in `datasets/README.md`.
 //! - `dataset`: a folder of shards plus `manifest.json` (`Dataset`).
-//! - `decode`: raw / JPEG (zune-jpeg) / PNG records to RGB u8.
+//! - `decode`: raw / JPEG (libjpeg-turbo: whole, or a region at a DCT scale) / PNG records to
+//!   RGB u8.
 //! - `augment`: SPEC.md's two views, split into a u8 geometric half and a colour `finish`.
 //! - `loader`: the shuffling, prefetching two-view loader, evaluation batches, the benchmark.
 //! - `pack` / `idx`: `carp pack` from ImageFolder trees and IDX (MNIST-format) files.
