@@ -496,7 +496,7 @@ fn device_errors_and_transfers() {
 #[test]
 fn training_step_matches_cpu() {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
@@ -509,6 +509,7 @@ fn training_step_matches_cpu() {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,
@@ -902,7 +903,7 @@ fn bf16_step_in_one_layout(dev: &Device) {
 /// teacher that differs from the student (so the EMA is not a no-op).
 fn small_state() -> carp::train::step::CarpState {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     let cfg = ModelConfig {
         arch: "small".into(),
@@ -910,6 +911,7 @@ fn small_state() -> carp::train::step::CarpState {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,
@@ -1394,7 +1396,7 @@ fn device_state_matches_host_optim_path() {
 #[test]
 fn device_state_trainer_checkpoints() {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::checkpoint;
     use carp::train::config::TrainConfig;
@@ -1415,6 +1417,7 @@ fn device_state_trainer_checkpoints() {
                 layers: vec![1, 1],
                 base_width: 2,
                 stem: Stem::Cifar,
+                block: BlockKind::Bottleneck,
             },
             head: HeadConfig {
                 hidden: 8,
@@ -1495,7 +1498,7 @@ fn device_state_trainer_checkpoints() {
 #[test]
 fn multicrop_training_step_matches_cpu() {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
@@ -1508,6 +1511,7 @@ fn multicrop_training_step_matches_cpu() {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,

@@ -156,7 +156,8 @@ struct TrainArgs {
     /// `imagenet-200ep` (the seed paper's run). Explicit flags override preset values.
     #[arg(long)]
     preset: Option<String>,
-    /// Architecture: resnet50 or tiny.
+    /// Architecture: resnet50, resnet18 (torchvision's, ImageNet stem), resnet18-cifar (3x3/1
+    /// stem, no max pool, for 32x32 views) or tiny.
     #[arg(long)]
     arch: Option<String>,
     /// Packed training dataset (from `carp pack`).
@@ -275,7 +276,7 @@ impl TrainArgs {
             // A different arch brings its own head sizes and view size unless given explicitly
             // below.
             if m.arch != c.model.arch {
-                c.image_size = if m.arch == "tiny" { 32 } else { 224 };
+                c.image_size = m.default_image_size();
                 c.model = m;
             }
         }
@@ -351,7 +352,7 @@ struct KnnArgs {
     /// Evaluate the architecture at random initialization instead (the baseline).
     #[arg(long)]
     random_init: bool,
-    /// Architecture for --random-init.
+    /// Architecture for --random-init: tiny, resnet18-cifar, resnet18 or resnet50.
     #[arg(long, default_value = "tiny")]
     arch: String,
     /// Seed for --random-init.
@@ -363,7 +364,8 @@ struct KnnArgs {
     /// The packed evaluation split (queries).
     #[arg(long)]
     eval_data: PathBuf,
-    /// Image side (defaults to the checkpoint's training size, or 32 for tiny / 224).
+    /// Image side (defaults to the checkpoint's training size, or 32 for a CIFAR-stem arch
+    /// (tiny, resnet18-cifar) / 224).
     #[arg(long)]
     image_size: Option<usize>,
     /// auto, cpu, cuda or cuda:N (for the feature extraction).
@@ -475,9 +477,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Knn(args) => {
             let (net, size) = if args.random_init {
                 let m = ModelConfig::named(&args.arch)?;
-                let size = args
-                    .image_size
-                    .unwrap_or(if m.arch == "tiny" { 32 } else { 224 });
+                let size = args.image_size.unwrap_or(m.default_image_size());
                 (Network::new(&m, args.seed)?, size)
             } else {
                 let path = args
