@@ -347,11 +347,15 @@ impl TrainArgs {
 #[derive(Args)]
 struct KnnArgs {
     /// A checkpoint (checkpoint.safetensors of a run folder).
-    #[arg(long, required_unless_present = "random_init")]
+    #[arg(long, required_unless_present_any = ["random_init", "raw_pixels"])]
     checkpoint: Option<PathBuf>,
     /// Evaluate the architecture at random initialization instead (the baseline).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     random_init: bool,
+    /// The raw-pixel baseline: the same cosine k-NN on the images themselves (the network's
+    /// input view of --image-size, default 32, normalized, flattened) instead of features.
+    #[arg(long, conflicts_with_all = ["checkpoint", "random_init"])]
+    raw_pixels: bool,
     /// Architecture for --random-init: tiny, resnet18-cifar, resnet18 or resnet50.
     #[arg(long, default_value = "tiny")]
     arch: String,
@@ -404,6 +408,26 @@ fn load_checkpoint(path: &std::path::Path) -> Result<(TrainConfig, CarpState, St
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
     checkpoint::from_bytes(&bytes, path, &mut state)?;
     Ok((cfg, state, crc))
+}
+
+/// `carp knn` on a network's features: a checkpoint's teacher or a random init.
+fn knn_of_network(args: &KnnArgs) -> Result<Vec<(usize, f64)>> {
+    let (net, size) = if args.random_init {
+        let m = ModelConfig::named(&args.arch)?;
+        let size = args.image_size.unwrap_or(m.default_image_size());
+        (Network::new(&m, args.seed)?, size)
+    } else {
+        let path = args
+            .checkpoint
+            .as_ref()
+            .ok_or_else(|| Error::Config("give --checkpoint or --random-init".into()))?;
+        let (cfg, state, _) = load_checkpoint(path)?;
+        (state.teacher, args.image_size.unwrap_or(cfg.image_size))
+    };
+    let train_ds = carp::data::Dataset::open(&args.data)?;
+    let test_ds = carp::data::Dataset::open(&args.eval_data)?;
+    let device = trainer::resolve_device(&args.device)?;
+    trainer::knn_eval(&net, &train_ds, &test_ds, size, &device)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -475,22 +499,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Knn(args) => {
-            let (net, size) = if args.random_init {
-                let m = ModelConfig::named(&args.arch)?;
-                let size = args.image_size.unwrap_or(m.default_image_size());
-                (Network::new(&m, args.seed)?, size)
+            let r = if args.raw_pixels {
+                let train_ds = carp::data::Dataset::open(&args.data)?;
+                let test_ds = carp::data::Dataset::open(&args.eval_data)?;
+                let size = args.image_size.unwrap_or(32);
+                trainer::knn_eval_raw_pixels(&train_ds, &test_ds, size)?
             } else {
-                let path = args
-                    .checkpoint
-                    .as_ref()
-                    .ok_or_else(|| Error::Config("give --checkpoint or --random-init".into()))?;
-                let (cfg, state, _) = load_checkpoint(path)?;
-                (state.teacher, args.image_size.unwrap_or(cfg.image_size))
+                knn_of_network(&args)?
             };
-            let train_ds = carp::data::Dataset::open(&args.data)?;
-            let test_ds = carp::data::Dataset::open(&args.eval_data)?;
-            let device = trainer::resolve_device(&args.device)?;
-            let r = trainer::knn_eval(&net, &train_ds, &test_ds, size, &device)?;
             for (k, a) in &r {
                 println!("k={k:<4} top-1 {:.2}%", 100.0 * a);
             }
