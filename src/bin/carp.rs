@@ -152,8 +152,10 @@ fn parse_cache(b: &[u8], key: &str) -> Option<(Vec<f32>, Vec<u32>)> {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Start from a preset: `tiny` (the default: small ResNet on the embedded Fashion-MNIST) or
-    /// `imagenet-200ep` (the seed paper's run). Explicit flags override preset values.
+    /// Start from a preset: `tiny` (the default: small ResNet on the embedded Fashion-MNIST),
+    /// `fashion-mnist-resnet18` (ResNet18, CIFAR stem, on the full Fashion-MNIST packed into
+    /// fashion-mnist/train and fashion-mnist/test; for a GPU) or `imagenet-200ep` (the seed
+    /// paper's run). Explicit flags override preset values.
     #[arg(long)]
     preset: Option<String>,
     /// Architecture: resnet50, resnet18 (torchvision's, ImageNet stem), resnet18-cifar (3x3/1
