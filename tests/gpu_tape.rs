@@ -495,12 +495,28 @@ fn device_errors_and_transfers() {
 /// A full CARP step of a small model on the GPU against the same step on the CPU.
 #[test]
 fn training_step_matches_cpu() {
+    training_step_matches_cpu_with(
+        carp::nn::resnet::BlockKind::Bottleneck,
+        "training_step_matches_cpu",
+    );
+}
+
+/// The same with basic blocks (ResNet18's), which use the bottleneck's tape ops.
+#[test]
+fn basic_block_training_step_matches_cpu() {
+    training_step_matches_cpu_with(
+        carp::nn::resnet::BlockKind::Basic,
+        "basic_block_training_step_matches_cpu",
+    );
+}
+
+fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str) {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
+    use carp::nn::resnet::{ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
-    let Some((dev, _serial)) = gpu_or_skip("training_step_matches_cpu") else {
+    let Some((dev, _serial)) = gpu_or_skip(test) else {
         return;
     };
     let cfg = ModelConfig {
@@ -509,7 +525,7 @@ fn training_step_matches_cpu() {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
-            block: BlockKind::Bottleneck,
+            block,
         },
         head: HeadConfig {
             hidden: 32,
@@ -519,8 +535,8 @@ fn training_step_matches_cpu() {
     };
     let (batch, image, nb) = (8usize, 16usize, 16usize);
     let mut cpu = CarpState::new(&cfg, nb, 1e-4, 7).unwrap();
-    // Random BN affine parameters: the zero-init gamma of bn3 would zero every residual
-    // branch's gradient and hide most of the network from the comparison.
+    // Random BN affine parameters: the zero-init gamma of bn3 (a basic block's bn2) would zero
+    // every residual branch's gradient and hide most of the network from the comparison.
     let noise = randn_vec(cpu.student.params.numel(), 8);
     for e in cpu.student.params.entries.clone() {
         if e.is_1d() {
