@@ -145,6 +145,19 @@ fn raw_pixel_knn_matches_a_direct_computation() {
     // Not a degenerate set: the classes are separable but not trivially.
     let top1 = v["top1"].as_f64().unwrap();
     assert!(top1 > 0.3 && top1 < 1.0, "k=20 top-1 {top1}: {v}");
+    // The ResNet18 baseline at random init runs through the same command (and its features
+    // are not the pixels: a different accuracy profile is allowed, a failure is not).
+    let o = Command::new(env!("CARGO_BIN_EXE_carp"))
+        .args(["knn", "--random-init", "--arch", "resnet18-cifar"])
+        .args(["--image-size", &side.to_string(), "--device", "cpu"])
+        .args(["--data", dirs[0].to_str().unwrap()])
+        .args(["--eval-data", dirs[1].to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert!(r["top1"].as_f64().is_some(), "{r}");
     // --raw-pixels takes no network.
     let o = Command::new(env!("CARGO_BIN_EXE_carp"))
         .args(["knn", "--raw-pixels", "--random-init"])

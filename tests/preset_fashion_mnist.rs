@@ -1,7 +1,7 @@
 //! The GPU learning-quality preset `fashion-mnist-resnet18`, exercised on the CPU: its
 //! configuration resolves to a ResNet18 with the CIFAR stem (torchvision's parameter count
 //! less the 7x7 stem), and a few training steps of it run end to end with only the batch and
-//! the step count made small. The data is the full Fashion-MNIST where it has been packed into
+//! the step count made small, and its checkpoint exports under torchvision's names. The data is the full Fashion-MNIST where it has been packed into
 //! the preset's folders (README), else the embedded subset.
 
 use std::path::{Path, PathBuf};
@@ -95,5 +95,25 @@ fn fashion_mnist_resnet18_preset_resolves_and_trains_a_few_cpu_steps() {
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["model"]["arch"], "resnet18-cifar");
     assert_eq!(saved["batch"], 4);
+    // `carp export` of the run: torchvision's resnet18 names, the CIFAR stem's conv1.
+    let exported = run.join("backbone.safetensors");
+    let ckpt = run.join("checkpoint.safetensors");
+    let (ok, _, err) = carp(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(ok, "export failed: {err}");
+    let bytes = std::fs::read(&exported).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("conv1.weight").unwrap().shape(), &[64, 3, 3, 3]);
+    assert_eq!(
+        st.tensor("layer4.0.downsample.0.weight").unwrap().shape(),
+        &[512, 256, 1, 1]
+    );
+    assert!(st.tensor("layer4.1.bn2.running_var").is_ok());
+    assert!(st.names().iter().all(|n| !n.starts_with("head.")));
     let _ = std::fs::remove_dir_all(&run);
 }
