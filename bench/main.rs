@@ -30,7 +30,7 @@ loader feeding the step. The defaults are the paper's per-GPU configuration (Res
 --image-size 32 --k 1024 --nb 64`. `--local-crops L` adds multi-crop local views (student only)."
 )]
 struct Args {
-    /// resnet50 or tiny.
+    /// resnet50, resnet18, resnet18-cifar or tiny.
     #[arg(long, default_value = "resnet50")]
     arch: String,
     /// Images per step (each gives two global views, plus --local-crops local ones).

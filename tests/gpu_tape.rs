@@ -495,12 +495,28 @@ fn device_errors_and_transfers() {
 /// A full CARP step of a small model on the GPU against the same step on the CPU.
 #[test]
 fn training_step_matches_cpu() {
+    training_step_matches_cpu_with(
+        carp::nn::resnet::BlockKind::Bottleneck,
+        "training_step_matches_cpu",
+    );
+}
+
+/// The same with basic blocks (ResNet18's), which use the bottleneck's tape ops.
+#[test]
+fn basic_block_training_step_matches_cpu() {
+    training_step_matches_cpu_with(
+        carp::nn::resnet::BlockKind::Basic,
+        "basic_block_training_step_matches_cpu",
+    );
+}
+
+fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str) {
     use carp::nn::head::HeadConfig;
     use carp::nn::resnet::{ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
-    let Some((dev, _serial)) = gpu_or_skip("training_step_matches_cpu") else {
+    let Some((dev, _serial)) = gpu_or_skip(test) else {
         return;
     };
     let cfg = ModelConfig {
@@ -509,6 +525,7 @@ fn training_step_matches_cpu() {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block,
         },
         head: HeadConfig {
             hidden: 32,
@@ -518,8 +535,8 @@ fn training_step_matches_cpu() {
     };
     let (batch, image, nb) = (8usize, 16usize, 16usize);
     let mut cpu = CarpState::new(&cfg, nb, 1e-4, 7).unwrap();
-    // Random BN affine parameters: the zero-init gamma of bn3 would zero every residual
-    // branch's gradient and hide most of the network from the comparison.
+    // Random BN affine parameters: the zero-init gamma of bn3 (a basic block's bn2) would zero
+    // every residual branch's gradient and hide most of the network from the comparison.
     let noise = randn_vec(cpu.student.params.numel(), 8);
     for e in cpu.student.params.entries.clone() {
         if e.is_1d() {
@@ -902,7 +919,7 @@ fn bf16_step_in_one_layout(dev: &Device) {
 /// teacher that differs from the student (so the EMA is not a no-op).
 fn small_state() -> carp::train::step::CarpState {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     let cfg = ModelConfig {
         arch: "small".into(),
@@ -910,6 +927,7 @@ fn small_state() -> carp::train::step::CarpState {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,
@@ -1394,7 +1412,7 @@ fn device_state_matches_host_optim_path() {
 #[test]
 fn device_state_trainer_checkpoints() {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::checkpoint;
     use carp::train::config::TrainConfig;
@@ -1415,6 +1433,7 @@ fn device_state_trainer_checkpoints() {
                 layers: vec![1, 1],
                 base_width: 2,
                 stem: Stem::Cifar,
+                block: BlockKind::Bottleneck,
             },
             head: HeadConfig {
                 hidden: 8,
@@ -1495,7 +1514,7 @@ fn device_state_trainer_checkpoints() {
 #[test]
 fn multicrop_training_step_matches_cpu() {
     use carp::nn::head::HeadConfig;
-    use carp::nn::resnet::{ResNetConfig, Stem};
+    use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
@@ -1508,6 +1527,7 @@ fn multicrop_training_step_matches_cpu() {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,

@@ -4,7 +4,7 @@
 
 use carp::autograd::Tape;
 use carp::nn::params::ParamStore;
-use carp::nn::resnet::{Recompute, ResNet, ResNetConfig, Stem};
+use carp::nn::resnet::{BlockKind, Recompute, ResNet, ResNetConfig, Stem};
 use carp::tensor::{cpu_storage_bytes, reset_cpu_storage_peak, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -52,6 +52,7 @@ fn recompute_drops_the_inner_bn_outputs_and_backward_frees_everything() {
         layers: vec![2, 1],
         base_width: 4,
         stem: Stem::Cifar,
+        block: BlockKind::Bottleneck,
     };
     let mut params = ParamStore::new();
     let mut buffers = ParamStore::new();

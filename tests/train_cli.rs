@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carp::nn::head::HeadConfig;
-use carp::nn::resnet::{ResNetConfig, Stem};
+use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
 use carp::nn::{ModelConfig, Network};
 use carp::train::checkpoint::{self, CheckpointMeta};
 use carp::train::config::TrainConfig;
@@ -20,6 +20,7 @@ fn micro_model() -> ModelConfig {
             layers: vec![1, 1],
             base_width: 2,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 8,

@@ -7,7 +7,7 @@
 use carp::autograd::Tape;
 use carp::carp::loss::{carp_loss, random_partition};
 use carp::nn::head::HeadConfig;
-use carp::nn::resnet::{ResNetConfig, Stem};
+use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
 use carp::nn::ModelConfig;
 use carp::testutil::randn;
 use carp::train::step::CarpState;
@@ -20,6 +20,7 @@ fn small_model() -> ModelConfig {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 24,

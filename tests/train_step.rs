@@ -2,7 +2,7 @@
 //! stays low (no collapse onto a few prototypes), and the CPU run is bit-reproducible.
 
 use carp::nn::head::HeadConfig;
-use carp::nn::resnet::{ResNetConfig, Stem};
+use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
 use carp::nn::ModelConfig;
 use carp::optim::schedule::{cosine_lr, teacher_momentum};
 use carp::testutil::{randn_vec, rng};
@@ -17,6 +17,7 @@ fn small_model() -> ModelConfig {
             layers: vec![1, 1],
             base_width: 4,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,

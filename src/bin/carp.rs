@@ -152,11 +152,14 @@ fn parse_cache(b: &[u8], key: &str) -> Option<(Vec<f32>, Vec<u32>)> {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Start from a preset: `tiny` (the default: small ResNet on the embedded Fashion-MNIST) or
-    /// `imagenet-200ep` (the seed paper's run). Explicit flags override preset values.
+    /// Start from a preset: `tiny` (the default: small ResNet on the embedded Fashion-MNIST),
+    /// `fashion-mnist-resnet18` (ResNet18, CIFAR stem, on the full Fashion-MNIST packed into
+    /// fashion-mnist/train and fashion-mnist/test; for a GPU) or `imagenet-200ep` (the seed
+    /// paper's run). Explicit flags override preset values.
     #[arg(long)]
     preset: Option<String>,
-    /// Architecture: resnet50 or tiny.
+    /// Architecture: resnet50, resnet18 (torchvision's, ImageNet stem), resnet18-cifar (3x3/1
+    /// stem, no max pool, for 32x32 views) or tiny.
     #[arg(long)]
     arch: Option<String>,
     /// Packed training dataset (from `carp pack`).
@@ -275,7 +278,7 @@ impl TrainArgs {
             // A different arch brings its own head sizes and view size unless given explicitly
             // below.
             if m.arch != c.model.arch {
-                c.image_size = if m.arch == "tiny" { 32 } else { 224 };
+                c.image_size = m.default_image_size();
                 c.model = m;
             }
         }
@@ -346,12 +349,16 @@ impl TrainArgs {
 #[derive(Args)]
 struct KnnArgs {
     /// A checkpoint (checkpoint.safetensors of a run folder).
-    #[arg(long, required_unless_present = "random_init")]
+    #[arg(long, required_unless_present_any = ["random_init", "raw_pixels"])]
     checkpoint: Option<PathBuf>,
     /// Evaluate the architecture at random initialization instead (the baseline).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     random_init: bool,
-    /// Architecture for --random-init.
+    /// The raw-pixel baseline: the same cosine k-NN on the images themselves (the network's
+    /// input view of --image-size, default 32, normalized, flattened) instead of features.
+    #[arg(long, conflicts_with_all = ["checkpoint", "random_init"])]
+    raw_pixels: bool,
+    /// Architecture for --random-init: tiny, resnet18-cifar, resnet18 or resnet50.
     #[arg(long, default_value = "tiny")]
     arch: String,
     /// Seed for --random-init.
@@ -363,7 +370,8 @@ struct KnnArgs {
     /// The packed evaluation split (queries).
     #[arg(long)]
     eval_data: PathBuf,
-    /// Image side (defaults to the checkpoint's training size, or 32 for tiny / 224).
+    /// Image side (defaults to the checkpoint's training size, or 32 for a CIFAR-stem arch
+    /// (tiny, resnet18-cifar) / 224).
     #[arg(long)]
     image_size: Option<usize>,
     /// auto, cpu, cuda or cuda:N (for the feature extraction).
@@ -402,6 +410,26 @@ fn load_checkpoint(path: &std::path::Path) -> Result<(TrainConfig, CarpState, St
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
     checkpoint::from_bytes(&bytes, path, &mut state)?;
     Ok((cfg, state, crc))
+}
+
+/// `carp knn` on a network's features: a checkpoint's teacher or a random init.
+fn knn_of_network(args: &KnnArgs) -> Result<Vec<(usize, f64)>> {
+    let (net, size) = if args.random_init {
+        let m = ModelConfig::named(&args.arch)?;
+        let size = args.image_size.unwrap_or(m.default_image_size());
+        (Network::new(&m, args.seed)?, size)
+    } else {
+        let path = args
+            .checkpoint
+            .as_ref()
+            .ok_or_else(|| Error::Config("give --checkpoint or --random-init".into()))?;
+        let (cfg, state, _) = load_checkpoint(path)?;
+        (state.teacher, args.image_size.unwrap_or(cfg.image_size))
+    };
+    let train_ds = carp::data::Dataset::open(&args.data)?;
+    let test_ds = carp::data::Dataset::open(&args.eval_data)?;
+    let device = trainer::resolve_device(&args.device)?;
+    trainer::knn_eval(&net, &train_ds, &test_ds, size, &device)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -473,24 +501,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Knn(args) => {
-            let (net, size) = if args.random_init {
-                let m = ModelConfig::named(&args.arch)?;
-                let size = args
-                    .image_size
-                    .unwrap_or(if m.arch == "tiny" { 32 } else { 224 });
-                (Network::new(&m, args.seed)?, size)
+            let r = if args.raw_pixels {
+                let train_ds = carp::data::Dataset::open(&args.data)?;
+                let test_ds = carp::data::Dataset::open(&args.eval_data)?;
+                let size = args.image_size.unwrap_or(32);
+                trainer::knn_eval_raw_pixels(&train_ds, &test_ds, size)?
             } else {
-                let path = args
-                    .checkpoint
-                    .as_ref()
-                    .ok_or_else(|| Error::Config("give --checkpoint or --random-init".into()))?;
-                let (cfg, state, _) = load_checkpoint(path)?;
-                (state.teacher, args.image_size.unwrap_or(cfg.image_size))
+                knn_of_network(&args)?
             };
-            let train_ds = carp::data::Dataset::open(&args.data)?;
-            let test_ds = carp::data::Dataset::open(&args.eval_data)?;
-            let device = trainer::resolve_device(&args.device)?;
-            let r = trainer::knn_eval(&net, &train_ds, &test_ds, size, &device)?;
             for (k, a) in &r {
                 println!("k={k:<4} top-1 {:.2}%", 100.0 * a);
             }

@@ -9,13 +9,13 @@ use crate::bail;
 use crate::error::Result;
 use crate::nn::head::{Head, HeadConfig};
 use crate::nn::params::{ParamLeaves, ParamStore};
-use crate::nn::resnet::{BnUpdate, ResNet, ResNetConfig};
+use crate::nn::resnet::{BnUpdate, ResNet, ResNetConfig, Stem};
 use crate::ops::batchnorm::{bn_running_update, BN_MOMENTUM};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
-    /// Variant name (`resnet50`, `tiny`).
+    /// Variant name (`resnet50`, `resnet18`, `resnet18-cifar`, `tiny`).
     pub arch: String,
     pub backbone: ResNetConfig,
     pub head: HeadConfig,
@@ -44,12 +44,47 @@ impl ModelConfig {
             },
         }
     }
+    /// torchvision's ResNet18 (basic blocks, 512 features) with the ImageNet stem, and the
+    /// paper's head (hidden 2048, d 256) with K = 16384 prototypes.
+    pub fn resnet18() -> Self {
+        ModelConfig {
+            arch: "resnet18".into(),
+            backbone: ResNetConfig::resnet18(Stem::Imagenet),
+            head: HeadConfig {
+                hidden: 2048,
+                out: 256,
+                prototypes: 16384,
+            },
+        }
+    }
+    /// ResNet18 with the CIFAR stem (3x3/1 conv, no max pool) for 32x32 images; the same
+    /// parameter names as torchvision's, only conv1.weight is (64, 3, 3, 3).
+    pub fn resnet18_cifar() -> Self {
+        ModelConfig {
+            arch: "resnet18-cifar".into(),
+            backbone: ResNetConfig::resnet18(Stem::Cifar),
+            ..Self::resnet18()
+        }
+    }
     /// The named variant, with the head's default sizes.
     pub fn named(arch: &str) -> Result<Self> {
         match arch {
             "resnet50" => Ok(Self::resnet50()),
+            "resnet18" => Ok(Self::resnet18()),
+            "resnet18-cifar" => Ok(Self::resnet18_cifar()),
             "tiny" => Ok(Self::tiny()),
-            other => bail!(Config, "unknown arch {other:?}: use resnet50 or tiny"),
+            other => bail!(
+                Config,
+                "unknown arch {other:?}: use resnet50, resnet18, resnet18-cifar or tiny"
+            ),
+        }
+    }
+    /// The view side the architecture is made for: 32 with the CIFAR stem, 224 with
+    /// ImageNet's.
+    pub fn default_image_size(&self) -> usize {
+        match self.backbone.stem {
+            Stem::Cifar => 32,
+            Stem::Imagenet => 224,
         }
     }
 }

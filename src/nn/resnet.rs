@@ -1,7 +1,8 @@
-//! ResNet in torchvision's layout (bottleneck blocks, stride on the 3x3 conv, 1x1 projection
-//! shortcut with BN, zero-initialized last BN gamma per block), ending in the global average
-//! pool. Parameter and buffer names are torchvision's state_dict names, so weights can be
-//! exchanged with `torchvision.models.resnet50()`.
+//! ResNet in torchvision's layout (bottleneck blocks with the stride on the 3x3 conv, or basic
+//! blocks of two 3x3 convs; 1x1 projection shortcut with BN, zero-initialized last BN gamma per
+//! block), ending in the global average pool. Parameter and buffer names are torchvision's
+//! state_dict names, so weights can be exchanged with `torchvision.models.resnet50()` and
+//! `resnet18()`.
 
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -22,13 +23,36 @@ pub enum Stem {
     Cifar,
 }
 
+/// The residual block type: torchvision's `Bottleneck` (1x1, 3x3, 1x1; ResNet50) or
+/// `BasicBlock` (3x3, 3x3; ResNet18/34).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    /// Configurations written before basic blocks existed have no `block` field: bottleneck.
+    #[default]
+    Bottleneck,
+    Basic,
+}
+
+impl BlockKind {
+    /// How much wider a stage's output is than its inner width (torchvision's `expansion`).
+    pub fn expansion(self) -> usize {
+        match self {
+            BlockKind::Bottleneck => EXPANSION,
+            BlockKind::Basic => 1,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResNetConfig {
-    /// Bottleneck blocks per stage ([3, 4, 6, 3] for ResNet50).
+    /// Blocks per stage ([3, 4, 6, 3] for ResNet50, [2, 2, 2, 2] for ResNet18).
     pub layers: Vec<usize>,
     /// Width of the first stage's 3x3 conv (64 for ResNet50); stage i uses width * 2^i.
     pub base_width: usize,
     pub stem: Stem,
+    #[serde(default)]
+    pub block: BlockKind,
 }
 
 /// Bottleneck expansion: a stage's output has 4x its inner width.
@@ -40,6 +64,17 @@ impl ResNetConfig {
             layers: vec![3, 4, 6, 3],
             base_width: 64,
             stem: Stem::Imagenet,
+            block: BlockKind::Bottleneck,
+        }
+    }
+    /// torchvision's `resnet18()`: basic blocks [2, 2, 2, 2], width 64, 512 features; with
+    /// `Stem::Cifar` the 3x3/1 stem without max pool that CIFAR-scale SSL work uses.
+    pub fn resnet18(stem: Stem) -> Self {
+        ResNetConfig {
+            layers: vec![2, 2, 2, 2],
+            base_width: 64,
+            stem,
+            block: BlockKind::Basic,
         }
     }
     /// A small variant that trains on 32x32 images on a CPU in minutes.
@@ -48,11 +83,12 @@ impl ResNetConfig {
             layers: vec![1, 1, 1, 1],
             base_width: 8,
             stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
         }
     }
-    /// Dimension of the pooled features (2048 for ResNet50).
+    /// Dimension of the pooled features (2048 for ResNet50, 512 for ResNet18).
     pub fn feature_dim(&self) -> usize {
-        self.base_width * (1 << (self.layers.len() - 1)) * EXPANSION
+        self.base_width * (1 << (self.layers.len() - 1)) * self.block.expansion()
     }
     pub fn validate(&self) -> Result<()> {
         if self.layers.is_empty() || self.layers.contains(&0) {
@@ -78,6 +114,7 @@ pub struct BnIds {
     pub running_var: ParamId,
 }
 
+/// torchvision's `Bottleneck`: conv1 (1x1), conv2 (3x3, the stride), conv3 (1x1, 4x wider).
 #[derive(Clone, Debug)]
 struct Bottleneck {
     conv1: ParamId,
@@ -90,13 +127,38 @@ struct Bottleneck {
     downsample: Option<(ParamId, BnIds)>,
 }
 
+/// torchvision's `BasicBlock`: conv1 (3x3, the stride), conv2 (3x3), same width out.
+#[derive(Clone, Debug)]
+struct BasicBlock {
+    conv1: ParamId,
+    bn1: BnIds,
+    conv2: ParamId,
+    bn2: BnIds,
+    stride: usize,
+    downsample: Option<(ParamId, BnIds)>,
+}
+
+#[derive(Clone, Debug)]
+enum BlockParams {
+    Bottleneck(Bottleneck),
+    Basic(BasicBlock),
+}
+
+/// One residual block and its torchvision module name (`layer3.2`), which also names its NVTX
+/// range.
+#[derive(Clone, Debug)]
+struct Block {
+    name: String,
+    params: BlockParams,
+}
+
 /// The backbone's layer table (ids into the owning network's stores).
 #[derive(Clone, Debug)]
 pub struct ResNet {
     pub cfg: ResNetConfig,
     conv1: ParamId,
     bn1: BnIds,
-    blocks: Vec<Bottleneck>,
+    blocks: Vec<Block>,
     /// BN + ReLU (+ residual add) as single fused tape ops ([`fused_bn_default`]); the unfused
     /// composition computes the same values (kept for A/B runs and as a fallback).
     fused_bn: bool,
@@ -192,6 +254,32 @@ fn kaiming_conv(
     let normal = Normal::new(0.0f32, std).map_err(|e| crate::Error::Msg(e.to_string()))?;
     let values = (0..o * c * k * k).map(|_| normal.sample(rng)).collect();
     params.add(name, &[o, c, k, k], values)
+}
+
+/// The 1x1 projection shortcut `{p}.downsample.0` + BN `{p}.downsample.1`, where the block
+/// changes the resolution or the width (torchvision's rule); `None` for the identity.
+fn add_downsample(
+    params: &mut ParamStore,
+    buffers: &mut ParamStore,
+    p: &str,
+    inplanes: usize,
+    out: usize,
+    stride: usize,
+    rng: &mut impl Rng,
+) -> Result<Option<(ParamId, BnIds)>> {
+    if stride == 1 && inplanes == out {
+        return Ok(None);
+    }
+    let w = kaiming_conv(
+        params,
+        &format!("{p}.downsample.0.weight"),
+        out,
+        inplanes,
+        1,
+        rng,
+    )?;
+    let bn = add_bn(params, buffers, &format!("{p}.downsample.1"), out, 1.0)?;
+    Ok(Some((w, bn)))
 }
 
 /// relu(BN(x) [+ residual]) as one fused op in the requested mode; in training mode the
@@ -305,49 +393,82 @@ impl ResNet {
         let mut inplanes = w0;
         for (stage, &nblocks) in cfg.layers.iter().enumerate() {
             let width = w0 << stage;
-            let out = width * EXPANSION;
+            let out = width * cfg.block.expansion();
             for b in 0..nblocks {
                 let stride = if stage > 0 && b == 0 { 2 } else { 1 };
-                let p = format!("layer{}.{}", stage + 1, b);
-                let conv1 = kaiming_conv(
-                    params,
-                    &format!("{p}.conv1.weight"),
-                    width,
-                    inplanes,
-                    1,
-                    rng,
-                )?;
-                let bn1 = add_bn(params, buffers, &format!("{p}.bn1"), width, 1.0)?;
-                let conv2 =
-                    kaiming_conv(params, &format!("{p}.conv2.weight"), width, width, 3, rng)?;
-                let bn2 = add_bn(params, buffers, &format!("{p}.bn2"), width, 1.0)?;
-                let conv3 = kaiming_conv(params, &format!("{p}.conv3.weight"), out, width, 1, rng)?;
-                // Zero-init residual: each block starts as the identity on its shortcut.
-                let bn3 = add_bn(params, buffers, &format!("{p}.bn3"), out, 0.0)?;
-                let downsample = if stride != 1 || inplanes != out {
-                    let w = kaiming_conv(
-                        params,
-                        &format!("{p}.downsample.0.weight"),
-                        out,
-                        inplanes,
-                        1,
-                        rng,
-                    )?;
-                    let bn = add_bn(params, buffers, &format!("{p}.downsample.1"), out, 1.0)?;
-                    Some((w, bn))
-                } else {
-                    None
+                let name = format!("layer{}.{}", stage + 1, b);
+                let p = &name;
+                let params = match cfg.block {
+                    BlockKind::Bottleneck => {
+                        let conv1 = kaiming_conv(
+                            params,
+                            &format!("{p}.conv1.weight"),
+                            width,
+                            inplanes,
+                            1,
+                            rng,
+                        )?;
+                        let bn1 = add_bn(params, buffers, &format!("{p}.bn1"), width, 1.0)?;
+                        let conv2 = kaiming_conv(
+                            params,
+                            &format!("{p}.conv2.weight"),
+                            width,
+                            width,
+                            3,
+                            rng,
+                        )?;
+                        let bn2 = add_bn(params, buffers, &format!("{p}.bn2"), width, 1.0)?;
+                        let conv3 =
+                            kaiming_conv(params, &format!("{p}.conv3.weight"), out, width, 1, rng)?;
+                        // Zero-init residual: each block starts as the identity on its shortcut.
+                        let bn3 = add_bn(params, buffers, &format!("{p}.bn3"), out, 0.0)?;
+                        let downsample =
+                            add_downsample(params, buffers, p, inplanes, out, stride, rng)?;
+                        BlockParams::Bottleneck(Bottleneck {
+                            conv1,
+                            bn1,
+                            conv2,
+                            bn2,
+                            conv3,
+                            bn3,
+                            stride,
+                            downsample,
+                        })
+                    }
+                    BlockKind::Basic => {
+                        let conv1 = kaiming_conv(
+                            params,
+                            &format!("{p}.conv1.weight"),
+                            width,
+                            inplanes,
+                            3,
+                            rng,
+                        )?;
+                        let bn1 = add_bn(params, buffers, &format!("{p}.bn1"), width, 1.0)?;
+                        let conv2 = kaiming_conv(
+                            params,
+                            &format!("{p}.conv2.weight"),
+                            width,
+                            width,
+                            3,
+                            rng,
+                        )?;
+                        // Zero-init residual, as for the bottleneck's bn3 (torchvision's
+                        // zero_init_residual zeroes a BasicBlock's bn2).
+                        let bn2 = add_bn(params, buffers, &format!("{p}.bn2"), width, 0.0)?;
+                        let downsample =
+                            add_downsample(params, buffers, p, inplanes, out, stride, rng)?;
+                        BlockParams::Basic(BasicBlock {
+                            conv1,
+                            bn1,
+                            conv2,
+                            bn2,
+                            stride,
+                            downsample,
+                        })
+                    }
                 };
-                blocks.push(Bottleneck {
-                    conv1,
-                    bn1,
-                    conv2,
-                    bn2,
-                    conv3,
-                    bn3,
-                    stride,
-                    downsample,
-                });
+                blocks.push(Block { name, params });
                 inplanes = out;
             }
         }
@@ -439,10 +560,18 @@ impl ResNet {
                 h = tape.max_pool2d(&h, 3, 2, 1)?; // (N, 64, H/4, W/4)
             }
         }
-        for (i, blk) in self.blocks.iter().enumerate() {
-            // One NVTX range per bottleneck (a no-op without the profiler).
-            let _range = crate::device::nvtx::Range::new(&format!("block {i}"));
-            h = self.bottleneck(tape, leaves, buffers, blk, &h, train, updates)?;
+        for blk in &self.blocks {
+            // One NVTX range per block under its torchvision name, `layer3.2` (a no-op without
+            // the profiler).
+            let _range = crate::device::nvtx::Range::new(&blk.name);
+            h = match &blk.params {
+                BlockParams::Bottleneck(b) => {
+                    self.bottleneck(tape, leaves, buffers, b, &h, train, updates)?
+                }
+                BlockParams::Basic(b) => {
+                    self.basic_block(tape, leaves, buffers, b, &h, train, updates)?
+                }
+            };
         }
         tape.global_avg_pool(&h) // (N, feature_dim)
     }
@@ -525,6 +654,60 @@ impl ResNet {
         updates.append(&mut shortcut_updates);
         Ok(y)
     }
+
+    /// The blocks' torchvision module names in forward order (`layer1.0`, ...), as their NVTX
+    /// ranges are named.
+    pub fn block_names(&self) -> Vec<&str> {
+        self.blocks.iter().map(|b| b.name.as_str()).collect()
+    }
+
+    /// A basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)). The ops are the
+    /// bottleneck's (so it runs wherever they do); with recomputation on, bn1 + ReLU + conv2 is
+    /// [`Tape::bn_relu_conv2d_train`] (bn1's output is recomputed in backward). The bottleneck's
+    /// fused tail is for a 1x1 conv3 and has no counterpart here: `BnAndConv3` recomputes what
+    /// `BnOutputs` does. Per block the tape keeps 4 activation-widths (conv1's output, bn1 +
+    /// ReLU's, conv2's, the block output), 3 with recomputation.
+    #[allow(clippy::too_many_arguments)]
+    fn basic_block(
+        &self,
+        tape: &mut Tape,
+        leaves: &ParamLeaves,
+        buffers: &ParamStore,
+        blk: &BasicBlock,
+        x: &Tensor,
+        train: bool,
+        updates: &mut Vec<BnUpdate>,
+    ) -> Result<Tensor> {
+        let recompute = train && self.fused_bn && self.recompute != Recompute::Nothing;
+        let mut h = tape.conv2d(x, &leaves[blk.conv1], blk.stride, 1)?; // (N, width, H/s, W/s)
+        if recompute {
+            h = bn_relu_conv_train(tape, leaves, &blk.bn1, &h, blk.conv2, 1, 1, updates)?;
+        } else {
+            h = self.bn_relu(tape, leaves, buffers, &blk.bn1, &h, None, train, updates)?;
+            h = tape.conv2d(&h, &leaves[blk.conv2], 1, 1)?; // (N, width, H/s, W/s)
+        }
+        // bn2's update is queued before the shortcut's, the bottleneck's order.
+        let mut shortcut_updates = Vec::new();
+        let shortcut = match &blk.downsample {
+            Some((w, bn)) => {
+                let s = tape.conv2d(x, &leaves[*w], blk.stride, 0)?; // (N, width, H/s, W/s)
+                bn_forward(tape, leaves, buffers, bn, &s, train, &mut shortcut_updates)?
+            }
+            None => x.clone(),
+        };
+        let y = self.bn_relu(
+            tape,
+            leaves,
+            buffers,
+            &blk.bn2,
+            &h,
+            Some(&shortcut),
+            train,
+            updates,
+        )?; // (N, width, H/s, W/s)
+        updates.append(&mut shortcut_updates);
+        Ok(y)
+    }
 }
 
 #[cfg(test)]
@@ -532,6 +715,18 @@ mod tests {
     use super::*;
     use crate::nn::params::ParamLeaves;
     use crate::testutil::{randn, randn_vec};
+
+    /// Configurations (config.json, checkpoints) written before basic blocks existed have no
+    /// `block` field and keep meaning bottleneck blocks.
+    #[test]
+    fn a_config_without_block_kind_is_a_bottleneck_resnet() {
+        let old = r#"{"layers":[3,4,6,3],"base_width":64,"stem":"imagenet"}"#;
+        let cfg: ResNetConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(cfg, ResNetConfig::resnet50());
+        let r18 = serde_json::to_string(&ResNetConfig::resnet18(Stem::Cifar)).unwrap();
+        assert!(r18.contains(r#""block":"basic""#), "{r18}");
+        assert_eq!(ResNetConfig::resnet18(Stem::Cifar).feature_dim(), 512);
+    }
 
     /// A two-stage ResNet (identity and projection shortcuts, stride 2) forward + backward in
     /// both modes, fused vs unfused: the output, every parameter's gradient, the input's
@@ -541,22 +736,35 @@ mod tests {
     /// with the fused ops bit for bit.
     #[test]
     fn fused_and_unfused_resnet_agree_forward_backward_and_bn_updates() {
-        fused_recomputed_and_unfused_agree(Stem::Cifar, [3, 3, 7, 6]);
+        fused_recomputed_and_unfused_agree(Stem::Cifar, BlockKind::Bottleneck, [3, 3, 7, 6]);
     }
 
     /// The same with the ImageNet stem (7x7 stride-2 conv, BN + ReLU, 3x3 stride-2 max pool,
     /// whose BN + ReLU output the recomputing levels also drop).
     #[test]
     fn fused_and_unfused_resnet_agree_with_the_imagenet_stem() {
-        fused_recomputed_and_unfused_agree(Stem::Imagenet, [2, 3, 17, 14]);
+        fused_recomputed_and_unfused_agree(Stem::Imagenet, BlockKind::Bottleneck, [2, 3, 17, 14]);
     }
 
-    fn fused_recomputed_and_unfused_agree(stem: Stem, x_shape: [usize; 4]) {
+    /// The same with basic blocks (ResNet18's), both stems: an identity shortcut in stage 1
+    /// (the width does not change), a projection in stage 2.
+    #[test]
+    fn fused_and_unfused_basic_block_resnet_agree() {
+        fused_recomputed_and_unfused_agree(Stem::Cifar, BlockKind::Basic, [3, 3, 7, 6]);
+        fused_recomputed_and_unfused_agree(Stem::Imagenet, BlockKind::Basic, [2, 3, 17, 14]);
+    }
+
+    fn fused_recomputed_and_unfused_agree(stem: Stem, block: BlockKind, x_shape: [usize; 4]) {
+        // Basic blocks are 4x narrower than bottlenecks at the same base width: 4 rather than
+        // 3 so that eval mode's random running statistics do not kill every ReLU of a stage
+        // (a zero input gradient would hide the comparison).
         let cfg = ResNetConfig {
             layers: vec![2, 1],
-            base_width: 3,
+            base_width: if block == BlockKind::Basic { 4 } else { 3 },
             stem,
+            block,
         };
+        let basic = block == BlockKind::Basic;
         let mut params = ParamStore::new();
         let mut buffers = ParamStore::new();
         let mut net = ResNet::new(
@@ -617,15 +825,19 @@ mod tests {
             let (yf, gf, uf, nf) = run(&net);
             net.set_fused_bn(false);
             let (yu, gu, uu, nu) = run(&net);
-            // Stem: 2 ops fused into 1; each block's bn1, bn2: 2 -> 1; bn3 + add + relu: 3 -> 1.
-            assert_eq!(nu - nf, 1 + 3 * 4, "train={train}: recorded ops");
+            // Stem: 2 ops fused into 1; each bottleneck's bn1, bn2: 2 -> 1; bn3 + add + relu:
+            // 3 -> 1 (a basic block: bn1 2 -> 1, bn2 + add + relu 3 -> 1).
+            let per_block = if basic { 3 } else { 4 };
+            assert_eq!(nu - nf, 1 + 3 * per_block, "train={train}: recorded ops");
             // Recomputation (training only), per block: bn1 + conv2 and bn2 + conv3: 2 -> 1
             // each; with conv3 recomputed, bn2 + conv3 + bn3 (+ add + relu): 3 -> 1. The same
             // values bit for bit.
             for (level, (y, g, u, n)) in recomputed {
                 let stem_ops = usize::from(stem == Stem::Imagenet);
+                // A basic block fuses bn1 + conv2 at both levels: 2 -> 1.
                 let fewer = match (train, level) {
                     (false, _) => 0,
+                    (true, _) if basic => 3 + stem_ops,
                     (true, Recompute::BnOutputs) => 3 * 2 + stem_ops,
                     (true, _) => 3 * 3 + stem_ops,
                 };
@@ -654,11 +866,17 @@ mod tests {
             close(&yf, &yu, "features");
             assert!(yf.iter().any(|&v| v != 0.0));
             for (i, (a, b)) in gf.iter().zip(&gu).enumerate() {
-                assert!(a.iter().any(|&v| v != 0.0), "grad {i} is all zero");
+                assert!(
+                    a.iter().any(|&v| v != 0.0),
+                    "train={train} {stem:?} {block:?}: grad {i} is all zero"
+                );
                 close(a, b, &format!("grad {i}"));
             }
             assert_eq!(uf.len(), uu.len());
-            assert_eq!(uf.len(), if train { 1 + 3 * 3 + 2 } else { 0 });
+            // The stem, each block's BNs, the projection shortcuts (a basic layer1.0 keeps
+            // the width: identity).
+            let bns = if basic { 1 + 3 * 2 + 1 } else { 1 + 3 * 3 + 2 };
+            assert_eq!(uf.len(), if train { bns } else { 0 });
             for (a, b) in uf.iter().zip(&uu) {
                 assert_eq!(a.ids.gamma, b.ids.gamma);
                 assert_eq!(a.ids.running_var, b.ids.running_var);

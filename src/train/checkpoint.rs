@@ -382,8 +382,9 @@ pub fn load_latest(
 }
 
 /// The teacher backbone alone (parameters + BN running statistics), f32, under torchvision's
-/// names: `torchvision.models.resnet50().load_state_dict(..., strict=False)` takes it (only `fc`
-/// and `num_batches_tracked` are missing).
+/// names: `torchvision.models.resnet50()` (or `resnet18()` for a ResNet18 run)
+/// `.load_state_dict(..., strict=False)` takes it (only `fc` and `num_batches_tracked` are
+/// missing).
 pub fn export_backbone(net: &Network, out: &Path) -> Result<()> {
     let mut tensors = BTreeMap::new();
     let is_backbone = |n: &str| !n.starts_with("head.") && !n.starts_with("prototypes.");

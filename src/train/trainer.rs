@@ -202,6 +202,34 @@ pub fn knn_eval(
     Ok(KNN_KS.iter().copied().zip(acc).collect())
 }
 
+/// The raw-pixel baseline: k-NN top-1 for every k in `KNN_KS` with each image's evaluation view
+/// itself as its feature (the network's input: resized and centre-cropped to `size`,
+/// normalized with the ImageNet mean and std, (3 * size * size) values), L2-normalized, the
+/// same cosine k-NN as [`knn_eval`]. A learned representation should beat it.
+pub fn knn_eval_raw_pixels(
+    train_ds: &Dataset,
+    test_ds: &Dataset,
+    size: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let d = 3 * size * size;
+    let raw = |ds: &Dataset| -> Result<(Vec<f32>, Vec<u32>)> {
+        let mut feats = Vec::with_capacity(ds.len() * d); // (N, 3 * size * size)
+        let mut labels = Vec::with_capacity(ds.len());
+        for b in eval_batches(ds, size, 256) {
+            let (x, y) = b?;
+            feats.extend_from_slice(&x);
+            labels.extend_from_slice(&y);
+        }
+        l2_normalize_rows(&mut feats, d);
+        Ok((feats, labels))
+    };
+    let (trf, trl) = raw(train_ds)?;
+    let (tef, tel) = raw(test_ds)?;
+    let classes = train_ds.num_classes().max(test_ds.num_classes());
+    let acc = knn_top1(&trf, &trl, &tef, &tel, d, classes, &KNN_KS)?;
+    Ok(KNN_KS.iter().copied().zip(acc).collect())
+}
+
 fn top1_k20(knn: &[(usize, f64)]) -> Option<f64> {
     knn.iter().find(|(k, _)| *k == 20).map(|(_, a)| *a)
 }
