@@ -99,7 +99,8 @@ fn cached_features(
     no_cache: bool,
     device: &carp::Device,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let manifest = std::fs::read(data.join("manifest.json")).map_err(|e| Error::io(data, e))?;
+    let dir = carp::data::embedded::resolve(data)?;
+    let manifest = std::fs::read(dir.join("manifest.json")).map_err(|e| Error::io(&*dir, e))?;
     let key = format!("{crc}-{:08x}-{size}", crc32fast::hash(&manifest));
     let split = data.file_name().and_then(|s| s.to_str()).unwrap_or("data");
     let cache = ckpt.with_extension(format!("features-{split}.bin"));
