@@ -257,6 +257,11 @@ struct TrainArgs {
     /// Print the resolved configuration and parameter counts, then exit.
     #[arg(long)]
     dry_run: bool,
+    /// Open the CUDA profiler's capture range from step A to step B (inclusive, counted from
+    /// 1), for `nsys profile --capture-range=cudaProfilerApi` (README, Profiling). On the CPU
+    /// the run goes on without a capture (a notice says so).
+    #[arg(long, value_name = "A:B")]
+    profile_steps: Option<carp::device::profiler::ProfileSteps>,
     /// Skip the k-NN evaluations.
     #[arg(long)]
     no_eval: bool,
@@ -446,6 +451,7 @@ fn run(cli: Cli) -> Result<()> {
                 no_eval: args.no_eval,
                 inject_nan_at_step: args.inject_nan_at_step,
                 quiet: false,
+                profile_steps: args.profile_steps,
             };
             let report = trainer::train(&cfg, &opts)?;
             if args.json {
