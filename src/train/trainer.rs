@@ -37,6 +37,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Open the CUDA profiler's capture range around these steps (`--profile-steps A:B`).
     pub profile_steps: Option<ProfileSteps>,
+    /// Start even when the memory estimate exceeds the memory available (`--force`).
+    pub force: bool,
 }
 
 /// The summary of a run (the `--json` line).
@@ -247,6 +249,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             eprintln!("{s}");
         }
     };
+    // Before anything big is allocated: a run that cannot fit is refused here.
+    let mem = crate::train::memory::estimate(cfg, &device)?;
+    if let Some(warning) = crate::train::memory::check(&mem, opts.force)? {
+        say(warning);
+    }
     let run_dir = cfg.out.clone();
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
 
