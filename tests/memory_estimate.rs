@@ -12,6 +12,13 @@ use carp::train::memory::estimate;
 use carp::train::step::CarpState;
 
 fn model(stem: Stem) -> ModelConfig {
+    if stem == Stem::Imagenet {
+        // ResNet50's backbone with a smaller head: at a few images of 96 pixels its gradients
+        // outweigh its activations, the case where a step's peak alone misleads.
+        let mut m = ModelConfig::resnet50();
+        m.head.prototypes = 1024;
+        return m;
+    }
     ModelConfig {
         arch: "small".into(),
         backbone: ResNetConfig {
@@ -56,9 +63,9 @@ fn the_estimate_matches_a_measured_step() {
     let cases = [
         (Stem::Cifar, 12, 40, 0, 0, 0.02),
         (Stem::Cifar, 6, 96, 0, 0, 0.02),
-        (Stem::Imagenet, 5, 128, 0, 0, 0.02),
         (Stem::Cifar, 6, 40, 3, 16, 0.02),
-        (Stem::Imagenet, 4, 160, 2, 64, 0.05),
+        (Stem::Cifar, 4, 160, 2, 64, 0.05),
+        (Stem::Imagenet, 2, 96, 0, 0, 0.08),
     ];
     for (stem, batch, size, locals, local_size, tol) in cases {
         let cfg = TrainConfig {

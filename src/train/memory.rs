@@ -1,14 +1,21 @@
 //! The memory a run needs, estimated before it starts, and the refusal of a run that cannot fit.
 //!
-//! The per-image cost comes from measurement, not from a model of the network: a few training
-//! steps of the run's own model at small batches and sizes on the CPU, counted by the CPU
+//! The per-image cost comes from measurement, not from a model of the network: training steps
+//! and forwards of the run's own model at small batches and sizes on the CPU, counted by the CPU
 //! tensor-storage counter (`tensor::cpu_storage_bytes`, the measure `peak_live_bytes` reports
-//! during training). A step's peak is `fixed + batch * per_image(size)`: two batches at one size
-//! give the per-image bytes at that size; when the run's size is above [`PROBE_MAX`], a third step
-//! at twice the size splits the per-image bytes into a part that grows with the pixels and one
-//! that does not (head, logits), `per_image(S) = a S^2 + c`, extrapolated to the run's size.
-//! Added: the parameters, gradients, BN statistics, teacher and LARS momentum (counted from the
-//! state), and on the CPU the loader's finished batches in flight.
+//! during training). Two ways, the larger per-image figure is taken:
+//! - a step's peak, `fixed + batch * per_image`: two batches at one size give the per-image bytes
+//!   at that size. This includes backward's transients, but where the probe's few images hold
+//!   less than the gradients (ResNet50 at 32 pixels), the peak sits at the end of backward,
+//!   where the activations are gone, and the slope says too little;
+//! - the activations the student's forward leaves on the tape per image (what
+//!   `tests/memory.rs` measures), the start-of-backward figure, which adds up exactly.
+//!
+//! When the run's size is above [`PROBE_MAX`], measurements at two sizes split the per-image
+//! bytes into a part that grows with the pixels and one that does not (head, logits),
+//! `per_image(S) = a S^2 + c`, extrapolated to the run's size. Added: the parameters,
+//! gradients, BN statistics, teacher and LARS momentum (counted from the state), and on the CPU
+//! the loader's finished batches in flight.
 //!
 //! On a GPU, a bf16 run stores activations in bf16 (half the per-image bytes), the caching
 //! allocator rounds requests up (at most 1/8), and the cuDNN workspace takes up to 1 GiB.
@@ -139,6 +146,30 @@ fn probe_step(
     Ok(cpu_storage_bytes().1 as f64 - base)
 }
 
+/// The bytes per image that one training forward of the student leaves alive on the tape (its
+/// input included) at side `size`: the slope between `PROBE_BATCHES`.
+fn probe_forward(net: &crate::nn::Network, size: usize) -> Result<f64> {
+    let mut saved = [0.0; 2];
+    for (i, n) in PROBE_BATCHES.into_iter().enumerate() {
+        let mut tape = crate::autograd::Tape::new();
+        let leaves = net.params.leaves(&mut tape)?;
+        let base = cpu_storage_bytes().0 as f64;
+        let x = crate::testutil::randn(&[n, 3, size, size], 4);
+        let out = net.forward(&mut tape, &leaves, &x, true)?;
+        saved[i] = cpu_storage_bytes().0 as f64 - base;
+        drop((out, x, leaves, tape));
+    }
+    let [b1, b2] = PROBE_BATCHES;
+    Ok((saved[1] - saved[0]) / (b2 - b1) as f64)
+}
+
+/// `per_image(S) = a S^2 + c` through measurements at sides `s1 < s2`, at side `s`.
+fn extrapolate(m1: f64, s1: usize, m2: f64, s2: usize, s: usize) -> f64 {
+    let area = |x: usize| (x * x) as f64;
+    let a = ((m2 - m1) / (area(s2) - area(s1))).max(0.0);
+    a * area(s) + (m1 - a * area(s1))
+}
+
 /// Estimates the memory `cfg` needs on `device` (probe steps on the CPU: well under a second
 /// for the tiny model, a few seconds for ResNet50) and reads the memory available there.
 pub fn estimate(cfg: &TrainConfig, device: &Device) -> Result<MemoryEstimate> {
@@ -158,23 +189,58 @@ pub fn estimate(cfg: &TrainConfig, device: &Device) -> Result<MemoryEstimate> {
             .max(8.0) as usize
     };
     let [b1, b2] = PROBE_BATCHES;
-    let (per_image, fixed) = if s <= PROBE_MAX {
+    // Per image of the whole step from its peak: (at the first probe size, at the run's size),
+    // and the peak of the first probe.
+    let (step1, step_s, p1) = if s <= PROBE_MAX {
         let ls = cfg.local_size;
         let p1 = probe_step(&mut state, b1, s, l, ls)?;
         let p2 = probe_step(&mut state, b2, s, l, ls)?;
         let per = (p2 - p1) / (b2 - b1) as f64;
-        (per, p1 - b1 as f64 * per)
+        (per, per, p1)
     } else {
         let (s1, s2) = (PROBE_MAX / 2, PROBE_MAX);
         let p1 = probe_step(&mut state, b1, s1, l, local_at(s1))?;
         let p2 = probe_step(&mut state, b2, s1, l, local_at(s1))?;
         let p3 = probe_step(&mut state, b1, s2, l, local_at(s2))?;
         let per1 = (p2 - p1) / (b2 - b1) as f64;
-        let area = |x: usize| (x * x) as f64;
-        let a = ((p3 - p1) / b1 as f64 / (area(s2) - area(s1))).max(0.0);
-        let c = per1 - a * area(s1);
-        (a * area(s) + c, p1 - b1 as f64 * per1)
+        let per2 = per1 + (p3 - p1) / b1 as f64;
+        (per1, extrapolate(per1, s1, per2, s2, s), p1)
     };
+    // The same from the forward's saved activations: two global views and the local ones.
+    let fwd_at = |size: usize| -> Result<f64> {
+        if size <= PROBE_MAX {
+            probe_forward(&state.student, size)
+        } else {
+            let (s1, s2) = (PROBE_MAX / 2, PROBE_MAX);
+            let (m1, m2) = (
+                probe_forward(&state.student, s1)?,
+                probe_forward(&state.student, s2)?,
+            );
+            Ok(extrapolate(m1, s1, m2, s2, size))
+        }
+    };
+    let first = if s <= PROBE_MAX { s } else { PROBE_MAX / 2 };
+    let fwd = |size: usize, local: usize| -> Result<f64> {
+        let locals = if l > 0 {
+            l as f64 * fwd_at(local)?
+        } else {
+            0.0
+        };
+        Ok(2.0 * fwd_at(size)? + locals)
+    };
+    let local_first = if s <= PROBE_MAX {
+        cfg.local_size
+    } else {
+        local_at(first)
+    };
+    let fwd1 = fwd(first, local_first)?;
+    let fwd_s = if s <= PROBE_MAX {
+        fwd1
+    } else {
+        fwd(s, cfg.local_size)?
+    };
+    let (per1, per_image) = (step1.max(fwd1), step_s.max(fwd_s));
+    let fixed = p1 - b1 as f64 * per1;
     // The probes' peak is not the run's: the training loop reports its own from here.
     reset_cpu_storage_peak();
     let (per_image, fixed) = (per_image.max(0.0), fixed.max(0.0));
