@@ -87,6 +87,12 @@ struct Args {
     /// event pair around the step.
     #[arg(long)]
     no_phase_sync: bool,
+    /// Open the CUDA profiler's capture range from step A to step B (inclusive, counted from
+    /// 1 over warm-up and timed steps, as the log prints them), for `nsys profile
+    /// --capture-range=cudaProfilerApi`: e.g. `--warmup 2 --steps 3 --profile-steps 3:5`
+    /// records the timed steps only. On the CPU the run goes on without a capture.
+    #[arg(long, value_name = "A:B", conflicts_with = "loader")]
+    profile_steps: Option<carp::device::profiler::ProfileSteps>,
 }
 
 /// Whether this run's cuDNN convolutions may use TF32 (false on the CPU).
@@ -283,7 +289,15 @@ fn run(args: Args) -> Result<()> {
     let mut phases: Vec<PhaseTimes> = Vec::new();
     let mut loss = 0.0;
     let mut allocs_after_warmup = gpu_allocs(&device)?;
+    if let Some(p) = &args.profile_steps {
+        p.validate(0, args.warmup + args.steps)?;
+    }
+    let mut profiler = carp::device::profiler::Profiler::new(args.profile_steps, &device)?;
+    if let Some(n) = profiler.notice() {
+        eprintln!("{n}");
+    }
     for i in 0..args.warmup + args.steps {
+        profiler.before_step(i + 1)?;
         let t0 = Instant::now();
         let (v1, v2, locals) = match batches.as_mut() {
             Some(it) => {
@@ -300,6 +314,7 @@ fn run(args: Args) -> Result<()> {
         // makes sure the clock here covers all of the step's work either way.
         sync(&device)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
+        profiler.after_step(i + 1)?;
         loss = st.loss;
         if i + 1 == args.warmup {
             allocs_after_warmup = gpu_allocs(&device)?;

@@ -99,7 +99,8 @@ fn cached_features(
     no_cache: bool,
     device: &carp::Device,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let manifest = std::fs::read(data.join("manifest.json")).map_err(|e| Error::io(data, e))?;
+    let dir = carp::data::embedded::resolve(data)?;
+    let manifest = std::fs::read(dir.join("manifest.json")).map_err(|e| Error::io(&*dir, e))?;
     let key = format!("{crc}-{:08x}-{size}", crc32fast::hash(&manifest));
     let split = data.file_name().and_then(|s| s.to_str()).unwrap_or("data");
     let cache = ckpt.with_extension(format!("features-{split}.bin"));
@@ -256,9 +257,18 @@ struct TrainArgs {
     /// Stop after this many steps in this invocation (checkpointed; continue with --resume).
     #[arg(long)]
     stop_after: Option<usize>,
-    /// Print the resolved configuration and parameter counts, then exit.
+    /// Print the resolved configuration, parameter counts and memory estimate, then exit.
     #[arg(long)]
     dry_run: bool,
+    /// Start even when the memory estimate exceeds the memory available (runs that cannot
+    /// fit are refused before they start otherwise).
+    #[arg(long)]
+    force: bool,
+    /// Open the CUDA profiler's capture range from step A to step B (inclusive, counted from
+    /// 1), for `nsys profile --capture-range=cudaProfilerApi` (README, Profiling). On the CPU
+    /// the run goes on without a capture (a notice says so).
+    #[arg(long, value_name = "A:B")]
+    profile_steps: Option<carp::device::profiler::ProfileSteps>,
     /// Skip the k-NN evaluations.
     #[arg(long)]
     no_eval: bool,
@@ -448,6 +458,20 @@ fn run(cli: Cli) -> Result<()> {
                     b + h + p
                 );
                 println!("precision: {}", cfg.precision);
+                // A dry run does not need the device: without it, no estimate.
+                let mem = match carp::Device::parse(&cfg.device) {
+                    Ok(device) => Some(carp::train::memory::estimate(&cfg, &device)?),
+                    Err(e) => {
+                        println!("memory estimate: none ({e})");
+                        None
+                    }
+                };
+                if let Some(mem) = &mem {
+                    println!("memory estimate: {}", mem.summary());
+                    if mem.exceeds_available() {
+                        println!("memory: this run would be refused (it does not fit; --force starts it anyway)");
+                    }
+                }
                 if cfg.local_crops > 0 {
                     println!(
                         "views per image: 2 global {0}x{0} (student and teacher) + {1} local {2}x{2} (student only)",
@@ -462,7 +486,7 @@ fn run(cli: Cli) -> Result<()> {
                 if args.json {
                     println!(
                         "{}",
-                        serde_json::json!({"config": cfg, "params_backbone": b, "params_head": h, "params_prototypes": p})
+                        serde_json::json!({"config": cfg, "params_backbone": b, "params_head": h, "params_prototypes": p, "memory": mem})
                     );
                 }
                 return Ok(());
@@ -473,6 +497,8 @@ fn run(cli: Cli) -> Result<()> {
                 no_eval: args.no_eval,
                 inject_nan_at_step: args.inject_nan_at_step,
                 quiet: false,
+                profile_steps: args.profile_steps,
+                force: args.force,
             };
             let report = trainer::train(&cfg, &opts)?;
             if args.json {

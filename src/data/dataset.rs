@@ -85,7 +85,9 @@ pub struct Dataset {
 impl Dataset {
     /// Opens a dataset folder; validates the manifest, every shard header and index entry,
     /// and that counts and labels agree with the manifest.
+    /// An `embedded:...` path opens the dataset inside the binary (`data::embedded`).
     pub fn open(dir: &Path) -> Result<Dataset> {
+        let dir = &*crate::data::embedded::resolve(dir)?;
         let manifest = Manifest::read(dir)?;
         let mpath = dir.join(MANIFEST);
         let nc = manifest.classes.len();

@@ -3,6 +3,7 @@
 //! - `shard`: the on-disk format (header, index, records), memory-mapped, validated on open;
 //!   documented in `datasets/README.md`.
 //! - `dataset`: a folder of shards plus `manifest.json` (`Dataset`).
+//! - `embedded`: the demo subset inside the binary (`embedded:fashion-mnist-small/...` paths).
 //! - `decode`: raw / JPEG (libjpeg-turbo: whole, or a region at a DCT scale) / PNG records to
 //!   RGB u8.
 //! - `augment`: SPEC.md's two views, split into a u8 geometric half and a colour `finish`.
@@ -14,6 +15,7 @@ pub mod augment;
 pub mod benchset;
 pub mod dataset;
 pub mod decode;
+pub mod embedded;
 pub mod idx;
 pub mod loader;
 pub mod pack;

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod profiler;
 
 /// The environment switches of the training step, for `--help` (the README lists them too):
 /// each turns one optimization off, for A/B runs and as a fallback.

@@ -83,8 +83,9 @@ impl TrainConfig {
     pub fn tiny_default() -> Self {
         TrainConfig {
             model: ModelConfig::tiny(),
-            data: PathBuf::from("datasets/fashion-mnist-small/train"),
-            eval_data: Some(PathBuf::from("datasets/fashion-mnist-small/test")),
+            // Inside the binary (data::embedded), so an installed carp runs from any folder.
+            data: PathBuf::from(crate::data::embedded::TRAIN),
+            eval_data: Some(PathBuf::from(crate::data::embedded::TEST)),
             out: PathBuf::from("runs/tiny"),
             batch: 128,
             steps: None,

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod memory;
 pub mod plot;
 pub mod step;
 pub mod trainer;

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::bail;
 use crate::data::{eval_batches, Dataset, LoaderConfig, LocalViews, TwoViewLoader, ViewConfig};
+use crate::device::profiler::{ProfileSteps, Profiler};
 use crate::error::{Error, Result};
 use crate::eval::knn::{knn_top1, l2_normalize_rows, KNN_KS};
 use crate::nn::Network;
@@ -34,6 +35,10 @@ pub struct TrainOptions {
     pub inject_nan_at_step: Option<usize>,
     /// Print nothing but errors (the JSON line still prints when asked).
     pub quiet: bool,
+    /// Open the CUDA profiler's capture range around these steps (`--profile-steps A:B`).
+    pub profile_steps: Option<ProfileSteps>,
+    /// Start even when the memory estimate exceeds the memory available (`--force`).
+    pub force: bool,
 }
 
 /// The summary of a run (the `--json` line).
@@ -272,6 +277,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             eprintln!("{s}");
         }
     };
+    // Before anything big is allocated: a run that cannot fit is refused here.
+    let mem = crate::train::memory::estimate(cfg, &device)?;
+    if let Some(warning) = crate::train::memory::check(&mem, opts.force)? {
+        say(warning);
+    }
     let run_dir = cfg.out.clone();
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
 
@@ -305,6 +315,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         );
     }
     let total = cfg.total_steps(bpe)?;
+    if let Some(p) = &opts.profile_steps {
+        p.validate(0, total)?;
+    }
     let config_json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     let meta_at = |step: usize| CheckpointMeta {
         step,
@@ -340,6 +353,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             path.display(),
             state.step
         ));
+        if let Some(p) = &opts.profile_steps {
+            p.validate(state.step, total)?;
+        }
     } else {
         if run_dir.join(checkpoint::LATEST).exists() {
             bail!(
@@ -403,6 +419,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         "views finished on the {}",
         views::finish_path(&device)
     ));
+    let mut profiler = Profiler::new(opts.profile_steps, &device)?;
+    if let Some(n) = profiler.notice() {
+        say(n);
+    }
     let start_step = state.step;
     let mut last = Default::default();
     let mut train_secs = 0.0f64;
@@ -419,6 +439,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
                 break 'outer;
             }
             let batch = batch?;
+            // Steps count from 1 in the logs and in --profile-steps.
+            profiler.before_step(state.step + 1)?;
             let t0 = Instant::now();
             let n = batch.batch();
             let poison = opts.inject_nan_at_step == Some(state.step);
@@ -437,6 +459,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
                 }
             };
             let dt = t0.elapsed().as_secs_f64();
+            profiler.after_step(state.step)?;
             train_secs += dt;
             images += n;
             let ips = n as f64 / dt;
