@@ -19,7 +19,9 @@
 //!
 //! On a GPU, a bf16 run stores activations in bf16 (half the per-image bytes), the caching
 //! allocator rounds requests up (at most 1/8), and the cuDNN workspace takes up to 1 GiB.
-//! Not counted: the k-NN evaluation (no tape, one batch of 256 at a time).
+//! A GPU run is checked against the GPU's free memory only (the host keeps a copy of the state
+//! and the loader's batches besides). Not counted: the k-NN evaluation (no tape, one batch of
+//! 256 at a time).
 
 use crate::autograd::Precision;
 use crate::error::{Error, Result};
