@@ -130,7 +130,8 @@ fn imagenet_like(name: &str, n: usize) -> (Dataset, PathBuf) {
 }
 
 /// The JPEGs of the tests: the photographs, a grayscale one, ImageNet-like frames, and
-/// 4:4:4 / 4:2:0 encodes of an odd-sized noise-on-photo image (iMCU edges inside the frame).
+/// 4:4:4 / 4:2:0 / progressive encodes of an odd-sized noise-on-photo image (iMCU edges inside
+/// the frame).
 fn jpegs() -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]
         .iter()
@@ -161,6 +162,21 @@ fn jpegs() -> Vec<(String, Vec<u8>)> {
             .unwrap();
         v.push((name.to_string(), out));
     }
+    // Progressive 4:2:0 (ImageNet has some): coefficients buffered, then cropped.
+    let mut comp = turbojpeg::Compressor::new().unwrap();
+    comp.set_quality(90).unwrap();
+    comp.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
+    comp.set_progressive(true).unwrap();
+    let progressive = comp
+        .compress_to_vec(turbojpeg::Image {
+            pixels: &px[..],
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        })
+        .unwrap();
+    v.push(("progressive".to_string(), progressive));
     let (ds, _dir) = imagenet_like("jpegs", 2);
     for i in 0..ds.len() {
         v.push((
