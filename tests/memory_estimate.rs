@@ -3,7 +3,7 @@
 //! counter is process-wide, so this file holds one test (its own process).
 
 use carp::nn::head::HeadConfig;
-use carp::nn::resnet::{ResNetConfig, Stem};
+use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
 use carp::nn::ModelConfig;
 use carp::tensor::{cpu_storage_bytes, reset_cpu_storage_peak, Device};
 use carp::testutil::randn;
@@ -25,6 +25,7 @@ fn model(stem: Stem) -> ModelConfig {
             layers: vec![1, 1, 1],
             base_width: 4,
             stem,
+            block: BlockKind::Bottleneck,
         },
         head: HeadConfig {
             hidden: 32,
