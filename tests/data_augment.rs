@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+mod pil_ref;
+
 use carp::data::augment::*;
 use carp::data::decode::{decode_bytes, Image};
 use rand::{Rng, SeedableRng};
@@ -24,19 +26,6 @@ fn random_image(h: usize, w: usize, seed: u64) -> Image {
 
 // ---------- resampling ----------
 
-/// PIL's bicubic kernel, a = -0.5.
-fn cubic(x: f64) -> f64 {
-    let a = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        (a + 2.0) * x * x * x - (a + 3.0) * x * x + 1.0
-    } else if x < 2.0 {
-        a * x * x * x - 5.0 * a * x * x + 8.0 * a * x - 4.0 * a
-    } else {
-        0.0
-    }
-}
-
 /// PIL's antialiased resampling weights along one axis: (n_out, n_in), each row normalized.
 fn weights(n_in: usize, b0: f64, blen: f64, n_out: usize) -> Vec<Vec<f64>> {
     let scale = blen / n_out as f64;
@@ -49,7 +38,7 @@ fn weights(n_in: usize, b0: f64, blen: f64, n_out: usize) -> Vec<Vec<f64>> {
                 .map(|i| {
                     let d = (i as f64 + 0.5 - c) / fs;
                     if (i as f64 + 0.5 - c).abs() < 2.0 * fs + 0.5 {
-                        cubic(d)
+                        pil_ref::cubic(d)
                     } else {
                         0.0
                     }

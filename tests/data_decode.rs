@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod pil_ref;
+
 use carp::data::augment::{draw_view, resample_view, sample_view, ViewConfig, ViewDraw};
 use carp::data::benchset::make_imagenet_like;
 use carp::data::decode::{
@@ -50,16 +52,7 @@ fn zune_decode(bytes: &[u8]) -> Image {
 
 /// PIL's antialiased bicubic weights (a = -0.5) along one axis, as (first index, weights).
 fn axis_weights(n_in: usize, b0: f64, blen: f64, n_out: usize) -> Vec<(usize, Vec<f64>)> {
-    let k = |x: f64| {
-        let (a, x) = (-0.5, x.abs());
-        if x < 1.0 {
-            (a + 2.0) * x * x * x - (a + 3.0) * x * x + 1.0
-        } else if x < 2.0 {
-            a * x * x * x - 5.0 * a * x * x + 8.0 * a * x - 4.0 * a
-        } else {
-            0.0
-        }
-    };
+    let k = pil_ref::cubic;
     let scale = blen / n_out as f64;
     let fs = scale.max(1.0);
     (0..n_out)
