@@ -13,13 +13,12 @@ use carp::data::{Dataset, LoaderConfig, TwoViewLoader};
 use carp::nn::ModelConfig;
 use carp::tensor::Device;
 use carp::testutil::randn;
-use carp::train::step::{set_phase_sync, CarpState, PhaseTimes};
+use carp::train::step::{CarpState, PhaseTimes};
 use carp::{Error, Result};
 
 #[derive(Parser)]
 #[command(
     name = "carp-bench",
-    after_long_help = carp::device::ENV_SWITCHES,
     version,
     about = "Benchmark one CARP training configuration",
     long_about = "Measures one CARP training step (teacher forward, student forward, loss, backward, \
@@ -81,11 +80,11 @@ struct Args {
     /// Print one JSON line at the end.
     #[arg(long)]
     json: bool,
-    /// GPU: no per-phase synchronization (as in training): the step only queues work and waits
-    /// once at its end, so the step time shows what the waits between phases cost; the phase
-    /// rows are then the host's queuing times, and "gpu step" the GPU time between one CUDA
-    /// event pair around the step.
-    #[arg(long)]
+    /// GPU: no per-phase synchronization (as in training; the same as `--phase-sync off`): the
+    /// step only queues work and waits once at its end, so the step time shows what the waits
+    /// between phases cost; the phase rows are then the host's queuing times, and "gpu step"
+    /// the GPU time between one CUDA event pair around the step.
+    #[arg(long, conflicts_with = "phase_sync")]
     no_phase_sync: bool,
     /// Open the CUDA profiler's capture range from step A to step B (inclusive, counted from
     /// 1 over warm-up and timed steps, as the log prints them), for `nsys profile
@@ -93,6 +92,8 @@ struct Args {
     /// records the timed steps only. On the CPU the run goes on without a capture.
     #[arg(long, value_name = "A:B", conflicts_with = "loader")]
     profile_steps: Option<carp::device::profiler::ProfileSteps>,
+    #[command(flatten)]
+    run_options: carp::options::RunOptionArgs,
 }
 
 /// Whether this run's cuDNN convolutions may use TF32 (false on the CPU).
@@ -105,7 +106,7 @@ fn conv_tf32(device: &carp::Device) -> bool {
     false
 }
 
-/// Whether cuDNN algorithms were timed (`cudnnFind*`, `CARP_CUDNN_FIND`), on a GPU.
+/// Whether cuDNN algorithms were timed (`cudnnFind*`, `--cudnn-find`), on a GPU.
 fn cudnn_find(device: &carp::Device) -> bool {
     #[cfg(feature = "cuda")]
     if matches!(device, carp::Device::Cuda(_)) {
@@ -222,6 +223,15 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let device = Device::parse(&args.device)?;
+    // The benchmark's table wants per-phase GPU times: phases are synchronized unless asked
+    // otherwise (training's default is the opposite).
+    let mut base = carp::options::RunOptions::DEFAULT;
+    base.phase_sync = carp::options::Switch::On;
+    let mut run_options = args.run_options.resolve_over(base)?;
+    if args.no_phase_sync {
+        run_options.phase_sync = carp::options::Switch::Off;
+    }
+    carp::options::install(run_options);
     let mut model = ModelConfig::named(&args.arch)?;
     model.head.prototypes = args.k;
     if args.steps == 0 {
@@ -262,7 +272,7 @@ fn run(args: Args) -> Result<()> {
         None => None,
     };
     // Loader batches (with their local views under multi-crop): finished on the GPU from u8
-    // crops on CUDA unless CARP_GPU_AUG=0 (as in training), else by the loader threads.
+    // crops on CUDA unless --view-finish cpu (as in training), else by the loader threads.
     let mut batches = loader.as_ref().map(|l| {
         let dev = device.clone();
         (0..).flat_map(move |e| carp::train::trainer::epoch_batches(l, e, 0, &dev))
@@ -283,8 +293,6 @@ fn run(args: Args) -> Result<()> {
         },
     );
 
-    // Per-phase GPU times need a wait at the end of every phase (training does without).
-    set_phase_sync(!args.no_phase_sync);
     let mut step_ms = Vec::new();
     let mut phases: Vec<PhaseTimes> = Vec::new();
     let mut loss = 0.0;
@@ -369,13 +377,14 @@ fn run(args: Args) -> Result<()> {
         }
     );
     // Where BN updates, LARS and the EMA ran: the device-resident state, or the host stores
-    // (CPU runs, or CARP_HOST_OPTIM=1 for an A/B of the GPU optimizer phases).
+    // (CPU runs, or --optimizer-state host for an A/B of the GPU optimizer phases).
     let optimizer = if state.has_device_state() {
         "device"
     } else {
         "host"
     };
     println!("optimizer state on the {optimizer}");
+    println!("run options: {}", run_options.summary());
     println!("{:<18} {:>10}", "phase", "median ms");
     for (name, v) in rows {
         println!("{name:<18} {v:>10.2}");
@@ -408,7 +417,7 @@ fn run(args: Args) -> Result<()> {
             serde_json::json!({
                 "images_per_s": ips, "step_ms": med, "peak_mem_gib": peak, "peak_mem_what": peak_what, "peak_live_gib": peak_live, "cudnn_workspace_gib": workspace,
                 "batch": n, "device": device.to_string(), "conv_tf32": conv_tf32(&device), "cudnn_find": cudnn_find(&device), "arch": args.arch, "image_size": s, "local_crops": n_local, "local_size": ls, "precision": args.precision.as_str(), "k": args.k, "nb": args.nb,
-                "phases_ms": phases, "phase_sync": !args.no_phase_sync, "gpu_step_ms": gpu_step, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
+                "phases_ms": phases, "phase_sync": run_options.phase_sync.on(), "run_options": run_options, "gpu_step_ms": gpu_step, "optimizer_state": optimizer, "timed_device_allocs": timed_allocs, "mode": if args.data.is_some() { "end-to-end" } else { "synthetic" },
                 "view_finish": if args.data.is_some() { finish } else { "none" },
             })
         );

@@ -93,11 +93,12 @@ fi
 # value runs none); a token is comma-separated items: "--..." items are carp-bench flags
 # (--no-phase-sync: the step without a wait after each phase, as training runs it; the default
 # bench waits per phase for its table; --precision=bf16: bf16 activations on the GPU, NHWC
-# unless CARP_NHWC=0), the others environment settings; "-" alone is the defaults.
+# unless --bf16-layout=nchw; the run options such as --fused-bn=off), the others environment
+# settings (NAME=VALUE); "-" alone is the defaults.
 BB=${BENCH_BATCH:-256}
 BS=${BENCH_STEPS:-3}
 KEY_VARIANTS=${BENCH_KEY_VARIANTS-"--no-phase-sync --precision=bf16,--no-phase-sync"}
-VARIANTS=${BENCH_VARIANTS-"- --precision=bf16 CARP_BN_TWO_PASS=1,--precision=bf16,--no-phase-sync CARP_NHWC=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=0,--precision=bf16,--no-phase-sync CARP_RECOMPUTE=bn,--precision=bf16,--no-phase-sync CARP_FUSED_BN=0 CARP_HOST_OPTIM=1 CARP_STEP_SYNC=1 CARP_CUDNN_FIND=0 CARP_TF32=0"}
+VARIANTS=${BENCH_VARIANTS-"- --precision=bf16,--bn-stats=two-pass --precision=bf16,--no-phase-sync,--bf16-layout=nchw --precision=bf16,--no-phase-sync,--recompute=none --precision=bf16,--no-phase-sync,--recompute=bn --precision=bf16,--no-phase-sync,--fused-bn=off --optimizer-state=host --nan-guard=sync --cudnn-find=off --tf32=off"}
 # images/s of the step as training runs it (no per-phase waits), in f32 and in bf16: the ratios
 # against PyTorch's eager fp32 and eager bf16 below; and bf16's live-buffer peak.
 ours_ips="" ours_bf16_ips="" ours_bf16_live=""
@@ -211,7 +212,7 @@ fi
 
 # 4. The data path on this machine's cores: an ImageNet-like packed JPEG set (natural photos at
 # ImageNet's sizes and bytes per pixel), the loader alone, then end to end (loader feeding the
-# ResNet50 step, views finished on the GPU; CARP_GPU_AUG=0 for the CPU finish).
+# ResNet50 step, views finished on the GPU; --view-finish=cpu for the CPU finish).
 if [ "${GPU_CHECK_LOADER:-1}" != 0 ]; then
     ldir="${OUT:-/tmp}/imagenet-like"
     rm -rf "$ldir"
@@ -221,12 +222,12 @@ if [ "${GPU_CHECK_LOADER:-1}" != 0 ]; then
         overall=1
     row "  two-view images/s: crops only, + CPU finish" INFO "-" "$(json_field "$lout" crop_images_per_s), $(json_field "$lout" images_per_s) ($(json_field "$lout" workers) workers)"
     if [ -d "$ldir/packed" ]; then
-        for v in - CARP_GPU_AUG=0; do
-            envs=()
-            [ "$v" != "-" ] && envs=("$v")
+        for v in - --view-finish=cpu; do
+            vflag=""
+            [ "$v" != "-" ] && vflag=" $v"
             eout="${OUT:-/tmp}/end-to-end-${v//[^A-Za-z0-9_]/_}.json"
-            run_step "carp-bench --data (end to end)${envs:+ $v}" 240 env "${envs[@]}" bash -o pipefail -c \
-                "'$B/bin/carp-bench' --device cuda --data '$ldir/packed' --batch $BB --warmup 1 --steps $BS --json | tee '$eout'" ||
+            run_step "carp-bench --data (end to end)$vflag" 240 bash -o pipefail -c \
+                "'$B/bin/carp-bench' --device cuda --data '$ldir/packed' --batch $BB --warmup 1 --steps $BS$vflag --json | tee '$eout'" ||
                 overall=1
             row "  images/s end to end" INFO "-" "$(json_field "$eout" images_per_s)"
         done

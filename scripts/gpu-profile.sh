@@ -3,7 +3,7 @@
 # step's GPU time goes, kernel by kernel. Nsight Compute times every kernel of one bf16 step
 # (one metric, gpu__time_duration; --clock-control none: the clocks as found) and
 # scripts/kernel_summary.py sums them per kernel name and per kind (cuDNN, cuBLAS, carp's own).
-# cuDNN's heuristic algorithms (CARP_CUDNN_FIND=0) keep cudnnFind's thousands of trial launches
+# cuDNN's heuristic algorithms (--cudnn-find off) keep cudnnFind's thousands of trial launches
 # out of the profile; a plain bench row with the same switch gives that step's time unprofiled.
 # Environment: PROFILE_BATCH (256), PROFILE_PRECISION (bf16), PROFILE_TESTS (a gpu_tape test
 # filter to run first; empty: none), PROFILE_BIG_BATCH=0 skips the batch-1024 step log
@@ -39,16 +39,16 @@ if [ -n "${PROFILE_TESTS:-}" ]; then
 fi
 
 # The step unprofiled, with the same heuristic algorithms the profile sees.
-bench heuristic 120 CARP_CUDNN_FIND=0 -- --batch "$BB" --precision "$PREC" --warmup 1 --steps 3
+bench heuristic 120 -- --cudnn-find off --batch "$BB" --precision "$PREC" --warmup 1 --steps 3
 
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ "${PROFILE_NCU:-1}" = 0 ]; then
     echo "== ncu skipped (PROFILE_NCU=0)"
 elif [ -n "$NCU" ]; then
     rm -f /tmp/carp-step.ncu-rep
-    timeout "${PROFILE_NCU_TIMEOUT_S:-240}" env CARP_CUDNN_FIND=0 "$NCU" --clock-control none \
+    timeout "${PROFILE_NCU_TIMEOUT_S:-240}" "$NCU" --clock-control none \
         --metrics gpu__time_duration.sum --nvtx -o /tmp/carp-step -f \
-        "$B/bin/carp-bench" --device cuda --arch resnet50 --batch "$BB" --precision "$PREC" \
+        "$B/bin/carp-bench" --device cuda --arch resnet50 --cudnn-find off --batch "$BB" --precision "$PREC" \
         --no-phase-sync --warmup 0 --steps 1 >"$O/ncu-run.txt" 2>&1
     echo "== ncu (rc $?): $(tail -1 "$O/ncu-run.txt")"
     if [ -f /tmp/carp-step.ncu-rep ]; then
@@ -66,7 +66,9 @@ fi
 if [ "${PROFILE_BIG_BATCH:-1}" != 0 ]; then
     # The paper's global batch on one card, phases synchronized, every step's time in the log;
     # cuDNN's heuristics (cudnnFind took 70 s at this batch), PROFILE_BIG_FIND=1 to time them.
-    bench b1024 200 CARP_CUDNN_FIND="${PROFILE_BIG_FIND:-0}" -- --batch 1024 --precision bf16 \
+    big_find=off
+    [ "${PROFILE_BIG_FIND:-0}" = 1 ] && big_find=on
+    bench b1024 200 -- --cudnn-find "$big_find" --batch 1024 --precision bf16 \
         --warmup 1 --steps "${PROFILE_BIG_STEPS:-2}"
     grep '^step ' "$O/bench-b1024.txt"
 fi

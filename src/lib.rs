@@ -14,6 +14,7 @@ pub mod eval;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod options;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testutil;

@@ -273,27 +273,30 @@ fn carp_bench_runs_on_the_cpu_in_every_mode() {
     assert!(!ok && err.starts_with("error:"), "{err}");
 }
 
-/// `--help` of the training and benchmark commands lists the environment switches (every one
-/// the library reads for the training step), so an A/B run does not need the source.
+/// `--help` of the training and benchmark commands lists every run-option flag and the legacy
+/// environment variable each one replaces, so an A/B run does not need the source.
 #[test]
-fn help_lists_the_environment_switches() {
-    let switches = [
-        "CARP_FUSED_BN",
-        "CARP_RECOMPUTE",
-        "CARP_TF32",
-        "CARP_CUDNN_FIND",
-        "CARP_NHWC",
-        "CARP_HOST_OPTIM",
-        "CARP_STEP_SYNC",
-        "CARP_PHASE_SYNC",
-        "CARP_GPU_AUG",
+fn help_lists_the_run_options() {
+    let flags = [
+        "--fused-bn",
+        "--recompute",
+        "--bf16-layout",
+        "--tf32",
+        "--cudnn-find",
+        "--bn-stats",
+        "--view-finish",
+        "--optimizer-state",
+        "--nan-guard",
+        "--phase-sync",
     ];
+    let vars = carp::options::env_var_names();
+    assert_eq!(vars.len(), flags.len(), "one environment fallback per flag");
     for (what, (ok, out, err)) in [
         ("carp train --help", carp(&["train", "--help"])),
         ("carp-bench --help", bench(&["--help"])),
     ] {
         assert!(ok, "{what}: {err}");
-        for s in switches {
+        for s in flags.iter().chain(vars.iter()) {
             assert!(out.contains(s), "{what} does not mention {s}");
         }
     }

@@ -23,7 +23,7 @@ fn gpu_or_skip(test: &str) -> Option<&'static CudaBackend> {
     match be {
         Ok(b) => {
             // f64 references at f32 tolerances: no TF32 in the convolutions.
-            carp::device::cuda::set_conv_tf32(false);
+            carp::options::update(|o| o.tf32 = carp::options::Switch::Off);
             Some(b)
         }
         Err(e) => {

@@ -50,6 +50,23 @@ fn device_parse() {
     assert_eq!(t.to_device(&Device::Cpu).unwrap().id(), t.id());
 }
 
+/// Whether the run options in force keep a GPU step's state on the host.
+fn host_optim() -> bool {
+    carp::options::current().optimizer_state == carp::options::OptimizerState::Host
+}
+
+/// Sets the layout of bf16 GPU activations from now on.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn set_nhwc(nhwc: bool) {
+    carp::options::update(|o| {
+        o.bf16_layout = if nhwc {
+            carp::options::Bf16Layout::Nhwc
+        } else {
+            carp::options::Bf16Layout::Nchw
+        }
+    });
+}
+
 /// The GPU tests run one at a time (they share GPU 0's allocator, whose counters one test
 /// checks).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -62,14 +79,18 @@ fn gpu_or_skip(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
     {
         match carp::device::cuda::backend(0) {
             Ok(_) => {
+                let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
                 // Every op output starts as NaN: an element a kernel does not write fails.
                 carp::device::cuda::set_poison_allocations(true);
-                // Compared with the CPU at f32 tolerances: no TF32 in the convolutions.
-                carp::device::cuda::set_conv_tf32(false);
-                Some((
-                    Device::Cuda(0),
-                    SERIAL.lock().unwrap_or_else(|p| p.into_inner()),
-                ))
+                // The run options of the environment (CARP_HOST_OPTIM=1 etc. run the tests on
+                // that path), a test's own changes undone; compared with the CPU at f32
+                // tolerances: no TF32 in the convolutions.
+                let mut o = carp::options::RunOptionArgs::default()
+                    .resolve()
+                    .expect("CARP_* run options in the environment");
+                o.tf32 = carp::options::Switch::Off;
+                carp::options::install(o);
+                Some((Device::Cuda(0), serial))
             }
             Err(e) => {
                 // Straight to the process's stderr: libtest captures only the print macros.
@@ -564,7 +585,7 @@ fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str
             m,
         )
         .unwrap();
-    // The step ran on the device-resident state (unless CARP_HOST_OPTIM=1): bring it home.
+    // The step ran on the device-resident state (unless --optimizer-state host): bring it home.
     gpu.sync_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
@@ -704,10 +725,10 @@ fn bf16_ops_match_the_cpu_emulation() {
         return;
     };
     for nhwc in [true, false] {
-        carp::autograd::set_bf16_nhwc(nhwc);
+        set_nhwc(nhwc);
         bf16_ops_in_one_layout(&dev, nhwc);
     }
-    carp::autograd::set_bf16_nhwc(true);
+    set_nhwc(true);
 }
 
 fn bf16_ops_in_one_layout(dev: &Device, nhwc: bool) {
@@ -859,10 +880,10 @@ fn bf16_training_step_matches_the_cpu_emulation() {
         return;
     };
     for nhwc in [true, false] {
-        carp::autograd::set_bf16_nhwc(nhwc);
+        set_nhwc(nhwc);
         bf16_step_in_one_layout(&dev);
     }
-    carp::autograd::set_bf16_nhwc(true);
+    set_nhwc(true);
 }
 
 fn bf16_step_in_one_layout(dev: &Device) {
@@ -973,10 +994,10 @@ fn device_state_steps_match_cpu() {
     let Some((dev, _serial)) = gpu_or_skip("device_state_steps_match_cpu") else {
         return;
     };
-    if std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1") {
+    if host_optim() {
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED: device_state_steps_match_cpu: CARP_HOST_OPTIM=1 selects the host path"
+            "SKIPPED: device_state_steps_match_cpu: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"
         );
         return;
     }
@@ -1271,7 +1292,7 @@ fn device_state_checkpoint_resume() {
         epoch: 0,
         config_json: "{}".into(),
     };
-    let uses_device = !std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1");
+    let uses_device = !host_optim();
     if uses_device {
         let e = to_bytes(&st, &meta).unwrap_err().to_string();
         assert!(e.contains("sync_to_host"), "{e}");
@@ -1343,7 +1364,7 @@ fn device_state_checkpoint_resume() {
     );
 }
 
-/// `CARP_HOST_OPTIM=1` (today's host path) and the device path agree over a few steps
+/// `--optimizer-state host` (the host path) and the device path agree over a few steps
 /// (tolerance 1e-4: the same GPU forward/backward, LARS norms in f32 atomics vs f64).
 #[test]
 fn device_state_matches_host_optim_path() {
@@ -1351,14 +1372,14 @@ fn device_state_matches_host_optim_path() {
         return;
     };
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
-    let prev = std::env::var("CARP_HOST_OPTIM").ok();
+    let prev = carp::options::current();
     let mut dev_st = small_state();
     let mut host_st = small_state();
     for s in 0..3 {
         let (v1, v2) = views(s);
-        std::env::remove_var("CARP_HOST_OPTIM");
+        carp::options::update(|o| o.optimizer_state = carp::options::OptimizerState::Device);
         let a = dev_st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
-        std::env::set_var("CARP_HOST_OPTIM", "1");
+        carp::options::update(|o| o.optimizer_state = carp::options::OptimizerState::Host);
         let b = host_st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
         assert!(
             (a.loss - b.loss).abs() <= 1e-4 * b.loss.abs().max(1.0),
@@ -1366,10 +1387,7 @@ fn device_state_matches_host_optim_path() {
         );
     }
     assert!(!host_st.has_device_state());
-    match prev {
-        Some(v) => std::env::set_var("CARP_HOST_OPTIM", v),
-        None => std::env::remove_var("CARP_HOST_OPTIM"),
-    }
+    carp::options::install(prev);
     dev_st.sync_to_host().unwrap();
     check_close(
         "student (device vs host optimizer)",
@@ -1565,7 +1583,7 @@ fn multicrop_training_step_matches_cpu() {
             m,
         )
         .unwrap();
-    // The GPU step's state lives on the device (unless CARP_HOST_OPTIM=1): into the host
+    // The GPU step's state lives on the device (unless --optimizer-state host): into the host
     // stores before comparing them.
     gpu.sync_to_host().unwrap();
     for (name, g, c) in [
@@ -1795,13 +1813,13 @@ fn recompute_ops_match_cpu() {
     for (name, inputs, one_op, _) in recompute_cases() {
         compare(&dev, name, &inputs, 1e-4, 1e-3, &*one_op);
         for nhwc in [true, false] {
-            carp::autograd::set_bf16_nhwc(nhwc);
+            set_nhwc(nhwc);
             let op = one_op.clone();
             let out_only: &Op = &move |t, v| Ok(vec![op(t, v)?.remove(0)]);
             let what = format!("{name} nhwc={nhwc}");
             compare_bf16(&dev, &what, &inputs, 2e-2, 5e-2, out_only);
         }
-        carp::autograd::set_bf16_nhwc(true);
+        set_nhwc(true);
     }
 }
 
@@ -1825,7 +1843,7 @@ fn recompute_ops_equal_their_unfused_composition_on_gpu() {
     ];
     for (name, inputs, one_op, unfused) in recompute_cases() {
         for (precision, nhwc, tol) in modes {
-            carp::autograd::set_bf16_nhwc(nhwc);
+            set_nhwc(nhwc);
             let what = format!("{name} {precision} nhwc={nhwc}");
             let seed = randn(
                 unfused(&mut Tape::no_grad(), &inputs).unwrap()[0].shape(),
@@ -1842,7 +1860,7 @@ fn recompute_ops_equal_their_unfused_composition_on_gpu() {
             }
         }
     }
-    carp::autograd::set_bf16_nhwc(true);
+    set_nhwc(true);
     // Only the weight tracked (the BN backward skipped).
     let (_, inputs, one_op, _) = recompute_cases().remove(0);
     let (_, g_all) = run_on_in(
@@ -1891,7 +1909,7 @@ fn recompute_ops_equal_their_unfused_composition_on_gpu() {
     check_close("NCHW residual: its gradient", &ra, &rb, 1e-2, 1e-6);
 }
 
-/// `CARP_STEP_SYNC=1` (the verdict read before ungated updates: the fallback of the device
+/// `--nan-guard sync` (the verdict read before ungated updates: the fallback of the device
 /// gate) and the default gated step agree over a few steps, and a NaN step fails in both modes
 /// with the loss named and the state unchanged. Tolerance 1e-5 relative: the same kernels, but
 /// LARS norms summed with float atomics may round differently between two runs.
@@ -1900,15 +1918,15 @@ fn device_state_step_sync_matches_gated() {
     let Some((dev, _serial)) = gpu_or_skip("device_state_step_sync_matches_gated") else {
         return;
     };
-    if std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1") {
+    if host_optim() {
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED: device_state_step_sync_matches_gated: CARP_HOST_OPTIM=1 selects the host path"
+            "SKIPPED: device_state_step_sync_matches_gated: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"
         );
         return;
     }
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
-    let prev = std::env::var("CARP_STEP_SYNC").ok();
+    let prev = carp::options::current();
     let mut gated = small_state();
     let mut synced = small_state();
     // The same steps on the CPU: what the host guard says of the NaN step.
@@ -1929,9 +1947,9 @@ fn device_state_step_sync_matches_gated() {
             .unwrap();
         for (st, sync) in [(&mut gated, false), (&mut synced, true)] {
             if sync {
-                std::env::set_var("CARP_STEP_SYNC", "1");
+                carp::options::update(|o| o.nan_guard = carp::options::NanGuard::Sync);
             } else {
-                std::env::remove_var("CARP_STEP_SYNC");
+                carp::options::update(|o| o.nan_guard = carp::options::NanGuard::Gated);
             }
             if s == 1 {
                 // A NaN step in between: refused, nothing changes, training goes on.
@@ -1946,10 +1964,7 @@ fn device_state_step_sync_matches_gated() {
                 .unwrap();
         }
     }
-    match prev {
-        Some(v) => std::env::set_var("CARP_STEP_SYNC", v),
-        None => std::env::remove_var("CARP_STEP_SYNC"),
-    }
+    carp::options::install(prev);
     gated.sync_to_host().unwrap();
     synced.sync_to_host().unwrap();
     for (name, a, b) in [
@@ -1980,7 +1995,7 @@ fn device_state_step_sync_matches_gated() {
         ),
     ] {
         check_close(
-            &format!("{name} (gated vs CARP_STEP_SYNC=1)"),
+            &format!("{name} (gated vs --nan-guard sync)"),
             a,
             b,
             1e-5,

@@ -29,30 +29,10 @@ struct Node {
     backward: BackwardFn,
 }
 
-/// Whether bf16 GPU activations are channels-last (NHWC): 0 = not decided yet (read
-/// `CARP_NHWC`), 1 = NCHW, 2 = NHWC.
-static BF16_NHWC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Chooses the layout of bf16 GPU activations from now on: NHWC (true) or NCHW.
-pub fn set_bf16_nhwc(on: bool) {
-    BF16_NHWC.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The layout of bf16 GPU activations: [`set_bf16_nhwc`], else `CARP_NHWC` (unset or anything
-/// but "0": NHWC, the layout of cuDNN's fastest bf16 convolutions; `CARP_NHWC=0`: NCHW, the
-/// A/B switch). f32 tensors are always NCHW.
+/// The layout of bf16 GPU activations: channels-last (NHWC, the layout of cuDNN's fastest bf16
+/// convolutions) unless the run option `bf16_layout` says nchw. f32 tensors are always NCHW.
 pub fn bf16_nhwc() -> bool {
-    match BF16_NHWC.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("CARP_NHWC")
-                .map(|v| v.trim() != "0")
-                .unwrap_or(true);
-            set_bf16_nhwc(on);
-            on
-        }
-    }
+    crate::options::current().bf16_layout == crate::options::Bf16Layout::Nhwc
 }
 
 /// How an op runs in bf16 mode on a GPU (see [`Tape::bf16_inputs`]); the CPU emulation is the

@@ -16,7 +16,6 @@ use carp::{Error, Result};
 #[derive(Parser)]
 #[command(
     name = "carp",
-    after_long_help = carp::device::ENV_SWITCHES,
     version,
     about = "Train ResNet50 with CARP (self-supervised), evaluate it, pack datasets",
     long_about = "carp trains a ResNet with the CARP self-supervised method (a student and an EMA \
@@ -33,7 +32,6 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train (or resume) a CARP run.
-    #[command(after_long_help = carp::device::ENV_SWITCHES)]
     Train(Box<TrainArgs>),
     /// Pack an ImageFolder tree or IDX files into carp's shard format.
     Pack(carp::data::PackArgs),
@@ -278,6 +276,8 @@ struct TrainArgs {
     /// Testing aid: inject a NaN at this step to exercise the NaN guard.
     #[arg(long, hide = true)]
     inject_nan_at_step: Option<usize>,
+    #[command(flatten)]
+    run_options: carp::options::RunOptionArgs,
 }
 
 impl TrainArgs {
@@ -351,6 +351,7 @@ impl TrainArgs {
         if let Some(d) = self.head_out {
             c.model.head.out = d;
         }
+        c.run_options = self.run_options.resolve_over(c.run_options)?;
         c.validate()?;
         Ok(c)
     }
@@ -458,6 +459,7 @@ fn run(cli: Cli) -> Result<()> {
                     b + h + p
                 );
                 println!("precision: {}", cfg.precision);
+                println!("run options: {}", cfg.run_options.summary());
                 // A dry run does not need the device: without it, no estimate.
                 let mem = match carp::Device::parse(&cfg.device) {
                     Ok(device) => Some(carp::train::memory::estimate(&cfg, &device)?),

@@ -5,26 +5,6 @@
 pub mod cuda;
 pub mod profiler;
 
-/// The environment switches of the training step, for `--help` (the README lists them too):
-/// each turns one optimization off, for A/B runs and as a fallback.
-pub const ENV_SWITCHES: &str = "\
-Environment switches, for A/B runs and as fallbacks (the defaults are the fast paths):
-  CARP_FUSED_BN=0     BN, ReLU and the residual add as separate ops instead of fused ones
-  CARP_RECOMPUTE=0|bn recompute less in backward (default all: the inner BN + ReLU outputs,
-                      conv3's output and the stem's BN + ReLU output; bn: the BN outputs only);
-                      more memory, the same values
-GPU only:
-  CARP_TF32=0         FMA-only convolutions (no TF32 tensor cores)
-  CARP_CUDNN_FIND=0   cuDNN's heuristic algorithm instead of timing each one (cudnnFind)
-  CARP_NHWC=0         bf16 activations in NCHW instead of channels-last
-  CARP_BN_TWO_PASS=1  channels-last BN statistics in two reads of x (sums, then squared
-                      deviations) instead of one read of shifted sums
-  CARP_HOST_OPTIM=1   LARS, EMA and BN statistics updates on the host instead of the device
-  CARP_STEP_SYNC=1    wait for the NaN verdict mid-step instead of gating updates on the device
-  CARP_PHASE_SYNC=1   wait after each phase (per-phase times; carp-bench does unless
-                      --no-phase-sync)
-  CARP_GPU_AUG=0      finish the views' colour augmentation on the CPU instead of the GPU";
-
 /// Name of the backend this build can run, for `--device auto`.
 /// With the `cuda` feature, "cuda" is listed only when a CUDA driver and at least one GPU are
 /// present on this machine.

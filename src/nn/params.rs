@@ -145,7 +145,7 @@ impl ParamStore {
     /// Like [`ParamStore::leaves`], with the tensors on `device`. Each entry is uploaded on
     /// every call (once per forward). Training steps on a GPU use the device-resident state
     /// instead (`optim::device`, [`ParamStore::leaves_from_device`]); this stays for
-    /// evaluation and the `CARP_HOST_OPTIM=1` path.
+    /// evaluation and the `--optimizer-state host` path.
     pub fn leaves_on(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(ordinal) = *device {
@@ -201,7 +201,7 @@ impl ParamStore {
     }
 
     /// GPU gradients: gathered into one flat device buffer (zeros where an entry has no
-    /// gradient), downloaded once, added on the host (the `CARP_HOST_OPTIM=1` path).
+    /// gradient), downloaded once, added on the host (the `--optimizer-state host` path).
     #[cfg(feature = "cuda")]
     fn accumulate_grads_gpu(
         &mut self,

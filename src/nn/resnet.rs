@@ -159,62 +159,15 @@ pub struct ResNet {
     conv1: ParamId,
     bn1: BnIds,
     blocks: Vec<Block>,
-    /// BN + ReLU (+ residual add) as single fused tape ops ([`fused_bn_default`]); the unfused
+    /// BN + ReLU (+ residual add) as single fused tape ops (run option `fused_bn`); the unfused
     /// composition computes the same values (kept for A/B runs and as a fallback).
     fused_bn: bool,
     /// What training with the fused ops recomputes in backward instead of keeping
-    /// ([`Recompute`], default from `CARP_RECOMPUTE`); the same values either way.
+    /// ([`Recompute`], run option `recompute`); the same values either way.
     recompute: Recompute,
 }
 
-/// What ResNet training (with the fused BN ops) recomputes in backward instead of keeping
-/// alive from the forward (src/ops/recompute.rs). Per bottleneck the tape otherwise keeps 12
-/// activation-widths (conv1's output, bn1 + ReLU's, conv2's, bn2 + ReLU's, conv3's (4), the
-/// block output (4)); the values are bit-identical at every level.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recompute {
-    /// Keep everything the ops save (`CARP_RECOMPUTE=0`).
-    Nothing,
-    /// The inner BN + ReLU outputs (the inputs of conv2 and conv3): 12 -> 10 widths, for an
-    /// apply pass each in backward; and the ImageNet stem's BN + ReLU output (the max pool's
-    /// input) (`CARP_RECOMPUTE=bn`).
-    BnOutputs,
-    /// Also conv3's output (bn3's input): 12 -> 6 widths, for a second forward of the 1x1 conv3
-    /// (~1/4 of a bottleneck's FLOPs) in backward. The default (`CARP_RECOMPUTE=all`).
-    BnAndConv3,
-}
-
-impl Recompute {
-    /// Parses `CARP_RECOMPUTE`'s values: `0`/`off`/`none`, `bn`, `all`/`1`.
-    pub fn parse(s: &str) -> Result<Recompute> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "0" | "off" | "none" => Ok(Recompute::Nothing),
-            "bn" => Ok(Recompute::BnOutputs),
-            "1" | "all" | "" => Ok(Recompute::BnAndConv3),
-            other => bail!(Config, "CARP_RECOMPUTE={other:?}: use 0, bn or all"),
-        }
-    }
-}
-
-/// Whether ResNets use the fused BN + ReLU (+ add) ops: yes unless the environment variable
-/// `CARP_FUSED_BN` is `0` (read once per process).
-pub fn fused_bn_default() -> bool {
-    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FUSED.get_or_init(|| std::env::var("CARP_FUSED_BN").map_or(true, |v| v.trim() != "0"))
-}
-
-/// The recomputation level of new ResNets: `CARP_RECOMPUTE` (read once per process; an
-/// unknown value is reported on stderr and the default used), else [`Recompute::BnAndConv3`].
-pub fn recompute_default() -> Recompute {
-    static LEVEL: std::sync::OnceLock<Recompute> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| match std::env::var("CARP_RECOMPUTE") {
-        Err(_) => Recompute::BnAndConv3,
-        Ok(v) => Recompute::parse(&v).unwrap_or_else(|e| {
-            eprintln!("warning: {e}; using all");
-            Recompute::BnAndConv3
-        }),
-    })
-}
+pub use crate::options::Recompute;
 
 /// A running-statistics update produced by a training-mode BN forward, applied after the pass.
 pub struct BnUpdate {
@@ -477,19 +430,20 @@ impl ResNet {
             conv1,
             bn1,
             blocks,
-            fused_bn: fused_bn_default(),
-            recompute: recompute_default(),
+            fused_bn: crate::options::current().fused_bn.on(),
+            recompute: crate::options::current().recompute,
         })
     }
 
-    /// Sets what training recomputes in backward (the default comes from `CARP_RECOMPUTE`,
-    /// [`recompute_default`]); it applies with the fused BN ops only.
+    /// Sets what training recomputes in backward (the default is the run option `recompute`
+    /// in force when the network was built); it applies with the fused BN ops only.
     pub fn set_recompute(&mut self, level: Recompute) {
         self.recompute = level;
     }
 
     /// Switches between the fused BN + ReLU (+ add) ops and the unfused composition (the
-    /// default comes from `CARP_FUSED_BN`, [`fused_bn_default`]); both compute the same values.
+    /// default is the run option `fused_bn` in force when the network was built); both compute
+    /// the same values.
     pub fn set_fused_bn(&mut self, on: bool) {
         self.fused_bn = on;
     }

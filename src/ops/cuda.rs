@@ -546,7 +546,7 @@ pub(crate) fn wn_linear(
     // The CPU's check (a zero or non-finite row has no direction) needs a download, i.e. a wait
     // for everything queued, twice per training step (teacher and student). By default the GPU
     // skips it: such a row makes the logits, hence the loss, non-finite, and the step's
-    // device-side guard then refuses the step before any weight changes. CARP_STEP_SYNC=1 (the
+    // device-side guard then refuses the step before any weight changes. `--nan-guard sync` (the
     // synchronous step) restores the check and its row-naming error.
     if crate::optim::device::step_sync_forced() {
         let host = be.download_f32(&norms)?;

@@ -11,22 +11,24 @@
 //! flag on the device that the BN running-statistics updates, LARS pass 2 and the EMA read:
 //! they do nothing when it is 0, so the whole step is queued without a wait in the middle and
 //! a non-finite step still changes nothing. The host then reads the verdict and names the
-//! first offending entry. `CARP_STEP_SYNC=1` reads the verdict before queuing the updates
+//! first offending entry. `--nan-guard sync` reads the verdict before queuing the updates
 //! (one wait mid-step) and runs the ungated update kernels instead (the A/B and fallback of the
 //! gating kernels).
 //!
-//! `CARP_HOST_OPTIM=1` keeps today's host path (upload the parameters per forward, download the
+//! `--optimizer-state host` keeps the host path (upload the parameters per forward, download the
 //! gradients and BN statistics, LARS/EMA on the host) for A/B runs and as a fallback.
 
-/// True when `CARP_HOST_OPTIM=1`: GPU steps run BN updates, LARS and the EMA on the host.
+/// True when the run option `optimizer_state` is host: GPU steps run BN updates, LARS and the
+/// EMA on the host.
 pub fn host_optim_forced() -> bool {
-    std::env::var("CARP_HOST_OPTIM").is_ok_and(|v| v.trim() == "1")
+    crate::options::current().optimizer_state == crate::options::OptimizerState::Host
 }
 
-/// True when `CARP_STEP_SYNC=1`: the device step reads the NaN verdict before the updates (a
-/// wait mid-step) and runs the ungated update kernels, instead of gating them on the device.
+/// True when the run option `nan_guard` is sync: the device step reads the NaN verdict before
+/// the updates (a wait mid-step) and runs the ungated update kernels, instead of gating them on
+/// the device.
 pub fn step_sync_forced() -> bool {
-    std::env::var("CARP_STEP_SYNC").is_ok_and(|v| v.trim() == "1")
+    crate::options::current().nan_guard == crate::options::NanGuard::Sync
 }
 
 /// Where a `CarpState` keeps its device copy, and whether its host stores lag behind it.
@@ -242,7 +244,7 @@ mod gpu {
             if !loss.is_finite() {
                 bail!(
                     NonFinite,
-                    "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes (causes: a non-finite input, or a prototype row of zero norm; CARP_STEP_SYNC=1 checks the rows and names one)"
+                    "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes (causes: a non-finite input, or a prototype row of zero norm; --nan-guard sync checks the rows and names one)"
                 );
             }
             // Entries are in layout order, so the first flagged entry holds the first
@@ -271,7 +273,7 @@ mod gpu {
                 bail!(
                     Device,
                     "step {step}: the device verdict is {ok} but the host finds the step finite \
-                     (a bug in step_ok_f32); rerun with CARP_STEP_SYNC=1"
+                     (a bug in step_ok_f32); rerun with --nan-guard sync"
                 );
             }
             Ok((loss, consistency, entropy))

@@ -9,6 +9,7 @@ use crate::autograd::Precision;
 use crate::bail;
 use crate::error::Result;
 use crate::nn::ModelConfig;
+use crate::options::RunOptions;
 
 /// More local views than this is a typo, not an experiment (SPEC's multi-crop has 6; DINO's
 /// largest setting 10).
@@ -66,6 +67,11 @@ pub struct TrainConfig {
     /// precision): f32 (default) or bf16 (bf16 storage on a GPU, emulated on the CPU).
     #[serde(default)]
     pub precision: Precision,
+    /// How the step is computed (`crate::options`): equivalent paths, recorded so that a run
+    /// says how it was run. Not part of what `--resume` requires to match (a change is
+    /// reported).
+    #[serde(default)]
+    pub run_options: RunOptions,
 }
 
 /// The local-view side for global views of side `image_size`: SPEC's 96 at 224, scaled
@@ -113,6 +119,7 @@ impl TrainConfig {
             local_crops: 0,
             local_size: default_local_size(32),
             precision: Precision::F32,
+            run_options: RunOptions::DEFAULT,
         }
     }
 
@@ -146,6 +153,7 @@ impl TrainConfig {
             local_crops: 0,
             local_size: default_local_size(224),
             precision: Precision::F32,
+            run_options: RunOptions::DEFAULT,
         }
     }
 
@@ -194,6 +202,7 @@ impl TrainConfig {
             local_crops: 0,
             local_size: default_local_size(32),
             precision: Precision::F32,
+            run_options: RunOptions::DEFAULT,
         }
     }
 

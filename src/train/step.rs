@@ -2,7 +2,6 @@
 //! forward on both views (and on the optional multi-crop local views), the partitioned loss and its analytic gradient, backward, LARS, EMA.
 //! Nothing in the state changes unless the whole step is finite.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rand::SeedableRng;
@@ -85,24 +84,16 @@ pub struct PhaseTimes {
     pub step_ms: f64,
 }
 
-/// Per-phase synchronization of GPU steps (see [`set_phase_sync`]).
-static PHASE_SYNC: AtomicBool = AtomicBool::new(false);
-
 /// Whether GPU steps wait for the device at the end of every phase so that [`PhaseTimes`]
-/// holds each phase's GPU time (carp-bench turns it on; `CARP_PHASE_SYNC=1` too). Off (the
-/// default, training), a GPU step only queues work and waits once at its end; its per-phase
+/// holds each phase's GPU time: the run option `phase_sync` (carp-bench's default). Off (the
+/// training default), a GPU step only queues work and waits once at its end; its per-phase
 /// times are then the host's queuing times, and `step_ms` the step's GPU time.
-pub fn set_phase_sync(on: bool) {
-    PHASE_SYNC.store(on, Ordering::Relaxed);
-}
-
 #[cfg(feature = "cuda")]
 fn phase_sync() -> bool {
-    PHASE_SYNC.load(Ordering::Relaxed)
-        || std::env::var("CARP_PHASE_SYNC").is_ok_and(|v| v.trim() == "1")
+    crate::options::current().phase_sync.on()
 }
 
-/// Milliseconds of a phase on `device`: with [`set_phase_sync`] a GPU phase is waited for first
+/// Milliseconds of a phase on `device`: with the `phase_sync` option a GPU phase is waited for first
 /// (the launches are asynchronous, so the clock alone measures only the queuing); without, the
 /// queuing time (no wait: the CPU runs ahead of the GPU).
 fn phase_ms(device: &Device, t: &mut Instant) -> Result<f64> {
@@ -277,7 +268,7 @@ impl CarpState {
     }
 
     /// Whether a device-resident state exists (the last step ran on a GPU without
-    /// `CARP_HOST_OPTIM=1`).
+    /// `--optimizer-state host`).
     pub fn has_device_state(&self) -> bool {
         #[cfg(feature = "cuda")]
         return self.device.state.is_some();
@@ -300,7 +291,7 @@ impl CarpState {
 
     /// Makes the device-resident state match the step's device: created (uploaded) at the
     /// first GPU step, synced back and dropped when the step moves to another device or
-    /// `CARP_HOST_OPTIM=1` asks for the host path.
+    /// `--optimizer-state host` asks for the host path.
     fn prepare_device_state(&mut self, device: &Device) -> Result<()> {
         #[cfg(feature = "cuda")]
         {
@@ -383,7 +374,7 @@ impl CarpState {
         view2.expect_shape("view 2", view1.shape())?;
         // The views decide where the step runs: both networks' forward and backward, and the
         // loss, run on their device; on a GPU so do BN running statistics, LARS and the EMA, on
-        // the device-resident state (unless CARP_HOST_OPTIM=1: then on the host stores).
+        // the device-resident state (unless --optimizer-state host: then on the host stores).
         let device = crate::ops::common_device("train_step views", &[view1, view2])?;
         self.prepare_device_state(&device)?;
         let wall = Instant::now();
@@ -714,7 +705,7 @@ impl CarpState {
     /// (2,) = [H, consistency]), then BN statistics, LARS pass 2 and the EMA gated by the
     /// verdict, then the step's one download: the verdict and the loss terms. A non-finite
     /// step is an error naming the step and the entry, and changed no state buffer (the gated
-    /// kernels did nothing). `CARP_STEP_SYNC=1` reads the verdict before the (ungated) updates.
+    /// kernels did nothing). `--nan-guard sync` reads the verdict before the (ungated) updates.
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn finish_step_on_device(
@@ -794,7 +785,7 @@ impl CarpState {
         // Not `?`: the updates are queued (and run when the verdict is ok), so an error from
         // here on must not return before the step is counted; it only loses the step's time.
         let end = ds.be.timing_event();
-        // The step's one wait: the verdict and the loss terms (CARP_STEP_SYNC=1 read them
+        // The step's one wait: the verdict and the loss terms (--nan-guard sync read them
         // above).
         let (loss, consistency, entropy) = match terms {
             Some(t) => t,

@@ -135,7 +135,7 @@ pub fn epoch_batches<'a>(
         locals: None,
     };
     if loader.config().view.local_count == 0 {
-        // Crops finished on the GPU (kernels/augment.cu) on CUDA unless CARP_GPU_AUG=0.
+        // Crops finished on the GPU (kernels/augment.cu) on CUDA unless --view-finish cpu.
         return Box::new(
             views::epoch_batches(loader, epoch, first, device).map(move |r| r.map(wrap)),
         );
@@ -259,6 +259,26 @@ impl Metrics {
     }
 }
 
+/// What `--resume` reports about the run options: each one that differs from those the
+/// checkpoint's run recorded, or that it recorded none (a checkpoint from before run options).
+fn run_option_changes(checkpoint_config: &str, now: &crate::options::RunOptions) -> Vec<String> {
+    let recorded = serde_json::from_str::<serde_json::Value>(checkpoint_config)
+        .ok()
+        .and_then(|v| v.get("run_options").cloned());
+    match recorded.map(|v| crate::options::from_recorded(&v)) {
+        None => vec![format!(
+            "the checkpoint records no run options (an older carp); this invocation uses {}",
+            now.summary()
+        )],
+        Some(Err(e)) => vec![format!("{e}; this invocation uses {}", now.summary())],
+        Some(Ok(before)) => now
+            .changes_from(&before)
+            .into_iter()
+            .map(|c| format!("run option changed since the checkpoint: {c}"))
+            .collect(),
+    }
+}
+
 fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
     Dataset::open(path).map_err(|e| {
         Error::Msg(format!(
@@ -271,6 +291,9 @@ fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
 /// Runs (or resumes) a training run as configured; returns its summary.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     cfg.validate()?;
+    // Everything built and run from here on (the memory probe too) follows the run's recorded
+    // options.
+    crate::options::install(cfg.run_options);
     let device = resolve_device(&cfg.device)?;
     let say = |s: String| {
         if !opts.quiet {
@@ -281,6 +304,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     let mem = crate::train::memory::estimate(cfg, &device)?;
     if let Some(warning) = crate::train::memory::check(&mem, opts.force)? {
         say(warning);
+    }
+    if cfg.run_options != crate::options::RunOptions::DEFAULT {
+        say(format!(
+            "run options (not all defaults): {}",
+            cfg.run_options.summary()
+        ));
     }
     let run_dir = cfg.out.clone();
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
@@ -353,6 +382,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             path.display(),
             state.step
         ));
+        for change in run_option_changes(&meta.config_json, &cfg.run_options) {
+            say(format!("note: {change}"));
+        }
         if let Some(p) = &opts.profile_steps {
             p.validate(state.step, total)?;
         }
@@ -379,6 +411,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             cfg.image_size, cfg.local_crops, cfg.local_size
         ));
     }
+
+    // Each invocation's first record says how it runs (a fresh run's first line).
+    metrics.write(serde_json::json!({
+        "type": "run", "step": state.step, "resume": opts.resume, "device": device.to_string(),
+        "precision": cfg.precision, "run_options": cfg.run_options,
+    }))?;
 
     // The baseline: the same network (same seed) at random initialization.
     let mut knn_random = None;

@@ -4,7 +4,7 @@
 //! either on the CPU (`CropBatch::finish`, the specification) or, on a CUDA device, by the
 //! kernels of kernels/augment.cu (`CudaBackend::finish_views`): the CPU then only decodes and
 //! crops, a quarter of the bytes cross the bus (u8 instead of f32), and the colour work runs on
-//! the GPU. `CARP_GPU_AUG=0` selects the CPU finish on a CUDA device (A/B and fallback).
+//! the GPU. `--view-finish cpu` selects the CPU finish on a CUDA device (A/B and fallback).
 
 use crate::data::augment::{ColorParams, ViewConfig};
 use crate::data::loader::{CropBatch, TwoViewBatch, TwoViewLoader};
@@ -32,11 +32,12 @@ impl AugNorm {
     }
 }
 
-/// Whether views are finished on `device` by the GPU kernels: a CUDA device, unless
-/// `CARP_GPU_AUG=0` (the CPU finish, verified on a GPU before; the switch A/B-tests the two).
+/// Whether views are finished on `device` by the GPU kernels: a CUDA device, unless the run
+/// option `view_finish` is cpu (the CPU finish, verified on a GPU before; the option A/B-tests
+/// the two).
 pub fn gpu_aug(device: &Device) -> bool {
     matches!(device, Device::Cuda(_))
-        && std::env::var("CARP_GPU_AUG").map_or(true, |v| v.trim() != "0")
+        && crate::options::current().view_finish == crate::options::ViewFinish::Gpu
 }
 
 /// Which path finished the views, for logs and benchmark reports.
@@ -50,7 +51,7 @@ pub fn finish_path(device: &Device) -> &'static str {
 
 /// Finishes `b` crops of side `s` — (B, S, S, 3) u8, one `ColorParams` each — into a
 /// normalized (B, 3, S, S) tensor on `device`: on the CPU with `finish_view`, on CUDA with the
-/// kernels (whatever `CARP_GPU_AUG` says: callers choose the path with `gpu_aug`).
+/// kernels (whatever `--view-finish` says: callers choose the path with `gpu_aug`).
 pub fn finish_crops(
     crops: &[u8],
     params: &[ColorParams],

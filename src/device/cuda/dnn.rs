@@ -3,11 +3,11 @@
 //! algorithms and their workspace sizes are chosen once and cached; one workspace buffer, grown to the largest need, serves every call. The algorithms
 //! are timed with `cudnnFind*` (the fastest that runs within the workspace limit with a math
 //! type the mode allows, then run with the math type it was timed with), or, with
-//! `CARP_CUDNN_FIND=0` or when the search fails, cuDNN's heuristic first choice.
+//! `--cudnn-find off` or when the search fails, cuDNN's heuristic first choice.
 //!
 //! Math mode: TF32 tensor cores allowed by default, as PyTorch does for cuDNN convolutions
 //! (`torch.backends.cudnn.allow_tf32 = True`), so "f32" comparisons with it are like for like.
-//! `CARP_TF32=0` in the environment, or [`set_conv_tf32`]`(false)` (the GPU-vs-CPU tests), selects
+//! The run option `tf32` off (`--tf32 off`; the GPU-vs-CPU tests set it too) selects
 //! FMA-only math, whose results match the CPU reference to f32 rounding. Plans are cached per
 //! (shape, math mode, element type); bf16 plans use tensor-op math whatever the TF32 switch.
 
@@ -21,40 +21,17 @@ use super::{CudaBackend, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Layout};
 
-/// Whether convolutions may use TF32 tensor cores: 0 = not decided yet (read `CARP_TF32`),
-/// 1 = FMA only, 2 = TF32 allowed.
-static CONV_TF32: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Allows (true) or forbids (false) TF32 in cuDNN convolutions for plans made from now on.
-pub fn set_conv_tf32(on: bool) {
-    CONV_TF32.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The current setting: `set_conv_tf32`, else `CARP_TF32` (unset or anything but "0": allowed).
+/// Whether convolutions of f32 tensors may use TF32 tensor cores (run option `tf32`), for
+/// plans made from now on.
 pub fn conv_tf32() -> bool {
-    match CONV_TF32.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("CARP_TF32")
-                .map(|v| v.trim() != "0")
-                .unwrap_or(true);
-            set_conv_tf32(on);
-            on
-        }
-    }
+    crate::options::current().tf32.on()
 }
 
 /// Whether plans time the candidate algorithms (`cudnnFind*`, once per shape) instead of taking
-/// cuDNN's heuristic first choice: on unless `CARP_CUDNN_FIND=0` (read once). A failed search
-/// (e.g. cuDNN cannot allocate its trial buffers) falls back to the heuristic choice.
+/// cuDNN's heuristic first choice (run option `cudnn_find`). A failed search (e.g. cuDNN cannot
+/// allocate its trial buffers) falls back to the heuristic choice.
 pub fn conv_find() -> bool {
-    static FIND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FIND.get_or_init(|| {
-        std::env::var("CARP_CUDNN_FIND")
-            .map(|v| v.trim() != "0")
-            .unwrap_or(true)
-    })
+    crate::options::current().cudnn_find.on()
 }
 
 /// The fastest timed result that succeeded within the workspace limit with a math type the

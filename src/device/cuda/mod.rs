@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 
 pub use alloc::{DeviceBuffer, Pool, PoolStats};
-pub use dnn::{conv_find, conv_tf32, set_conv_tf32, ConvShape};
+pub use dnn::{conv_find, conv_tf32, ConvShape};
 pub use ops::{CarpLossGpu, CarpLossQueued, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::error::{Error, Result};

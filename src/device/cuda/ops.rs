@@ -124,11 +124,10 @@ fn bn_nhwc_block(g: usize) -> (u32, u32) {
 }
 
 /// Whether channels-last BN statistics take two passes over x (sums, then squared deviations
-/// from the mean: the NCHW kernels' method) instead of one pass of shifted sums:
-/// `CARP_BN_TWO_PASS=1` (read once), for A/B runs and as a fallback.
+/// from the mean: the NCHW kernels' method) instead of one pass of shifted sums: the run option
+/// `bn_stats`, for A/B runs and as a fallback.
 fn bn_two_pass() -> bool {
-    static TWO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TWO.get_or_init(|| std::env::var("CARP_BN_TWO_PASS").is_ok_and(|v| v.trim() == "1"))
+    crate::options::current().bn_stats == crate::options::BnStats::TwoPass
 }
 
 /// Max-pool geometry over (n, c, h, w) planes: square window `k`, `stride`, zero-free

@@ -1,0 +1,572 @@
+//! Run options: the engine's switches between equivalent ways of computing a step (fused or
+//! separate BN ops, what backward recomputes, the bf16 layout, cuDNN's math and algorithm
+//! choice, where views are finished and the optimizer state lives, where the step waits).
+//!
+//! They are one struct of explicit values. `carp train` and `carp-bench` take them as flags
+//! ([`RunOptionArgs`]); the `CARP_*` environment variables of earlier versions remain a
+//! fallback, parsed here and nowhere else, where an unknown value is an error listing the valid
+//! ones. A run records the values it used: in config.json, in the first line of every
+//! invocation's metrics.jsonl, in its checkpoints (through the config), and carp-bench in its
+//! table and JSON; `--resume` reports any option that changed.
+//!
+//! The values in force are installed process-wide by the entry points ([`install`]) and read
+//! where each switch acts ([`current`]): the model when it is built, the tape, the step, the
+//! loader's finish and the CUDA backend's plans. Without [`install`] the defaults apply; no
+//! code reads the environment behind the caller's back.
+//!
+//! None of them changes the method: every pair of values computes the same step (bit-identical
+//! on the CPU; on a GPU within the tolerances the GPU tests state, e.g. TF32 vs FMA), which is
+//! why they are options and not part of the model's configuration.
+
+use std::sync::RwLock;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use crate::bail;
+use crate::error::Result;
+
+/// An on/off switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn on(self) -> bool {
+        self == Switch::On
+    }
+    pub fn from_bool(on: bool) -> Switch {
+        if on {
+            Switch::On
+        } else {
+            Switch::Off
+        }
+    }
+}
+
+/// What ResNet training (with the fused BN ops) recomputes in backward instead of keeping
+/// alive from the forward (src/ops/recompute.rs). Per bottleneck the tape otherwise keeps 12
+/// activation-widths (conv1's output, bn1 + ReLU's, conv2's, bn2 + ReLU's, conv3's (4), the
+/// block output (4)); the values are bit-identical at every level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+pub enum Recompute {
+    /// Keep everything the ops save.
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    Nothing,
+    /// The inner BN + ReLU outputs (the inputs of conv2 and conv3): 12 -> 10 widths, for an
+    /// apply pass each in backward; and the ImageNet stem's BN + ReLU output (the max pool's
+    /// input).
+    #[serde(rename = "bn")]
+    #[value(name = "bn")]
+    BnOutputs,
+    /// Also conv3's output (bn3's input): 12 -> 6 widths, for a second forward of the 1x1 conv3
+    /// (~1/4 of a bottleneck's FLOPs) in backward. The default.
+    #[serde(rename = "all")]
+    #[value(name = "all")]
+    BnAndConv3,
+}
+
+/// The layout of bf16 activations on a GPU (f32 tensors are always NCHW).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bf16Layout {
+    /// Channels-last: the layout of cuDNN's fastest bf16 convolutions (the default).
+    Nhwc,
+    /// Channels-first, the A/B of the NHWC kernels.
+    Nchw,
+}
+
+/// How channels-last BN statistics read x on a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BnStats {
+    /// One read of x, shifted sums (the default).
+    OnePass,
+    /// Sums, then squared deviations from the mean (the NCHW kernels' method).
+    TwoPass,
+}
+
+/// Where a GPU run finishes its views (colour jitter, grayscale, blur, solarize, normalize).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ViewFinish {
+    /// On the GPU from the loader's u8 crops (kernels/augment.cu; the default).
+    Gpu,
+    /// In the loader threads (what a CPU run always does).
+    Cpu,
+}
+
+/// Where a GPU run keeps its training state and runs BN updates, LARS and the EMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerState {
+    /// Flat buffers on the GPU, the updates as kernels (the default).
+    Device,
+    /// Host stores: parameters uploaded per forward, gradients downloaded, updates on the CPU.
+    Host,
+}
+
+/// How a GPU step's NaN guard holds back the updates of a non-finite step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NanGuard {
+    /// A device-side verdict gates the update kernels; the step waits once, at its end (the
+    /// default).
+    Gated,
+    /// The host reads the verdict before queuing the updates (a wait mid-step), and checks the
+    /// prototype norms with a row-naming error.
+    Sync,
+}
+
+/// The run options in force. Serialized (config.json, metrics, checkpoints, carp-bench) with
+/// the flags' names and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunOptions {
+    /// Fused BN + ReLU (+ residual add) ops in ResNets (off: the separate ops).
+    pub fused_bn: Switch,
+    /// What ResNet training recomputes in backward (with the fused BN ops).
+    pub recompute: Recompute,
+    /// The layout of bf16 activations on a GPU.
+    pub bf16_layout: Bf16Layout,
+    /// TF32 allowed in cuDNN convolutions of f32 tensors.
+    pub tf32: Switch,
+    /// cuDNN algorithms chosen by timing (`cudnnFind*`, once per shape) instead of the
+    /// heuristic's first choice.
+    pub cudnn_find: Switch,
+    /// Channels-last BN statistics in one read of x or two.
+    pub bn_stats: BnStats,
+    /// Where a GPU run finishes its views.
+    pub view_finish: ViewFinish,
+    /// Where a GPU run keeps its training state.
+    pub optimizer_state: OptimizerState,
+    /// How a GPU step's NaN guard holds back updates.
+    pub nan_guard: NanGuard,
+    /// A GPU step waits at the end of every phase, so that its phase times are GPU times
+    /// (carp-bench's default; training's is off).
+    pub phase_sync: Switch,
+}
+
+impl RunOptions {
+    /// The defaults: the fastest measured path of each switch.
+    pub const DEFAULT: RunOptions = RunOptions {
+        fused_bn: Switch::On,
+        recompute: Recompute::BnAndConv3,
+        bf16_layout: Bf16Layout::Nhwc,
+        tf32: Switch::On,
+        cudnn_find: Switch::On,
+        bn_stats: BnStats::OnePass,
+        view_finish: ViewFinish::Gpu,
+        optimizer_state: OptimizerState::Device,
+        nan_guard: NanGuard::Gated,
+        phase_sync: Switch::Off,
+    };
+
+    /// `name=value` for every option, in declaration order (the form carp-bench prints).
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        fn v<T: ValueEnum>(t: T) -> String {
+            t.to_possible_value()
+                .map(|p| p.get_name().to_string())
+                .unwrap_or_default()
+        }
+        vec![
+            ("fused_bn", v(self.fused_bn)),
+            ("recompute", v(self.recompute)),
+            ("bf16_layout", v(self.bf16_layout)),
+            ("tf32", v(self.tf32)),
+            ("cudnn_find", v(self.cudnn_find)),
+            ("bn_stats", v(self.bn_stats)),
+            ("view_finish", v(self.view_finish)),
+            ("optimizer_state", v(self.optimizer_state)),
+            ("nan_guard", v(self.nan_guard)),
+            ("phase_sync", v(self.phase_sync)),
+        ]
+    }
+
+    /// One line: `fused_bn=on recompute=all ...`.
+    pub fn summary(&self) -> String {
+        self.pairs()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The options that differ from `other`, as `name: other's -> self's`.
+    pub fn changes_from(&self, other: &RunOptions) -> Vec<String> {
+        self.pairs()
+            .into_iter()
+            .zip(other.pairs())
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((k, a), (_, b))| format!("{k}: {b} -> {a}"))
+            .collect()
+    }
+
+    /// The options the environment sets, over `self`: the `CARP_*` variables of earlier
+    /// versions, read through `env` (a lookup, so tests need not touch the process
+    /// environment). An unknown value is an error naming the variable, the valid values and
+    /// the flag that replaces it.
+    pub fn with_env(mut self, env: impl Fn(&str) -> Option<String>) -> Result<RunOptions> {
+        for spec in ENV_VARS {
+            if let Some(raw) = env(spec.var) {
+                (spec.apply)(&mut self, raw.trim()).map_err(|valid| {
+                    crate::error::Error::Config(format!(
+                        "{}={raw:?} is not a valid value: use {valid} (or the flag --{} of carp \
+                         train and carp-bench)",
+                        spec.var, spec.flag
+                    ))
+                })?;
+            }
+        }
+        Ok(self)
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions::DEFAULT
+    }
+}
+
+/// One environment variable of the fallback, and how its values map onto the options.
+struct EnvVar {
+    var: &'static str,
+    flag: &'static str,
+    /// Sets the option from the value, or returns the valid values.
+    apply: fn(&mut RunOptions, &str) -> std::result::Result<(), String>,
+}
+
+/// A boolean variable: `1`/`on`/`true`/`yes` or `0`/`off`/`false`/`no`, or one of the flag's
+/// value names.
+fn env_choice<T: ValueEnum + Copy>(
+    raw: &str,
+    when_1: T,
+    when_0: T,
+) -> std::result::Result<T, String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => return Ok(when_1),
+        "0" | "off" | "false" | "no" => return Ok(when_0),
+        _ => {}
+    }
+    if let Ok(t) = T::from_str(raw, true) {
+        return Ok(t);
+    }
+    let names: Vec<String> = T::value_variants()
+        .iter()
+        .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+        .collect();
+    Err(format!("1 or 0 (or {})", names.join(", ")))
+}
+
+/// The legacy variables, each with its old meaning of `1` and `0`.
+const ENV_VARS: &[EnvVar] = &[
+    EnvVar {
+        var: "CARP_FUSED_BN",
+        flag: "fused-bn",
+        apply: |o, v| {
+            o.fused_bn = env_choice(v, Switch::On, Switch::Off)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_RECOMPUTE",
+        flag: "recompute",
+        apply: |o, v| {
+            o.recompute = match v.to_ascii_lowercase().as_str() {
+                "1" | "all" => Recompute::BnAndConv3,
+                "bn" => Recompute::BnOutputs,
+                "0" | "off" | "none" => Recompute::Nothing,
+                _ => return Err("all (or 1), bn, none (or 0)".into()),
+            };
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_NHWC",
+        flag: "bf16-layout",
+        apply: |o, v| {
+            o.bf16_layout = env_choice(v, Bf16Layout::Nhwc, Bf16Layout::Nchw)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_TF32",
+        flag: "tf32",
+        apply: |o, v| {
+            o.tf32 = env_choice(v, Switch::On, Switch::Off)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_CUDNN_FIND",
+        flag: "cudnn-find",
+        apply: |o, v| {
+            o.cudnn_find = env_choice(v, Switch::On, Switch::Off)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_BN_TWO_PASS",
+        flag: "bn-stats",
+        apply: |o, v| {
+            o.bn_stats = env_choice(v, BnStats::TwoPass, BnStats::OnePass)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_GPU_AUG",
+        flag: "view-finish",
+        apply: |o, v| {
+            o.view_finish = env_choice(v, ViewFinish::Gpu, ViewFinish::Cpu)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_HOST_OPTIM",
+        flag: "optimizer-state",
+        apply: |o, v| {
+            o.optimizer_state = env_choice(v, OptimizerState::Host, OptimizerState::Device)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_STEP_SYNC",
+        flag: "nan-guard",
+        apply: |o, v| {
+            o.nan_guard = env_choice(v, NanGuard::Sync, NanGuard::Gated)?;
+            Ok(())
+        },
+    },
+    EnvVar {
+        var: "CARP_PHASE_SYNC",
+        flag: "phase-sync",
+        apply: |o, v| {
+            o.phase_sync = env_choice(v, Switch::On, Switch::Off)?;
+            Ok(())
+        },
+    },
+];
+
+/// The names of the environment variables the fallback reads.
+pub fn env_var_names() -> Vec<&'static str> {
+    ENV_VARS.iter().map(|e| e.var).collect()
+}
+
+/// The run-option flags of `carp train` and `carp-bench` (flattened into both). A flag beats
+/// its environment variable, which beats the default.
+#[derive(clap::Args, Clone, Debug, Default)]
+#[command(
+    next_help_heading = "Run options (equivalent ways to compute the step; recorded in the run)"
+)]
+pub struct RunOptionArgs {
+    /// Fused BN + ReLU (+ residual add) ops in ResNets; off runs the separate ops (same values).
+    /// Env fallback: CARP_FUSED_BN=0|1. [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub fused_bn: Option<Switch>,
+    /// What ResNet training recomputes in backward instead of keeping: all (BN outputs and
+    /// conv3's output: least memory), bn (the BN outputs), none (fastest, most memory).
+    /// Bit-identical values. Env: CARP_RECOMPUTE=all|bn|0. [default: all]
+    #[arg(long, value_name = "all|bn|none")]
+    pub recompute: Option<Recompute>,
+    /// Layout of bf16 activations on a GPU: nhwc (channels-last, cuDNN's fastest) or nchw.
+    /// Env: CARP_NHWC=1|0. [default: nhwc]
+    #[arg(long, value_name = "nhwc|nchw")]
+    pub bf16_layout: Option<Bf16Layout>,
+    /// TF32 tensor-core math in f32 cuDNN convolutions (off: FMA only). Env: CARP_TF32=1|0.
+    /// [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub tf32: Option<Switch>,
+    /// Choose cuDNN algorithms by timing them (once per shape; off: the heuristic's first
+    /// choice, e.g. to keep profiles short). Env: CARP_CUDNN_FIND=1|0. [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub cudnn_find: Option<Switch>,
+    /// Channels-last BN statistics on a GPU in one read of x (shifted sums) or two.
+    /// Env: CARP_BN_TWO_PASS=0|1. [default: one-pass]
+    #[arg(long, value_name = "one-pass|two-pass")]
+    pub bn_stats: Option<BnStats>,
+    /// Where a GPU run finishes its views (colour, blur, solarize, normalize): gpu (kernels
+    /// fed with u8 crops) or cpu (the loader threads). Env: CARP_GPU_AUG=1|0. [default: gpu]
+    #[arg(long, value_name = "gpu|cpu")]
+    pub view_finish: Option<ViewFinish>,
+    /// Where a GPU run keeps parameters, gradient, momentum, teacher and BN statistics and runs
+    /// LARS, the EMA and BN updates: device or host. Env: CARP_HOST_OPTIM=0|1.
+    /// [default: device]
+    #[arg(long, value_name = "device|host")]
+    pub optimizer_state: Option<OptimizerState>,
+    /// How a GPU step's NaN guard holds back a non-finite step's updates: gated (a device-side
+    /// verdict, one wait per step) or sync (a wait mid-step, row-naming prototype checks).
+    /// Env: CARP_STEP_SYNC=0|1. [default: gated]
+    #[arg(long, value_name = "gated|sync")]
+    pub nan_guard: Option<NanGuard>,
+    /// Wait for the GPU at the end of every phase of a step, so the per-phase times are GPU
+    /// times (costs the overlap). Env: CARP_PHASE_SYNC=0|1. [default: off for carp train, on
+    /// for carp-bench]
+    #[arg(long, value_name = "on|off")]
+    pub phase_sync: Option<Switch>,
+}
+
+impl RunOptionArgs {
+    /// The options: the flags given, else the environment's `CARP_*` variables, else `base`.
+    pub fn resolve_over(&self, base: RunOptions) -> Result<RunOptions> {
+        let mut o = base.with_env(|k| std::env::var(k).ok())?;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { o.$f = v; } )* };
+        }
+        set!(
+            fused_bn,
+            recompute,
+            bf16_layout,
+            tf32,
+            cudnn_find,
+            bn_stats,
+            view_finish,
+            optimizer_state,
+            nan_guard,
+            phase_sync
+        );
+        Ok(o)
+    }
+
+    /// [`Self::resolve_over`] the defaults.
+    pub fn resolve(&self) -> Result<RunOptions> {
+        self.resolve_over(RunOptions::DEFAULT)
+    }
+}
+
+static CURRENT: RwLock<RunOptions> = RwLock::new(RunOptions::DEFAULT);
+
+/// Makes `o` the options in force for everything this process builds and runs from now on.
+pub fn install(o: RunOptions) {
+    // A poisoned lock only means a panic while writing a Copy value: the value is whole.
+    *CURRENT.write().unwrap_or_else(|e| e.into_inner()) = o;
+}
+
+/// Changes the options in force (tests and A/B drivers: `update(|o| o.tf32 = Switch::Off)`).
+pub fn update(f: impl FnOnce(&mut RunOptions)) {
+    let mut w = CURRENT.write().unwrap_or_else(|e| e.into_inner());
+    f(&mut w);
+}
+
+/// The options in force ([`install`]; the defaults otherwise).
+pub fn current() -> RunOptions {
+    *CURRENT.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Parses a JSON value recorded by a run (config.json's or a checkpoint's `run_options`).
+pub fn from_recorded(v: &serde_json::Value) -> Result<RunOptions> {
+    match serde_json::from_value(v.clone()) {
+        Ok(o) => Ok(o),
+        Err(e) => bail!(Config, "recorded run options {v}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn every_legacy_variable_maps_its_old_meaning() {
+        // The old readers: CARP_FUSED_BN, CARP_NHWC, CARP_TF32, CARP_CUDNN_FIND and
+        // CARP_GPU_AUG turned a default-on path off with "0"; CARP_BN_TWO_PASS,
+        // CARP_HOST_OPTIM, CARP_STEP_SYNC and CARP_PHASE_SYNC turned an alternative on with "1".
+        let d = RunOptions::DEFAULT;
+        let zeros = d
+            .with_env(env(&[
+                ("CARP_FUSED_BN", "0"),
+                ("CARP_NHWC", "0"),
+                ("CARP_TF32", "0"),
+                ("CARP_CUDNN_FIND", "0"),
+                ("CARP_GPU_AUG", "0"),
+                ("CARP_RECOMPUTE", "0"),
+            ]))
+            .unwrap();
+        assert_eq!(zeros.fused_bn, Switch::Off);
+        assert_eq!(zeros.bf16_layout, Bf16Layout::Nchw);
+        assert_eq!(zeros.tf32, Switch::Off);
+        assert_eq!(zeros.cudnn_find, Switch::Off);
+        assert_eq!(zeros.view_finish, ViewFinish::Cpu);
+        assert_eq!(zeros.recompute, Recompute::Nothing);
+        assert_eq!(zeros.changes_from(&d).len(), 6);
+        let ones = d
+            .with_env(env(&[
+                ("CARP_BN_TWO_PASS", "1"),
+                ("CARP_HOST_OPTIM", "1"),
+                ("CARP_STEP_SYNC", " 1 "),
+                ("CARP_PHASE_SYNC", "1"),
+                ("CARP_RECOMPUTE", "bn"),
+            ]))
+            .unwrap();
+        assert_eq!(ones.bn_stats, BnStats::TwoPass);
+        assert_eq!(ones.optimizer_state, OptimizerState::Host);
+        assert_eq!(ones.nan_guard, NanGuard::Sync);
+        assert_eq!(ones.phase_sync, Switch::On);
+        assert_eq!(ones.recompute, Recompute::BnOutputs);
+        // The flag's value names work in the variables too.
+        let named = d.with_env(env(&[("CARP_NHWC", "nchw")])).unwrap();
+        assert_eq!(named.bf16_layout, Bf16Layout::Nchw);
+        // An unset environment leaves everything alone.
+        assert_eq!(d.with_env(env(&[])).unwrap(), d);
+        assert_eq!(env_var_names().len(), 10);
+    }
+
+    #[test]
+    fn an_unknown_value_is_an_error_listing_the_valid_ones() {
+        let e = RunOptions::DEFAULT
+            .with_env(env(&[("CARP_NHWC", "maybe")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CARP_NHWC=\"maybe\""), "{e}");
+        assert!(e.contains("nhwc, nchw"), "{e}");
+        assert!(e.contains("--bf16-layout"), "{e}");
+        let e = RunOptions::DEFAULT
+            .with_env(env(&[("CARP_RECOMPUTE", "some")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bn, none"), "{e}");
+        // Before the old parsers' silent defaults: "yes please" was "on" for CARP_FUSED_BN.
+        assert!(RunOptions::DEFAULT
+            .with_env(env(&[("CARP_FUSED_BN", "yes please")]))
+            .is_err());
+    }
+
+    #[test]
+    fn recorded_form_round_trips_and_names_the_flag_values() {
+        let mut o = RunOptions::DEFAULT;
+        o.recompute = Recompute::BnOutputs;
+        o.bn_stats = BnStats::TwoPass;
+        let v = serde_json::to_value(o).unwrap();
+        assert_eq!(v["recompute"], "bn");
+        assert_eq!(v["bn_stats"], "two-pass");
+        assert_eq!(v["fused_bn"], "on");
+        assert_eq!(from_recorded(&v).unwrap(), o);
+        // Missing keys (a run recorded before an option existed) take the default; an unknown
+        // key is refused.
+        let partial = serde_json::json!({"tf32": "off"});
+        let p = from_recorded(&partial).unwrap();
+        assert_eq!(p.tf32, Switch::Off);
+        assert_eq!(
+            p.changes_from(&RunOptions::DEFAULT),
+            vec!["tf32: on -> off"]
+        );
+        assert!(from_recorded(&serde_json::json!({"tf33": "off"})).is_err());
+        // summary() lists every option once, in the recorded names.
+        let s = RunOptions::DEFAULT.summary();
+        for (k, _) in RunOptions::DEFAULT.pairs() {
+            assert_eq!(s.matches(&format!("{k}=")).count(), 1, "{s}");
+            assert!(v.get(k).is_some(), "{k} not serialized");
+        }
+    }
+}
