@@ -459,7 +459,6 @@ fn run(cli: Cli) -> Result<()> {
                     b + h + p
                 );
                 println!("precision: {}", cfg.precision);
-                println!("run options: {}", cfg.run_options.summary());
                 // A dry run does not need the device: without it, no estimate.
                 let mem = match carp::Device::parse(&cfg.device) {
                     Ok(device) => Some(carp::train::memory::estimate(&cfg, &device)?),
@@ -485,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
                         cfg.image_size
                     );
                 }
+                println!("run options: {}", cfg.run_options.summary());
                 if args.json {
                     println!(
                         "{}",
