@@ -38,13 +38,6 @@ impl Switch {
     pub fn on(self) -> bool {
         self == Switch::On
     }
-    pub fn from_bool(on: bool) -> Switch {
-        if on {
-            Switch::On
-        } else {
-            Switch::Off
-        }
-    }
 }
 
 /// What ResNet training (with the fused BN ops) recomputes in backward instead of keeping
@@ -262,16 +255,29 @@ fn env_choice<T: ValueEnum + Copy>(
     Err(format!("1 or 0 (or {})", names.join(", ")))
 }
 
+/// A variable of two values, `1` meaning `when_1` and `0` meaning `when_0` (see [`env_choice`]).
+macro_rules! env_bool {
+    ($var:literal, $flag:literal, $field:ident, $when_1:expr, $when_0:expr) => {
+        EnvVar {
+            var: $var,
+            flag: $flag,
+            apply: |o, v| {
+                o.$field = env_choice(v, $when_1, $when_0)?;
+                Ok(())
+            },
+        }
+    };
+}
+
 /// The legacy variables, each with its old meaning of `1` and `0`.
 const ENV_VARS: &[EnvVar] = &[
-    EnvVar {
-        var: "CARP_FUSED_BN",
-        flag: "fused-bn",
-        apply: |o, v| {
-            o.fused_bn = env_choice(v, Switch::On, Switch::Off)?;
-            Ok(())
-        },
-    },
+    env_bool!(
+        "CARP_FUSED_BN",
+        "fused-bn",
+        fused_bn,
+        Switch::On,
+        Switch::Off
+    ),
     EnvVar {
         var: "CARP_RECOMPUTE",
         flag: "recompute",
@@ -285,70 +291,56 @@ const ENV_VARS: &[EnvVar] = &[
             Ok(())
         },
     },
-    EnvVar {
-        var: "CARP_NHWC",
-        flag: "bf16-layout",
-        apply: |o, v| {
-            o.bf16_layout = env_choice(v, Bf16Layout::Nhwc, Bf16Layout::Nchw)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_TF32",
-        flag: "tf32",
-        apply: |o, v| {
-            o.tf32 = env_choice(v, Switch::On, Switch::Off)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_CUDNN_FIND",
-        flag: "cudnn-find",
-        apply: |o, v| {
-            o.cudnn_find = env_choice(v, Switch::On, Switch::Off)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_BN_TWO_PASS",
-        flag: "bn-stats",
-        apply: |o, v| {
-            o.bn_stats = env_choice(v, BnStats::TwoPass, BnStats::OnePass)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_GPU_AUG",
-        flag: "view-finish",
-        apply: |o, v| {
-            o.view_finish = env_choice(v, ViewFinish::Gpu, ViewFinish::Cpu)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_HOST_OPTIM",
-        flag: "optimizer-state",
-        apply: |o, v| {
-            o.optimizer_state = env_choice(v, OptimizerState::Host, OptimizerState::Device)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_STEP_SYNC",
-        flag: "nan-guard",
-        apply: |o, v| {
-            o.nan_guard = env_choice(v, NanGuard::Sync, NanGuard::Gated)?;
-            Ok(())
-        },
-    },
-    EnvVar {
-        var: "CARP_PHASE_SYNC",
-        flag: "phase-sync",
-        apply: |o, v| {
-            o.phase_sync = env_choice(v, Switch::On, Switch::Off)?;
-            Ok(())
-        },
-    },
+    env_bool!(
+        "CARP_NHWC",
+        "bf16-layout",
+        bf16_layout,
+        Bf16Layout::Nhwc,
+        Bf16Layout::Nchw
+    ),
+    env_bool!("CARP_TF32", "tf32", tf32, Switch::On, Switch::Off),
+    env_bool!(
+        "CARP_CUDNN_FIND",
+        "cudnn-find",
+        cudnn_find,
+        Switch::On,
+        Switch::Off
+    ),
+    env_bool!(
+        "CARP_BN_TWO_PASS",
+        "bn-stats",
+        bn_stats,
+        BnStats::TwoPass,
+        BnStats::OnePass
+    ),
+    env_bool!(
+        "CARP_GPU_AUG",
+        "view-finish",
+        view_finish,
+        ViewFinish::Gpu,
+        ViewFinish::Cpu
+    ),
+    env_bool!(
+        "CARP_HOST_OPTIM",
+        "optimizer-state",
+        optimizer_state,
+        OptimizerState::Host,
+        OptimizerState::Device
+    ),
+    env_bool!(
+        "CARP_STEP_SYNC",
+        "nan-guard",
+        nan_guard,
+        NanGuard::Sync,
+        NanGuard::Gated
+    ),
+    env_bool!(
+        "CARP_PHASE_SYNC",
+        "phase-sync",
+        phase_sync,
+        Switch::On,
+        Switch::Off
+    ),
 ];
 
 /// The names of the environment variables the fallback reads.

@@ -50,11 +50,6 @@ fn device_parse() {
     assert_eq!(t.to_device(&Device::Cpu).unwrap().id(), t.id());
 }
 
-/// Whether the run options in force keep a GPU step's state on the host.
-fn host_optim() -> bool {
-    carp::options::current().optimizer_state == carp::options::OptimizerState::Host
-}
-
 /// Sets the layout of bf16 GPU activations from now on.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn set_nhwc(nhwc: bool) {
@@ -994,7 +989,7 @@ fn device_state_steps_match_cpu() {
     let Some((dev, _serial)) = gpu_or_skip("device_state_steps_match_cpu") else {
         return;
     };
-    if host_optim() {
+    if carp::optim::device::host_optim_forced() {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED: device_state_steps_match_cpu: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"
@@ -1292,7 +1287,7 @@ fn device_state_checkpoint_resume() {
         epoch: 0,
         config_json: "{}".into(),
     };
-    let uses_device = !host_optim();
+    let uses_device = !carp::optim::device::host_optim_forced();
     if uses_device {
         let e = to_bytes(&st, &meta).unwrap_err().to_string();
         assert!(e.contains("sync_to_host"), "{e}");
@@ -1918,7 +1913,7 @@ fn device_state_step_sync_matches_gated() {
     let Some((dev, _serial)) = gpu_or_skip("device_state_step_sync_matches_gated") else {
         return;
     };
-    if host_optim() {
+    if carp::optim::device::host_optim_forced() {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED: device_state_step_sync_matches_gated: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"

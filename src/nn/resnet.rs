@@ -425,13 +425,14 @@ impl ResNet {
                 inplanes = out;
             }
         }
+        let options = crate::options::current();
         Ok(ResNet {
             cfg: cfg.clone(),
             conv1,
             bn1,
             blocks,
-            fused_bn: crate::options::current().fused_bn.on(),
-            recompute: crate::options::current().recompute,
+            fused_bn: options.fused_bn.on(),
+            recompute: options.recompute,
         })
     }
 
