@@ -4,6 +4,11 @@
 //! prototypes) on `tensor`/`autograd`/`ops` → `carp` (partitioned loss, EMA teacher) → `optim`
 //! (LARS, schedules) → `train` (loop, checkpoints, metrics); `eval` (k-NN, linear) reads
 //! checkpoints.
+//!
+//! They form one acyclic order, each using only those below it (`tests/module_order.rs`
+//! enforces it): `error` ← `options`, `data` ← `device` (Device, DType, Layout; the CUDA
+//! driver, cuDNN, cuBLAS, launchers on raw buffers) ← `tensor` ← `autograd` ← `ops` ← `nn` ←
+//! `carp`, `optim` ← `eval` ← `train`.
 
 pub mod autograd;
 pub mod carp;

@@ -14,9 +14,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use carp::data::augment::{finish, ColorParams, ViewConfig};
+use carp::data::augment::{finish, AugNorm, ColorParams, ViewConfig};
 use carp::tensor::round_bf16;
-use carp::train::views::AugNorm;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

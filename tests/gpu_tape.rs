@@ -233,7 +233,7 @@ fn elementwise_and_reshape() {
             1e-5,
             &|t, x| Ok(vec![t.gelu(&x[0])?]),
         );
-        // x used twice: the tape accumulates two gradients (add_tensors on the device), and a
+        // x used twice: the tape accumulates two gradients (Tensor::add_untracked on the device), and a
         // reshape in between.
         compare(
             &dev,

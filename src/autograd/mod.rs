@@ -380,7 +380,7 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
             grads.insert(id, g);
         }
         Some(prev) => {
-            let sum = crate::ops::elementwise::add_tensors(&prev, &g)?;
+            let sum = prev.add_untracked(&g)?;
             grads.insert(id, sum);
         }
     }

@@ -205,6 +205,27 @@ impl ColorParams {
     }
 }
 
+/// The normalization and solarize threshold as the kernels take them: `#[repr(C)]`, passed by
+/// value. The threshold is divided by 255 exactly as the CPU `finish` divides it, so a pixel at
+/// the threshold is solarized (or not) on both paths alike; `inv_std` likewise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AugNorm {
+    pub mean: [f32; 3],
+    pub inv_std: [f32; 3],
+    pub threshold: f32,
+}
+
+impl AugNorm {
+    pub fn new(cfg: &ViewConfig) -> AugNorm {
+        AugNorm {
+            mean: cfg.mean,
+            inv_std: cfg.std.map(|s| 1.0 / s),
+            threshold: cfg.solarize_threshold / 255.0,
+        }
+    }
+}
+
 /// A crop rectangle in source pixels (integers, as torchvision draws them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CropBox {

@@ -5,6 +5,121 @@
 pub mod cuda;
 pub mod profiler;
 
+use crate::bail;
+use crate::error::Result;
+
+/// Where a tensor lives. Ops dispatch on the storage; callers only ever name a `Device` when
+/// they create inputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The n-th CUDA device (only usable with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parses `--device`: `cpu`, `cuda` (= `cuda:0`), `cuda:N`, or `auto` (the first GPU when
+    /// this build has the `cuda` feature and the machine a GPU, else the CPU). `cuda` in a
+    /// build without the feature is an error saying so.
+    pub fn parse(spec: &str) -> Result<Device> {
+        let spec = spec.trim();
+        match spec {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => {
+                if available().contains(&"cuda") {
+                    Ok(Device::Cuda(0))
+                } else {
+                    Ok(Device::Cpu)
+                }
+            }
+            s if s == "cuda" || s.starts_with("cuda:") => {
+                let n = match s.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(i) => i.parse::<usize>().map_err(|_| {
+                        crate::error::Error::Config(format!(
+                            "--device {s}: expected cuda:N with N a GPU index"
+                        ))
+                    })?,
+                };
+                if !cfg!(feature = "cuda") {
+                    bail!(
+                        Device,
+                        "--device {s}: this build has no CUDA backend (rebuild with `--features \
+                         cuda`), use --device cpu"
+                    );
+                }
+                Ok(Device::Cuda(n))
+            }
+            other => bail!(
+                Config,
+                "unknown device {other:?}: use auto, cpu, cuda or cuda:N"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// The element type of a storage. CPU tensors are always f32 (the bf16 mode is emulated there
+/// by rounding values held in f32); a GPU tensor of a bf16 step stores bf16 (2 bytes per
+/// element: activations and their gradients), with f32 arithmetic inside every kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DType {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+    /// The suffix of the kernels for this element type (`bn_forward_f32`, `bn_forward_bf16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a rank-4 tensor's logical (N, C, H, W) maps to memory. The CPU and every f32 tensor use
+/// NCHW; a bf16 GPU activation may be channels-last (NHWC: element (n, c, h, w) at
+/// ((n H + h) W + w) C + c), the layout of cuDNN's fastest bf16 convolutions. Shapes stay
+/// (N, C, H, W) either way; host copies (`to_vec`) are NCHW.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    #[default]
+    Nchw,
+    Nhwc,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Nchw => "NCHW",
+            Layout::Nhwc => "NHWC",
+        })
+    }
+}
+
 /// Name of the backend this build can run, for `--device auto`.
 /// With the `cuda` feature, "cuda" is listed only when a CUDA driver and at least one GPU are
 /// present on this machine.
@@ -16,22 +131,6 @@ pub fn available() -> Vec<&'static str> {
         v.push("cuda");
     }
     v
-}
-
-/// The most bytes live tensors on `device` needed at once so far in this process (the measure
-/// PyTorch's `max_memory_allocated` gives): the CPU's tensor-storage counter, or the GPU pool's
-/// requested-bytes peak.
-pub fn peak_live_bytes(device: &crate::tensor::Device) -> crate::error::Result<usize> {
-    match device {
-        crate::tensor::Device::Cpu => Ok(crate::tensor::cpu_storage_bytes().1),
-        #[cfg(feature = "cuda")]
-        crate::tensor::Device::Cuda(i) => Ok(cuda::backend(*i)?.pool_stats().peak_bytes_requested),
-        #[cfg(not(feature = "cuda"))]
-        crate::tensor::Device::Cuda(_) => crate::bail!(
-            Device,
-            "this build has no CUDA support (rebuild with --features cuda)"
-        ),
-    }
 }
 
 /// NVTX ranges callable without `cfg`: the real ones (`cuda::nvtx`) with the `cuda` feature,

@@ -11,8 +11,8 @@
 
 use std::str::FromStr;
 
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::Device;
 
 /// The inclusive, 1-based step range of `--profile-steps A:B`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -59,21 +59,6 @@ fn wrap(be: &Be, buf: DeviceBuffer, shape: &[usize]) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- elementwise
 
-/// a + b, same shapes (checked by the caller); not recorded. Both bf16: a bf16 sum (rounded
-/// once); mixed types: an f32 sum of the exact values (the tape's gradient accumulation, whose
-/// result the consumer rounds if it is bf16, as on the CPU).
-pub(crate) fn add(be: &Be, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let f = if a.dtype() == b.dtype() {
-        format_of(a)
-    } else {
-        (DType::F32, Layout::Nchw)
-    };
-    let (a, b) = (a.to_format(f.0, f.1)?, b.to_format(f.0, f.1)?);
-    let mut y = alloc_fmt(be, f, a.numel())?;
-    be.add(dbuf("add", &a)?, dbuf("add", &b)?, &mut y)?;
-    wrap(be, y, a.shape())
-}
-
 pub(crate) fn relu(tape: &mut Tape, be: Be, x: &Tensor) -> Result<Tensor> {
     let mut y = be.alloc_f32(x.numel())?;
     be.relu_forward(dbuf("relu", x)?, &mut y)?;
@@ -548,7 +533,7 @@ pub(crate) fn wn_linear(
     // skips it: such a row makes the logits, hence the loss, non-finite, and the step's
     // device-side guard then refuses the step before any weight changes. `--nan-guard sync` (the
     // synchronous step) restores the check and its row-naming error.
-    if crate::optim::device::step_sync_forced() {
+    if crate::options::current().nan_guard == crate::options::NanGuard::Sync {
         let host = be.download_f32(&norms)?;
         if let Some(r) = host.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
             bail!(

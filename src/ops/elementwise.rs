@@ -7,21 +7,9 @@ use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// Chunk size for rayon over flat buffers: large enough to amortize scheduling.
-pub const PAR_CHUNK: usize = 1 << 14;
+pub use crate::tensor::PAR_CHUNK;
 
 // ---------- CPU reference kernels ----------
-
-/// y = a + b
-pub fn add_forward_cpu(a: &[f32], b: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(PAR_CHUNK)
-        .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
-        .for_each(|(y, (a, b))| {
-            for i in 0..y.len() {
-                y[i] = a[i] + b[i];
-            }
-        });
-}
 
 /// y = max(x, 0)
 pub fn relu_forward_cpu(x: &[f32], y: &mut [f32]) {
@@ -45,27 +33,6 @@ pub fn relu_backward_cpu(y: &[f32], dy: &[f32], dx: &mut [f32]) {
         });
 }
 
-// ---------- untracked helpers (used by the tape itself) ----------
-
-/// a + b without recording (gradient accumulation).
-pub fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.shape() != b.shape() {
-        bail!(
-            Shape,
-            "add: shapes {:?} and {:?} differ",
-            a.shape(),
-            b.shape()
-        );
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(be) = crate::ops::cuda_backend("add", &[a, b])? {
-        return crate::ops::cuda::add(&be, a, b);
-    }
-    let mut y = vec![0.0; a.numel()];
-    add_forward_cpu(a.cpu()?, b.cpu()?, &mut y);
-    a.like(y)
-}
-
 // ---------- tape ops ----------
 
 impl Tape {
@@ -77,7 +44,7 @@ impl Tape {
             let y = self.as_f32(|t| t.add(&r[0], &r[1]))?;
             return self.bf16_output(&y);
         }
-        let y = add_tensors(a, b)?;
+        let y = a.add_untracked(b)?;
         self.record("add", &y, &[a, b], |dy| {
             Ok(vec![Some(dy.clone()), Some(dy.clone())])
         });

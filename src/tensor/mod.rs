@@ -8,117 +8,12 @@ use std::sync::Arc;
 use crate::bail;
 use crate::error::Result;
 
-/// Where a tensor lives. Ops dispatch on the storage; callers only ever name a `Device` when
-/// they create inputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    /// The n-th CUDA device (only usable with the `cuda` feature).
-    Cuda(usize),
-}
+// The element formats and device kinds are the backends' vocabulary (device/ sits below
+// tensor/); re-exported so callers keep naming them `tensor::Device`, `tensor::DType`.
+pub use crate::device::{DType, Device, Layout};
 
-impl Device {
-    /// Parses `--device`: `cpu`, `cuda` (= `cuda:0`), `cuda:N`, or `auto` (the first GPU when
-    /// this build has the `cuda` feature and the machine a GPU, else the CPU). `cuda` in a
-    /// build without the feature is an error saying so.
-    pub fn parse(spec: &str) -> Result<Device> {
-        let spec = spec.trim();
-        match spec {
-            "cpu" => Ok(Device::Cpu),
-            "auto" => {
-                if crate::device::available().contains(&"cuda") {
-                    Ok(Device::Cuda(0))
-                } else {
-                    Ok(Device::Cpu)
-                }
-            }
-            s if s == "cuda" || s.starts_with("cuda:") => {
-                let n = match s.strip_prefix("cuda:") {
-                    None => 0,
-                    Some(i) => i.parse::<usize>().map_err(|_| {
-                        crate::error::Error::Config(format!(
-                            "--device {s}: expected cuda:N with N a GPU index"
-                        ))
-                    })?,
-                };
-                if !cfg!(feature = "cuda") {
-                    bail!(
-                        Device,
-                        "--device {s}: this build has no CUDA backend (rebuild with `--features \
-                         cuda`), use --device cpu"
-                    );
-                }
-                Ok(Device::Cuda(n))
-            }
-            other => bail!(
-                Config,
-                "unknown device {other:?}: use auto, cpu, cuda or cuda:N"
-            ),
-        }
-    }
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Device::Cpu => write!(f, "cpu"),
-            Device::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-/// The element type of a storage. CPU tensors are always f32 (the bf16 mode is emulated there
-/// by rounding values held in f32); a GPU tensor of a bf16 step stores bf16 (2 bytes per
-/// element: activations and their gradients), with f32 arithmetic inside every kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum DType {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::Bf16 => 2,
-        }
-    }
-    /// The suffix of the kernels for this element type (`bn_forward_f32`, `bn_forward_bf16`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::Bf16 => "bf16",
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How a rank-4 tensor's logical (N, C, H, W) maps to memory. The CPU and every f32 tensor use
-/// NCHW; a bf16 GPU activation may be channels-last (NHWC: element (n, c, h, w) at
-/// ((n H + h) W + w) C + c), the layout of cuDNN's fastest bf16 convolutions. Shapes stay
-/// (N, C, H, W) either way; host copies (`to_vec`) are NCHW.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Layout {
-    #[default]
-    Nchw,
-    Nhwc,
-}
-
-impl std::fmt::Display for Layout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Layout::Nchw => "NCHW",
-            Layout::Nhwc => "NHWC",
-        })
-    }
-}
+/// Chunk size for rayon over flat buffers: large enough to amortize scheduling.
+pub const PAR_CHUNK: usize = 1 << 14;
 
 /// The bytes behind a tensor: f32 on the CPU; f32 or bf16 ([`DType`]) on a GPU. Row-major
 /// NCHW, except bf16 GPU activations, which may be NHWC ([`Layout`]).
@@ -158,6 +53,24 @@ pub fn cpu_storage_bytes() -> (usize, usize) {
 /// Starts a new peak for [`cpu_storage_bytes`] at what is alive now.
 pub fn reset_cpu_storage_peak() {
     CPU_PEAK_BYTES.store(CPU_LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// The most bytes live tensors on `device` needed at once so far in this process (the measure
+/// PyTorch's `max_memory_allocated` gives): the CPU's tensor-storage counter, or the GPU pool's
+/// requested-bytes peak.
+pub fn peak_live_bytes(device: &Device) -> Result<usize> {
+    match device {
+        Device::Cpu => Ok(cpu_storage_bytes().1),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => Ok(crate::device::cuda::backend(*i)?
+            .pool_stats()
+            .peak_bytes_requested),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!(
+            Device,
+            "this build has no CUDA support (rebuild with --features cuda)"
+        ),
+    }
 }
 
 fn count_cpu_storage(bytes: usize) {
@@ -389,6 +302,59 @@ impl Tensor {
                 let mut y = c.backend.alloc_dt(dtype, self.numel())?.with_layout(layout);
                 c.backend.convert(&c.buf, n, ch, hw, &mut y)?;
                 Tensor::from_cuda(y, c.backend.clone(), s)
+            }
+        }
+    }
+
+    /// `self + other` elementwise (same shapes and device), recorded on no tape: the tape's
+    /// gradient accumulation and the body of `Tape::add`. On a GPU two bf16 operands give a bf16
+    /// sum (rounded once); mixed element types an f32 sum of the exact values (a bf16 consumer
+    /// rounds it, as the CPU emulation's bf16 output node does).
+    pub fn add_untracked(&self, other: &Tensor) -> Result<Tensor> {
+        if self.shape() != other.shape() {
+            bail!(
+                Shape,
+                "add: shapes {:?} and {:?} differ",
+                self.shape(),
+                other.shape()
+            );
+        }
+        if self.device() != other.device() {
+            bail!(
+                Device,
+                "add: inputs on different devices: {:?} on {} and {:?} on {} (move them with \
+                 Tensor::to_device first)",
+                self.shape(),
+                self.device(),
+                other.shape(),
+                other.device()
+            );
+        }
+        match self.storage() {
+            Storage::Cpu(a) => {
+                use rayon::prelude::*;
+                let b = other.cpu()?;
+                let mut y = vec![0.0; a.len()];
+                y.par_chunks_mut(PAR_CHUNK)
+                    .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
+                    .for_each(|(y, (a, b))| {
+                        for i in 0..y.len() {
+                            y[i] = a[i] + b[i];
+                        }
+                    });
+                self.like(y)
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => {
+                let (dt, layout) = if self.dtype() == other.dtype() {
+                    (self.dtype(), self.layout())
+                } else {
+                    (DType::F32, Layout::Nchw)
+                };
+                let (a, b) = (self.to_format(dt, layout)?, other.to_format(dt, layout)?);
+                let mut y = c.backend.alloc_dt(dt, a.numel())?.with_layout(layout);
+                c.backend.add(&a.cuda()?.buf, &b.cuda()?.buf, &mut y)?;
+                Tensor::from_cuda(y, c.backend.clone(), self.shape())
             }
         }
     }

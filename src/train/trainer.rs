@@ -502,7 +502,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             images += n;
             let ips = n as f64 / dt;
             // For choosing a batch size: what live tensors needed at once so far.
-            let peak_gib = crate::device::peak_live_bytes(&device)? as f64 / (1u64 << 30) as f64;
+            let peak_gib = crate::tensor::peak_live_bytes(&device)? as f64 / (1u64 << 30) as f64;
             last = stats;
             metrics.write(serde_json::json!({
                 "type": "step", "step": state.step, "epoch": epoch, "loss": stats.loss,

@@ -11,27 +11,6 @@ use crate::data::loader::{CropBatch, TwoViewBatch, TwoViewLoader};
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
 
-/// The normalization and solarize threshold as the kernels take them: `#[repr(C)]`, passed by
-/// value. The threshold is divided by 255 exactly as the CPU `finish` divides it, so a pixel at
-/// the threshold is solarized (or not) on both paths alike; `inv_std` likewise.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct AugNorm {
-    pub mean: [f32; 3],
-    pub inv_std: [f32; 3],
-    pub threshold: f32,
-}
-
-impl AugNorm {
-    pub fn new(cfg: &ViewConfig) -> AugNorm {
-        AugNorm {
-            mean: cfg.mean,
-            inv_std: cfg.std.map(|s| 1.0 / s),
-            threshold: cfg.solarize_threshold / 255.0,
-        }
-    }
-}
-
 /// Whether views are finished on `device` by the GPU kernels: a CUDA device, unless the run
 /// option `view_finish` is cpu (the CPU finish, verified on a GPU before; the option A/B-tests
 /// the two).
@@ -95,7 +74,13 @@ pub fn finish_crops(
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
             let be = crate::device::cuda::backend(*i)?;
-            let buf = be.finish_views(crops, params, b, s, &AugNorm::new(cfg))?;
+            let buf = be.finish_views(
+                crops,
+                params,
+                b,
+                s,
+                &crate::data::augment::AugNorm::new(cfg),
+            )?;
             Tensor::from_cuda(buf, be, &[b, 3, s, s])
         }
         #[cfg(not(feature = "cuda"))]

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext};
 
+use crate::device::{DType, Layout};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Layout};
 
 /// Rounds a request up to its bucket: 512-byte steps below 1 MiB, above that steps of 1/8 of
 /// the enclosing power of two (at most 12.5% waste). Equal requests share a bucket, which is

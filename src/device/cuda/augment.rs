@@ -16,9 +16,8 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::{result, CudaEvent, LaunchConfig, PinnedHostSlice};
 
 use super::{driver_err, CudaBackend, DeviceBuffer};
-use crate::data::augment::ColorParams;
+use crate::data::augment::{AugNorm, ColorParams};
 use crate::error::{Error, Result};
-use crate::train::views::AugNorm;
 
 // SAFETY: AugNorm is #[repr(C)], 7 f32 and no padding, the layout of `struct AugNorm` in
 // kernels/augment.cu, passed to the kernels by value.

@@ -109,7 +109,7 @@ impl CudaBackend {
         c: &mut DeviceBuffer,
     ) -> Result<()> {
         for (name, buf) in [("a", a), ("b", b), ("c", &*c)] {
-            if buf.dtype() != crate::tensor::DType::F32 {
+            if buf.dtype() != crate::device::DType::F32 {
                 return Err(Error::Device(format!(
                     "gemm: {name} is a {} buffer; the matrix products run in f32 (widen bf16 \
                      activations first)",

@@ -18,8 +18,8 @@ use cudarc::cudnn::{result as dr, sys as ds};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::{CudaBackend, DeviceBuffer};
+use crate::device::{DType, Layout};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Layout};
 
 /// Whether convolutions of f32 tensors may use TF32 tensor cores (run option `tf32`), for
 /// plans made from now on.
@@ -639,7 +639,7 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::{ds, math_ok, workspace_limit, ConvShape, WORKSPACE_LIMIT};
-    use crate::tensor::DType;
+    use crate::device::DType;
 
     // ResNet50's layer1 conv3 (1x1, 64 -> 256 channels at 56x56) over both views: at batch 256
     // (512 images) its bf16 output is 0.82 GB and the limit stays 1 GiB; at batch 1024 it is

@@ -29,8 +29,8 @@ pub use alloc::{DeviceBuffer, Pool, PoolStats};
 pub use dnn::{conv_find, conv_tf32, ConvShape};
 pub use ops::{CarpLossGpu, CarpLossQueued, LarsPlan, PbarHook, Pool2dShape};
 
+use crate::device::DType;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 
 /// Number of CUDA devices, 0 when no driver (libcuda) is installed or it reports none.
 pub fn device_count() -> usize {

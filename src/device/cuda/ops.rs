@@ -5,8 +5,8 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{launch, CudaBackend, DeviceBuffer};
+use crate::device::{DType, Layout};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Layout};
 
 /// Threads per block for the elementwise (grid-stride) kernels.
 const THREADS: u32 = 256;
@@ -2047,7 +2047,7 @@ mod tests {
 
     #[test]
     fn nhwc_v4_needs_four_channels_and_aligned_pointers() {
-        use crate::tensor::DType;
+        use crate::device::DType;
         assert!(nhwc_v4(64, DType::Bf16, &[256, 8, 0]));
         assert!(!nhwc_v4(64, DType::Bf16, &[256, 4]));
         assert!(!nhwc_v4(66, DType::Bf16, &[256]));
