@@ -41,7 +41,9 @@ fn top_modules() -> BTreeSet<String> {
     lib.lines()
         .filter_map(|l| {
             let l = l.trim();
-            let rest = l.strip_prefix("pub mod ").or_else(|| l.strip_prefix("mod "))?;
+            let rest = l
+                .strip_prefix("pub mod ")
+                .or_else(|| l.strip_prefix("mod "))?;
             Some(rest.trim_end_matches(';').trim().to_string())
         })
         .collect()
@@ -189,7 +191,11 @@ fn module_uses() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     rust_files(&src, &mut files);
     let mut uses: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for f in files {
-        let rel = f.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
+        let rel = f
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
         let first = rel.split('/').next().unwrap().trim_end_matches(".rs");
         if first == "bin" || first == "lib" || first == "main" {
             continue;
@@ -226,7 +232,9 @@ fn modules_use_only_the_layers_below_their_own() {
         for (u, files) in used {
             let Some(lu) = layer_of(&u) else { continue };
             if lu >= lm {
-                wrong.push(format!("{m} (layer {lm}) uses {u} (layer {lu}) in {files:?}"));
+                wrong.push(format!(
+                    "{m} (layer {lm}) uses {u} (layer {lu}) in {files:?}"
+                ));
             }
         }
     }
@@ -279,5 +287,40 @@ fn after() { crate::optim::lars(); }
         paths,
         ["error", "tensor", "ops", "bail", "train", "nn", "optim"],
         "{paths:?}"
+    );
+}
+
+/// The modules that hold no backend code: no `Storage::Cuda` match and no `cuda` feature gate
+/// (they reach a device through tensors and ops). Issue 14 adds nn, optim and train as their
+/// step is made one for every device.
+const BACKEND_FREE: &[&str] = &["autograd", "carp"];
+
+#[test]
+fn backend_free_modules_have_no_backend_code() {
+    let src = src_dir();
+    let mut found = Vec::new();
+    for m in BACKEND_FREE {
+        let mut files = Vec::new();
+        let dir = src.join(m);
+        if dir.is_dir() {
+            rust_files(&dir, &mut files);
+        } else {
+            files.push(src.join(format!("{m}.rs")));
+        }
+        assert!(!files.is_empty(), "{m}: no source found");
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                if line.contains("Storage::Cuda") || line.contains("feature = \"cuda\"") {
+                    found.push(format!("{}:{}: {}", f.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "backend code in a backend-free module (tests/module_order.rs BACKEND_FREE): move it \
+         behind an op or a tensor method:\n  {}",
+        found.join("\n  ")
     );
 }

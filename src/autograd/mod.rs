@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::{DType, Layout, Tensor, TensorId};
+use crate::tensor::{DType, Device, Layout, Tensor, TensorId};
 
 /// Maps the output gradient to one optional gradient per recorded input (same order).
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send>;
@@ -161,7 +161,7 @@ impl Tape {
     ) -> Result<Vec<Tensor>> {
         let mut out = Vec::with_capacity(xs.len());
         for &x in xs {
-            let on_cpu = matches!(x.storage(), crate::tensor::Storage::Cpu(_));
+            let on_cpu = x.device() == Device::Cpu;
             if on_cpu || path == Bf16Path::ViaF32 {
                 if x.dtype() == DType::Bf16 {
                     out.push(self.widen_bf16(x)?);
@@ -235,32 +235,27 @@ impl Tape {
     /// already in bf16 storage (an op with bf16 kernels, whose backward rounds its incoming
     /// gradient itself) is returned as it is; an f32 one is narrowed to bf16 storage.
     pub(crate) fn bf16_output(&mut self, y: &Tensor) -> Result<Tensor> {
-        match y.storage() {
-            crate::tensor::Storage::Cpu(_) => {
-                let r = y.round_bf16()?;
-                self.record("to_bf16", &r, &[y], |dr| Ok(vec![Some(dr.round_bf16()?)]));
-                self.bf16.insert(r.id());
-                Ok(r)
-            }
-            #[cfg(feature = "cuda")]
-            crate::tensor::Storage::Cuda(_) => {
-                if y.dtype() == DType::Bf16 {
-                    return Ok(y.clone());
-                }
-                let r = y.to_dtype(DType::Bf16)?;
-                self.record("to_bf16", &r, &[y], |dr| {
-                    // The f32 body's backward takes f32: a bf16 gradient widens exactly, an
-                    // f32 one is rounded through bf16 (the CPU's `round_bf16`).
-                    let g = if dr.dtype() == DType::Bf16 {
-                        dr.to_dtype(DType::F32)?
-                    } else {
-                        dr.to_dtype(DType::Bf16)?.to_dtype(DType::F32)?
-                    };
-                    Ok(vec![Some(g)])
-                });
-                Ok(r)
-            }
+        if y.device() == Device::Cpu {
+            let r = y.round_bf16()?;
+            self.record("to_bf16", &r, &[y], |dr| Ok(vec![Some(dr.round_bf16()?)]));
+            self.bf16.insert(r.id());
+            return Ok(r);
         }
+        if y.dtype() == DType::Bf16 {
+            return Ok(y.clone());
+        }
+        let r = y.to_dtype(DType::Bf16)?;
+        self.record("to_bf16", &r, &[y], |dr| {
+            // The f32 body's backward takes f32: a bf16 gradient widens exactly, an f32 one is
+            // rounded through bf16 (the CPU's `round_bf16`).
+            let g = if dr.dtype() == DType::Bf16 {
+                dr.to_dtype(DType::F32)?
+            } else {
+                dr.to_dtype(DType::Bf16)?.to_dtype(DType::F32)?
+            };
+            Ok(vec![Some(g)])
+        });
+        Ok(r)
     }
 
     /// Runs `body` (an op's f32 path) with the tape in f32 mode, then restores the precision.

@@ -6,6 +6,9 @@ use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::ops::elementwise::PAR_CHUNK;
+#[cfg(feature = "cuda")]
+use crate::ops::gpu;
+use crate::ops::Backend;
 use crate::tensor::Tensor;
 
 /// 1 / sqrt(2).
@@ -39,6 +42,51 @@ pub fn gelu_backward_cpu(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         });
 }
 
+// ---------- backend dispatch ----------
+
+/// GELU of x on x's device.
+fn gelu_forward(x: &Tensor) -> Result<Tensor> {
+    match Backend::of("gelu", &[x])? {
+        Backend::Cpu => {
+            let mut y = vec![0.0; x.numel()];
+            gelu_forward_cpu(x.cpu()?, &mut y);
+            x.like(y)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let mut y = be.alloc_f32(x.numel())?;
+            be.gelu_forward(gpu::dbuf("gelu", x)?, &mut y)?;
+            gpu::wrap(&be, y, x.shape())
+        }
+    }
+}
+
+/// dx from the input x and dy, on x's device (a gradient from elsewhere is moved there).
+fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if dy.shape() != x.shape() {
+        bail!(
+            Shape,
+            "gelu backward: output gradient {:?} vs input {:?}",
+            dy.shape(),
+            x.shape()
+        );
+    }
+    match Backend::of("gelu", &[x])? {
+        Backend::Cpu => {
+            let mut dx = vec![0.0; dy.numel()];
+            gelu_backward_cpu(x.cpu()?, dy.cpu()?, &mut dx);
+            x.like(dx)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let dy = gpu::on_gpu(&be, dy)?;
+            let mut dx = be.alloc_f32(dy.numel())?;
+            be.gelu_backward(gpu::dbuf("gelu", x)?, gpu::dbuf("gelu", &dy)?, &mut dx)?;
+            gpu::wrap(&be, dx, x.shape())
+        }
+    }
+}
+
 // ---------- tape ops ----------
 
 impl Tape {
@@ -50,27 +98,11 @@ impl Tape {
             let y = self.as_f32(|t| t.gelu(&r[0]))?;
             return self.bf16_output(&y);
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("gelu", &[x])? {
-            return crate::ops::cuda::gelu(self, be, x);
-        }
-        let mut y = vec![0.0; x.numel()];
-        gelu_forward_cpu(x.cpu()?, &mut y);
-        let y = x.like(y)?;
+        let y = gelu_forward(x)?;
         // The backward needs the input (not the output: GELU is not invertible cheaply).
         let saved = x.clone();
         self.record("gelu", &y, &[x], move |dy| {
-            if dy.shape() != saved.shape() {
-                bail!(
-                    Shape,
-                    "gelu backward: output gradient {:?} vs input {:?}",
-                    dy.shape(),
-                    saved.shape()
-                );
-            }
-            let mut dx = vec![0.0; dy.numel()];
-            gelu_backward_cpu(saved.cpu()?, dy.cpu()?, &mut dx);
-            Ok(vec![Some(saved.like(dx)?)])
+            Ok(vec![Some(gelu_backward(&saved, dy)?)])
         });
         Ok(y)
     }

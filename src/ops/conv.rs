@@ -25,6 +25,9 @@ use rayon::prelude::*;
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::ops::gpu;
+use crate::ops::Backend;
 use crate::tensor::Tensor;
 
 /// The sizes of one convolution: input (N, C, H, W), weight (O, C, KH, KW), output
@@ -671,6 +674,111 @@ pub fn conv2d_backward_filter_cpu(x: &[f32], dy: &[f32], s: &Conv2dShape, dw: &m
     }
 }
 
+// ---------- backend dispatch ----------
+
+/// The launcher's copy of a convolution's sizes.
+#[cfg(feature = "cuda")]
+pub(crate) fn conv_shape(s: Conv2dShape) -> crate::device::cuda::ConvShape {
+    crate::device::cuda::ConvShape {
+        n: s.n,
+        c: s.c,
+        h: s.h,
+        w: s.w,
+        o: s.o,
+        kh: s.kh,
+        kw: s.kw,
+        stride: s.stride,
+        padding: s.padding,
+    }
+}
+
+/// y (N, O, HO, WO) = conv(x, w) on x's device, and the weights as the backward uses them (on a
+/// GPU in x's element type and layout: bf16 in cuDNN's bf16 config, NHWC in cuDNN's NHWC
+/// filter order; a copy only where they differ).
+fn conv2d_forward(x: &Tensor, w: &Tensor, s: Conv2dShape) -> Result<(Tensor, Tensor)> {
+    let y_shape = [s.n, s.o, s.ho(), s.wo()];
+    match Backend::of("conv2d", &[x, w])? {
+        Backend::Cpu => {
+            let mut y = vec![0.0f32; s.y_len()]; // (N, O, HO, WO)
+            conv2d_forward_cpu(x.cpu()?, w.cpu()?, &s, &mut y);
+            Ok((Tensor::from_vec(y, &y_shape)?, w.clone()))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("conv2d");
+            let f = gpu::format_of(x);
+            let wf = w.to_format(f.0, f.1)?;
+            let mut y = gpu::alloc_fmt(&be, f, s.y_len())?; // (N, O, HO, WO)
+            be.conv2d_forward(
+                &conv_shape(s),
+                gpu::dbuf("conv2d", x)?,
+                gpu::dbuf("conv2d", &wf)?,
+                &mut y,
+            )?;
+            Ok((gpu::wrap(&be, y, &y_shape)?, wf))
+        }
+    }
+}
+
+/// (dx, dw) of a convolution from its input x, the weights `w` as the forward returned them and
+/// dy, on x's device; `need` = (dx, dw) says which to compute. On a GPU dx is in x's format
+/// and dw f32 NCHW: cuDNN's bf16 config writes dw in bf16 (the one documented rounding), and
+/// widening it here lets a weight used by several convolutions in one tape (the global and the
+/// local views' passes) accumulate its gradients in f32, as on the CPU.
+fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    s: Conv2dShape,
+    (need_dx, need_dw): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let y_shape = [s.n, s.o, s.ho(), s.wo()];
+    dy.expect_shape("conv2d output gradient", &y_shape)?;
+    match Backend::of("conv2d backward", &[x, w])? {
+        Backend::Cpu => {
+            let dyv = dy.cpu()?;
+            let dx = if need_dx {
+                let mut dx = vec![0.0f32; s.x_len()]; // (N, C, H, W)
+                conv2d_backward_data_cpu(dyv, w.cpu()?, &s, &mut dx);
+                Some(x.like(dx)?)
+            } else {
+                None
+            };
+            let dw = if need_dw {
+                let mut dw = vec![0.0f32; s.w_len()]; // (O, C, KH, KW)
+                conv2d_backward_filter_cpu(x.cpu()?, dyv, &s, &mut dw);
+                Some(w.like(dw)?)
+            } else {
+                None
+            };
+            Ok((dx, dw))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("conv2d backward");
+            let (cs, f) = (conv_shape(s), gpu::format_of(x));
+            let dy = gpu::on_gpu_as(&be, dy, f)?;
+            let dyb = gpu::dbuf("conv2d backward", &dy)?;
+            let dx = if need_dx {
+                let mut dx = gpu::alloc_fmt(&be, f, s.x_len())?; // (N, C, H, W)
+                be.conv2d_backward_data(&cs, gpu::dbuf("conv2d backward", w)?, dyb, &mut dx)?;
+                Some(gpu::wrap(&be, dx, x.shape())?)
+            } else {
+                None
+            };
+            let dw = if need_dw {
+                let mut dw = gpu::alloc_fmt(&be, f, s.w_len())?; // (O, C, KH, KW)
+                be.conv2d_backward_filter(&cs, gpu::dbuf("conv2d backward", x)?, dyb, &mut dw)?;
+                let dw = gpu::wrap(&be, dw, w.shape())?;
+                Some(dw.to_format(crate::tensor::DType::F32, crate::tensor::Layout::Nchw)?)
+            } else {
+                None
+            };
+            Ok((dx, dw))
+        }
+    }
+}
+
 // ---------- tape op ----------
 
 impl Tape {
@@ -690,36 +798,13 @@ impl Tape {
             return self.bf16_output(&y);
         }
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), stride, padding)?;
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("conv2d", &[x, w])? {
-            return crate::ops::cuda::conv2d(self, be, x, w, s);
-        }
-        let mut y = vec![0.0f32; s.y_len()]; // (N, O, HO, WO)
-        conv2d_forward_cpu(x.cpu()?, w.cpu()?, &s, &mut y);
-        let y_shape = [s.n, s.o, s.ho(), s.wo()];
-        let y = Tensor::from_vec(y, &y_shape)?;
+        let (y, ws) = conv2d_forward(x, w, s)?;
         // Decided now, at forward time: the stem's input (the images) needs no dx, and a frozen
         // weight needs no dw; skipping them saves a GEMM each.
-        let need_dx = self.requires_grad(x);
-        let need_dw = self.requires_grad(w);
-        let (xs, ws) = (x.clone(), w.clone());
+        let need = (self.requires_grad(x), self.requires_grad(w));
+        let xs = x.clone();
         self.record("conv2d", &y, &[x, w], move |dy| {
-            dy.expect_shape("conv2d output gradient", &y_shape)?;
-            let dyv = dy.cpu()?;
-            let dx = if need_dx {
-                let mut dx = vec![0.0f32; s.x_len()]; // (N, C, H, W)
-                conv2d_backward_data_cpu(dyv, ws.cpu()?, &s, &mut dx);
-                Some(xs.like(dx)?)
-            } else {
-                None
-            };
-            let dw = if need_dw {
-                let mut dw = vec![0.0f32; s.w_len()]; // (O, C, KH, KW)
-                conv2d_backward_filter_cpu(xs.cpu()?, dyv, &s, &mut dw);
-                Some(ws.like(dw)?)
-            } else {
-                None
-            };
+            let (dx, dw) = conv2d_backward(&xs, &ws, dy, s, need)?;
             Ok(vec![dx, dw])
         });
         Ok(y)

@@ -5,6 +5,9 @@ use rayon::prelude::*;
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::ops::gpu;
+use crate::ops::Backend;
 use crate::tensor::Tensor;
 
 pub use crate::tensor::PAR_CHUNK;
@@ -33,6 +36,44 @@ pub fn relu_backward_cpu(y: &[f32], dy: &[f32], dx: &mut [f32]) {
         });
 }
 
+// ---------- backend dispatch ----------
+
+/// max(x, 0) on x's device.
+fn relu_forward(x: &Tensor) -> Result<Tensor> {
+    match Backend::of("relu", &[x])? {
+        Backend::Cpu => {
+            let mut y = vec![0.0; x.numel()];
+            relu_forward_cpu(x.cpu()?, &mut y);
+            x.like(y)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let mut y = be.alloc_f32(x.numel())?;
+            be.relu_forward(gpu::dbuf("relu", x)?, &mut y)?;
+            gpu::wrap(&be, y, x.shape())
+        }
+    }
+}
+
+/// dx = dy where y > 0, on y's device (a gradient from elsewhere is moved there).
+fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    dy.expect_shape("relu backward dy", y.shape())?;
+    match Backend::of("relu", &[y])? {
+        Backend::Cpu => {
+            let mut dx = vec![0.0; dy.numel()];
+            relu_backward_cpu(y.cpu()?, dy.cpu()?, &mut dx);
+            dy.like(dx)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let dy = gpu::on_gpu(&be, dy)?;
+            let mut dx = be.alloc_f32(dy.numel())?;
+            be.relu_backward(gpu::dbuf("relu", y)?, gpu::dbuf("relu", &dy)?, &mut dx)?;
+            gpu::wrap(&be, dx, y.shape())
+        }
+    }
+}
+
 // ---------- tape ops ----------
 
 impl Tape {
@@ -59,18 +100,11 @@ impl Tape {
             let y = self.as_f32(|t| t.relu(&r[0]))?;
             return self.bf16_output(&y);
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("relu", &[x])? {
-            return crate::ops::cuda::relu(self, be, x);
-        }
-        let mut y = vec![0.0; x.numel()];
-        relu_forward_cpu(x.cpu()?, &mut y);
-        let y = x.like(y)?;
+        let y = relu_forward(x)?;
+        // The backward needs only the output (dx = dy where y > 0).
         let saved = y.clone();
         self.record("relu", &y, &[x], move |dy| {
-            let mut dx = vec![0.0; dy.numel()];
-            relu_backward_cpu(saved.cpu()?, dy.cpu()?, &mut dx);
-            Ok(vec![Some(dy.like(dx)?)])
+            Ok(vec![Some(relu_backward(&saved, dy)?)])
         });
         Ok(y)
     }

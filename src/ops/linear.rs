@@ -11,6 +11,9 @@ use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::ops::elementwise::PAR_CHUNK;
+#[cfg(feature = "cuda")]
+use crate::ops::gpu;
+use crate::ops::Backend;
 use crate::tensor::Tensor;
 
 /// Below this many multiply-adds a product runs on one thread: spawning costs more than it saves.
@@ -251,26 +254,11 @@ impl Tape {
                 b.shape()
             );
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("matmul", &[a, b])? {
-            return crate::ops::cuda::matmul(self, be, a, b, (m, k, n));
-        }
-        let mut y = vec![0.0; m * n]; // (M, N)
-        matmul_cpu(a.cpu()?, b.cpu()?, m, k, n, false, false, &mut y, false)?;
-        let y = Tensor::from_vec(y, &[m, n])?;
+        let y = matmul_forward(a, b, (m, k, n))?;
         let (sa, sb) = (a.clone(), b.clone());
         self.record("matmul", &y, &[a, b], move |dy| {
-            dy.expect_shape("matmul backward dy", &[m, n])?;
-            // da (M, K) = dy (M, N) x b^T
-            let mut da = vec![0.0; m * k];
-            matmul_cpu(dy.cpu()?, sb.cpu()?, m, n, k, false, true, &mut da, false)?;
-            // db (K, N) = a^T x dy
-            let mut db = vec![0.0; k * n];
-            matmul_cpu(sa.cpu()?, dy.cpu()?, k, m, n, true, false, &mut db, false)?;
-            Ok(vec![
-                Some(Tensor::from_vec(da, &[m, k])?),
-                Some(Tensor::from_vec(db, &[k, n])?),
-            ])
+            let (da, db) = matmul_backward(&sa, &sb, dy, (m, k, n))?;
+            Ok(vec![Some(da), Some(db)])
         });
         Ok(y)
     }
@@ -297,40 +285,13 @@ impl Tape {
         if let Some(b) = b {
             b.expect_shape("linear bias", &[cout])?;
         }
-        #[cfg(feature = "cuda")]
-        {
-            let mut inputs = vec![x, w];
-            inputs.extend(b);
-            if let Some(be) = crate::ops::cuda_backend("linear", &inputs)? {
-                return crate::ops::cuda::linear(self, be, x, w, b, (n, cin, cout));
-            }
-        }
-        let mut y = vec![0.0; n * cout]; // (N, OUT)
-        matmul_cpu(x.cpu()?, w.cpu()?, n, cin, cout, false, true, &mut y, false)?;
-        if let Some(b) = b {
-            add_bias_rows_cpu(&mut y, b.cpu()?)?;
-        }
-        let y = Tensor::from_vec(y, &[n, cout])?;
+        let y = linear_forward(x, w, b, (n, cin, cout))?;
         let (sx, sw) = (x.clone(), w.clone());
         let has_bias = b.is_some();
         let backward = move |dy: &Tensor| -> Result<Vec<Option<Tensor>>> {
-            dy.expect_shape("linear backward dy", &[n, cout])?;
-            let dyv = dy.cpu()?;
-            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
-            let mut dx = vec![0.0; n * cin];
-            matmul_cpu(dyv, sw.cpu()?, n, cout, cin, false, false, &mut dx, false)?;
-            // dw (OUT, IN) = dy^T x x
-            let mut dw = vec![0.0; cout * cin];
-            matmul_cpu(dyv, sx.cpu()?, cout, n, cin, true, false, &mut dw, false)?;
-            let mut grads = vec![
-                Some(Tensor::from_vec(dx, &[n, cin])?),
-                Some(Tensor::from_vec(dw, &[cout, cin])?),
-            ];
-            if has_bias {
-                let mut db = vec![0.0; cout]; // (OUT,)
-                sum_rows_cpu(dyv, n, cout, &mut db)?;
-                grads.push(Some(Tensor::from_vec(db, &[cout])?));
-            }
+            let (dx, dw, db) = linear_backward(&sx, &sw, has_bias, dy, (n, cin, cout))?;
+            let mut grads = vec![Some(dx), Some(dw)];
+            grads.extend(db.map(Some));
             Ok(grads)
         };
         match b {
@@ -362,64 +323,25 @@ impl Tape {
                 v.shape()
             );
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("wn_linear", &[x, v])? {
-            return crate::ops::cuda::wn_linear(self, be, x, v, (n, cin, cout));
-        }
-        let mut norms = vec![0.0; cout]; // (OUT,)
-        row_norms_cpu(v.cpu()?, cout, cin, &mut norms)?;
-        if let Some(r) = norms.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
-            bail!(
-                NonFinite,
-                "wn_linear: row {r} of v {:?} has norm {} (rows must be non-zero and finite)",
-                v.shape(),
-                norms[r]
-            );
-        }
-        // The normalized weights are materialized once: the product and the backward both use
-        // them, and gemm needs a plain matrix.
-        let mut w = vec![0.0; cout * cin]; // (OUT, IN)
-        normalize_rows_cpu(v.cpu()?, &norms, cout, cin, &mut w)?;
-        let mut y = vec![0.0; n * cout]; // (N, OUT)
-        matmul_cpu(x.cpu()?, &w, n, cin, cout, false, true, &mut y, false)?;
-        let y = Tensor::from_vec(y, &[n, cout])?;
+        let (y, saved) = wn_linear_forward(x, v, (n, cin, cout))?;
         if !self.is_recording() {
             return Ok(y);
         }
         let sx = x.clone();
         self.record("wn_linear", &y, &[x, v], move |dy| {
-            dy.expect_shape("wn_linear backward dy", &[n, cout])?;
-            let dyv = dy.cpu()?;
-            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
-            let mut dx = vec![0.0; n * cin];
-            matmul_cpu(dyv, &w, n, cout, cin, false, false, &mut dx, false)?;
-            // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
-            let mut dv = vec![0.0; cout * cin];
-            matmul_cpu(dyv, sx.cpu()?, cout, n, cin, true, false, &mut dv, false)?;
-            wn_backward_cpu(&w, &norms, cout, cin, &mut dv)?;
-            Ok(vec![
-                Some(Tensor::from_vec(dx, &[n, cin])?),
-                Some(Tensor::from_vec(dv, &[cout, cin])?),
-            ])
+            let (dx, dv) = wn_linear_backward(&sx, &saved, dy, (n, cin, cout))?;
+            Ok(vec![Some(dx), Some(dv)])
         });
         Ok(y)
     }
 
     /// Sum of all elements -> shape (1,).
     pub fn sum_all(&mut self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("sum_all", &[x])? {
-            return crate::ops::cuda::sum_all(self, be, x, false);
-        }
-        let s = sum_all_cpu(x.cpu()?) as f32;
-        let y = Tensor::from_vec(vec![s], &[1])?;
-        let shape = x.shape().to_vec();
+        let y = sum_all_forward("sum_all", x, false)?;
+        let (shape, device) = (x.shape().to_vec(), x.device());
         self.record("sum_all", &y, &[x], move |dy| {
-            let g = dy.scalar()?;
-            Ok(vec![Some(Tensor::from_vec(
-                vec![g; shape.iter().product()],
-                &shape,
-            )?)])
+            // The scalar comes to the host (on a GPU, one wait): broadcasting it is a fill.
+            Ok(vec![Some(Tensor::full(dy.scalar()?, &shape, &device)?)])
         });
         Ok(y)
     }
@@ -430,18 +352,365 @@ impl Tape {
         if count == 0 {
             bail!(Shape, "mean_all of an empty tensor {:?}", x.shape());
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("mean_all", &[x])? {
-            return crate::ops::cuda::sum_all(self, be, x, true);
-        }
-        let s = (sum_all_cpu(x.cpu()?) / count as f64) as f32;
-        let y = Tensor::from_vec(vec![s], &[1])?;
-        let shape = x.shape().to_vec();
+        let y = sum_all_forward("mean_all", x, true)?;
+        let (shape, device) = (x.shape().to_vec(), x.device());
         self.record("mean_all", &y, &[x], move |dy| {
             let g = dy.scalar()? / count as f32;
-            Ok(vec![Some(Tensor::from_vec(vec![g; count], &shape)?)])
+            Ok(vec![Some(Tensor::full(g, &shape, &device)?)])
         });
         Ok(y)
+    }
+}
+
+// ---------- backend dispatch ----------
+
+/// a (M, K) x b (K, N) -> (M, N) on a's device.
+fn matmul_forward(a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Tensor> {
+    match Backend::of("matmul", &[a, b])? {
+        Backend::Cpu => {
+            let mut y = vec![0.0; m * n]; // (M, N)
+            matmul_cpu(a.cpu()?, b.cpu()?, m, k, n, false, false, &mut y, false)?;
+            Tensor::from_vec(y, &[m, n])
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("matmul");
+            let op = "matmul";
+            let mut y = be.alloc_f32(m * n)?; // (M, N)
+            let (ab, bb) = (gpu::dbuf(op, a)?, gpu::dbuf(op, b)?);
+            be.gemm(false, false, m, n, k, 1.0, ab, bb, 0.0, &mut y)?;
+            gpu::wrap(&be, y, &[m, n])
+        }
+    }
+}
+
+/// (da (M, K), db (K, N)) of y = a b from dy (M, N), on a's device.
+fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    (m, k, n): (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    dy.expect_shape("matmul backward dy", &[m, n])?;
+    match Backend::of("matmul", &[a, b])? {
+        Backend::Cpu => {
+            // da (M, K) = dy (M, N) x b^T
+            let mut da = vec![0.0; m * k];
+            matmul_cpu(dy.cpu()?, b.cpu()?, m, n, k, false, true, &mut da, false)?;
+            // db (K, N) = a^T x dy
+            let mut db = vec![0.0; k * n];
+            matmul_cpu(a.cpu()?, dy.cpu()?, k, m, n, true, false, &mut db, false)?;
+            Ok((
+                Tensor::from_vec(da, &[m, k])?,
+                Tensor::from_vec(db, &[k, n])?,
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("matmul backward");
+            let op = "matmul";
+            let dy = gpu::on_gpu(&be, dy)?;
+            let dyb = gpu::dbuf(op, &dy)?;
+            // da (M, K) = dy (M, N) x b^T
+            let mut da = be.alloc_f32(m * k)?;
+            be.gemm(
+                false,
+                true,
+                m,
+                k,
+                n,
+                1.0,
+                dyb,
+                gpu::dbuf(op, b)?,
+                0.0,
+                &mut da,
+            )?;
+            // db (K, N) = a^T x dy
+            let mut db = be.alloc_f32(k * n)?;
+            be.gemm(
+                true,
+                false,
+                k,
+                n,
+                m,
+                1.0,
+                gpu::dbuf(op, a)?,
+                dyb,
+                0.0,
+                &mut db,
+            )?;
+            Ok((gpu::wrap(&be, da, &[m, k])?, gpu::wrap(&be, db, &[k, n])?))
+        }
+    }
+}
+
+/// y (N, OUT) = x (N, IN) W^T (W: (OUT, IN)) + b, on x's device.
+fn linear_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<Tensor> {
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    match Backend::of("linear", &inputs)? {
+        Backend::Cpu => {
+            let mut y = vec![0.0; n * cout]; // (N, OUT)
+            matmul_cpu(x.cpu()?, w.cpu()?, n, cin, cout, false, true, &mut y, false)?;
+            if let Some(b) = b {
+                add_bias_rows_cpu(&mut y, b.cpu()?)?;
+            }
+            Tensor::from_vec(y, &[n, cout])
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("linear");
+            let op = "linear";
+            let mut y = be.alloc_f32(n * cout)?; // (N, OUT)
+            let (xb, wb) = (gpu::dbuf(op, x)?, gpu::dbuf(op, w)?);
+            be.gemm(false, true, n, cout, cin, 1.0, xb, wb, 0.0, &mut y)?;
+            if let Some(b) = b {
+                be.bias_add(&mut y, gpu::dbuf(op, b)?, n, cout)?;
+            }
+            gpu::wrap(&be, y, &[n, cout])
+        }
+    }
+}
+
+/// (dx (N, IN), dw (OUT, IN), db (OUT,) when there is a bias) of a linear layer from dy
+/// (N, OUT), on x's device.
+fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    has_bias: bool,
+    dy: &Tensor,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    dy.expect_shape("linear backward dy", &[n, cout])?;
+    match Backend::of("linear", &[x, w])? {
+        Backend::Cpu => {
+            let dyv = dy.cpu()?;
+            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+            let mut dx = vec![0.0; n * cin];
+            matmul_cpu(dyv, w.cpu()?, n, cout, cin, false, false, &mut dx, false)?;
+            // dw (OUT, IN) = dy^T x x
+            let mut dw = vec![0.0; cout * cin];
+            matmul_cpu(dyv, x.cpu()?, cout, n, cin, true, false, &mut dw, false)?;
+            let db = if has_bias {
+                let mut db = vec![0.0; cout]; // (OUT,)
+                sum_rows_cpu(dyv, n, cout, &mut db)?;
+                Some(Tensor::from_vec(db, &[cout])?)
+            } else {
+                None
+            };
+            let dx = Tensor::from_vec(dx, &[n, cin])?;
+            Ok((dx, Tensor::from_vec(dw, &[cout, cin])?, db))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("linear backward");
+            let op = "linear";
+            let dy = gpu::on_gpu(&be, dy)?;
+            let dyb = gpu::dbuf(op, &dy)?;
+            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+            let mut dx = be.alloc_f32(n * cin)?;
+            be.gemm(
+                false,
+                false,
+                n,
+                cin,
+                cout,
+                1.0,
+                dyb,
+                gpu::dbuf(op, w)?,
+                0.0,
+                &mut dx,
+            )?;
+            // dw (OUT, IN) = dy^T x x
+            let mut dw = be.alloc_f32(cout * cin)?;
+            be.gemm(
+                true,
+                false,
+                cout,
+                cin,
+                n,
+                1.0,
+                dyb,
+                gpu::dbuf(op, x)?,
+                0.0,
+                &mut dw,
+            )?;
+            let db = if has_bias {
+                let mut db = be.alloc_f32(cout)?; // (OUT,)
+                be.col_sum(dyb, n, cout, &mut db)?;
+                Some(gpu::wrap(&be, db, &[cout])?)
+            } else {
+                None
+            };
+            let dx = gpu::wrap(&be, dx, &[n, cin])?;
+            Ok((dx, gpu::wrap(&be, dw, &[cout, cin])?, db))
+        }
+    }
+}
+
+/// What the weight-normalized linear's backward keeps from its forward: the normalized
+/// weights W (OUT, IN) and the row norms (OUT,), in host memory or on the GPU.
+enum WnSaved {
+    Cpu {
+        w: Vec<f32>,
+        norms: Vec<f32>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        be: gpu::Be,
+        w: crate::device::cuda::DeviceBuffer,
+        norms: crate::device::cuda::DeviceBuffer,
+    },
+}
+
+fn non_finite_row(v: &Tensor, norms: &[f32]) -> Result<()> {
+    if let Some(r) = norms.iter().position(|&nr| !(nr > 0.0 && nr.is_finite())) {
+        bail!(
+            NonFinite,
+            "wn_linear: row {r} of v {:?} has norm {} (rows must be non-zero and finite)",
+            v.shape(),
+            norms[r]
+        );
+    }
+    Ok(())
+}
+
+/// y (N, OUT) = x (v / ||v||_rows)^T on x's device, with what the backward needs.
+fn wn_linear_forward(
+    x: &Tensor,
+    v: &Tensor,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<(Tensor, WnSaved)> {
+    match Backend::of("wn_linear", &[x, v])? {
+        Backend::Cpu => {
+            let mut norms = vec![0.0; cout]; // (OUT,)
+            row_norms_cpu(v.cpu()?, cout, cin, &mut norms)?;
+            non_finite_row(v, &norms)?;
+            // The normalized weights are materialized once: the product and the backward both
+            // use them, and gemm needs a plain matrix.
+            let mut w = vec![0.0; cout * cin]; // (OUT, IN)
+            normalize_rows_cpu(v.cpu()?, &norms, cout, cin, &mut w)?;
+            let mut y = vec![0.0; n * cout]; // (N, OUT)
+            matmul_cpu(x.cpu()?, &w, n, cin, cout, false, true, &mut y, false)?;
+            Ok((Tensor::from_vec(y, &[n, cout])?, WnSaved::Cpu { w, norms }))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("wn_linear");
+            let op = "wn_linear";
+            let mut norms = be.alloc_f32(cout)?; // (OUT,)
+            be.row_norms(gpu::dbuf(op, v)?, cout, cin, &mut norms)?;
+            // The CPU's check (a zero or non-finite row has no direction) needs a download, i.e.
+            // a wait for everything queued, twice per training step (teacher and student). By
+            // default the GPU skips it: such a row makes the logits, hence the loss,
+            // non-finite, and the step's device-side guard then refuses the step before any
+            // weight changes. `--nan-guard sync` (the synchronous step) restores the check and
+            // its row-naming error.
+            if crate::options::current().nan_guard == crate::options::NanGuard::Sync {
+                non_finite_row(v, &be.download_f32(&norms)?)?;
+            }
+            let mut w = be.alloc_f32(cout * cin)?; // (OUT, IN)
+            be.row_normalize(gpu::dbuf(op, v)?, &norms, cout, cin, &mut w)?;
+            let mut y = be.alloc_f32(n * cout)?; // (N, OUT)
+            be.gemm(
+                false,
+                true,
+                n,
+                cout,
+                cin,
+                1.0,
+                gpu::dbuf(op, x)?,
+                &w,
+                0.0,
+                &mut y,
+            )?;
+            let y = gpu::wrap(&be, y, &[n, cout])?;
+            Ok((y, WnSaved::Cuda { be, w, norms }))
+        }
+    }
+}
+
+/// (dx (N, IN), dv (OUT, IN)) of the weight-normalized linear from dy (N, OUT): dx = dy W, and
+/// dW = dy^T x projected onto each row's tangent space, on the forward's device.
+fn wn_linear_backward(
+    x: &Tensor,
+    saved: &WnSaved,
+    dy: &Tensor,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    dy.expect_shape("wn_linear backward dy", &[n, cout])?;
+    match saved {
+        WnSaved::Cpu { w, norms } => {
+            let dyv = dy.cpu()?;
+            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+            let mut dx = vec![0.0; n * cin];
+            matmul_cpu(dyv, w, n, cout, cin, false, false, &mut dx, false)?;
+            // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
+            let mut dv = vec![0.0; cout * cin];
+            matmul_cpu(dyv, x.cpu()?, cout, n, cin, true, false, &mut dv, false)?;
+            wn_backward_cpu(w, norms, cout, cin, &mut dv)?;
+            Ok((
+                Tensor::from_vec(dx, &[n, cin])?,
+                Tensor::from_vec(dv, &[cout, cin])?,
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        WnSaved::Cuda { be, w, norms } => {
+            let _r = crate::device::nvtx::Range::new("wn_linear backward");
+            let op = "wn_linear";
+            let dy = gpu::on_gpu(be, dy)?;
+            let dyb = gpu::dbuf(op, &dy)?;
+            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
+            let mut dx = be.alloc_f32(n * cin)?;
+            be.gemm(false, false, n, cin, cout, 1.0, dyb, w, 0.0, &mut dx)?;
+            // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
+            let mut dw = be.alloc_f32(cout * cin)?;
+            be.gemm(
+                true,
+                false,
+                cout,
+                cin,
+                n,
+                1.0,
+                dyb,
+                gpu::dbuf(op, x)?,
+                0.0,
+                &mut dw,
+            )?;
+            let mut dv = be.alloc_f32(cout * cin)?;
+            be.row_normalize_backward(&dw, w, norms, cout, cin, &mut dv)?;
+            Ok((
+                gpu::wrap(be, dx, &[n, cin])?,
+                gpu::wrap(be, dv, &[cout, cin])?,
+            ))
+        }
+    }
+}
+
+/// The sum (or, with `mean`, the mean) of all of x's elements -> (1,) on x's device. The CPU
+/// sums in f64, a GPU in f32 (`sum_f32` in kernels/elementwise.cu).
+fn sum_all_forward(op: &str, x: &Tensor, mean: bool) -> Result<Tensor> {
+    let count = x.numel();
+    match Backend::of(op, &[x])? {
+        Backend::Cpu => {
+            let s = sum_all_cpu(x.cpu()?);
+            let s = if mean { s / count as f64 } else { s };
+            Tensor::from_vec(vec![s as f32], &[1])
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let mut s = be.alloc_f32(1)?; // (1,)
+            be.sum(gpu::dbuf(op, x)?, count, &mut s)?;
+            if mean {
+                be.scale_in_place(&mut s, 1.0 / count as f32)?;
+            }
+            gpu::wrap(&be, s, &[1])
+        }
     }
 }
 

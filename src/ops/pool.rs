@@ -10,7 +10,10 @@ use rayon::prelude::*;
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::Tensor;
+#[cfg(feature = "cuda")]
+use crate::ops::gpu;
+use crate::ops::Backend;
+use crate::tensor::{DType, Layout, Tensor};
 
 /// The sizes of one max pool: input (N, C, H, W), square window `kernel`, `stride`, `padding`
 /// (padding acts as -inf), output (N, C, HO, WO) with floor rounding (PyTorch's default
@@ -240,6 +243,167 @@ pub fn avg_pool_backward_cpu(dy: &[f32], rows: usize, hw: usize, dx: &mut [f32])
         });
 }
 
+// ---------- backend dispatch ----------
+
+/// What max pool's backward needs besides the output gradient: on the CPU the input (its
+/// kernel finds each window's argmax again), on a GPU the argmax the forward wrote.
+enum MaxPoolSaved {
+    Input(Tensor),
+    #[cfg(feature = "cuda")]
+    Argmax {
+        be: gpu::Be,
+        /// i32 (N, C, HO, WO): each output's index in its input plane.
+        argmax: crate::device::cuda::DeviceBuffer,
+        format: (DType, Layout),
+        x_shape: Vec<usize>,
+    },
+}
+
+/// The launcher's copy of a max pool's sizes.
+#[cfg(feature = "cuda")]
+pub(crate) fn gpu_pool_shape(s: Pool2dShape) -> crate::device::cuda::Pool2dShape {
+    crate::device::cuda::Pool2dShape {
+        n: s.n,
+        c: s.c,
+        h: s.h,
+        w: s.w,
+        k: s.kernel,
+        stride: s.stride,
+        padding: s.padding,
+    }
+}
+
+/// Max pool of x (N, C, H, W) on x's device -> (N, C, HO, WO), in x's format.
+fn max_pool2d_forward(x: &Tensor, s: Pool2dShape) -> Result<(Tensor, MaxPoolSaved)> {
+    let y_shape = [s.n, s.c, s.ho(), s.wo()];
+    match Backend::of("max_pool2d", &[x])? {
+        Backend::Cpu => {
+            let mut y = vec![0.0f32; s.y_len()]; // (N, C, HO, WO)
+            max_pool2d_forward_cpu(x.cpu()?, &s, &mut y);
+            Ok((
+                Tensor::from_vec(y, &y_shape)?,
+                MaxPoolSaved::Input(x.clone()),
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("max_pool2d");
+            let f = gpu::format_of(x);
+            let mut y = gpu::alloc_fmt(&be, f, s.y_len())?; // (N, C, HO, WO)
+            let mut argmax = be.alloc_bytes(s.y_len() * 4)?; // i32 (N, C, HO, WO)
+            be.max_pool2d_forward(
+                &gpu_pool_shape(s),
+                gpu::dbuf("max_pool2d", x)?,
+                &mut y,
+                &mut argmax,
+            )?;
+            let y = gpu::wrap(&be, y, &y_shape)?;
+            let saved = MaxPoolSaved::Argmax {
+                be,
+                argmax,
+                format: f,
+                x_shape: x.shape().to_vec(),
+            };
+            Ok((y, saved))
+        }
+    }
+}
+
+/// dx (N, C, H, W): dy routed to each window's argmax, on the forward's device.
+fn max_pool2d_backward(saved: &MaxPoolSaved, dy: &Tensor, s: Pool2dShape) -> Result<Tensor> {
+    dy.expect_shape("max_pool2d output gradient", &[s.n, s.c, s.ho(), s.wo()])?;
+    match saved {
+        MaxPoolSaved::Input(x) => {
+            let mut dx = vec![0.0f32; s.x_len()]; // (N, C, H, W)
+            max_pool2d_backward_cpu(x.cpu()?, dy.cpu()?, &s, &mut dx);
+            x.like(dx)
+        }
+        #[cfg(feature = "cuda")]
+        MaxPoolSaved::Argmax {
+            be,
+            argmax,
+            format,
+            x_shape,
+        } => {
+            let _r = crate::device::nvtx::Range::new("max_pool2d backward");
+            let dy = gpu::on_gpu_as(be, dy, *format)?;
+            let mut dx = gpu::alloc_fmt(be, *format, s.x_len())?; // (N, C, H, W)
+            be.max_pool2d_backward(
+                &gpu_pool_shape(s),
+                gpu::dbuf("max_pool2d backward", &dy)?,
+                argmax,
+                &mut dx,
+            )?;
+            gpu::wrap(be, dx, x_shape)
+        }
+    }
+}
+
+/// Mean over H*W of x (N, C, H, W) viewed as `rows` = N*C planes of `hw`, on x's device ->
+/// ((N, C) in x's element type, the backend, x's format).
+fn global_avg_pool_forward(
+    x: &Tensor,
+    rows: usize,
+    hw: usize,
+) -> Result<(Tensor, Backend, (DType, Layout))> {
+    let y_shape = [x.dim(0), x.dim(1)];
+    let be = Backend::of("global_avg_pool", &[x])?;
+    let f = (x.dtype(), x.layout());
+    let y = match &be {
+        Backend::Cpu => {
+            let mut y = vec![0.0f32; rows]; // (N, C)
+            avg_pool_forward_cpu(x.cpu()?, rows, hw, &mut y);
+            Tensor::from_vec(y, &y_shape)?
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("global_avg_pool");
+            let (n, c) = (y_shape[0], y_shape[1]);
+            let xb = gpu::dbuf("global_avg_pool", x)?;
+            let mut y = be.alloc_dt(f.0, rows)?; // (N, C)
+            match f.1 {
+                Layout::Nchw => be.global_avg_pool_forward(xb, rows, hw, &mut y)?,
+                Layout::Nhwc => be.global_avg_pool_forward_nhwc(xb, n, c, hw, &mut y)?,
+            }
+            gpu::wrap(be, y, &y_shape)?
+        }
+    };
+    Ok((y, be, f))
+}
+
+/// dx (N, C, H, W) = dy / (H W) broadcast over each plane, on `be` in format `f` (the input's).
+fn global_avg_pool_backward(
+    be: &Backend,
+    f: (DType, Layout),
+    dy: &Tensor,
+    x_shape: &[usize],
+    rows: usize,
+    hw: usize,
+) -> Result<Tensor> {
+    dy.expect_shape("global_avg_pool output gradient", &x_shape[..2])?;
+    match be {
+        Backend::Cpu => {
+            let _ = f; // always f32 NCHW on the CPU
+            let mut dx = vec![0.0f32; rows * hw]; // (N, C, H, W)
+            avg_pool_backward_cpu(dy.cpu()?, rows, hw, &mut dx);
+            Tensor::from_vec(dx, x_shape)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let _r = crate::device::nvtx::Range::new("global_avg_pool backward");
+            let (n, c) = (x_shape[0], x_shape[1]);
+            let dy = gpu::on_gpu_as(be, dy, (f.0, Layout::Nchw))?; // (N, C): no spatial layout
+            let mut dx = gpu::alloc_fmt(be, f, rows * hw)?; // (N, C, H, W)
+            let dyb = gpu::dbuf("global_avg_pool backward", &dy)?;
+            match f.1 {
+                Layout::Nchw => be.global_avg_pool_backward(dyb, rows, hw, &mut dx)?,
+                Layout::Nhwc => be.global_avg_pool_backward_nhwc(dyb, n, c, hw, &mut dx)?,
+            }
+            gpu::wrap(be, dx, x_shape)
+        }
+    }
+}
+
 // ---------- tape ops ----------
 
 impl Tape {
@@ -259,20 +423,9 @@ impl Tape {
             return self.bf16_output(&y);
         }
         let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("max_pool2d", &[x])? {
-            return crate::ops::cuda::max_pool2d(self, be, x, s);
-        }
-        let mut y = vec![0.0f32; s.y_len()]; // (N, C, HO, WO)
-        max_pool2d_forward_cpu(x.cpu()?, &s, &mut y);
-        let y_shape = [s.n, s.c, s.ho(), s.wo()];
-        let y = Tensor::from_vec(y, &y_shape)?;
-        let xs = x.clone();
+        let (y, saved) = max_pool2d_forward(x, s)?;
         self.record("max_pool2d", &y, &[x], move |dy| {
-            dy.expect_shape("max_pool2d output gradient", &y_shape)?;
-            let mut dx = vec![0.0f32; s.x_len()]; // (N, C, H, W)
-            max_pool2d_backward_cpu(xs.cpu()?, dy.cpu()?, &s, &mut dx);
-            Ok(vec![Some(xs.like(dx)?)])
+            Ok(vec![Some(max_pool2d_backward(&saved, dy, s)?)])
         });
         Ok(y)
     }
@@ -300,19 +453,11 @@ impl Tape {
                 "global_avg_pool: empty spatial size in shape {x_shape:?}"
             );
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend("global_avg_pool", &[x])? {
-            return crate::ops::cuda::global_avg_pool(self, be, x, rows, hw);
-        }
-        let mut y = vec![0.0f32; rows]; // (N, C)
-        avg_pool_forward_cpu(x.cpu()?, rows, hw, &mut y);
-        let y_shape = [x_shape[0], x_shape[1]];
-        let y = Tensor::from_vec(y, &y_shape)?;
+        let (y, be, f) = global_avg_pool_forward(x, rows, hw)?;
+        // The backward needs only the input's device, format and shape, not its values.
         self.record("global_avg_pool", &y, &[x], move |dy| {
-            dy.expect_shape("global_avg_pool output gradient", &y_shape)?;
-            let mut dx = vec![0.0f32; rows * hw]; // (N, C, H, W)
-            avg_pool_backward_cpu(dy.cpu()?, rows, hw, &mut dx);
-            Ok(vec![Some(Tensor::from_vec(dx, &x_shape)?)])
+            let dx = global_avg_pool_backward(&be, f, dy, &x_shape, rows, hw)?;
+            Ok(vec![Some(dx)])
         });
         Ok(y)
     }
