@@ -1,11 +1,11 @@
-//! The CUDA arms of the tape ops not yet written the one-closure way (feature `cuda`):
-//! convolution, batch norm, the fused and recomputing BN ops, the matrix products. Each op file
-//! validates its arguments (the same shape errors on every device), then calls the function
-//! here when its inputs are on a GPU, which records a closure of its own. The ops converted so
-//! far (ReLU, GELU, the pools, sum/mean) record one closure in their own file, whose helpers
-//! match on `ops::Backend` (README: "Adding an op"). Forward and backward run as launchers of `device::cuda` on the backend's one stream;
-//! outputs and gradients stay on the inputs' GPU. Nothing waits for the GPU except the few
-//! places that need a host value (the prototype norms check), which say so.
+//! The CUDA arms of the tape ops not yet written the one-closure way (feature `cuda`): batch
+//! norm, its running update, the fused and recomputing BN ops. Each op file validates its
+//! arguments (the same shape errors on every device), then calls the function here when its
+//! inputs are on a GPU, which records a closure of its own. The ops converted so far (ReLU,
+//! GELU, the pools, sum/mean, conv2d, matmul, linear, wn_linear) record one closure in their
+//! own file, whose helpers match on `ops::Backend` (README: "Adding an op"). Forward and
+//! backward run as launchers of `device::cuda` on the backend's one stream; outputs and
+//! gradients stay on the inputs' GPU.
 
 use crate::autograd::Tape;
 use crate::device::cuda::{ConvShape, DeviceBuffer};
