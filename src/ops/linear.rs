@@ -477,6 +477,40 @@ fn linear_forward(
     }
 }
 
+/// dx (N, IN) = dy (N, OUT) W (OUT, IN) and dW (OUT, IN) = dy^T x: the two products of every
+/// linear layer's backward (linear, wn_linear), on the host.
+fn linear_grads_cpu(
+    dy: &[f32],
+    w: &[f32],
+    x: &[f32],
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut dx = vec![0.0; n * cin];
+    matmul_cpu(dy, w, n, cout, cin, false, false, &mut dx, false)?;
+    let mut dw = vec![0.0; cout * cin];
+    matmul_cpu(dy, x, cout, n, cin, true, false, &mut dw, false)?;
+    Ok((dx, dw))
+}
+
+/// [`linear_grads_cpu`] on a GPU: the same two products as cuBLAS GEMMs.
+#[cfg(feature = "cuda")]
+fn linear_grads_gpu(
+    be: &gpu::Be,
+    dy: &crate::device::cuda::DeviceBuffer,
+    w: &crate::device::cuda::DeviceBuffer,
+    x: &crate::device::cuda::DeviceBuffer,
+    (n, cin, cout): (usize, usize, usize),
+) -> Result<(
+    crate::device::cuda::DeviceBuffer,
+    crate::device::cuda::DeviceBuffer,
+)> {
+    let mut dx = be.alloc_f32(n * cin)?; // (N, IN)
+    be.gemm(false, false, n, cin, cout, 1.0, dy, w, 0.0, &mut dx)?;
+    let mut dw = be.alloc_f32(cout * cin)?; // (OUT, IN)
+    be.gemm(true, false, cout, cin, n, 1.0, dy, x, 0.0, &mut dw)?;
+    Ok((dx, dw))
+}
+
 /// (dx (N, IN), dw (OUT, IN), db (OUT,) when there is a bias) of a linear layer from dy
 /// (N, OUT), on x's device.
 fn linear_backward(
@@ -490,12 +524,7 @@ fn linear_backward(
     match Backend::of("linear", &[x, w])? {
         Backend::Cpu => {
             let dyv = dy.cpu()?;
-            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
-            let mut dx = vec![0.0; n * cin];
-            matmul_cpu(dyv, w.cpu()?, n, cout, cin, false, false, &mut dx, false)?;
-            // dw (OUT, IN) = dy^T x x
-            let mut dw = vec![0.0; cout * cin];
-            matmul_cpu(dyv, x.cpu()?, cout, n, cin, true, false, &mut dw, false)?;
+            let (dx, dw) = linear_grads_cpu(dyv, w.cpu()?, x.cpu()?, (n, cin, cout))?;
             let db = if has_bias {
                 let mut db = vec![0.0; cout]; // (OUT,)
                 sum_rows_cpu(dyv, n, cout, &mut db)?;
@@ -512,34 +541,8 @@ fn linear_backward(
             let op = "linear";
             let dy = gpu::on_gpu(&be, dy)?;
             let dyb = gpu::dbuf(op, &dy)?;
-            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
-            let mut dx = be.alloc_f32(n * cin)?;
-            be.gemm(
-                false,
-                false,
-                n,
-                cin,
-                cout,
-                1.0,
-                dyb,
-                gpu::dbuf(op, w)?,
-                0.0,
-                &mut dx,
-            )?;
-            // dw (OUT, IN) = dy^T x x
-            let mut dw = be.alloc_f32(cout * cin)?;
-            be.gemm(
-                true,
-                false,
-                cout,
-                cin,
-                n,
-                1.0,
-                dyb,
-                gpu::dbuf(op, x)?,
-                0.0,
-                &mut dw,
-            )?;
+            let (xb, wb) = (gpu::dbuf(op, x)?, gpu::dbuf(op, w)?);
+            let (dx, dw) = linear_grads_gpu(&be, dyb, wb, xb, (n, cin, cout))?;
             let db = if has_bias {
                 let mut db = be.alloc_f32(cout)?; // (OUT,)
                 be.col_sum(dyb, n, cout, &mut db)?;
@@ -646,13 +649,8 @@ fn wn_linear_backward(
     dy.expect_shape("wn_linear backward dy", &[n, cout])?;
     match saved {
         WnSaved::Cpu { w, norms } => {
-            let dyv = dy.cpu()?;
-            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
-            let mut dx = vec![0.0; n * cin];
-            matmul_cpu(dyv, w, n, cout, cin, false, false, &mut dx, false)?;
-            // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
-            let mut dv = vec![0.0; cout * cin];
-            matmul_cpu(dyv, x.cpu()?, cout, n, cin, true, false, &mut dv, false)?;
+            // dW, then projected onto each row's tangent space in place -> dv.
+            let (dx, mut dv) = linear_grads_cpu(dy.cpu()?, w, x.cpu()?, (n, cin, cout))?;
             wn_backward_cpu(w, norms, cout, cin, &mut dv)?;
             Ok((
                 Tensor::from_vec(dx, &[n, cin])?,
@@ -665,23 +663,8 @@ fn wn_linear_backward(
             let op = "wn_linear";
             let dy = gpu::on_gpu(be, dy)?;
             let dyb = gpu::dbuf(op, &dy)?;
-            // dx (N, IN) = dy (N, OUT) x W (OUT, IN)
-            let mut dx = be.alloc_f32(n * cin)?;
-            be.gemm(false, false, n, cin, cout, 1.0, dyb, w, 0.0, &mut dx)?;
-            // dW (OUT, IN) = dy^T x x, then projected onto each row's tangent space -> dv.
-            let mut dw = be.alloc_f32(cout * cin)?;
-            be.gemm(
-                true,
-                false,
-                cout,
-                cin,
-                n,
-                1.0,
-                dyb,
-                gpu::dbuf(op, x)?,
-                0.0,
-                &mut dw,
-            )?;
+            // dW, then projected onto each row's tangent space -> dv.
+            let (dx, dw) = linear_grads_gpu(be, dyb, w, gpu::dbuf(op, x)?, (n, cin, cout))?;
             let mut dv = be.alloc_f32(cout * cin)?;
             be.row_normalize_backward(&dw, w, norms, cout, cin, &mut dv)?;
             Ok((
