@@ -10,7 +10,12 @@ use rayon::prelude::*;
 
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
+use crate::device::nvtx;
 use crate::error::Result;
+use crate::ops::fused::{bn_act_apply_cpu, bn_act_backward_cpu};
+#[cfg(feature = "cuda")]
+use crate::ops::gpu;
+use crate::ops::Backend;
 use crate::tensor::Tensor;
 
 pub const BN_EPS: f32 = 1e-5;
@@ -435,6 +440,324 @@ pub fn bn_running_update_cpu(r: &[f32], stat: &[f32], momentum: f32, out: &mut [
     }
 }
 
+// ---------- backend dispatch ----------
+
+/// The per-channel batch statistics a training-mode BN returns for its running update:
+/// (batch mean (C,), unbiased batch variance (C,)).
+pub type BatchStats = (Tensor, Tensor);
+
+/// What follows the normalization in one op: nothing (`batch_norm_*`), or a ReLU after adding
+/// the residual when there is one (the fused ops of fused.rs and recompute.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Act {
+    Identity,
+    Relu,
+}
+
+/// The statistics a BN normalizes with, as its backend keeps them for the apply pass and the
+/// backward: the batch statistics in training mode, the running ones (constants) in eval mode.
+pub(crate) enum BnStats {
+    /// Mean and variance (C,) (the biased variance for batch statistics), and eps.
+    Cpu {
+        mean: Vec<f32>,
+        var: Vec<f32>,
+        eps: f32,
+    },
+    /// Mean (C,) and 1 / sqrt(var + eps) (C,), f32 on the GPU.
+    #[cfg(feature = "cuda")]
+    Cuda {
+        be: gpu::Be,
+        mean: Tensor,
+        invstd: crate::device::cuda::DeviceBuffer,
+    },
+}
+
+/// The batch statistics of x (N, C, S), at least 2 values per channel, on x's device: what the
+/// apply and the backward use, and the (mean, unbiased variance) of the running update.
+pub(crate) fn bn_batch_stats(
+    op: &str,
+    x: &Tensor,
+    d: BnDims,
+    eps: f32,
+) -> Result<(BnStats, BatchStats)> {
+    match Backend::of(op, &[x])? {
+        Backend::Cpu => {
+            let mut mean = vec![0.0; d.c]; // (C,)
+            let mut var = vec![0.0; d.c]; // (C,) biased
+            batch_norm_stats_cpu(x.cpu()?, d, &mut mean, &mut var)?;
+            let m = d.per_channel();
+            let unbiased = m as f32 / (m - 1) as f32;
+            let var_unbiased: Vec<f32> = var.iter().map(|&v| v * unbiased).collect();
+            let batch = (
+                Tensor::from_vec(mean.clone(), &[d.c])?,
+                Tensor::from_vec(var_unbiased, &[d.c])?,
+            );
+            Ok((BnStats::Cpu { mean, var, eps }, batch))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let mut mean = be.alloc_f32(d.c)?; // (C,)
+            let mut invstd = be.alloc_f32(d.c)?; // (C,)
+            let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
+            be.batch_norm_stats(
+                gpu::dbuf(op, x)?,
+                d.n,
+                d.c,
+                d.s,
+                eps,
+                &mut mean,
+                &mut invstd,
+                &mut var_unbiased,
+            )?;
+            let mean = gpu::wrap(&be, mean, &[d.c])?;
+            let var = gpu::wrap(&be, var_unbiased, &[d.c])?;
+            let stats = BnStats::Cuda {
+                be,
+                mean: mean.clone(),
+                invstd,
+            };
+            Ok((stats, (mean, var)))
+        }
+    }
+}
+
+/// The running statistics (C,) of an eval-mode BN of x as the apply and the backward use them.
+pub(crate) fn bn_running_stats(
+    op: &str,
+    x: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+) -> Result<BnStats> {
+    match Backend::of(op, &[x, running_mean, running_var])? {
+        Backend::Cpu => Ok(BnStats::Cpu {
+            mean: running_mean.cpu()?.to_vec(),
+            var: running_var.cpu()?.to_vec(),
+            eps,
+        }),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            let c = running_var.numel();
+            let mut invstd = be.alloc_f32(c)?; // (C,)
+            be.batch_norm_invstd(gpu::dbuf(op, running_var)?, c, eps, &mut invstd)?;
+            Ok(BnStats::Cuda {
+                be,
+                mean: running_mean.clone(),
+                invstd,
+            })
+        }
+    }
+}
+
+/// y = act((x - mean) * invstd * gamma + beta [+ residual]) per channel with `stats`, in x's
+/// format (N, C, S); a residual (x's shape) only with [`Act::Relu`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_apply(
+    op: &str,
+    act: Act,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    stats: &BnStats,
+    d: BnDims,
+) -> Result<Tensor> {
+    debug_assert!(act == Act::Relu || residual.is_none());
+    let mut all = vec![x, gamma, beta];
+    all.extend(residual);
+    Backend::of(op, &all)?;
+    match stats {
+        BnStats::Cpu { mean, var, eps } => {
+            let mut y = vec![0.0; d.numel()]; // (N, C, S)
+            let (xv, g, b) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
+            match act {
+                Act::Identity => batch_norm_apply_cpu(xv, g, b, mean, var, d, *eps, &mut y)?,
+                Act::Relu => {
+                    let r = residual.map(|r| r.cpu()).transpose()?;
+                    bn_act_apply_cpu(xv, r, g, b, mean, var, d, *eps, &mut y)?
+                }
+            }
+            x.like(y)
+        }
+        #[cfg(feature = "cuda")]
+        BnStats::Cuda { be, mean, invstd } => {
+            let f = gpu::format_of(x);
+            let mut y = gpu::alloc_fmt(be, f, d.numel())?; // (N, C, S)
+            let (xb, mb) = (gpu::dbuf(op, x)?, gpu::dbuf(op, mean)?);
+            let (g, b) = (gpu::dbuf(op, gamma)?, gpu::dbuf(op, beta)?);
+            match act {
+                Act::Identity => {
+                    be.batch_norm_forward(xb, mb, invstd, g, b, d.n, d.c, d.s, &mut y)?
+                }
+                Act::Relu => {
+                    let r = residual.map(|r| r.to_format(f.0, f.1)).transpose()?;
+                    let rb = r.as_ref().map(|r| gpu::dbuf(op, r)).transpose()?;
+                    be.bn_act_forward(xb, rb, mb, invstd, g, b, d.n, d.c, d.s, &mut y)?
+                }
+            }
+            gpu::wrap(be, y, x.shape())
+        }
+    }
+}
+
+/// The gradients of a BN (+ ReLU (+ add)): dx and dresidual in x's format, dgamma and dbeta
+/// (C,) in f32.
+pub(crate) struct BnGrads {
+    pub dx: Tensor,
+    pub dgamma: Tensor,
+    pub dbeta: Tensor,
+    pub dresidual: Option<Tensor>,
+}
+
+impl BnGrads {
+    /// In the order of the op's inputs: [x, gamma, beta (, residual)].
+    pub(crate) fn into_vec(self) -> Vec<Option<Tensor>> {
+        let mut v = vec![Some(self.dx), Some(self.dgamma), Some(self.dbeta)];
+        v.extend(self.dresidual.map(Some));
+        v
+    }
+}
+
+/// The gradients of y = act(BN(x) [+ residual]) from dy, on the forward's device, dresidual
+/// with `with_residual`; `training` adds the batch statistics' dependence on x to dx. `y`
+/// (the ReLU mask) is needed with [`Act::Relu`] only.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_backward(
+    op: &str,
+    act: Act,
+    training: bool,
+    stats: &BnStats,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    gamma: &Tensor,
+    dy: &Tensor,
+    d: BnDims,
+    with_residual: bool,
+) -> Result<BnGrads> {
+    dy.expect_shape(&format!("{op} backward dy"), x.shape())?;
+    let y = match (act, y) {
+        (Act::Identity, _) => None,
+        (Act::Relu, Some(y)) => Some(y),
+        (Act::Relu, None) => bail!(
+            Shape,
+            "{op} backward: the output (the ReLU mask) is missing"
+        ),
+    };
+    match stats {
+        BnStats::Cpu { mean, var, eps } => {
+            let mut dx = vec![0.0; d.numel()]; // (N, C, S)
+            let mut dres = if with_residual {
+                vec![0.0; d.numel()] // (N, C, S)
+            } else {
+                Vec::new()
+            };
+            let mut dgamma = vec![0.0; d.c];
+            let mut dbeta = vec![0.0; d.c];
+            let (xv, dyv, g) = (x.cpu()?, dy.cpu()?, gamma.cpu()?);
+            match (y, training) {
+                (None, true) => batch_norm_train_backward_cpu(
+                    xv,
+                    dyv,
+                    g,
+                    mean,
+                    var,
+                    d,
+                    *eps,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                )?,
+                (None, false) => batch_norm_eval_backward_cpu(
+                    xv,
+                    dyv,
+                    g,
+                    mean,
+                    var,
+                    d,
+                    *eps,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                )?,
+                (Some(y), _) => bn_act_backward_cpu(
+                    training,
+                    xv,
+                    y.cpu()?,
+                    dyv,
+                    g,
+                    mean,
+                    var,
+                    d,
+                    *eps,
+                    &mut dx,
+                    with_residual.then_some(&mut dres[..]),
+                    &mut dgamma,
+                    &mut dbeta,
+                )?,
+            }
+            Ok(BnGrads {
+                dx: x.like(dx)?,
+                dgamma: Tensor::from_vec(dgamma, &[d.c])?,
+                dbeta: Tensor::from_vec(dbeta, &[d.c])?,
+                dresidual: with_residual.then(|| x.like(dres)).transpose()?,
+            })
+        }
+        #[cfg(feature = "cuda")]
+        BnStats::Cuda { be, mean, invstd } => {
+            let f = gpu::format_of(x);
+            let dy = gpu::on_gpu_as(be, dy, f)?;
+            let mut dx = gpu::alloc_fmt(be, f, d.numel())?; // (N, C, S)
+            let mut dres = if with_residual {
+                Some(gpu::alloc_fmt(be, f, d.numel())?) // (N, C, S)
+            } else {
+                None
+            };
+            let mut dgamma = be.alloc_f32(d.c)?; // (C,)
+            let mut dbeta = be.alloc_f32(d.c)?; // (C,)
+            let (dyb, xb) = (gpu::dbuf(op, &dy)?, gpu::dbuf(op, x)?);
+            let (mb, g) = (gpu::dbuf(op, mean)?, gpu::dbuf(op, gamma)?);
+            match y {
+                None => be.batch_norm_backward(
+                    training,
+                    dyb,
+                    xb,
+                    mb,
+                    invstd,
+                    g,
+                    d.n,
+                    d.c,
+                    d.s,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                )?,
+                Some(y) => be.bn_act_backward(
+                    training,
+                    dyb,
+                    gpu::dbuf(op, y)?,
+                    xb,
+                    mb,
+                    invstd,
+                    g,
+                    d.n,
+                    d.c,
+                    d.s,
+                    &mut dx,
+                    dres.as_mut(),
+                    &mut dgamma,
+                    &mut dbeta,
+                )?,
+            }
+            Ok(BnGrads {
+                dx: gpu::wrap(be, dx, x.shape())?,
+                dgamma: gpu::wrap(be, dgamma, &[d.c])?,
+                dbeta: gpu::wrap(be, dbeta, &[d.c])?,
+                dresidual: dres.map(|r| gpu::wrap(be, r, x.shape())).transpose()?,
+            })
+        }
+    }
+}
+
 // ---------- tape ops ----------
 
 /// Checks the per-channel parameter tensors of a batch norm against the input's channel count.
@@ -485,8 +808,7 @@ impl Tape {
         let d = BnDims::of(op, x.shape())?;
         check_channel_params(op, x, d.c, &[("gamma", gamma), ("beta", beta)])?;
         check_eps(op, eps)?;
-        let m = d.per_channel();
-        if m < 2 {
+        if d.per_channel() < 2 {
             // As PyTorch: one value per channel has no variance to normalize with.
             bail!(
                 Shape,
@@ -494,55 +816,7 @@ impl Tape {
                 x.shape()
             );
         }
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend(op, &[x, gamma, beta])? {
-            return crate::ops::cuda::batch_norm_train(self, be, x, gamma, beta, d, eps);
-        }
-        let mut y = vec![0.0; d.numel()]; // (N, C, S)
-        let mut mean = vec![0.0; d.c]; // (C,)
-        let mut var = vec![0.0; d.c]; // (C,) biased
-        batch_norm_train_forward_cpu(
-            x.cpu()?,
-            gamma.cpu()?,
-            beta.cpu()?,
-            d,
-            eps,
-            &mut y,
-            &mut mean,
-            &mut var,
-        )?;
-        let y = x.like(y)?;
-        let unbiased = m as f32 / (m - 1) as f32;
-        let var_unbiased: Vec<f32> = var.iter().map(|&v| v * unbiased).collect();
-        let mean_t = Tensor::from_vec(mean.clone(), &[d.c])?;
-        let var_t = Tensor::from_vec(var_unbiased, &[d.c])?;
-        if self.is_recording() {
-            let (sx, sg) = (x.clone(), gamma.clone());
-            self.record(op, &y, &[x, gamma, beta], move |dy| {
-                dy.expect_shape("batch_norm_train backward dy", sx.shape())?;
-                let mut dx = vec![0.0; d.numel()];
-                let mut dgamma = vec![0.0; d.c];
-                let mut dbeta = vec![0.0; d.c];
-                batch_norm_train_backward_cpu(
-                    sx.cpu()?,
-                    dy.cpu()?,
-                    sg.cpu()?,
-                    &mean,
-                    &var,
-                    d,
-                    eps,
-                    &mut dx,
-                    &mut dgamma,
-                    &mut dbeta,
-                )?;
-                Ok(vec![
-                    Some(sx.like(dx)?),
-                    Some(Tensor::from_vec(dgamma, &[d.c])?),
-                    Some(Tensor::from_vec(dbeta, &[d.c])?),
-                ])
-            });
-        }
-        Ok((y, mean_t, var_t))
+        self.bn_train(op, Act::Identity, [x, gamma, beta], None, d, eps)
     }
 
     /// Eval mode with running statistics; differentiable w.r.t. x, gamma, beta.
@@ -577,64 +851,81 @@ impl Tape {
             ],
         )?;
         check_eps(op, eps)?;
-        #[cfg(feature = "cuda")]
-        if let Some(be) =
-            crate::ops::cuda_backend(op, &[x, gamma, beta, running_mean, running_var])?
-        {
-            return crate::ops::cuda::batch_norm_eval(
-                self,
-                be,
-                x,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                d,
-                eps,
-            );
-        }
-        let mut y = vec![0.0; d.numel()]; // (N, C, S)
-        batch_norm_eval_forward_cpu(
-            x.cpu()?,
-            gamma.cpu()?,
-            beta.cpu()?,
-            running_mean.cpu()?,
-            running_var.cpu()?,
-            d,
-            eps,
-            &mut y,
-        )?;
-        let y = x.like(y)?;
-        let (sx, sg, rm, rv) = (
-            x.clone(),
-            gamma.clone(),
-            running_mean.clone(),
-            running_var.clone(),
-        );
-        self.record(op, &y, &[x, gamma, beta], move |dy| {
-            dy.expect_shape("batch_norm_eval backward dy", sx.shape())?;
-            let mut dx = vec![0.0; d.numel()];
-            let mut dgamma = vec![0.0; d.c];
-            let mut dbeta = vec![0.0; d.c];
-            batch_norm_eval_backward_cpu(
-                sx.cpu()?,
-                dy.cpu()?,
-                sg.cpu()?,
-                rm.cpu()?,
-                rv.cpu()?,
-                d,
-                eps,
-                &mut dx,
-                &mut dgamma,
-                &mut dbeta,
-            )?;
-            Ok(vec![
-                Some(sx.like(dx)?),
-                Some(Tensor::from_vec(dgamma, &[d.c])?),
-                Some(Tensor::from_vec(dbeta, &[d.c])?),
-            ])
-        });
+        let running = [running_mean, running_var];
+        self.bn_eval(op, Act::Identity, [x, gamma, beta], None, running, d, eps)
+    }
+
+    /// act(BN(x) [+ residual]) with the batch statistics, `t` = [x, gamma, beta] checked by
+    /// the caller: the body of `batch_norm_train` and of the fused training ops. Returns
+    /// (y, batch mean, unbiased batch variance).
+    pub(crate) fn bn_train(
+        &mut self,
+        op: &'static str,
+        act: Act,
+        t: [&Tensor; 3],
+        residual: Option<&Tensor>,
+        d: BnDims,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _r = nvtx::Range::new(op);
+        let [x, gamma, beta] = t;
+        let (stats, (mean, var)) = bn_batch_stats(op, x, d, eps)?;
+        let y = bn_apply(op, act, x, residual, gamma, beta, &stats, d)?;
+        self.record_bn(op, act, true, t, residual, &y, stats, d);
+        Ok((y, mean, var))
+    }
+
+    /// act(BN(x) [+ residual]) with the running statistics `[mean, var]` (constants), `t` =
+    /// [x, gamma, beta] checked by the caller: the body of `batch_norm_eval` and of the fused
+    /// eval ops.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn bn_eval(
+        &mut self,
+        op: &'static str,
+        act: Act,
+        t: [&Tensor; 3],
+        residual: Option<&Tensor>,
+        [running_mean, running_var]: [&Tensor; 2],
+        d: BnDims,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let _r = nvtx::Range::new(op);
+        let [x, gamma, beta] = t;
+        let stats = bn_running_stats(op, x, running_mean, running_var, eps)?;
+        let y = bn_apply(op, act, x, residual, gamma, beta, &stats, d)?;
+        self.record_bn(op, act, false, t, residual, &y, stats, d);
         Ok(y)
+    }
+
+    /// Records the backward of either mode: gradients for x, gamma, beta (and the residual when
+    /// there is one). Saves x, gamma, the statistics and, with a ReLU, the output y (its mask;
+    /// the next op's input, kept alive anyway).
+    #[allow(clippy::too_many_arguments)]
+    fn record_bn(
+        &mut self,
+        op: &'static str,
+        act: Act,
+        training: bool,
+        t: [&Tensor; 3],
+        residual: Option<&Tensor>,
+        y: &Tensor,
+        stats: BnStats,
+        d: BnDims,
+    ) {
+        if !self.is_recording() {
+            return;
+        }
+        let mut inputs = t.to_vec();
+        inputs.extend(residual);
+        let with_residual = residual.is_some();
+        let (sx, sg) = (t[0].clone(), t[1].clone());
+        let sy = (act == Act::Relu).then(|| y.clone());
+        self.record(op, y, &inputs, move |dy| {
+            let _r = nvtx::Range::new(&format!("{op} backward"));
+            let y = sy.as_ref();
+            let g = bn_backward(op, act, training, &stats, &sx, y, &sg, dy, d, with_residual)?;
+            Ok(g.into_vec())
+        });
     }
 }
 
@@ -647,59 +938,57 @@ pub fn bn_running_update(
     batch_var_unbiased: &Tensor,
     momentum: f32,
 ) -> Result<(Tensor, Tensor)> {
+    let op = "bn_running_update";
     let c = running_mean.numel();
-    for (what, t) in [
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("batch_mean", batch_mean),
-        ("batch_var_unbiased", batch_var_unbiased),
-    ] {
+    let all = [running_mean, running_var, batch_mean, batch_var_unbiased];
+    let names = [
+        "running_mean",
+        "running_var",
+        "batch_mean",
+        "batch_var_unbiased",
+    ];
+    for (what, t) in names.into_iter().zip(all) {
         if t.shape() != [c] {
             bail!(
                 Shape,
-                "bn_running_update: {what} must have shape [{c}], got {:?}",
+                "{op}: {what} must have shape [{c}], got {:?}",
                 t.shape()
             );
         }
     }
     if !(0.0..=1.0).contains(&momentum) {
-        bail!(
-            Config,
-            "bn_running_update: momentum must be in [0, 1], got {momentum}"
-        );
+        bail!(Config, "{op}: momentum must be in [0, 1], got {momentum}");
     }
-    #[cfg(feature = "cuda")]
-    if let Some(be) = crate::ops::cuda_backend(
-        "bn_running_update",
-        &[running_mean, running_var, batch_mean, batch_var_unbiased],
-    )? {
-        return crate::ops::cuda::bn_running_update(
-            &be,
-            running_mean,
-            running_var,
-            batch_mean,
-            batch_var_unbiased,
-            momentum,
-        );
+    match Backend::of(op, &all)? {
+        Backend::Cpu => {
+            let mut new_mean = vec![0.0; c]; // (C,)
+            let mut new_var = vec![0.0; c]; // (C,)
+            let (m, v) = (&mut new_mean, &mut new_var);
+            bn_running_update_cpu(running_mean.cpu()?, batch_mean.cpu()?, momentum, m);
+            bn_running_update_cpu(running_var.cpu()?, batch_var_unbiased.cpu()?, momentum, v);
+            Ok((
+                Tensor::from_vec(new_mean, &[c])?,
+                Tensor::from_vec(new_var, &[c])?,
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            // The inputs are left untouched: copied, then updated in place by the kernel.
+            let mut rm = be.alloc_f32(c)?; // (C,)
+            let mut rv = be.alloc_f32(c)?; // (C,)
+            be.copy_dtod(gpu::dbuf(op, running_mean)?, &mut rm)?;
+            be.copy_dtod(gpu::dbuf(op, running_var)?, &mut rv)?;
+            be.batch_norm_running_update(
+                &mut rm,
+                &mut rv,
+                gpu::dbuf(op, batch_mean)?,
+                gpu::dbuf(op, batch_var_unbiased)?,
+                c,
+                momentum,
+            )?;
+            Ok((gpu::wrap(&be, rm, &[c])?, gpu::wrap(&be, rv, &[c])?))
+        }
     }
-    let mut new_mean = vec![0.0; c];
-    let mut new_var = vec![0.0; c];
-    bn_running_update_cpu(
-        running_mean.cpu()?,
-        batch_mean.cpu()?,
-        momentum,
-        &mut new_mean,
-    );
-    bn_running_update_cpu(
-        running_var.cpu()?,
-        batch_var_unbiased.cpu()?,
-        momentum,
-        &mut new_var,
-    );
-    Ok((
-        Tensor::from_vec(new_mean, &[c])?,
-        Tensor::from_vec(new_var, &[c])?,
-    ))
 }
 
 /// The training-mode BN backward written out in f64 from the chain rule (through the batch

@@ -678,7 +678,7 @@ pub fn conv2d_backward_filter_cpu(x: &[f32], dy: &[f32], s: &Conv2dShape, dw: &m
 
 /// The launcher's copy of a convolution's sizes.
 #[cfg(feature = "cuda")]
-pub(crate) fn conv_shape(s: Conv2dShape) -> crate::device::cuda::ConvShape {
+fn conv_shape(s: Conv2dShape) -> crate::device::cuda::ConvShape {
     crate::device::cuda::ConvShape {
         n: s.n,
         c: s.c,
@@ -695,7 +695,7 @@ pub(crate) fn conv_shape(s: Conv2dShape) -> crate::device::cuda::ConvShape {
 /// y (N, O, HO, WO) = conv(x, w) on x's device, and the weights as the backward uses them (on a
 /// GPU in x's element type and layout: bf16 in cuDNN's bf16 config, NHWC in cuDNN's NHWC
 /// filter order; a copy only where they differ).
-fn conv2d_forward(x: &Tensor, w: &Tensor, s: Conv2dShape) -> Result<(Tensor, Tensor)> {
+pub(crate) fn conv2d_forward(x: &Tensor, w: &Tensor, s: Conv2dShape) -> Result<(Tensor, Tensor)> {
     let y_shape = [s.n, s.o, s.ho(), s.wo()];
     match Backend::of("conv2d", &[x, w])? {
         Backend::Cpu => {
@@ -725,7 +725,7 @@ fn conv2d_forward(x: &Tensor, w: &Tensor, s: Conv2dShape) -> Result<(Tensor, Ten
 /// and dw f32 NCHW: cuDNN's bf16 config writes dw in bf16 (the one documented rounding), and
 /// widening it here lets a weight used by several convolutions in one tape (the global and the
 /// local views' passes) accumulate its gradients in f32, as on the CPU.
-fn conv2d_backward(
+pub(crate) fn conv2d_backward(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,

@@ -21,7 +21,7 @@ use crate::bail;
 use crate::error::Result;
 use crate::ops::batchnorm::{
     batch_norm_stats_cpu, bn_backward_coefs, bn_scale, channel_sums2, check_channel_params,
-    check_eps, check_len, for_each_plane, BnDims, LANES,
+    check_eps, check_len, for_each_plane, Act, BnDims, LANES,
 };
 use crate::tensor::Tensor;
 
@@ -291,67 +291,6 @@ pub(crate) fn check_bn_act_train(
     Ok(d)
 }
 
-/// The recorded inputs and the closure of either mode's backward: gradients for x, gamma, beta
-/// (and the residual when there is one).
-#[allow(clippy::too_many_arguments)]
-fn record_cpu_backward(
-    tape: &mut Tape,
-    op: &'static str,
-    batch_stats: bool,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    residual: Option<&Tensor>,
-    y: &Tensor,
-    mean: Vec<f32>,
-    var: Vec<f32>,
-    d: BnDims,
-    eps: f32,
-) {
-    if !tape.is_recording() {
-        return;
-    }
-    let mut inputs = vec![x, gamma, beta];
-    inputs.extend(residual);
-    let (sx, sy, sg) = (x.clone(), y.clone(), gamma.clone());
-    let with_residual = residual.is_some();
-    tape.record(op, y, &inputs, move |dy| {
-        dy.expect_shape(&format!("{op} backward dy"), sx.shape())?;
-        let mut dx = vec![0.0; d.numel()]; // (N, C, S)
-        let mut dres = if with_residual {
-            vec![0.0; d.numel()] // (N, C, S)
-        } else {
-            Vec::new()
-        };
-        let mut dgamma = vec![0.0; d.c];
-        let mut dbeta = vec![0.0; d.c];
-        bn_act_backward_cpu(
-            batch_stats,
-            sx.cpu()?,
-            sy.cpu()?,
-            dy.cpu()?,
-            sg.cpu()?,
-            &mean,
-            &var,
-            d,
-            eps,
-            &mut dx,
-            with_residual.then_some(&mut dres[..]),
-            &mut dgamma,
-            &mut dbeta,
-        )?;
-        let mut grads = vec![
-            Some(sx.like(dx)?),
-            Some(Tensor::from_vec(dgamma, &[d.c])?),
-            Some(Tensor::from_vec(dbeta, &[d.c])?),
-        ];
-        if with_residual {
-            grads.push(Some(sx.like(dres)?));
-        }
-        Ok(grads)
-    });
-}
-
 impl Tape {
     /// relu(batch_norm_train(x)): training-mode BN with the batch statistics, then ReLU, as one
     /// op. Returns (y, batch_mean (C,), batch_var_unbiased (C,)) exactly as
@@ -449,40 +388,7 @@ impl Tape {
             return Ok((self.bf16_output(&y)?, mean, var));
         }
         let d = check_bn_act_train(op, x, gamma, beta, residual, eps)?;
-        let m = d.per_channel();
-        #[cfg(feature = "cuda")]
-        {
-            let mut all = vec![x, gamma, beta];
-            all.extend(residual);
-            if let Some(be) = crate::ops::cuda_backend(op, &all)? {
-                return crate::ops::cuda::bn_act_train(
-                    self, be, op, x, gamma, beta, residual, d, eps,
-                );
-            }
-        }
-        let mut y = vec![0.0; d.numel()]; // (N, C, S)
-        let mut mean = vec![0.0; d.c]; // (C,)
-        let mut var = vec![0.0; d.c]; // (C,) biased
-        bn_act_train_forward_cpu(
-            x.cpu()?,
-            residual.map(|r| r.cpu()).transpose()?,
-            gamma.cpu()?,
-            beta.cpu()?,
-            d,
-            eps,
-            &mut y,
-            &mut mean,
-            &mut var,
-        )?;
-        let y = x.like(y)?;
-        let unbiased = m as f32 / (m - 1) as f32;
-        let var_unbiased: Vec<f32> = var.iter().map(|&v| v * unbiased).collect();
-        let mean_t = Tensor::from_vec(mean.clone(), &[d.c])?;
-        let var_t = Tensor::from_vec(var_unbiased, &[d.c])?;
-        record_cpu_backward(
-            self, op, true, x, gamma, beta, residual, &y, mean, var, d, eps,
-        );
-        Ok((y, mean_t, var_t))
+        self.bn_train(op, Act::Relu, [x, gamma, beta], residual, d, eps)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -531,55 +437,8 @@ impl Tape {
         )?;
         check_residual(op, x, residual)?;
         check_eps(op, eps)?;
-        #[cfg(feature = "cuda")]
-        {
-            let mut all = vec![x, gamma, beta, running_mean, running_var];
-            all.extend(residual);
-            if let Some(be) = crate::ops::cuda_backend(op, &all)? {
-                return crate::ops::cuda::bn_act_eval(
-                    self,
-                    be,
-                    op,
-                    x,
-                    gamma,
-                    beta,
-                    residual,
-                    running_mean,
-                    running_var,
-                    d,
-                    eps,
-                );
-            }
-        }
-        let (rm, rv) = (running_mean.cpu()?, running_var.cpu()?);
-        let mut y = vec![0.0; d.numel()]; // (N, C, S)
-        bn_act_apply_cpu(
-            x.cpu()?,
-            residual.map(|r| r.cpu()).transpose()?,
-            gamma.cpu()?,
-            beta.cpu()?,
-            rm,
-            rv,
-            d,
-            eps,
-            &mut y,
-        )?;
-        let y = x.like(y)?;
-        record_cpu_backward(
-            self,
-            op,
-            false,
-            x,
-            gamma,
-            beta,
-            residual,
-            &y,
-            rm.to_vec(),
-            rv.to_vec(),
-            d,
-            eps,
-        );
-        Ok(y)
+        let running = [running_mean, running_var];
+        self.bn_eval(op, Act::Relu, [x, gamma, beta], residual, running, d, eps)
     }
 }
 

@@ -1,14 +1,11 @@
 //! One file per op group: the CPU reference kernels, the backend dispatch (`<op>_forward` /
 //! `<op>_backward` on tensors, each one `match` on [`Backend`]), the tape method that records
 //! one backward closure, and the tests (forward against a naive implementation, backward
-//! against finite differences). The ops not yet in that form keep their CUDA arm as a whole
-//! tape op in `cuda.rs` (README: "Adding an op").
+//! against finite differences). README: "Adding an op".
 
 pub mod activation;
 pub mod batchnorm;
 pub mod conv;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod elementwise;
 pub mod fused;
 pub mod linear;
@@ -60,20 +57,6 @@ impl Backend {
             _ => Backend::Cpu,
         })
     }
-}
-
-/// The backend of `op`'s inputs when they are on a GPU, `None` on the CPU; an error when they
-/// are on different devices. The ops whose CUDA arm is still a whole tape op of `ops::cuda`
-/// call this first and take that arm on `Some`.
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_backend(
-    op: &str,
-    xs: &[&Tensor],
-) -> Result<Option<std::sync::Arc<crate::device::cuda::CudaBackend>>> {
-    Ok(match Backend::of(op, xs)? {
-        Backend::Cuda(be) => Some(be),
-        Backend::Cpu => None,
-    })
 }
 
 /// What the ops' CUDA arms share: device buffers of tensors, gradients moved to the op's GPU

@@ -247,7 +247,7 @@ pub fn avg_pool_backward_cpu(dy: &[f32], rows: usize, hw: usize, dx: &mut [f32])
 
 /// What max pool's backward needs besides the output gradient: on the CPU the input (its
 /// kernel finds each window's argmax again), on a GPU the argmax the forward wrote.
-enum MaxPoolSaved {
+pub(crate) enum MaxPoolSaved {
     Input(Tensor),
     #[cfg(feature = "cuda")]
     Argmax {
@@ -261,7 +261,7 @@ enum MaxPoolSaved {
 
 /// The launcher's copy of a max pool's sizes.
 #[cfg(feature = "cuda")]
-pub(crate) fn gpu_pool_shape(s: Pool2dShape) -> crate::device::cuda::Pool2dShape {
+fn gpu_pool_shape(s: Pool2dShape) -> crate::device::cuda::Pool2dShape {
     crate::device::cuda::Pool2dShape {
         n: s.n,
         c: s.c,
@@ -274,7 +274,7 @@ pub(crate) fn gpu_pool_shape(s: Pool2dShape) -> crate::device::cuda::Pool2dShape
 }
 
 /// Max pool of x (N, C, H, W) on x's device -> (N, C, HO, WO), in x's format.
-fn max_pool2d_forward(x: &Tensor, s: Pool2dShape) -> Result<(Tensor, MaxPoolSaved)> {
+pub(crate) fn max_pool2d_forward(x: &Tensor, s: Pool2dShape) -> Result<(Tensor, MaxPoolSaved)> {
     let y_shape = [s.n, s.c, s.ho(), s.wo()];
     match Backend::of("max_pool2d", &[x])? {
         Backend::Cpu => {
@@ -310,7 +310,11 @@ fn max_pool2d_forward(x: &Tensor, s: Pool2dShape) -> Result<(Tensor, MaxPoolSave
 }
 
 /// dx (N, C, H, W): dy routed to each window's argmax, on the forward's device.
-fn max_pool2d_backward(saved: &MaxPoolSaved, dy: &Tensor, s: Pool2dShape) -> Result<Tensor> {
+pub(crate) fn max_pool2d_backward(
+    saved: &MaxPoolSaved,
+    dy: &Tensor,
+    s: Pool2dShape,
+) -> Result<Tensor> {
     dy.expect_shape("max_pool2d output gradient", &[s.n, s.c, s.ho(), s.wo()])?;
     match saved {
         MaxPoolSaved::Input(x) => {
@@ -337,6 +341,16 @@ fn max_pool2d_backward(saved: &MaxPoolSaved, dy: &Tensor, s: Pool2dShape) -> Res
             gpu::wrap(be, dx, x_shape)
         }
     }
+}
+
+/// What [`max_pool2d_backward`] needs of a pool of `x` whose forward output was not kept
+/// (src/ops/recompute.rs): on the CPU x itself, on a GPU the argmax of the pool's forward, run
+/// again (its output is dropped).
+pub(crate) fn max_pool2d_saved(x: &Tensor, s: Pool2dShape) -> Result<MaxPoolSaved> {
+    if matches!(Backend::of("max_pool2d", &[x])?, Backend::Cpu) {
+        return Ok(MaxPoolSaved::Input(x.clone()));
+    }
+    Ok(max_pool2d_forward(x, s)?.1)
 }
 
 /// Mean over H*W of x (N, C, H, W) viewed as `rows` = N*C planes of `hw`, on x's device ->

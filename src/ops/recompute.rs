@@ -10,8 +10,10 @@
 //! the shape of cuDNN's fused "scale-bias-relu-conv" forward, where the BN output is never
 //! written at all.
 //!
-//! The values equal the unfused `bn_relu_train` then `conv2d`, bit for bit, on every device and
-//! in both precisions: the same kernels on the same inputs, and the recomputed output is the
+//! The ops are compositions of the BN, convolution and pool backends' forward and backward
+//! helpers (batchnorm.rs, conv.rs, pool.rs), so they hold no device code of their own. The
+//! values equal the unfused `bn_relu_train` then `conv2d`, bit for bit, on every device and in
+//! both precisions: the same kernels on the same inputs, and the recomputed output is the
 //! forward's (the apply pass is deterministic). In bf16 the rounding points are the unfused
 //! ones: the conv's input is the bf16 BN output, its data gradient is rounded to bf16 before the
 //! BN backward (on a GPU both are bf16 storage), and the ReLU mask comes from the unrounded
@@ -19,223 +21,150 @@
 
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
+use crate::device::nvtx;
 use crate::error::Result;
-use crate::ops::batchnorm::{check_channel_params, BnDims};
-use crate::ops::conv::{
-    conv2d_backward_data_cpu, conv2d_backward_filter_cpu, conv2d_forward_cpu, Conv2dShape,
+use crate::ops::batchnorm::{
+    bn_apply, bn_backward, bn_batch_stats, check_channel_params, Act, BnDims, BnStats,
 };
-use crate::ops::fused::{
-    bn_act_apply_cpu, bn_act_backward_cpu, bn_act_train_forward_cpu, check_bn_act_train,
-};
-use crate::ops::pool::{max_pool2d_backward_cpu, max_pool2d_forward_cpu, Pool2dShape};
-use crate::tensor::{round_bf16, Tensor};
+use crate::ops::conv::{conv2d_backward, conv2d_forward, Conv2dShape};
+use crate::ops::fused::check_bn_act_train;
+use crate::ops::pool::{max_pool2d_backward, max_pool2d_forward, max_pool2d_saved, Pool2dShape};
+use crate::tensor::{DType, Tensor};
 
-/// The per-channel batch statistics a training-mode BN returns for its running update:
-/// (batch mean (C,), unbiased batch variance (C,)).
-pub type BatchStats = (Tensor, Tensor);
+pub use crate::ops::batchnorm::BatchStats;
 
 const OP: &str = "bn_relu_conv2d_train";
 const TAIL: &str = "bn_relu_conv2d_bn_add_relu_train";
 const POOL: &str = "bn_relu_max_pool2d_train";
 
-/// Rounds every value to bf16 in place (the CPU's bf16 storage).
-fn round_all(v: &mut [f32]) {
-    for x in v {
-        *x = round_bf16(*x);
+/// `t`'s values as bf16 storage holds them, where the unfused ops' bf16 outputs round (the
+/// `bf16_mid` points): a CPU tensor (the emulation's f32 storage) is rounded; a GPU activation
+/// in bf16 mode is bf16 storage already.
+fn bf16_values(t: Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::Bf16 => Ok(t),
+        DType::F32 => t.round_bf16(),
     }
 }
 
-/// (mean, unbiased variance) tensors from the biased variance over `m` values per channel.
-fn batch_stats(mean: &[f32], var: &[f32], m: usize) -> Result<BatchStats> {
-    let unbiased = m as f32 / (m - 1) as f32;
-    Ok((
-        Tensor::from_vec(mean.to_vec(), &[mean.len()])?,
-        Tensor::from_vec(var.iter().map(|&v| v * unbiased).collect(), &[var.len()])?,
-    ))
-}
-
-/// What the CPU keeps of a training-mode BN + ReLU whose output is recomputed: x, the
-/// parameters and the batch statistics.
-struct BnReluCpu {
+/// What a training-mode BN + ReLU whose output is recomputed keeps: x, the parameters and the
+/// batch statistics.
+struct BnRelu {
+    op: &'static str,
     x: Tensor,     // (N, C, H, W)
     gamma: Tensor, // (C,)
     beta: Tensor,  // (C,)
-    mean: Vec<f32>,
-    var: Vec<f32>, // biased
+    stats: BnStats,
     d: BnDims,
-    eps: f32,
     /// bf16 emulation: the output and the gradient reaching it are rounded to bf16.
     bf16_mid: bool,
 }
 
-/// A BN + ReLU output: `y` (the ReLU mask: unrounded, as the unfused op saves it) and, in bf16
-/// mode, its rounded copy (what the next op reads).
+/// A BN + ReLU output (N, C, H, W): `y` (the ReLU mask: unrounded, as the unfused op saves it)
+/// and `input`, what the next op reads (its bf16 copy in the bf16 emulation, else y).
 struct BnReluOut {
-    y: Vec<f32>,
-    rounded: Option<Vec<f32>>,
+    y: Tensor,
+    input: Tensor,
 }
 
-impl BnReluOut {
-    /// What the consumer reads: the bf16 copy in bf16 mode, else y.
-    fn input(&self) -> &[f32] {
-        self.rounded.as_deref().unwrap_or(&self.y)
-    }
-}
-
-impl BnReluCpu {
+impl BnRelu {
     /// The forward: the batch statistics and the output; `d` from `check_bn_act_train`.
+    /// Returns the BN, its output and the statistics for the running update.
     fn forward(
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
+        op: &'static str,
+        [x, gamma, beta]: [&Tensor; 3],
         d: BnDims,
         eps: f32,
         bf16_mid: bool,
-    ) -> Result<(BnReluCpu, BnReluOut)> {
-        let mut mean = vec![0.0; d.c];
-        let mut var = vec![0.0; d.c];
-        let mut y = vec![0.0; d.numel()]; // (N, C, H, W)
-        let (g, b) = (gamma.cpu()?, beta.cpu()?);
-        bn_act_train_forward_cpu(x.cpu()?, None, g, b, d, eps, &mut y, &mut mean, &mut var)?;
-        let bn = BnReluCpu {
+    ) -> Result<(BnRelu, BnReluOut, BatchStats)> {
+        let (stats, batch) = bn_batch_stats(op, x, d, eps)?;
+        let bn = BnRelu {
+            op,
             x: x.clone(),
             gamma: gamma.clone(),
             beta: beta.clone(),
-            mean,
-            var,
+            stats,
             d,
-            eps,
             bf16_mid,
         };
-        let out = bn.rounded(y);
-        Ok((bn, out))
+        let out = bn.output()?;
+        Ok((bn, out, batch))
     }
 
-    fn rounded(&self, y: Vec<f32>) -> BnReluOut {
-        let rounded = self.bf16_mid.then(|| {
-            let mut r = y.clone();
-            round_all(&mut r);
-            r
-        });
-        BnReluOut { y, rounded }
-    }
-
-    /// The forward's output again (the same apply pass on the same values).
+    /// The output; again in backward (the same apply pass on the same values).
     fn output(&self) -> Result<BnReluOut> {
-        let mut y = vec![0.0; self.d.numel()]; // (N, C, H, W)
-        let (g, b) = (self.gamma.cpu()?, self.beta.cpu()?);
-        let (d, eps) = (self.d, self.eps);
-        bn_act_apply_cpu(
-            self.x.cpu()?,
-            None,
-            g,
-            b,
-            &self.mean,
-            &self.var,
-            d,
-            eps,
-            &mut y,
-        )?;
-        Ok(self.rounded(y))
+        let (x, g, b) = (&self.x, &self.gamma, &self.beta);
+        let y = bn_apply(self.op, Act::Relu, x, None, g, b, &self.stats, self.d)?;
+        let input = if self.bf16_mid {
+            bf16_values(y.clone())?
+        } else {
+            y.clone()
+        };
+        Ok(BnReluOut { y, input })
     }
 
     /// [dx, dgamma, dbeta] from the gradient `dy` of the output (rounded to bf16 first in bf16
     /// mode, as the unfused op's bf16 output node rounds it).
-    fn backward(&self, out: &BnReluOut, mut dy: Vec<f32>) -> Result<Vec<Option<Tensor>>> {
-        let d = self.d;
-        if self.bf16_mid {
-            round_all(&mut dy);
-        }
-        let mut dx = vec![0.0; d.numel()]; // (N, C, H, W)
-        let mut dgamma = vec![0.0; d.c];
-        let mut dbeta = vec![0.0; d.c];
-        bn_act_backward_cpu(
+    fn backward(&self, out: &BnReluOut, dy: Tensor) -> Result<Vec<Option<Tensor>>> {
+        let dy = if self.bf16_mid { bf16_values(dy)? } else { dy };
+        let (op, x, g) = (self.op, &self.x, &self.gamma);
+        let grads = bn_backward(
+            op,
+            Act::Relu,
             true,
-            self.x.cpu()?,
-            &out.y,
+            &self.stats,
+            x,
+            Some(&out.y),
+            g,
             &dy,
-            self.gamma.cpu()?,
-            &self.mean,
-            &self.var,
-            d,
-            self.eps,
-            &mut dx,
-            None,
-            &mut dgamma,
-            &mut dbeta,
+            self.d,
+            false,
         )?;
-        Ok(vec![
-            Some(self.x.like(dx)?),
-            Some(Tensor::from_vec(dgamma, &[d.c])?),
-            Some(Tensor::from_vec(dbeta, &[d.c])?),
-        ])
-    }
-
-    fn stats(&self) -> Result<BatchStats> {
-        batch_stats(&self.mean, &self.var, self.d.per_channel())
+        Ok(grads.into_vec())
     }
 }
 
-/// What the CPU keeps of one bn -> ReLU -> conv segment, and its recomputation and backward.
-struct BnReluConvCpu {
-    bn: BnReluCpu,
-    w: Tensor, // (O, C, KH, KW)
+/// What one bn -> ReLU -> conv segment keeps, and its recomputation and backward.
+struct BnReluConv {
+    bn: BnRelu,
+    w: Tensor, // (O, C, KH, KW) as conv2d_forward returned it (on a GPU in x's format)
     s: Conv2dShape,
 }
 
-impl BnReluConvCpu {
-    /// The forward: returns the segment and the convolution's output z (N, O, HO, WO); the BN
-    /// output is dropped.
-    #[allow(clippy::too_many_arguments)]
+impl BnReluConv {
+    /// The forward; the BN output is dropped. Returns the segment, the convolution's output
+    /// z (N, O, HO, WO) and the BN's statistics.
     fn forward(
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
+        op: &'static str,
+        [x, gamma, beta, w]: [&Tensor; 4],
         d: BnDims,
-        w: &Tensor,
         s: Conv2dShape,
         eps: f32,
         bf16_mid: bool,
-    ) -> Result<(BnReluConvCpu, Vec<f32>)> {
-        let (bn, out) = BnReluCpu::forward(x, gamma, beta, d, eps, bf16_mid)?;
-        let seg = BnReluConvCpu {
-            bn,
-            w: w.clone(),
-            s,
-        };
-        let z = seg.conv_output(&out)?;
-        Ok((seg, z))
+    ) -> Result<(BnReluConv, Tensor, BatchStats)> {
+        let (bn, out, stats) = BnRelu::forward(op, [x, gamma, beta], d, eps, bf16_mid)?;
+        let (z, w) = conv2d_forward(&out.input, w, s)?;
+        Ok((BnReluConv { bn, w, s }, z, stats))
     }
 
     /// The convolution's output (N, O, HO, WO) of the BN output.
-    fn conv_output(&self, out: &BnReluOut) -> Result<Vec<f32>> {
-        let mut z = vec![0.0; self.s.y_len()];
-        conv2d_forward_cpu(out.input(), self.w.cpu()?, &self.s, &mut z);
-        Ok(z)
+    fn conv_output(&self, out: &BnReluOut) -> Result<Tensor> {
+        Ok(conv2d_forward(&out.input, &self.w, self.s)?.0)
     }
 
     /// Gradients [dx, dgamma, dbeta, dw] from dz (N, O, HO, WO) and the recomputed BN output;
-    /// `need_dw` / `need_bn` skip the weight's GEMM / the BN backward.
+    /// `need_dw` / `need_bn` skip the filter gradient / the BN backward.
     fn backward(
         &self,
         out: &BnReluOut,
-        dz: &[f32],
+        dz: &Tensor,
         need_dw: bool,
         need_bn: bool,
     ) -> Result<Vec<Option<Tensor>>> {
-        let s = self.s;
-        let dw = if need_dw {
-            let mut dw = vec![0.0; s.w_len()]; // (O, C, KH, KW)
-            conv2d_backward_filter_cpu(out.input(), dz, &s, &mut dw);
-            Some(self.w.like(dw)?)
-        } else {
-            None
-        };
-        if !need_bn {
+        let (dy, dw) = conv2d_backward(&out.input, &self.w, dz, self.s, (need_bn, need_dw))?;
+        let Some(dy) = dy else {
             return Ok(vec![None, None, None, dw]);
-        }
-        let mut dy = vec![0.0; self.bn.d.numel()]; // (N, C, H, W)
-        conv2d_backward_data_cpu(dz, self.w.cpu()?, &s, &mut dy);
+        };
         let mut grads = self.bn.backward(out, dy)?;
         grads.push(dw);
         Ok(grads)
@@ -295,31 +224,19 @@ impl Tape {
         eps: f32,
         bf16_mid: bool,
     ) -> Result<(Tensor, BatchStats)> {
+        let _r = nvtx::Range::new(OP);
         let d = check_bn_act_train(OP, x, gamma, beta, None, eps)?;
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), stride, padding)?;
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend(OP, &[x, gamma, beta, w])? {
-            return crate::ops::cuda::bn_relu_conv2d_train(
-                self,
-                be,
-                [x, gamma, beta, w],
-                d,
-                s,
-                eps,
-            );
-        }
-        let (seg, z) = BnReluConvCpu::forward(x, gamma, beta, d, w, s, eps, bf16_mid)?;
-        let z_shape = [s.n, s.o, s.ho(), s.wo()];
-        let z = Tensor::from_vec(z, &z_shape)?;
-        let stats = seg.bn.stats()?;
+        let t = [x, gamma, beta, w];
+        let (seg, z, stats) = BnReluConv::forward(OP, t, d, s, eps, bf16_mid)?;
         // Decided at forward time, as conv2d does: a frozen weight needs no dw, a frozen BN
         // with a constant input no BN backward.
         let need_dw = self.requires_grad(w);
         let need_bn = [x, gamma, beta].iter().any(|t| self.requires_grad(t));
-        self.record(OP, &z, &[x, gamma, beta, w], move |dz| {
-            dz.expect_shape(&format!("{OP} backward dz"), &z_shape)?;
+        self.record(OP, &z, &t, move |dz| {
+            let _r = nvtx::Range::new(&format!("{OP} backward"));
             let out = seg.bn.output()?;
-            seg.backward(&out, dz.cpu()?, need_dw, need_bn)
+            seg.backward(&out, dz, need_dw, need_bn)
         });
         Ok((z, stats))
     }
@@ -367,6 +284,7 @@ impl Tape {
         eps: f32,
         bf16_mid: bool,
     ) -> Result<(Tensor, BatchStats, BatchStats)> {
+        let _r = nvtx::Range::new(TAIL);
         let [x, gamma2, beta2, w, gamma3, beta3, residual] = t;
         let d2 = check_bn_act_train(TAIL, x, gamma2, beta2, None, eps)?;
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), 1, 0)?;
@@ -392,62 +310,47 @@ impl Tape {
             d3.c,
             &[("gamma3", gamma3), ("beta3", beta3)],
         )?;
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend(TAIL, &t)? {
-            return crate::ops::cuda::bottleneck_tail_train(self, be, t, d2, s, eps);
-        }
-        let (seg, mut x3) = BnReluConvCpu::forward(x, gamma2, beta2, d2, w, s, eps, bf16_mid)?;
-        if bf16_mid {
-            round_all(&mut x3);
-        }
-        let (mut mean3, mut var3) = (vec![0.0; d3.c], vec![0.0; d3.c]); // (O,), biased
-        let mut y = vec![0.0; d3.numel()]; // (N, O, H, W)
-        let (g3, b3) = (gamma3.cpu()?, beta3.cpu()?);
-        let res = Some(residual.cpu()?);
-        bn_act_train_forward_cpu(&x3, res, g3, b3, d3, eps, &mut y, &mut mean3, &mut var3)?;
+        let seg_in = [x, gamma2, beta2, w];
+        let (seg, x3, s2) = BnReluConv::forward(TAIL, seg_in, d2, s, eps, bf16_mid)?;
+        // The convolution's output (N, O, H, W), rounded where the unfused conv's bf16 output is.
+        let x3 = if bf16_mid { bf16_values(x3)? } else { x3 };
+        let (stats3, s3) = bn_batch_stats(TAIL, &x3, d3, eps)?;
+        let y = bn_apply(
+            TAIL,
+            Act::Relu,
+            &x3,
+            Some(residual),
+            gamma3,
+            beta3,
+            &stats3,
+            d3,
+        )?;
         drop(x3);
-        let y = Tensor::from_vec(y, &y_shape)?;
-        let s2 = seg.bn.stats()?;
-        let s3 = batch_stats(&mean3, &var3, d3.per_channel())?;
         let need_dw = self.requires_grad(w);
         let need_bn2 = [x, gamma2, beta2].iter().any(|t| self.requires_grad(t));
         let (sy, sg3) = (y.clone(), gamma3.clone());
         self.record(TAIL, &y, &t, move |dy| {
-            dy.expect_shape(&format!("{TAIL} backward dy"), &y_shape)?;
+            let _r = nvtx::Range::new(&format!("{TAIL} backward"));
+            // The forward's bn2 output and convolution output, again.
             let y2 = seg.bn.output()?;
-            let mut x3 = seg.conv_output(&y2)?;
-            if bf16_mid {
-                round_all(&mut x3);
-            }
-            let mut dx3 = vec![0.0; d3.numel()]; // (N, O, H, W)
-            let mut dres = vec![0.0; d3.numel()]; // (N, O, H, W)
-            let mut dgamma3 = vec![0.0; d3.c];
-            let mut dbeta3 = vec![0.0; d3.c];
-            bn_act_backward_cpu(
+            let x3 = seg.conv_output(&y2)?;
+            let x3 = if bf16_mid { bf16_values(x3)? } else { x3 };
+            let g3 = bn_backward(
+                TAIL,
+                Act::Relu,
                 true,
+                &stats3,
                 &x3,
-                sy.cpu()?,
-                dy.cpu()?,
-                sg3.cpu()?,
-                &mean3,
-                &var3,
+                Some(&sy),
+                &sg3,
+                dy,
                 d3,
-                eps,
-                &mut dx3,
-                Some(&mut dres),
-                &mut dgamma3,
-                &mut dbeta3,
+                true,
             )?;
             drop(x3);
-            if bf16_mid {
-                round_all(&mut dx3);
-            }
+            let dx3 = if bf16_mid { bf16_values(g3.dx)? } else { g3.dx };
             let mut grads = seg.backward(&y2, &dx3, need_dw, need_bn2)?;
-            grads.extend([
-                Some(Tensor::from_vec(dgamma3, &[d3.c])?),
-                Some(Tensor::from_vec(dbeta3, &[d3.c])?),
-                Some(sy.like(dres)?),
-            ]);
+            grads.extend([Some(g3.dgamma), Some(g3.dbeta), g3.dresidual]);
             Ok(grads)
         });
         Ok((y, s2, s3))
@@ -491,31 +394,17 @@ impl Tape {
         eps: f32,
         bf16_mid: bool,
     ) -> Result<(Tensor, BatchStats)> {
+        let _r = nvtx::Range::new(POOL);
         let d = check_bn_act_train(POOL, x, gamma, beta, None, eps)?;
         let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
-        #[cfg(feature = "cuda")]
-        if let Some(be) = crate::ops::cuda_backend(POOL, &[x, gamma, beta])? {
-            return crate::ops::cuda::bn_relu_max_pool2d_train(
-                self,
-                be,
-                [x, gamma, beta],
-                d,
-                s,
-                eps,
-            );
-        }
-        let (bn, out) = BnReluCpu::forward(x, gamma, beta, d, eps, bf16_mid)?;
-        let mut p = vec![0.0; s.y_len()]; // (N, C, HO, WO)
-        max_pool2d_forward_cpu(out.input(), &s, &mut p);
+        let t = [x, gamma, beta];
+        let (bn, out, stats) = BnRelu::forward(POOL, t, d, eps, bf16_mid)?;
+        let (p, _) = max_pool2d_forward(&out.input, s)?; // (N, C, HO, WO)
         drop(out);
-        let p_shape = [s.n, s.c, s.ho(), s.wo()];
-        let p = Tensor::from_vec(p, &p_shape)?;
-        let stats = bn.stats()?;
-        self.record(POOL, &p, &[x, gamma, beta], move |dp| {
-            dp.expect_shape(&format!("{POOL} backward dp"), &p_shape)?;
+        self.record(POOL, &p, &t, move |dp| {
+            let _r = nvtx::Range::new(&format!("{POOL} backward"));
             let out = bn.output()?;
-            let mut dy = vec![0.0; s.x_len()]; // (N, C, H, W)
-            max_pool2d_backward_cpu(out.input(), dp.cpu()?, &s, &mut dy);
+            let dy = max_pool2d_backward(&max_pool2d_saved(&out.input, s)?, dp, s)?;
             bn.backward(&out, dy)
         });
         Ok((p, stats))
