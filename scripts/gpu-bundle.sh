@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CUDA build here (no GPU needed) and gathers what the GPU machine (which has no Rust
 # toolchain) needs into gpu-bundle/ (git-ignored):
-#   gpu-bundle/tests/<name>   the GPU test binaries built with --features cuda (gpu_ops, gpu_tape)
+#   gpu-bundle/tests/<name>   the GPU test binaries built with --features cuda (gpu_ops, gpu_tape, ...;
+#                             gpu_lib: the library's unit tests, whose `_cuda` device instances run there;
+#                             ~26 MB stripped, GPU_BUNDLE_LIB=0 leaves it out when the bundle is too large)
 #   gpu-bundle/bin/carp, gpu-bundle/bin/carp-bench
 #   gpu-bundle/torch_carp_bench.py (when /work/shared has it), gpu-bundle/MANIFEST
 # Then, on the GPU machine, from the repo root: scripts/gpu-check.sh
@@ -40,6 +42,12 @@ for line in sys.stdin:
     if m.get("reason") != "compiler-artifact" or not exe or not m.get("profile", {}).get("test"):
         continue
     name = m["target"]["name"]
+    # The unit tests of the library travel as gpu_lib: their device instances (test_device!, the
+    # `*_cuda` tests) run there.
+    if name == "carp" and "lib" in m["target"].get("kind", []):
+        if os.environ.get("GPU_BUNDLE_LIB", "1") == "0":
+            continue
+        name = "gpu_lib"
     # Only the GPU test files travel (the device tool carries at most 64 MiB): the rest of the
     # suite is CPU-only and runs in CI; the kernel emulator needs the sources and g++.
     if not name.startswith("gpu_") or name == "gpu_kernels_sim":

@@ -1,5 +1,6 @@
-//! Helpers for tests: seeded random tensors and a finite-difference gradient checker.
-//! Public (but hidden) so the integration tests under `tests/` can use them too.
+//! Helpers for tests: seeded random tensors, a finite-difference gradient checker, and the
+//! device tests' harness ([`test_device!`], [`gpu_for_test`]). Public (but hidden) so the
+//! integration tests under `tests/` can use them too.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -8,7 +9,73 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::autograd::Tape;
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
+
+/// The GPU tests run one at a time: they share GPU 0's allocator (whose counters one test
+/// checks) and the process's run options.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+static GPU_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// GPU 0 for the test `test`, with the lock that serializes the GPU tests; or `None` after
+/// printing "SKIPPED: <test>: <reason>" to the process's stderr (libtest captures only the
+/// print macros, so the line shows in `cargo test` output; scripts/gpu-check.sh fails on it).
+///
+/// Installs the run options of the environment (`CARP_*` variables run the tests on that
+/// path), with TF32 off: GPU results are compared at f32 tolerances. Every device buffer is
+/// NaN-filled when allocated, so an element an op leaves unwritten fails the comparison.
+pub fn gpu_for_test(test: &str) -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+    use std::io::Write as _;
+    #[cfg(feature = "cuda")]
+    {
+        match crate::device::cuda::backend(0) {
+            Ok(_) => {
+                let serial = GPU_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+                crate::device::cuda::set_poison_allocations(true);
+                let mut o = crate::options::RunOptionArgs::default()
+                    .resolve()
+                    .expect("CARP_* run options in the environment");
+                o.tf32 = crate::options::Switch::Off;
+                crate::options::install(o);
+                Some((Device::Cuda(0), serial))
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {test}: this build has no CUDA backend (build with --features cuda)"
+        );
+        None
+    }
+}
+
+/// One test per device from one body `fn body(dev: &Device)`, as candle's `test_device!`:
+/// `$cpu` runs it on the CPU; `$cuda` (built with the `cuda` feature) on GPU 0 under
+/// [`gpu_for_test`], or prints SKIPPED where there is none. The body decides what differs by
+/// device (a tolerance where the CPU is exact), nothing else does.
+#[macro_export]
+macro_rules! test_device {
+    ($body:ident, $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&$crate::tensor::Device::Cpu);
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() {
+            let name = concat!(module_path!(), "::", stringify!($cuda));
+            if let Some((dev, _serial)) = $crate::testutil::gpu_for_test(name) {
+                $body(&dev);
+            }
+        }
+    };
+}
 
 /// A seeded RNG for tests.
 pub fn rng(seed: u64) -> ChaCha8Rng {

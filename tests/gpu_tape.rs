@@ -19,11 +19,10 @@
 
 use std::io::Write as _;
 use std::rc::Rc;
-use std::sync::{Mutex, MutexGuard};
 
 use carp::autograd::{Precision, Tape};
 use carp::tensor::{DType, Device, Layout, Tensor};
-use carp::testutil::randn_vec;
+use carp::testutil::{gpu_for_test, randn_vec};
 
 /// Runs everywhere: the device parser and the error for CUDA without the feature.
 #[test]
@@ -60,48 +59,6 @@ fn set_nhwc(nhwc: bool) {
             carp::options::Bf16Layout::Nchw
         }
     });
-}
-
-/// The GPU tests run one at a time (they share GPU 0's allocator, whose counters one test
-/// checks).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// GPU 0 (and the lock that serializes the GPU tests), or None after printing why the test is
-/// skipped.
-fn gpu_or_skip(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
-    #[cfg(feature = "cuda")]
-    {
-        match carp::device::cuda::backend(0) {
-            Ok(_) => {
-                let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-                // Every op output starts as NaN: an element a kernel does not write fails.
-                carp::device::cuda::set_poison_allocations(true);
-                // The run options of the environment (CARP_HOST_OPTIM=1 etc. run the tests on
-                // that path), a test's own changes undone; compared with the CPU at f32
-                // tolerances: no TF32 in the convolutions.
-                let mut o = carp::options::RunOptionArgs::default()
-                    .resolve()
-                    .expect("CARP_* run options in the environment");
-                o.tf32 = carp::options::Switch::Off;
-                carp::options::install(o);
-                Some((Device::Cuda(0), serial))
-            }
-            Err(e) => {
-                // Straight to the process's stderr: libtest captures only the print macros.
-                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
-                None
-            }
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: {test}: this build has no CUDA backend (build with --features cuda)"
-        );
-        None
-    }
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -200,7 +157,7 @@ fn compare(dev: &Device, name: &str, inputs: &[Tensor], tol_fwd: f64, tol_bwd: f
 
 #[test]
 fn elementwise_and_reshape() {
-    let Some((dev, _serial)) = gpu_or_skip("elementwise_and_reshape") else {
+    let Some((dev, _serial)) = gpu_for_test("elementwise_and_reshape") else {
         return;
     };
     for (c, shape) in [vec![1usize], vec![3, 5, 7], vec![2, 64, 56, 56]]
@@ -254,7 +211,7 @@ fn elementwise_and_reshape() {
 
 #[test]
 fn conv2d_small_and_resnet50_shapes() {
-    let Some((dev, _serial)) = gpu_or_skip("conv2d_small_and_resnet50_shapes") else {
+    let Some((dev, _serial)) = gpu_for_test("conv2d_small_and_resnet50_shapes") else {
         return;
     };
     // (x shape, w shape, stride, padding)
@@ -286,7 +243,7 @@ fn conv2d_small_and_resnet50_shapes() {
 
 #[test]
 fn pools() {
-    let Some((dev, _serial)) = gpu_or_skip("pools") else {
+    let Some((dev, _serial)) = gpu_for_test("pools") else {
         return;
     };
     for (i, (shape, k, s, p)) in [
@@ -322,7 +279,7 @@ fn pools() {
 
 #[test]
 fn batch_norm() {
-    let Some((dev, _serial)) = gpu_or_skip("batch_norm") else {
+    let Some((dev, _serial)) = gpu_for_test("batch_norm") else {
         return;
     };
     for (i, shape) in [
@@ -401,7 +358,7 @@ fn batch_norm() {
 
 #[test]
 fn linear_algebra_and_sums() {
-    let Some((dev, _serial)) = gpu_or_skip("linear_algebra_and_sums") else {
+    let Some((dev, _serial)) = gpu_for_test("linear_algebra_and_sums") else {
         return;
     };
     for (i, (m, k, n)) in [(7usize, 13usize, 5usize), (64, 2048, 256), (1, 3, 1)]
@@ -475,7 +432,7 @@ fn linear_algebra_and_sums() {
 
 #[test]
 fn device_errors_and_transfers() {
-    let Some((dev, _serial)) = gpu_or_skip("device_errors_and_transfers") else {
+    let Some((dev, _serial)) = gpu_for_test("device_errors_and_transfers") else {
         return;
     };
     let a = randn(&[3, 4], 600);
@@ -532,7 +489,7 @@ fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
-    let Some((dev, _serial)) = gpu_or_skip(test) else {
+    let Some((dev, _serial)) = gpu_for_test(test) else {
         return;
     };
     let cfg = ModelConfig {
@@ -716,7 +673,7 @@ fn compare_bf16(dev: &Device, name: &str, inputs: &[Tensor], tol_fwd: f64, tol_b
 /// emulation of bf16; with the activations channels-last (NHWC, the default) and NCHW.
 #[test]
 fn bf16_ops_match_the_cpu_emulation() {
-    let Some((dev, _serial)) = gpu_or_skip("bf16_ops_match_the_cpu_emulation") else {
+    let Some((dev, _serial)) = gpu_for_test("bf16_ops_match_the_cpu_emulation") else {
         return;
     };
     for nhwc in [true, false] {
@@ -871,7 +828,7 @@ fn bf16_ops_in_one_layout(dev: &Device, nhwc: bool) {
 /// that kind), and the BN running statistics within 1e-2.
 #[test]
 fn bf16_training_step_matches_the_cpu_emulation() {
-    let Some((dev, _serial)) = gpu_or_skip("bf16_training_step_matches_the_cpu_emulation") else {
+    let Some((dev, _serial)) = gpu_for_test("bf16_training_step_matches_the_cpu_emulation") else {
         return;
     };
     for nhwc in [true, false] {
@@ -986,7 +943,7 @@ fn views(step: u64) -> (Tensor, Tensor) {
 #[test]
 fn device_state_steps_match_cpu() {
     use carp::train::step::CarpState;
-    let Some((dev, _serial)) = gpu_or_skip("device_state_steps_match_cpu") else {
+    let Some((dev, _serial)) = gpu_for_test("device_state_steps_match_cpu") else {
         return;
     };
     if carp::optim::device::host_optim_forced() {
@@ -1102,7 +1059,7 @@ fn device_state_steps_match_cpu() {
 #[test]
 fn device_state_nan_gradient_is_named_and_changes_nothing() {
     let Some((_dev, _serial)) =
-        gpu_or_skip("device_state_nan_gradient_is_named_and_changes_nothing")
+        gpu_for_test("device_state_nan_gradient_is_named_and_changes_nothing")
     else {
         return;
     };
@@ -1226,7 +1183,7 @@ fn host_guard_cause(
 /// A whole GPU step whose input is NaN fails, and the state (device and host) is unchanged.
 #[test]
 fn device_state_failed_step_changes_nothing() {
-    let Some((dev, _serial)) = gpu_or_skip("device_state_failed_step_changes_nothing") else {
+    let Some((dev, _serial)) = gpu_for_test("device_state_failed_step_changes_nothing") else {
         return;
     };
     let mut st = small_state();
@@ -1273,7 +1230,7 @@ fn device_state_failed_step_changes_nothing() {
 #[test]
 fn device_state_checkpoint_resume() {
     use carp::train::checkpoint::{from_bytes, to_bytes, CheckpointMeta};
-    let Some((dev, _serial)) = gpu_or_skip("device_state_checkpoint_resume") else {
+    let Some((dev, _serial)) = gpu_for_test("device_state_checkpoint_resume") else {
         return;
     };
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
@@ -1363,7 +1320,7 @@ fn device_state_checkpoint_resume() {
 /// (tolerance 1e-4: the same GPU forward/backward, LARS norms in f32 atomics vs f64).
 #[test]
 fn device_state_matches_host_optim_path() {
-    let Some((dev, _serial)) = gpu_or_skip("device_state_matches_host_optim_path") else {
+    let Some((dev, _serial)) = gpu_for_test("device_state_matches_host_optim_path") else {
         return;
     };
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
@@ -1431,7 +1388,7 @@ fn device_state_trainer_checkpoints() {
     use carp::train::config::TrainConfig;
     use carp::train::step::CarpState;
     use carp::train::trainer::{train, TrainOptions};
-    let Some((_dev, _serial)) = gpu_or_skip("device_state_trainer_checkpoints") else {
+    let Some((_dev, _serial)) = gpu_for_test("device_state_trainer_checkpoints") else {
         return;
     };
     let tmp = |name: &str| {
@@ -1531,7 +1488,7 @@ fn multicrop_training_step_matches_cpu() {
     use carp::nn::ModelConfig;
     use carp::train::step::CarpState;
 
-    let Some((dev, _serial)) = gpu_or_skip("multicrop_training_step_matches_cpu") else {
+    let Some((dev, _serial)) = gpu_for_test("multicrop_training_step_matches_cpu") else {
         return;
     };
     let cfg = ModelConfig {
@@ -1632,7 +1589,7 @@ fn multicrop_training_step_matches_cpu() {
 /// other device (FMA on the GPU), which these sizes make unlikely.
 #[test]
 fn fused_bn_relu_add() {
-    let Some((dev, _serial)) = gpu_or_skip("fused_bn_relu_add") else {
+    let Some((dev, _serial)) = gpu_for_test("fused_bn_relu_add") else {
         return;
     };
     for (i, shape) in [
@@ -1802,7 +1759,7 @@ fn recompute_cases() -> Vec<RecomputeCase> {
 /// bf16 BN ops: the GPU rounds conv gradients to bf16 where the emulation keeps f32).
 #[test]
 fn recompute_ops_match_cpu() {
-    let Some((dev, _serial)) = gpu_or_skip("recompute_ops_match_cpu") else {
+    let Some((dev, _serial)) = gpu_for_test("recompute_ops_match_cpu") else {
         return;
     };
     for (name, inputs, one_op, _) in recompute_cases() {
@@ -1818,70 +1775,15 @@ fn recompute_ops_match_cpu() {
     }
 }
 
-/// On the GPU each recomputing op equals its unfused composition: the forward outputs and
-/// statistics bit for bit (the same kernels on the same values), the gradients to 1e-5 in f32
-/// and 1e-2 in bf16 of each gradient's largest value (not bit for bit only because cuDNN's
-/// backward algorithms may sum in a run-dependent order, which can move a bf16 rounding by one
-/// step). A recomputation that drifted from the forward (other statistics, another plan) fails
-/// here. Also: with only the weight tracked, dw alone, equal to the full run's; and in bf16 NHWC
-/// a residual stored NCHW (converted by the op) gives the unfused ops' result.
+/// In bf16 NHWC, a residual stored NCHW (converted by the op) gives the unfused ops' result.
+/// (That each recomputing op equals its unfused composition, on every device, is tested from one
+/// body in src/ops/recompute.rs, `*_cuda` in the library's tests.)
 #[test]
-fn recompute_ops_equal_their_unfused_composition_on_gpu() {
-    let Some((dev, _serial)) = gpu_or_skip("recompute_ops_equal_their_unfused_composition_on_gpu")
-    else {
+fn recompute_tail_with_an_nchw_residual_on_gpu() {
+    let Some((dev, _serial)) = gpu_for_test("recompute_tail_with_an_nchw_residual_on_gpu") else {
         return;
     };
-    let modes = [
-        (Precision::F32, true, 1e-5),
-        (Precision::Bf16, true, 1e-2),
-        (Precision::Bf16, false, 1e-2),
-    ];
-    for (name, inputs, one_op, unfused) in recompute_cases() {
-        for (precision, nhwc, tol) in modes {
-            set_nhwc(nhwc);
-            let what = format!("{name} {precision} nhwc={nhwc}");
-            let seed = randn(
-                unfused(&mut Tape::no_grad(), &inputs).unwrap()[0].shape(),
-                1099,
-            );
-            let (ya, ga) = run_on_in(&dev, &inputs, &seed, &*one_op, precision);
-            let (yb, gb) = run_on_in(&dev, &inputs, &seed, &*unfused, precision);
-            for (i, (a, b)) in ya.iter().zip(&yb).enumerate() {
-                assert_eq!(a, b, "{what}: output {i}");
-            }
-            for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
-                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-                check_close(&format!("{what}: gradient {i}"), a, b, tol, 1e-6);
-            }
-        }
-    }
     set_nhwc(true);
-    // Only the weight tracked (the BN backward skipped).
-    let (_, inputs, one_op, _) = recompute_cases().remove(0);
-    let (_, g_all) = run_on_in(
-        &dev,
-        &inputs,
-        &randn(&[4, 24, 7, 7], 1098),
-        &*one_op,
-        Precision::F32,
-    );
-    let mut tape = Tape::new();
-    let on: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
-    let w = tape.track(&on[3]);
-    let (z, _) = tape
-        .bn_relu_conv2d_train(&on[0], &on[1], &on[2], &w, 2, 1, 1e-5)
-        .unwrap();
-    let dz = randn(&[4, 24, 7, 7], 1098).to_device(&dev).unwrap();
-    let g = tape.backward_from(vec![(z, dz)]).unwrap();
-    assert_eq!(g.len(), 1, "only the weight's gradient");
-    let dw = g.get(&w).unwrap().to_vec().unwrap();
-    check_close(
-        "weight-only dw",
-        &dw,
-        g_all[3].as_ref().unwrap(),
-        1e-5,
-        1e-6,
-    );
     // bf16 NHWC with the residual stored NCHW.
     let (_, inputs, one_op, unfused) = recompute_cases().remove(1);
     let run = |f: &Op| {
@@ -1910,7 +1812,7 @@ fn recompute_ops_equal_their_unfused_composition_on_gpu() {
 /// LARS norms summed with float atomics may round differently between two runs.
 #[test]
 fn device_state_step_sync_matches_gated() {
-    let Some((dev, _serial)) = gpu_or_skip("device_state_step_sync_matches_gated") else {
+    let Some((dev, _serial)) = gpu_for_test("device_state_step_sync_matches_gated") else {
         return;
     };
     if carp::optim::device::host_optim_forced() {
@@ -2007,7 +1909,7 @@ fn device_state_step_sync_matches_gated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn bf16_widened_activation_is_not_kept_by_the_tape() {
-    let Some((dev, _serial)) = gpu_or_skip("bf16_widened_activation_is_not_kept_by_the_tape")
+    let Some((dev, _serial)) = gpu_for_test("bf16_widened_activation_is_not_kept_by_the_tape")
     else {
         return;
     };
@@ -2049,7 +1951,8 @@ fn bf16_widened_activation_is_not_kept_by_the_tape() {
 /// algorithm's nondeterministic f32 order can flip a rare bf16 rounding).
 #[test]
 fn bf16_conv_weight_used_twice_accumulates_in_f32() {
-    let Some((dev, _serial)) = gpu_or_skip("bf16_conv_weight_used_twice_accumulates_in_f32") else {
+    let Some((dev, _serial)) = gpu_for_test("bf16_conv_weight_used_twice_accumulates_in_f32")
+    else {
         return;
     };
     let w = randn(&[6, 3, 3, 3], 31).to_device(&dev).unwrap();

@@ -58,6 +58,53 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Opens the device's backend (a GPU's context, stream and library handles) so that a
+    /// missing driver or library is reported before any work starts; nothing to do for the CPU.
+    pub fn open(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => cuda::backend(*i).map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!(Device, "{NO_CUDA}"),
+        }
+    }
+
+    /// Waits until the device has finished all the work queued on it (a GPU's stream); nothing
+    /// to wait for on the CPU, whose ops return when done.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => cuda::backend(*i)?.synchronize(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!(Device, "{NO_CUDA}"),
+        }
+    }
+
+    /// A GPU's free memory in bytes (cuMemGetInfo); `None` for the CPU, whose free memory is
+    /// the operating system's to tell.
+    pub fn gpu_free_bytes(&self) -> Result<Option<u64>> {
+        match self {
+            Device::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let (free, _total) = cuda::backend(*i)?
+                    .context()
+                    .mem_get_info()
+                    .map_err(|e| crate::error::Error::Device(format!("cuMemGetInfo: {e}")))?;
+                Ok(Some(free as u64))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!(Device, "{NO_CUDA}"),
+        }
+    }
+}
+
+/// The error of a CUDA device in a build without the `cuda` feature.
+pub const NO_CUDA: &str = "this build has no CUDA support (rebuild with --features cuda)";
+
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

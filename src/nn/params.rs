@@ -142,155 +142,50 @@ impl ParamStore {
         self.tensor(id)?.to_device(device)
     }
 
-    /// Like [`ParamStore::leaves`], with the tensors on `device`. Each entry is uploaded on
-    /// every call (once per forward). Training steps on a GPU use the device-resident state
-    /// instead (`optim::device`, [`ParamStore::leaves_from_device`]); this stays for
-    /// evaluation and the `--optimizer-state host` path.
+    /// Like [`ParamStore::leaves`], with the tensors on `device` (`ops::flat::split_flat`: on a
+    /// GPU one upload of the whole store per call, i.e. per forward). Training steps on a GPU
+    /// use the device-resident state instead (`optim::device`); this stays for evaluation and
+    /// the `--optimizer-state host` path.
     pub fn leaves_on(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(ordinal) = *device {
-            return self.leaves_on_gpu(tape, ordinal);
-        }
-        // Without the `cuda` feature a CUDA device fails here, in `to_device`, with a clear error.
-        let mut tensors = Vec::with_capacity(self.entries.len());
-        for i in 0..self.entries.len() {
-            let t = self.tensor_on(ParamId(i), device)?;
-            tensors.push(tape.track(&t));
-        }
-        Ok(ParamLeaves(tensors))
-    }
-
-    /// One upload of the flat buffer (one wait), then one stream-ordered device copy per
-    /// entry into its own tensor.
-    #[cfg(feature = "cuda")]
-    fn leaves_on_gpu(&self, tape: &mut Tape, ordinal: usize) -> Result<ParamLeaves> {
-        let be = crate::device::cuda::backend(ordinal)?;
-        let flat = be.upload_f32(&self.data)?; // (numel,)
-        let mut tensors = Vec::with_capacity(self.entries.len());
-        for e in &self.entries {
-            let mut buf = be.alloc_f32(e.len())?;
-            be.copy_dtod_range(&flat, e.offset * 4, &mut buf, 0, e.len() * 4)?;
-            let t = Tensor::from_cuda(buf, be.clone(), &e.shape)?;
-            tensors.push(tape.track(&t));
-        }
-        Ok(ParamLeaves(tensors))
-    }
-
-    /// Adds the leaves' gradients into `grad` (parameter gradients accumulate). Gradients on a
-    /// GPU are downloaded (one copy per entry).
-    pub fn accumulate_grads(&mut self, leaves: &ParamLeaves, grads: &Gradients) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        if let Some(crate::tensor::Storage::Cuda(c)) = leaves
-            .0
+        let entries: Vec<(usize, &[usize])> = self
+            .entries
             .iter()
-            .find_map(|t| grads.get(t))
-            .map(|g| g.storage())
-        {
-            return self.accumulate_grads_gpu(&c.backend.clone(), leaves, grads);
-        }
-        for (i, t) in leaves.0.iter().enumerate() {
-            if let Some(g) = grads.get(t) {
-                let r = self.entries[i].range();
-                let g = g.to_vec()?;
-                for (d, s) in self.grad[r].iter_mut().zip(g) {
-                    *d += s;
-                }
-            }
-        }
-        Ok(())
+            .map(|e| (e.offset, &e.shape[..]))
+            .collect();
+        let tensors = crate::ops::flat::split_flat(&self.data, &entries, device)?;
+        Ok(ParamLeaves(tensors.iter().map(|t| tape.track(t)).collect()))
     }
 
-    /// GPU gradients: gathered into one flat device buffer (zeros where an entry has no
-    /// gradient), downloaded once, added on the host (the `--optimizer-state host` path).
-    #[cfg(feature = "cuda")]
-    fn accumulate_grads_gpu(
-        &mut self,
-        be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
-        leaves: &ParamLeaves,
-        grads: &Gradients,
-    ) -> Result<()> {
-        let mut flat = be.alloc_f32(self.numel())?; // (numel,)
-        self.gather_grads_device(be, leaves, grads, &mut flat)?;
-        let host = be.download_f32(&flat)?;
-        for (d, s) in self.grad.iter_mut().zip(host) {
-            *d += s;
-        }
-        Ok(())
-    }
-
-    /// This step's gradients into the flat device buffer `dflat` (numel,), same layout as
-    /// `data`: zero-filled first (an entry without a gradient gets zeros, as after `zero_grad`),
-    /// then one stream-ordered device copy per entry; a CPU gradient among GPU ones is
-    /// uploaded into its range. Nothing waits for the device.
-    #[cfg(feature = "cuda")]
-    pub fn gather_grads_device(
+    /// This step's gradient of each leaf (`None` where an entry got none), checked against the
+    /// entry's shape, with the entry's offset in the flat store.
+    pub fn leaf_grads<'g>(
         &self,
-        be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
         leaves: &ParamLeaves,
-        grads: &Gradients,
-        dflat: &mut crate::device::cuda::DeviceBuffer,
-    ) -> Result<()> {
-        if dflat.len32() < self.numel() || leaves.0.len() != self.entries.len() {
+        grads: &'g Gradients,
+    ) -> Result<Vec<(usize, &'g Tensor)>> {
+        if leaves.0.len() != self.entries.len() {
             bail!(
                 Shape,
-                "gather_grads_device: {} leaves and a {}-value buffer for {} entries of {} values",
+                "{} leaves for a parameter store of {} entries",
                 leaves.0.len(),
-                dflat.len32(),
-                self.entries.len(),
-                self.numel()
+                self.entries.len()
             );
         }
-        be.fill(dflat, 0.0)?;
-        for (i, t) in leaves.0.iter().enumerate() {
-            let Some(g) = grads.get(t) else { continue };
-            let e = &self.entries[i];
-            g.expect_shape(&format!("gradient of {}", e.name), &e.shape)?;
-            // The flat buffer is f32 NCHW: a gradient in another format (none reaches here
-            // today: the bf16 casts hand back f32) is converted, not copied as raw bytes.
-            let g = g.to_format(crate::tensor::DType::F32, crate::tensor::Layout::Nchw)?;
-            match g.storage() {
-                crate::tensor::Storage::Cuda(c) => {
-                    be.copy_dtod_range(&c.buf, 0, dflat, e.offset * 4, e.len() * 4)?
-                }
-                crate::tensor::Storage::Cpu(v) => {
-                    let up = be.upload_f32(v)?;
-                    be.copy_dtod_range(&up, 0, dflat, e.offset * 4, e.len() * 4)?
-                }
+        let mut out = Vec::with_capacity(leaves.0.len());
+        for (e, t) in self.entries.iter().zip(&leaves.0) {
+            if let Some(g) = grads.get(t) {
+                g.expect_shape(&format!("gradient of {}", e.name), &e.shape)?;
+                out.push((e.offset, g));
             }
         }
-        Ok(())
+        Ok(out)
     }
 
-    /// Leaves on the GPU made from a device-resident flat copy of `data` (`dflat`, (numel,),
-    /// same layout), without touching the host: one stream-ordered device copy per entry.
-    ///
-    /// Copies rather than sub-buffer views: LARS and the EMA rewrite the flat buffer in place
-    /// while a leaf could still be alive (a caller holding a `Forward`), and a `DeviceBuffer`
-    /// view would alias it; the copies cost one pass over the parameters in device memory
-    /// (~0.1 ms for ResNet50's 25M floats on an H100-class GPU) and no host synchronization.
-    #[cfg(feature = "cuda")]
-    pub fn leaves_from_device(
-        &self,
-        tape: &mut Tape,
-        be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
-        dflat: &crate::device::cuda::DeviceBuffer,
-    ) -> Result<ParamLeaves> {
-        if dflat.len32() < self.numel() {
-            bail!(
-                Shape,
-                "leaves_from_device: a {}-value buffer for {} parameters",
-                dflat.len32(),
-                self.numel()
-            );
-        }
-        let mut tensors = Vec::with_capacity(self.entries.len());
-        for e in &self.entries {
-            let mut buf = be.alloc_f32(e.len())?; // e.shape
-            be.copy_dtod_range(dflat, e.offset * 4, &mut buf, 0, e.len() * 4)?;
-            let t = Tensor::from_cuda(buf, be.clone(), &e.shape)?;
-            tensors.push(tape.track(&t));
-        }
-        Ok(ParamLeaves(tensors))
+    /// Adds the leaves' gradients into `grad` (parameter gradients accumulate); gradients on a
+    /// GPU are downloaded in one copy (`ops::flat::add_flat_into`).
+    pub fn accumulate_grads(&mut self, leaves: &ParamLeaves, grads: &Gradients) -> Result<()> {
+        let parts = self.leaf_grads(leaves, grads)?;
+        crate::ops::flat::add_flat_into(&parts, &mut self.grad)
     }
 
     /// (offset, len, is_1d) per entry: the segment table of the GPU LARS plan.

@@ -4,13 +4,16 @@
 //! against finite differences). README: "Adding an op".
 
 pub mod activation;
+pub mod augment;
 pub mod batchnorm;
 pub mod conv;
 pub mod elementwise;
+pub mod flat;
 pub mod fused;
 pub mod linear;
 pub mod pool;
 pub mod recompute;
+pub mod rows;
 
 use crate::bail;
 use crate::error::Result;
@@ -49,6 +52,18 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
+    /// The backend of `device` (a GPU's is opened on first use); an error for a CUDA device in
+    /// a build without the `cuda` feature.
+    pub(crate) fn on(device: &Device) -> Result<Backend> {
+        match device {
+            Device::Cpu => Ok(Backend::Cpu),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => Ok(Backend::Cuda(crate::device::cuda::backend(*i)?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!(Device, "{}", crate::device::NO_CUDA),
+        }
+    }
+
     pub(crate) fn of(op: &str, xs: &[&Tensor]) -> Result<Backend> {
         common_device(op, xs)?;
         Ok(match xs.first().map(|t| t.storage()) {

@@ -416,61 +416,114 @@ mod tests {
     use crate::autograd::{Precision, Tape};
     use crate::error::Result;
     use crate::ops::batchnorm::BN_EPS;
-    use crate::tensor::Tensor;
-    use crate::testutil::{check_grad_kinks, randn};
+    use crate::options::Bf16Layout;
+    use crate::tensor::{Device, Tensor};
+    use crate::test_device;
+    use crate::testutil::{check_grad_kinks, randn, randn_vec};
 
     /// An op under test: the tracked inputs to its outputs, the first one differentiated.
     type Op<'a> = &'a dyn Fn(&mut Tape, &[Tensor]) -> Result<Vec<Tensor>>;
 
-    /// Every output of `f` on `xs`, then the gradient of every input for a random output
-    /// gradient of the first output.
-    fn run(precision: Precision, xs: &[Tensor], f: Op) -> Vec<Vec<f32>> {
+    /// `f` on `xs` moved to `dev`: every output, then the gradient of every input for a random
+    /// output gradient of the first output, all on the host.
+    fn run(dev: &Device, precision: Precision, xs: &[Tensor], f: Op) -> [Vec<Vec<f32>>; 2] {
         let mut tape = Tape::new().with_precision(precision);
-        let v: Vec<Tensor> = xs.iter().map(|t| tape.track(t)).collect();
+        let v: Vec<Tensor> = xs
+            .iter()
+            .map(|t| tape.track(&t.to_device(dev).unwrap()))
+            .collect();
         let outs = f(&mut tape, &v).unwrap();
-        let dy = randn(outs[0].shape(), 4242);
+        let dy = randn(outs[0].shape(), 4242).to_device(dev).unwrap();
         let g = tape.backward_from(vec![(outs[0].clone(), dy)]).unwrap();
-        let mut got: Vec<Vec<f32>> = outs.iter().map(|t| t.to_vec().unwrap()).collect();
-        got.extend(v.iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
-        got
+        let host = |t: &Tensor| t.to_vec().unwrap();
+        [
+            outs.iter().map(host).collect(),
+            v.iter().map(|t| host(g.get(t).unwrap())).collect(),
+        ]
     }
 
-    /// `one_op` equals `unfused` bit for bit in f32 and in the bf16 emulation (no output or
-    /// gradient all zero), and the two precisions differ (bf16 really rounds somewhere).
-    fn assert_bit_identical(what: &str, xs: &[Tensor], one_op: Op, unfused: Op) {
-        for precision in [Precision::F32, Precision::Bf16] {
-            let (a, b) = (run(precision, xs, one_op), run(precision, xs, unfused));
-            assert_eq!(a.len(), b.len());
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+    /// `one_op` equals `unfused` on `dev`, in f32 and in bf16 (the CPU emulation's rounding
+    /// points; on a GPU in both bf16 layouts): outputs and batch statistics bit for bit (the
+    /// same kernels on the same values, the BN output recomputed deterministically); gradients
+    /// bit for bit on the CPU, and on a GPU within 1e-5 (f32) / 1e-2 (bf16) of each gradient's
+    /// largest value (cuDNN's backward algorithms may sum in a run-dependent order, which can
+    /// move a bf16 rounding by one step). No output or gradient is all zero, and the two
+    /// precisions differ (bf16 really rounds somewhere).
+    fn assert_equal_on(dev: &Device, what: &str, xs: &[Tensor], one_op: Op, unfused: Op) {
+        let layouts: &[Bf16Layout] = match dev {
+            Device::Cpu => &[Bf16Layout::Nhwc], // the CPU is NCHW whatever the option says
+            Device::Cuda(_) => &[Bf16Layout::Nhwc, Bf16Layout::Nchw],
+        };
+        let modes = [(Precision::F32, layouts[0])]
+            .into_iter()
+            .chain(layouts.iter().map(|&l| (Precision::Bf16, l)));
+        for (precision, layout) in modes {
+            crate::options::update(|o| o.bf16_layout = layout);
+            let what = format!("{what} on {dev} {precision} {layout:?}");
+            let [ya, ga] = run(dev, precision, xs, one_op);
+            let [yb, gb] = run(dev, precision, xs, unfused);
+            assert_eq!((ya.len(), ga.len()), (yb.len(), gb.len()), "{what}");
+            for (i, (p, q)) in ya.iter().zip(&yb).enumerate() {
+                assert!(p.iter().any(|&v| v != 0.0), "{what}: output {i} is zero");
+                assert_eq!(p, q, "{what}: output {i}");
+            }
+            let tol = match (dev, precision) {
+                (Device::Cpu, _) => 0.0,
+                (_, Precision::F32) => 1e-5,
+                (_, Precision::Bf16) => 1e-2,
+            };
+            for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
+                assert!(p.iter().any(|&v| v != 0.0), "{what}: gradient {i} is zero");
+                let scale = q.iter().fold(1e-6f64, |m, &v| m.max(v.abs() as f64));
+                let worst = p
+                    .iter()
+                    .zip(q)
+                    .map(|(&a, &b)| (a as f64 - b as f64).abs())
+                    .fold(0.0f64, f64::max);
                 assert!(
-                    p.iter().any(|&v| v != 0.0),
-                    "{what} {precision}: {i} is zero"
+                    worst <= tol * scale,
+                    "{what}: gradient {i} differs by {worst:e} (largest value {scale:e})"
                 );
-                assert_eq!(p, q, "{what} {precision}: output or gradient {i}");
             }
         }
+        crate::options::update(|o| o.bf16_layout = Bf16Layout::Nhwc);
         assert_ne!(
-            run(Precision::F32, xs, one_op)[0],
-            run(Precision::Bf16, xs, one_op)[0],
-            "{what}"
+            run(dev, Precision::F32, xs, one_op)[0][0],
+            run(dev, Precision::Bf16, xs, one_op)[0][0],
+            "{what} on {dev}: bf16 equals f32"
         );
     }
 
-    /// The op equals the unfused composition bit for bit (the same kernels on the same values,
-    /// the BN output recomputed deterministically), in f32 and in the bf16 emulation (the
-    /// rounding points of the unfused ops' bf16 outputs), for 3x3 stride-2 padded and 1x1
-    /// convolutions. The composition's ops are checked against references in their own files.
-    #[test]
-    fn equals_bn_relu_then_conv_bit_for_bit() {
-        for (k, stride, padding, seed) in [(3, 2, 1, 10u64), (1, 1, 0, 20), (3, 1, 1, 30)] {
+    /// A BN scale (C,) around 1 (non-trivial, and no channel switched off by a tiny gamma).
+    fn scale(c: usize, seed: u64) -> Tensor {
+        let v = randn_vec(c, seed).iter().map(|v| 1.0 + 0.3 * v).collect();
+        Tensor::from_vec(v, &[c]).unwrap()
+    }
+
+    /// bn_relu_conv2d_train equals bn_relu_train then conv2d (3x3 stride-2 padded, 1x1 and
+    /// 3x3 stride-1 convolutions, and a bottleneck-sized 3x3/2); the composition's ops are
+    /// checked against references in their own files.
+    fn bn_relu_conv_equals_the_unfused_ops(dev: &Device) {
+        let cases = [
+            ([3, 4, 7, 6], 5, 3, 2, 1, 10u64),
+            ([3, 4, 7, 6], 5, 1, 1, 0, 20),
+            ([3, 4, 7, 6], 5, 3, 1, 1, 30),
+            ([4, 16, 14, 14], 24, 3, 2, 1, 1001),
+        ];
+        for (xs, o, k, stride, padding, seed) in cases {
+            let c = xs[1];
             let xs = [
-                randn(&[3, 4, 7, 6], seed),
-                randn(&[4], seed + 1),
-                randn(&[4], seed + 2),
-                randn(&[5, 4, k, k], seed + 3),
+                randn(&xs, seed),
+                scale(c, seed + 1),
+                randn(&[c], seed + 2),
+                randn(&[o, c, k, k], seed + 3),
             ];
-            assert_bit_identical(
-                &format!("k={k} stride={stride}"),
+            assert_equal_on(
+                dev,
+                &format!(
+                    "bn_relu_conv2d_train {:?} k={k} stride={stride}",
+                    xs[0].shape()
+                ),
                 &xs,
                 &|t, v| {
                     let (z, (m, var)) = t.bn_relu_conv2d_train(
@@ -485,23 +538,31 @@ mod tests {
             );
         }
     }
+    test_device!(
+        bn_relu_conv_equals_the_unfused_ops,
+        bn_relu_conv_equals_the_unfused_ops_cpu,
+        bn_relu_conv_equals_the_unfused_ops_cuda
+    );
 
-    /// The tail equals bn_relu_train, conv2d, bn_add_relu_train bit for bit, in f32 and in the
-    /// bf16 emulation.
-    #[test]
-    fn tail_equals_the_unfused_ops_bit_for_bit() {
-        for (n, c, o, hw, seed) in [(3, 4, 8, 5, 60u64), (2, 6, 12, 7, 70)] {
+    /// The tail equals bn_relu_train, conv2d, bn_add_relu_train in a row.
+    fn tail_equals_the_unfused_ops(dev: &Device) {
+        for (n, c, o, hw, seed) in [
+            (3, 4, 8, 5, 60u64),
+            (2, 6, 12, 7, 70),
+            (4, 16, 64, 14, 1011),
+        ] {
             let xs = [
                 randn(&[n, c, hw, hw], seed),
-                randn(&[c], seed + 1),
+                scale(c, seed + 1),
                 randn(&[c], seed + 2),
                 randn(&[o, c, 1, 1], seed + 3),
-                randn(&[o], seed + 4),
+                scale(o, seed + 4),
                 randn(&[o], seed + 5),
                 randn(&[n, o, hw, hw], seed + 6),
             ];
-            assert_bit_identical(
-                &format!("tail n={n} c={c}"),
+            assert_equal_on(
+                dev,
+                &format!("tail n={n} c={c} o={o}"),
                 &xs,
                 &|t, v| {
                     let (y, s2, s3) = t.bn_relu_conv2d_bn_add_relu_train(
@@ -518,26 +579,43 @@ mod tests {
             );
         }
     }
+    test_device!(
+        tail_equals_the_unfused_ops,
+        tail_equals_the_unfused_ops_cpu,
+        tail_equals_the_unfused_ops_cuda
+    );
 
-    /// The stem's bn -> ReLU -> max pool as one op equals the two ops bit for bit (f32 and the
-    /// bf16 emulation), including the gradient routed through overlapping windows.
-    #[test]
-    fn pool_equals_bn_relu_then_max_pool_bit_for_bit() {
-        let xs = [randn(&[3, 4, 9, 8], 71), randn(&[4], 72), randn(&[4], 73)];
-        assert_bit_identical(
-            "pool",
-            &xs,
-            &|t, v| {
-                let (p, (m, var)) =
-                    t.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)?;
-                Ok(vec![p, m, var])
-            },
-            &|t, v| {
-                let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS)?;
-                Ok(vec![t.max_pool2d(&y, 3, 2, 1)?, m, var])
-            },
-        );
+    /// The stem's bn -> ReLU -> max pool as one op equals the two ops, including the gradient
+    /// routed through overlapping windows.
+    fn pool_equals_the_unfused_ops(dev: &Device) {
+        for (shape, seed) in [([3, 4, 9, 8], 71u64), ([4, 8, 18, 17], 1021)] {
+            let c = shape[1];
+            let xs = [
+                randn(&shape, seed),
+                scale(c, seed + 1),
+                randn(&[c], seed + 2),
+            ];
+            assert_equal_on(
+                dev,
+                &format!("bn_relu_max_pool2d_train {shape:?}"),
+                &xs,
+                &|t, v| {
+                    let (p, (m, var)) =
+                        t.bn_relu_max_pool2d_train(&v[0], &v[1], &v[2], 3, 2, 1, BN_EPS)?;
+                    Ok(vec![p, m, var])
+                },
+                &|t, v| {
+                    let (y, m, var) = t.bn_relu_train(&v[0], &v[1], &v[2], BN_EPS)?;
+                    Ok(vec![t.max_pool2d(&y, 3, 2, 1)?, m, var])
+                },
+            );
+        }
     }
+    test_device!(
+        pool_equals_the_unfused_ops,
+        pool_equals_the_unfused_ops_cpu,
+        pool_equals_the_unfused_ops_cuda
+    );
 
     /// Finite differences through the three ops (ReLU kinks left out as in fused.rs's checks).
     #[test]
@@ -579,26 +657,46 @@ mod tests {
         .unwrap();
     }
 
-    /// Only the weight tracked: dw alone, the BN backward skipped.
-    #[test]
-    fn frozen_bn_gives_the_weight_gradient_alone() {
-        let (x, g, b, w) = (
+    /// Only the weight tracked: dw alone (the BN backward skipped), equal to the dw of a run
+    /// with every input tracked (bit for bit on the CPU, 1e-5 of its largest value on a GPU).
+    fn frozen_bn_gives_the_weight_gradient_alone(dev: &Device) {
+        let xs = [
             randn(&[2, 3, 4, 4], 51),
-            randn(&[3], 52),
+            scale(3, 52),
             randn(&[3], 53),
             randn(&[2, 3, 1, 1], 54),
-        );
+        ];
+        let op: Op = &|t, v| {
+            Ok(vec![
+                t.bn_relu_conv2d_train(&v[0], &v[1], &v[2], &v[3], 1, 0, BN_EPS)?
+                    .0,
+            ])
+        };
+        let [_, g_all] = run(dev, Precision::F32, &xs, op);
+        let on: Vec<Tensor> = xs.iter().map(|t| t.to_device(dev).unwrap()).collect();
         let mut tape = Tape::new();
-        let wt = tape.track(&w);
+        let wt = tape.track(&on[3]);
         let (z, _) = tape
-            .bn_relu_conv2d_train(&x, &g, &b, &wt, 1, 0, BN_EPS)
+            .bn_relu_conv2d_train(&on[0], &on[1], &on[2], &wt, 1, 0, BN_EPS)
             .unwrap();
-        let grads = tape
-            .backward_from(vec![(z.clone(), randn(z.shape(), 55))])
-            .unwrap();
-        assert_eq!(grads.len(), 1);
-        assert!(grads.get(&wt).is_some());
+        let dz = randn(z.shape(), 4242).to_device(dev).unwrap();
+        let grads = tape.backward_from(vec![(z, dz)]).unwrap();
+        assert_eq!(grads.len(), 1, "only the weight's gradient");
+        let dw = grads.get(&wt).unwrap().to_vec().unwrap();
+        let tol = if *dev == Device::Cpu { 0.0 } else { 1e-5 };
+        let scale = g_all[3].iter().fold(1e-6f64, |m, &v| m.max(v.abs() as f64));
+        for (i, (&a, &b)) in dw.iter().zip(&g_all[3]).enumerate() {
+            assert!(
+                (a as f64 - b as f64).abs() <= tol * scale,
+                "dw[{i}]: {a} alone, {b} with everything tracked"
+            );
+        }
     }
+    test_device!(
+        frozen_bn_gives_the_weight_gradient_alone,
+        frozen_bn_gives_the_weight_gradient_alone_cpu,
+        frozen_bn_gives_the_weight_gradient_alone_cuda
+    );
 
     #[test]
     fn errors_name_the_op_and_the_argument() {

@@ -66,10 +66,7 @@ pub fn peak_live_bytes(device: &Device) -> Result<usize> {
             .pool_stats()
             .peak_bytes_requested),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => bail!(
-            Device,
-            "this build has no CUDA support (rebuild with --features cuda)"
-        ),
+        Device::Cuda(_) => bail!(Device, "{}", crate::device::NO_CUDA),
     }
 }
 

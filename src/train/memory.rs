@@ -296,22 +296,13 @@ pub fn available(device: &Device) -> (Option<f64>, String) {
             Some(b) => (Some(b as f64), "MemAvailable in /proc/meminfo".into()),
             None => (None, "no MemAvailable in /proc/meminfo".into()),
         },
-        #[cfg(feature = "cuda")]
-        Device::Cuda(i) => {
-            let free = crate::device::cuda::backend(*i).and_then(|be| {
-                be.context()
-                    .mem_get_info()
-                    .map_err(|e| Error::Device(format!("cuMemGetInfo: {e}")))
-            });
-            match free {
-                Ok((free, _total)) => {
-                    (Some(free as f64), format!("free on cuda:{i}, cuMemGetInfo"))
-                }
-                Err(e) => (None, e.to_string()),
-            }
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => (None, "this build has no CUDA support".into()),
+        Device::Cuda(i) => match device.gpu_free_bytes() {
+            Ok(free) => (
+                free.map(|b| b as f64),
+                format!("free on cuda:{i}, cuMemGetInfo"),
+            ),
+            Err(e) => (None, e.to_string()),
+        },
     }
 }
 

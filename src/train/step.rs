@@ -19,10 +19,9 @@ use crate::nn::resnet::BnUpdate;
 use crate::nn::{ModelConfig, Network};
 #[cfg(feature = "cuda")]
 use crate::ops::batchnorm::BN_MOMENTUM;
+use crate::ops::rows::stack_rows;
 use crate::optim::device::DeviceSlot;
 use crate::optim::lars::{Lars, LarsConfig};
-#[cfg(feature = "cuda")]
-use crate::tensor::Storage;
 use crate::tensor::{Device, Tensor};
 
 /// LARS as SPEC.md fixes it: momentum 0.9, trust coefficient 0.001.
@@ -84,24 +83,15 @@ pub struct PhaseTimes {
     pub step_ms: f64,
 }
 
-/// Whether GPU steps wait for the device at the end of every phase so that [`PhaseTimes`]
-/// holds each phase's GPU time: the run option `phase_sync` (carp-bench's default). Off (the
+/// Milliseconds of a phase on `device`. With the run option `phase_sync` (carp-bench's
+/// default) a GPU phase is waited for first, so that [`PhaseTimes`] holds each phase's GPU time
+/// (the launches are asynchronous, so the clock alone measures only the queuing). Off (the
 /// training default), a GPU step only queues work and waits once at its end; its per-phase
 /// times are then the host's queuing times, and `step_ms` the step's GPU time.
-#[cfg(feature = "cuda")]
-fn phase_sync() -> bool {
-    crate::options::current().phase_sync.on()
-}
-
-/// Milliseconds of a phase on `device`: with the `phase_sync` option a GPU phase is waited for first
-/// (the launches are asynchronous, so the clock alone measures only the queuing); without, the
-/// queuing time (no wait: the CPU runs ahead of the GPU).
 fn phase_ms(device: &Device, t: &mut Instant) -> Result<f64> {
-    #[cfg(feature = "cuda")]
-    if let (Device::Cuda(i), true) = (device, phase_sync()) {
-        crate::device::cuda::backend(*i)?.synchronize()?;
+    if crate::options::current().phase_sync.on() {
+        device.synchronize()?;
     }
-    let _ = device;
     Ok(ms_since(t))
 }
 
@@ -114,90 +104,6 @@ fn check_loss(step: usize, loss: f32, consistency: f32, entropy: f32) -> Result<
         );
     }
     Ok(())
-}
-
-/// view1 and view2 (N, ...) stacked into one (2N, ...) batch on their device.
-fn concat_batch(view1: &Tensor, view2: &Tensor) -> Result<Tensor> {
-    stack_rows(view1, view2)
-}
-
-/// `a` (Ra, ...) then `b` (Rb, ...) as one (Ra + Rb, ...) tensor on their device (the trailing
-/// dimensions must agree; checked by the callers).
-fn stack_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let mut shape = a.shape().to_vec();
-    shape[0] += b.dim(0);
-    #[cfg(feature = "cuda")]
-    if let (Storage::Cuda(ca), Storage::Cuda(_)) = (a.storage(), b.storage()) {
-        let be = &ca.backend;
-        // One format for both (bf16 features of a bf16 step; mixed types: f32, exact). The rows
-        // are the outermost dimension in NCHW and NHWC alike, so the bytes just follow.
-        let (dt, layout) = if a.dtype() == b.dtype() {
-            (a.dtype(), a.layout())
-        } else {
-            (crate::tensor::DType::F32, crate::tensor::Layout::Nchw)
-        };
-        let (a, b) = (a.to_format(dt, layout)?, b.to_format(dt, layout)?);
-        let (bytes_a, bytes_b) = (a.numel() * dt.size(), b.numel() * dt.size());
-        let mut both = be.alloc_dt(dt, a.numel() + b.numel())?.with_layout(layout);
-        be.copy_dtod_range(&a.cuda()?.buf, 0, &mut both, 0, bytes_a)?;
-        be.copy_dtod_range(&b.cuda()?.buf, 0, &mut both, bytes_a, bytes_b)?;
-        return Tensor::from_cuda(both, be.clone(), &shape);
-    }
-    let mut both = a.to_vec()?;
-    both.extend_from_slice(&b.to_vec()?);
-    Tensor::from_vec(both, &shape)
-}
-
-/// `t` (R, D) split into its first `r` rows (r, D) and the rest (R - r, D), on its device.
-fn split_rows(t: &Tensor, r: usize) -> Result<(Tensor, Tensor)> {
-    let rows = t.dim(0);
-    let width = t.numel() / rows.max(1);
-    let mut head_shape = t.shape().to_vec();
-    head_shape[0] = r;
-    let mut tail_shape = t.shape().to_vec();
-    tail_shape[0] = rows - r;
-    #[cfg(feature = "cuda")]
-    if let Storage::Cuda(c) = t.storage() {
-        let be = &c.backend;
-        let (na, nb) = (r * width, (rows - r) * width);
-        let dt = c.buf.dtype();
-        let es = dt.size();
-        let mut a = be.alloc_dt(dt, na)?.with_layout(c.buf.layout());
-        let mut b = be.alloc_dt(dt, nb)?.with_layout(c.buf.layout());
-        be.copy_dtod_range(&c.buf, 0, &mut a, 0, na * es)?;
-        be.copy_dtod_range(&c.buf, na * es, &mut b, 0, nb * es)?;
-        return Ok((
-            Tensor::from_cuda(a, be.clone(), &head_shape)?,
-            Tensor::from_cuda(b, be.clone(), &tail_shape)?,
-        ));
-    }
-    let mut v = t.to_vec()?;
-    let tail = v.split_off(r * width);
-    Ok((
-        Tensor::from_vec(v, &head_shape)?,
-        Tensor::from_vec(tail, &tail_shape)?,
-    ))
-}
-
-/// Row concatenation on the tape: `a` (Ra, D) and `b` (Rb, D) -> (Ra + Rb, D); the gradient
-/// splits back by rows. Joins the global and local views' features before the head (the head's
-/// BN then takes its statistics over every crop, as DINO's multi-crop wrapper does).
-fn concat_rows(tape: &mut Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.rank() != b.rank() || a.shape()[1..] != b.shape()[1..] {
-        bail!(
-            Shape,
-            "concat_rows: {:?} and {:?} differ beyond the first dimension",
-            a.shape(),
-            b.shape()
-        );
-    }
-    let out = stack_rows(a, b)?;
-    let ra = a.dim(0);
-    tape.record("concat_rows", &out, &[a, b], move |dout| {
-        let (da, db) = split_rows(dout, ra)?;
-        Ok(vec![Some(da), Some(db)])
-    });
-    Ok(out)
 }
 
 /// BN updates with their batch statistics on the host (where the running statistics live).
@@ -337,8 +243,7 @@ impl CarpState {
         };
         #[cfg(feature = "cuda")]
         if let Some(ds) = &self.device.state {
-            let flat = if teacher { &ds.teacher } else { &ds.student };
-            return net.params.leaves_from_device(tape, &ds.be, flat);
+            return ds.leaves(&net.params, teacher, tape);
         }
         net.params.leaves_on(tape, device)
     }
@@ -417,7 +322,7 @@ impl CarpState {
         let vs = 2 + n_local; // student views
                               // Both views go through each network as one batch of 2N: BN statistics are taken over
                               // both views, as the reference (DINO's multi-crop wrapper) does.
-        let x = concat_batch(view1, view2)?; // (2N, 3, S, S)
+        let x = stack_rows(view1, view2)?; // (2N, 3, S, S)
 
         let mut phases = PhaseTimes::default();
         let mut clock = Instant::now();
@@ -538,7 +443,7 @@ impl CarpState {
         let fl = net
             .backbone
             .forward(tape, leaves, &net.buffers, xl, true, &mut bn_updates)?; // (L N, D)
-        let features = concat_rows(tape, &fg, &fl)?; // ((2 + L) N, D)
+        let features = tape.concat_rows(&fg, &fl)?; // ((2 + L) N, D)
         let (embedding, logits) =
             net.head
                 .forward(tape, leaves, &net.buffers, &features, true, &mut bn_updates)?;
@@ -738,9 +643,7 @@ impl CarpState {
         {
             let _r = nvtx::Range::new("backward");
             let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
-            self.student
-                .params
-                .gather_grads_device(&ds.be, &leaves, &grads, &mut ds.grad)?;
+            ds.gather_grads(&self.student.params, &leaves, &grads)?;
             drop(leaves);
             // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2), and the
             // device verdict the updates below read.

@@ -63,10 +63,7 @@ pub struct TrainReport {
 /// library is reported before any work starts.
 pub fn resolve_device(spec: &str) -> Result<Device> {
     let device = Device::parse(spec)?;
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(i) = device {
-        crate::device::cuda::backend(i)?;
-    }
+    device.open()?;
     Ok(device)
 }
 

@@ -6,9 +6,10 @@
 //! crops, a quarter of the bytes cross the bus (u8 instead of f32), and the colour work runs on
 //! the GPU. `--view-finish cpu` selects the CPU finish on a CUDA device (A/B and fallback).
 
-use crate::data::augment::{ColorParams, ViewConfig};
+use crate::data::augment::ViewConfig;
 use crate::data::loader::{CropBatch, TwoViewBatch, TwoViewLoader};
 use crate::error::{Error, Result};
+pub use crate::ops::augment::finish_crops;
 use crate::tensor::{Device, Tensor};
 
 /// Whether views are finished on `device` by the GPU kernels: a CUDA device, unless the run
@@ -25,68 +26,6 @@ pub fn finish_path(device: &Device) -> &'static str {
         "gpu (kernels/augment.cu)"
     } else {
         "cpu (loader threads)"
-    }
-}
-
-/// Finishes `b` crops of side `s` — (B, S, S, 3) u8, one `ColorParams` each — into a
-/// normalized (B, 3, S, S) tensor on `device`: on the CPU with `finish_view`, on CUDA with the
-/// kernels (whatever `--view-finish` says: callers choose the path with `gpu_aug`).
-pub fn finish_crops(
-    crops: &[u8],
-    params: &[ColorParams],
-    b: usize,
-    s: usize,
-    cfg: &ViewConfig,
-    device: &Device,
-) -> Result<Tensor> {
-    if crops.len() != b * s * s * 3 || params.len() != b {
-        return Err(Error::Shape(format!(
-            "finishing views: {} crop bytes and {} parameter sets for {b} crops of {s}x{s}x3 \
-             (expected {} and {b})",
-            crops.len(),
-            params.len(),
-            b * s * s * 3
-        )));
-    }
-    match device {
-        Device::Cpu => {
-            use rayon::prelude::*;
-            let per = 3 * s * s;
-            let mut out = vec![0f32; b * per]; // (B, 3, S, S)
-            if per > 0 {
-                out.par_chunks_mut(per)
-                    .zip(crops.par_chunks(s * s * 3))
-                    .zip(params.par_iter())
-                    .for_each(|((o, c), p)| {
-                        crate::data::augment::finish(
-                            c,
-                            p,
-                            s,
-                            &cfg.mean,
-                            &cfg.std,
-                            cfg.solarize_threshold,
-                            o,
-                        )
-                    });
-            }
-            Tensor::from_vec(out, &[b, 3, s, s])
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(i) => {
-            let be = crate::device::cuda::backend(*i)?;
-            let buf = be.finish_views(
-                crops,
-                params,
-                b,
-                s,
-                &crate::data::augment::AugNorm::new(cfg),
-            )?;
-            Tensor::from_cuda(buf, be, &[b, 3, s, s])
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::Device(
-            "finishing views on CUDA needs a build with `--features cuda`".into(),
-        )),
     }
 }
 
@@ -214,7 +153,7 @@ pub fn epoch_batches<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::augment::finish_view;
+    use crate::data::augment::{finish_view, ColorParams};
     use rand::{Rng, SeedableRng};
 
     fn random_params(rng: &mut impl Rng) -> ColorParams {
