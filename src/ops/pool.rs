@@ -480,6 +480,7 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Device;
     use crate::testutil::{check_grad, randn, randn_vec, rng};
     use rand::seq::SliceRandom;
 
@@ -574,43 +575,63 @@ mod tests {
         assert_eq!(y.shape(), &[2, 3, 5, 4]);
     }
 
-    #[test]
-    fn max_pool_backward_matches_naive_scatter() {
-        for (t, s) in pool_cases().iter().enumerate() {
-            let x = randn_vec(s.x_len(), 60 + t as u64);
+    /// max_pool2d through the tape on `dev` against the naive pool: the forward exactly, dx as
+    /// dy scattered to each window's first maximum (1e-6; overlapping windows add up), on the
+    /// shapes of `pool_cases` and on ties: equal values in a window route the gradient to the
+    /// first in row-major order, as PyTorch, padding never wins.
+    fn max_pool_matches_naive_on(dev: &Device) {
+        let run = |x: &[f32], dy: &[f32], s: &Pool2dShape| {
+            let mut tape = Tape::new();
+            let x = Tensor::from_vec(x.to_vec(), &[s.n, s.c, s.h, s.w]).unwrap();
+            let xt = tape.track(&x.to_device(dev).unwrap());
+            let y = tape.max_pool2d(&xt, s.kernel, s.stride, s.padding).unwrap();
+            assert_eq!(y.device(), *dev);
+            let dyt = Tensor::from_vec(dy.to_vec(), y.shape()).unwrap();
+            let g = tape.backward_from(vec![(y.clone(), dyt)]).unwrap();
+            (y.to_vec().unwrap(), g.get(&xt).unwrap().to_vec().unwrap())
+        };
+        let mut cases: Vec<(Pool2dShape, Vec<f32>)> = pool_cases()
+            .into_iter()
+            .enumerate()
+            .map(|(t, s)| (s, randn_vec(s.x_len(), 60 + t as u64)))
+            .collect();
+        // Ties: a 2x4 plane of equal values but a -1 in 2x2/2 windows; a constant plane in
+        // padded, overlapping 3x3/1 windows.
+        let tie = [5.0, 5.0, -1.0, 5.0, 5.0, 5.0, 5.0, 5.0];
+        cases.push((pshape(1, 1, 2, 4, 2, 2, 0), tie.to_vec()));
+        cases.push((pshape(1, 1, 2, 2, 3, 1, 1), vec![1.0; 4]));
+        for (t, (s, x)) in cases.iter().enumerate() {
             let dy = randn_vec(s.y_len(), 70 + t as u64);
-            let (_, arg) = naive_max_pool(&x, s);
+            let (want_y, arg) = naive_max_pool(x, s);
             let mut want = vec![0.0f32; s.x_len()];
             for (&i, &g) in arg.iter().zip(&dy) {
                 want[i] += g;
             }
-            let mut dx = vec![f32::NAN; s.x_len()];
-            max_pool2d_backward_cpu(&x, &dy, s, &mut dx);
+            let (y, dx) = run(x, &dy, s);
+            assert_eq!(y, want_y, "{s:?} on {dev}");
             for (i, (&a, &b)) in dx.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                    "{s:?} dx[{i}] = {a}, want {b}"
+                    "{s:?} on {dev}: dx[{i}] = {a}, want {b}"
                 );
             }
         }
     }
+    crate::test_device!(
+        max_pool_matches_naive_on,
+        max_pool_matches_naive_cpu,
+        max_pool_matches_naive_cuda
+    );
 
+    /// The CPU kernel on its own: every output written (NaN-filled first), the first maximum
+    /// on ties.
     #[test]
-    fn max_pool_ties_route_to_the_first_max() {
-        // One 2x4 plane of equal values except a -1; 2x2/2 windows: each window's gradient must
-        // land on its top-left element (the first in row-major order), as PyTorch.
+    fn max_pool_cpu_kernel_writes_every_gradient_and_takes_the_first_max() {
         let s = pshape(1, 1, 2, 4, 2, 2, 0);
         let x = [5.0, 5.0, -1.0, 5.0, 5.0, 5.0, 5.0, 5.0];
-        let dy = [1.0, 2.0];
-        let mut dx = [0.0f32; 8];
-        max_pool2d_backward_cpu(&x, &dy, &s, &mut dx);
+        let mut dx = [f32::NAN; 8];
+        max_pool2d_backward_cpu(&x, &[1.0, 2.0], &s, &mut dx);
         assert_eq!(dx, [1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
-        // Overlapping 3x3/1 windows on a constant plane with padding: every window's first real
-        // pixel gets its gradient.
-        let s = pshape(1, 1, 2, 2, 3, 1, 1);
-        let mut dx = [0.0f32; 4];
-        max_pool2d_backward_cpu(&[1.0; 4], &[1.0; 4], &s, &mut dx);
-        assert_eq!(dx, [4.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]
