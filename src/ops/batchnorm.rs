@@ -654,32 +654,30 @@ pub(crate) fn bn_backward(
             let mut dgamma = vec![0.0; d.c];
             let mut dbeta = vec![0.0; d.c];
             let (xv, dyv, g) = (x.cpu()?, dy.cpu()?, gamma.cpu()?);
-            match (y, training) {
-                (None, true) => batch_norm_train_backward_cpu(
-                    xv,
-                    dyv,
-                    g,
-                    mean,
-                    var,
-                    d,
-                    *eps,
-                    &mut dx,
-                    &mut dgamma,
-                    &mut dbeta,
-                )?,
-                (None, false) => batch_norm_eval_backward_cpu(
-                    xv,
-                    dyv,
-                    g,
-                    mean,
-                    var,
-                    d,
-                    *eps,
-                    &mut dx,
-                    &mut dgamma,
-                    &mut dbeta,
-                )?,
-                (Some(y), _) => bn_act_backward_cpu(
+            match y {
+                None => {
+                    // The names of the two public kernels, which this one is.
+                    let name = if training {
+                        "batch_norm_train_backward_cpu"
+                    } else {
+                        "batch_norm_eval_backward_cpu"
+                    };
+                    batch_norm_backward(
+                        name,
+                        training,
+                        xv,
+                        dyv,
+                        g,
+                        mean,
+                        var,
+                        d,
+                        *eps,
+                        &mut dx,
+                        &mut dgamma,
+                        &mut dbeta,
+                    )?
+                }
+                Some(y) => bn_act_backward_cpu(
                     training,
                     xv,
                     y.cpu()?,

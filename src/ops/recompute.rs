@@ -37,13 +37,13 @@ const OP: &str = "bn_relu_conv2d_train";
 const TAIL: &str = "bn_relu_conv2d_bn_add_relu_train";
 const POOL: &str = "bn_relu_max_pool2d_train";
 
-/// `t`'s values as bf16 storage holds them, where the unfused ops' bf16 outputs round (the
-/// `bf16_mid` points): a CPU tensor (the emulation's f32 storage) is rounded; a GPU activation
-/// in bf16 mode is bf16 storage already.
-fn bf16_values(t: Tensor) -> Result<Tensor> {
-    match t.dtype() {
-        DType::Bf16 => Ok(t),
-        DType::F32 => t.round_bf16(),
+/// `t` at one of the unfused ops' bf16 rounding points: with `bf16_mid` (the bf16 mode), its
+/// values as bf16 storage holds them (a CPU tensor, the emulation's f32 storage, is rounded; a
+/// GPU activation in bf16 mode is bf16 storage already); otherwise `t` as it is.
+fn at_bf16_point(t: Tensor, bf16_mid: bool) -> Result<Tensor> {
+    match (bf16_mid, t.dtype()) {
+        (false, _) | (true, DType::Bf16) => Ok(t),
+        (true, DType::F32) => t.round_bf16(),
     }
 }
 
@@ -95,18 +95,14 @@ impl BnRelu {
     fn output(&self) -> Result<BnReluOut> {
         let (x, g, b) = (&self.x, &self.gamma, &self.beta);
         let y = bn_apply(self.op, Act::Relu, x, None, g, b, &self.stats, self.d)?;
-        let input = if self.bf16_mid {
-            bf16_values(y.clone())?
-        } else {
-            y.clone()
-        };
+        let input = at_bf16_point(y.clone(), self.bf16_mid)?;
         Ok(BnReluOut { y, input })
     }
 
     /// [dx, dgamma, dbeta] from the gradient `dy` of the output (rounded to bf16 first in bf16
     /// mode, as the unfused op's bf16 output node rounds it).
     fn backward(&self, out: &BnReluOut, dy: Tensor) -> Result<Vec<Option<Tensor>>> {
-        let dy = if self.bf16_mid { bf16_values(dy)? } else { dy };
+        let dy = at_bf16_point(dy, self.bf16_mid)?;
         let (op, x, g) = (self.op, &self.x, &self.gamma);
         let grads = bn_backward(
             op,
@@ -313,7 +309,7 @@ impl Tape {
         let seg_in = [x, gamma2, beta2, w];
         let (seg, x3, s2) = BnReluConv::forward(TAIL, seg_in, d2, s, eps, bf16_mid)?;
         // The convolution's output (N, O, H, W), rounded where the unfused conv's bf16 output is.
-        let x3 = if bf16_mid { bf16_values(x3)? } else { x3 };
+        let x3 = at_bf16_point(x3, bf16_mid)?;
         let (stats3, s3) = bn_batch_stats(TAIL, &x3, d3, eps)?;
         let y = bn_apply(
             TAIL,
@@ -334,7 +330,7 @@ impl Tape {
             // The forward's bn2 output and convolution output, again.
             let y2 = seg.bn.output()?;
             let x3 = seg.conv_output(&y2)?;
-            let x3 = if bf16_mid { bf16_values(x3)? } else { x3 };
+            let x3 = at_bf16_point(x3, bf16_mid)?;
             let g3 = bn_backward(
                 TAIL,
                 Act::Relu,
@@ -348,7 +344,7 @@ impl Tape {
                 true,
             )?;
             drop(x3);
-            let dx3 = if bf16_mid { bf16_values(g3.dx)? } else { g3.dx };
+            let dx3 = at_bf16_point(g3.dx, bf16_mid)?;
             let mut grads = seg.backward(&y2, &dx3, need_dw, need_bn2)?;
             grads.extend([Some(g3.dgamma), Some(g3.dbeta), g3.dresidual]);
             Ok(grads)
@@ -474,16 +470,7 @@ mod tests {
             };
             for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
                 assert!(p.iter().any(|&v| v != 0.0), "{what}: gradient {i} is zero");
-                let scale = q.iter().fold(1e-6f64, |m, &v| m.max(v.abs() as f64));
-                let worst = p
-                    .iter()
-                    .zip(q)
-                    .map(|(&a, &b)| (a as f64 - b as f64).abs())
-                    .fold(0.0f64, f64::max);
-                assert!(
-                    worst <= tol * scale,
-                    "{what}: gradient {i} differs by {worst:e} (largest value {scale:e})"
-                );
+                assert_within(&format!("{what}: gradient {i}"), p, q, tol);
             }
         }
         crate::options::update(|o| o.bf16_layout = Bf16Layout::Nhwc);
@@ -491,6 +478,28 @@ mod tests {
             run(dev, Precision::F32, xs, one_op)[0][0],
             run(dev, Precision::Bf16, xs, one_op)[0][0],
             "{what} on {dev}: bf16 equals f32"
+        );
+    }
+
+    /// |got - want| <= tol * max |want| everywhere (tol 0: bit for bit; a NaN fails), naming the
+    /// worst element.
+    fn assert_within(what: &str, got: &[f32], want: &[f32], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(1e-6f64, |m, &v| m.max(v.abs() as f64));
+        let (at, worst) = got
+            .iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .enumerate()
+            .fold(
+                (0, 0.0f64),
+                |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m },
+            );
+        assert!(
+            worst <= tol * scale,
+            "{what}: element {at} is {} against {}, off by {worst:e} (largest value {scale:e})",
+            got[at],
+            want[at]
         );
     }
 
@@ -684,13 +693,7 @@ mod tests {
         assert_eq!(grads.len(), 1, "only the weight's gradient");
         let dw = grads.get(&wt).unwrap().to_vec().unwrap();
         let tol = if *dev == Device::Cpu { 0.0 } else { 1e-5 };
-        let scale = g_all[3].iter().fold(1e-6f64, |m, &v| m.max(v.abs() as f64));
-        for (i, (&a, &b)) in dw.iter().zip(&g_all[3]).enumerate() {
-            assert!(
-                (a as f64 - b as f64).abs() <= tol * scale,
-                "dw[{i}]: {a} alone, {b} with everything tracked"
-            );
-        }
+        assert_within("dw alone vs with everything tracked", &dw, &g_all[3], tol);
     }
     test_device!(
         frozen_bn_gives_the_weight_gradient_alone,
