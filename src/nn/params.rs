@@ -147,17 +147,20 @@ impl ParamStore {
     /// use the device-resident state instead (`optim::device`); this stays for evaluation and
     /// the `--optimizer-state host` path.
     pub fn leaves_on(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
-        let entries: Vec<(usize, &[usize])> = self
-            .entries
-            .iter()
-            .map(|e| (e.offset, &e.shape[..]))
-            .collect();
-        let tensors = crate::ops::flat::split_flat(&self.data, &entries, device)?;
+        let tensors = crate::ops::flat::split_flat(&self.data, &self.flat_entries(), device)?;
         Ok(ParamLeaves(tensors.iter().map(|t| tape.track(t)).collect()))
     }
 
-    /// This step's gradient of each leaf (`None` where an entry got none), checked against the
-    /// entry's shape, with the entry's offset in the flat store.
+    /// (offset, shape) of every entry in the flat store, in order.
+    pub fn flat_entries(&self) -> Vec<(usize, &[usize])> {
+        self.entries
+            .iter()
+            .map(|e| (e.offset, &e.shape[..]))
+            .collect()
+    }
+
+    /// This step's gradients of the leaves, each with its entry's offset in the flat store and
+    /// checked against the entry's shape; entries without a gradient are left out.
     pub fn leaf_grads<'g>(
         &self,
         leaves: &ParamLeaves,

@@ -15,16 +15,7 @@ pub fn split_flat(
     entries: &[(usize, &[usize])],
     device: &Device,
 ) -> Result<Vec<Tensor>> {
-    for &(offset, shape) in entries {
-        let len: usize = shape.iter().product();
-        if offset + len > flat.len() {
-            bail!(
-                Shape,
-                "split_flat: entry {shape:?} at offset {offset} past the {}-value buffer",
-                flat.len()
-            );
-        }
-    }
+    check_entries(entries, flat.len())?;
     match Backend::on(device)? {
         Backend::Cpu => entries
             .iter()
@@ -36,14 +27,7 @@ pub fn split_flat(
         #[cfg(feature = "cuda")]
         Backend::Cuda(be) => {
             let dflat = be.upload_f32(flat)?; // (numel,)
-            let mut out = Vec::with_capacity(entries.len());
-            for &(offset, shape) in entries {
-                let len: usize = shape.iter().product();
-                let mut buf = be.alloc_f32(len)?; // shape
-                be.copy_dtod_range(&dflat, offset * 4, &mut buf, 0, len * 4)?;
-                out.push(Tensor::from_cuda(buf, be.clone(), shape)?);
-            }
-            Ok(out)
+            split_flat_gpu(&be, &dflat, entries)
         }
     }
 }
@@ -80,6 +64,27 @@ pub fn add_flat_into(parts: &[(usize, &Tensor)], acc: &mut [f32]) -> Result<()> 
     Ok(())
 }
 
+/// One tensor per entry `(offset, shape)` of the flat f32 device buffer `dflat`: one
+/// stream-ordered device copy each (copies, not views: the owner may rewrite `dflat` in place
+/// while a tensor is alive). Nothing waits for the device. Shared with the device-resident
+/// training state's leaves (`optim::device`).
+#[cfg(feature = "cuda")]
+pub(crate) fn split_flat_gpu(
+    be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
+    dflat: &crate::device::cuda::DeviceBuffer,
+    entries: &[(usize, &[usize])],
+) -> Result<Vec<Tensor>> {
+    check_entries(entries, dflat.len32())?;
+    let mut out = Vec::with_capacity(entries.len());
+    for &(offset, shape) in entries {
+        let len: usize = shape.iter().product();
+        let mut buf = be.alloc_f32(len)?; // shape
+        be.copy_dtod_range(dflat, offset * 4, &mut buf, 0, len * 4)?;
+        out.push(Tensor::from_cuda(buf, be.clone(), shape)?);
+    }
+    Ok(out)
+}
+
 /// The tensors of `parts` `(offset, g)` into the flat f32 device buffer `dflat` at their
 /// offsets, zeros elsewhere: a fill, then one stream-ordered device copy per part (a CPU
 /// tensor among them is uploaded into its range). Nothing waits for the device. Shared with
@@ -104,6 +109,19 @@ pub(crate) fn gather_flat_gpu(
                 let up = be.upload_f32(v)?;
                 be.copy_dtod_range(&up, 0, dflat, offset * 4, bytes)?
             }
+        }
+    }
+    Ok(())
+}
+
+/// An error unless every entry `(offset, shape)` lies inside a flat buffer of `len`.
+fn check_entries(entries: &[(usize, &[usize])], len: usize) -> Result<()> {
+    for &(offset, shape) in entries {
+        if offset + shape.iter().product::<usize>() > len {
+            bail!(
+                Shape,
+                "split_flat: entry {shape:?} at offset {offset} past the {len}-value buffer"
+            );
         }
     }
     Ok(())

@@ -64,7 +64,7 @@ mod gpu {
     use crate::bail;
     use crate::device::cuda::{CudaBackend, DeviceBuffer, LarsPlan};
     use crate::error::Result;
-    use crate::nn::params::{ParamId, ParamLeaves, ParamStore};
+    use crate::nn::params::{ParamLeaves, ParamStore};
     use crate::nn::resnet::BnUpdate;
     use crate::optim::lars::LarsConfig;
     use crate::tensor::{Device, Storage, Tensor};
@@ -189,15 +189,9 @@ mod gpu {
             } else {
                 &self.student
             };
-            let mut tensors = Vec::with_capacity(params.len());
-            for i in 0..params.len() {
-                let e = params.entry(ParamId(i));
-                let mut buf = self.be.alloc_f32(e.len())?; // e.shape
-                self.be
-                    .copy_dtod_range(flat, e.offset * 4, &mut buf, 0, e.len() * 4)?;
-                let t = Tensor::from_cuda(buf, self.be.clone(), &e.shape)?;
-                tensors.push(tape.track(&t));
-            }
+            let entries = params.flat_entries();
+            let tensors = crate::ops::flat::split_flat_gpu(&self.be, flat, &entries)?;
+            let tensors = tensors.iter().map(|t| tape.track(t)).collect();
             Ok(ParamLeaves(tensors))
         }
 
