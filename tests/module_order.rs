@@ -7,7 +7,9 @@
 //! (a unit test may reach up for its fixtures).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+
+mod common;
+use common::{rust_files, src_dir, src_relative};
 
 /// Lowest first. Modules in one layer do not use each other.
 const LAYERS: &[&[&str]] = &[
@@ -29,10 +31,6 @@ const LAYERS: &[&[&str]] = &[
 
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
-}
-
-fn src_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
 /// The `pub mod X;` / `mod X;` declarations of src/lib.rs.
@@ -172,17 +170,6 @@ fn crate_paths(src: &str) -> Vec<String> {
     found
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).expect("read src/") {
-        let p = e.expect("dir entry").path();
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
-
 /// module -> used module -> the files that use it.
 fn module_uses() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     let modules = top_modules();
@@ -191,11 +178,7 @@ fn module_uses() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     rust_files(&src, &mut files);
     let mut uses: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for f in files {
-        let rel = f
-            .strip_prefix(&src)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+        let rel = src_relative(&f);
         let first = rel.split('/').next().unwrap().trim_end_matches(".rs");
         if first == "bin" || first == "lib" || first == "main" {
             continue;

@@ -3,8 +3,11 @@
 //! says so; the legacy `CARP_*` variables still work, lose to a flag, and refuse unknown values.
 //! And the engine reads no other switch from the environment.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
+
+mod common;
+use common::{rust_files, src_dir, src_relative};
 
 use carp::train::checkpoint;
 use carp::train::config::TrainConfig;
@@ -222,25 +225,13 @@ fn the_benchmark_reports_the_options_it_ran_with() {
     assert_eq!(last_json(&out)["run_options"]["phase_sync"], "off");
 }
 
-/// Every file under `dir` ending in `.rs`.
-fn rust_files(dir: &Path, into: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            rust_files(&p, into);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            into.push(p);
-        }
-    }
-}
-
 /// What the engine computes is chosen by recorded run options, never by a variable read deep
 /// in the code: only `options.rs` (the legacy fallback, read once by the CLIs), the binaries,
 /// the embedded data's cache directory, the test helpers' debug output and an ignored timing
 /// harness read the environment.
 #[test]
 fn the_library_reads_no_other_switch_from_the_environment() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = src_dir();
     let allowed = [
         "options.rs",
         "data/embedded.rs",
@@ -253,11 +244,7 @@ fn the_library_reads_no_other_switch_from_the_environment() {
     assert!(files.len() > 20, "found only {} files", files.len());
     let mut offenders = Vec::new();
     for f in files {
-        let rel = f
-            .strip_prefix(&src)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+        let rel = src_relative(&f);
         if rel.starts_with("bin/") || allowed.contains(&rel.as_str()) {
             continue;
         }
