@@ -618,6 +618,61 @@ fn each_colour_operation_matches_its_formula() {
     );
 }
 
+/// The vectorized hue rotation and the contrast mean against Python's colorsys and a plain
+/// f64 mean on inputs that reach every branch: random pixels, u8 levels (ties between
+/// channels pick torchvision's red-green-blue order), grays, pure and half colours on the
+/// sextant boundaries, factors across the jitter's range, at its ends, beyond one turn and
+/// negative, and a length that is not a multiple of the vector width.
+#[test]
+fn hue_and_contrast_match_f64_on_every_branch() {
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let mut px: Vec<[f64; 3]> = (0..997)
+        .map(|_| [rng.gen(), rng.gen(), rng.gen()])
+        .collect();
+    px.extend((0..500).map(|_| [0, 1, 2].map(|_| rng.gen_range(0..4u8) as f64 * 85.0 / 255.0)));
+    for v in [0.0, 0.25, 1.0] {
+        px.push([v, v, v]);
+    }
+    for c in [
+        [1.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0],
+        [0.0, 1.0, 0.5],
+        [0.5, 0.0, 1.0],
+        [1.0, 0.0, 1.0],
+    ] {
+        px.push(c);
+    }
+    let n = px.len();
+    let planar64: Vec<f64> = (0..3).flat_map(|c| px.iter().map(move |p| p[c])).collect();
+    let planar32: Vec<f32> = planar64.iter().map(|&v| v as f32).collect();
+    let planar64: Vec<f64> = planar32.iter().map(|&v| v as f64).collect();
+    for f in [
+        0.0f32,
+        0.1,
+        -0.1,
+        0.5,
+        -0.5,
+        1.0 / 6.0,
+        -1.0 / 3.0,
+        0.999,
+        1.25,
+        -2.7,
+    ] {
+        let mut x = planar32.clone();
+        adjust_hue(&mut x, n, f);
+        let mut d = planar64.clone();
+        ref_op(&mut d, n, 3, f as f64);
+        close(&x, &d, 2e-5, &format!("hue {f}"));
+    }
+    for f in [0.6f32, 1.4] {
+        let mut x = planar32.clone();
+        adjust_contrast(&mut x, n, f);
+        let mut d = planar64.clone();
+        ref_op(&mut d, n, 1, f as f64);
+        close(&x, &d, 2e-6, &format!("contrast {f}"));
+    }
+}
+
 #[test]
 fn blur_matches_a_direct_2d_convolution() {
     let (h, w) = (9, 12);

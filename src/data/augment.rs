@@ -581,88 +581,45 @@ pub fn gray(r: f32, g: f32, b: f32) -> f32 {
     0.299 * r + 0.587 * g + 0.114 * b
 }
 
-/// `x.rem_euclid(1.0)` for x in [-1, 2), without the libm `fmodf` call: fmod is exact, so
-/// for |x| < 1 it is x, and for x in [1, 2) it is x - 1 (exact by Sterbenz's lemma).
+/// The hue rotation of one pixel in [0, 1]: torchvision's `_rgb2hsv`, `(h + f) % 1` and
+/// `_hsv2rgb`, with the hue in sextants (H = 6 h) and `shift` = 6 (f mod 1), in [0, 6].
+///
+/// The same function in fewer operations: one division instead of five and no selection by
+/// sextant. With v = max, c = max - min and s = c / v, `_hsv2rgb`'s p = v (1 - s) = min,
+/// q = v - c f and t = min + c f, and the channel that sextant i assigns is, for n = 5, 3, 1
+/// (red, green, blue), v - c clamp(min(k, 4 - k), 0, 1) with k = (H + n) mod 6 (sextant 0:
+/// red k in [5, 6) gives v, green k in [3, 4) gives min + c H = t, blue k in [1, 2) gives
+/// min = p; the others likewise). That form is continuous in H, so a rounding across a
+/// sextant boundary moves the colour by a rounding, not a sextant. It differs from
+/// torchvision's expression order by a few f32 roundings (the tests compare it with
+/// Python's colorsys in f64). Written with selects, not branches, so the loop vectorizes.
 #[inline(always)]
-fn wrap01(x: f32) -> f32 {
-    if x < 0.0 {
-        x + 1.0
-    } else if x >= 1.0 {
-        x - 1.0
-    } else {
-        x
-    }
-}
-
-/// torchvision `_rgb2hsv` for one pixel in [0, 1].
-/// (Written with selects rather than branches so that `adjust_hue`'s loop vectorizes.)
-#[inline(always)]
-pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
-    let maxc = r.max(g).max(b);
-    let minc = r.min(g).min(b);
-    let eqc = maxc == minc;
-    let cr = maxc - minc;
-    let s = cr / if eqc { 1.0 } else { maxc };
-    let crd = if eqc { 1.0 } else { cr };
-    let rc = (maxc - r) / crd;
-    let gc = (maxc - g) / crd;
-    let bc = (maxc - b) / crd;
-    let hr = bc - gc;
-    let hg = 2.0 + rc - bc;
-    let hb = 4.0 + gc - rc;
+fn rotate_hue(r: f32, g: f32, b: f32, shift: f32) -> (f32, f32, f32) {
+    let maxc = if r > g { r } else { g };
+    let maxc = if maxc > b { maxc } else { b };
+    let minc = if r < g { r } else { g };
+    let minc = if minc < b { minc } else { b };
+    let c = maxc - minc;
+    let inv = 1.0 / if c == 0.0 { 1.0 } else { c };
+    // torchvision's choice: red's formula where red is the maximum, then green's, then blue's.
     let h = if maxc == r {
-        hr
+        (g - b) * inv
     } else if maxc == g {
-        hg
+        2.0 + (b - r) * inv
     } else {
-        hb
+        4.0 + (r - g) * inv
     };
-    // h / 6 + 1 lies in [5/6, 11/6]
-    let h = wrap01(h / 6.0 + 1.0);
-    (h, s, maxc)
-}
-
-/// torchvision `_hsv2rgb` for one pixel (h in [0, 1)).
-#[inline(always)]
-pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
-    // floor(h * 6) for h >= 0 (the truncating cast; negative h, which callers never pass,
-    // is folded in by the rem_euclid below).
-    let h6 = h * 6.0;
-    let fl = h6 as i32 as f32;
-    let i0 = if fl > h6 { fl - 1.0 } else { fl };
-    let f = h6 - i0;
-    let i = (i0 as i32).rem_euclid(6);
-    let p = (v * (1.0 - s)).clamp(0.0, 1.0);
-    let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
-    let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
-    let r = if i == 0 || i == 5 {
-        v
-    } else if i == 1 {
-        q
-    } else if i == 4 {
-        t
-    } else {
-        p
+    // h in [-1, 5] and shift in [0, 6]: the rotated hue, reduced to [-1, 6).
+    let hs = h + shift;
+    let hs = if hs >= 6.0 { hs - 6.0 } else { hs };
+    let channel = |n: f32| {
+        let k = hs + n; // in [0, 11)
+        let k = if k >= 6.0 { k - 6.0 } else { k };
+        let w = if k < 4.0 - k { k } else { 4.0 - k };
+        let w = w.clamp(0.0, 1.0);
+        (maxc - c * w).clamp(0.0, 1.0)
     };
-    let g = if i == 1 || i == 2 {
-        v
-    } else if i == 0 {
-        t
-    } else if i == 3 {
-        q
-    } else {
-        p
-    };
-    let b = if i == 3 || i == 4 {
-        v
-    } else if i == 2 {
-        t
-    } else if i == 5 {
-        q
-    } else {
-        p
-    };
-    (r, g, b)
+    (channel(5.0), channel(3.0), channel(1.0))
 }
 
 /// Applies brightness (`x * f`), clamped, to a (3, n) planar image in [0, 1].
@@ -678,11 +635,31 @@ pub fn adjust_brightness(x: &mut [f32], f: f32) {
 pub fn adjust_contrast(x: &mut [f32], n: usize, f: f32) {
     let (r, rest) = x.split_at(n);
     let (g, b) = rest.split_at(n);
-    let mean = (0..n).map(|i| gray(r[i], g[i], b[i]) as f64).sum::<f64>() / n.max(1) as f64;
-    let m = (1.0 - f) * mean as f32;
+    let m = (1.0 - f) * gray_mean(r, g, b) as f32;
     for v in x.iter_mut() {
         *v = (f * *v + m).clamp(0.0, 1.0);
     }
+}
+
+/// The mean grayscale value of planar (r, g, b), summed in f64 over 8 interleaved partial sums
+/// (independent lanes vectorize; one running sum is a chain of dependent scalar adds).
+#[inline(always)]
+fn gray_mean(r: &[f32], g: &[f32], b: &[f32]) -> f64 {
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let (rc, gc, bc) = (r.chunks_exact(L), g.chunks_exact(L), b.chunks_exact(L));
+    let tail = rc
+        .remainder()
+        .iter()
+        .zip(gc.remainder())
+        .zip(bc.remainder());
+    let tail: f64 = tail.map(|((&r, &g), &b)| gray(r, g, b) as f64).sum();
+    for ((r, g), b) in rc.zip(gc).zip(bc) {
+        for l in 0..L {
+            acc[l] += gray(r[l], g[l], b[l]) as f64;
+        }
+    }
+    (acc.iter().sum::<f64>() + tail) / r.len().max(1) as f64
 }
 
 /// Saturation: blend each pixel with its gray value, `f * x + (1 - f) * gray`.
@@ -698,29 +675,15 @@ pub fn adjust_saturation(x: &mut [f32], n: usize, f: f32) {
     }
 }
 
-/// Hue: rotate the HSV hue by `f` turns (|f| <= 0.5).
+/// Hue: rotate the HSV hue by `f` turns (the jitter draws |f| <= 0.5; any finite f works).
 #[inline(always)]
 pub fn adjust_hue(x: &mut [f32], n: usize, f: f32) {
-    if !(f > -1.0 && f < 1.0) {
-        // Outside the jitter's range (|f| <= 0.5): the plain formula.
-        for i in 0..n {
-            let (h, s, v) = rgb_to_hsv(x[i], x[n + i], x[2 * n + i]);
-            let (r, g, b) = hsv_to_rgb((h + f).rem_euclid(1.0), s, v);
-            x[i] = r;
-            x[n + i] = g;
-            x[2 * n + i] = b;
-        }
-        return;
-    }
+    // f mod 1 can round to 1.0 for a tiny negative f: still within rotate_hue's range.
+    let shift = 6.0 * f.rem_euclid(1.0);
     let (r, rest) = x[..3 * n].split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-        let (h, s, v) = rgb_to_hsv(*r, *g, *b);
-        // h in [0, 1) and |f| < 1, so h + f in (-1, 2)
-        let (nr, ng, nb) = hsv_to_rgb(wrap01(h + f), s, v);
-        *r = nr;
-        *g = ng;
-        *b = nb;
+        (*r, *g, *b) = rotate_hue(*r, *g, *b, shift);
     }
 }
 
@@ -786,9 +749,25 @@ pub fn gaussian_blur(x: &mut [f32], h: usize, w: usize, sigma: f32) {
 #[inline(always)]
 pub fn solarize(x: &mut [f32], threshold: f32) {
     for v in x.iter_mut() {
-        if *v >= threshold {
-            *v = 1.0 - *v;
-        }
+        *v = if *v >= threshold { 1.0 - *v } else { *v };
+    }
+}
+
+/// (n, 3) u8 pixels -> (3, n) f32 in [0, 1].
+#[inline(always)]
+fn to_planar(crop: &[u8], out: &mut [f32]) {
+    let n = crop.len() / 3;
+    let (r, rest) = out[..3 * n].split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (((r, g), b), px) in r
+        .iter_mut()
+        .zip(g.iter_mut())
+        .zip(b.iter_mut())
+        .zip(crop.chunks_exact(3))
+    {
+        *r = px[0] as f32 * (1.0 / 255.0);
+        *g = px[1] as f32 * (1.0 / 255.0);
+        *b = px[2] as f32 * (1.0 / 255.0);
     }
 }
 
@@ -863,21 +842,7 @@ fn finish_body(
         .map(|_| crate::data::benchset::thread_cpu_seconds());
     let mut blur_s = 0.0;
     let n = size * size;
-    // (S, S, 3) u8 -> (3, S, S) f32 in [0, 1]
-    {
-        let (r, rest) = out[..3 * n].split_at_mut(n);
-        let (g, b) = rest.split_at_mut(n);
-        for (((r, g), b), px) in r
-            .iter_mut()
-            .zip(g.iter_mut())
-            .zip(b.iter_mut())
-            .zip(crop[..3 * n].chunks_exact(3))
-        {
-            *r = px[0] as f32 * (1.0 / 255.0);
-            *g = px[1] as f32 * (1.0 / 255.0);
-            *b = px[2] as f32 * (1.0 / 255.0);
-        }
-    }
+    to_planar(&crop[..3 * n], &mut out[..3 * n]);
     let x = &mut out[..3 * n];
     if p.jitter != 0 {
         for &op in &p.order {
