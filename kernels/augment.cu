@@ -55,7 +55,9 @@ __device__ __forceinline__ float aug_rem1(float x) {
     return r < 0.0f ? r + 1.0f : r;
 }
 
-// torchvision _rgb2hsv / _hsv2rgb (the CPU's rgb_to_hsv / hsv_to_rgb), then the hue rotation.
+// torchvision _rgb2hsv / _hsv2rgb as written, then the hue rotation: the CPU's rotate_hue
+// (src/data/augment.rs) is the same function rearranged to one division, and the emulator test
+// (tests/gpu_kernels_sim.rs) holds the two together.
 __device__ __forceinline__ void aug_hue(float& r, float& g, float& b, float f) {
     const float maxc = fmaxf(fmaxf(r, g), b);
     const float minc = fminf(fminf(r, g), b);
