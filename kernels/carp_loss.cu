@@ -20,7 +20,7 @@
 // is the mean over pairs, blocks and rows of -log(clamp(<p_a, q_b>, eps, 1 - eps)).
 // Uniformity rows: every student view (local crops included) and both teacher views,
 // R = (VS + 2) N on one GPU, as the official code (modules/carp_loss.py concatenates all student
-// and teacher outputs) and the CPU reference (src/carp/loss.rs); the uniformity gradient reaches
+// and teacher outputs) and the CPU reference (src/ops/loss.rs); the uniformity gradient reaches
 // every student view. For VS = 2 this is SPEC.md's 4N.
 #include "common.cuh"
 

@@ -1,7 +1,8 @@
 //! carp: a framework-free engine that trains ResNet50 with the CARP self-supervised method.
 //!
 //! The modules follow the data flow: `data` (shards, views) → `nn` (ResNet50, head,
-//! prototypes) on `tensor`/`autograd`/`ops` → `carp` (partitioned loss, EMA teacher) → `optim`
+//! prototypes) on `tensor`/`autograd`/`ops` (the partitioned loss among them) → `carp` (EMA
+//! teacher) → `optim`
 //! (LARS, schedules) → `train` (loop, checkpoints, metrics); `eval` (k-NN, linear) reads
 //! checkpoints.
 //!

@@ -1083,7 +1083,7 @@ fn carp_reference_gradient_matches_finite_differences() {
 
 #[test]
 fn carp_reference_matches_the_cpu_loss_with_local_views() {
-    // CPU only: the f64 reference the GPU test uses and the CPU loss (src/carp/loss.rs, itself
+    // CPU only: the f64 reference the GPU test uses and the CPU loss (src/ops/loss.rs, itself
     // tested against a literal SPEC implementation) agree for VS > 2, local rows in pbar
     // included (they disagreed while the fused loss left the local crops out of pbar).
     for (vs, n, k, nb, seed) in [
@@ -1101,7 +1101,7 @@ fn carp_reference_matches_the_cpu_loss_with_local_views() {
         let sv: Vec<&[f32]> = s.chunks_exact(n * k).collect();
         let tv: Vec<&[f32]> = t.chunks_exact(n * k).collect();
         let perm32: Vec<u32> = perm.iter().map(|&p| p as u32).collect();
-        let cpu = carp::carp::loss::carp_loss(&sv, &tv, n, k, nb, &perm32).unwrap();
+        let cpu = carp::ops::loss::carp_loss(&sv, &tv, n, k, nb, &perm32).unwrap();
         let tag = format!("vs={vs} n={n} k={k} nb={nb}");
         for (name, got, want) in [
             ("loss", cpu.loss, loss),

@@ -1058,11 +1058,14 @@ fn device_state_steps_match_cpu() {
 /// the state (so the comparison can fail).
 #[test]
 fn device_state_nan_gradient_is_named_and_changes_nothing() {
-    let Some((_dev, _serial)) =
+    let Some((dev, _serial)) =
         gpu_for_test("device_state_nan_gradient_is_named_and_changes_nothing")
     else {
         return;
     };
+    // Without the feature no test runs on a GPU (gpu_for_test returns None above).
+    #[cfg(not(feature = "cuda"))]
+    let _ = dev;
     #[cfg(feature = "cuda")]
     {
         use carp::optim::device::DeviceTrainState;
@@ -1097,16 +1100,22 @@ fn device_state_nan_gradient_is_named_and_changes_nothing() {
             )
         };
         let initial = snapshot(&ds);
-        let finite_loss = be.upload_f32(&[0.75, 2.5]).unwrap(); // [H, consistency]
-                                                                // One guarded step on the device API: check, gated updates, then the verdict.
-        let step =
-            |ds: &mut DeviceTrainState, g: &[f32], loss_hc: &carp::device::cuda::DeviceBuffer| {
-                be.copy_from_host_f32(&mut ds.grad, g).unwrap();
-                ds.queue_check(p, 1e-4, loss_hc).unwrap();
-                ds.lars(&cfg, 0.3, true).unwrap();
-                ds.ema(0.99, true).unwrap();
-                ds.verdict(p, 3)
-            };
+        // The loss terms [H, consistency] as the loss op leaves them: (2,) on the GPU.
+        let terms = |h: f32, c: f32| {
+            Tensor::from_vec(vec![h, c], &[2])
+                .unwrap()
+                .to_device(&dev)
+                .unwrap()
+        };
+        let finite_loss = terms(0.75, 2.5);
+        // One guarded step on the device API: check, gated updates, then the verdict.
+        let step = |ds: &mut DeviceTrainState, g: &[f32], loss_terms: &Tensor| {
+            be.copy_from_host_f32(&mut ds.grad, g).unwrap();
+            ds.queue_check(p, 1e-4, loss_terms).unwrap();
+            ds.lars(&cfg, 0.3, true).unwrap();
+            ds.ema(0.99, true).unwrap();
+            ds.verdict(p, 3)
+        };
         let mut g = randn_vec(p.numel(), 12);
         // A NaN in a 1-d entry (a BN gamma, which LARS pass 1 skips for norms) and an inf in
         // a later conv weight: the 1-d entry is named.
@@ -1135,7 +1144,7 @@ fn device_state_nan_gradient_is_named_and_changes_nothing() {
             "an inf-gradient step changed the device state"
         );
         // A finite gradient with a NaN entropy term: the loss is named.
-        let nan_loss = be.upload_f32(&[f32::NAN, 2.5]).unwrap();
+        let nan_loss = terms(f32::NAN, 2.5);
         let e = step(&mut ds, &good, &nan_loss).unwrap_err().to_string();
         assert!(e.contains("step 3: the loss is NaN"), "{e}");
         assert!(

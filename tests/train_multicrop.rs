@@ -5,10 +5,10 @@
 //! loss.
 
 use carp::autograd::Tape;
-use carp::carp::loss::{carp_loss, random_partition};
 use carp::nn::head::HeadConfig;
 use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
 use carp::nn::ModelConfig;
+use carp::ops::loss::{carp_loss, random_partition};
 use carp::testutil::randn;
 use carp::train::step::CarpState;
 use carp::{Device, Tensor};

@@ -1,4 +1,4 @@
-//! The CARP method: the partitioned consistency/uniformity loss and the EMA teacher.
+//! The CARP method's EMA teacher. The partitioned loss is an op (`ops::loss`): its CPU kernel
+//! and the fused GPU kernel sit behind one call on the logits' device.
 
-pub mod loss;
 pub mod teacher;

@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod flat;
 pub mod fused;
 pub mod linear;
+pub mod loss;
 pub mod pool;
 pub mod recompute;
 pub mod rows;

@@ -253,13 +253,13 @@ mod gpu {
         }
 
         /// The NaN guard and LARS pass 1, queued: per-entry norms and non-finite gradient
-        /// counts, then the device-side verdict from them and the loss terms `loss_hc` (2,) =
-        /// [H, consistency] (`step_ok`). Nothing waits; `verdict` reads the result.
+        /// counts, then the device-side verdict from them and the loss terms `loss_terms` (2,)
+        /// = [H, consistency] on this GPU (`step_ok`). Nothing waits; `verdict` reads the result.
         pub fn queue_check(
             &mut self,
             params: &ParamStore,
             weight_decay: f32,
-            loss_hc: &DeviceBuffer,
+            loss_terms: &Tensor,
         ) -> Result<()> {
             let n = params.len();
             if self.plan.num_segments() != n {
@@ -276,8 +276,14 @@ mod gpu {
                 weight_decay,
                 &mut self.stats,
             )?;
-            self.be
-                .step_ok(&self.plan, &mut self.stats, loss_hc, &mut self.ok)
+            loss_terms.expect_shape("loss terms [H, consistency]", &[2])?;
+            let loss_terms = on_gpu(loss_terms, self.ordinal())?;
+            self.be.step_ok(
+                &self.plan,
+                &mut self.stats,
+                &loss_terms.cuda()?.buf,
+                &mut self.ok,
+            )
         }
 
         /// The step's one download (waits for everything queued so far): the loss terms

@@ -9,7 +9,6 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::autograd::{Precision, Tape};
 use crate::bail;
-use crate::carp::loss::{carp_loss, random_partition};
 use crate::carp::teacher::ema_update;
 use crate::device::nvtx;
 use crate::error::{Error, Result};
@@ -19,6 +18,7 @@ use crate::nn::resnet::BnUpdate;
 use crate::nn::{ModelConfig, Network};
 #[cfg(feature = "cuda")]
 use crate::ops::batchnorm::BN_MOMENTUM;
+use crate::ops::loss::{carp_loss_forward, random_partition, Partition, StepLoss};
 use crate::ops::rows::stack_rows;
 use crate::optim::device::DeviceSlot;
 use crate::optim::lars::{Lars, LarsConfig};
@@ -286,21 +286,14 @@ impl CarpState {
         let n = view1.dim(0);
         let k = self.student.cfg.head.prototypes;
         // This step's partition, drawn on a copy of the RNG that is committed only when the
-        // step succeeds (nothing in the state changes otherwise). On the device path it is
-        // uploaded here, while the queue is empty (the last step ended with its one wait): an
-        // upload from pageable memory waits for the queue, and would drain it mid-step.
+        // step succeeds (nothing in the state changes otherwise), and put on the step's device
+        // here, while a GPU's queue is empty (the last step ended with its one wait).
         let mut partition_rng = self.partition_rng.clone();
-        let perm = random_partition(k, &mut partition_rng);
+        let partition = Partition::on(random_partition(k, &mut partition_rng), &device)?;
+        // The device-resident step's GPU time: one event pair around its queued work.
         #[cfg(feature = "cuda")]
-        let dev_step = match &self.device.state {
-            Some(ds) => {
-                let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
-                // (K,)
-                let dperm = ds.be.upload_i32(&perm32)?;
-                // The step's GPU time: one event pair around its queued work.
-                let start = ds.be.timing_event()?;
-                Some((dperm, start))
-            }
+        let dev_start = match &self.device.state {
+            Some(ds) => Some(ds.be.timing_event()?),
             None => None,
         };
         let n_local = match locals {
@@ -348,77 +341,24 @@ impl CarpState {
         };
         phases.student_forward_ms = phase_ms(&device, &mut clock)?;
 
-        let loss_range = nvtx::Range::new("loss");
+        // The loss on the logits' device; on a GPU nothing waits for it.
+        let loss = {
+            let _r = nvtx::Range::new("loss");
+            carp_loss_forward(&sfwd.logits, &tfwd.logits, vs, self.nb, &partition)
+                .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?
+        };
         #[cfg(feature = "cuda")]
-        if let Some((dperm, start)) = dev_step {
-            // The device-resident step: the loss terms stay on the device (no wait); the NaN
-            // guard reads them with everything else at the end of the step.
-            let (loss_hc, dlogits) =
-                self.gpu_loss_queued(&sfwd.logits, &tfwd.logits, vs, &dperm)?;
-            drop(loss_range);
+        if let Some(start) = dev_start {
+            // The device-resident step: the NaN guard reads the loss terms with everything
+            // else at the end of the step.
             phases.loss_ms = phase_ms(&device, &mut clock)?;
             let st = self.finish_step_on_device(
-                tape, leaves, sfwd, tfwd, loss_hc, dlogits, lr, m, phases, clock, start,
+                tape, leaves, sfwd, tfwd, loss, lr, m, phases, clock, start,
             )?;
             self.partition_rng = partition_rng;
             return Ok(st);
         }
-        #[cfg(feature = "cuda")]
-        if let crate::tensor::Storage::Cuda(c) = sfwd.logits.storage() {
-            let out = self.gpu_loss(&c.backend, &sfwd.logits, &tfwd.logits, vs, &perm)?;
-            drop(loss_range);
-            phases.loss_ms = phase_ms(&device, &mut clock)?;
-            let mut st = self.finish_step(
-                tape,
-                leaves,
-                sfwd,
-                tfwd,
-                (out.0, out.1, out.2),
-                out.3,
-                lr,
-                m,
-                phases,
-                clock,
-            )?;
-            self.partition_rng = partition_rng;
-            st.phases.step_ms = wall.elapsed().as_secs_f64() * 1e3;
-            return Ok(st);
-        }
-        let t_logits = tfwd.logits.to_vec()?; // (2N, K)
-        let s_logits = sfwd.logits.to_vec()?; // ((2 + L) N, K): view v is rows v N .. (v + 1) N
-        let nk = n * k;
-        let s_views: Vec<&[f32]> = s_logits.chunks_exact(nk).collect();
-        let out = carp_loss(
-            &s_views,
-            &[&t_logits[..nk], &t_logits[nk..]],
-            n,
-            k,
-            self.nb,
-            &perm,
-        )
-        .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
-        check_loss(self.step, out.loss, out.consistency, out.entropy)?;
-
-        drop(loss_range);
-        phases.loss_ms = phase_ms(&device, &mut clock)?;
-
-        let mut dlogits = Vec::with_capacity(vs * nk); // ((2 + L) N, K)
-        for d in &out.dstudent {
-            dlogits.extend_from_slice(d);
-        }
-        let dlogits = Tensor::from_vec(dlogits, &[vs * n, k])?;
-        let mut st = self.finish_step(
-            tape,
-            leaves,
-            sfwd,
-            tfwd,
-            (out.loss, out.consistency, out.entropy),
-            dlogits,
-            lr,
-            m,
-            phases,
-            clock,
-        )?;
+        let mut st = self.finish_step(tape, leaves, sfwd, tfwd, loss, lr, m, phases, clock)?;
         self.partition_rng = partition_rng;
         st.phases.step_ms = wall.elapsed().as_secs_f64() * 1e3;
         Ok(st)
@@ -455,89 +395,9 @@ impl CarpState {
         })
     }
 
-    /// The fused GPU loss on the logits where they are: `s_logits` (vs N, K), `vs` student views
-    /// (2 global, then the local ones), `t_logits` (2N, K). Returns (loss, consistency, entropy,
-    /// d loss / d student logits (vs N, K) on the GPU).
-    #[cfg(feature = "cuda")]
-    fn gpu_loss(
-        &self,
-        be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
-        s_logits: &Tensor,
-        t_logits: &Tensor,
-        vs: usize,
-        perm: &[u32],
-    ) -> Result<(f32, f32, f32, Tensor)> {
-        let (rows, k) = (s_logits.dim(0), s_logits.dim(1));
-        let n = rows / vs;
-        // The loss runs in f32 (SPEC): bf16 logits of a bf16 step widen exactly.
-        let s_logits = &s_logits.to_dtype(crate::tensor::DType::F32)?;
-        let t = t_logits
-            .to_device(&s_logits.device())?
-            .to_dtype(crate::tensor::DType::F32)?;
-        let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
-        let dperm = be.upload_i32(&perm32)?; // (K,)
-                                             // The rows of (vs N, K) are view 0's N samples, then view 1's, ...: (vs, N, K), the
-                                             // fused loss's layout. The uniformity mean runs over every student view and both
-                                             // teacher views: (vs + 2) N rows.
-        let out = be
-            .carp_loss(
-                &s_logits.cuda()?.buf,
-                &t.cuda()?.buf,
-                &dperm,
-                vs,
-                n,
-                k,
-                self.nb,
-                (vs + 2) * n,
-                None,
-            )
-            .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
-        check_loss(self.step, out.loss, out.consistency, out.entropy)?;
-        let d = Tensor::from_cuda(out.dstudent, be.clone(), &[vs * n, k])?;
-        Ok((out.loss, out.consistency, out.entropy, d))
-    }
-
-    /// `gpu_loss` without the wait (the device-resident step): `perm` (K,) i32 already on the
-    /// device. Returns the loss terms (2,) = [entropy H, consistency] on the device and
-    /// d loss / d student logits (vs N, K); nothing is checked here (the step's device verdict
-    /// includes the loss).
-    #[cfg(feature = "cuda")]
-    fn gpu_loss_queued(
-        &self,
-        s_logits: &Tensor,
-        t_logits: &Tensor,
-        vs: usize,
-        dperm: &crate::device::cuda::DeviceBuffer,
-    ) -> Result<(crate::device::cuda::DeviceBuffer, Tensor)> {
-        let (rows, k) = (s_logits.dim(0), s_logits.dim(1));
-        let n = rows / vs;
-        // The loss runs in f32 (SPEC): bf16 logits of a bf16 step widen exactly.
-        let s_logits = &s_logits.to_dtype(crate::tensor::DType::F32)?;
-        let t = t_logits
-            .to_device(&s_logits.device())?
-            .to_dtype(crate::tensor::DType::F32)?;
-        let be = &s_logits.cuda()?.backend;
-        // (vs N, K) = (vs, N, K), the fused loss's layout; the uniformity mean runs over every
-        // student view and both teacher views: (vs + 2) N rows.
-        let out = be
-            .carp_loss_queued(
-                &s_logits.cuda()?.buf,
-                &t.cuda()?.buf,
-                dperm,
-                vs,
-                n,
-                k,
-                self.nb,
-                (vs + 2) * n,
-                None,
-            )
-            .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?;
-        let d = Tensor::from_cuda(out.dstudent, be.clone(), &[vs * n, k])?;
-        Ok((out.scalars, d))
-    }
-
-    /// Backward from the analytic gradient of the student logits, then (when everything is
-    /// finite) BN running statistics, LARS and the EMA.
+    /// The NaN guard on the loss (read on the host), backward from the analytic gradient of
+    /// the student logits, then (when everything is finite) BN running statistics, LARS and
+    /// the EMA on the host stores.
     #[allow(clippy::too_many_arguments)]
     fn finish_step(
         &mut self,
@@ -545,17 +405,19 @@ impl CarpState {
         leaves: ParamLeaves,
         sfwd: Forward,
         tfwd: Forward,
-        (loss, consistency, entropy): (f32, f32, f32),
-        dlogits: Tensor,
+        loss: StepLoss,
         lr: f32,
         m: f32,
         mut phases: PhaseTimes,
         mut clock: Instant,
     ) -> Result<StepStats> {
         let device = sfwd.logits.device();
+        let (loss_value, consistency, entropy) = loss.read()?;
+        check_loss(self.step, loss_value, consistency, entropy)?;
+        phases.loss_ms = phase_ms(&device, &mut clock)?;
         {
             let _r = nvtx::Range::new("backward");
-            let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
+            let grads = tape.backward_from(vec![(sfwd.logits.clone(), loss.dstudent)])?;
             self.student.params.zero_grad();
             self.student.params.accumulate_grads(&leaves, &grads)?;
         }
@@ -595,7 +457,7 @@ impl CarpState {
         phases.ema_ms = ms_since(&mut clock);
         self.step += 1;
         Ok(StepStats {
-            loss,
+            loss: loss_value,
             consistency,
             entropy,
             lr,
@@ -606,8 +468,8 @@ impl CarpState {
 
     /// `finish_step` on the device-resident state, queued without a wait in the middle:
     /// gradients gathered into the flat device gradient, the NaN guard (LARS pass 1 with
-    /// non-finite counts) and the device verdict (`step_ok`, with the loss terms `loss_hc`
-    /// (2,) = [H, consistency]), then BN statistics, LARS pass 2 and the EMA gated by the
+    /// non-finite counts) and the device verdict (`step_ok`, with the loss terms (2,) = [H,
+    /// consistency]), then BN statistics, LARS pass 2 and the EMA gated by the
     /// verdict, then the step's one download: the verdict and the loss terms. A non-finite
     /// step is an error naming the step and the entry, and changed no state buffer (the gated
     /// kernels did nothing). `--nan-guard sync` reads the verdict before the (ungated) updates.
@@ -619,8 +481,7 @@ impl CarpState {
         leaves: ParamLeaves,
         sfwd: Forward,
         tfwd: Forward,
-        loss_hc: crate::device::cuda::DeviceBuffer,
-        dlogits: Tensor,
+        loss: StepLoss,
         lr: f32,
         m: f32,
         mut phases: PhaseTimes,
@@ -642,12 +503,16 @@ impl CarpState {
         })?;
         {
             let _r = nvtx::Range::new("backward");
-            let grads = tape.backward_from(vec![(sfwd.logits.clone(), dlogits)])?;
+            let grads = tape.backward_from(vec![(sfwd.logits.clone(), loss.dstudent)])?;
             ds.gather_grads(&self.student.params, &leaves, &grads)?;
             drop(leaves);
             // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2), and the
             // device verdict the updates below read.
-            ds.queue_check(&self.student.params, self.lars.cfg.weight_decay, &loss_hc)?;
+            ds.queue_check(
+                &self.student.params,
+                self.lars.cfg.weight_decay,
+                &loss.terms,
+            )?;
         }
         let mut terms = None;
         if sync {

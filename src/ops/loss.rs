@@ -1,5 +1,7 @@
-//! The CARP loss over a random partition of the prototypes: forward and analytic gradient, on
-//! plain row-major f32 slices (the CPU path, and the reference for a fused GPU kernel).
+//! The CARP loss over a random partition of the prototypes: forward and analytic gradient.
+//! [`carp_loss_forward`] is the op the training step calls on the logits where they are (one
+//! `match` on the backend): its CPU arm is [`carp_loss`] on plain row-major f32 slices, the
+//! reference the fused GPU kernel (`kernels/carp_loss.cu`) is tested against.
 //!
 //! What is computed (SPEC.md "Loss"; the reference code's `modules/random_partition.py` and
 //! `modules/carp_loss.py`):
@@ -42,6 +44,8 @@ use rayon::prelude::*;
 
 use crate::bail;
 use crate::error::Result;
+use crate::ops::Backend;
+use crate::tensor::{Device, Tensor};
 
 pub const CARP_EPS: f32 = f32::EPSILON; // 1.1920929e-7
 
@@ -594,6 +598,142 @@ pub fn carp_loss_dist(
     carp_loss_pass2(student, teacher, perm, &p1, &pbar, world)
 }
 
+/// A step's prototype partition where its loss runs: the permutation of 0..K (block j holds
+/// `perm[j NB .. (j + 1) NB]`) and, for a GPU, its i32 copy in device memory. Made before the
+/// step's work is queued: an upload from pageable memory waits for the queue, and would drain
+/// it mid-step.
+pub struct Partition {
+    perm: Vec<u32>,
+    device: Device,
+    #[cfg(feature = "cuda")]
+    on_gpu: Option<crate::device::cuda::DeviceBuffer>, // (K,) i32
+}
+
+impl Partition {
+    /// `perm` for a loss on `device` (uploaded there when it is a GPU).
+    pub fn on(perm: Vec<u32>, device: &Device) -> Result<Partition> {
+        #[cfg(feature = "cuda")]
+        let on_gpu = match Backend::on(device)? {
+            Backend::Cpu => None,
+            Backend::Cuda(be) => {
+                let perm32: Vec<i32> = perm.iter().map(|&p| p as i32).collect();
+                Some(be.upload_i32(&perm32)?)
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        Backend::on(device)?;
+        Ok(Partition {
+            perm,
+            device: device.clone(),
+            #[cfg(feature = "cuda")]
+            on_gpu,
+        })
+    }
+
+    pub fn perm(&self) -> &[u32] {
+        &self.perm
+    }
+}
+
+/// The loss of one step, on the logits' device; on a GPU nothing has waited for it.
+pub struct StepLoss {
+    /// (2,) f32: [entropy H, consistency]; the loss is their sum (in f32, on every device).
+    pub terms: Tensor,
+    /// d loss / d student logits, (VS N, K) f32, in the original prototype order.
+    pub dstudent: Tensor,
+}
+
+impl StepLoss {
+    /// (loss, consistency, entropy) on the host (on a GPU: waits for the loss).
+    pub fn read(&self) -> Result<(f32, f32, f32)> {
+        let t = self.terms.to_vec()?;
+        let [entropy, consistency] = t[..] else {
+            bail!(Shape, "carp_loss: {} loss terms, expected 2", t.len());
+        };
+        Ok((entropy + consistency, consistency, entropy))
+    }
+}
+
+/// The CARP loss and its gradient on the logits' device, in f32 (SPEC; bf16 logits widen
+/// exactly): `student` (VS N, K), VS >= 2 views in view-major rows (views 0 and 1 global, then
+/// the local ones), `teacher` (2N, K), blocks of `nb` prototypes under `partition`, which must
+/// live on the same device. The uniformity mean runs over every student view and both teacher
+/// views: (VS + 2) N rows. Errors on inconsistent shapes and, on the CPU, on non-finite logits
+/// (naming the view); on a GPU a non-finite loss shows in `terms` (the step's NaN guard).
+pub fn carp_loss_forward(
+    student: &Tensor,
+    teacher: &Tensor,
+    vs: usize,
+    nb: usize,
+    partition: &Partition,
+) -> Result<StepLoss> {
+    let op = "carp_loss";
+    student.expect_rank("student logits (VS N, K)", 2)?;
+    let (rows, k) = (student.dim(0), student.dim(1));
+    if vs < 2 || !rows.is_multiple_of(vs) || rows == 0 {
+        bail!(
+            Shape,
+            "{op}: student logits {:?} are not {vs} views of N > 0 rows (need VS >= 2)",
+            student.shape()
+        );
+    }
+    let n = rows / vs;
+    teacher.expect_shape("teacher logits (2N, K)", &[2 * n, k])?;
+    if partition.perm.len() != k {
+        bail!(
+            Shape,
+            "{op}: a partition of {} prototypes for logits of K = {k}",
+            partition.perm.len()
+        );
+    }
+    let backend = Backend::of(op, &[student, teacher])?;
+    if partition.device != student.device() {
+        bail!(
+            Device,
+            "{op}: the partition is on {}, the logits on {} (make it with Partition::on(perm, device))",
+            partition.device,
+            student.device()
+        );
+    }
+    match backend {
+        Backend::Cpu => {
+            let (s, t) = (student.to_vec()?, teacher.to_vec()?); // (VS N, K), (2N, K)
+            let nk = n * k;
+            let sv: Vec<&[f32]> = s.chunks_exact(nk).collect();
+            let out = carp_loss(&sv, &[&t[..nk], &t[nk..]], n, k, nb, &partition.perm)?;
+            let dstudent = Tensor::from_vec(out.dstudent.concat(), &[rows, k])?;
+            Ok(StepLoss {
+                terms: Tensor::from_vec(vec![out.entropy, out.consistency], &[2])?,
+                dstudent,
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(be) => {
+            use crate::ops::gpu::{dbuf, wrap};
+            use crate::tensor::DType;
+            let Some(dperm) = &partition.on_gpu else {
+                bail!(Device, "{op}: the partition has no device copy (a bug)");
+            };
+            let (s, t) = (student.to_dtype(DType::F32)?, teacher.to_dtype(DType::F32)?);
+            let out = be.carp_loss_queued(
+                dbuf(op, &s)?,
+                dbuf(op, &t)?,
+                dperm,
+                vs,
+                n,
+                k,
+                nb,
+                (vs + 2) * n,
+                None,
+            )?;
+            Ok(StepLoss {
+                terms: wrap(&be, out.scalars, &[2])?,
+                dstudent: wrap(&be, out.dstudent, &[rows, k])?,
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,6 +1134,99 @@ mod tests {
         let e = ok(&bad, &t, k, nb, &perm).err().unwrap().to_string();
         assert!(e.contains("student view 0"), "{e}");
     }
+
+    /// The op on the logits' device against the literal f64 SPEC loss (terms) and the CPU
+    /// kernel on slices (gradient, itself checked against finite differences above), with the
+    /// views in view-major rows; bf16 logits widen exactly; shape and partition errors.
+    fn step_loss_on(dev: &Device) {
+        for (vs, n, k, nb, seed) in [
+            (2usize, 5usize, 48usize, 16usize, 31u64),
+            (4, 3, 60, 20, 41),
+        ] {
+            let s = logits(vs, n, k, seed, 3.0);
+            let t = logits(2, n, k, seed + 1, 3.0);
+            let perm = random_partition(k, &mut rng(seed + 2));
+            let on = |v: &[Vec<f32>]| {
+                Tensor::from_vec(v.concat(), &[v.len() * n, k])
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap()
+            };
+            let (st, tt) = (on(&s), on(&t));
+            let part = Partition::on(perm.clone(), dev).unwrap();
+            let out = carp_loss_forward(&st, &tt, vs, nb, &part).unwrap();
+            assert_eq!(out.terms.device(), *dev);
+            assert_eq!(out.dstudent.shape(), &[vs * n, k]);
+            let (loss, cons, h) = out.read().unwrap();
+            assert_eq!(loss, h + cons);
+            let s64: Vec<Vec<f64>> = s.iter().map(|v| to64(v)).collect();
+            let t64: Vec<Vec<f64>> = t.iter().map(|v| to64(v)).collect();
+            let (rc, rh) = reference(&s64, &t64, n, k, nb, &perm);
+            let tag = format!("{dev} vs={vs} n={n} k={k}");
+            assert!(
+                (cons as f64 - rc).abs() <= 1e-5 * rc.abs().max(1.0),
+                "{tag}: consistency {cons} vs {rc}"
+            );
+            assert!(
+                (h as f64 - rh).abs() <= 1e-5 * rh.abs().max(1e-3),
+                "{tag}: H {h} vs {rh}"
+            );
+            let want = carp_loss(&refs(&s), &refs(&t), n, k, nb, &perm)
+                .unwrap()
+                .dstudent
+                .concat();
+            let got = out.dstudent.to_vec().unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // The CPU arm is the kernel itself; the fused GPU kernel sums in another order.
+            let tol = if *dev == Device::Cpu {
+                0.0
+            } else {
+                1e-4 * scale
+            };
+            assert!(
+                worst <= tol,
+                "{tag}: dstudent differs by {worst} (max |d| {scale})"
+            );
+            // bf16 logits (a bf16 step's on a GPU; the CPU holds bf16 values in f32) are
+            // widened to f32 first: the same loss as the widened values give.
+            if *dev != Device::Cpu {
+                let sb = st.to_dtype(crate::tensor::DType::Bf16).unwrap();
+                let widened = sb.to_dtype(crate::tensor::DType::F32).unwrap();
+                let a = carp_loss_forward(&sb, &tt, vs, nb, &part)
+                    .unwrap()
+                    .read()
+                    .unwrap();
+                let b = carp_loss_forward(&widened, &tt, vs, nb, &part)
+                    .unwrap()
+                    .read()
+                    .unwrap();
+                assert_eq!(a, b, "{tag}: bf16 logits");
+            }
+            // Errors: a partition of another K, rows that are not vs views, a teacher of
+            // another batch.
+            let short = Partition::on(perm[..k - nb].to_vec(), dev).unwrap();
+            let e = carp_loss_forward(&st, &tt, vs, nb, &short)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("partition of"), "{e}");
+            let e = carp_loss_forward(&st, &tt, vs + 1, nb, &part)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("views"), "{e}");
+            let e = carp_loss_forward(&tt, &st, 2, nb, &part).err();
+            assert!(
+                vs == 2 || e.is_some(),
+                "{tag}: a teacher of {vs} views was accepted"
+            );
+        }
+    }
+    crate::test_device!(step_loss_on, step_loss_cpu, step_loss_cuda);
 
     /// Timing at full size (N 256, K 65536, NB 512): `cargo test --release -- --ignored
     /// carp_loss_full_size --nocapture`.
