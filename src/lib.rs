@@ -9,7 +9,7 @@
 //! They form one acyclic order, each using only those below it (`tests/module_order.rs`
 //! enforces it): `error` ← `options`, `data` ← `device` (Device, DType, Layout; the CUDA
 //! driver, cuDNN, cuBLAS, launchers on raw buffers) ← `tensor` ← `autograd` ← `ops` ← `nn` ←
-//! `carp`, `optim` ← `eval` ← `train`.
+//! `carp`, `optim` ← `eval`, `resident` (the training state's GPU copy) ← `train`.
 
 pub mod autograd;
 pub mod carp;
@@ -21,6 +21,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod options;
+pub mod resident;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testutil;

@@ -946,7 +946,7 @@ fn device_state_steps_match_cpu() {
     let Some((dev, _serial)) = gpu_for_test("device_state_steps_match_cpu") else {
         return;
     };
-    if carp::optim::device::host_optim_forced() {
+    if carp::resident::host_optim_forced() {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED: device_state_steps_match_cpu: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"
@@ -1068,7 +1068,7 @@ fn device_state_nan_gradient_is_named_and_changes_nothing() {
     let _ = dev;
     #[cfg(feature = "cuda")]
     {
-        use carp::optim::device::DeviceTrainState;
+        use carp::resident::DeviceTrainState;
         let st = small_state();
         let be = carp::device::cuda::backend(0).unwrap();
         let p = &st.student.params;
@@ -1253,7 +1253,7 @@ fn device_state_checkpoint_resume() {
         epoch: 0,
         config_json: "{}".into(),
     };
-    let uses_device = !carp::optim::device::host_optim_forced();
+    let uses_device = !carp::resident::host_optim_forced();
     if uses_device {
         let e = to_bytes(&st, &meta).unwrap_err().to_string();
         assert!(e.contains("sync_to_host"), "{e}");
@@ -1824,7 +1824,7 @@ fn device_state_step_sync_matches_gated() {
     let Some((dev, _serial)) = gpu_for_test("device_state_step_sync_matches_gated") else {
         return;
     };
-    if carp::optim::device::host_optim_forced() {
+    if carp::resident::host_optim_forced() {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED: device_state_step_sync_matches_gated: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"

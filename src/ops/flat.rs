@@ -67,7 +67,7 @@ pub fn add_flat_into(parts: &[(usize, &Tensor)], acc: &mut [f32]) -> Result<()> 
 /// One tensor per entry `(offset, shape)` of the flat f32 device buffer `dflat`: one
 /// stream-ordered device copy each (copies, not views: the owner may rewrite `dflat` in place
 /// while a tensor is alive). Nothing waits for the device. Shared with the device-resident
-/// training state's leaves (`optim::device`).
+/// training state's leaves (`resident`).
 #[cfg(feature = "cuda")]
 pub(crate) fn split_flat_gpu(
     be: &std::sync::Arc<crate::device::cuda::CudaBackend>,
@@ -88,7 +88,7 @@ pub(crate) fn split_flat_gpu(
 /// The tensors of `parts` `(offset, g)` into the flat f32 device buffer `dflat` at their
 /// offsets, zeros elsewhere: a fill, then one stream-ordered device copy per part (a CPU
 /// tensor among them is uploaded into its range). Nothing waits for the device. Shared with
-/// the device-resident training state's gradient (`optim::device`).
+/// the device-resident training state's gradient (`resident`).
 #[cfg(feature = "cuda")]
 pub(crate) fn gather_flat_gpu(
     be: &crate::device::cuda::CudaBackend,

@@ -1,6 +1,5 @@
-//! LARS, the cosine schedules (learning rate, teacher momentum), and the device-resident
-//! training state (parameters, gradient, momentum, teacher, BN statistics on the GPU).
+//! LARS and the cosine schedules (learning rate, teacher momentum). LARS on the GPU's
+//! device-resident state is `resident`'s.
 
-pub mod device;
 pub mod lars;
 pub mod schedule;

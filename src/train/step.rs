@@ -16,12 +16,13 @@ use crate::nn::model::Forward;
 use crate::nn::params::ParamLeaves;
 use crate::nn::resnet::BnUpdate;
 use crate::nn::{ModelConfig, Network};
-#[cfg(feature = "cuda")]
 use crate::ops::batchnorm::BN_MOMENTUM;
 use crate::ops::loss::{carp_loss_forward, random_partition, Partition, StepLoss};
 use crate::ops::rows::stack_rows;
-use crate::optim::device::DeviceSlot;
 use crate::optim::lars::{Lars, LarsConfig};
+use crate::resident::{
+    host_optim_forced, step_sync_forced, DeviceSlot, DeviceTrainState, StepTimer,
+};
 use crate::tensor::{Device, Tensor};
 
 /// LARS as SPEC.md fixes it: momentum 0.9, trust coefficient 0.001.
@@ -36,7 +37,7 @@ pub fn lars_config(weight_decay: f32) -> LarsConfig {
 /// Everything that evolves during training (and goes into a checkpoint).
 ///
 /// On a GPU the state lives in device buffers while steps run there (see
-/// `optim::device`); the host stores below then lag behind until [`CarpState::sync_to_host`].
+/// `resident`); the host stores below then lag behind until [`CarpState::sync_to_host`].
 /// Whatever reads them (checkpoints, evaluation, tests) syncs first; whatever writes them
 /// directly calls [`CarpState::discard_device_state`] after.
 #[derive(Clone)]
@@ -154,7 +155,6 @@ impl CarpState {
     /// date with the device-resident state, which stays the source of truth. A no-op without
     /// one. Waits for the device.
     pub fn sync_to_host(&mut self) -> Result<()> {
-        #[cfg(feature = "cuda")]
         if let Some(ds) = &self.device.state {
             let _r = nvtx::Range::new("sync to host");
             ds.download(
@@ -168,18 +168,14 @@ impl CarpState {
     }
 
     /// The device-resident state, while steps run on a GPU (tests compare it with the host).
-    #[cfg(feature = "cuda")]
-    pub fn device_state(&self) -> Option<&crate::optim::device::DeviceTrainState> {
+    pub fn device_state(&self) -> Option<&DeviceTrainState> {
         self.device.state.as_ref()
     }
 
     /// Whether a device-resident state exists (the last step ran on a GPU without
     /// `--optimizer-state host`).
     pub fn has_device_state(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return self.device.state.is_some();
-        #[cfg(not(feature = "cuda"))]
-        false
+        self.device.state.is_some()
     }
 
     /// Whether the host stores hold the current values (false after a GPU step until
@@ -199,30 +195,25 @@ impl CarpState {
     /// first GPU step, synced back and dropped when the step moves to another device or
     /// `--optimizer-state host` asks for the host path.
     fn prepare_device_state(&mut self, device: &Device) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        {
-            let want = match device {
-                Device::Cuda(i) if !crate::optim::device::host_optim_forced() => Some(*i),
-                _ => None,
-            };
-            if let Some(ds) = &self.device.state {
-                if Some(ds.ordinal()) == want {
-                    return Ok(());
-                }
-                self.sync_to_host()?;
-                self.device.state = None;
+        let want = match device {
+            Device::Cuda(i) if !host_optim_forced() => Some(*i),
+            _ => None,
+        };
+        if let Some(ds) = &self.device.state {
+            if Some(ds.ordinal()) == want {
+                return Ok(());
             }
-            if let (Some(i), false) = (want, self.device.host_stale) {
-                let be = crate::device::cuda::backend(i)?;
-                self.device.state = Some(crate::optim::device::DeviceTrainState::upload(
-                    be,
-                    (&self.student.params, &self.student.buffers),
-                    (&self.teacher.params, &self.teacher.buffers),
-                    &self.lars.momentum_buf,
-                )?);
-            }
+            self.sync_to_host()?;
+            self.device.state = None;
         }
-        let _ = device;
+        if let (Some(i), false) = (want, self.device.host_stale) {
+            self.device.state = Some(DeviceTrainState::upload_to(
+                i,
+                (&self.student.params, &self.student.buffers),
+                (&self.teacher.params, &self.teacher.buffers),
+                &self.lars.momentum_buf,
+            )?);
+        }
         if self.device.host_stale {
             bail!(
                 Msg,
@@ -241,7 +232,6 @@ impl CarpState {
         } else {
             &self.student
         };
-        #[cfg(feature = "cuda")]
         if let Some(ds) = &self.device.state {
             return ds.leaves(&net.params, teacher, tape);
         }
@@ -291,9 +281,8 @@ impl CarpState {
         let mut partition_rng = self.partition_rng.clone();
         let partition = Partition::on(random_partition(k, &mut partition_rng), &device)?;
         // The device-resident step's GPU time: one event pair around its queued work.
-        #[cfg(feature = "cuda")]
         let dev_start = match &self.device.state {
-            Some(ds) => Some(ds.be.timing_event()?),
+            Some(ds) => Some(ds.timing_event()?),
             None => None,
         };
         let n_local = match locals {
@@ -347,7 +336,6 @@ impl CarpState {
             carp_loss_forward(&sfwd.logits, &tfwd.logits, vs, self.nb, &partition)
                 .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?
         };
-        #[cfg(feature = "cuda")]
         if let Some(start) = dev_start {
             // The device-resident step: the NaN guard reads the loss terms with everything
             // else at the end of the step.
@@ -473,7 +461,6 @@ impl CarpState {
     /// verdict, then the step's one download: the verdict and the loss terms. A non-finite
     /// step is an error naming the step and the entry, and changed no state buffer (the gated
     /// kernels did nothing). `--nan-guard sync` reads the verdict before the (ungated) updates.
-    #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn finish_step_on_device(
         &mut self,
@@ -486,7 +473,7 @@ impl CarpState {
         m: f32,
         mut phases: PhaseTimes,
         mut clock: Instant,
-        start: crate::device::cuda::TimingEvent,
+        start: StepTimer,
     ) -> Result<StepStats> {
         let device = sfwd.logits.device();
         let step = self.step;
@@ -497,7 +484,7 @@ impl CarpState {
                 "step {step}: learning rate {lr} or teacher momentum {m} out of range; stopping before any weight changes"
             );
         }
-        let sync = crate::optim::device::step_sync_forced();
+        let sync = step_sync_forced();
         let ds = self.device.state.as_mut().ok_or_else(|| {
             Error::Msg("finish_step_on_device without a device state (a bug)".into())
         })?;
@@ -552,7 +539,7 @@ impl CarpState {
         phases.ema_ms = phase_ms(&device, &mut clock)?;
         // Not `?`: the updates are queued (and run when the verdict is ok), so an error from
         // here on must not return before the step is counted; it only loses the step's time.
-        let end = ds.be.timing_event();
+        let end = ds.timing_event();
         // The step's one wait: the verdict and the loss terms (--nan-guard sync read them
         // above).
         let (loss, consistency, entropy) = match terms {

@@ -1542,7 +1542,7 @@ pub struct CarpLossGpu {
 
 // ---------------------------------------------------------------- device-resident training state
 // (lars.cu's checked pass 1, LARS pass 2 on its stats, BN running statistics inside a flat
-// buffer): the launchers `optim::device::DeviceTrainState` drives.
+// buffer): the launchers `resident::DeviceTrainState` drives.
 impl CudaBackend {
     /// LARS pass 1 with the NaN guard fused in: zero-fills `stats` (3, n_segs) and accumulates
     /// per segment `[||w||^2 (multi-d), ||g + wd w||^2 (multi-d), count of non-finite g (every

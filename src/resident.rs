@@ -15,6 +15,10 @@
 //! (one wait mid-step) and runs the ungated update kernels instead (the A/B and fallback of the
 //! gating kernels).
 //!
+//! The `train` step drives it through this module's interface, with no backend code of its
+//! own; without the `cuda` feature [`DeviceTrainState`] is an uninhabited stub (as candle's
+//! dummy backend), so that the step is one body that compiles everywhere.
+//!
 //! `--optimizer-state host` keeps the host path (upload the parameters per forward, download the
 //! gradients and BN statistics, LARS/EMA on the host) for A/B runs and as a fallback.
 
@@ -34,7 +38,6 @@ pub fn step_sync_forced() -> bool {
 /// Where a `CarpState` keeps its device copy, and whether its host stores lag behind it.
 #[derive(Default)]
 pub struct DeviceSlot {
-    #[cfg(feature = "cuda")]
     pub(crate) state: Option<DeviceTrainState>,
     /// The host stores are older than the device state (a step ran since the last sync).
     pub(crate) host_stale: bool,
@@ -46,7 +49,6 @@ impl Clone for DeviceSlot {
     /// old host values.
     fn clone(&self) -> Self {
         DeviceSlot {
-            #[cfg(feature = "cuda")]
             state: None,
             host_stale: self.host_stale,
         }
@@ -54,7 +56,9 @@ impl Clone for DeviceSlot {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::DeviceTrainState;
+pub use gpu::{DeviceTrainState, StepTimer};
+#[cfg(not(feature = "cuda"))]
+pub use stub::{DeviceTrainState, StepTimer};
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -68,6 +72,9 @@ mod gpu {
     use crate::nn::resnet::BnUpdate;
     use crate::optim::lars::LarsConfig;
     use crate::tensor::{Device, Storage, Tensor};
+
+    /// GPU time between two points of the stream's queued work.
+    pub type StepTimer = crate::device::cuda::TimingEvent;
 
     /// The device-resident training state of one GPU.
     pub struct DeviceTrainState {
@@ -164,8 +171,25 @@ mod gpu {
             })
         }
 
+        /// [`DeviceTrainState::upload`] to GPU `ordinal` (its backend opened on first use).
+        pub fn upload_to(
+            ordinal: usize,
+            student: (&ParamStore, &ParamStore),
+            teacher: (&ParamStore, &ParamStore),
+            momentum: &[f32],
+        ) -> Result<DeviceTrainState> {
+            let be = crate::device::cuda::backend(ordinal)?;
+            DeviceTrainState::upload(be, student, teacher, momentum)
+        }
+
         pub fn ordinal(&self) -> usize {
             self.be.ordinal()
+        }
+
+        /// A point in this GPU's queue: two of them give the GPU time between them
+        /// ([`StepTimer::elapsed_ms_to`]) without a wait in the middle.
+        pub fn timing_event(&self) -> Result<StepTimer> {
+            self.be.timing_event()
         }
 
         /// Leaves of the student or the teacher (`teacher`) on the GPU, made from its
@@ -425,6 +449,100 @@ mod gpu {
                 )?;
             }
             Ok(())
+        }
+    }
+}
+
+/// Without the `cuda` feature no tensor lives on a GPU, so no device state is ever made: the
+/// types exist (uninhabited) so that the training step is one body that compiles everywhere.
+#[cfg(not(feature = "cuda"))]
+mod stub {
+    use crate::autograd::{Gradients, Tape};
+    use crate::bail;
+    use crate::error::Result;
+    use crate::nn::params::{ParamLeaves, ParamStore};
+    use crate::nn::resnet::BnUpdate;
+    use crate::optim::lars::LarsConfig;
+    use crate::tensor::Tensor;
+
+    /// No GPU time without a GPU.
+    pub enum StepTimer {}
+
+    impl StepTimer {
+        pub fn elapsed_ms_to(&self, _end: &StepTimer) -> Result<f64> {
+            match *self {}
+        }
+    }
+
+    /// No device state without a GPU (uninhabited).
+    pub enum DeviceTrainState {}
+
+    impl DeviceTrainState {
+        /// An error: this build has no CUDA backend.
+        pub fn upload_to(
+            _ordinal: usize,
+            _student: (&ParamStore, &ParamStore),
+            _teacher: (&ParamStore, &ParamStore),
+            _momentum: &[f32],
+        ) -> Result<DeviceTrainState> {
+            bail!(Device, "{}", crate::device::NO_CUDA)
+        }
+
+        pub fn ordinal(&self) -> usize {
+            match *self {}
+        }
+
+        pub fn timing_event(&self) -> Result<StepTimer> {
+            match *self {}
+        }
+
+        pub fn leaves(&self, _: &ParamStore, _: bool, _: &mut Tape) -> Result<ParamLeaves> {
+            match *self {}
+        }
+
+        pub fn gather_grads(
+            &mut self,
+            _: &ParamStore,
+            _: &ParamLeaves,
+            _: &Gradients,
+        ) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn download(
+            &self,
+            _: (&mut ParamStore, &mut ParamStore),
+            _: (&mut ParamStore, &mut ParamStore),
+            _: &mut [f32],
+        ) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn queue_check(&mut self, _: &ParamStore, _: f32, _: &Tensor) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn verdict(&self, _: &ParamStore, _: usize) -> Result<(f32, f32, f32)> {
+            match *self {}
+        }
+
+        pub fn lars(&mut self, _: &LarsConfig, _: f32, _: bool) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn ema(&mut self, _: f32, _: bool) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn apply_bn_updates(
+            &mut self,
+            _: bool,
+            _: &ParamStore,
+            _: Vec<BnUpdate>,
+            _: f32,
+            _: bool,
+        ) -> Result<()> {
+            match *self {}
         }
     }
 }
