@@ -55,40 +55,38 @@ __device__ __forceinline__ float aug_rem1(float x) {
     return r < 0.0f ? r + 1.0f : r;
 }
 
-// torchvision _rgb2hsv / _hsv2rgb as written, then the hue rotation: the CPU's rotate_hue
-// (src/data/augment.rs) is the same function rearranged to one division, and the emulator test
-// (tests/gpu_kernels_sim.rs) holds the two together.
+// The hue rotation of one pixel, the CPU's rotate_hue (src/data/augment.rs, which derives it):
+// torchvision's _rgb2hsv, (h + f) % 1 and _hsv2rgb in one division and no selection by sextant.
+// With the hue in sextants (H = 6 h), v = max and c = max - min, channel n (red 5, green 3,
+// blue 1) is v - c clamp(min(k, 4 - k), 0, 1) with k = (H + n) mod 6: continuous in H, so a
+// rounding across a sextant boundary moves the colour by a rounding, not a sextant. The
+// emulator test (tests/gpu_kernels_sim.rs) holds the kernel and the CPU twin together.
+__device__ __forceinline__ float aug_hue_channel(float hs, float n, float v, float c) {
+    float k = hs + n;  // in [0, 11)
+    if (k >= 6.0f) k -= 6.0f;
+    const float w = aug_clamp01(fminf(k, 4.0f - k));
+    return aug_clamp01(v - c * w);
+}
+
 __device__ __forceinline__ void aug_hue(float& r, float& g, float& b, float f) {
     const float maxc = fmaxf(fmaxf(r, g), b);
     const float minc = fminf(fminf(r, g), b);
-    const bool eqc = maxc == minc;
-    const float cr = maxc - minc;
-    const float s = cr / (eqc ? 1.0f : maxc);
-    const float crd = eqc ? 1.0f : cr;
-    const float rc = (maxc - r) / crd;
-    const float gc = (maxc - g) / crd;
-    const float bc = (maxc - b) / crd;
+    const float c = maxc - minc;
+    const float inv = 1.0f / (c == 0.0f ? 1.0f : c);
+    // torchvision's choice: red's formula where red is the maximum, then green's, then blue's.
     float h;
-    if (maxc == r) h = bc - gc;
-    else if (maxc == g) h = 2.0f + rc - bc;
-    else h = 4.0f + gc - rc;
-    h = aug_rem1(h / 6.0f + 1.0f);
-    const float v = maxc;
-    h = aug_rem1(h + f);
-    const float fi = floorf(h * 6.0f);
-    const float fr = h * 6.0f - fi;
-    const int i = (((int)fi % 6) + 6) % 6;
-    const float p = aug_clamp01(v * (1.0f - s));
-    const float q = aug_clamp01(v * (1.0f - s * fr));
-    const float t = aug_clamp01(v * (1.0f - s * (1.0f - fr)));
-    switch (i) {
-        case 0: r = v; g = t; b = p; break;
-        case 1: r = q; g = v; b = p; break;
-        case 2: r = p; g = v; b = t; break;
-        case 3: r = p; g = q; b = v; break;
-        case 4: r = t; g = p; b = v; break;
-        default: r = v; g = p; b = q; break;
-    }
+    if (maxc == r) h = (g - b) * inv;
+    else if (maxc == g) h = 2.0f + (b - r) * inv;
+    else h = 4.0f + (r - g) * inv;
+    // h in [-1, 5] and the shift in [0, 6]: the rotated hue, reduced to [-1, 6).
+    float hs = h + 6.0f * aug_rem1(f);
+    if (hs >= 6.0f) hs -= 6.0f;
+    const float nr = aug_hue_channel(hs, 5.0f, maxc, c);
+    const float ng = aug_hue_channel(hs, 3.0f, maxc, c);
+    const float nb = aug_hue_channel(hs, 1.0f, maxc, c);
+    r = nr;
+    g = ng;
+    b = nb;
 }
 
 // One per-pixel jitter op (brightness, saturation or hue; contrast is handled by the caller).
