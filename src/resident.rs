@@ -1,26 +1,41 @@
-//! The training state kept on the GPU while a step runs there: flat device buffers for the
-//! student parameters, the gradient, the LARS momentum, the teacher parameters and both
-//! networks' BN running statistics. Created from the host stores at the first GPU step (and
-//! after a resume/load); while it exists it is the source of truth and the host stores lag
-//! behind until `CarpState::sync_to_host`.
+//! The training state a step runs on, behind one interface for every device: the step
+//! (`train::step`) makes the same calls (leaves, gather the gradient, the NaN guard, its verdict,
+//! BN running statistics, LARS, the EMA) and [`TrainState`] dispatches them, here and nowhere
+//! else, to one of two implementations:
+//! - [`TrainState::Host`]: the host stores of the `CarpState` are the state (the CPU, and a GPU
+//!   step under `--optimizer-state host`). Its arithmetic is the CPU reference the GPU is tested
+//!   against: LARS pass 1 with the guard ([`lars_norms`]), the verdict, pass 2
+//!   ([`Lars::update_from_norms`]), [`ema_update`] and the BN updates.
+//! - [`TrainState::Device`]: flat device buffers for the student parameters, the gradient, the
+//!   LARS momentum, the teacher parameters and both networks' BN running statistics, created
+//!   from the host stores at the first GPU step (and after a resume/load). While it exists it is
+//!   the source of truth and the host stores lag behind until `CarpState::sync_to_host`.
 //!
-//! Per step nothing crosses the bus except one download of `3 * n_entries + 3` floats at the
-//! END of the step: the NaN guard's per-entry statistics (non-finite gradient counts fused
-//! into LARS pass 1, the norms), the loss terms and the device-side verdict. The verdict
+//! On a GPU nothing crosses the bus per step except one download of `3 * n_entries + 3` floats
+//! at the END of the step: the NaN guard's per-entry statistics (non-finite gradient counts
+//! fused into LARS pass 1, the norms), the loss terms and the device-side verdict. The verdict
 //! (`step_ok`: loss finite AND every gradient finite AND every trust ratio finite) is an i32
 //! flag on the device that the BN running-statistics updates, LARS pass 2 and the EMA read:
 //! they do nothing when it is 0, so the whole step is queued without a wait in the middle and
-//! a non-finite step still changes nothing. The host then reads the verdict and names the
-//! first offending entry. `--nan-guard sync` reads the verdict before queuing the updates
-//! (one wait mid-step) and runs the ungated update kernels instead (the A/B and fallback of the
-//! gating kernels).
+//! a non-finite step still changes nothing. The host then reads the verdict ([`GuardStats`], the
+//! same reading on both implementations) and names the first offending entry. `--nan-guard
+//! sync` reads the verdict before queuing the updates (one wait mid-step) and runs the ungated
+//! update kernels instead (the A/B and fallback of the gating kernels).
 //!
-//! The `train` step drives it through this module's interface, with no backend code of its
-//! own; without the `cuda` feature [`DeviceTrainState`] is an uninhabited stub (as candle's
-//! dummy backend), so that the step is one body that compiles everywhere.
-//!
-//! `--optimizer-state host` keeps the host path (upload the parameters per forward, download the
-//! gradients and BN statistics, LARS/EMA on the host) for A/B runs and as a fallback.
+//! Without the `cuda` feature the device state is an uninhabited stub (as candle's dummy
+//! backend), so that the step is one body that compiles everywhere.
+
+use std::time::Instant;
+
+use crate::autograd::{Gradients, Tape};
+use crate::bail;
+use crate::carp::teacher::ema_update;
+use crate::error::{Error, Result};
+use crate::nn::model::apply_bn_updates;
+use crate::nn::params::{ParamLeaves, ParamStore};
+use crate::nn::resnet::BnUpdate;
+use crate::optim::lars::{lars_norms, Lars, LarsNorms};
+use crate::tensor::{Device, Tensor};
 
 /// True when the run option `optimizer_state` is host: GPU steps run BN updates, LARS and the
 /// EMA on the host.
@@ -35,18 +50,19 @@ pub fn step_sync_forced() -> bool {
     crate::options::current().nan_guard == crate::options::NanGuard::Sync
 }
 
-/// Where a `CarpState` keeps its device copy, and whether its host stores lag behind it.
+/// Where a `CarpState` keeps the state its steps run on, and whether its host stores lag
+/// behind it.
 #[derive(Default)]
 pub struct DeviceSlot {
-    pub(crate) state: Option<DeviceTrainState>,
+    pub(crate) state: Option<TrainState>,
     /// The host stores are older than the device state (a step ran since the last sync).
     pub(crate) host_stale: bool,
 }
 
 impl Clone for DeviceSlot {
-    /// A clone gets no device state (device buffers are not shared); it keeps the staleness
-    /// flag, so a clone of an unsynced state refuses to train or save instead of silently using
-    /// old host values.
+    /// A clone gets no state (device buffers are not shared; a host state is made again at the
+    /// next step); it keeps the staleness flag, so a clone of an unsynced state refuses to train
+    /// or save instead of silently using old host values.
     fn clone(&self) -> Self {
         DeviceSlot {
             state: None,
@@ -55,10 +71,329 @@ impl Clone for DeviceSlot {
     }
 }
 
+/// What the NaN guard found in one step, read the same way on every device: LARS pass 1's
+/// per-entry norms and non-finite gradient counts, the loss terms, and the verdict.
+#[derive(Clone, Debug)]
+pub struct GuardStats {
+    pub norms: LarsNorms,
+    pub entropy: f32,
+    pub consistency: f32,
+    /// The verdict (`step_ok`): the loss, every gradient and every trust ratio finite.
+    pub ok: bool,
+}
+
+impl GuardStats {
+    /// The verdict rule of the GPU's `step_ok_f32`, on the host.
+    pub fn judge(params: &ParamStore, norms: LarsNorms, entropy: f32, consistency: f32) -> Self {
+        let ratios_finite =
+            params.entries.iter().enumerate().all(|(i, e)| {
+                e.is_1d() || (norms.w_sq[i].is_finite() && norms.g_sq[i].is_finite())
+            });
+        let ok = (entropy + consistency).is_finite()
+            && norms.non_finite.iter().all(|&c| c == 0)
+            && ratios_finite;
+        GuardStats {
+            norms,
+            entropy,
+            consistency,
+            ok,
+        }
+    }
+
+    /// The loss terms (loss, consistency, entropy) when the step was finite, else the error:
+    /// the non-finite loss first, then the first entry (in layout order, so the one holding the
+    /// first non-finite element) with a non-finite gradient, then one with a non-finite trust
+    /// ratio (non-finite weights). The reported loss is `entropy + consistency` in f32.
+    pub fn verdict(&self, params: &ParamStore, step: usize) -> Result<(f32, f32, f32)> {
+        let n = params.len();
+        let norms = &self.norms;
+        if norms.w_sq.len() != n || norms.g_sq.len() != n || norms.non_finite.len() != n {
+            bail!(
+                Shape,
+                "training state: guard statistics of {} entries for a store of {n}",
+                norms.w_sq.len()
+            );
+        }
+        let (entropy, consistency) = (self.entropy, self.consistency);
+        let loss = entropy + consistency;
+        if !loss.is_finite() {
+            bail!(
+                NonFinite,
+                "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes (causes: a non-finite input, or a prototype row of zero norm; --nan-guard sync checks the rows and names one)"
+            );
+        }
+        if let Some(i) = (0..n).find(|&i| norms.non_finite[i] != 0) {
+            bail!(
+                NonFinite,
+                "step {step}: non-finite gradient in {}; stopping before any weight changes",
+                params.entries[i].name
+            );
+        }
+        if let Some(e) = params
+            .entries
+            .iter()
+            .enumerate()
+            .find(|(i, e)| {
+                !e.is_1d() && (!norms.w_sq[*i].is_finite() || !norms.g_sq[*i].is_finite())
+            })
+            .map(|(_, e)| e)
+        {
+            bail!(
+                NonFinite,
+                "step {step}: lars: trust ratio of {} is NaN (non-finite weights or gradients); stopping before any weight changes",
+                e.name
+            );
+        }
+        if !self.ok {
+            bail!(
+                Device,
+                "step {step}: the device verdict is 0 but the host finds the step finite \
+                 (a bug in step_ok_f32); rerun with --nan-guard sync"
+            );
+        }
+        Ok((loss, consistency, entropy))
+    }
+}
+
+/// The host stores as the training state: the CPU, or a GPU step under `--optimizer-state
+/// host` (the leaves are uploaded per forward, the gradients and BN statistics downloaded).
+pub struct HostState {
+    /// Where the step's leaves go (the views' device).
+    device: Device,
+    /// This step's guard, from [`TrainState::queue_check`].
+    guard: Option<GuardStats>,
+}
+
+impl HostState {
+    fn guard(&self) -> Result<&GuardStats> {
+        self.guard.as_ref().ok_or_else(|| {
+            Error::Msg("training state: an update before queue_check (a bug)".into())
+        })
+    }
+
+    /// Whether a `gated` update may run: always when not gated (`--nan-guard sync` read the
+    /// verdict first), else only on a good verdict, as the GPU's gated kernels.
+    fn may_update(&self, gated: bool) -> Result<bool> {
+        Ok(!gated || self.guard()?.ok)
+    }
+}
+
+/// The state a training step runs on (see the module's documentation).
+pub enum TrainState {
+    Host(HostState),
+    /// Boxed: hundreds of bytes of device handles against the host state's few.
+    Device(Box<DeviceTrainState>),
+}
+
+/// GPU time between two points of the queued work on a device state, wall time on the host.
+pub enum StepTimer {
+    Wall(Instant),
+    Device(DeviceTimer),
+}
+
+impl StepTimer {
+    /// Milliseconds from this point to `end` (taken on the same state).
+    pub fn elapsed_ms_to(&self, end: &StepTimer) -> Result<f64> {
+        match (self, end) {
+            (StepTimer::Wall(a), StepTimer::Wall(b)) => {
+                Ok(b.duration_since(*a).as_secs_f64() * 1e3)
+            }
+            (StepTimer::Device(a), StepTimer::Device(b)) => a.elapsed_ms_to(b),
+            _ => bail!(Msg, "step timer: a wall-clock and a device point (a bug)"),
+        }
+    }
+}
+
+impl TrainState {
+    /// The state for a step on `device`: the device-resident one on a GPU (uploaded from the
+    /// host stores) unless `host_optimizer`, else the host stores themselves.
+    pub fn for_step(
+        device: &Device,
+        host_optimizer: bool,
+        student: (&ParamStore, &ParamStore),
+        teacher: (&ParamStore, &ParamStore),
+        momentum: &[f32],
+    ) -> Result<TrainState> {
+        Ok(match device {
+            Device::Cuda(i) if !host_optimizer => TrainState::Device(Box::new(
+                DeviceTrainState::upload_to(*i, student, teacher, momentum)?,
+            )),
+            _ => TrainState::Host(HostState {
+                device: device.clone(),
+                guard: None,
+            }),
+        })
+    }
+
+    /// Whether this is the state [`TrainState::for_step`] would make for these arguments.
+    pub fn serves(&self, device: &Device, host_optimizer: bool) -> bool {
+        match self {
+            TrainState::Host(h) => {
+                h.device == *device && (host_optimizer || *device == Device::Cpu)
+            }
+            TrainState::Device(ds) => !host_optimizer && *device == Device::Cuda(ds.ordinal()),
+        }
+    }
+
+    /// The device-resident state, when the steps run on one.
+    pub fn device_state(&self) -> Option<&DeviceTrainState> {
+        match self {
+            TrainState::Host(_) => None,
+            TrainState::Device(ds) => Some(&**ds),
+        }
+    }
+
+    /// Copies a device state into the host stores (waits for the device); nothing to do for
+    /// the host state.
+    pub fn sync_to_host(
+        &self,
+        student: (&mut ParamStore, &mut ParamStore),
+        teacher: (&mut ParamStore, &mut ParamStore),
+        momentum: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            TrainState::Host(_) => Ok(()),
+            TrainState::Device(ds) => ds.download(student, teacher, momentum),
+        }
+    }
+
+    /// A point in the step's timeline (on a GPU, in its queue: no wait).
+    pub fn timing_event(&self) -> Result<StepTimer> {
+        match self {
+            TrainState::Host(_) => Ok(StepTimer::Wall(Instant::now())),
+            TrainState::Device(ds) => Ok(StepTimer::Device(ds.timing_event()?)),
+        }
+    }
+
+    /// Leaves of the student or the teacher (`teacher`, whose store `params` is) on the step's
+    /// device.
+    pub fn leaves(
+        &self,
+        params: &ParamStore,
+        teacher: bool,
+        tape: &mut Tape,
+    ) -> Result<ParamLeaves> {
+        match self {
+            TrainState::Host(h) => params.leaves_on(tape, &h.device),
+            TrainState::Device(ds) => ds.leaves(params, teacher, tape),
+        }
+    }
+
+    /// This step's gradients of the student's leaves into the state's flat gradient (the host
+    /// store's `grad`, or the device's), zeros where an entry has none.
+    pub fn gather_grads(
+        &mut self,
+        params: &mut ParamStore,
+        leaves: &ParamLeaves,
+        grads: &Gradients,
+    ) -> Result<()> {
+        match self {
+            TrainState::Host(_) => {
+                params.zero_grad();
+                params.accumulate_grads(leaves, grads)
+            }
+            TrainState::Device(ds) => ds.gather_grads(params, leaves, grads),
+        }
+    }
+
+    /// The NaN guard fused with LARS pass 1 (per-entry norms and non-finite gradient counts),
+    /// then the verdict from them and the loss terms `loss_terms` (2,) = [H, consistency]. On a
+    /// GPU queued; [`TrainState::verdict`] reads the result.
+    pub fn queue_check(
+        &mut self,
+        params: &ParamStore,
+        weight_decay: f32,
+        loss_terms: &Tensor,
+    ) -> Result<()> {
+        match self {
+            TrainState::Host(h) => {
+                loss_terms.expect_shape("loss terms [H, consistency]", &[2])?;
+                let terms = loss_terms.to_vec()?;
+                let norms = lars_norms(params, weight_decay)?;
+                h.guard = Some(GuardStats::judge(params, norms, terms[0], terms[1]));
+                Ok(())
+            }
+            TrainState::Device(ds) => ds.queue_check(params, weight_decay, loss_terms),
+        }
+    }
+
+    /// The step's verdict (on a GPU its one download, which waits for everything queued so
+    /// far): the loss terms (loss, consistency, entropy), or the error naming what was not
+    /// finite ([`GuardStats::verdict`]); the gated updates did nothing in that case.
+    pub fn verdict(&self, params: &ParamStore, step: usize) -> Result<(f32, f32, f32)> {
+        match self {
+            TrainState::Host(h) => h.guard()?.verdict(params, step),
+            TrainState::Device(ds) => ds.verdict(params, step),
+        }
+    }
+
+    /// BN running-statistics updates into the teacher's (`teacher`) or the student's
+    /// statistics, whose host store (and layout) is `buffers`; `gated`: only on a good verdict.
+    pub fn apply_bn_updates(
+        &mut self,
+        teacher: bool,
+        buffers: &mut ParamStore,
+        updates: Vec<BnUpdate>,
+        momentum: f32,
+        gated: bool,
+    ) -> Result<()> {
+        match self {
+            TrainState::Host(h) => {
+                if !h.may_update(gated)? {
+                    return Ok(());
+                }
+                apply_bn_updates(buffers, updates, momentum)
+            }
+            TrainState::Device(ds) => {
+                ds.apply_bn_updates(teacher, buffers, updates, momentum, gated)
+            }
+        }
+    }
+
+    /// LARS pass 2 on the student with the norms `queue_check` left (`lars` holds the
+    /// configuration and, on the host, the momentum); `gated`: only on a good verdict.
+    pub fn lars(
+        &mut self,
+        lars: &mut Lars,
+        params: &mut ParamStore,
+        lr: f32,
+        gated: bool,
+    ) -> Result<()> {
+        match self {
+            TrainState::Host(h) => {
+                if !h.may_update(gated)? {
+                    return Ok(());
+                }
+                lars.update_from_norms(params, &h.guard()?.norms, lr)
+            }
+            TrainState::Device(ds) => ds.lars(&lars.cfg, lr, gated),
+        }
+    }
+
+    /// teacher = m teacher + (1 - m) student; `gated`: only on a good verdict.
+    pub fn ema(
+        &mut self,
+        teacher: &mut ParamStore,
+        student: &ParamStore,
+        m: f32,
+        gated: bool,
+    ) -> Result<()> {
+        match self {
+            TrainState::Host(h) => {
+                if !h.may_update(gated)? {
+                    return Ok(());
+                }
+                ema_update(&mut teacher.data, &student.data, m)
+            }
+            TrainState::Device(ds) => ds.ema(m, gated),
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceTrainState, StepTimer};
+pub use gpu::{DeviceTimer, DeviceTrainState};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceTrainState, StepTimer};
+pub use stub::{DeviceTimer, DeviceTrainState};
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -70,11 +405,12 @@ mod gpu {
     use crate::error::Result;
     use crate::nn::params::{ParamLeaves, ParamStore};
     use crate::nn::resnet::BnUpdate;
-    use crate::optim::lars::LarsConfig;
+    use crate::optim::lars::{LarsConfig, LarsNorms};
+    use crate::resident::GuardStats;
     use crate::tensor::{Device, Storage, Tensor};
 
     /// GPU time between two points of the stream's queued work.
-    pub type StepTimer = crate::device::cuda::TimingEvent;
+    pub type DeviceTimer = crate::device::cuda::TimingEvent;
 
     /// The device-resident training state of one GPU.
     pub struct DeviceTrainState {
@@ -188,7 +524,7 @@ mod gpu {
 
         /// A point in this GPU's queue: two of them give the GPU time between them
         /// ([`StepTimer::elapsed_ms_to`]) without a wait in the middle.
-        pub fn timing_event(&self) -> Result<StepTimer> {
+        pub fn timing_event(&self) -> Result<DeviceTimer> {
             self.be.timing_event()
         }
 
@@ -310,12 +646,9 @@ mod gpu {
             )
         }
 
-        /// The step's one download (waits for everything queued so far): the loss terms
-        /// (loss, consistency, entropy) when the step was finite, else the error the host guard
-        /// would raise: the non-finite loss first, then the first entry (in layout order) with a
-        /// non-finite gradient, then one with a non-finite trust ratio (non-finite weights).
-        /// The gated updates did nothing in that case.
-        pub fn verdict(&self, params: &ParamStore, step: usize) -> Result<(f32, f32, f32)> {
+        /// The step's one download (waits for everything queued so far): the guard's
+        /// statistics and the device verdict.
+        pub fn guard_stats(&self, params: &ParamStore) -> Result<GuardStats> {
             let n = params.len();
             let s = self.be.download_f32(&self.stats)?; // (3 n + 3)
             if s.len() != 3 * n + 3 {
@@ -325,44 +658,22 @@ mod gpu {
                     s.len()
                 );
             }
-            let (entropy, consistency, ok) = (s[3 * n], s[3 * n + 1], s[3 * n + 2]);
-            let loss = entropy + consistency;
-            if !loss.is_finite() {
-                bail!(
-                    NonFinite,
-                    "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes (causes: a non-finite input, or a prototype row of zero norm; --nan-guard sync checks the rows and names one)"
-                );
-            }
-            // Entries are in layout order, so the first flagged entry holds the first
-            // non-finite element, the one the host guard names.
-            if let Some(i) = (0..n).find(|&i| s[2 * n + i] != 0.0) {
-                bail!(
-                    NonFinite,
-                    "step {step}: non-finite gradient in {}; stopping before any weight changes",
-                    params.entries[i].name
-                );
-            }
-            if let Some(e) = params
-                .entries
-                .iter()
-                .enumerate()
-                .find(|(i, e)| !e.is_1d() && (!s[*i].is_finite() || !s[n + *i].is_finite()))
-                .map(|(_, e)| e)
-            {
-                bail!(
-                    NonFinite,
-                    "step {step}: lars: trust ratio of {} is NaN (non-finite weights or gradients); stopping before any weight changes",
-                    e.name
-                );
-            }
-            if ok != 1.0 {
-                bail!(
-                    Device,
-                    "step {step}: the device verdict is {ok} but the host finds the step finite \
-                     (a bug in step_ok_f32); rerun with --nan-guard sync"
-                );
-            }
-            Ok((loss, consistency, entropy))
+            Ok(GuardStats {
+                norms: LarsNorms {
+                    w_sq: s[..n].iter().map(|&v| v as f64).collect(),
+                    g_sq: s[n..2 * n].iter().map(|&v| v as f64).collect(),
+                    // Exact counts (the kernel's comment): a float only tested against 0.
+                    non_finite: s[2 * n..3 * n].iter().map(|&v| v as usize).collect(),
+                },
+                entropy: s[3 * n],
+                consistency: s[3 * n + 1],
+                ok: s[3 * n + 2] == 1.0,
+            })
+        }
+
+        /// [`GuardStats::verdict`] on this step's download.
+        pub fn verdict(&self, params: &ParamStore, step: usize) -> Result<(f32, f32, f32)> {
+            self.guard_stats(params)?.verdict(params, step)
         }
 
         /// LARS pass 2 on the device, with the norms `queue_check` left; `gated`: only when
@@ -466,10 +777,10 @@ mod stub {
     use crate::tensor::Tensor;
 
     /// No GPU time without a GPU.
-    pub enum StepTimer {}
+    pub enum DeviceTimer {}
 
-    impl StepTimer {
-        pub fn elapsed_ms_to(&self, _end: &StepTimer) -> Result<f64> {
+    impl DeviceTimer {
+        pub fn elapsed_ms_to(&self, _end: &DeviceTimer) -> Result<f64> {
             match *self {}
         }
     }
@@ -492,7 +803,7 @@ mod stub {
             match *self {}
         }
 
-        pub fn timing_event(&self) -> Result<StepTimer> {
+        pub fn timing_event(&self) -> Result<DeviceTimer> {
             match *self {}
         }
 

@@ -10,8 +10,8 @@ use crate::error::Result;
 use crate::nn::head::{Head, HeadConfig};
 use crate::nn::params::{ParamLeaves, ParamStore};
 use crate::nn::resnet::{BnUpdate, ResNet, ResNetConfig, Stem};
-use crate::ops::batchnorm::{bn_running_update, BN_MOMENTUM};
-use crate::tensor::Tensor;
+use crate::ops::batchnorm::bn_running_update;
+use crate::tensor::{Device, Tensor};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
@@ -177,16 +177,26 @@ impl Network {
         self.backbone
             .forward(&mut tape, &leaves, &self.buffers, x, false, &mut updates)
     }
+}
 
-    /// Applies queued running-statistics updates (PyTorch's momentum 0.1).
-    pub fn apply_bn_updates(&mut self, updates: Vec<BnUpdate>) -> Result<()> {
-        for u in updates {
-            let rm = self.buffers.tensor(u.ids.running_mean)?;
-            let rv = self.buffers.tensor(u.ids.running_var)?;
-            let (rm, rv) = bn_running_update(&rm, &rv, &u.batch_mean, &u.batch_var, BN_MOMENTUM)?;
-            self.buffers.set(u.ids.running_mean, &rm)?;
-            self.buffers.set(u.ids.running_var, &rv)?;
-        }
-        Ok(())
+/// Applies queued running-statistics updates to a BN buffers store (its running means and
+/// variances; PyTorch's momentum 0.1 is `BN_MOMENTUM`), on the host: the batch statistics are
+/// brought there first.
+pub fn apply_bn_updates(
+    buffers: &mut ParamStore,
+    updates: Vec<BnUpdate>,
+    momentum: f32,
+) -> Result<()> {
+    for u in updates {
+        let rm = buffers.tensor(u.ids.running_mean)?;
+        let rv = buffers.tensor(u.ids.running_var)?;
+        let (bm, bv) = (
+            u.batch_mean.to_device(&Device::Cpu)?,
+            u.batch_var.to_device(&Device::Cpu)?,
+        );
+        let (rm, rv) = bn_running_update(&rm, &rv, &bm, &bv, momentum)?;
+        buffers.set(u.ids.running_mean, &rm)?;
+        buffers.set(u.ids.running_var, &rv)?;
     }
+    Ok(())
 }

@@ -80,21 +80,44 @@ impl Lars {
             return (1.0, 0.0);
         }
         let wd = self.cfg.weight_decay;
-        let w_norm = sum_sq(w).sqrt();
-        let g_norm = sum_sq_decayed(g, w, wd).sqrt();
+        self.scale_from_norms(false, sum_sq(w), sum_sq_decayed(g, w, wd))
+    }
+
+    /// [`Lars::tensor_scale`] from pass 1's squared norms `||w||^2` and `||g + wd w||^2`.
+    pub fn scale_from_norms(&self, is_1d: bool, w_sq: f64, g_sq: f64) -> (f32, f32) {
+        if is_1d {
+            return (1.0, 0.0);
+        }
+        let (w_norm, g_norm) = (w_sq.sqrt(), g_sq.sqrt());
         let q = if !w_norm.is_finite() || !g_norm.is_finite() {
-            // Reported by `step` (a NaN would otherwise fall through to the ratio-1 case).
+            // Reported by the step's guard (a NaN would otherwise fall through to the ratio-1
+            // case).
             f32::NAN
         } else if w_norm > 0.0 && g_norm > 0.0 {
             (self.cfg.trust_coef as f64 * w_norm / g_norm) as f32
         } else {
             1.0
         };
-        (q, wd)
+        (q, self.cfg.weight_decay)
     }
 
     /// One update over the flat store: uses store.entries (is_1d, range), store.data, store.grad.
+    /// Pass 1 ([`lars_norms`]) then pass 2 ([`Lars::update_from_norms`]), as the training step
+    /// runs them with its NaN guard in between.
     pub fn step(&mut self, store: &mut ParamStore, lr: f32) -> Result<()> {
+        let norms = lars_norms(store, self.cfg.weight_decay)?;
+        self.update_from_norms(store, &norms, lr)
+    }
+
+    /// LARS pass 2 with the norms of pass 1: per entry `g' = (g + wd w) q`, `mu = momentum mu +
+    /// g'`, `w -= lr mu` (the CPU twin of the GPU's `lars_update_f32`). An error, before any
+    /// value changes, when a trust ratio is not finite.
+    pub fn update_from_norms(
+        &mut self,
+        store: &mut ParamStore,
+        norms: &LarsNorms,
+        lr: f32,
+    ) -> Result<()> {
         let n = store.data.len();
         if store.grad.len() != n || self.momentum_buf.len() != n {
             bail!(
@@ -104,29 +127,38 @@ impl Lars {
                 self.momentum_buf.len()
             );
         }
+        if norms.w_sq.len() != store.len() || norms.g_sq.len() != store.len() {
+            bail!(
+                Shape,
+                "lars: norms of {} entries for a store of {}",
+                norms.w_sq.len(),
+                store.len()
+            );
+        }
         if !lr.is_finite() {
             bail!(NonFinite, "lars: learning rate {lr}");
         }
+        let scales: Vec<(f32, f32)> = store
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.scale_from_norms(e.is_1d(), norms.w_sq[i], norms.g_sq[i]))
+            .collect();
+        if let Some((e, (q, _))) = store
+            .entries
+            .iter()
+            .zip(&scales)
+            .find(|(_, (q, _))| !q.is_finite())
+        {
+            bail!(
+                NonFinite,
+                "lars: trust ratio of {} is {q} (non-finite weights or gradients)",
+                e.name
+            );
+        }
         let momentum = self.cfg.momentum;
-        for e in &store.entries {
+        for (e, &(q, wd)) in store.entries.iter().zip(&scales) {
             let r = e.range();
-            if r.end > n {
-                bail!(
-                    Shape,
-                    "lars: parameter {} spans {:?} beyond the store's {n} values",
-                    e.name,
-                    r
-                );
-            }
-            let (q, wd) =
-                self.tensor_scale(e.is_1d(), &store.data[r.clone()], &store.grad[r.clone()]);
-            if !q.is_finite() {
-                bail!(
-                    NonFinite,
-                    "lars: trust ratio of {} is {q} (non-finite weights or gradients)",
-                    e.name
-                );
-            }
             let w = &mut store.data[r.clone()];
             let g = &store.grad[r.clone()];
             let mu = &mut self.momentum_buf[r];
@@ -143,6 +175,61 @@ impl Lars {
         }
         Ok(())
     }
+}
+
+/// LARS pass 1 per entry of a store, in layout order, with the training step's NaN guard fused
+/// in: what the GPU's `lars_norms_f32_checked` (kernels/lars.cu) leaves in its statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LarsNorms {
+    /// `||w||^2` (0 for 1-d entries, which LARS does not adapt).
+    pub w_sq: Vec<f64>,
+    /// `||g + wd w||^2` (0 for 1-d entries).
+    pub g_sq: Vec<f64>,
+    /// How many gradient values are NaN or +-inf (every entry).
+    pub non_finite: Vec<usize>,
+}
+
+/// LARS pass 1 over `store` (its data and grad) with weight decay `wd`: the CPU twin of the
+/// GPU's `lars_norms_f32_checked`, in f64 with fixed chunks (deterministic).
+pub fn lars_norms(store: &ParamStore, wd: f32) -> Result<LarsNorms> {
+    let n = store.data.len();
+    if store.grad.len() != n {
+        bail!(
+            Shape,
+            "lars: store has {n} values and {} gradients",
+            store.grad.len()
+        );
+    }
+    let mut norms = LarsNorms {
+        w_sq: Vec::with_capacity(store.len()),
+        g_sq: Vec::with_capacity(store.len()),
+        non_finite: Vec::with_capacity(store.len()),
+    };
+    for e in &store.entries {
+        let r = e.range();
+        if r.end > n {
+            bail!(
+                Shape,
+                "lars: parameter {} spans {:?} beyond the store's {n} values",
+                e.name,
+                r
+            );
+        }
+        let (w, g) = (&store.data[r.clone()], &store.grad[r]);
+        let (w_sq, g_sq) = if e.is_1d() {
+            (0.0, 0.0)
+        } else {
+            (sum_sq(w), sum_sq_decayed(g, w, wd))
+        };
+        norms.w_sq.push(w_sq);
+        norms.g_sq.push(g_sq);
+        norms.non_finite.push(
+            g.par_chunks(LARS_CHUNK)
+                .map(|c| c.iter().filter(|v| !v.is_finite()).count())
+                .sum(),
+        );
+    }
+    Ok(norms)
 }
 
 #[cfg(test)]
@@ -296,6 +383,50 @@ mod tests {
         let mu = [0.9 * 0.5 + 0.5, 0.9 * 0.25 + 0.25];
         assert!((store.data[0] - (0.95 - 0.1 * mu[0])).abs() < 1e-7);
         assert!((store.data[1] - (-2.025 - 0.1 * mu[1])).abs() < 1e-7);
+    }
+
+    #[test]
+    fn pass_one_norms_and_non_finite_counts_match_f64() {
+        let mut store = ParamStore::new();
+        store
+            .add("a.weight", &[37, 1200], randn_vec(37 * 1200, 1))
+            .unwrap();
+        store.add("a.bias", &[37], randn_vec(37, 2)).unwrap();
+        store.add("b.weight", &[5, 3], randn_vec(15, 3)).unwrap();
+        store.grad = randn_vec(store.numel(), 4);
+        let wd = 0.05;
+        let norms = lars_norms(&store, wd).unwrap();
+        for (i, e) in store.entries.iter().enumerate() {
+            let r = e.range();
+            let (w, g) = (&store.data[r.clone()], &store.grad[r]);
+            let want_w: f64 = w.iter().map(|&v| (v as f64).powi(2)).sum();
+            let want_g: f64 = g
+                .iter()
+                .zip(w)
+                .map(|(&g, &w)| (g as f64 + wd as f64 * w as f64).powi(2))
+                .sum();
+            if e.is_1d() {
+                assert_eq!((norms.w_sq[i], norms.g_sq[i]), (0.0, 0.0), "{}", e.name);
+            } else {
+                assert!((norms.w_sq[i] - want_w).abs() < 1e-9 * want_w, "{}", e.name);
+                assert!((norms.g_sq[i] - want_g).abs() < 1e-6 * want_g, "{}", e.name);
+            }
+            assert_eq!(norms.non_finite[i], 0);
+        }
+        // Non-finite gradients are counted per entry, 1-d entries included.
+        let a = store.entry(store.id("a.weight").unwrap()).range();
+        let b = store.entry(store.id("a.bias").unwrap()).range();
+        store.grad[a.start + 40_000] = f32::NAN;
+        store.grad[a.start + 3] = f32::NEG_INFINITY;
+        store.grad[b.start + 36] = f32::INFINITY;
+        let norms = lars_norms(&store, wd).unwrap();
+        assert_eq!(norms.non_finite, vec![2, 1, 0]);
+        assert!(!norms.g_sq[0].is_finite() && norms.g_sq[2].is_finite());
+        // Pass 2 refuses the non-finite trust ratio before any value changes.
+        let before = store.data.clone();
+        let mut lars = Lars::new(LarsConfig::default(), store.numel());
+        assert!(lars.update_from_norms(&mut store, &norms, 0.1).is_err());
+        assert_eq!(store.data, before);
     }
 
     #[test]

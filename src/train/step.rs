@@ -1,6 +1,9 @@
-//! One CARP training step, top to bottom: teacher forward on both views (no tape), student
-//! forward on both views (and on the optional multi-crop local views), the partitioned loss and its analytic gradient, backward, LARS, EMA.
-//! Nothing in the state changes unless the whole step is finite.
+//! One CARP training step, top to bottom, the same calls on every device: teacher forward on
+//! both views (no tape), student forward on both views (and on the optional multi-crop local
+//! views), the partitioned loss and its analytic gradient, backward, the NaN guard, then BN
+//! running statistics, LARS and the EMA on the training state (`resident::TrainState`: the
+//! host stores on the CPU, device buffers on a GPU). Nothing in the state changes unless the
+//! whole step is finite.
 
 use std::time::Instant;
 
@@ -9,19 +12,17 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::autograd::{Precision, Tape};
 use crate::bail;
-use crate::carp::teacher::ema_update;
 use crate::device::nvtx;
 use crate::error::{Error, Result};
 use crate::nn::model::Forward;
 use crate::nn::params::ParamLeaves;
-use crate::nn::resnet::BnUpdate;
 use crate::nn::{ModelConfig, Network};
 use crate::ops::batchnorm::BN_MOMENTUM;
 use crate::ops::loss::{carp_loss_forward, random_partition, Partition, StepLoss};
 use crate::ops::rows::stack_rows;
 use crate::optim::lars::{Lars, LarsConfig};
 use crate::resident::{
-    host_optim_forced, step_sync_forced, DeviceSlot, DeviceTrainState, StepTimer,
+    host_optim_forced, step_sync_forced, DeviceSlot, DeviceTrainState, StepTimer, TrainState,
 };
 use crate::tensor::{Device, Tensor};
 
@@ -54,7 +55,8 @@ pub struct CarpState {
     /// The numerical mode of both networks' forwards and the student's backward (the tapes'
     /// precision); the parameters, BN statistics, loss, LARS and the EMA stay f32.
     pub precision: Precision,
-    /// The device-resident copy (GPU steps), and whether the host stores lag behind it.
+    /// The state the steps run on (the host stores, or a device-resident copy on a GPU), and
+    /// whether the host stores lag behind it.
     pub(crate) device: DeviceSlot,
 }
 
@@ -96,31 +98,6 @@ fn phase_ms(device: &Device, t: &mut Instant) -> Result<f64> {
     Ok(ms_since(t))
 }
 
-/// The NaN guard on the loss: an error naming the step, raised before any weight changes.
-fn check_loss(step: usize, loss: f32, consistency: f32, entropy: f32) -> Result<()> {
-    if !loss.is_finite() {
-        bail!(
-            NonFinite,
-            "step {step}: the loss is {loss} (consistency {consistency}, entropy {entropy}); stopping before any weight changes"
-        );
-    }
-    Ok(())
-}
-
-/// BN updates with their batch statistics on the host (where the running statistics live).
-fn bn_updates_on_host(updates: Vec<BnUpdate>) -> Result<Vec<BnUpdate>> {
-    updates
-        .into_iter()
-        .map(|u| {
-            Ok(BnUpdate {
-                ids: u.ids,
-                batch_mean: u.batch_mean.to_device(&Device::Cpu)?,
-                batch_var: u.batch_var.to_device(&Device::Cpu)?,
-            })
-        })
-        .collect()
-}
-
 fn ms_since(t: &mut Instant) -> f64 {
     let now = Instant::now();
     let ms = (now - *t).as_secs_f64() * 1e3;
@@ -155,9 +132,9 @@ impl CarpState {
     /// date with the device-resident state, which stays the source of truth. A no-op without
     /// one. Waits for the device.
     pub fn sync_to_host(&mut self) -> Result<()> {
-        if let Some(ds) = &self.device.state {
+        if let Some(ts) = &self.device.state {
             let _r = nvtx::Range::new("sync to host");
-            ds.download(
+            ts.sync_to_host(
                 (&mut self.student.params, &mut self.student.buffers),
                 (&mut self.teacher.params, &mut self.teacher.buffers),
                 &mut self.lars.momentum_buf,
@@ -169,13 +146,16 @@ impl CarpState {
 
     /// The device-resident state, while steps run on a GPU (tests compare it with the host).
     pub fn device_state(&self) -> Option<&DeviceTrainState> {
-        self.device.state.as_ref()
+        self.device
+            .state
+            .as_ref()
+            .and_then(TrainState::device_state)
     }
 
     /// Whether a device-resident state exists (the last step ran on a GPU without
     /// `--optimizer-state host`).
     pub fn has_device_state(&self) -> bool {
-        self.device.state.is_some()
+        self.device_state().is_some()
     }
 
     /// Whether the host stores hold the current values (false after a GPU step until
@@ -191,28 +171,16 @@ impl CarpState {
         self.device = DeviceSlot::default();
     }
 
-    /// Makes the device-resident state match the step's device: created (uploaded) at the
-    /// first GPU step, synced back and dropped when the step moves to another device or
-    /// `--optimizer-state host` asks for the host path.
-    fn prepare_device_state(&mut self, device: &Device) -> Result<()> {
-        let want = match device {
-            Device::Cuda(i) if !host_optim_forced() => Some(*i),
-            _ => None,
-        };
-        if let Some(ds) = &self.device.state {
-            if Some(ds.ordinal()) == want {
-                return Ok(());
+    /// Makes the training state match the step's device: the host stores on the CPU (and on a
+    /// GPU under `--optimizer-state host`), else a device-resident state, created (uploaded)
+    /// at the first GPU step, synced back and dropped when the step moves elsewhere.
+    fn prepare_state(&mut self, device: &Device) -> Result<&mut TrainState> {
+        let host_optimizer = host_optim_forced();
+        if let Some(ts) = &self.device.state {
+            if !ts.serves(device, host_optimizer) {
+                self.sync_to_host()?;
+                self.device.state = None;
             }
-            self.sync_to_host()?;
-            self.device.state = None;
-        }
-        if let (Some(i), false) = (want, self.device.host_stale) {
-            self.device.state = Some(DeviceTrainState::upload_to(
-                i,
-                (&self.student.params, &self.student.buffers),
-                (&self.teacher.params, &self.teacher.buffers),
-                &self.lars.momentum_buf,
-            )?);
         }
         if self.device.host_stale {
             bail!(
@@ -221,21 +189,27 @@ impl CarpState {
                  sync_to_host); call sync_to_host() on the original before cloning it"
             );
         }
-        Ok(())
+        if self.device.state.is_none() {
+            self.device.state = Some(TrainState::for_step(
+                device,
+                host_optimizer,
+                (&self.student.params, &self.student.buffers),
+                (&self.teacher.params, &self.teacher.buffers),
+                &self.lars.momentum_buf,
+            )?);
+        }
+        self.device
+            .state
+            .as_mut()
+            .ok_or_else(|| Error::Msg("prepare_state: no training state (a bug)".into()))
     }
 
-    /// Leaves of the teacher (`teacher`) or the student on `device`: copies of the
-    /// device-resident parameters when there are any, else from the host store.
-    fn leaves_for(&self, teacher: bool, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
-        let net = if teacher {
-            &self.teacher
-        } else {
-            &self.student
-        };
-        if let Some(ds) = &self.device.state {
-            return ds.leaves(&net.params, teacher, tape);
-        }
-        net.params.leaves_on(tape, device)
+    /// The state the current step runs on (made by `prepare_state`).
+    fn state(&self) -> Result<&TrainState> {
+        self.device
+            .state
+            .as_ref()
+            .ok_or_else(|| Error::Msg("a training step without a training state (a bug)".into()))
     }
 
     /// One step on a batch of two views, each (N, 3, S, S), with this step's learning rate and
@@ -271,8 +245,7 @@ impl CarpState {
         // loss, run on their device; on a GPU so do BN running statistics, LARS and the EMA, on
         // the device-resident state (unless --optimizer-state host: then on the host stores).
         let device = crate::ops::common_device("train_step views", &[view1, view2])?;
-        self.prepare_device_state(&device)?;
-        let wall = Instant::now();
+        self.prepare_state(&device)?;
         let n = view1.dim(0);
         let k = self.student.cfg.head.prototypes;
         // This step's partition, drawn on a copy of the RNG that is committed only when the
@@ -280,11 +253,8 @@ impl CarpState {
         // here, while a GPU's queue is empty (the last step ended with its one wait).
         let mut partition_rng = self.partition_rng.clone();
         let partition = Partition::on(random_partition(k, &mut partition_rng), &device)?;
-        // The device-resident step's GPU time: one event pair around its queued work.
-        let dev_start = match &self.device.state {
-            Some(ds) => Some(ds.timing_event()?),
-            None => None,
-        };
+        // The step's time: on a GPU one event pair around its queued work.
+        let start = self.state()?.timing_event()?;
         let n_local = match locals {
             None => 0,
             Some(l) => {
@@ -312,7 +282,9 @@ impl CarpState {
         let tfwd = {
             let _r = nvtx::Range::new("teacher forward");
             let mut ttape = Tape::no_grad().with_precision(self.precision);
-            let tleaves = self.leaves_for(true, &mut ttape, &device)?;
+            let tleaves = self
+                .state()?
+                .leaves(&self.teacher.params, true, &mut ttape)?;
             self.teacher.forward(&mut ttape, &tleaves, &x, true)?
         };
         phases.teacher_forward_ms = phase_ms(&device, &mut clock)?;
@@ -321,7 +293,9 @@ impl CarpState {
         let mut tape = Tape::new().with_precision(self.precision);
         let (leaves, sfwd) = {
             let _r = nvtx::Range::new("student forward");
-            let leaves = self.leaves_for(false, &mut tape, &device)?;
+            let leaves = self
+                .state()?
+                .leaves(&self.student.params, false, &mut tape)?;
             let sfwd = match locals {
                 None => self.student.forward(&mut tape, &leaves, &x, true)?,
                 Some(xl) => self.student_forward_multi(&mut tape, &leaves, &x, xl)?,
@@ -336,19 +310,10 @@ impl CarpState {
             carp_loss_forward(&sfwd.logits, &tfwd.logits, vs, self.nb, &partition)
                 .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?
         };
-        if let Some(start) = dev_start {
-            // The device-resident step: the NaN guard reads the loss terms with everything
-            // else at the end of the step.
-            phases.loss_ms = phase_ms(&device, &mut clock)?;
-            let st = self.finish_step_on_device(
-                tape, leaves, sfwd, tfwd, loss, lr, m, phases, clock, start,
-            )?;
-            self.partition_rng = partition_rng;
-            return Ok(st);
-        }
-        let mut st = self.finish_step(tape, leaves, sfwd, tfwd, loss, lr, m, phases, clock)?;
+        phases.loss_ms = phase_ms(&device, &mut clock)?;
+        // The NaN guard reads the loss terms with everything else at the end of the step.
+        let st = self.finish_step(tape, leaves, sfwd, tfwd, loss, lr, m, phases, clock, start)?;
         self.partition_rng = partition_rng;
-        st.phases.step_ms = wall.elapsed().as_secs_f64() * 1e3;
         Ok(st)
     }
 
@@ -383,86 +348,16 @@ impl CarpState {
         })
     }
 
-    /// The NaN guard on the loss (read on the host), backward from the analytic gradient of
-    /// the student logits, then (when everything is finite) BN running statistics, LARS and
-    /// the EMA on the host stores.
+    /// The rest of the step on the training state, the same calls on every device (on a GPU
+    /// queued without a wait in the middle): backward from the analytic gradient of the student
+    /// logits, the gradients gathered into the state's flat gradient, the NaN guard (LARS pass 1
+    /// with non-finite counts) and its verdict (`step_ok`, with the loss terms (2,) = [H,
+    /// consistency]), then BN statistics, LARS pass 2 and the EMA gated by the verdict, then
+    /// the verdict read (on a GPU the step's one download). A non-finite step is an error naming
+    /// the step and the entry, and changed no state value (the gated updates did nothing).
+    /// `--nan-guard sync` reads the verdict before the (ungated) updates.
     #[allow(clippy::too_many_arguments)]
     fn finish_step(
-        &mut self,
-        tape: Tape,
-        leaves: ParamLeaves,
-        sfwd: Forward,
-        tfwd: Forward,
-        loss: StepLoss,
-        lr: f32,
-        m: f32,
-        mut phases: PhaseTimes,
-        mut clock: Instant,
-    ) -> Result<StepStats> {
-        let device = sfwd.logits.device();
-        let (loss_value, consistency, entropy) = loss.read()?;
-        check_loss(self.step, loss_value, consistency, entropy)?;
-        phases.loss_ms = phase_ms(&device, &mut clock)?;
-        {
-            let _r = nvtx::Range::new("backward");
-            let grads = tape.backward_from(vec![(sfwd.logits.clone(), loss.dstudent)])?;
-            self.student.params.zero_grad();
-            self.student.params.accumulate_grads(&leaves, &grads)?;
-        }
-        if let Some(bad) = self.student.params.grad.iter().position(|g| !g.is_finite()) {
-            let name = self
-                .student
-                .params
-                .entries
-                .iter()
-                .find(|e| e.range().contains(&bad))
-                .map(|e| e.name.clone())
-                .unwrap_or_default();
-            bail!(
-                NonFinite,
-                "step {}: non-finite gradient in {name}; stopping before any weight changes",
-                self.step
-            );
-        }
-
-        phases.backward_ms = phase_ms(&device, &mut clock)?;
-
-        // The step is good: commit BN statistics, LARS, then the EMA.
-        {
-            let _r = nvtx::Range::new("optimizer");
-            // The running statistics live in the host-side buffers store.
-            self.teacher
-                .apply_bn_updates(bn_updates_on_host(tfwd.bn_updates)?)?;
-            self.student
-                .apply_bn_updates(bn_updates_on_host(sfwd.bn_updates)?)?;
-            self.lars.step(&mut self.student.params, lr)?;
-        }
-        phases.optimizer_ms = ms_since(&mut clock);
-        {
-            let _r = nvtx::Range::new("ema");
-            ema_update(&mut self.teacher.params.data, &self.student.params.data, m)?;
-        }
-        phases.ema_ms = ms_since(&mut clock);
-        self.step += 1;
-        Ok(StepStats {
-            loss: loss_value,
-            consistency,
-            entropy,
-            lr,
-            momentum: m,
-            phases,
-        })
-    }
-
-    /// `finish_step` on the device-resident state, queued without a wait in the middle:
-    /// gradients gathered into the flat device gradient, the NaN guard (LARS pass 1 with
-    /// non-finite counts) and the device verdict (`step_ok`, with the loss terms (2,) = [H,
-    /// consistency]), then BN statistics, LARS pass 2 and the EMA gated by the
-    /// verdict, then the step's one download: the verdict and the loss terms. A non-finite
-    /// step is an error naming the step and the entry, and changed no state buffer (the gated
-    /// kernels did nothing). `--nan-guard sync` reads the verdict before the (ungated) updates.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_step_on_device(
         &mut self,
         tape: Tape,
         leaves: ParamLeaves,
@@ -485,17 +380,19 @@ impl CarpState {
             );
         }
         let sync = step_sync_forced();
-        let ds = self.device.state.as_mut().ok_or_else(|| {
-            Error::Msg("finish_step_on_device without a device state (a bug)".into())
-        })?;
+        let ts = self
+            .device
+            .state
+            .as_mut()
+            .ok_or_else(|| Error::Msg("finish_step without a training state (a bug)".into()))?;
         {
             let _r = nvtx::Range::new("backward");
             let grads = tape.backward_from(vec![(sfwd.logits.clone(), loss.dstudent)])?;
-            ds.gather_grads(&self.student.params, &leaves, &grads)?;
+            ts.gather_grads(&mut self.student.params, &leaves, &grads)?;
             drop(leaves);
             // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2), and the
-            // device verdict the updates below read.
-            ds.queue_check(
+            // verdict the updates below read.
+            ts.queue_check(
                 &self.student.params,
                 self.lars.cfg.weight_decay,
                 &loss.terms,
@@ -503,51 +400,53 @@ impl CarpState {
         }
         let mut terms = None;
         if sync {
-            terms = Some(ds.verdict(&self.student.params, step)?);
+            terms = Some(ts.verdict(&self.student.params, step)?);
         }
         phases.backward_ms = phase_ms(&device, &mut clock)?;
 
-        // BN statistics, LARS, then the EMA, each doing nothing unless the device verdict is
-        // ok. The host stores may lag behind the device from here on (restored below when the
+        // BN statistics, LARS, then the EMA, each doing nothing unless the verdict is ok. A
+        // device state's host stores lag behind it from here on (restored below when the
         // verdict says nothing changed).
         let was_stale = self.device.host_stale;
-        self.device.host_stale = true;
+        if ts.device_state().is_some() {
+            self.device.host_stale = true;
+        }
         let gated = !sync;
         {
             let _r = nvtx::Range::new("optimizer");
-            ds.apply_bn_updates(
+            ts.apply_bn_updates(
                 true,
-                &self.teacher.buffers,
+                &mut self.teacher.buffers,
                 tfwd.bn_updates,
                 BN_MOMENTUM,
                 gated,
             )?;
-            ds.apply_bn_updates(
+            ts.apply_bn_updates(
                 false,
-                &self.student.buffers,
+                &mut self.student.buffers,
                 sfwd.bn_updates,
                 BN_MOMENTUM,
                 gated,
             )?;
-            ds.lars(&self.lars.cfg, lr, gated)?;
+            ts.lars(&mut self.lars, &mut self.student.params, lr, gated)?;
         }
         phases.optimizer_ms = phase_ms(&device, &mut clock)?;
         {
             let _r = nvtx::Range::new("ema");
-            ds.ema(m, gated)?;
+            ts.ema(&mut self.teacher.params, &self.student.params, m, gated)?;
         }
         phases.ema_ms = phase_ms(&device, &mut clock)?;
         // Not `?`: the updates are queued (and run when the verdict is ok), so an error from
         // here on must not return before the step is counted; it only loses the step's time.
-        let end = ds.timing_event();
+        let end = ts.timing_event();
         // The step's one wait: the verdict and the loss terms (--nan-guard sync read them
         // above).
         let (loss, consistency, entropy) = match terms {
             Some(t) => t,
-            None => match ds.verdict(&self.student.params, step) {
+            None => match ts.verdict(&self.student.params, step) {
                 Ok(t) => t,
                 Err(e) => {
-                    // The gated updates did nothing: the device state is as before the step.
+                    // The gated updates did nothing: the state is as before the step.
                     self.device.host_stale = was_stale;
                     return Err(e);
                 }
