@@ -1,5 +1,6 @@
 //! Helpers for tests: seeded random tensors, a finite-difference gradient checker, and the
-//! device tests' harness ([`test_device!`], [`gpu_for_test`]). Public (but hidden) so the
+//! device tests' harness ([`test_device!`], [`gpu_for_test`], and [`check_tape_op`]: an op on a
+//! device against its f64 reference and, on a GPU, against the CPU op). Public (but hidden) so the
 //! integration tests under `tests/` can use them too.
 
 use rand::SeedableRng;
@@ -253,6 +254,153 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
         .zip(b)
         .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
         / scale
+}
+
+/// A tape op under test: its inputs (tracked, on the test's device) to its outputs.
+pub type TapeOp<'a> = dyn Fn(&mut Tape, &[Tensor]) -> Result<Vec<Tensor>> + 'a;
+
+/// An op's results on the host: every output, and each input's gradient (`None` where the op
+/// gives it none), from a backward seeded on output 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TapeRun<T> {
+    pub outputs: Vec<Vec<T>>,
+    pub grads: Vec<Option<Vec<T>>>,
+}
+
+/// Runs `f` on `inputs` (moved to `dev`, tracked), then backward from output 0 seeded with
+/// `dy` (of output 0's shape, on any device). Panics when an output or a gradient left `dev`.
+pub fn run_tape_op(dev: &Device, inputs: &[Tensor], dy: &Tensor, f: &TapeOp) -> TapeRun<f32> {
+    let mut tape = Tape::new();
+    let xs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| tape.track(&t.to_device(dev).expect("input to the test device")))
+        .collect();
+    let outs = f(&mut tape, &xs).expect("the op under test");
+    for o in &outs {
+        assert_eq!(o.device(), *dev, "an output left the inputs' device");
+    }
+    let outputs = outs.iter().map(|o| o.to_vec().expect("download")).collect();
+    let seed = dy.to_device(dev).expect("seed to the test device");
+    let g = tape
+        .backward_from(vec![(outs[0].clone(), seed)])
+        .expect("backward");
+    let grads = xs
+        .iter()
+        .map(|x| {
+            g.get(x).map(|g| {
+                assert_eq!(g.device(), *dev, "a gradient left the inputs' device");
+                g.to_vec().expect("download")
+            })
+        })
+        .collect();
+    TapeRun { outputs, grads }
+}
+
+/// max |got - want| / max(|want|_inf, floor) <= tol, with the worst element in the message; a
+/// non-finite value fails.
+pub fn assert_rel_close(what: &str, got: &[f32], want: &[f64], tol: f64, floor: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: element {i} is {}", got[i]);
+    }
+    let scale = want.iter().fold(floor, |m, &v| m.max(v.abs()));
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (g as f64 - w).abs();
+        if d > worst {
+            worst = d;
+            at = i;
+        }
+    }
+    let rel = worst / scale;
+    assert!(
+        rel <= tol,
+        "{what}: relative error {rel:.3e} > {tol:.1e} (element {at}: {} vs {})",
+        got[at],
+        want[at]
+    );
+}
+
+/// Tolerances of [`assert_rel_close`] (floor 1e-6) for an op's outputs and its gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct Tol {
+    pub fwd: f64,
+    pub bwd: f64,
+}
+
+impl Tol {
+    pub const EXACT: Tol = Tol { fwd: 0.0, bwd: 0.0 };
+    pub const fn new(fwd: f64, bwd: f64) -> Tol {
+        Tol { fwd, bwd }
+    }
+}
+
+fn assert_run_close(what: &str, dev: &Device, got: &TapeRun<f32>, want: &TapeRun<f64>, tol: Tol) {
+    assert_eq!(got.outputs.len(), want.outputs.len(), "{what}: outputs");
+    for (i, (g, w)) in got.outputs.iter().zip(&want.outputs).enumerate() {
+        assert_rel_close(&format!("{what} output {i} on {dev}"), g, w, tol.fwd, 1e-6);
+    }
+    assert_eq!(got.grads.len(), want.grads.len(), "{what}: inputs");
+    for (i, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
+        match (g, w) {
+            (Some(g), Some(w)) => {
+                assert_rel_close(&format!("{what} d input {i} on {dev}"), g, w, tol.bwd, 1e-6)
+            }
+            (None, None) => {}
+            (g, _) => panic!(
+                "{what} on {dev}: input {i} {} a gradient and the reference {}",
+                if g.is_some() { "has" } else { "has no" },
+                if g.is_some() { "none" } else { "has one" },
+            ),
+        }
+    }
+}
+
+/// The check of an op's device test, from one body on every device: the tape op `f` on `dev`
+/// (outputs, and input gradients from output 0 seeded with `dy`) against its f64 reference
+/// `want` within `cpu`. On a GPU the reference bound is `cpu + gpu_vs_cpu` (the triangle
+/// inequality: the CPU op is within `cpu` of the reference), and the op must also match the
+/// CPU op, the executable specification, within `gpu_vs_cpu`.
+#[allow(clippy::too_many_arguments)]
+pub fn check_tape_op(
+    dev: &Device,
+    what: &str,
+    inputs: &[Tensor],
+    dy: &Tensor,
+    f: &TapeOp,
+    want: &TapeRun<f64>,
+    cpu: Tol,
+    gpu_vs_cpu: Tol,
+) {
+    let got = run_tape_op(dev, inputs, dy, f);
+    if *dev == Device::Cpu {
+        assert_run_close(what, dev, &got, want, cpu);
+        return;
+    }
+    let both = Tol::new(cpu.fwd + gpu_vs_cpu.fwd, cpu.bwd + gpu_vs_cpu.bwd);
+    assert_run_close(what, dev, &got, want, both);
+    let on_cpu = run_tape_op(&Device::Cpu, inputs, dy, f);
+    let as_f64 = |v: &Vec<f32>| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+    let spec = TapeRun {
+        outputs: on_cpu.outputs.iter().map(as_f64).collect(),
+        grads: on_cpu
+            .grads
+            .iter()
+            .map(|g| g.as_ref().map(as_f64))
+            .collect(),
+    };
+    assert_run_close(
+        &format!("{what} (against the CPU op)"),
+        dev,
+        &got,
+        &spec,
+        gpu_vs_cpu,
+    );
+}
+
+/// Widens f32 values to f64 (references take f32 inputs and compute in f64).
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
 }
 
 #[cfg(test)]

@@ -814,7 +814,8 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{check_grad, randn, randn_vec, rel_err};
+    use crate::tensor::Device;
+    use crate::testutil::{check_grad, check_tape_op, randn, randn_vec, rel_err, TapeRun, Tol};
 
     #[allow(clippy::too_many_arguments)]
     fn shape(
@@ -1199,4 +1200,46 @@ mod tests {
         }
         println!("ResNet50 convs, {image}x{image}, batch {n}: forward {tf:.2}s, backward data {td:.2}s, backward filter {tw:.2}s, total {:.2}s", tf + td + tw);
     }
+    /// conv2d through the tape on `dev` (forward, dx and dw) against the naive f64 forward and
+    /// backward, on odd small shapes and ResNet50's (batch 2): the stem, a layer1 3x3, the
+    /// layer2.0 strided 3x3, a layer3 1x1 reduce and the layer4.0 strided downsample. CPU bound
+    /// 1e-5 of the largest value (as [`check_against_naive`]); on a GPU also against the CPU op
+    /// within 1e-4 (cuDNN without TF32, other summation orders; gpu_tape's former bound).
+    fn conv2d_matches_naive_f64_on(dev: &Device) {
+        // (n, c, h, w, o, k, stride, padding)
+        let cases = [
+            shape(2, 3, 9, 11, 5, 3, 2, 1),
+            shape(3, 4, 7, 6, 6, 1, 1, 0),
+            shape(1, 2, 5, 5, 3, 5, 1, 2),
+            shape(2, 3, 224, 224, 64, 7, 2, 3),
+            shape(2, 64, 56, 56, 64, 3, 1, 1),
+            shape(2, 128, 56, 56, 128, 3, 2, 1),
+            shape(2, 1024, 14, 14, 256, 1, 1, 0),
+            shape(2, 1024, 14, 14, 2048, 1, 2, 0),
+        ];
+        for (i, s) in cases.iter().enumerate() {
+            let (xs, ws) = ([s.n, s.c, s.h, s.w], [s.o, s.c, s.kh, s.kw]);
+            let x = randn(&xs, 100 + i as u64);
+            let w = randn(&ws, 200 + i as u64);
+            let dy = randn(&[s.n, s.o, s.ho(), s.wo()], 300 + i as u64);
+            let (xv, wv) = (x.cpu().unwrap(), w.cpu().unwrap());
+            let (dx, dw) = naive_backward(xv, wv, dy.cpu().unwrap(), s);
+            let want = TapeRun {
+                outputs: vec![naive_forward(xv, wv, s)],
+                grads: vec![Some(dx), Some(dw)],
+            };
+            let (stride, padding) = (s.stride, s.padding);
+            let conv = move |t: &mut Tape, v: &[Tensor]| {
+                Ok(vec![t.conv2d(&v[0], &v[1], stride, padding)?])
+            };
+            let name = format!("conv2d x{xs:?} w{ws:?} s{stride} p{padding}");
+            let (cpu, gpu) = (Tol::new(1e-5, 1e-5), Tol::new(1e-4, 1e-4));
+            check_tape_op(dev, &name, &[x, w], &dy, &conv, &want, cpu, gpu);
+        }
+    }
+    crate::test_device!(
+        conv2d_matches_naive_f64_on,
+        conv2d_matches_naive_f64_cpu,
+        conv2d_matches_naive_f64_cuda
+    );
 }

@@ -133,7 +133,8 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{check_grad, randn};
+    use crate::tensor::Device;
+    use crate::testutil::{check_grad, check_tape_op, f64s, randn, TapeRun, Tol};
 
     #[test]
     fn add_and_relu_forward_match_naive() {
@@ -163,4 +164,86 @@ mod tests {
         })
         .unwrap();
     }
+    /// add, relu, and x + relu(x) through a reshape (x used twice: its two gradients
+    /// accumulate) through the tape on `dev`, against values derived by hand: a + b (f32's one
+    /// rounding of the exact sum: 1 ulp), max(x, 0) and x + max(x, 0) exact, gradients dy, dy
+    /// [x > 0] and dy (1 + [x > 0]) exact. On a GPU also against the CPU op within 1e-6
+    /// (gpu_tape's former bound). Shapes: one element, odd, and a ResNet activation.
+    fn add_relu_reshape_match_hand_derivation_on(dev: &Device) {
+        for (c, shape) in [vec![1usize], vec![3, 5, 7], vec![2, 64, 56, 56]]
+            .into_iter()
+            .enumerate()
+        {
+            let s = 10 * c as u64;
+            let (a, b, dy) = (
+                randn(&shape, s + 1),
+                randn(&shape, s + 2),
+                randn(&shape, s + 3),
+            );
+            let (av, bv, dyv) = (
+                f64s(a.cpu().unwrap()),
+                f64s(b.cpu().unwrap()),
+                f64s(dy.cpu().unwrap()),
+            );
+            let pos = |x: f64| if x > 0.0 { 1.0 } else { 0.0 };
+            let gpu = Tol::new(1e-6, 1e-6);
+            let want = TapeRun {
+                outputs: vec![av.iter().zip(&bv).map(|(x, y)| x + y).collect()],
+                grads: vec![Some(dyv.clone()), Some(dyv.clone())],
+            };
+            let add = |t: &mut Tape, x: &[Tensor]| Ok(vec![t.add(&x[0], &x[1])?]);
+            let tol = Tol::new(f32::EPSILON as f64, 0.0);
+            check_tape_op(
+                dev,
+                &format!("add {shape:?}"),
+                &[a.clone(), b],
+                &dy,
+                &add,
+                &want,
+                tol,
+                gpu,
+            );
+            let want = TapeRun {
+                outputs: vec![av.iter().map(|&x| x.max(0.0)).collect()],
+                grads: vec![Some(
+                    av.iter().zip(&dyv).map(|(&x, g)| pos(x) * g).collect(),
+                )],
+            };
+            let relu = |t: &mut Tape, x: &[Tensor]| Ok(vec![t.relu(&x[0])?]);
+            let name = format!("relu {shape:?}");
+            check_tape_op(
+                dev,
+                &name,
+                std::slice::from_ref(&a),
+                &dy,
+                &relu,
+                &want,
+                Tol::EXACT,
+                Tol::EXACT,
+            );
+            let want = TapeRun {
+                outputs: vec![av.iter().map(|&x| x + x.max(0.0)).collect()],
+                grads: vec![Some(
+                    av.iter()
+                        .zip(&dyv)
+                        .map(|(&x, g)| (1.0 + pos(x)) * g)
+                        .collect(),
+                )],
+            };
+            let twice = |t: &mut Tape, x: &[Tensor]| {
+                let n = x[0].numel();
+                let flat = t.reshape(&x[0], &[n])?;
+                let r = t.relu(&flat)?;
+                let y = t.add(&flat, &r)?;
+                Ok(vec![t.reshape(&y, x[0].shape())?])
+            };
+            let name = format!("x + relu(x) {shape:?}");
+            check_tape_op(dev, &name, &[a], &dy, &twice, &want, Tol::EXACT, gpu);
+        }
+    }
+    crate::test_device!(
+        add_relu_reshape_match_hand_derivation_on,
+        add_relu_reshape_match_hand_derivation_cpu,
+        add_relu_reshape_match_hand_derivation_cuda
+    );
 }

@@ -700,7 +700,8 @@ fn sum_all_forward(op: &str, x: &Tensor, mean: bool) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{check_grad, randn};
+    use crate::tensor::Device;
+    use crate::testutil::{check_grad, check_tape_op, f64s, randn, TapeRun, Tol};
 
     /// Naive f64 product of row-major a (M, K) and b (K, N).
     fn naive_mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -975,4 +976,241 @@ mod tests {
             tape.backward_from(vec![(y, dy.clone())]).unwrap();
         });
     }
+    /// Row-major (M, K) x (K, N) in f64, the inner loop over N (contiguous).
+    fn mm64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0.0f64; m * n];
+        for i in 0..m {
+            let row = &mut y[i * n..(i + 1) * n];
+            for p in 0..k {
+                let a = a[i * k + p];
+                for (y, &b) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                    *y += a * b;
+                }
+            }
+        }
+        y
+    }
+
+    /// Transpose of a row-major (R, C) f64 matrix.
+    fn t64(a: &[f64], r: usize, c: usize) -> Vec<f64> {
+        let mut t = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                t[j * r + i] = a[i * c + j];
+            }
+        }
+        t
+    }
+
+    /// f64 reference of matmul on x (M, K), b (K, N) and the output gradient dy (M, N):
+    /// Y = X B, dX = dY B^T, dB = X^T dY.
+    fn matmul_ref(x: &[f64], b: &[f64], dy: &[f64], m: usize, k: usize, n: usize) -> TapeRun<f64> {
+        TapeRun {
+            outputs: vec![mm64(x, b, m, k, n)],
+            grads: vec![
+                Some(mm64(dy, &t64(b, k, n), m, n, k)),
+                Some(mm64(&t64(x, m, k), dy, k, m, n)),
+            ],
+        }
+    }
+
+    /// f64 reference of linear on x (M, K), w (N, K), an optional bias (N,) and dy (M, N):
+    /// Y = X W^T + b, dX = dY W, dW = dY^T X, db = the column sums of dY.
+    fn linear_ref(
+        x: &[f64],
+        w: &[f64],
+        bias: Option<&[f64]>,
+        dy: &[f64],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> TapeRun<f64> {
+        let mut y = mm64(x, &t64(w, n, k), m, k, n);
+        let mut grads = vec![
+            Some(mm64(dy, w, m, n, k)),
+            Some(mm64(&t64(dy, m, n), x, n, m, k)),
+        ];
+        if let Some(bias) = bias {
+            for (i, y) in y.iter_mut().enumerate() {
+                *y += bias[i % n];
+            }
+            grads.push(Some(
+                (0..n)
+                    .map(|j| (0..m).map(|i| dy[i * n + j]).sum())
+                    .collect(),
+            ));
+        }
+        TapeRun {
+            outputs: vec![y],
+            grads,
+        }
+    }
+
+    /// f64 reference of wn_linear on x (M, K), v (N, K) and dy (M, N), with W = V / |V|_row:
+    /// Y = X W^T, dX = dY W, dV_o = (G_o - W_o (W_o . G_o)) / |V_o| with G = dY^T X (the
+    /// derivative of v / |v| is (I - w w^T) / |v|).
+    fn wn_linear_ref(
+        x: &[f64],
+        v: &[f64],
+        dy: &[f64],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> TapeRun<f64> {
+        let norms: Vec<f64> = v
+            .chunks(k)
+            .map(|r| r.iter().map(|a| a * a).sum::<f64>().sqrt())
+            .collect();
+        let w: Vec<f64> = v
+            .iter()
+            .enumerate()
+            .map(|(i, a)| a / norms[i / k])
+            .collect();
+        let g = mm64(&t64(dy, m, n), x, n, m, k); // (N, K)
+        let mut dv = vec![0.0f64; n * k];
+        for o in 0..n {
+            let (wo, go) = (&w[o * k..(o + 1) * k], &g[o * k..(o + 1) * k]);
+            let dot: f64 = wo.iter().zip(go).map(|(a, b)| a * b).sum();
+            for p in 0..k {
+                dv[o * k + p] = (go[p] - wo[p] * dot) / norms[o];
+            }
+        }
+        TapeRun {
+            outputs: vec![mm64(x, &t64(&w, n, k), m, k, n)],
+            grads: vec![Some(mm64(dy, &w, m, n, k)), Some(dv)],
+        }
+    }
+
+    /// matmul, linear (with and without the bias), wn_linear, sum_all and mean_all through the
+    /// tape on `dev` against f64 references ([`matmul_ref`], [`linear_ref`], [`wn_linear_ref`]; the sums in f64, their gradients
+    /// dy and dy / numel): odd small sizes, the head's (64, 2048) x (2048, 256), a 1 x 3 x 1,
+    /// and the prototype layer at N = 64, (128, 256) against (65536, 256). f32 GEMMs of up to
+    /// 65536-long sums: 1e-5 of the largest value on the CPU. On a GPU also against the CPU op
+    /// within 1e-4 (sums 1e-5 forward, 1e-6 backward; gpu_tape's former bounds).
+    fn gemm_and_sums_match_f64_on(dev: &Device) {
+        let (cpu, gpu) = (Tol::new(1e-5, 1e-5), Tol::new(1e-4, 1e-4));
+        for (i, (m, k, n)) in [(7usize, 13usize, 5usize), (64, 2048, 256), (1, 3, 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let s = 500 + 10 * i as u64;
+            let (a, b) = (randn(&[m, k], s), randn(&[k, n], s + 1));
+            let (w, bias) = (randn(&[n, k], s + 2), randn(&[n], s + 3));
+            let dy = randn(&[m, n], s + 4);
+            let (av, bv, wv, biasv, dyv) = (
+                f64s(a.cpu().unwrap()),
+                f64s(b.cpu().unwrap()),
+                f64s(w.cpu().unwrap()),
+                f64s(bias.cpu().unwrap()),
+                f64s(dy.cpu().unwrap()),
+            );
+            let matmul = matmul_ref(&av, &bv, &dyv, m, k, n);
+            let linear = linear_ref(&av, &wv, Some(&biasv), &dyv, m, k, n);
+            let no_bias = linear_ref(&av, &wv, None, &dyv, m, k, n);
+            let wn_linear = wn_linear_ref(&av, &wv, &dyv, m, k, n);
+            let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.matmul(&v[0], &v[1])?]);
+            check_tape_op(
+                dev,
+                &format!("matmul {m}x{k}x{n}"),
+                &[a.clone(), b],
+                &dy,
+                &op,
+                &matmul,
+                cpu,
+                gpu,
+            );
+            let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.linear(&v[0], &v[1], Some(&v[2]))?]);
+            let inputs = [a.clone(), w.clone(), bias];
+            check_tape_op(
+                dev,
+                &format!("linear {m}x{k}->{n}"),
+                &inputs,
+                &dy,
+                &op,
+                &linear,
+                cpu,
+                gpu,
+            );
+            let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.linear(&v[0], &v[1], None)?]);
+            let name = format!("linear (no bias) {m}x{k}->{n}");
+            check_tape_op(
+                dev,
+                &name,
+                &[a.clone(), w.clone()],
+                &dy,
+                &op,
+                &no_bias,
+                cpu,
+                gpu,
+            );
+            let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.wn_linear(&v[0], &v[1])?]);
+            let name = format!("wn_linear {m}x{k}->{n}");
+            check_tape_op(dev, &name, &[a.clone(), w], &dy, &op, &wn_linear, cpu, gpu);
+            let numel = (m * k) as f64;
+            let d1 = randn(&[1], s + 5);
+            let g = d1.to_vec().unwrap()[0] as f64;
+            let sum = TapeRun {
+                outputs: vec![vec![av.iter().sum::<f64>()]],
+                grads: vec![Some(vec![g; m * k])],
+            };
+            let mean = TapeRun {
+                outputs: vec![vec![av.iter().sum::<f64>() / numel]],
+                grads: vec![Some(vec![g / numel; m * k])],
+            };
+            let sums = (Tol::new(1e-6, 0.0), Tol::new(1e-5, 1e-6));
+            let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.sum_all(&v[0])?]);
+            let one = std::slice::from_ref(&a);
+            check_tape_op(
+                dev,
+                &format!("sum_all {m}x{k}"),
+                one,
+                &d1,
+                &op,
+                &sum,
+                sums.0,
+                sums.1,
+            );
+            let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.mean_all(&v[0])?]);
+            let mean_tol = Tol::new(1e-6, f32::EPSILON as f64);
+            check_tape_op(
+                dev,
+                &format!("mean_all {m}x{k}"),
+                one,
+                &d1,
+                &op,
+                &mean,
+                mean_tol,
+                sums.1,
+            );
+        }
+        // The CARP prototype layer's size: (2N, 256) x (65536, 256)^T at N = 64.
+        let (m, k, n) = (128, 256, 65536);
+        let (x, v, dy) = (
+            randn(&[m, k], 590),
+            randn(&[n, k], 591),
+            randn(&[m, n], 592),
+        );
+        let (xv, vv, dyv) = (
+            f64s(x.cpu().unwrap()),
+            f64s(v.cpu().unwrap()),
+            f64s(dy.cpu().unwrap()),
+        );
+        let want = wn_linear_ref(&xv, &vv, &dyv, m, k, n);
+        let op = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.wn_linear(&v[0], &v[1])?]);
+        check_tape_op(
+            dev,
+            "wn_linear 128x256->65536",
+            &[x, v],
+            &dy,
+            &op,
+            &want,
+            cpu,
+            gpu,
+        );
+    }
+    crate::test_device!(
+        gemm_and_sums_match_f64_on,
+        gemm_and_sums_match_f64_cpu,
+        gemm_and_sums_match_f64_cuda
+    );
 }

@@ -481,7 +481,7 @@ impl Tape {
 mod tests {
     use super::*;
     use crate::tensor::Device;
-    use crate::testutil::{check_grad, randn, randn_vec, rng};
+    use crate::testutil::{check_grad, check_tape_op, randn, randn_vec, rng, TapeRun, Tol};
     use rand::seq::SliceRandom;
 
     fn pshape(
@@ -578,9 +578,11 @@ mod tests {
     /// max_pool2d through the tape on `dev` against the naive pool: the forward exactly, dx as
     /// dy scattered to each window's first maximum (1e-6; overlapping windows add up), on the
     /// shapes of `pool_cases` and on ties: equal values in a window route the gradient to the
-    /// first in row-major order, as PyTorch, padding never wins.
+    /// first in row-major order, as PyTorch, padding never wins. Also at the stem pool's real
+    /// width (64 channels) and odd planes; on a GPU, forward and dx also equal the CPU op's
+    /// exactly (gpu_tape's former check).
     fn max_pool_matches_naive_on(dev: &Device) {
-        let run = |x: &[f32], dy: &[f32], s: &Pool2dShape| {
+        let run_on = |dev: &Device, x: &[f32], dy: &[f32], s: &Pool2dShape| {
             let mut tape = Tape::new();
             let x = Tensor::from_vec(x.to_vec(), &[s.n, s.c, s.h, s.w]).unwrap();
             let xt = tape.track(&x.to_device(dev).unwrap());
@@ -600,6 +602,17 @@ mod tests {
         let tie = [5.0, 5.0, -1.0, 5.0, 5.0, 5.0, 5.0, 5.0];
         cases.push((pshape(1, 1, 2, 4, 2, 2, 0), tie.to_vec()));
         cases.push((pshape(1, 1, 2, 2, 3, 1, 1), vec![1.0; 4]));
+        // The stem pool at its real width, and odd planes of the 3x3/2 and 2x2/2 pools.
+        for (t, s) in [
+            pshape(2, 64, 112, 112, 3, 2, 1),
+            pshape(3, 5, 9, 8, 3, 2, 1),
+            pshape(2, 3, 6, 7, 2, 2, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            cases.push((s, randn_vec(s.x_len(), 300 + t as u64)));
+        }
         for (t, (s, x)) in cases.iter().enumerate() {
             let dy = randn_vec(s.y_len(), 70 + t as u64);
             let (want_y, arg) = naive_max_pool(x, s);
@@ -607,8 +620,15 @@ mod tests {
             for (&i, &g) in arg.iter().zip(&dy) {
                 want[i] += g;
             }
-            let (y, dx) = run(x, &dy, s);
+            let (y, dx) = run_on(dev, x, &dy, s);
             assert_eq!(y, want_y, "{s:?} on {dev}");
+            if *dev != Device::Cpu {
+                assert_eq!(
+                    (&y, &dx),
+                    (&want_y, &run_on(&Device::Cpu, x, &dy, s).1),
+                    "{s:?}: {dev} against the CPU op"
+                );
+            }
             for (i, (&a, &b)) in dx.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
@@ -690,4 +710,42 @@ mod tests {
         assert!(tape.max_pool2d(&randn(&[3, 5, 5], 1), 3, 2, 1).is_err());
         assert!(tape.global_avg_pool(&randn(&[3, 5], 1)).is_err());
     }
+    /// global_avg_pool through the tape on `dev` against the f64 plane means and the
+    /// hand-derived gradient dy / (H W) for every pixel (f32 sums of up to 49 values: 1e-6;
+    /// the gradient one f32 division: 1e-7). On a GPU also against the CPU op within 1e-5
+    /// forward, 1e-6 backward (gpu_tape's former bounds). Shapes: ResNet50's last feature map
+    /// and an odd small one.
+    fn global_avg_pool_matches_f64_on(dev: &Device) {
+        for (i, shape) in [[2usize, 2048, 7, 7], [3, 5, 4, 3]].into_iter().enumerate() {
+            let hw = shape[2] * shape[3];
+            let x = randn(&shape, 310 + i as u64);
+            let dy = randn(&shape[..2], 320 + i as u64);
+            let (xv, dyv) = (x.to_vec().unwrap(), dy.to_vec().unwrap());
+            let mean = |p: &[f32]| p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64;
+            let want = TapeRun {
+                outputs: vec![xv.chunks(hw).map(mean).collect()],
+                grads: vec![Some(
+                    (0..xv.len())
+                        .map(|k| dyv[k / hw] as f64 / hw as f64)
+                        .collect(),
+                )],
+            };
+            let pool = |t: &mut Tape, v: &[Tensor]| Ok(vec![t.global_avg_pool(&v[0])?]);
+            check_tape_op(
+                dev,
+                &format!("global_avg_pool {shape:?}"),
+                &[x],
+                &dy,
+                &pool,
+                &want,
+                Tol::new(1e-6, 1e-7),
+                Tol::new(1e-5, 1e-6),
+            );
+        }
+    }
+    crate::test_device!(
+        global_avg_pool_matches_f64_on,
+        global_avg_pool_matches_f64_cpu,
+        global_avg_pool_matches_f64_cuda
+    );
 }
