@@ -376,14 +376,13 @@ fn run(args: Args) -> Result<()> {
             ", synthetic inputs".to_string()
         }
     );
-    // Where BN updates, LARS and the EMA ran: the device-resident state, or the host stores
-    // (CPU runs, or --optimizer-state host for an A/B of the GPU optimizer phases).
+    // Where BN updates, LARS and the EMA ran: the device-resident state on a GPU, the host
+    // stores on the CPU.
     let optimizer = if state.has_device_state() {
         "device"
     } else {
         "host"
     };
-    println!("optimizer state on the {optimizer}");
     println!("run options: {}", run_options.summary());
     println!("{:<18} {:>10}", "phase", "median ms");
     for (name, v) in rows {

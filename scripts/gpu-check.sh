@@ -102,7 +102,7 @@ fi
 BB=${BENCH_BATCH:-256}
 BS=${BENCH_STEPS:-3}
 KEY_VARIANTS=${BENCH_KEY_VARIANTS-"--no-phase-sync --precision=bf16,--no-phase-sync"}
-VARIANTS=${BENCH_VARIANTS-"- --precision=bf16,--bn-stats=two-pass --precision=bf16,--no-phase-sync,--bf16-layout=nchw --precision=bf16,--no-phase-sync,--recompute=none --precision=bf16,--no-phase-sync,--recompute=bn --precision=bf16,--no-phase-sync,--fused-bn=off --optimizer-state=host --nan-guard=sync --cudnn-find=off --tf32=off"}
+VARIANTS=${BENCH_VARIANTS-"- --precision=bf16,--bn-stats=two-pass --precision=bf16,--no-phase-sync,--bf16-layout=nchw --precision=bf16,--no-phase-sync,--recompute=none --precision=bf16,--no-phase-sync,--recompute=bn --precision=bf16,--no-phase-sync,--fused-bn=off --nan-guard=sync --cudnn-find=off --tf32=off"}
 # images/s of the step as training runs it (no per-phase waits), in f32 and in bf16: the ratios
 # against PyTorch's eager fp32 and eager bf16 below; and bf16's live-buffer peak.
 ours_ips="" ours_bf16_ips="" ours_bf16_live=""

@@ -1,6 +1,6 @@
 //! Run options: the engine's switches between equivalent ways of computing a step (fused or
 //! separate BN ops, what backward recomputes, the bf16 layout, cuDNN's math and algorithm
-//! choice, where views are finished and the optimizer state lives, where the step waits).
+//! choice, where views are finished, where the step waits).
 //!
 //! They are one struct of explicit values. `carp train` and `carp-bench` take them as flags
 //! ([`RunOptionArgs`]); the `CARP_*` environment variables of earlier versions remain a
@@ -93,16 +93,6 @@ pub enum ViewFinish {
     Cpu,
 }
 
-/// Where a GPU run keeps its training state and runs BN updates, LARS and the EMA.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum OptimizerState {
-    /// Flat buffers on the GPU, the updates as kernels (the default).
-    Device,
-    /// Host stores: parameters uploaded per forward, gradients downloaded, updates on the CPU.
-    Host,
-}
-
 /// How a GPU step's NaN guard holds back the updates of a non-finite step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -135,8 +125,6 @@ pub struct RunOptions {
     pub bn_stats: BnStats,
     /// Where a GPU run finishes its views.
     pub view_finish: ViewFinish,
-    /// Where a GPU run keeps its training state.
-    pub optimizer_state: OptimizerState,
     /// How a GPU step's NaN guard holds back updates.
     pub nan_guard: NanGuard,
     /// A GPU step waits at the end of every phase, so that its phase times are GPU times
@@ -154,7 +142,6 @@ impl RunOptions {
         cudnn_find: Switch::On,
         bn_stats: BnStats::OnePass,
         view_finish: ViewFinish::Gpu,
-        optimizer_state: OptimizerState::Device,
         nan_guard: NanGuard::Gated,
         phase_sync: Switch::Off,
     };
@@ -174,7 +161,6 @@ impl RunOptions {
             ("cudnn_find", v(self.cudnn_find)),
             ("bn_stats", v(self.bn_stats)),
             ("view_finish", v(self.view_finish)),
-            ("optimizer_state", v(self.optimizer_state)),
             ("nan_guard", v(self.nan_guard)),
             ("phase_sync", v(self.phase_sync)),
         ]
@@ -204,6 +190,16 @@ impl RunOptions {
     /// environment). An unknown value is an error naming the variable, the valid values and
     /// the flag that replaces it.
     pub fn with_env(mut self, env: impl Fn(&str) -> Option<String>) -> Result<RunOptions> {
+        for r in RETIRED {
+            if let Some(raw) = env(r.var) {
+                if !r
+                    .var_kept
+                    .contains(&raw.trim().to_ascii_lowercase().as_str())
+                {
+                    bail!(Config, "{}={raw:?}: {}; unset it", r.var, r.why);
+                }
+            }
+        }
         for spec in ENV_VARS {
             if let Some(raw) = env(spec.var) {
                 (spec.apply)(&mut self, raw.trim()).map_err(|valid| {
@@ -321,13 +317,6 @@ const ENV_VARS: &[EnvVar] = &[
         ViewFinish::Cpu
     ),
     env_bool!(
-        "CARP_HOST_OPTIM",
-        "optimizer-state",
-        optimizer_state,
-        OptimizerState::Host,
-        OptimizerState::Device
-    ),
-    env_bool!(
         "CARP_STEP_SYNC",
         "nan-guard",
         nan_guard,
@@ -343,9 +332,38 @@ const ENV_VARS: &[EnvVar] = &[
     ),
 ];
 
-/// The names of the environment variables the fallback reads.
+/// The names of the environment variables the fallback reads, one per run-option flag.
 pub fn env_var_names() -> Vec<&'static str> {
     ENV_VARS.iter().map(|e| e.var).collect()
+}
+
+/// An option of an earlier version that is gone, with the one behaviour left. A recorded value
+/// (config.json, a checkpoint's config) is still read, so that an older run resumes, and
+/// `--resume` reports one other than the behaviour left ([`retired_changes`]). Its environment
+/// variable may still name the behaviour left; any other value is an error.
+struct Retired {
+    /// The recorded key.
+    key: &'static str,
+    /// The recorded value of the behaviour left.
+    kept: &'static str,
+    var: &'static str,
+    /// The variable's values (lower case) that meant the behaviour left.
+    var_kept: &'static [&'static str],
+    why: &'static str,
+}
+
+const RETIRED: &[Retired] = &[Retired {
+    key: "optimizer_state",
+    kept: "device",
+    var: "CARP_HOST_OPTIM",
+    var_kept: &["0", "off", "false", "no", "device"],
+    why: "the host optimizer path (--optimizer-state host) was removed: the training state \
+          (parameters, gradient, momentum, teacher, BN statistics) always lives on the run device",
+}];
+
+/// The environment variables of retired options (still read, to refuse what is gone).
+pub fn retired_env_var_names() -> Vec<&'static str> {
+    RETIRED.iter().map(|r| r.var).collect()
 }
 
 /// The run-option flags of `carp train` and `carp-bench` (flattened into both). A flag beats
@@ -384,11 +402,6 @@ pub struct RunOptionArgs {
     /// fed with u8 crops) or cpu (the loader threads). Env: CARP_GPU_AUG=1|0. [default: gpu]
     #[arg(long, value_name = "gpu|cpu")]
     pub view_finish: Option<ViewFinish>,
-    /// Where a GPU run keeps parameters, gradient, momentum, teacher and BN statistics and runs
-    /// LARS, the EMA and BN updates: device or host. Env: CARP_HOST_OPTIM=0|1.
-    /// [default: device]
-    #[arg(long, value_name = "device|host")]
-    pub optimizer_state: Option<OptimizerState>,
     /// How a GPU step's NaN guard holds back a non-finite step's updates: gated (a device-side
     /// verdict, one wait per step) or sync (a wait mid-step, row-naming prototype checks).
     /// Env: CARP_STEP_SYNC=0|1. [default: gated]
@@ -416,7 +429,6 @@ impl RunOptionArgs {
             cudnn_find,
             bn_stats,
             view_finish,
-            optimizer_state,
             nan_guard,
             phase_sync
         );
@@ -448,12 +460,41 @@ pub fn current() -> RunOptions {
     *CURRENT.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Parses a JSON value recorded by a run (config.json's or a checkpoint's `run_options`).
+/// Parses a JSON value recorded by a run (config.json's or a checkpoint's `run_options`). The
+/// keys of retired options are dropped (their one behaviour left applies); any other unknown
+/// key is refused.
 pub fn from_recorded(v: &serde_json::Value) -> Result<RunOptions> {
-    match serde_json::from_value(v.clone()) {
+    let mut current = v.clone();
+    if let Some(m) = current.as_object_mut() {
+        for r in RETIRED {
+            m.remove(r.key);
+        }
+    }
+    match serde_json::from_value(current) {
         Ok(o) => Ok(o),
         Err(e) => bail!(Config, "recorded run options {v}: {e}"),
     }
+}
+
+/// What a recorded `run_options` value set that is gone: `name: recorded -> the behaviour left
+/// (why)` for each retired option recorded with another value.
+pub fn retired_changes(v: &serde_json::Value) -> Vec<String> {
+    RETIRED
+        .iter()
+        .filter_map(|r| {
+            let got = v.get(r.key)?;
+            let got = got.as_str().map_or_else(|| got.to_string(), str::to_string);
+            (got != r.kept).then(|| format!("{}: {got} -> {} ({})", r.key, r.kept, r.why))
+        })
+        .collect()
+}
+
+/// `serde(deserialize_with)` for a recorded `run_options` field: [`from_recorded`].
+pub fn deserialize_recorded<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<RunOptions, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    from_recorded(&v).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -473,7 +514,7 @@ mod tests {
     fn every_legacy_variable_maps_its_old_meaning() {
         // The old readers: CARP_FUSED_BN, CARP_NHWC, CARP_TF32, CARP_CUDNN_FIND and
         // CARP_GPU_AUG turned a default-on path off with "0"; CARP_BN_TWO_PASS,
-        // CARP_HOST_OPTIM, CARP_STEP_SYNC and CARP_PHASE_SYNC turned an alternative on with "1".
+        // CARP_STEP_SYNC and CARP_PHASE_SYNC turned an alternative on with "1".
         let d = RunOptions::DEFAULT;
         let zeros = d
             .with_env(env(&[
@@ -495,14 +536,12 @@ mod tests {
         let ones = d
             .with_env(env(&[
                 ("CARP_BN_TWO_PASS", "1"),
-                ("CARP_HOST_OPTIM", "1"),
                 ("CARP_STEP_SYNC", " 1 "),
                 ("CARP_PHASE_SYNC", "1"),
                 ("CARP_RECOMPUTE", "bn"),
             ]))
             .unwrap();
         assert_eq!(ones.bn_stats, BnStats::TwoPass);
-        assert_eq!(ones.optimizer_state, OptimizerState::Host);
         assert_eq!(ones.nan_guard, NanGuard::Sync);
         assert_eq!(ones.phase_sync, Switch::On);
         assert_eq!(ones.recompute, Recompute::BnOutputs);
@@ -511,7 +550,51 @@ mod tests {
         assert_eq!(named.bf16_layout, Bf16Layout::Nchw);
         // An unset environment leaves everything alone.
         assert_eq!(d.with_env(env(&[])).unwrap(), d);
-        assert_eq!(env_var_names().len(), 10);
+        assert_eq!(env_var_names().len(), 9);
+    }
+
+    /// `--optimizer-state` is gone: its variable may still say "device" (what remains) and
+    /// refuses "host"; a run that recorded it still loads, and a resume reports "host".
+    #[test]
+    fn a_retired_option_still_reads_and_refuses_what_is_gone() {
+        let d = RunOptions::DEFAULT;
+        for ok in ["0", "off", "device", " 0 "] {
+            assert_eq!(d.with_env(env(&[("CARP_HOST_OPTIM", ok)])).unwrap(), d);
+        }
+        for bad in ["1", "host", "yes"] {
+            let e = d
+                .with_env(env(&[("CARP_HOST_OPTIM", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("CARP_HOST_OPTIM") && e.contains("removed"),
+                "{e}"
+            );
+            assert!(e.contains("unset it"), "{e}");
+        }
+        let old = serde_json::json!({"tf32": "off", "optimizer_state": "host"});
+        let o = from_recorded(&old).unwrap();
+        assert_eq!(o.changes_from(&d), vec!["tf32: on -> off"]);
+        let gone = retired_changes(&old);
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert!(
+            gone[0].starts_with("optimizer_state: host -> device ("),
+            "{gone:?}"
+        );
+        assert!(retired_changes(&serde_json::json!({"optimizer_state": "device"})).is_empty());
+        assert!(retired_changes(&serde_json::to_value(d).unwrap()).is_empty());
+        // The same through a config's field.
+        #[derive(Deserialize)]
+        struct Cfg {
+            #[serde(deserialize_with = "deserialize_recorded")]
+            run_options: RunOptions,
+        }
+        let c: Cfg = serde_json::from_value(serde_json::json!({"run_options": old})).unwrap();
+        assert_eq!(c.run_options, o);
+        assert!(
+            serde_json::from_value::<Cfg>(serde_json::json!({"run_options": {"tf33": "off"}}))
+                .is_err()
+        );
     }
 
     #[test]

@@ -2,14 +2,14 @@
 //! (`train::step`) makes the same calls (leaves, gather the gradient, the NaN guard, its verdict,
 //! BN running statistics, LARS, the EMA) and [`TrainState`] dispatches them, here and nowhere
 //! else, to one of two implementations:
-//! - [`TrainState::Host`]: the host stores of the `CarpState` are the state (the CPU, and a GPU
-//!   step under `--optimizer-state host`). Its arithmetic is the CPU reference the GPU is tested
-//!   against: LARS pass 1 with the guard ([`lars_norms`]), the verdict, pass 2
+//! - [`TrainState::Host`]: on the CPU, the host stores of the `CarpState` are the state. Its
+//!   arithmetic is the CPU reference the GPU is tested against: LARS pass 1 with the guard ([`lars_norms`]), the verdict, pass 2
 //!   ([`Lars::update_from_norms`]), [`ema_update`] and the BN updates.
-//! - [`TrainState::Device`]: flat device buffers for the student parameters, the gradient, the
-//!   LARS momentum, the teacher parameters and both networks' BN running statistics, created
-//!   from the host stores at the first GPU step (and after a resume/load). While it exists it is
-//!   the source of truth and the host stores lag behind until `CarpState::sync_to_host`.
+//! - [`TrainState::Device`]: on a GPU, flat device buffers for the student parameters, the
+//!   gradient, the LARS momentum, the teacher parameters and both networks' BN running
+//!   statistics, created from the host stores at the first GPU step (and after a resume/load).
+//!   While it exists it is the source of truth and the host stores lag behind until
+//!   `CarpState::sync_to_host`.
 //!
 //! On a GPU nothing crosses the bus per step except one download of `3 * n_entries + 3` floats
 //! at the END of the step: the NaN guard's per-entry statistics (non-finite gradient counts
@@ -36,12 +36,6 @@ use crate::nn::params::{ParamLeaves, ParamStore};
 use crate::nn::resnet::BnUpdate;
 use crate::optim::lars::{lars_norms, Lars, LarsNorms};
 use crate::tensor::{Device, Tensor};
-
-/// True when the run option `optimizer_state` is host: GPU steps run BN updates, LARS and the
-/// EMA on the host.
-pub fn host_optim_forced() -> bool {
-    crate::options::current().optimizer_state == crate::options::OptimizerState::Host
-}
 
 /// True when the run option `nan_guard` is sync: the device step reads the NaN verdict before
 /// the updates (a wait mid-step) and runs the ungated update kernels, instead of gating them on
@@ -155,11 +149,8 @@ impl GuardStats {
     }
 }
 
-/// The host stores as the training state: the CPU, or a GPU step under `--optimizer-state
-/// host` (the leaves are uploaded per forward, the gradients and BN statistics downloaded).
+/// The host stores as the training state of a CPU step.
 pub struct HostState {
-    /// Where the step's leaves go (the views' device).
-    device: Device,
     /// This step's guard, from [`TrainState::queue_check`].
     guard: Option<GuardStats>,
 }
@@ -206,32 +197,26 @@ impl StepTimer {
 
 impl TrainState {
     /// The state for a step on `device`: the device-resident one on a GPU (uploaded from the
-    /// host stores) unless `host_optimizer`, else the host stores themselves.
+    /// host stores), the host stores themselves on the CPU.
     pub fn for_step(
         device: &Device,
-        host_optimizer: bool,
         student: (&ParamStore, &ParamStore),
         teacher: (&ParamStore, &ParamStore),
         momentum: &[f32],
     ) -> Result<TrainState> {
         Ok(match device {
-            Device::Cuda(i) if !host_optimizer => TrainState::Device(Box::new(
-                DeviceTrainState::upload_to(*i, student, teacher, momentum)?,
-            )),
-            _ => TrainState::Host(HostState {
-                device: device.clone(),
-                guard: None,
-            }),
+            Device::Cuda(i) => TrainState::Device(Box::new(DeviceTrainState::upload_to(
+                *i, student, teacher, momentum,
+            )?)),
+            Device::Cpu => TrainState::Host(HostState { guard: None }),
         })
     }
 
-    /// Whether this is the state [`TrainState::for_step`] would make for these arguments.
-    pub fn serves(&self, device: &Device, host_optimizer: bool) -> bool {
+    /// Whether this is the state [`TrainState::for_step`] would make for `device`.
+    pub fn serves(&self, device: &Device) -> bool {
         match self {
-            TrainState::Host(h) => {
-                h.device == *device && (host_optimizer || *device == Device::Cpu)
-            }
-            TrainState::Device(ds) => !host_optimizer && *device == Device::Cuda(ds.ordinal()),
+            TrainState::Host(_) => *device == Device::Cpu,
+            TrainState::Device(ds) => *device == Device::Cuda(ds.ordinal()),
         }
     }
 
@@ -274,7 +259,7 @@ impl TrainState {
         tape: &mut Tape,
     ) -> Result<ParamLeaves> {
         match self {
-            TrainState::Host(h) => params.leaves_on(tape, &h.device),
+            TrainState::Host(_) => params.leaves_on(tape, &Device::Cpu),
             TrainState::Device(ds) => ds.leaves(params, teacher, tape),
         }
     }

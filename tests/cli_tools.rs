@@ -285,7 +285,6 @@ fn help_lists_the_run_options() {
         "--cudnn-find",
         "--bn-stats",
         "--view-finish",
-        "--optimizer-state",
         "--nan-guard",
         "--phase-sync",
     ];

@@ -20,7 +20,6 @@
 //! "SKIPPED: <test>: <reason>" to the process's stderr (visible in `cargo test` output) and
 //! returns.
 
-use std::io::Write as _;
 use std::rc::Rc;
 
 use carp::autograd::{Precision, Tape};
@@ -265,7 +264,7 @@ fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str
             m,
         )
         .unwrap();
-    // The step ran on the device-resident state (unless --optimizer-state host): bring it home.
+    // The step ran on the device-resident state: bring it home.
     gpu.sync_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
@@ -674,13 +673,6 @@ fn device_state_steps_match_cpu() {
     let Some((dev, _serial)) = gpu_for_test("device_state_steps_match_cpu") else {
         return;
     };
-    if carp::resident::host_optim_forced() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: device_state_steps_match_cpu: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"
-        );
-        return;
-    }
     let mut cpu = small_state();
     let mut gpu: CarpState = cpu.clone();
     let steps = 4u64;
@@ -981,20 +973,18 @@ fn device_state_checkpoint_resume() {
         epoch: 0,
         config_json: "{}".into(),
     };
-    let uses_device = !carp::resident::host_optim_forced();
-    if uses_device {
-        let e = to_bytes(&st, &meta).unwrap_err().to_string();
-        assert!(e.contains("sync_to_host"), "{e}");
-        // A clone of an unsynced state refuses to train (its host copy is old).
-        let (v1, v2) = views(9);
-        assert!(st
-            .clone()
-            .train_step(&on(&v1), &on(&v2), 0.3, 0.99)
-            .is_err());
-    }
+    let e = to_bytes(&st, &meta).unwrap_err().to_string();
+    assert!(e.contains("sync_to_host"), "{e}");
+    // A clone of an unsynced state refuses to train (its host copy is old).
+    let (v1, v2) = views(9);
+    assert!(st
+        .clone()
+        .train_step(&on(&v1), &on(&v2), 0.3, 0.99)
+        .is_err());
     st.sync_to_host().unwrap();
     #[cfg(feature = "cuda")]
-    if let Some(ds) = st.device_state() {
+    {
+        let ds = st.device_state().expect("no device state after GPU steps");
         let be = carp::device::cuda::backend(0).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let d = |b| bits(&be.download_f32(b).unwrap());
@@ -1003,8 +993,6 @@ fn device_state_checkpoint_resume() {
         assert_eq!(d(&ds.momentum), bits(&st.lars.momentum_buf));
         assert_eq!(d(&ds.student_bn), bits(&st.student.buffers.data));
         assert_eq!(d(&ds.teacher_bn), bits(&st.teacher.buffers.data));
-    } else {
-        assert!(!uses_device, "no device state after GPU steps");
     }
     let bytes = to_bytes(&st, &meta).unwrap();
     let mut resumed = small_state();
@@ -1049,61 +1037,6 @@ fn device_state_checkpoint_resume() {
         &resumed.student.buffers.data,
         &st.student.buffers.data,
         1e-5,
-        1e-6,
-    );
-}
-
-/// `--optimizer-state host` (the host path) and the device path agree over a few steps
-/// (tolerance 1e-4: the same GPU forward/backward, LARS norms in f32 atomics vs f64).
-#[test]
-fn device_state_matches_host_optim_path() {
-    let Some((dev, _serial)) = gpu_for_test("device_state_matches_host_optim_path") else {
-        return;
-    };
-    let on = |t: &Tensor| t.to_device(&dev).unwrap();
-    let prev = carp::options::current();
-    let mut dev_st = small_state();
-    let mut host_st = small_state();
-    for s in 0..3 {
-        let (v1, v2) = views(s);
-        carp::options::update(|o| o.optimizer_state = carp::options::OptimizerState::Device);
-        let a = dev_st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
-        carp::options::update(|o| o.optimizer_state = carp::options::OptimizerState::Host);
-        let b = host_st.train_step(&on(&v1), &on(&v2), 0.3, 0.99).unwrap();
-        assert!(
-            (a.loss - b.loss).abs() <= 1e-4 * b.loss.abs().max(1.0),
-            "step {s}"
-        );
-    }
-    assert!(!host_st.has_device_state());
-    carp::options::install(prev);
-    dev_st.sync_to_host().unwrap();
-    check_close(
-        "student (device vs host optimizer)",
-        &dev_st.student.params.data,
-        &host_st.student.params.data,
-        1e-4,
-        1e-6,
-    );
-    check_close(
-        "teacher (device vs host optimizer)",
-        &dev_st.teacher.params.data,
-        &host_st.teacher.params.data,
-        1e-4,
-        1e-6,
-    );
-    check_close(
-        "momentum (device vs host optimizer)",
-        &dev_st.lars.momentum_buf,
-        &host_st.lars.momentum_buf,
-        1e-4,
-        1e-6,
-    );
-    check_close(
-        "BN (device vs host optimizer)",
-        &dev_st.teacher.buffers.data,
-        &host_st.teacher.buffers.data,
-        1e-4,
         1e-6,
     );
 }
@@ -1272,8 +1205,7 @@ fn multicrop_training_step_matches_cpu() {
             m,
         )
         .unwrap();
-    // The GPU step's state lives on the device (unless --optimizer-state host): into the host
-    // stores before comparing them.
+    // The GPU step's state lives on the device: into the host stores before comparing them.
     gpu.sync_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
@@ -1552,13 +1484,6 @@ fn device_state_step_sync_matches_gated() {
     let Some((dev, _serial)) = gpu_for_test("device_state_step_sync_matches_gated") else {
         return;
     };
-    if carp::resident::host_optim_forced() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: device_state_step_sync_matches_gated: --optimizer-state host (CARP_HOST_OPTIM=1) selects the host path"
-        );
-        return;
-    }
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
     let prev = carp::options::current();
     let mut gated = small_state();

@@ -17,7 +17,10 @@ use carp::train::step::CarpState;
 /// runs the tests has), plus `env`: (success, stdout, stderr).
 fn exec(exe: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(exe);
-    for v in carp::options::env_var_names() {
+    for v in carp::options::env_var_names()
+        .into_iter()
+        .chain(carp::options::retired_env_var_names())
+    {
         cmd.env_remove(v);
     }
     cmd.envs(env.iter().copied());
@@ -139,6 +142,49 @@ fn a_run_records_its_options_and_a_resume_names_what_changed() {
     );
     assert!(ok, "{err}");
     assert!(!err.contains("note: run option"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A run of an older carp recorded `optimizer_state` (removed): its checkpoint still resumes,
+/// with a note when it recorded `host`; `CARP_HOST_OPTIM=1` is refused before anything runs.
+#[test]
+fn a_run_that_recorded_a_retired_option_resumes_with_a_note() {
+    let dir = tmp("retired-option");
+    let out = dir.to_str().unwrap();
+    let (ok, _, err) = carp(&train_args(out, "2", &[]), &[]);
+    assert!(ok, "{err}");
+    // The checkpoint as an older carp with `--optimizer-state host` wrote it.
+    let cfg: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut st = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed).unwrap();
+    let (_, mut meta, _) = checkpoint::load_latest(&dir, &mut st).unwrap();
+    let mut saved: serde_json::Value = serde_json::from_str(&meta.config_json).unwrap();
+    saved["run_options"]["optimizer_state"] = "host".into();
+    meta.config_json = saved.to_string();
+    checkpoint::save(&dir, &st, &meta).unwrap();
+
+    let (ok, _, err) = carp(&train_args(out, "3", &["--resume"]), &[]);
+    assert!(ok, "{err}");
+    let notes: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("note: run option"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{err}");
+    assert!(
+        notes[0].contains("optimizer_state: host -> device") && notes[0].contains("removed"),
+        "{err}"
+    );
+
+    let (ok, _, err) = carp(
+        &train_args(out, "4", &["--resume"]),
+        &[("CARP_HOST_OPTIM", "1")],
+    );
+    assert!(!ok, "CARP_HOST_OPTIM=1 was accepted");
+    assert!(
+        err.contains("CARP_HOST_OPTIM") && err.contains("removed"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -144,8 +144,8 @@ impl ParamStore {
 
     /// Like [`ParamStore::leaves`], with the tensors on `device` (`ops::flat::split_flat`: on a
     /// GPU one upload of the whole store per call, i.e. per forward). Training steps on a GPU
-    /// use the device-resident state instead (`resident`); this stays for evaluation and
-    /// the `--optimizer-state host` path.
+    /// use the device-resident state instead (`resident`); this is for evaluation and CPU
+    /// steps.
     pub fn leaves_on(&self, tape: &mut Tape, device: &Device) -> Result<ParamLeaves> {
         let tensors = crate::ops::flat::split_flat(&self.data, &self.flat_entries(), device)?;
         Ok(ParamLeaves(tensors.iter().map(|t| tape.track(t)).collect()))

@@ -69,8 +69,9 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// How the step is computed (`crate::options`): equivalent paths, recorded so that a run
     /// says how it was run. Not part of what `--resume` requires to match (a change is
-    /// reported).
-    #[serde(default)]
+    /// reported). A config of an older carp with a retired option still loads
+    /// (`options::from_recorded`).
+    #[serde(default, deserialize_with = "crate::options::deserialize_recorded")]
     pub run_options: RunOptions,
 }
 

@@ -21,9 +21,7 @@ use crate::ops::batchnorm::BN_MOMENTUM;
 use crate::ops::loss::{carp_loss_forward, random_partition, Partition, StepLoss};
 use crate::ops::rows::stack_rows;
 use crate::optim::lars::{Lars, LarsConfig};
-use crate::resident::{
-    host_optim_forced, step_sync_forced, DeviceSlot, DeviceTrainState, StepTimer, TrainState,
-};
+use crate::resident::{step_sync_forced, DeviceSlot, DeviceTrainState, StepTimer, TrainState};
 use crate::tensor::{Device, Tensor};
 
 /// LARS as SPEC.md fixes it: momentum 0.9, trust coefficient 0.001.
@@ -152,8 +150,7 @@ impl CarpState {
             .and_then(TrainState::device_state)
     }
 
-    /// Whether a device-resident state exists (the last step ran on a GPU without
-    /// `--optimizer-state host`).
+    /// Whether a device-resident state exists (the last step ran on a GPU).
     pub fn has_device_state(&self) -> bool {
         self.device_state().is_some()
     }
@@ -171,13 +168,12 @@ impl CarpState {
         self.device = DeviceSlot::default();
     }
 
-    /// Makes the training state match the step's device: the host stores on the CPU (and on a
-    /// GPU under `--optimizer-state host`), else a device-resident state, created (uploaded)
-    /// at the first GPU step, synced back and dropped when the step moves elsewhere.
+    /// Makes the training state match the step's device: the host stores on the CPU, a
+    /// device-resident state on a GPU, created (uploaded) at the first GPU step, synced back
+    /// and dropped when the step moves elsewhere.
     fn prepare_state(&mut self, device: &Device) -> Result<&mut TrainState> {
-        let host_optimizer = host_optim_forced();
         if let Some(ts) = &self.device.state {
-            if !ts.serves(device, host_optimizer) {
+            if !ts.serves(device) {
                 self.sync_to_host()?;
                 self.device.state = None;
             }
@@ -192,7 +188,6 @@ impl CarpState {
         if self.device.state.is_none() {
             self.device.state = Some(TrainState::for_step(
                 device,
-                host_optimizer,
                 (&self.student.params, &self.student.buffers),
                 (&self.teacher.params, &self.teacher.buffers),
                 &self.lars.momentum_buf,
@@ -243,7 +238,7 @@ impl CarpState {
         view2.expect_shape("view 2", view1.shape())?;
         // The views decide where the step runs: both networks' forward and backward, and the
         // loss, run on their device; on a GPU so do BN running statistics, LARS and the EMA, on
-        // the device-resident state (unless --optimizer-state host: then on the host stores).
+        // the device-resident state.
         let device = crate::ops::common_device("train_step views", &[view1, view2])?;
         self.prepare_state(&device)?;
         let n = view1.dim(0);
