@@ -8,8 +8,10 @@
 //! - [`TrainState::Device`]: on a GPU, flat device buffers for the student parameters, the
 //!   gradient, the LARS momentum, the teacher parameters and both networks' BN running
 //!   statistics, created from the host stores at the first GPU step (and after a resume/load).
-//!   While it exists it is the source of truth and the host stores lag behind until
-//!   `CarpState::sync_to_host`.
+//!   While it exists it IS the state: the host stores are not read (a checkpoint refuses
+//!   them) until `CarpState::move_to_host` copies the state home and drops the buffers, the
+//!   explicit copy checkpoints and evaluation make. The state lives in one place at a time,
+//!   so there is nothing to keep consistent.
 //!
 //! On a GPU nothing crosses the bus per step except one download of `3 * n_entries + 3` floats
 //! at the END of the step: the NaN guard's per-entry statistics (non-finite gradient counts
@@ -42,27 +44,6 @@ use crate::tensor::{Device, Tensor};
 /// the device.
 pub fn step_sync_forced() -> bool {
     crate::options::current().nan_guard == crate::options::NanGuard::Sync
-}
-
-/// Where a `CarpState` keeps the state its steps run on, and whether its host stores lag
-/// behind it.
-#[derive(Default)]
-pub struct DeviceSlot {
-    pub(crate) state: Option<TrainState>,
-    /// The host stores are older than the device state (a step ran since the last sync).
-    pub(crate) host_stale: bool,
-}
-
-impl Clone for DeviceSlot {
-    /// A clone gets no state (device buffers are not shared; a host state is made again at the
-    /// next step); it keeps the staleness flag, so a clone of an unsynced state refuses to train
-    /// or save instead of silently using old host values.
-    fn clone(&self) -> Self {
-        DeviceSlot {
-            state: None,
-            host_stale: self.host_stale,
-        }
-    }
 }
 
 /// What the NaN guard found in one step, read the same way on every device: LARS pass 1's
@@ -228,9 +209,9 @@ impl TrainState {
         }
     }
 
-    /// Copies a device state into the host stores (waits for the device); nothing to do for
-    /// the host state.
-    pub fn sync_to_host(
+    /// Copies a device state into host stores of its layout (waits for the device); nothing to
+    /// do for the host state, which is the host stores.
+    pub fn copy_to_host(
         &self,
         student: (&mut ParamStore, &mut ParamStore),
         teacher: (&mut ParamStore, &mut ParamStore),

@@ -250,7 +250,7 @@ fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str
     for v in cpu.teacher.params.data.iter_mut() {
         *v *= 0.9;
     }
-    let mut gpu = cpu.clone();
+    let mut gpu = cpu.try_clone().unwrap();
     let v1 = randn(&[batch, 3, image, image], 9);
     let v2 = randn(&[batch, 3, image, image], 10);
     let (lr, m) = (0.5, 0.99);
@@ -265,7 +265,7 @@ fn training_step_matches_cpu_with(block: carp::nn::resnet::BlockKind, test: &str
         )
         .unwrap();
     // The step ran on the device-resident state: bring it home.
-    gpu.sync_to_host().unwrap();
+    gpu.move_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
         ("consistency", sg.consistency, sc.consistency),
@@ -569,7 +569,7 @@ fn bf16_step_in_one_layout(dev: &Device) {
     let dev = dev.clone();
     let mut cpu = small_state();
     cpu.precision = Precision::Bf16;
-    let mut gpu = cpu.clone();
+    let mut gpu = cpu.try_clone().unwrap();
     let (v1, v2) = views(0);
     let sc = cpu.train_step(&v1, &v2, 0.5, 0.99).unwrap();
     let sg = gpu
@@ -580,7 +580,7 @@ fn bf16_step_in_one_layout(dev: &Device) {
             0.99,
         )
         .unwrap();
-    gpu.sync_to_host().unwrap();
+    gpu.move_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
         ("consistency", sg.consistency, sc.consistency),
@@ -674,7 +674,7 @@ fn device_state_steps_match_cpu() {
         return;
     };
     let mut cpu = small_state();
-    let mut gpu: CarpState = cpu.clone();
+    let mut gpu: CarpState = cpu.try_clone().unwrap();
     let steps = 4u64;
     for s in 0..steps {
         let (v1, v2) = views(s);
@@ -713,7 +713,7 @@ fn device_state_steps_match_cpu() {
     }
     // Before the sync the host stores still hold the initial values.
     assert_eq!(gpu.student.params.data, small_state().student.params.data);
-    gpu.sync_to_host().unwrap();
+    gpu.move_to_host().unwrap();
     assert!(gpu.host_is_current());
     assert_eq!(gpu.step, cpu.step);
     let (pc, pg) = (&cpu.student.params, &gpu.student.params);
@@ -803,7 +803,7 @@ fn device_state_nan_gradient_is_named_and_changes_nothing() {
         let cfg = carp::train::step::lars_config(1e-4);
         // Every state buffer, downloaded: (student, teacher, student BN, teacher BN, momentum).
         let snapshot = |ds: &DeviceTrainState| {
-            let mut back = st.clone();
+            let mut back = st.try_clone().unwrap();
             let mut mom = vec![0.0; p.numel()];
             ds.download(
                 (&mut back.student.params, &mut back.student.buffers),
@@ -901,7 +901,7 @@ fn host_guard_cause(
     lr: f32,
     m: f32,
 ) -> String {
-    let mut host = st.clone();
+    let mut host = st.try_clone().unwrap();
     let e = host
         .train_step(v1, v2, lr, m)
         .expect_err("the CPU step accepted a non-finite input")
@@ -909,7 +909,8 @@ fn host_guard_cause(
     error_cause(&e)
 }
 
-/// A whole GPU step whose input is NaN fails, and the state (device and host) is unchanged.
+/// A whole GPU step whose input is NaN fails, and the state is unchanged: moved home after
+/// the failed step, it equals the state before it.
 #[test]
 fn device_state_failed_step_changes_nothing() {
     let Some((dev, _serial)) = gpu_for_test("device_state_failed_step_changes_nothing") else {
@@ -924,8 +925,9 @@ fn device_state_failed_step_changes_nothing() {
         0.99,
     )
     .unwrap();
-    st.sync_to_host().unwrap();
-    let before = st.clone();
+    // The values before the failed step, read from the live device state (which stays).
+    let before = st.try_clone().unwrap();
+    assert!(st.has_device_state());
     let mut bad = v1.to_vec().unwrap();
     bad[5] = f32::NAN;
     let bad = Tensor::from_vec(bad, v1.shape()).unwrap();
@@ -941,9 +943,8 @@ fn device_state_failed_step_changes_nothing() {
         .unwrap_err()
         .to_string();
     assert_eq!(error_cause(&e), want, "{e}");
-    assert!(st.host_is_current(), "a failed step marked the host stale");
     assert_eq!(st.step, before.step);
-    st.sync_to_host().unwrap();
+    st.move_to_host().unwrap();
     assert_eq!(st.student.params.data, before.student.params.data);
     assert_eq!(st.teacher.params.data, before.teacher.params.data);
     assert_eq!(st.student.buffers.data, before.student.buffers.data);
@@ -951,9 +952,10 @@ fn device_state_failed_step_changes_nothing() {
     assert_eq!(st.lars.momentum_buf, before.lars.momentum_buf);
 }
 
-/// Checkpoints across the device state: saving an unsynced state is refused (a missed sync
-/// point fails loudly instead of writing old weights); after `sync_to_host` the host stores
-/// equal the device buffers bit for bit, the checkpoint round-trips exactly, and a resumed
+/// Checkpoints across the device state: saving a state that is on the GPU is refused (a
+/// missed `move_to_host` fails loudly instead of writing old weights); a `try_clone` and
+/// `move_to_host` give host stores equal to the device buffers bit for bit, the checkpoint
+/// round-trips exactly, and a resumed
 /// state continues like the original (tolerance 1e-5: the GPU's LARS norms use float atomics,
 /// so two runs may round differently).
 #[test]
@@ -974,26 +976,45 @@ fn device_state_checkpoint_resume() {
         config_json: "{}".into(),
     };
     let e = to_bytes(&st, &meta).unwrap_err().to_string();
-    assert!(e.contains("sync_to_host"), "{e}");
-    // A clone of an unsynced state refuses to train (its host copy is old).
-    let (v1, v2) = views(9);
-    assert!(st
-        .clone()
-        .train_step(&on(&v1), &on(&v2), 0.3, 0.99)
-        .is_err());
-    st.sync_to_host().unwrap();
+    assert!(e.contains("move_to_host"), "{e}");
+    assert!(!st.host_is_current());
+    // The device buffers, read directly, against the copies `try_clone` and `move_to_host`
+    // make of them.
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     #[cfg(feature = "cuda")]
-    {
+    let on_device = {
         let ds = st.device_state().expect("no device state after GPU steps");
         let be = carp::device::cuda::backend(0).unwrap();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let d = |b| bits(&be.download_f32(b).unwrap());
-        assert_eq!(d(&ds.student), bits(&st.student.params.data));
-        assert_eq!(d(&ds.teacher), bits(&st.teacher.params.data));
-        assert_eq!(d(&ds.momentum), bits(&st.lars.momentum_buf));
-        assert_eq!(d(&ds.student_bn), bits(&st.student.buffers.data));
-        assert_eq!(d(&ds.teacher_bn), bits(&st.teacher.buffers.data));
+        [
+            d(&ds.student),
+            d(&ds.teacher),
+            d(&ds.momentum),
+            d(&ds.student_bn),
+            d(&ds.teacher_bn),
+        ]
+    };
+    let host_bits = |st: &carp::train::step::CarpState| {
+        [
+            bits(&st.student.params.data),
+            bits(&st.teacher.params.data),
+            bits(&st.lars.momentum_buf),
+            bits(&st.student.buffers.data),
+            bits(&st.teacher.buffers.data),
+        ]
+    };
+    let copy = st.try_clone().unwrap();
+    assert!(st.has_device_state(), "try_clone moved the state");
+    assert!(copy.host_is_current());
+    st.move_to_host().unwrap();
+    assert!(st.host_is_current() && !st.has_device_state());
+    #[cfg(feature = "cuda")]
+    {
+        assert_eq!(host_bits(&st), on_device, "move_to_host");
+        assert_eq!(host_bits(&copy), on_device, "try_clone");
     }
+    // The initial host values are gone (the steps changed the weights).
+    assert_ne!(host_bits(&st)[0], host_bits(&small_state())[0]);
     let bytes = to_bytes(&st, &meta).unwrap();
     let mut resumed = small_state();
     // The resumed state first trains a step of its own, so the load must replace a live
@@ -1016,8 +1037,8 @@ fn device_state_checkpoint_resume() {
             "step {s}"
         );
     }
-    st.sync_to_host().unwrap();
-    resumed.sync_to_host().unwrap();
+    st.move_to_host().unwrap();
+    resumed.move_to_host().unwrap();
     check_close(
         "resumed student",
         &resumed.student.params.data,
@@ -1043,7 +1064,7 @@ fn device_state_checkpoint_resume() {
 
 /// The trainer's sync points on a GPU: a 7-step run with checkpoints every 3 steps on the GPU
 /// against the same run on the CPU (the checkpoint holds the GPU's current weights, not the
-/// initial host copy: a missed `sync_to_host` before a save fails the run or this comparison),
+/// initial host copy: a missed `move_to_host` before a save fails the run or this comparison),
 /// and a GPU run stopped after 4 steps and resumed against the straight GPU run.
 ///
 /// Tolerances: 2e-3 of each store's largest value GPU vs CPU (7 steps of f32 reassociation);
@@ -1190,7 +1211,7 @@ fn multicrop_training_step_matches_cpu() {
     for v in cpu.teacher.params.data.iter_mut() {
         *v *= 0.9;
     }
-    let mut gpu = cpu.clone();
+    let mut gpu = cpu.try_clone().unwrap();
     let v1 = randn(&[batch, 3, image, image], 19);
     let v2 = randn(&[batch, 3, image, image], 20);
     let loc = randn(&[n_local * batch, 3, local, local], 21);
@@ -1206,7 +1227,7 @@ fn multicrop_training_step_matches_cpu() {
         )
         .unwrap();
     // The GPU step's state lives on the device: into the host stores before comparing them.
-    gpu.sync_to_host().unwrap();
+    gpu.move_to_host().unwrap();
     for (name, g, c) in [
         ("loss", sg.loss, sc.loss),
         ("consistency", sg.consistency, sc.consistency),
@@ -1524,8 +1545,8 @@ fn device_state_step_sync_matches_gated() {
         }
     }
     carp::options::install(prev);
-    gated.sync_to_host().unwrap();
-    synced.sync_to_host().unwrap();
+    gated.move_to_host().unwrap();
+    synced.move_to_host().unwrap();
     for (name, a, b) in [
         (
             "student",

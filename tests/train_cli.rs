@@ -148,7 +148,7 @@ fn torn_or_corrupt_checkpoints_are_rejected_and_the_previous_one_is_used() {
     let p = Path::new("mem");
     // Every truncation point is rejected with a clear error.
     for cut in 0..bytes.len() {
-        let mut s = state.clone();
+        let mut s = state.try_clone().unwrap();
         let err = checkpoint::from_bytes(&bytes[..cut], p, &mut s)
             .unwrap_err()
             .to_string();
@@ -162,12 +162,12 @@ fn torn_or_corrupt_checkpoints_are_rejected_and_the_previous_one_is_used() {
     let mut bad = bytes.clone();
     let last = bad.len() - 3;
     bad[last] ^= 0x40;
-    let err = checkpoint::from_bytes(&bad, p, &mut state.clone())
+    let err = checkpoint::from_bytes(&bad, p, &mut state.try_clone().unwrap())
         .unwrap_err()
         .to_string();
     assert!(err.contains("checksum") || err.contains("corrupt"), "{err}");
     // The intact bytes load.
-    let mut s = state.clone();
+    let mut s = state.try_clone().unwrap();
     assert_eq!(checkpoint::from_bytes(&bytes, p, &mut s).unwrap().step, 5);
 
     // On disk: a torn latest falls back to the previous checkpoint.

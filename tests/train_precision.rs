@@ -255,7 +255,7 @@ fn one_tiny_step_in_bf16_agrees_with_f32() {
     let v1 = randn(&[n, 3, s, s], 21);
     let v2 = randn(&[n, 3, s, s], 22);
     let mut f = CarpState::new(&model, 64, 1e-6, 3).unwrap();
-    let mut b = f.clone();
+    let mut b = f.try_clone().unwrap();
     b.precision = Precision::Bf16;
     let sf = f.train_step(&v1, &v2, 0.3, 0.99).unwrap();
     let sb = b.train_step(&v1, &v2, 0.3, 0.99).unwrap();

@@ -121,7 +121,7 @@ fn small_model_learns_without_collapse_and_is_reproducible() {
 #[test]
 fn a_non_finite_input_leaves_the_state_untouched() {
     let mut state = CarpState::new(&small_model(), 16, 1e-6, 1).unwrap();
-    let before = state.clone();
+    let before = state.try_clone().unwrap();
     let (v1, v2) = batch(8, 5);
     let mut bad = v1.to_vec().unwrap();
     bad[17] = f32::INFINITY;

@@ -92,11 +92,11 @@ fn rng_from_string(s: &str) -> Option<ChaCha8Rng> {
 /// Serializes the whole training state.
 pub fn to_bytes(state: &CarpState, meta: &CheckpointMeta) -> Result<Vec<u8>> {
     if !state.host_is_current() {
-        // A GPU step ran since the last sync: the host stores would save old weights.
+        // The state is on the GPU: the host stores would save old weights.
         bail!(
             Msg,
-            "checkpoint: the training state's host copy is older than its GPU copy; call \
-             CarpState::sync_to_host() before saving"
+            "checkpoint: the training state is on the GPU, its host stores are old; call \
+             CarpState::move_to_host() before saving"
         );
     }
     let mut tensors = BTreeMap::new();
@@ -250,10 +250,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path, state: &mut CarpState) -> Result<Ch
     let rng = rng_from_string(&get("partition_rng")?)
         .ok_or_else(|| Error::format(path, "bad partition_rng state"))?;
 
-    let mut new = state.clone();
-    // Every store is overwritten from the file below: the host copy becomes the truth, and the
-    // next GPU step uploads it (the old device state goes with `*state = new`).
-    new.discard_device_state();
+    // Every value is overwritten from the file below (committed only when all of it reads):
+    // the host stores become the state, and the next GPU step uploads them (a device state
+    // goes with `*state = new`).
+    let mut new = state.clone_host_stores();
     let s = &mut new;
     read_store(
         &st,

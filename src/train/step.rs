@@ -21,7 +21,7 @@ use crate::ops::batchnorm::BN_MOMENTUM;
 use crate::ops::loss::{carp_loss_forward, random_partition, Partition, StepLoss};
 use crate::ops::rows::stack_rows;
 use crate::optim::lars::{Lars, LarsConfig};
-use crate::resident::{step_sync_forced, DeviceSlot, DeviceTrainState, StepTimer, TrainState};
+use crate::resident::{step_sync_forced, DeviceTrainState, StepTimer, TrainState};
 use crate::tensor::{Device, Tensor};
 
 /// LARS as SPEC.md fixes it: momentum 0.9, trust coefficient 0.001.
@@ -35,11 +35,14 @@ pub fn lars_config(weight_decay: f32) -> LarsConfig {
 
 /// Everything that evolves during training (and goes into a checkpoint).
 ///
-/// On a GPU the state lives in device buffers while steps run there (see
-/// `resident`); the host stores below then lag behind until [`CarpState::sync_to_host`].
-/// Whatever reads them (checkpoints, evaluation, tests) syncs first; whatever writes them
-/// directly calls [`CarpState::discard_device_state`] after.
-#[derive(Clone)]
+/// The state lives in one place at a time. On the CPU that is the host stores below (the
+/// networks' parameters and BN statistics, the LARS momentum). From the first step on a GPU it
+/// is device buffers (`resident`), and the host stores are not read until
+/// [`CarpState::move_to_host`] copies the state home: checkpoints, evaluation and tests make
+/// that copy explicitly (a checkpoint of a state on the GPU is refused), and the next GPU step
+/// uploads it again. Whatever writes the host stores directly calls
+/// [`CarpState::discard_device_state`] after. A copy is [`CarpState::try_clone`] (it reads a
+/// device state), not `Clone`.
 pub struct CarpState {
     pub student: Network,
     pub teacher: Network,
@@ -53,9 +56,9 @@ pub struct CarpState {
     /// The numerical mode of both networks' forwards and the student's backward (the tapes'
     /// precision); the parameters, BN statistics, loss, LARS and the EMA stay f32.
     pub precision: Precision,
-    /// The state the steps run on (the host stores, or a device-resident copy on a GPU), and
-    /// whether the host stores lag behind it.
-    pub(crate) device: DeviceSlot,
+    /// The state the steps run on: the host stores (the CPU), or the device buffers that hold
+    /// it while steps run on a GPU; none before the first step and after `move_to_host`.
+    pub(crate) state: Option<TrainState>,
 }
 
 /// What one step measured.
@@ -122,87 +125,105 @@ impl CarpState {
             partition_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
             nb,
             precision: Precision::F32,
-            device: DeviceSlot::default(),
+            state: None,
         })
     }
 
-    /// Brings the host stores (parameters, gradient, momentum, teacher, BN statistics) up to
-    /// date with the device-resident state, which stays the source of truth. A no-op without
-    /// one. Waits for the device.
-    pub fn sync_to_host(&mut self) -> Result<()> {
-        if let Some(ts) = &self.device.state {
-            let _r = nvtx::Range::new("sync to host");
-            ts.sync_to_host(
+    /// Moves the training state home: a device-resident state is copied into the host stores
+    /// (parameters, the last gradient, momentum, teacher, BN statistics; waits for the device)
+    /// and its buffers are dropped, so that the host stores are the state again (the next GPU
+    /// step uploads them). A no-op on the CPU. If the copy fails the device state is kept, so
+    /// nothing is lost.
+    pub fn move_to_host(&mut self) -> Result<()> {
+        if let Some(ts) = &self.state {
+            let _r = nvtx::Range::new("state to host");
+            ts.copy_to_host(
                 (&mut self.student.params, &mut self.student.buffers),
                 (&mut self.teacher.params, &mut self.teacher.buffers),
                 &mut self.lars.momentum_buf,
             )?;
-            self.device.host_stale = false;
         }
+        self.state = None;
         Ok(())
+    }
+
+    /// A copy of this state with its current values in the copy's host stores (read from the
+    /// device when the state is there; this one is unchanged and stays where it is). Waits
+    /// for the device.
+    pub fn try_clone(&self) -> Result<CarpState> {
+        let mut copy = self.clone_host_stores();
+        if let Some(ts) = &self.state {
+            ts.copy_to_host(
+                (&mut copy.student.params, &mut copy.student.buffers),
+                (&mut copy.teacher.params, &mut copy.teacher.buffers),
+                &mut copy.lars.momentum_buf,
+            )?;
+        }
+        Ok(copy)
+    }
+
+    /// A copy of the host stores as they are, without the training state: their values are
+    /// old while the state is on a GPU, so this is only for a caller that overwrites every
+    /// value (a checkpoint load); everyone else wants [`CarpState::try_clone`].
+    pub(crate) fn clone_host_stores(&self) -> CarpState {
+        CarpState {
+            student: self.student.clone(),
+            teacher: self.teacher.clone(),
+            lars: self.lars.clone(),
+            step: self.step,
+            partition_rng: self.partition_rng.clone(),
+            nb: self.nb,
+            precision: self.precision,
+            state: None,
+        }
     }
 
     /// The device-resident state, while steps run on a GPU (tests compare it with the host).
     pub fn device_state(&self) -> Option<&DeviceTrainState> {
-        self.device
-            .state
-            .as_ref()
-            .and_then(TrainState::device_state)
+        self.state.as_ref().and_then(TrainState::device_state)
     }
 
-    /// Whether a device-resident state exists (the last step ran on a GPU).
+    /// Whether the state is on a GPU (the last step ran there, and no `move_to_host` since).
     pub fn has_device_state(&self) -> bool {
         self.device_state().is_some()
     }
 
-    /// Whether the host stores hold the current values (false after a GPU step until
-    /// [`CarpState::sync_to_host`]). Checkpoints refuse a state whose host stores are stale.
+    /// Whether the host stores are the state (no device-resident state holds it). Checkpoints
+    /// refuse a state that is not.
     pub fn host_is_current(&self) -> bool {
-        !self.device.host_stale
+        !self.has_device_state()
     }
 
-    /// Drops the device-resident copy after the host stores were changed directly (a
-    /// load/resume, a test editing weights): the host stores become the truth and the next GPU
-    /// step uploads them. Values the device held beyond the last sync are lost.
+    /// Drops a device-resident state after the host stores were replaced (a load/resume, a
+    /// test editing weights): the host stores become the state and the next GPU step uploads
+    /// them. Values the device held are lost.
     pub fn discard_device_state(&mut self) {
-        self.device = DeviceSlot::default();
+        self.state = None;
     }
 
     /// Makes the training state match the step's device: the host stores on the CPU, a
-    /// device-resident state on a GPU, created (uploaded) at the first GPU step, synced back
-    /// and dropped when the step moves elsewhere.
+    /// device-resident state on a GPU, created (uploaded) at the first GPU step and moved home
+    /// when the step moves elsewhere.
     fn prepare_state(&mut self, device: &Device) -> Result<&mut TrainState> {
-        if let Some(ts) = &self.device.state {
-            if !ts.serves(device) {
-                self.sync_to_host()?;
-                self.device.state = None;
-            }
+        if self.state.as_ref().is_some_and(|ts| !ts.serves(device)) {
+            self.move_to_host()?;
         }
-        if self.device.host_stale {
-            bail!(
-                Msg,
-                "this training state's host copy is stale (it was cloned from a GPU state without \
-                 sync_to_host); call sync_to_host() on the original before cloning it"
-            );
-        }
-        if self.device.state.is_none() {
-            self.device.state = Some(TrainState::for_step(
+        if self.state.is_none() {
+            self.state = Some(TrainState::for_step(
                 device,
                 (&self.student.params, &self.student.buffers),
                 (&self.teacher.params, &self.teacher.buffers),
                 &self.lars.momentum_buf,
             )?);
         }
-        self.device
-            .state
+        self.state
             .as_mut()
             .ok_or_else(|| Error::Msg("prepare_state: no training state (a bug)".into()))
     }
 
     /// The state the current step runs on (made by `prepare_state`).
     fn state(&self) -> Result<&TrainState> {
-        self.device
-            .state
+        self.state
             .as_ref()
             .ok_or_else(|| Error::Msg("a training step without a training state (a bug)".into()))
     }
@@ -376,7 +397,6 @@ impl CarpState {
         }
         let sync = step_sync_forced();
         let ts = self
-            .device
             .state
             .as_mut()
             .ok_or_else(|| Error::Msg("finish_step without a training state (a bug)".into()))?;
@@ -399,13 +419,7 @@ impl CarpState {
         }
         phases.backward_ms = phase_ms(&device, &mut clock)?;
 
-        // BN statistics, LARS, then the EMA, each doing nothing unless the verdict is ok. A
-        // device state's host stores lag behind it from here on (restored below when the
-        // verdict says nothing changed).
-        let was_stale = self.device.host_stale;
-        if ts.device_state().is_some() {
-            self.device.host_stale = true;
-        }
+        // BN statistics, LARS, then the EMA, each doing nothing unless the verdict is ok.
         let gated = !sync;
         {
             let _r = nvtx::Range::new("optimizer");
@@ -438,14 +452,8 @@ impl CarpState {
         // above).
         let (loss, consistency, entropy) = match terms {
             Some(t) => t,
-            None => match ts.verdict(&self.student.params, step) {
-                Ok(t) => t,
-                Err(e) => {
-                    // The gated updates did nothing: the state is as before the step.
-                    self.device.host_stale = was_stale;
-                    return Err(e);
-                }
-            },
+            // On an error the gated updates did nothing: the state is as before the step.
+            None => ts.verdict(&self.student.params, step)?,
         };
         phases.step_ms = end
             .and_then(|end| start.elapsed_ms_to(&end))

@@ -524,14 +524,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             }
             if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
                 let meta = meta_at(state.step);
-                state.sync_to_host()?; // the GPU state into the host stores the file is made of
+                state.move_to_host()?; // the file is made of the host stores
                 checkpoint::save(&run_dir, &state, &meta)?;
             }
             if let (Some(eval_ds), true) = (
                 &eval_ds,
                 cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total,
             ) {
-                state.sync_to_host()?; // k-NN reads the teacher's host stores
+                state.move_to_host()?; // k-NN reads the teacher's host stores
                 let r = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size, &device)?;
                 metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": r}))?;
             }
@@ -540,7 +540,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     pb.finish_and_clear();
     let meta = meta_at(state.step);
     // Checkpoint and the final k-NN below read the host stores.
-    state.sync_to_host()?;
+    state.move_to_host()?;
     let ckpt = checkpoint::save(&run_dir, &state, &meta)?;
     say(format!("checkpoint: {}", ckpt.display()));
 
