@@ -523,7 +523,7 @@ mod tests {
     #[test]
     fn launch_argument_counts_match_the_kernels() {
         let mut checked = 0;
-        for src in [include_str!("ops.rs"), include_str!("augment.rs")] {
+        for src in LAUNCHERS {
             for LaunchCall { names, args, .. } in launch_calls(src) {
                 let nargs = args.len() - 3;
                 let mut found = false;
@@ -704,7 +704,7 @@ mod tests {
     #[test]
     fn launch_argument_types_match_the_kernels() {
         let mut checked = 0;
-        for src in [include_str!("ops.rs"), include_str!("augment.rs")] {
+        for src in LAUNCHERS {
             for LaunchCall { start, names, args } in launch_calls(src) {
                 let before = &src[..start];
                 for n in &names {
@@ -735,7 +735,7 @@ mod tests {
     }
 
     /// The launcher sources, whose kernel names the tests check against the PTX.
-    const LAUNCHERS: [&str; 2] = [include_str!("ops.rs"), include_str!("augment.rs")];
+    const LAUNCHERS: [&str; super::ops::SOURCES.len()] = super::ops::SOURCES;
 
     /// Whether some module's PTX declares entry point `name`.
     fn is_entry(name: &str) -> bool {
