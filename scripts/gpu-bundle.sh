@@ -6,6 +6,8 @@
 #                             ~26 MB stripped, GPU_BUNDLE_LIB=0 leaves it out when the bundle is too large)
 #   gpu-bundle/bin/carp, gpu-bundle/bin/carp-bench
 #   gpu-bundle/torch_carp_bench.py (when /work/shared has it), gpu-bundle/MANIFEST
+# tests/ and bin/ travel packed as gpu-bundle/bins.tar.xz (~40 MiB for ~110 MiB of binaries:
+# the device tool carries at most 64 MiB); gpu-check.sh unpacks it there.
 # Then, on the GPU machine, from the repo root: scripts/gpu-check.sh
 # (with the device tool: carry ["gpu-bundle"], command "bash scripts/gpu-check.sh").
 set -euo pipefail
@@ -75,8 +77,11 @@ fi
     echo "nvcc: $("$NVCC" --version | tail -1)"
     (cd "$OUTDIR" && find . -type f | sort)
 } >"$OUTDIR/MANIFEST"
+unpacked=$(du -sm "$OUTDIR" | cut -f1)
+tar -cf - -C "$OUTDIR" tests bin | xz -T0 -6 >"$OUTDIR/bins.tar.xz"
+rm -rf "$OUTDIR/tests" "$OUTDIR/bin"
 size=$(du -sm "$OUTDIR" | cut -f1)
-echo "gpu-bundle/: ${size} MiB"
+echo "gpu-bundle/: ${size} MiB (binaries packed in bins.tar.xz; ${unpacked} MiB unpacked)"
 if [ "$size" -gt 60 ]; then
     echo "warning: over 60 MiB; the device tool carries at most 64 MiB" >&2
 fi

@@ -15,6 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
+. scripts/gpu-unpack.sh
 if [ ! -d "$B/tests" ]; then
     echo "no $B/tests: run scripts/gpu-bundle.sh on the build machine first" >&2
     exit 2

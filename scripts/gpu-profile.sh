@@ -13,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
+. scripts/gpu-unpack.sh
 [ -x "$B/bin/carp-bench" ] || { echo "no $B/bin/carp-bench: run scripts/gpu-bundle.sh first" >&2; exit 2; }
 O="${OUT:-/tmp}"
 mkdir -p "$O"
