@@ -18,10 +18,10 @@ use crate::nn::model::Forward;
 use crate::nn::params::ParamLeaves;
 use crate::nn::{ModelConfig, Network};
 use crate::ops::batchnorm::BN_MOMENTUM;
-use crate::ops::loss::{carp_loss_forward, random_partition, Partition, StepLoss};
+use crate::ops::loss::{carp_loss_forward, random_partition, Partition};
 use crate::ops::rows::stack_rows;
 use crate::optim::lars::{Lars, LarsConfig};
-use crate::resident::{step_sync_forced, DeviceTrainState, StepTimer, TrainState};
+use crate::resident::{step_sync_forced, DeviceTrainState, TrainState};
 use crate::tensor::{Device, Tensor};
 
 /// LARS as SPEC.md fixes it: momentum 0.9, trust coefficient 0.001.
@@ -255,6 +255,14 @@ impl CarpState {
         lr: f32,
         m: f32,
     ) -> Result<StepStats> {
+        let step = self.step;
+        // Host values: checked before anything is queued.
+        if !lr.is_finite() || !(0.0..=1.0).contains(&m) {
+            bail!(
+                Config,
+                "step {step}: learning rate {lr} or teacher momentum {m} out of range; stopping before any weight changes"
+            );
+        }
         view1.expect_rank("view 1 (N, 3, S, S)", 4)?;
         view2.expect_shape("view 2", view1.shape())?;
         // The views decide where the step runs: both networks' forward and backward, and the
@@ -327,79 +335,20 @@ impl CarpState {
                 .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?
         };
         phases.loss_ms = phase_ms(&device, &mut clock)?;
-        // The NaN guard reads the loss terms with everything else at the end of the step.
-        let st = self.finish_step(tape, leaves, sfwd, tfwd, loss, lr, m, phases, clock, start)?;
-        self.partition_rng = partition_rng;
-        Ok(st)
-    }
 
-    /// The student forward with local views: the backbone on the globals `x` (2N, 3, S, S), then
-    /// on the locals `xl` (L N, 3, s, s), then the head once on the concatenated ((2 + L) N, D)
-    /// features, as DINO's multi-crop wrapper (same-resolution crops share a backbone batch;
-    /// every BN in the backbone updates its running statistics once per batch, the head's once).
-    fn student_forward_multi(
-        &self,
-        tape: &mut Tape,
-        leaves: &ParamLeaves,
-        x: &Tensor,
-        xl: &Tensor,
-    ) -> Result<Forward> {
-        let net = &self.student;
-        let mut bn_updates = Vec::new();
-        let fg = net
-            .backbone
-            .forward(tape, leaves, &net.buffers, x, true, &mut bn_updates)?; // (2N, D)
-        let fl = net
-            .backbone
-            .forward(tape, leaves, &net.buffers, xl, true, &mut bn_updates)?; // (L N, D)
-        let features = tape.concat_rows(&fg, &fl)?; // ((2 + L) N, D)
-        let (embedding, logits) =
-            net.head
-                .forward(tape, leaves, &net.buffers, &features, true, &mut bn_updates)?;
-        Ok(Forward {
-            features,
-            embedding,
-            logits,
-            bn_updates,
-        })
-    }
-
-    /// The rest of the step on the training state, the same calls on every device (on a GPU
-    /// queued without a wait in the middle): backward from the analytic gradient of the student
-    /// logits, the gradients gathered into the state's flat gradient, the NaN guard (LARS pass 1
-    /// with non-finite counts) and its verdict (`step_ok`, with the loss terms (2,) = [H,
-    /// consistency]), then BN statistics, LARS pass 2 and the EMA gated by the verdict, then
-    /// the verdict read (on a GPU the step's one download). A non-finite step is an error naming
-    /// the step and the entry, and changed no state value (the gated updates did nothing).
-    /// `--nan-guard sync` reads the verdict before the (ungated) updates.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_step(
-        &mut self,
-        tape: Tape,
-        leaves: ParamLeaves,
-        sfwd: Forward,
-        tfwd: Forward,
-        loss: StepLoss,
-        lr: f32,
-        m: f32,
-        mut phases: PhaseTimes,
-        mut clock: Instant,
-        start: StepTimer,
-    ) -> Result<StepStats> {
-        let device = sfwd.logits.device();
-        let step = self.step;
-        // Host values: checked before anything is queued.
-        if !lr.is_finite() || !(0.0..=1.0).contains(&m) {
-            bail!(
-                Config,
-                "step {step}: learning rate {lr} or teacher momentum {m} out of range; stopping before any weight changes"
-            );
-        }
+        // The rest on the training state, queued on a GPU without a wait in the middle:
+        // backward from the analytic gradient of the student logits, the gradients gathered into
+        // the state's flat gradient, the NaN guard (LARS pass 1 with non-finite counts) and its
+        // verdict (`step_ok`, with the loss terms), then BN statistics, LARS pass 2 and the EMA
+        // gated by the verdict, then the verdict read (on a GPU the step's one download). A
+        // non-finite step is an error naming the step and the entry, and changed no state value
+        // (the gated updates did nothing). `--nan-guard sync` reads the verdict before the
+        // (ungated) updates.
         let sync = step_sync_forced();
         let ts = self
             .state
             .as_mut()
-            .ok_or_else(|| Error::Msg("finish_step without a training state (a bug)".into()))?;
+            .ok_or_else(|| Error::Msg("a training step without a training state (a bug)".into()))?;
         {
             let _r = nvtx::Range::new("backward");
             let grads = tape.backward_from(vec![(sfwd.logits.clone(), loss.dstudent)])?;
@@ -459,6 +408,7 @@ impl CarpState {
             .and_then(|end| start.elapsed_ms_to(&end))
             .unwrap_or(f64::NAN);
         self.step += 1;
+        self.partition_rng = partition_rng;
         Ok(StepStats {
             loss,
             consistency,
@@ -466,6 +416,37 @@ impl CarpState {
             lr,
             momentum: m,
             phases,
+        })
+    }
+
+    /// The student forward with local views: the backbone on the globals `x` (2N, 3, S, S), then
+    /// on the locals `xl` (L N, 3, s, s), then the head once on the concatenated ((2 + L) N, D)
+    /// features, as DINO's multi-crop wrapper (same-resolution crops share a backbone batch;
+    /// every BN in the backbone updates its running statistics once per batch, the head's once).
+    fn student_forward_multi(
+        &self,
+        tape: &mut Tape,
+        leaves: &ParamLeaves,
+        x: &Tensor,
+        xl: &Tensor,
+    ) -> Result<Forward> {
+        let net = &self.student;
+        let mut bn_updates = Vec::new();
+        let fg = net
+            .backbone
+            .forward(tape, leaves, &net.buffers, x, true, &mut bn_updates)?; // (2N, D)
+        let fl = net
+            .backbone
+            .forward(tape, leaves, &net.buffers, xl, true, &mut bn_updates)?; // (L N, D)
+        let features = tape.concat_rows(&fg, &fl)?; // ((2 + L) N, D)
+        let (embedding, logits) =
+            net.head
+                .forward(tape, leaves, &net.buffers, &features, true, &mut bn_updates)?;
+        Ok(Forward {
+            features,
+            embedding,
+            logits,
+            bn_updates,
         })
     }
 }
