@@ -3,8 +3,9 @@
 //! BN running statistics, LARS, the EMA) and [`TrainState`] dispatches them, here and nowhere
 //! else, to one of two implementations:
 //! - [`TrainState::Host`]: on the CPU, the host stores of the `CarpState` are the state. Its
-//!   arithmetic is the CPU reference the GPU is tested against: LARS pass 1 with the guard ([`lars_norms`]), the verdict, pass 2
-//!   ([`Lars::update_from_norms`]), [`ema_update`] and the BN updates.
+//!   arithmetic is the CPU reference the GPU is tested against: LARS pass 1 with the guard
+//!   ([`lars_norms`]), the verdict, pass 2 ([`Lars::update_from_norms`]), [`ema_update`] and
+//!   the BN updates.
 //! - [`TrainState::Device`]: on a GPU, flat device buffers for the student parameters, the
 //!   gradient, the LARS momentum, the teacher parameters and both networks' BN running
 //!   statistics, created from the host stores at the first GPU step (and after a resume/load).

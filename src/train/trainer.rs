@@ -262,20 +262,20 @@ fn run_option_changes(checkpoint_config: &str, now: &crate::options::RunOptions)
     let recorded = serde_json::from_str::<serde_json::Value>(checkpoint_config)
         .ok()
         .and_then(|v| v.get("run_options").cloned());
-    match recorded.as_ref().map(crate::options::from_recorded) {
-        None => vec![format!(
+    let Some(recorded) = recorded else {
+        return vec![format!(
             "the checkpoint records no run options (an older carp); this invocation uses {}",
             now.summary()
-        )],
-        Some(Err(e)) => vec![format!("{e}; this invocation uses {}", now.summary())],
-        Some(Ok(before)) => {
-            let gone = recorded.as_ref().map(crate::options::retired_changes);
-            now.changes_from(&before)
-                .into_iter()
-                .chain(gone.into_iter().flatten())
-                .map(|c| format!("run option changed since the checkpoint: {c}"))
-                .collect()
-        }
+        )];
+    };
+    match crate::options::from_recorded(&recorded) {
+        Err(e) => vec![format!("{e}; this invocation uses {}", now.summary())],
+        Ok(before) => now
+            .changes_from(&before)
+            .into_iter()
+            .chain(crate::options::retired_changes(&recorded))
+            .map(|c| format!("run option changed since the checkpoint: {c}"))
+            .collect(),
     }
 }
 
