@@ -225,15 +225,17 @@ if [ "${GPU_CHECK_LOADER:-1}" != 0 ]; then
     run_step "carp-bench --loader (ImageNet-like, all cores)" 240 bash -o pipefail -c \
         "'$B/bin/carp-bench' --loader '$ldir' --make-imagenet-like ${LOADER_IMAGES:-2048} --batch 256 --steps 12 --json | tee '$lout'" ||
         overall=1
-    row "  two-view images/s: crops only, + CPU finish" INFO "-" "$(json_field "$lout" crop_images_per_s), $(json_field "$lout" images_per_s) ($(json_field "$lout" workers) workers)"
-    # Issue 19: one thread's rate (per_core_*, from the per-stage run) against all workers
-    # together says whether the loader scales with cores (1.0: perfectly) or loses to
-    # allocation, page faults or memory bandwidth at this many threads.
+    lcrops=$(json_field "$lout" crop_images_per_s)
+    lfull=$(json_field "$lout" images_per_s)
     lw=$(json_field "$lout" workers)
     lpc=$(json_field "$lout" per_core_crops)
     lpf=$(json_field "$lout" per_core_full)
+    row "  two-view images/s: crops only, + CPU finish" INFO "-" "$lcrops, $lfull ($lw workers)"
+    # Issue 19: one thread's rate (per_core_*, from the per-stage run) against all workers
+    # together says whether the loader scales with cores (1.0: perfectly) or loses to
+    # allocation, page faults or memory bandwidth at this many threads.
     row "  per core, one thread: crops only, + CPU finish" INFO "-" "$lpc, $lpf"
-    row "  scaling: all workers / (workers x one thread)" INFO "-" "$(awk -v a="$(json_field "$lout" crop_images_per_s)" -v b="$(json_field "$lout" images_per_s)" -v w="$lw" -v c="$lpc" -v f="$lpf" 'BEGIN { if (w > 0 && c > 0 && f > 0) printf "crops only %.2f, + CPU finish %.2f", a / (w * c), b / (w * f); else print "-" }')"
+    row "  scaling: all workers / (workers x one thread)" INFO "-" "$(awk -v a="$lcrops" -v b="$lfull" -v w="$lw" -v c="$lpc" -v f="$lpf" 'BEGIN { if (w > 0 && c > 0 && f > 0) printf "crops only %.2f, + CPU finish %.2f", a / (w * c), b / (w * f); else print "-" }')"
     if [ -d "$ldir/packed" ]; then
         for v in - --view-finish=cpu; do
             vflag=""
