@@ -345,8 +345,8 @@ fn run(args: Args) -> Result<()> {
         ("student forward", ph(|p| p.student_forward_ms)),
         ("loss", ph(|p| p.loss_ms)),
         ("backward", ph(|p| p.backward_ms)),
-        ("optimizer (LARS)", ph(|p| p.optimizer_ms)),
         ("EMA", ph(|p| p.ema_ms)),
+        ("optimizer (LARS)", ph(|p| p.optimizer_ms)),
     ];
     let ips = n as f64 / (med / 1e3);
     // Live: what tensors held at once (PyTorch's max_memory_allocated is the same measure);

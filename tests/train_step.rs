@@ -137,3 +137,64 @@ fn a_non_finite_input_leaves_the_state_untouched() {
     assert_eq!(state.student.buffers.data, before.student.buffers.data);
     assert_eq!(state.teacher.buffers.data, before.teacher.buffers.data);
 }
+
+/// SPEC.md ("Networks"), as main_carp.py: the EMA runs from the student as it was when the loss
+/// was computed, before the optimizer step. From teacher = student, after one step the teacher
+/// is the initial student; after the next, m t1 + (1 - m) s1 with s1 the student of step 1
+/// (not the student that step 2's LARS made). A one-step lag (the EMA after LARS) moves the
+/// teacher by (1 - m) of the student's update, far outside the f32 rounding allowed here.
+#[test]
+fn the_ema_uses_the_student_before_this_steps_update() {
+    let mut state = CarpState::new(&small_model(), 16, 1e-6, 3).unwrap();
+    let s0 = state.student.params.data.clone();
+    assert_eq!(
+        state.teacher.params.data, s0,
+        "the teacher starts as the student"
+    );
+    let m = 0.5;
+    // Compare with an f64 EMA; `slack` is a few f32 roundings of the values' size.
+    let max_dev = |got: &[f32], want: &[f64]| -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
+            .fold(0.0, f64::max)
+    };
+    let slack = 4.0 * f32::EPSILON as f64;
+
+    let (v1, v2) = batch(16, 11);
+    state.train_step(&v1, &v2, 1.0, m).unwrap();
+    let s1 = state.student.params.data.clone();
+    let moved = max_dev(&s1, &s0.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(
+        moved > 1e-3,
+        "the student barely moved ({moved:e}): the test needs an update"
+    );
+    let t1 = state.teacher.params.data.clone();
+    let want: Vec<f64> = s0.iter().map(|&x| x as f64).collect();
+    let dev = max_dev(&t1, &want);
+    assert!(
+        dev <= slack,
+        "after step 1 the teacher is {dev:e} from the initial student (allowed {slack:e})"
+    );
+
+    let (v1, v2) = batch(16, 12);
+    state.train_step(&v1, &v2, 1.0, m).unwrap();
+    let s2 = &state.student.params.data;
+    let ema = |s: &[f32]| -> Vec<f64> {
+        t1.iter()
+            .zip(s)
+            .map(|(&t, &s)| m as f64 * t as f64 + (1.0 - m as f64) * s as f64)
+            .collect()
+    };
+    let t2 = &state.teacher.params.data;
+    let dev = max_dev(t2, &ema(&s1));
+    assert!(
+        dev <= slack,
+        "after step 2 the teacher is {dev:e} from m t1 + (1 - m) s1 (allowed {slack:e})"
+    );
+    let lagged = max_dev(t2, &ema(s2));
+    assert!(
+        lagged > 100.0 * slack,
+        "the teacher also matches the EMA of the updated student ({lagged:e}): the test cannot tell the orders apart"
+    );
+}

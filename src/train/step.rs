@@ -1,9 +1,9 @@
 //! One CARP training step, top to bottom, the same calls on every device: teacher forward on
 //! both views (no tape), student forward on both views (and on the optional multi-crop local
-//! views), the partitioned loss and its analytic gradient, backward, the NaN guard, then BN
-//! running statistics, LARS and the EMA on the training state (`resident::TrainState`: the
-//! host stores on the CPU, device buffers on a GPU). Nothing in the state changes unless the
-//! whole step is finite.
+//! views), the partitioned loss and its analytic gradient, backward, the NaN guard, then the
+//! EMA (from the student the loss saw), BN running statistics and LARS on the training state
+//! (`resident::TrainState`: the host stores on the CPU, device buffers on a GPU). Nothing in
+//! the state changes unless the whole step is finite.
 
 use std::time::Instant;
 
@@ -339,7 +339,7 @@ impl CarpState {
         // The rest on the training state, queued on a GPU without a wait in the middle:
         // backward from the analytic gradient of the student logits, the gradients gathered into
         // the state's flat gradient, the NaN guard (LARS pass 1 with non-finite counts) and its
-        // verdict (`step_ok`, with the loss terms), then BN statistics, LARS pass 2 and the EMA
+        // verdict (`step_ok`, with the loss terms), then the EMA, BN statistics and LARS pass 2
         // gated by the verdict, then the verdict read (on a GPU the step's one download). A
         // non-finite step is an error naming the step and the entry, and changed no state value
         // (the gated updates did nothing). `--nan-guard sync` reads the verdict before the
@@ -368,8 +368,16 @@ impl CarpState {
         }
         phases.backward_ms = phase_ms(&device, &mut clock)?;
 
-        // BN statistics, LARS, then the EMA, each doing nothing unless the verdict is ok.
+        // The EMA, then BN statistics and LARS, each doing nothing unless the verdict is ok.
+        // The EMA comes first, from the student as it was when the loss was computed (SPEC.md,
+        // "Networks"; main_carp.py's EMA block precedes `backward` and `step`): from teacher =
+        // student, after one step the teacher is the initial student.
         let gated = !sync;
+        {
+            let _r = nvtx::Range::new("ema");
+            ts.ema(&mut self.teacher.params, &self.student.params, m, gated)?;
+        }
+        phases.ema_ms = phase_ms(&device, &mut clock)?;
         {
             let _r = nvtx::Range::new("optimizer");
             ts.apply_bn_updates(
@@ -389,11 +397,6 @@ impl CarpState {
             ts.lars(&mut self.lars, &mut self.student.params, lr, gated)?;
         }
         phases.optimizer_ms = phase_ms(&device, &mut clock)?;
-        {
-            let _r = nvtx::Range::new("ema");
-            ts.ema(&mut self.teacher.params, &self.student.params, m, gated)?;
-        }
-        phases.ema_ms = phase_ms(&device, &mut clock)?;
         // Not `?`: the updates are queued (and run when the verdict is ok), so an error from
         // here on must not return before the step is counted; it only loses the step's time.
         let end = ts.timing_event();
