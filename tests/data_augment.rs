@@ -333,11 +333,32 @@ fn eval_crop_on_real_photos_matches_resize_then_centre_crop() {
         let d = max_diff_u8(&got, &want);
         assert!(d <= 2, "{name}: {d}");
     }
-    // Smaller than the resize target: resized whole (28x28 gray -> 32x32).
+    // Smaller than the resize target: upsampled, aspect kept, then centre-cropped, as
+    // torchvision's Resize(37) + CenterCrop(32) (37 = round(32 * 256 / 224)), never squashed.
     let small = random_image(28, 28, 5);
     let got = eval_crop(&small, 32);
-    let want = reference_resample_8bit(&small, 0.0, 0.0, 28.0, 28.0, 32, 32, false);
-    assert!(max_diff_u8(&got, &want) <= 2);
+    let full = reference_resample_8bit(&small, 0.0, 0.0, 28.0, 28.0, 37, 37, false);
+    // CenterCrop's corner: Python's round(2.5) = 2 (half to even).
+    assert!(max_diff_u8(&got, &centre(&full, 37, 37, 2, 2, 32)) <= 2);
+    // A different corner is a different view: the comparison can tell one pixel apart.
+    assert!(max_diff_u8(&got, &centre(&full, 37, 37, 3, 3, 32)) > 2);
+    // Wide and small (20 x 50 at size 32): short side 20 -> 37, long side int(37 * 50 / 20) =
+    // 92; the crop keeps the aspect (a squash to 32 x 32 would not).
+    let wide = random_image(20, 50, 6);
+    let got = eval_crop(&wide, 32);
+    let full = reference_resample_8bit(&wide, 0.0, 0.0, 20.0, 50.0, 37, 92, false);
+    assert!(max_diff_u8(&got, &centre(&full, 37, 92, 2, 30, 32)) <= 2);
+    let squashed = reference_resample_8bit(&wide, 0.0, 0.0, 20.0, 50.0, 32, 32, false);
+    assert!(max_diff_u8(&got, &squashed) > 2);
+}
+
+/// The `size` x `size` window at (`top`, `left`) of an (h, w, 3) u8 image.
+fn centre(full: &[u8], _h: usize, w: usize, top: usize, left: usize, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size * size * 3);
+    for y in 0..size {
+        out.extend_from_slice(&full[((top + y) * w + left) * 3..][..size * 3]);
+    }
+    out
 }
 
 #[test]

@@ -67,13 +67,19 @@ fn naive_knn(bank: &[Vec<f64>], bl: &[u8], queries: &[Vec<f64>], ql: &[u8], k: u
     right as f64 / queries.len() as f64
 }
 
-/// The view of a grayscale image at its own size, as the k-NN feature: the gray value in each
-/// of the 3 channels, scaled to [0, 1] and normalized per channel, (3, side, side).
-fn raw_feature(img: &[u8]) -> Vec<f64> {
+/// The evaluation view of a grayscale `side` x `side` image at size `side - 2`, as the k-NN
+/// feature. SPEC's view resizes the short side to round(S * 256 / 224) and crops the centre
+/// S x S: with S = 14 and side 16 the resize is to 16 (the image itself) and the crop the
+/// centre with a 1-pixel margin, so no resampling is involved. The gray value in each of the 3
+/// channels, scaled to [0, 1] and normalized per channel, (3, S, S).
+fn raw_feature(img: &[u8], side: usize) -> Vec<f64> {
+    let s = side - 2;
+    assert_eq!((s as f64 * 256.0 / 224.0).round() as usize, side);
     (0..3)
         .flat_map(|c| {
-            img.iter()
-                .map(move |&p| (p as f64 / 255.0 - MEAN[c]) / STD[c])
+            (1..=s).flat_map(move |y| {
+                (1..=s).map(move |x| (img[y * side + x] as f64 / 255.0 - MEAN[c]) / STD[c])
+            })
         })
         .collect()
 }
@@ -120,11 +126,19 @@ fn raw_pixel_knn_matches_a_direct_computation() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         dirs.push(out);
-        let feats: Vec<Vec<f64>> = px.chunks(side * side).map(raw_feature).collect();
+        let feats: Vec<Vec<f64>> = px
+            .chunks(side * side)
+            .map(|im| raw_feature(im, side))
+            .collect();
         splits.push((feats, labels));
     }
     let o = Command::new(env!("CARGO_BIN_EXE_carp"))
-        .args(["knn", "--raw-pixels", "--image-size", &side.to_string()])
+        .args([
+            "knn",
+            "--raw-pixels",
+            "--image-size",
+            &(side - 2).to_string(),
+        ])
         .args(["--data", dirs[0].to_str().unwrap()])
         .args(["--eval-data", dirs[1].to_str().unwrap(), "--json"])
         .output()

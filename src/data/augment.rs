@@ -542,26 +542,26 @@ pub fn resample_view(img: &Image, win: &JpegWindow, d: &ViewDraw, out: &mut [u8]
     );
 }
 
-/// Evaluation geometry: resize the short side to `round(size * 256 / 224)` (bicubic) and take
-/// the centre `size` x `size`; an image whose short side is below that is resized straight to
-/// `size` x `size` (small datasets such as 28x28 Fashion-MNIST keep their whole frame).
+/// The evaluation view (SPEC.md "Evaluation", the official k-NN and linear scripts):
+/// torchvision's `Resize(round(size * 256 / 224))` (bicubic, the short side; 256 at 224) then
+/// `CenterCrop(size)`, for every image. The aspect ratio is kept: an image whose short side is
+/// below the resize target is upsampled, never squashed to a square (28x28 Fashion-MNIST at
+/// size 32: resized to 37x37, centre 32x32).
 pub fn eval_crop(img: &Image, size: usize) -> Vec<u8> {
     let (h, w) = (img.height, img.width);
-    let short = h.min(w);
     let target = ((size as f64) * 256.0 / 224.0).round() as usize;
-    if short < target {
-        return resample(img, 0.0, 0.0, h as f64, w as f64, size, size, false);
-    }
     // torchvision Resize(int): short side -> target, long side -> int(target * long / short).
     let (nh, nw) = if h <= w {
         (target, (target as f64 * w as f64 / h as f64) as usize)
     } else {
         ((target as f64 * h as f64 / w as f64) as usize, target)
     };
+    // CenterCrop's corner is Python's round((resized - size) / 2): half to even, so an odd
+    // margin puts the extra pixel after the crop, as torchvision does.
+    let top = ((nh - size) as f64 / 2.0).round_ties_even();
+    let left = ((nw - size) as f64 / 2.0).round_ties_even();
     // The centre crop of the resized image, mapped back to a box in source pixels so that
     // one resampling pass does both.
-    let top = ((nh - size) as f64 / 2.0).round();
-    let left = ((nw - size) as f64 / 2.0).round();
     let (sy, sx) = (h as f64 / nh as f64, w as f64 / nw as f64);
     resample(
         img,

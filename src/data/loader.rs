@@ -529,8 +529,8 @@ impl<T> Drop for Prefetch<T> {
     }
 }
 
-/// Evaluation transform (resize short side to size*256/224 then centre crop `size`; for
-/// images smaller than that just resize), normalized (B, 3, S, S), in dataset order.
+/// Evaluation views (`eval_crop`: resize the short side to size * 256 / 224, then centre crop
+/// `size`), normalized (B, 3, S, S), in dataset order.
 pub fn eval_batches(
     ds: &Dataset,
     size: usize,
