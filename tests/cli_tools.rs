@@ -127,6 +127,7 @@ fn pack_train_evaluate_export_plot() {
     assert!(ok, "knn on checkpoint failed: {err}");
     assert!(last_json(&out)["top1"].is_number());
 
+    // The paper's protocol (the default): a line per epoch, then the last and best epochs.
     let (ok, out, err) = carp(&[
         "linear",
         "--checkpoint",
@@ -136,32 +137,54 @@ fn pack_train_evaluate_export_plot() {
         "--eval-data",
         d,
         "--epochs",
-        "3",
+        "2",
         "--batch",
         "4",
         "--json",
     ]);
     assert!(ok, "linear failed: {err}");
+    assert!(
+        err.contains("the paper's protocol") && err.contains("epoch 2/2"),
+        "{err}"
+    );
     let v = last_json(&out);
+    assert_eq!(v["protocol"], "paper");
     assert!(
         v["top1"].as_f64().unwrap() >= 0.0
             && v["top5"].as_f64().unwrap() >= v["top1"].as_f64().unwrap()
+            && v["best_top1"].as_f64().unwrap() >= v["top1"].as_f64().unwrap()
     );
-    // The second run uses the feature cache.
-    let (ok, _, err) = carp(&[
-        "linear",
-        "--checkpoint",
-        c,
-        "--data",
-        d,
-        "--eval-data",
-        d,
-        "--epochs",
-        "1",
-        "--batch",
-        "4",
-    ]);
-    assert!(ok && err.contains("using the cache"), "{err}");
+    assert_eq!(v["epochs"].as_array().unwrap().len(), 2);
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    // The fast cached probe says that it is not the paper's protocol; its second run uses
+    // the feature cache.
+    for run in 0..2 {
+        let (ok, out, err) = carp(&[
+            "linear",
+            "--protocol",
+            "cached",
+            "--checkpoint",
+            c,
+            "--data",
+            d,
+            "--eval-data",
+            d,
+            "--epochs",
+            "3",
+            "--batch",
+            "4",
+            "--json",
+        ]);
+        assert!(ok && err.contains("NOT the paper's protocol"), "{err}");
+        let v = last_json(&out);
+        assert_eq!(v["protocol"], "cached");
+        assert!(
+            v["top1"].as_f64().unwrap() >= 0.0
+                && v["top5"].as_f64().unwrap() >= v["top1"].as_f64().unwrap()
+        );
+        // (Both splits are the same folder here: the first run's second split is a hit.)
+        assert_eq!(err.contains("features: extracting"), run == 0, "{err}");
+    }
 
     let exported = tmp.join("backbone.safetensors");
     let (ok, _, err) = carp(&[

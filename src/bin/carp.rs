@@ -37,12 +37,25 @@ enum Cmd {
     Pack(carp::data::PackArgs),
     /// k-NN evaluation of a checkpoint's teacher backbone (or of a random init).
     Knn(KnnArgs),
-    /// Linear evaluation of a checkpoint's frozen teacher backbone (features cached).
+    /// Linear evaluation of a checkpoint's frozen teacher backbone: the paper's protocol
+    /// (augmented training views every epoch), or `--protocol cached` (fast, not the paper's).
     Linear(LinearArgs),
     /// Export the teacher backbone with torchvision's names (safetensors, f32).
     Export(ExportArgs),
     /// Draw a run's loss and k-NN curves into a PNG.
     Plot(PlotArgs),
+}
+
+/// Which linear evaluation `carp linear` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    /// The paper's (appendix C.1): frozen backbone, Linear(D, classes), SGD momentum 0.9,
+    /// lr 0.3, batch 256, 100 epochs, cosine; training views RandomResizedCrop + flip (the
+    /// frozen forward runs on every epoch's views), validation the evaluation view.
+    Paper,
+    /// A fast probe on cached evaluation-view features (standardized, no augmentation,
+    /// lr 0.1). Not the paper's protocol: a quick look, not a number for its table.
+    Cached,
 }
 
 #[derive(Args)]
@@ -56,20 +69,35 @@ struct LinearArgs {
     /// The packed evaluation split.
     #[arg(long)]
     eval_data: PathBuf,
-    /// Epochs of SGD on the frozen features.
+    /// `paper` (the paper's protocol, the default) or `cached` (a fast probe on cached
+    /// features; not the paper's protocol).
+    #[arg(long, value_enum, default_value_t = Protocol::Paper)]
+    protocol: Protocol,
+    /// Epochs of SGD.
     #[arg(long, default_value_t = 100)]
     epochs: usize,
-    /// Learning rate (cosine to 0); scale as 0.1 * batch / 256.
-    #[arg(long, default_value_t = 0.1)]
-    lr: f32,
+    /// Peak learning rate, cosine to 0 (default: 0.3 for `paper`, 0.1 for `cached`, both
+    /// at batch 256).
+    #[arg(long)]
+    lr: Option<f32>,
     #[arg(long, default_value_t = 256)]
     batch: usize,
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f32,
-    /// Recompute the features even if a cache exists.
+    /// Side of the views (default: the checkpoint's training size).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// The frozen forward's numerical mode for `paper`: f32 or bf16 (default: bf16 on a GPU,
+    /// f32 on the CPU).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Seeds the epoch orders and the training views (`paper`).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Recompute the features even if a cache exists (`cached`).
     #[arg(long)]
     no_cache: bool,
-    /// auto, cpu, cuda or cuda:N (for the feature extraction).
+    /// auto, cpu, cuda or cuda:N (for the frozen forward).
     #[arg(long, default_value = "auto")]
     device: String,
     /// The last line printed is one JSON object.
@@ -443,6 +471,137 @@ fn knn_of_network(args: &KnnArgs) -> Result<Vec<(usize, f64)>> {
     trainer::knn_eval(&net, &train_ds, &test_ds, size, &device)
 }
 
+/// `carp linear --protocol paper`: the paper's linear evaluation, with a line per epoch
+/// (validation accuracy, best so far, images/s, ETA) on stderr.
+fn linear_paper(args: &LinearArgs) -> Result<()> {
+    let (cfg, state, _) = load_checkpoint(&args.checkpoint)?;
+    let net = &state.teacher;
+    let device = trainer::resolve_device(&args.device)?;
+    let train_ds = carp::data::Dataset::open(&args.data)?;
+    let val_ds = carp::data::Dataset::open(&args.eval_data)?;
+    let mut probe =
+        carp::eval::probe::LinearEvalConfig::paper(args.image_size.unwrap_or(cfg.image_size));
+    probe.epochs = args.epochs;
+    probe.batch = args.batch;
+    probe.lr = args.lr.unwrap_or(probe.lr);
+    probe.weight_decay = args.weight_decay;
+    probe.seed = args.seed;
+    probe.precision = args.precision.unwrap_or(match device {
+        carp::Device::Cuda(_) => Precision::Bf16,
+        carp::Device::Cpu => Precision::F32,
+    });
+    eprintln!(
+        "linear evaluation (the paper's protocol): {} training / {} validation images at {}x{}, \
+         {} epochs, batch {}, lr {}, frozen forward in {} on {device}",
+        train_ds.len(),
+        val_ds.len(),
+        probe.size,
+        probe.size,
+        probe.epochs,
+        probe.batch,
+        probe.lr,
+        probe.precision
+    );
+    let start = std::time::Instant::now();
+    let mut best = (0.0f64, 0usize);
+    let r = carp::eval::probe::linear_eval(net, &train_ds, &val_ds, &probe, &device, &mut |e| {
+        if e.top1 > best.0 || e.epoch == 1 {
+            best = (e.top1, e.epoch);
+        }
+        let left = start.elapsed() / e.epoch as u32 * (probe.epochs - e.epoch) as u32;
+        eprintln!(
+            "epoch {}/{}: loss {:.4}, top-1 {:.2}% top-5 {:.2}% (best {:.2}% at epoch {}), \
+             {:.0} images/s, ETA {}",
+            e.epoch,
+            probe.epochs,
+            e.train_loss,
+            100.0 * e.top1,
+            100.0 * e.top5,
+            100.0 * best.0,
+            best.1,
+            e.images_per_s,
+            indicatif::HumanDuration(left)
+        );
+    })?;
+    println!(
+        "linear (paper protocol): last top-1 {:.2}% top-5 {:.2}%; best top-1 {:.2}% top-5 {:.2}% \
+         (epoch {}); {:.0} training images/s",
+        100.0 * r.last_top1,
+        100.0 * r.last_top5,
+        100.0 * r.best_top1,
+        100.0 * r.best_top5,
+        r.best_epoch,
+        r.images_per_s
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "protocol": "paper", "top1": r.last_top1, "top5": r.last_top5,
+                "best_top1": r.best_top1, "best_top5": r.best_top5, "best_epoch": r.best_epoch,
+                "images_per_s": r.images_per_s, "precision": probe.precision.as_str(),
+                "epochs": r.epochs,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// `carp linear --protocol cached`: the fast probe on cached, standardized evaluation-view
+/// features.
+fn linear_cached(args: &LinearArgs) -> Result<()> {
+    let (cfg, state, crc) = load_checkpoint(&args.checkpoint)?;
+    let net = &state.teacher;
+    let d = net.cfg.backbone.feature_dim();
+    let size = args.image_size.unwrap_or(cfg.image_size);
+    let device = trainer::resolve_device(&args.device)?;
+    let (trf, trl) = cached_features(
+        &args.checkpoint,
+        &crc,
+        net,
+        &args.data,
+        size,
+        args.no_cache,
+        &device,
+    )?;
+    let (tef, tel) = cached_features(
+        &args.checkpoint,
+        &crc,
+        net,
+        &args.eval_data,
+        size,
+        args.no_cache,
+        &device,
+    )?;
+    let classes = (trl.iter().chain(&tel).copied().max().unwrap_or(0) + 1) as usize;
+    let probe = carp::eval::linear::LinearProbeConfig {
+        epochs: args.epochs,
+        batch: args.batch,
+        lr: args.lr.unwrap_or(0.1),
+        weight_decay: args.weight_decay,
+        ..Default::default()
+    };
+    eprintln!(
+        "linear probe on cached features (NOT the paper's protocol: no augmentation, \
+         standardized features; `--protocol paper` is): {} x {d} features, {classes} classes, {} epochs",
+        trl.len(),
+        args.epochs
+    );
+    let r = carp::eval::linear::linear_probe(&trf, &trl, &tef, &tel, d, classes, &probe)?;
+    println!(
+        "linear (cached probe) top-1 {:.2}%  top-5 {:.2}%",
+        100.0 * r.top1,
+        100.0 * r.top5
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"protocol": "cached", "top1": r.top1, "top5": r.top5, "train_loss": r.train_loss})
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(args) => {
@@ -550,56 +709,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Linear(args) => {
-            let (cfg, state, crc) = load_checkpoint(&args.checkpoint)?;
-            let net = &state.teacher;
-            let d = net.cfg.backbone.feature_dim();
-            let device = trainer::resolve_device(&args.device)?;
-            let (trf, trl) = cached_features(
-                &args.checkpoint,
-                &crc,
-                net,
-                &args.data,
-                cfg.image_size,
-                args.no_cache,
-                &device,
-            )?;
-            let (tef, tel) = cached_features(
-                &args.checkpoint,
-                &crc,
-                net,
-                &args.eval_data,
-                cfg.image_size,
-                args.no_cache,
-                &device,
-            )?;
-            let classes = (trl.iter().chain(&tel).copied().max().unwrap_or(0) + 1) as usize;
-            let probe = carp::eval::linear::LinearProbeConfig {
-                epochs: args.epochs,
-                batch: args.batch,
-                lr: args.lr,
-                weight_decay: args.weight_decay,
-                ..Default::default()
-            };
-            eprintln!(
-                "linear probe: {} x {d} features, {classes} classes, {} epochs",
-                trl.len(),
-                args.epochs
-            );
-            let r = carp::eval::linear::linear_probe(&trf, &trl, &tef, &tel, d, classes, &probe)?;
-            println!(
-                "linear top-1 {:.2}%  top-5 {:.2}%",
-                100.0 * r.top1,
-                100.0 * r.top5
-            );
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"top1": r.top1, "top5": r.top5, "train_loss": r.train_loss})
-                );
-            }
-            Ok(())
-        }
+        Cmd::Linear(args) => match args.protocol {
+            Protocol::Paper => linear_paper(&args),
+            Protocol::Cached => linear_cached(&args),
+        },
         Cmd::Plot(args) => {
             let out = args.out.unwrap_or_else(|| args.run_dir.clone());
             let path = carp::train::plot::plot_run(&args.run_dir, &out)?;

@@ -1,6 +1,10 @@
-//! The linear probe: a `Linear(D, classes)` classifier trained on frozen, precomputed pooled
-//! features (SPEC.md "Evaluation": SGD with momentum, cosine learning rate). Here the features are
-//! cached once, so there is no augmentation: every epoch sees the same feature vectors.
+//! The fast cached probe: a `Linear(D, classes)` classifier trained on frozen, precomputed
+//! pooled features of the evaluation view (SGD with momentum, cosine learning rate). It is NOT
+//! the paper's protocol (`eval::probe` is: augmented training views through the frozen
+//! backbone every epoch, lr 0.3, raw features): the features are cached once, so there is no
+//! augmentation (every epoch sees the same feature vectors), and they are standardized. It is a
+//! quick look at a checkpoint (`carp linear --protocol cached`), not a number to compare with
+//! the paper's table.
 //!
 //! Preprocessing: each feature dimension is standardized (z-scored) with the mean and standard
 //! deviation of the *training* features, and the same affine map is applied to the test
@@ -278,14 +282,14 @@ fn standardize_row(src: &[f32], mean: &[f32], inv_std: &[f32], dst: &mut [f32]) 
 
 /// Gradient buffers of one step: dw (classes, d), db (classes,), and the scratch logits /
 /// dlogits (B, classes).
-struct Grads {
-    dw: Vec<f32>,
-    db: Vec<f32>,
+pub(crate) struct Grads {
+    pub(crate) dw: Vec<f32>,
+    pub(crate) db: Vec<f32>,
     logits: Vec<f32>,
 }
 
 impl Grads {
-    fn new(classes: usize, d: usize, batch: usize) -> Self {
+    pub(crate) fn new(classes: usize, d: usize, batch: usize) -> Self {
         Grads {
             dw: vec![0.0; classes * d],
             db: vec![0.0; classes],
@@ -322,7 +326,7 @@ fn softmax_xent_grad(logits: &mut [f32], labels: &[u32], classes: usize) -> f64 
 
 /// Mean cross-entropy of `x w^T + b` on (x (B, d), labels (B,)) and its gradients, written to
 /// `g.dw` (classes, d) and `g.db` (classes,). Returns the loss.
-fn loss_and_grad(
+pub(crate) fn loss_and_grad(
     x: &[f32],
     labels: &[u32],
     w: &[f32],
@@ -358,7 +362,7 @@ fn loss_and_grad(
 }
 
 /// One SGD-with-momentum step: g' = g + wd * p; v = mu * v + g'; p -= lr * v.
-fn sgd_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f32) {
+pub(crate) fn sgd_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f32) {
     p.par_iter_mut()
         .zip(v.par_iter_mut())
         .zip(g.par_iter())
@@ -371,7 +375,7 @@ fn sgd_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f
 
 /// (top-1, top-5) of `z w^T + b` against labels (n,), z the standardized rows of x (n, d).
 #[allow(clippy::too_many_arguments)] // data, statistics and weights, all needed
-fn accuracy(
+pub(crate) fn accuracy(
     x: &[f32],
     labels: &[u32],
     mean: &[f32],

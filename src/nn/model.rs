@@ -4,7 +4,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::autograd::Tape;
+use crate::autograd::{Precision, Tape};
 use crate::bail;
 use crate::error::Result;
 use crate::nn::head::{Head, HeadConfig};
@@ -171,7 +171,13 @@ impl Network {
     /// Backbone features only (evaluation), BN in eval mode, nothing recorded; runs on `x`'s
     /// device.
     pub fn features_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let mut tape = Tape::no_grad();
+        self.features_eval_in(x, Precision::F32)
+    }
+
+    /// [`Network::features_eval`] in `precision` (bf16: the frozen forward of a linear
+    /// evaluation, bf16 activations with f32 accumulation, as training's forward).
+    pub fn features_eval_in(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        let mut tape = Tape::no_grad().with_precision(precision);
         let leaves = self.params.leaves_on(&mut tape, &x.device())?;
         let mut updates = Vec::new();
         self.backbone
