@@ -181,8 +181,11 @@ fn parse_cache(b: &[u8], key: &str) -> Option<(Vec<f32>, Vec<u32>)> {
 struct TrainArgs {
     /// Start from a preset: `tiny` (the default: small ResNet on the embedded Fashion-MNIST),
     /// `fashion-mnist-resnet18` (ResNet18, CIFAR stem, on the full Fashion-MNIST packed into
-    /// fashion-mnist/train and fashion-mnist/test; for a GPU) or `imagenet-200ep` (the seed
-    /// paper's run). Explicit flags override preset values.
+    /// fashion-mnist/train and fashion-mnist/test; for a GPU), `imagenet-200ep` (the seed
+    /// paper's table 1 run: ResNet50, batch 1024, LARS 0.6 -> 0.06, 200 epochs, bf16) or
+    /// `imagenet-200ep-multicrop` (the same with 6 local 96x96 views, the official README's
+    /// better row). Explicit flags override preset values; `--dry-run` lists the values that
+    /// differ from the paper's and why.
     #[arg(long)]
     preset: Option<String>,
     /// Architecture: resnet50, resnet18 (torchvision's, ImageNet stem), resnet18-cifar (3x3/1
@@ -227,6 +230,11 @@ struct TrainArgs {
     lr: Option<f32>,
     #[arg(long)]
     lr_final: Option<f32>,
+    /// How --lr becomes the peak learning rate: `none` (the default and the paper's: --lr is
+    /// the peak, 0.6 at batch 1024) or `linear` (the official script's rule: --lr x batch /
+    /// 256, e.g. its 0.45 gives 1.8 at batch 1024; --lr-final is not scaled).
+    #[arg(long, value_enum)]
+    lr_scaling: Option<carp::train::config::LrScaling>,
     /// Linear warmup steps before the cosine.
     #[arg(long)]
     warmup_steps: Option<usize>,
@@ -329,6 +337,7 @@ impl TrainArgs {
             nb,
             lr,
             lr_final,
+            lr_scaling,
             warmup_steps,
             weight_decay,
             momentum_start,
@@ -644,10 +653,20 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
                 println!("run options: {}", cfg.run_options.summary());
+                let preset = args.preset.as_deref().unwrap_or("tiny");
+                let departures = cfg.departures_from_paper(preset);
+                if departures.is_empty() {
+                    println!("the paper's run (SPEC.md, table 1): every compared value matches");
+                } else {
+                    println!("differs from the paper's run (SPEC.md, table 1):");
+                    for d in &departures {
+                        println!("  {}: {} (paper {}): {}", d.field, d.value, d.paper, d.why);
+                    }
+                }
                 if args.json {
                     println!(
                         "{}",
-                        serde_json::json!({"config": cfg, "params_backbone": b, "params_head": h, "params_prototypes": p, "memory": mem})
+                        serde_json::json!({"config": cfg, "params_backbone": b, "params_head": h, "params_prototypes": p, "memory": mem, "departures_from_paper": departures})
                     );
                 }
                 return Ok(());

@@ -484,7 +484,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             let poison = opts.inject_nan_at_step == Some(state.step);
             // locals: (L B, 3, s, s) with multi-crop.
             let (v1, v2, locals) = batch.to_tensors(&view, &device, poison)?;
-            let lr = cosine_lr(state.step, total, cfg.warmup_steps, cfg.lr, cfg.lr_final);
+            let lr = cosine_lr(
+                state.step,
+                total,
+                cfg.warmup_steps,
+                cfg.peak_lr(),
+                cfg.lr_final,
+            );
             let m = teacher_momentum(state.step, total, cfg.momentum_start, cfg.momentum_end);
             let stats = match state.train_step_multi(&v1, &v2, locals.as_ref(), lr, m) {
                 Ok(s) => s,
