@@ -255,6 +255,48 @@ impl CarpState {
         lr: f32,
         m: f32,
     ) -> Result<StepStats> {
+        self.step_with(view1, view2, locals, None, lr, m)
+    }
+
+    /// `train_step` with this step's prototype partition given instead of drawn: `perm` is a
+    /// permutation of 0..K, block j holding `perm[j NB .. (j + 1) NB]` (the layout of
+    /// [`random_partition`] and of the official `RandomPartition`'s indices). For replaying
+    /// another implementation's step (tests/official_parity.rs); the partition RNG is not
+    /// advanced, so the drawn partitions of later steps are those they would have been.
+    pub fn train_step_with_partition(
+        &mut self,
+        view1: &Tensor,
+        view2: &Tensor,
+        perm: Vec<u32>,
+        lr: f32,
+        m: f32,
+    ) -> Result<StepStats> {
+        let k = self.student.cfg.head.prototypes;
+        let mut seen = vec![false; k];
+        let is_perm = perm.len() == k
+            && perm
+                .iter()
+                .all(|&p| (p as usize) < k && !std::mem::replace(&mut seen[p as usize], true));
+        if !is_perm {
+            bail!(
+                Config,
+                "step {}: the given partition is not a permutation of 0..{k} (K): pass each prototype index once",
+                self.step
+            );
+        }
+        self.step_with(view1, view2, None, Some(perm), lr, m)
+    }
+
+    /// The step, with the partition drawn (`perm` None) or given.
+    fn step_with(
+        &mut self,
+        view1: &Tensor,
+        view2: &Tensor,
+        locals: Option<&Tensor>,
+        perm: Option<Vec<u32>>,
+        lr: f32,
+        m: f32,
+    ) -> Result<StepStats> {
         let step = self.step;
         // Host values: checked before anything is queued.
         if !lr.is_finite() || !(0.0..=1.0).contains(&m) {
@@ -276,7 +318,11 @@ impl CarpState {
         // step succeeds (nothing in the state changes otherwise), and put on the step's device
         // here, while a GPU's queue is empty (the last step ended with its one wait).
         let mut partition_rng = self.partition_rng.clone();
-        let partition = Partition::on(random_partition(k, &mut partition_rng), &device)?;
+        let perm = match perm {
+            Some(given) => given,
+            None => random_partition(k, &mut partition_rng),
+        };
+        let partition = Partition::on(perm, &device)?;
         // The step's time: on a GPU one event pair around its queued work.
         let start = self.state()?.timing_event()?;
         let n_local = match locals {
