@@ -1,5 +1,5 @@
 //! One file per op group: the CPU reference kernels, the backend dispatch (`<op>_forward` /
-//! `<op>_backward` on tensors, each one `match` on [`Backend`]), the tape method that records
+//! `<op>_backward` on tensors, each one `match` on `Backend`), the tape method that records
 //! one backward closure, and the tests (forward against a naive implementation, backward
 //! against finite differences). README: "Adding an op".
 
