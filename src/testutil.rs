@@ -1,7 +1,7 @@
 //! Helpers for tests: seeded random tensors, a finite-difference gradient checker, and the
-//! device tests' harness ([`test_device!`], [`gpu_for_test`], and [`check_tape_op`]: an op on a
-//! device against its f64 reference and, on a GPU, against the CPU op). Public (but hidden) so the
-//! integration tests under `tests/` can use them too.
+//! device tests' harness ([`crate::test_device!`], [`gpu_for_test`], and [`check_tape_op`]: an
+//! op on a device against its f64 reference and, on a GPU, against the CPU op). Public (but
+//! hidden) so the integration tests under `tests/` can use them too.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -18,7 +18,7 @@ use crate::tensor::{Device, Tensor};
 static GPU_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// GPU 0 for the test `test`, with the lock that serializes the GPU tests; or `None` after
-/// printing "SKIPPED: <test>: <reason>" to the process's stderr (libtest captures only the
+/// printing `SKIPPED: <test>: <reason>` to the process's stderr (libtest captures only the
 /// print macros, so the line shows in `cargo test` output; scripts/gpu-check.sh fails on it).
 ///
 /// Installs the run options of the environment (`CARP_*` variables run the tests on that

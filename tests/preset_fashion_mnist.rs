@@ -2,7 +2,7 @@
 //! configuration resolves to a ResNet18 with the CIFAR stem (torchvision's parameter count
 //! less the 7x7 stem), and a few training steps of it run end to end with only the batch and
 //! the step count made small, and its checkpoint exports under torchvision's names. The data is the full Fashion-MNIST where it has been packed into
-//! the preset's folders (README), else the embedded subset.
+//! the preset's folders (docs/data.md), else the embedded subset.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,7 +5,7 @@
 //!
 //! The thresholds leave room for seed noise: on the 2-core development machine the defaults
 //! gained +19.6 (seed 0) and +20.9 (seed 1) points, and the configurations around them in the
-//! sweep (README, "What the demo run shows") moved by 1-2 points; the consistency fell from
+//! sweep (bench/NOTES.md, "The tiny preset's sweep") moved by 1-2 points; the consistency fell from
 //! 4.14 (log 64) to about 1.7, and the entropy term settled near 1.0 (about 24 of the 64
 //! prototypes of a block in use).
 

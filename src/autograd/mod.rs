@@ -11,7 +11,7 @@
 //! backbone and head ops emulate a bf16 GPU on the CPU: an op's rounded inputs and its output
 //! are bf16 values (held in f32), arithmetic and accumulation stay f32; parameters stay f32
 //! masters (rounded copies feed the ops, their gradients come back in f32), and the gradients of
-//! activations are rounded to bf16 on the way back. See [`Tape::bf16_inputs`].
+//! activations are rounded to bf16 on the way back. See `Tape::bf16_inputs`.
 
 use std::collections::{HashMap, HashSet};
 

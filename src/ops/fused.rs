@@ -2,7 +2,7 @@
 //! relu(bn(x) + residual), in training mode (batch statistics, the same running-statistics
 //! contract as [`Tape::batch_norm_train`]) and eval mode (running statistics). One tape op each
 //! instead of two or three: the forward writes only the final output (no BN output, no sum);
-//! the backward masks the incoming gradient with the saved output (dy' = dy * [y > 0]) inside its
+//! the backward masks the incoming gradient with the saved output (dy' = dy * \[y > 0\]) inside its
 //! reduction and dx passes instead of materializing it.
 //!
 //! Passes over the activation (N, C, S), fused vs the unfused composition:
@@ -155,7 +155,7 @@ impl DisjointWrites {
 }
 
 /// Backward of [`bn_act_apply_cpu`]'s output y: x, y, dy, dx, dresidual (N, C, S); gamma, mean,
-/// var (C,) as the forward used them; outputs dgamma, dbeta (C,). With dy' = dy * [y > 0]:
+/// var (C,) as the forward used them; outputs dgamma, dbeta (C,). With dy' = dy * \[y > 0\]:
 /// dbeta = sum(dy'), dgamma = sum(dy' * xhat), dresidual = dy' (when given), and dx the BN
 /// backward of dy' - with `batch_stats` (training mode) the full batch-statistics backward,
 /// without it (eval mode, constant running statistics) dx = dy' * gamma / sqrt(var + eps).

@@ -1,7 +1,7 @@
 //! One file per op group: the CPU reference kernels, the backend dispatch (`<op>_forward` /
-//! `<op>_backward` on tensors, each one `match` on [`Backend`]), the tape method that records
+//! `<op>_backward` on tensors, each one `match` on `Backend`), the tape method that records
 //! one backward closure, and the tests (forward against a naive implementation, backward
-//! against finite differences). README: "Adding an op".
+//! against finite differences). docs/architecture.md: "Adding an op".
 
 pub mod activation;
 pub mod augment;

@@ -133,7 +133,7 @@ impl TrainConfig {
             epochs: Some(2),
             image_size: 32,
             nb: 64,
-            // A short run's values, not the paper's (README, "What the demo run shows"): over
+            // A short run's values, not the paper's (docs/demo.md, "Why the demo's settings"): over
             // 156 steps the paper's teacher momentum (0.99 -> 1.0) leaves the teacher near its
             // random init, and LARS's trust ratio (0.001) makes lr 0.6 a tiny relative step.
             // A sweep on this data (2 seeds, and the full Fashion-MNIST) picked these.
@@ -210,7 +210,7 @@ impl TrainConfig {
 
     /// A learning-quality run for one GPU: ResNet18 with the CIFAR stem on the full
     /// Fashion-MNIST (60,000 / 10,000, packed from Debian's `dataset-fashion-mnist` into
-    /// `fashion-mnist/{train,test}`, see the README), aimed at a k-NN top-1 above raw pixels
+    /// `fashion-mnist/{train,test}`, see docs/data.md), aimed at a k-NN top-1 above raw pixels
     /// (and 90%) in minutes on an H200. Short-run values where the paper's assume 800k+
     /// steps (see the comments); the rest is the paper's.
     pub fn fashion_mnist_resnet18() -> Self {
