@@ -219,29 +219,42 @@ fn check_inputs(
             );
         }
     }
-    if cfg.epochs == 0 || cfg.batch == 0 {
+    check_sgd(
+        "linear_probe",
+        cfg.epochs,
+        cfg.batch,
+        cfg.lr,
+        cfg.momentum,
+        cfg.weight_decay,
+    )
+}
+
+/// The SGD settings both probes share: positive epochs, batch and learning rate, momentum in
+/// [0, 1), weight decay >= 0. `what` names the caller in the error.
+pub(crate) fn check_sgd(
+    what: &str,
+    epochs: usize,
+    batch: usize,
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+) -> Result<()> {
+    if epochs == 0 || batch == 0 {
         bail!(
             Config,
-            "linear_probe: epochs ({}) and batch ({}) must be positive",
-            cfg.epochs,
-            cfg.batch
+            "{what}: epochs ({epochs}) and batch ({batch}) must be positive"
         );
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        bail!(Config, "linear_probe: lr must be positive, got {}", cfg.lr);
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!(Config, "{what}: lr must be positive, got {lr}");
     }
-    if !(0.0..1.0).contains(&cfg.momentum) {
+    if !(0.0..1.0).contains(&momentum) {
+        bail!(Config, "{what}: momentum must be in [0, 1), got {momentum}");
+    }
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
         bail!(
             Config,
-            "linear_probe: momentum must be in [0, 1), got {}",
-            cfg.momentum
-        );
-    }
-    if !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0) {
-        bail!(
-            Config,
-            "linear_probe: weight_decay must be >= 0, got {}",
-            cfg.weight_decay
+            "{what}: weight_decay must be >= 0, got {weight_decay}"
         );
     }
     Ok(())

@@ -29,7 +29,7 @@ use crate::data::augment::{finish_view, sample_view, ViewConfig};
 use crate::data::loader::image_rng;
 use crate::data::{eval_batches, Dataset};
 use crate::error::{Error, Result};
-use crate::eval::linear::{accuracy, loss_and_grad, sgd_momentum, Grads};
+use crate::eval::linear::{accuracy, check_sgd, loss_and_grad, sgd_momentum, Grads};
 use crate::nn::Network;
 use crate::optim::schedule::cosine_lr;
 use crate::tensor::{Device, Tensor};
@@ -70,33 +70,21 @@ impl LinearEvalConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch == 0 || self.size < 8 {
+        if self.size < 8 {
             bail!(
                 Config,
-                "linear evaluation: epochs ({}) and batch ({}) must be positive and the view size ({}) at least 8",
-                self.epochs,
-                self.batch,
+                "linear evaluation: the view size ({}) must be at least 8",
                 self.size
             );
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!(Config, "linear evaluation: lr {} must be > 0", self.lr);
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            bail!(
-                Config,
-                "linear evaluation: momentum {} must be in [0, 1)",
-                self.momentum
-            );
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            bail!(
-                Config,
-                "linear evaluation: weight decay {} must be >= 0",
-                self.weight_decay
-            );
-        }
-        Ok(())
+        check_sgd(
+            "linear evaluation",
+            self.epochs,
+            self.batch,
+            self.lr,
+            self.momentum,
+            self.weight_decay,
+        )
     }
 }
 
