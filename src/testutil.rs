@@ -522,4 +522,70 @@ mod tests {
             "{v:?}"
         );
     }
+
+    /// y = fwd_scale * x^2 with the recorded gradient bwd_scale * 2 x dy (or none): the true op
+    /// at scales 1.
+    fn square(
+        fwd_scale: f32,
+        bwd_scale: Option<f32>,
+    ) -> impl Fn(&mut Tape, &[Tensor]) -> Result<Vec<Tensor>> {
+        move |tape, xs| {
+            let x = xs[0].to_vec()?;
+            let y = xs[0].like(x.iter().map(|v| fwd_scale * v * v).collect())?;
+            tape.record("square", &y, &[&xs[0]], move |dy| {
+                let Some(k) = bwd_scale else {
+                    return Ok(vec![None]);
+                };
+                let d: Vec<f32> = dy
+                    .to_vec()?
+                    .iter()
+                    .zip(&x)
+                    .map(|(g, v)| k * 2.0 * v * g)
+                    .collect();
+                Ok(vec![Some(dy.like(d)?)])
+            });
+            Ok(vec![y])
+        }
+    }
+
+    #[test]
+    fn tape_op_check_rejects_a_wrong_forward_or_backward() {
+        let x = randn(&[5, 7], 21);
+        let dy = randn(&[5, 7], 22);
+        let (xv, dyv) = (f64s(x.cpu().unwrap()), f64s(dy.cpu().unwrap()));
+        // The f64 reference of the true op.
+        let want = TapeRun {
+            outputs: vec![xv.iter().map(|v| v * v).collect()],
+            grads: vec![Some(
+                xv.iter().zip(&dyv).map(|(v, g)| 2.0 * v * g).collect(),
+            )],
+        };
+        let tol = Tol::new(1e-6, 1e-6);
+        let passes = |op: &TapeOp| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_tape_op(
+                    &Device::Cpu,
+                    "square",
+                    &[x.clone()],
+                    &dy,
+                    op,
+                    &want,
+                    tol,
+                    tol,
+                )
+            }))
+            .is_ok()
+        };
+        // The true op passes, so the rejections below are the checker's doing.
+        assert!(
+            passes(&square(1.0, Some(1.0))),
+            "the true op failed the check"
+        );
+        assert!(!passes(&square(1.01, Some(1.0))), "a forward 1% off passed");
+        assert!(
+            !passes(&square(1.0, Some(1.01))),
+            "a backward 1% off passed"
+        );
+        assert!(!passes(&square(1.0, None)), "a missing gradient passed");
+    }
 }
