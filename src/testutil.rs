@@ -566,7 +566,7 @@ mod tests {
                 check_tape_op(
                     &Device::Cpu,
                     "square",
-                    &[x.clone()],
+                    std::slice::from_ref(&x),
                     &dy,
                     op,
                     &want,

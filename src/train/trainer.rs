@@ -660,7 +660,7 @@ fn log_step(
         stats.loss, stats.entropy, ips, peak_gib
     ));
     let log_every = (total / 20).max(1);
-    if pb.is_hidden() && !run.opts.quiet && (step % log_every == 0 || step == total) {
+    if pb.is_hidden() && !run.opts.quiet && (step.is_multiple_of(log_every) || step == total) {
         eprintln!(
             "step {step}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s, peak {:.2} GiB",
             stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips, peak_gib
@@ -673,14 +673,14 @@ fn log_step(
 /// `--eval-every`; the last step's are the run's close).
 fn after_step(run: &Run, data: &Data, state: &mut CarpState, metrics: &mut Metrics) -> Result<()> {
     let cfg = run.cfg;
-    if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
+    if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
         let meta = data.meta_at(state.step);
         state.move_to_host()?; // the file is made of the host stores
         checkpoint::save(&run.run_dir, state, &meta)?;
     }
     if let (Some(eval_ds), true) = (
         &data.eval_ds,
-        cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < data.total,
+        cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < data.total,
     ) {
         state.move_to_host()?; // k-NN reads the teacher's host stores
         let r = knn_eval(
