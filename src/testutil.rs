@@ -17,36 +17,110 @@ use crate::tensor::{Device, Tensor};
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 static GPU_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// What a GPU test finds on the machine before it opens the backend (which also loads every
+/// PTX module).
+#[derive(Clone, Debug, PartialEq)]
+pub enum GpuPresence {
+    /// No CUDA driver library, or a driver that reports no device: the test cannot run here.
+    Absent(String),
+    /// A driver and a device: from here on any error is the test's failure.
+    Present,
+}
+
+/// Whether a GPU test runs, skips or fails.
+#[derive(Debug)]
+pub enum GpuVerdict<T> {
+    Run(T),
+    /// Why: print "SKIPPED: <test>: <why>" and return.
+    Skip(String),
+    /// The GPU is there but the backend would not open (a PTX module that fails to load, a
+    /// context error...): the test must fail with this message, not pass as skipped.
+    Fail(String),
+}
+
+/// The driver library and the device count, probed without opening the backend.
+#[cfg(feature = "cuda")]
+pub fn gpu_presence() -> GpuPresence {
+    use cudarc::driver::{result, sys};
+    // SAFETY: is_culib_present only tries to dlopen libcuda; nothing else is touched.
+    if !unsafe { sys::is_culib_present() } {
+        return GpuPresence::Absent("no CUDA driver (libcuda.so) found".into());
+    }
+    match result::init() {
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            return GpuPresence::Absent(format!("cuInit finds no CUDA device ({e:?})"));
+        }
+        // Any other cuInit error is a broken setup, not an absent GPU: opening the backend
+        // fails with it, and so does the test.
+        Err(_) => return GpuPresence::Present,
+        Ok(()) => {}
+    }
+    match result::device::get_count() {
+        Ok(0) => GpuPresence::Absent("the CUDA driver reports 0 devices".into()),
+        _ => GpuPresence::Present,
+    }
+}
+
+/// The GPU tests' one decision: skip only where `presence` says there is no GPU; otherwise
+/// open the backend with `open` and run, or fail with its error.
+pub fn gpu_verdict<T, E: std::fmt::Display>(
+    presence: GpuPresence,
+    open: impl FnOnce() -> std::result::Result<T, E>,
+) -> GpuVerdict<T> {
+    match presence {
+        GpuPresence::Absent(why) => GpuVerdict::Skip(why),
+        GpuPresence::Present => match open() {
+            Ok(t) => GpuVerdict::Run(t),
+            Err(e) => GpuVerdict::Fail(format!(
+                "a CUDA driver and device are present but the backend does not open: {e}"
+            )),
+        },
+    }
+}
+
+/// [`gpu_verdict`] for the test `test` with the machine's [`gpu_presence`]: `Some` to run,
+/// `None` after printing "SKIPPED: <test>: <reason>" to the process's stderr (libtest captures
+/// only the print macros, so the line shows in `cargo test` output; scripts/gpu-check.sh
+/// fails on it); panics when the GPU is present but `open` fails.
+#[cfg(feature = "cuda")]
+pub fn gpu_or_skip<T, E: std::fmt::Display>(
+    test: &str,
+    open: impl FnOnce() -> std::result::Result<T, E>,
+) -> Option<T> {
+    use std::io::Write as _;
+    match gpu_verdict(gpu_presence(), open) {
+        GpuVerdict::Run(t) => Some(t),
+        GpuVerdict::Skip(why) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+            None
+        }
+        GpuVerdict::Fail(msg) => panic!("{test}: {msg}"),
+    }
+}
+
 /// GPU 0 for the test `test`, with the lock that serializes the GPU tests; or `None` after
-/// printing `SKIPPED: <test>: <reason>` to the process's stderr (libtest captures only the
-/// print macros, so the line shows in `cargo test` output; scripts/gpu-check.sh fails on it).
+/// printing `SKIPPED: <test>: <reason>` where the machine has no CUDA driver or no device
+/// ([`gpu_or_skip`]; any other error opening the backend fails the test).
 ///
 /// Installs the run options of the environment (`CARP_*` variables run the tests on that
 /// path), with TF32 off: GPU results are compared at f32 tolerances. Every device buffer is
 /// NaN-filled when allocated, so an element an op leaves unwritten fails the comparison.
 pub fn gpu_for_test(test: &str) -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
-    use std::io::Write as _;
     #[cfg(feature = "cuda")]
     {
-        match crate::device::cuda::backend(0) {
-            Ok(_) => {
-                let serial = GPU_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-                crate::device::cuda::set_poison_allocations(true);
-                let mut o = crate::options::RunOptionArgs::default()
-                    .resolve()
-                    .expect("CARP_* run options in the environment");
-                o.tf32 = crate::options::Switch::Off;
-                crate::options::install(o);
-                Some((Device::Cuda(0), serial))
-            }
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
-                None
-            }
-        }
+        gpu_or_skip(test, || crate::device::cuda::backend(0))?;
+        let serial = GPU_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        crate::device::cuda::set_poison_allocations(true);
+        let mut o = crate::options::RunOptionArgs::default()
+            .resolve()
+            .expect("CARP_* run options in the environment");
+        o.tf32 = crate::options::Switch::Off;
+        crate::options::install(o);
+        Some((Device::Cuda(0), serial))
     }
     #[cfg(not(feature = "cuda"))]
     {
+        use std::io::Write as _;
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED: {test}: this build has no CUDA backend (build with --features cuda)"
@@ -420,5 +494,98 @@ mod tests {
             Ok(y)
         });
         assert!(err.is_err(), "a wrong backward passed the gradient check");
+    }
+
+    #[test]
+    fn gpu_tests_skip_only_without_a_driver_or_device() {
+        let opened = std::cell::Cell::new(false);
+        let open_ok = || {
+            opened.set(true);
+            Ok::<_, String>(7)
+        };
+        let v = gpu_verdict(GpuPresence::Absent("no CUDA driver".into()), open_ok);
+        assert!(
+            matches!(&v, GpuVerdict::Skip(w) if w == "no CUDA driver"),
+            "{v:?}"
+        );
+        assert!(
+            !opened.get(),
+            "the backend was opened on a machine without a GPU"
+        );
+        let v = gpu_verdict(GpuPresence::Present, open_ok);
+        assert!(matches!(v, GpuVerdict::Run(7)), "{v:?}");
+        // A PTX module that fails to load is the test's failure, not a skip.
+        let ptx = "device error: loading the PTX of kernels/conv.cu: CUDA_ERROR_INVALID_PTX";
+        let v = gpu_verdict(GpuPresence::Present, || Err::<(), _>(ptx));
+        assert!(
+            matches!(&v, GpuVerdict::Fail(m) if m.contains(ptx)),
+            "{v:?}"
+        );
+    }
+
+    /// y = fwd_scale * x^2 with the recorded gradient bwd_scale * 2 x dy (or none): the true op
+    /// at scales 1.
+    fn square(
+        fwd_scale: f32,
+        bwd_scale: Option<f32>,
+    ) -> impl Fn(&mut Tape, &[Tensor]) -> Result<Vec<Tensor>> {
+        move |tape, xs| {
+            let x = xs[0].to_vec()?;
+            let y = xs[0].like(x.iter().map(|v| fwd_scale * v * v).collect())?;
+            tape.record("square", &y, &[&xs[0]], move |dy| {
+                let Some(k) = bwd_scale else {
+                    return Ok(vec![None]);
+                };
+                let d: Vec<f32> = dy
+                    .to_vec()?
+                    .iter()
+                    .zip(&x)
+                    .map(|(g, v)| k * 2.0 * v * g)
+                    .collect();
+                Ok(vec![Some(dy.like(d)?)])
+            });
+            Ok(vec![y])
+        }
+    }
+
+    #[test]
+    fn tape_op_check_rejects_a_wrong_forward_or_backward() {
+        let x = randn(&[5, 7], 21);
+        let dy = randn(&[5, 7], 22);
+        let (xv, dyv) = (f64s(x.cpu().unwrap()), f64s(dy.cpu().unwrap()));
+        // The f64 reference of the true op.
+        let want = TapeRun {
+            outputs: vec![xv.iter().map(|v| v * v).collect()],
+            grads: vec![Some(
+                xv.iter().zip(&dyv).map(|(v, g)| 2.0 * v * g).collect(),
+            )],
+        };
+        let tol = Tol::new(1e-6, 1e-6);
+        let passes = |op: &TapeOp| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_tape_op(
+                    &Device::Cpu,
+                    "square",
+                    std::slice::from_ref(&x),
+                    &dy,
+                    op,
+                    &want,
+                    tol,
+                    tol,
+                )
+            }))
+            .is_ok()
+        };
+        // The true op passes, so the rejections below are the checker's doing.
+        assert!(
+            passes(&square(1.0, Some(1.0))),
+            "the true op failed the check"
+        );
+        assert!(!passes(&square(1.01, Some(1.0))), "a forward 1% off passed");
+        assert!(
+            !passes(&square(1.0, Some(1.01))),
+            "a backward 1% off passed"
+        );
+        assert!(!passes(&square(1.0, None)), "a missing gradient passed");
     }
 }

@@ -17,21 +17,14 @@ use rayon::prelude::*;
 
 static BACKEND: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
 
-/// The shared GPU backend, or None after printing why the test is skipped.
+/// The shared GPU backend, or None after printing why the test is skipped (no CUDA driver or
+/// no device; a backend that fails to open on a GPU fails the test).
 fn gpu_or_skip(test: &str) -> Option<&'static CudaBackend> {
     let be = BACKEND.get_or_init(|| CudaBackend::new(0).map_err(|e| e.to_string()));
-    match be {
-        Ok(b) => {
-            // f64 references at f32 tolerances: no TF32 in the convolutions.
-            carp::options::update(|o| o.tf32 = carp::options::Switch::Off);
-            Some(b)
-        }
-        Err(e) => {
-            // Straight to the process's stderr: libtest captures only the print macros.
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
-            None
-        }
-    }
+    let be = carp::testutil::gpu_or_skip(test, || be.as_ref())?;
+    // f64 references at f32 tolerances: no TF32 in the convolutions.
+    carp::options::update(|o| o.tf32 = carp::options::Switch::Off);
+    Some(be)
 }
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
 
 fn exec(exe: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(exe).args(args).output().unwrap();
@@ -54,7 +53,6 @@ fn mem_available() -> f64 {
 #[test]
 fn a_run_that_cannot_fit_is_refused_with_the_estimate_and_the_memory_available() {
     let out = tmp("huge");
-    let t0 = Instant::now();
     let (ok, _, err) = carp(&[
         "train",
         "--image-size",
@@ -65,7 +63,6 @@ fn a_run_that_cannot_fit_is_refused_with_the_estimate_and_the_memory_available()
         "--out",
         out.to_str().unwrap(),
     ]);
-    let secs = t0.elapsed().as_secs_f64();
     assert!(!ok, "{err}");
     assert!(err.starts_with("error: this run needs about"), "{err}");
     for says in [
@@ -92,9 +89,8 @@ fn a_run_that_cannot_fit_is_refused_with_the_estimate_and_the_memory_available()
         (avail - here).abs() < 0.25 * here,
         "reported {avail:e} B available, /proc/meminfo says {here:e}"
     );
-    // Refused before it started: no checkpoint, no time spent allocating.
+    // Refused before it started: no checkpoint.
     assert!(!out.join("checkpoint.safetensors").exists());
-    assert!(secs < 60.0, "the refusal took {secs:.1} s");
 
     // --force skips the refusal: the run gets on to opening its data (missing here), so
     // nothing is allocated by this test.

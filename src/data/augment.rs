@@ -839,7 +839,7 @@ fn finish_body(
 ) {
     let t0 = times
         .as_ref()
-        .map(|_| crate::data::benchset::thread_cpu_seconds());
+        .map(|_| crate::data::timing::thread_cpu_seconds());
     let mut blur_s = 0.0;
     let n = size * size;
     to_planar(&crop[..3 * n], &mut out[..3 * n]);
@@ -860,10 +860,10 @@ fn finish_body(
     if p.blur_sigma > 0.0 {
         let tb = times
             .as_ref()
-            .map(|_| crate::data::benchset::thread_cpu_seconds());
+            .map(|_| crate::data::timing::thread_cpu_seconds());
         gaussian_blur(x, size, size, p.blur_sigma);
         if let Some(tb) = tb {
-            blur_s = crate::data::benchset::thread_cpu_seconds() - tb;
+            blur_s = crate::data::timing::thread_cpu_seconds() - tb;
         }
     }
     if p.solarize != 0 {
@@ -877,7 +877,7 @@ fn finish_body(
     }
     if let (Some(t), Some(t0)) = (times, t0) {
         // Colour = everything but the blur.
-        t[0] += crate::data::benchset::thread_cpu_seconds() - t0 - blur_s;
+        t[0] += crate::data::timing::thread_cpu_seconds() - t0 - blur_s;
         t[1] += blur_s;
     }
 }

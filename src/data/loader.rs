@@ -23,6 +23,7 @@ use crate::data::decode::{
     decode_jpeg_window_into, decode_record_into, jpeg_header, Image, JpegWindow,
 };
 use crate::data::shard::Encoding;
+use crate::data::timing::{process_cpu_seconds, thread_cpu_seconds};
 use crate::error::{Error, Result};
 
 /// Loader settings. `workers` 0 = all cores; `prefetch` = batches decoded ahead (>= 1).
@@ -582,7 +583,7 @@ pub struct LoaderBenchReport {
     pub images_per_cpu_sec: f64,
     pub crop_images_per_cpu_sec: f64,
     /// One thread's per-image stage costs (thread CPU time): decode / resize / colour / blur.
-    pub stages: crate::data::benchset::StageTimes,
+    pub stages: StageTimes,
     /// Mean decoded pixels per record and encoded bytes per decoded pixel of the records
     /// timed by `stages` (how ImageNet-like the set is: ImageNet's JPEGs ~0.6-0.8 B/px).
     pub mean_pixels: f64,
@@ -644,7 +645,7 @@ pub fn bench_loader(
     let batches = batches.max(1);
     let time = |finish: bool| -> Result<(f64, f64)> {
         let t0 = Instant::now();
-        let c0 = crate::data::benchset::process_cpu_seconds();
+        let c0 = process_cpu_seconds();
         let mut done = 0;
         let mut epoch = 0;
         while done < batches {
@@ -661,17 +662,14 @@ pub fn bench_loader(
             }
             epoch += 1;
         }
-        Ok((
-            t0.elapsed().as_secs_f64(),
-            crate::data::benchset::process_cpu_seconds() - c0,
-        ))
+        Ok((t0.elapsed().as_secs_f64(), process_cpu_seconds() - c0))
     };
     let (seconds, cpu) = time(true)?;
     let (crop_seconds, crop_cpu) = time(false)?;
     let images = (batches * batch) as f64;
     // The per-stage split on this thread, over at least one pass of up to 256 records.
     let n_stage = ds.len().clamp(1, 256);
-    let stages = crate::data::benchset::bench_stages(&ds, &loader.config().view, n_stage)?;
+    let stages = bench_stages(&ds, &loader.config().view, n_stage)?;
     let (mut px, mut bytes) = (0usize, 0usize);
     for i in 0..n_stage {
         let (e, b, _) = ds.record(i)?;
@@ -692,5 +690,86 @@ pub fn bench_loader(
         stages,
         mean_pixels: px as f64 / n_stage as f64,
         bytes_per_pixel: bytes as f64 / px.max(1) as f64,
+    })
+}
+
+/// Per-core loader cost, measured on one thread: thread CPU seconds per image by stage.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    pub images: usize,
+    /// Record to RGB u8 (JPEG decode), per image.
+    pub decode_s: f64,
+    /// Random resized crop + bicubic resample + flip, both views, per image.
+    pub resize_s: f64,
+    /// Colour finish without the blur (u8 -> f32, jitter, grayscale, solarize, normalize),
+    /// both views, per image.
+    pub colour_s: f64,
+    /// Gaussian blur, both views, per image.
+    pub blur_s: f64,
+}
+
+impl StageTimes {
+    /// Two-view images/s on one core for the geometric half (u8 crops + parameters).
+    pub fn crops_per_core(&self) -> f64 {
+        1.0 / (self.decode_s + self.resize_s).max(1e-12)
+    }
+    /// Two-view images/s on one core with the CPU colour finish.
+    pub fn full_per_core(&self) -> f64 {
+        1.0 / (self.decode_s + self.resize_s + self.colour_s + self.blur_s).max(1e-12)
+    }
+}
+
+/// Measures the stages on the calling thread over `images` records (cycling), with the
+/// loader's per-image RNG, so the crops are those `epoch(0)` would draw.
+pub fn bench_stages(
+    ds: &crate::data::Dataset,
+    view: &crate::data::ViewConfig,
+    images: usize,
+) -> Result<StageTimes> {
+    use crate::data::augment::{finish_clocked, resample_view};
+    let n = images.max(1);
+    let (mut dec, mut res) = (0.0, 0.0);
+    let mut fin = [0.0f64; 2];
+    let mut out = vec![0f32; 3 * view.size * view.size]; // (3, S, S)
+                                                         // Reused buffers, as the loader's workers have them.
+    let mut img = crate::data::decode::Image::new(0, 0, Vec::new());
+    let (mut c1, mut c2) = (
+        vec![0u8; view.size * view.size * 3],
+        vec![0u8; view.size * view.size * 3],
+    ); // (S, S, 3)
+    for k in 0..n {
+        let i = k % ds.len().max(1);
+        let t0 = thread_cpu_seconds();
+        // Drawing the views is part of the decode stage: the decode depends on them.
+        let mut rng = image_rng(0, 0, i);
+        let (draws, win) = decode_for_views(ds, i, view, &mut rng, &mut img)?;
+        let t1 = thread_cpu_seconds();
+        resample_view(&img, &win, &draws[0], &mut c1);
+        resample_view(&img, &win, &draws[1], &mut c2);
+        let (p1, p2) = (draws[0].params, draws[1].params);
+        let t2 = thread_cpu_seconds();
+        dec += t1 - t0;
+        res += t2 - t1;
+        for (c, p) in [(&c1, &p1), (&c2, &p2)] {
+            finish_clocked(
+                c,
+                p,
+                view.size,
+                &view.mean,
+                &view.std,
+                view.solarize_threshold,
+                &mut out,
+                Some(&mut fin),
+            );
+            std::hint::black_box(&out);
+        }
+    }
+    let nf = n as f64;
+    Ok(StageTimes {
+        images: n,
+        decode_s: dec / nf,
+        resize_s: res / nf,
+        colour_s: fin[0] / nf,
+        blur_s: fin[1] / nf,
     })
 }

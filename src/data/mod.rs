@@ -9,7 +9,8 @@
 //! - `augment`: SPEC.md's two views, split into a u8 geometric half and a colour `finish`.
 //! - `loader`: the shuffling, prefetching two-view loader, evaluation batches, the benchmark.
 //! - `pack` / `idx`: `carp pack` from ImageFolder trees and IDX (MNIST-format) files.
-//! - `benchset`: the loader benchmark's ImageNet-like JPEG set and its per-core stage timing.
+//! - `benchset`: the loader benchmark's ImageNet-like JPEG set.
+//! - `timing`: thread and process CPU clocks (the loader benchmark's per-core rates).
 
 pub mod augment;
 pub mod benchset;
@@ -20,6 +21,7 @@ pub mod idx;
 pub mod loader;
 pub mod pack;
 pub mod shard;
+pub mod timing;
 
 pub use augment::{finish, finish_view, sample_view, ColorParams, ViewConfig};
 pub use dataset::{Dataset, Manifest};

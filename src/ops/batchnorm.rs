@@ -12,7 +12,6 @@ use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
 use crate::device::nvtx;
 use crate::error::Result;
-use crate::ops::fused::{bn_act_apply_cpu, bn_act_backward_cpu};
 #[cfg(feature = "cuda")]
 use crate::ops::gpu;
 use crate::ops::Backend;
@@ -438,6 +437,233 @@ pub fn bn_running_update_cpu(r: &[f32], stat: &[f32], momentum: f32, out: &mut [
     for ((o, &r), &s) in out.iter_mut().zip(r).zip(stat) {
         *o = (1.0 - momentum) * r + momentum * s;
     }
+}
+
+// ---------- fused BN + ReLU (+ residual) CPU kernels ----------
+// Here, with the BN kernels they share their statistics, scale and plane passes with, rather
+// than in ops/fused.rs: `bn_apply` / `bn_backward` below dispatch to them, and ops/fused.rs
+// (the fused tape ops) imports this file, never the other way round.
+
+/// y = max((x - mean) / sqrt(var + eps) * gamma + beta [+ residual], 0), per channel: x,
+/// residual, y (N, C, S); gamma, beta, mean, var (C,). Training mode passes the batch statistics
+/// (biased variance), eval mode the running ones.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn bn_act_apply_cpu(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    let op = "bn_act_apply_cpu";
+    check_len(op, "x", x.len(), d.numel())?;
+    check_len(op, "y", y.len(), d.numel())?;
+    if let Some(r) = residual {
+        check_len(op, "residual", r.len(), d.numel())?;
+    }
+    for (what, v) in [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("mean", mean),
+        ("var", var),
+    ] {
+        check_len(op, what, v.len(), d.c)?;
+    }
+    // Centered, as batch_norm_apply_cpu (not folded to x * scale + shift): the result then
+    // equals the unfused bn -> add -> relu bit for bit, and the pass is memory bound anyway.
+    let scale = bn_scale(gamma, var, eps);
+    for_each_plane(y, d, |ch, p, plane| {
+        let (sc, mu, b) = (scale[ch], mean[ch], beta[ch]);
+        let r = p * d.s..(p + 1) * d.s;
+        match residual {
+            Some(res) => {
+                for ((y, &x), &s) in plane.iter_mut().zip(&x[r.clone()]).zip(&res[r]) {
+                    *y = ((x - mu) * sc + b + s).max(0.0);
+                }
+            }
+            None => {
+                for (y, &x) in plane.iter_mut().zip(&x[r]) {
+                    *y = ((x - mu) * sc + b).max(0.0);
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Training-mode forward: batch statistics into mean (C,) and var (C,) (biased), then
+/// [`bn_act_apply_cpu`] into y (N, C, S).
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn bn_act_train_forward_cpu(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    d: BnDims,
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+) -> Result<()> {
+    batch_norm_stats_cpu(x, d, mean, var)?;
+    bn_act_apply_cpu(x, residual, gamma, beta, mean, var, d, eps, y)
+}
+
+/// (sum(dy'), sum(dy' * (x - k))) with dy' = dy where y > 0, else 0, in f64 lanes; also
+/// stores dy' into `out` when given (the residual's gradient, in the same pass).
+fn masked_dot_sums(
+    dy: &[f32],
+    y: &[f32],
+    x: &[f32],
+    k: f32,
+    mut out: Option<&mut [f32]>,
+) -> (f64, f64) {
+    let k = k as f64;
+    let mut s1 = [0.0f64; LANES];
+    let mut s2 = [0.0f64; LANES];
+    let full = dy.len() / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        let mut g = [0.0f32; LANES];
+        for l in 0..LANES {
+            let i = base + l;
+            g[l] = if y[i] > 0.0 { dy[i] } else { 0.0 };
+            s1[l] += g[l] as f64;
+            s2[l] += g[l] as f64 * (x[i] as f64 - k);
+        }
+        if let Some(o) = out.as_deref_mut() {
+            o[base..base + LANES].copy_from_slice(&g);
+        }
+    }
+    let (mut t1, mut t2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
+    for i in full..dy.len() {
+        let g = if y[i] > 0.0 { dy[i] } else { 0.0 };
+        t1 += g as f64;
+        t2 += g as f64 * (x[i] as f64 - k);
+        if let Some(o) = out.as_deref_mut() {
+            o[i] = g;
+        }
+    }
+    (t1, t2)
+}
+
+/// A buffer's base pointer for parallel tasks that each write a range no other task touches.
+#[derive(Clone, Copy)]
+struct DisjointWrites(*mut f32);
+// SAFETY: the pointer is only dereferenced through `range`, whose callers write disjoint ranges
+// of a live buffer (the (n, c) planes that channel_sums2 hands out once each).
+unsafe impl Send for DisjointWrites {}
+// SAFETY: as for Send: no two tasks touch the same element.
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    /// The elements `r` of the buffer.
+    ///
+    /// # Safety
+    /// `r` lies inside the buffer, the buffer outlives the slice, and no other live reference
+    /// covers any element of `r`.
+    unsafe fn range<'a>(self, r: std::ops::Range<usize>) -> &'a mut [f32] {
+        // SAFETY: the caller's contract above.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(r.start), r.len()) }
+    }
+}
+
+/// Backward of [`bn_act_apply_cpu`]'s output y: x, y, dy, dx, dresidual (N, C, S); gamma, mean,
+/// var (C,) as the forward used them; outputs dgamma, dbeta (C,). With dy' = dy * \[y > 0\]:
+/// dbeta = sum(dy'), dgamma = sum(dy' * xhat), dresidual = dy' (when given), and dx the BN
+/// backward of dy' - with `batch_stats` (training mode) the full batch-statistics backward,
+/// without it (eval mode, constant running statistics) dx = dy' * gamma / sqrt(var + eps).
+/// Two passes: the masked reductions (which also write dresidual), then dx.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub fn bn_act_backward_cpu(
+    batch_stats: bool,
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    dx: &mut [f32],
+    dresidual: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    let op = "bn_act_backward_cpu";
+    for (what, len) in [
+        ("x", x.len()),
+        ("y", y.len()),
+        ("dy", dy.len()),
+        ("dx", dx.len()),
+    ] {
+        check_len(op, what, len, d.numel())?;
+    }
+    if let Some(r) = &dresidual {
+        check_len(op, "dresidual", r.len(), d.numel())?;
+    }
+    for (what, len) in [
+        ("gamma", gamma.len()),
+        ("mean", mean.len()),
+        ("var", var.len()),
+        ("dgamma", dgamma.len()),
+        ("dbeta", dbeta.len()),
+    ] {
+        check_len(op, what, len, d.c)?;
+    }
+    let m = d.per_channel();
+    if m == 0 {
+        bail!(Shape, "{op}: no elements per channel");
+    }
+    // One pass: the masked sums, and dresidual = dy' stored on the way (each (n, c) plane is
+    // handed out once, so the tasks' writes are disjoint).
+    let dres_len = dresidual.as_ref().map(|r| r.len());
+    let dres = dresidual.map(|r| DisjointWrites(r.as_mut_ptr()));
+    let mut sums = vec![(0.0, 0.0); d.c];
+    channel_sums2(
+        d,
+        |ch, r| {
+            debug_assert!(dres_len.is_none_or(|n| r.end <= n));
+            // SAFETY: r is one (n, c) plane of dresidual (its length was checked against
+            // d.numel() above), channel_sums2 visits each plane once, and nothing else
+            // references dresidual until channel_sums2 returns.
+            let out = dres.map(|p| unsafe { p.range(r.clone()) });
+            masked_dot_sums(&dy[r.clone()], &y[r.clone()], &x[r], mean[ch], out)
+        },
+        &mut sums,
+    );
+    let coef = bn_backward_coefs(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta);
+    // dx = a * dy' + b * (x - mean) + c per channel (bn_backward_coefs); dy' is read back from
+    // dresidual when there is one (two reads instead of dy and y).
+    let dres: Option<&[f32]> = dres.map(|p| {
+        // SAFETY: the whole dresidual buffer (length checked above), no writer left.
+        &*unsafe { p.range(0..d.numel()) }
+    });
+    for_each_plane(dx, d, |ch, p, dxp| {
+        let (a, b, c) = coef[ch];
+        let mu = mean[ch];
+        let r = p * d.s..(p + 1) * d.s;
+        let xp = &x[r.clone()];
+        match dres {
+            Some(g) => {
+                for ((dx, &g), &x) in dxp.iter_mut().zip(&g[r]).zip(xp) {
+                    *dx = a * g + b * (x - mu) + c;
+                }
+            }
+            None => {
+                for ((dx, &g), (&o, &x)) in
+                    dxp.iter_mut().zip(&dy[r.clone()]).zip(y[r].iter().zip(xp))
+                {
+                    let g = if o > 0.0 { g } else { 0.0 };
+                    *dx = a * g + b * (x - mu) + c;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 // ---------- backend dispatch ----------

@@ -113,21 +113,154 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{check_grad, randn};
+    use crate::tensor::{DType, Device, Layout};
+    use crate::testutil::{check_grad, check_tape_op, f64s, randn, TapeRun, Tol};
 
-    #[test]
-    fn stack_then_split_gives_the_rows_back() {
-        let (a, b) = (randn(&[3, 2, 4], 1), randn(&[5, 2, 4], 2));
-        let both = stack_rows(&a, &b).unwrap();
-        assert_eq!(both.shape(), [8, 2, 4]);
-        let v = both.to_vec().unwrap();
-        assert_eq!(&v[..24], &a.to_vec().unwrap()[..]);
-        assert_eq!(&v[24..], &b.to_vec().unwrap()[..]);
-        let (h, t) = split_rows(&both, 3).unwrap();
-        assert_eq!((h.shape(), t.shape()), (&[3, 2, 4][..], &[5, 2, 4][..]));
-        assert_eq!(h.to_vec().unwrap(), a.to_vec().unwrap());
-        assert_eq!(t.to_vec().unwrap(), b.to_vec().unwrap());
+    /// The rows of `a` then those of `b`, each `width` wide, copied one element at a time.
+    fn naive_stack(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
+        let (ra, rb) = (a.len() / width, b.len() / width);
+        let mut out = Vec::with_capacity(a.len() + b.len());
+        for r in 0..ra + rb {
+            for e in 0..width {
+                out.push(if r < ra {
+                    a[r * width + e]
+                } else {
+                    b[(r - ra) * width + e]
+                });
+            }
+        }
+        out
     }
+
+    /// `both` split at row `r` on its device and in its format: the two halves' shapes,
+    /// device, format and values (exact: copies) against `want` (all rows, `width` wide).
+    fn check_split(both: &Tensor, r: usize, want: &[f32], width: usize, what: &str) {
+        let (h, t) = split_rows(both, r).unwrap();
+        let mut hs = both.shape().to_vec();
+        hs[0] = r;
+        let mut ts = both.shape().to_vec();
+        ts[0] -= r;
+        assert_eq!(
+            (h.shape(), t.shape()),
+            (&hs[..], &ts[..]),
+            "{what}: split at {r}"
+        );
+        for half in [&h, &t] {
+            assert_eq!(
+                half.device(),
+                both.device(),
+                "{what}: a half left the device"
+            );
+            assert_eq!(
+                (half.dtype(), half.layout()),
+                (both.dtype(), both.layout()),
+                "{what}: a half changed format"
+            );
+        }
+        assert_eq!(
+            h.to_vec().unwrap(),
+            &want[..r * width],
+            "{what}: head at {r}"
+        );
+        assert_eq!(
+            t.to_vec().unwrap(),
+            &want[r * width..],
+            "{what}: tail at {r}"
+        );
+    }
+
+    /// stack_rows and split_rows on `dev` against row-by-row copies, exactly (they copy): 2-d,
+    /// 3-d and 4-d rows, one-row halves, splits at the first, the joint and the last row. On a
+    /// GPU also bf16 NHWC activations (a bf16 step's: the format is kept) and a bf16 tensor
+    /// stacked with an f32 one (f32 NCHW, the bf16 values widened exactly).
+    fn stack_and_split_match_row_copies_on(dev: &Device) {
+        for (c, (ra, rb, rest)) in [
+            (3usize, 5usize, vec![2usize, 4]),
+            (1, 4, vec![7]),
+            (2, 1, vec![3, 5, 6]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let width: usize = rest.iter().product();
+            let sa: Vec<usize> = [vec![ra], rest.clone()].concat();
+            let sb: Vec<usize> = [vec![rb], rest.clone()].concat();
+            let seed = 10 * c as u64;
+            let a = randn(&sa, seed + 1).to_device(dev).unwrap();
+            let b = randn(&sb, seed + 2).to_device(dev).unwrap();
+            let want = naive_stack(&a.to_vec().unwrap(), &b.to_vec().unwrap(), width);
+            let both = stack_rows(&a, &b).unwrap();
+            let what = format!("{sa:?} + {sb:?} on {dev}");
+            assert_eq!(
+                both.shape(),
+                [vec![ra + rb], rest.clone()].concat(),
+                "{what}"
+            );
+            assert_eq!(both.device(), *dev, "{what}: the stack left the device");
+            assert_eq!(both.to_vec().unwrap(), want, "{what}");
+            for r in [1, ra, ra + rb - 1] {
+                check_split(&both, r, &want, width, &what);
+            }
+        }
+        if *dev == Device::Cpu {
+            return; // CPU tensors are f32 NCHW only
+        }
+        let fmt = |t: Tensor, dt, layout| t.to_device(dev).unwrap().to_format(dt, layout).unwrap();
+        let a = fmt(randn(&[2, 3, 4, 5], 41), DType::Bf16, Layout::Nhwc);
+        let b = fmt(randn(&[3, 3, 4, 5], 42), DType::Bf16, Layout::Nhwc);
+        let width = 3 * 4 * 5;
+        let want = naive_stack(&a.to_vec().unwrap(), &b.to_vec().unwrap(), width);
+        let both = stack_rows(&a, &b).unwrap();
+        assert_eq!((both.dtype(), both.layout()), (DType::Bf16, Layout::Nhwc));
+        assert_eq!(both.to_vec().unwrap(), want, "bf16 NHWC on {dev}");
+        for r in [1, 2, 4] {
+            check_split(&both, r, &want, width, "bf16 NHWC");
+        }
+        let b32 = fmt(randn(&[1, 3, 4, 5], 43), DType::F32, Layout::Nchw);
+        let mixed = stack_rows(&a, &b32).unwrap();
+        assert_eq!((mixed.dtype(), mixed.layout()), (DType::F32, Layout::Nchw));
+        let want = naive_stack(&a.to_vec().unwrap(), &b32.to_vec().unwrap(), width);
+        assert_eq!(mixed.to_vec().unwrap(), want, "bf16 + f32 on {dev}");
+    }
+    crate::test_device!(
+        stack_and_split_match_row_copies_on,
+        stack_split_rows_cpu,
+        stack_split_rows_cuda
+    );
+
+    /// concat_rows through the tape on `dev`: the output is the row copies, the gradients dy's
+    /// first Ra rows and the rest, all exact (copies), on every device.
+    fn concat_rows_matches_row_copies_on(dev: &Device) {
+        for (c, (ra, rb, d)) in [(2usize, 4usize, 3usize), (5, 1, 16)]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 50 + 10 * c as u64;
+            let (a, b) = (randn(&[ra, d], seed), randn(&[rb, d], seed + 1));
+            let dy = randn(&[ra + rb, d], seed + 2);
+            let dyv = f64s(dy.cpu().unwrap());
+            let want = TapeRun {
+                outputs: vec![f64s(&naive_stack(a.cpu().unwrap(), b.cpu().unwrap(), d))],
+                grads: vec![Some(dyv[..ra * d].to_vec()), Some(dyv[ra * d..].to_vec())],
+            };
+            let op = |t: &mut Tape, x: &[Tensor]| Ok(vec![t.concat_rows(&x[0], &x[1])?]);
+            check_tape_op(
+                dev,
+                &format!("concat_rows ({ra}, {d}) + ({rb}, {d})"),
+                &[a, b],
+                &dy,
+                &op,
+                &want,
+                Tol::EXACT,
+                Tol::EXACT,
+            );
+        }
+    }
+    crate::test_device!(
+        concat_rows_matches_row_copies_on,
+        concat_rows_cpu,
+        concat_rows_cuda
+    );
 
     #[test]
     fn concat_rows_gradient_matches_finite_differences() {
@@ -135,11 +268,18 @@ mod tests {
         check_grad(&xs, 1e-3, |t, x| t.concat_rows(&x[0], &x[1])).unwrap();
     }
 
-    #[test]
-    fn shape_errors_name_the_op() {
-        let e = stack_rows(&randn(&[2, 3], 1), &randn(&[2, 4], 2)).unwrap_err();
+    fn shape_errors_name_the_op_on(dev: &Device) {
+        let on = |shape: &[usize], seed| randn(shape, seed).to_device(dev).unwrap();
+        let e = stack_rows(&on(&[2, 3], 1), &on(&[2, 4], 2)).unwrap_err();
         assert!(e.to_string().contains("stack_rows"), "{e}");
-        let e = split_rows(&randn(&[2, 3], 1), 3).unwrap_err();
+        let e = stack_rows(&on(&[2, 3], 1), &on(&[2, 3, 1], 2)).unwrap_err();
+        assert!(e.to_string().contains("stack_rows"), "{e}");
+        let e = split_rows(&on(&[2, 3], 1), 3).unwrap_err();
         assert!(e.to_string().contains("split_rows"), "{e}");
     }
+    crate::test_device!(
+        shape_errors_name_the_op_on,
+        shape_errors_cpu,
+        shape_errors_cuda
+    );
 }

@@ -19,7 +19,7 @@ use crate::optim::schedule::{cosine_lr, teacher_momentum};
 use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, CheckpointMeta};
 use crate::train::config::TrainConfig;
-use crate::train::step::CarpState;
+use crate::train::step::{CarpState, StepStats};
 use crate::train::views::{self, crops_to_locals, LoaderBatch};
 
 /// How to run (not part of the model's configuration).
@@ -290,30 +290,90 @@ fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
 
 /// Runs (or resumes) a training run as configured; returns its summary.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
+    let run = open_run(cfg, opts)?;
+    let data = build_loaders(&run)?;
+    let (mut state, mut metrics) = resume_or_start(&run, &data)?;
+    let knn_random = evaluate_random_init(&run, &data, &state, &mut metrics)?;
+    let totals = epoch_loop(&run, &data, &mut state, &mut metrics)?;
+    save_final_checkpoint(&run, &data, &mut state)?;
+    let knn = evaluate_final(&run, &data, &state, &mut metrics)?;
+    Ok(close(&run, &data, &state, totals, knn, knn_random))
+}
+
+/// What every phase of a run reads: its configuration, how it runs, its device and folder.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    opts: &'a TrainOptions,
+    device: Device,
+    run_dir: PathBuf,
+}
+
+impl Run<'_> {
+    /// A line for the user on stderr, unless `--quiet`.
+    fn say(&self, s: String) {
+        if !self.opts.quiet {
+            eprintln!("{s}");
+        }
+    }
+}
+
+/// Validates the configuration, installs its run options, opens the device, refuses a run that
+/// cannot fit in memory and creates the run folder.
+fn open_run<'a>(cfg: &'a TrainConfig, opts: &'a TrainOptions) -> Result<Run<'a>> {
     cfg.validate()?;
     // Everything built and run from here on (the memory probe too) follows the run's recorded
     // options.
     crate::options::install(cfg.run_options);
-    let device = resolve_device(&cfg.device)?;
-    let say = |s: String| {
-        if !opts.quiet {
-            eprintln!("{s}");
-        }
+    let run = Run {
+        cfg,
+        opts,
+        device: resolve_device(&cfg.device)?,
+        run_dir: cfg.out.clone(),
     };
     // Before anything big is allocated: a run that cannot fit is refused here.
-    let mem = crate::train::memory::estimate(cfg, &device)?;
+    let mem = crate::train::memory::estimate(cfg, &run.device)?;
     if let Some(warning) = crate::train::memory::check(&mem, opts.force)? {
-        say(warning);
+        run.say(warning);
     }
     if cfg.run_options != crate::options::RunOptions::DEFAULT {
-        say(format!(
+        run.say(format!(
             "run options (not all defaults): {}",
             cfg.run_options.summary()
         ));
     }
-    let run_dir = cfg.out.clone();
-    fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    fs::create_dir_all(&run.run_dir).map_err(|e| Error::io(&run.run_dir, e))?;
+    Ok(run)
+}
 
+/// The datasets, the training loader and the step count they give.
+struct Data {
+    train_ds: Arc<Dataset>,
+    /// None with `--no-eval` or no evaluation set.
+    eval_ds: Option<Dataset>,
+    view: ViewConfig,
+    loader: TwoViewLoader,
+    /// Batches per epoch.
+    bpe: usize,
+    /// Total optimizer steps of the run.
+    total: usize,
+    /// The configuration as config.json and every checkpoint record it.
+    config_json: String,
+}
+
+impl Data {
+    /// The checkpoint record of step `step`.
+    fn meta_at(&self, step: usize) -> CheckpointMeta {
+        CheckpointMeta {
+            step,
+            epoch: step / self.bpe,
+            config_json: self.config_json.clone(),
+        }
+    }
+}
+
+/// Opens the datasets and builds the training loader; the run's total step count follows.
+fn build_loaders(run: &Run) -> Result<Data> {
+    let (cfg, opts) = (run.cfg, run.opts);
     let train_ds = Arc::new(open_dataset(&cfg.data, "training")?);
     let eval_ds = match &cfg.eval_data {
         Some(p) if !opts.no_eval => Some(open_dataset(p, "evaluation")?),
@@ -348,65 +408,51 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         p.validate(0, total)?;
     }
     let config_json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    let meta_at = |step: usize| CheckpointMeta {
-        step,
-        epoch: step / bpe,
-        config_json: config_json.clone(),
-    };
+    Ok(Data {
+        train_ds,
+        eval_ds,
+        view,
+        loader,
+        bpe,
+        total,
+        config_json,
+    })
+}
 
+/// The training state, fresh or (`--resume`) from the run folder's last checkpoint, and the
+/// metrics file with this invocation's first record; says what is about to run.
+fn resume_or_start(run: &Run, data: &Data) -> Result<(CarpState, Metrics)> {
+    let cfg = run.cfg;
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
     state.precision = cfg.precision;
-    let mut metrics = Metrics::open(&run_dir)?;
-    if opts.resume {
-        let (path, meta, warnings) = checkpoint::load_latest(&run_dir, &mut state)?;
-        for w in warnings {
-            say(format!("warning: {w}"));
-        }
-        let saved: TrainConfig = serde_json::from_str(&meta.config_json)
-            .map_err(|e| Error::format(&path, format!("bad config in checkpoint: {e}")))?;
-        if saved.model != cfg.model
-            || saved.nb != cfg.nb
-            || saved.seed != cfg.seed
-            || saved.batch != cfg.batch
-            || saved.local_crops != cfg.local_crops
-            || (cfg.local_crops > 0 && saved.local_size != cfg.local_size)
-        {
-            bail!(
-                Config,
-                "--resume: the checkpoint {} was made with another model/seed/batch/NB/local crops; resume with the run's own config.json",
-                path.display()
-            );
-        }
-        say(format!(
-            "resumed from {} at step {}",
-            path.display(),
-            state.step
-        ));
-        for change in run_option_changes(&meta.config_json, &cfg.run_options) {
-            say(format!("note: {change}"));
-        }
-        if let Some(p) = &opts.profile_steps {
-            p.validate(state.step, total)?;
-        }
+    let mut metrics = Metrics::open(&run.run_dir)?;
+    if run.opts.resume {
+        resume(run, data, &mut state)?;
     } else {
-        if run_dir.join(checkpoint::LATEST).exists() {
+        if run.run_dir.join(checkpoint::LATEST).exists() {
             bail!(
                 Config,
                 "{} already holds a run: pass --resume to continue it, or choose another --out",
-                run_dir.display()
+                run.run_dir.display()
             );
         }
-        checkpoint::write_atomic(&run_dir.join("config.json"), config_json.as_bytes())?;
+        checkpoint::write_atomic(
+            &run.run_dir.join("config.json"),
+            data.config_json.as_bytes(),
+        )?;
     }
     let (backbone, head, protos) = state.student.param_counts();
-    say(format!(
-        "carp: {} ({backbone} backbone + {head} head + {protos} prototype parameters) on {device}, {} images, batch {}, {total} steps ({bpe} per epoch)",
+    run.say(format!(
+        "carp: {} ({backbone} backbone + {head} head + {protos} prototype parameters) on {}, {} images, batch {}, {} steps ({} per epoch)",
         cfg.model.arch,
-        train_ds.len(),
-        cfg.batch
+        run.device,
+        data.train_ds.len(),
+        cfg.batch,
+        data.total,
+        data.bpe
     ));
     if cfg.local_crops > 0 {
-        say(format!(
+        run.say(format!(
             "multi-crop: 2 global views of {0}x{0} + {1} local views of {2}x{2} per image (local views for the student only)",
             cfg.image_size, cfg.local_crops, cfg.local_size
         ));
@@ -414,61 +460,114 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
 
     // Each invocation's first record says how it runs (a fresh run's first line).
     metrics.write(serde_json::json!({
-        "type": "run", "step": state.step, "resume": opts.resume, "device": device.to_string(),
-        "precision": cfg.precision, "run_options": cfg.run_options,
+        "type": "run", "step": state.step, "resume": run.opts.resume,
+        "device": run.device.to_string(), "precision": cfg.precision,
+        "run_options": cfg.run_options,
     }))?;
+    Ok((state, metrics))
+}
 
-    // The baseline: the same network (same seed) at random initialization.
-    let mut knn_random = None;
-    if let Some(eval_ds) = &eval_ds {
-        // A fresh run's student is still its initialization; a resumed one rebuilds it.
-        let rebuilt;
-        let init = if opts.resume {
-            rebuilt = Network::new(&cfg.model, cfg.seed)?;
-            &rebuilt
-        } else {
-            &state.student
-        };
-        let r = knn_eval(init, &train_ds, eval_ds, cfg.image_size, &device)?;
-        say(format!(
-            "k-NN at random init: top-1 {:.2}% (k=20)",
-            100.0 * top1_k20(&r).unwrap_or(0.0)
-        ));
-        knn_random = top1_k20(&r);
-        if !opts.resume {
-            // The teacher starts as this very network, so this is the curve's step-0 point.
-            metrics.write(serde_json::json!({"type": "knn", "step": 0, "top1": r}))?;
-        }
+/// Loads the run folder's last checkpoint into `state`, refusing one made with another model,
+/// seed, batch, NB or local crops; reports the run options that changed since.
+fn resume(run: &Run, data: &Data, state: &mut CarpState) -> Result<()> {
+    let cfg = run.cfg;
+    let (path, meta, warnings) = checkpoint::load_latest(&run.run_dir, state)?;
+    for w in warnings {
+        run.say(format!("warning: {w}"));
     }
-
-    let pb = if opts.quiet || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
-            .map_err(|e| Error::Msg(e.to_string()))?,
-    );
-    pb.set_position(state.step as u64);
-    let log_every = (total / 20).max(1);
-
-    say(format!(
-        "views finished on the {}",
-        views::finish_path(&device)
+    let saved: TrainConfig = serde_json::from_str(&meta.config_json)
+        .map_err(|e| Error::format(&path, format!("bad config in checkpoint: {e}")))?;
+    if saved.model != cfg.model
+        || saved.nb != cfg.nb
+        || saved.seed != cfg.seed
+        || saved.batch != cfg.batch
+        || saved.local_crops != cfg.local_crops
+        || (cfg.local_crops > 0 && saved.local_size != cfg.local_size)
+    {
+        bail!(
+            Config,
+            "--resume: the checkpoint {} was made with another model/seed/batch/NB/local crops; resume with the run's own config.json",
+            path.display()
+        );
+    }
+    run.say(format!(
+        "resumed from {} at step {}",
+        path.display(),
+        state.step
     ));
-    let mut profiler = Profiler::new(opts.profile_steps, &device)?;
+    for change in run_option_changes(&meta.config_json, &cfg.run_options) {
+        run.say(format!("note: {change}"));
+    }
+    if let Some(p) = &run.opts.profile_steps {
+        p.validate(state.step, data.total)?;
+    }
+    Ok(())
+}
+
+/// The baseline: k-NN top-1 (k = 20) of the same network (same seed) at random
+/// initialization; None without an evaluation set.
+fn evaluate_random_init(
+    run: &Run,
+    data: &Data,
+    state: &CarpState,
+    metrics: &mut Metrics,
+) -> Result<Option<f64>> {
+    let Some(eval_ds) = &data.eval_ds else {
+        return Ok(None);
+    };
+    let cfg = run.cfg;
+    // A fresh run's student is still its initialization; a resumed one rebuilds it.
+    let rebuilt;
+    let init = if run.opts.resume {
+        rebuilt = Network::new(&cfg.model, cfg.seed)?;
+        &rebuilt
+    } else {
+        &state.student
+    };
+    let r = knn_eval(init, &data.train_ds, eval_ds, cfg.image_size, &run.device)?;
+    run.say(format!(
+        "k-NN at random init: top-1 {:.2}% (k=20)",
+        100.0 * top1_k20(&r).unwrap_or(0.0)
+    ));
+    if !run.opts.resume {
+        // The teacher starts as this very network, so this is the curve's step-0 point.
+        metrics.write(serde_json::json!({"type": "knn", "step": 0, "top1": r}))?;
+    }
+    Ok(top1_k20(&r))
+}
+
+/// What the epoch loop hands the report: the last step's statistics and the throughput.
+#[derive(Default)]
+struct LoopTotals {
+    last: StepStats,
+    train_secs: f64,
+    images: usize,
+}
+
+/// The steps from the state's step to the run's end (or `--stop-after`), epoch by epoch:
+/// each step logged to metrics.jsonl, checkpointed and evaluated on its schedule.
+fn epoch_loop(
+    run: &Run,
+    data: &Data,
+    state: &mut CarpState,
+    metrics: &mut Metrics,
+) -> Result<LoopTotals> {
+    let (cfg, opts, total) = (run.cfg, run.opts, data.total);
+    let pb = progress_bar(opts, total, state.step)?;
+    run.say(format!(
+        "views finished on the {}",
+        views::finish_path(&run.device)
+    ));
+    let mut profiler = Profiler::new(opts.profile_steps, &run.device)?;
     if let Some(n) = profiler.notice() {
-        say(n);
+        run.say(n);
     }
     let start_step = state.step;
-    let mut last = Default::default();
-    let mut train_secs = 0.0f64;
-    let mut images = 0usize;
+    let mut totals = LoopTotals::default();
     'outer: while state.step < total {
-        let epoch = state.step / bpe;
-        let done_in_epoch = state.step % bpe;
-        for batch in epoch_batches(&loader, epoch, done_in_epoch, &device) {
+        let epoch = state.step / data.bpe;
+        let done_in_epoch = state.step % data.bpe;
+        for batch in epoch_batches(&data.loader, epoch, done_in_epoch, &run.device) {
             if state.step >= total
                 || opts
                     .stop_after
@@ -483,7 +582,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
             let n = batch.batch();
             let poison = opts.inject_nan_at_step == Some(state.step);
             // locals: (L B, 3, s, s) with multi-crop.
-            let (v1, v2, locals) = batch.to_tensors(&view, &device, poison)?;
+            let (v1, v2, locals) = batch.to_tensors(&data.view, &run.device, poison)?;
             let lr = cosine_lr(
                 state.step,
                 total,
@@ -498,68 +597,161 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
                     pb.abandon();
                     return Err(Error::Msg(format!(
                         "{e}\nthe run stopped; the last good checkpoint in {} is untouched",
-                        run_dir.display()
+                        run.run_dir.display()
                     )));
                 }
             };
             let dt = t0.elapsed().as_secs_f64();
             profiler.after_step(state.step)?;
-            train_secs += dt;
-            images += n;
-            let ips = n as f64 / dt;
-            // For choosing a batch size: what live tensors needed at once so far.
-            let peak_gib = crate::tensor::peak_live_bytes(&device)? as f64 / (1u64 << 30) as f64;
-            last = stats;
-            metrics.write(serde_json::json!({
-                "type": "step", "step": state.step, "epoch": epoch, "loss": stats.loss,
-                "consistency": stats.consistency, "entropy": stats.entropy, "lr": stats.lr,
-                "teacher_momentum": stats.momentum, "images_per_s": ips,
-                "peak_live_gib": peak_gib,
-            }))?;
-            pb.set_position(state.step as u64);
-            pb.set_message(format!(
-                "loss {:.4} (H {:.4}) | {:.0} img/s | peak {:.2} GiB",
-                stats.loss, stats.entropy, ips, peak_gib
-            ));
-            if pb.is_hidden() && !opts.quiet && (state.step % log_every == 0 || state.step == total)
-            {
-                eprintln!(
-                    "step {}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s, peak {:.2} GiB",
-                    state.step, stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips, peak_gib
-                );
-            }
-            if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
-                let meta = meta_at(state.step);
-                state.move_to_host()?; // the file is made of the host stores
-                checkpoint::save(&run_dir, &state, &meta)?;
-            }
-            if let (Some(eval_ds), true) = (
-                &eval_ds,
-                cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total,
-            ) {
-                state.move_to_host()?; // k-NN reads the teacher's host stores
-                let r = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size, &device)?;
-                metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": r}))?;
-            }
+            totals.train_secs += dt;
+            totals.images += n;
+            totals.last = stats;
+            log_step(
+                run,
+                data,
+                state.step,
+                epoch,
+                &stats,
+                n as f64 / dt,
+                &pb,
+                metrics,
+            )?;
+            after_step(run, data, state, metrics)?;
         }
     }
     pb.finish_and_clear();
-    let meta = meta_at(state.step);
+    Ok(totals)
+}
+
+/// The progress bar on a terminal (hidden otherwise, or with `--quiet`), at step `step`.
+fn progress_bar(opts: &TrainOptions, total: usize, step: usize) -> Result<ProgressBar> {
+    let pb = if opts.quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
+            .map_err(|e| Error::Msg(e.to_string()))?,
+    );
+    pb.set_position(step as u64);
+    Ok(pb)
+}
+
+/// One step's record in metrics.jsonl, on the progress bar, and (without a bar) on stderr
+/// twenty times a run.
+#[allow(clippy::too_many_arguments)] // the step's numbers and the three places they go
+fn log_step(
+    run: &Run,
+    data: &Data,
+    step: usize,
+    epoch: usize,
+    stats: &StepStats,
+    ips: f64,
+    pb: &ProgressBar,
+    metrics: &mut Metrics,
+) -> Result<()> {
+    let total = data.total;
+    // For choosing a batch size: what live tensors needed at once so far.
+    let peak_gib = crate::tensor::peak_live_bytes(&run.device)? as f64 / (1u64 << 30) as f64;
+    metrics.write(serde_json::json!({
+        "type": "step", "step": step, "epoch": epoch, "loss": stats.loss,
+        "consistency": stats.consistency, "entropy": stats.entropy, "lr": stats.lr,
+        "teacher_momentum": stats.momentum, "images_per_s": ips,
+        "peak_live_gib": peak_gib,
+    }))?;
+    pb.set_position(step as u64);
+    pb.set_message(format!(
+        "loss {:.4} (H {:.4}) | {:.0} img/s | peak {:.2} GiB",
+        stats.loss, stats.entropy, ips, peak_gib
+    ));
+    let log_every = (total / 20).max(1);
+    if pb.is_hidden() && !run.opts.quiet && (step.is_multiple_of(log_every) || step == total) {
+        eprintln!(
+            "step {step}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s, peak {:.2} GiB",
+            stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips, peak_gib
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint and the k-NN evaluation a step is due (`--checkpoint-every`,
+/// `--eval-every`; the last step's are the run's close).
+fn after_step(run: &Run, data: &Data, state: &mut CarpState, metrics: &mut Metrics) -> Result<()> {
+    let cfg = run.cfg;
+    if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
+        let meta = data.meta_at(state.step);
+        state.move_to_host()?; // the file is made of the host stores
+        checkpoint::save(&run.run_dir, state, &meta)?;
+    }
+    if let (Some(eval_ds), true) = (
+        &data.eval_ds,
+        cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < data.total,
+    ) {
+        state.move_to_host()?; // k-NN reads the teacher's host stores
+        let r = knn_eval(
+            &state.teacher,
+            &data.train_ds,
+            eval_ds,
+            cfg.image_size,
+            &run.device,
+        )?;
+        metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": r}))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint of the step the loop stopped at (the end, or `--stop-after`).
+fn save_final_checkpoint(run: &Run, data: &Data, state: &mut CarpState) -> Result<()> {
+    let meta = data.meta_at(state.step);
     // Checkpoint and the final k-NN below read the host stores.
     state.move_to_host()?;
-    let ckpt = checkpoint::save(&run_dir, &state, &meta)?;
-    say(format!("checkpoint: {}", ckpt.display()));
+    let ckpt = checkpoint::save(&run.run_dir, state, &meta)?;
+    run.say(format!("checkpoint: {}", ckpt.display()));
+    Ok(())
+}
 
+/// k-NN top-1 for every k of the trained teacher, once the run is complete (empty without an
+/// evaluation set or when `--stop-after` stopped it early).
+fn evaluate_final(
+    run: &Run,
+    data: &Data,
+    state: &CarpState,
+    metrics: &mut Metrics,
+) -> Result<Vec<(usize, f64)>> {
     let mut knn = Vec::new();
-    if let Some(eval_ds) = &eval_ds {
-        if state.step >= total {
-            knn = knn_eval(&state.teacher, &train_ds, eval_ds, cfg.image_size, &device)?;
+    if let Some(eval_ds) = &data.eval_ds {
+        if state.step >= data.total {
+            knn = knn_eval(
+                &state.teacher,
+                &data.train_ds,
+                eval_ds,
+                run.cfg.image_size,
+                &run.device,
+            )?;
             metrics.write(serde_json::json!({"type": "knn", "step": state.step, "top1": knn}))?;
         }
     }
+    Ok(knn)
+}
+
+/// The run's summary, and the trained-vs-random k-NN line when both were measured.
+fn close(
+    run: &Run,
+    data: &Data,
+    state: &CarpState,
+    totals: LoopTotals,
+    knn: Vec<(usize, f64)>,
+    knn_random: Option<f64>,
+) -> TrainReport {
+    let LoopTotals {
+        last,
+        train_secs,
+        images,
+    } = totals;
     let report = TrainReport {
         steps: state.step,
-        total_steps: total,
+        total_steps: data.total,
         loss: last.loss,
         consistency: last.consistency,
         entropy: last.entropy,
@@ -571,16 +763,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
         } else {
             0.0
         },
-        device: device.to_string(),
-        run_dir,
+        device: run.device.to_string(),
+        run_dir: run.run_dir.clone(),
     };
     if let (Some(a), Some(b)) = (report.knn_top1, report.knn_top1_random_init) {
-        say(format!(
+        run.say(format!(
             "k-NN top-1 (k=20): {:.2}% trained vs {:.2}% at random init ({:+.2} points)",
             100.0 * a,
             100.0 * b,
             100.0 * (a - b)
         ));
     }
-    Ok(report)
+    report
 }

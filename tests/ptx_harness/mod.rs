@@ -5,7 +5,6 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use carp::device::cuda::{kernels::MODULES, CudaBackend};
@@ -21,15 +20,11 @@ pub struct Gpu {
 }
 
 /// The GPU with `kernels` loaded (by module; a name ending in `*` stands for its `f32` and
-/// `bf16` instantiations), or None after printing why the test `test` is skipped.
+/// `bf16` instantiations), or None after printing why the test `test` is skipped (no CUDA driver
+/// or no device).
 pub fn gpu_or_skip(test: &str, kernels: &[(&str, &[&str])]) -> Option<Gpu> {
-    let be = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {e}");
-            return None;
-        }
-    };
+    // Skips only without a driver or a device; a backend that fails to open fails the test.
+    let be = carp::testutil::gpu_or_skip(test, || CudaBackend::new(0))?;
     let mut funcs = HashMap::new();
     for &(module, names) in kernels {
         let ptx = MODULES
