@@ -31,7 +31,7 @@ pub enum GpuPresence {
 #[derive(Debug)]
 pub enum GpuVerdict<T> {
     Run(T),
-    /// Why: print "SKIPPED: <test>: <why>" and return.
+    /// Why: print `SKIPPED: <test>: <why>` and return.
     Skip(String),
     /// The GPU is there but the backend would not open (a PTX module that fails to load, a
     /// context error...): the test must fail with this message, not pass as skipped.
@@ -100,7 +100,7 @@ pub fn gpu_or_skip<T, E: std::fmt::Display>(
 
 /// GPU 0 for the test `test`, with the lock that serializes the GPU tests; or `None` after
 /// printing `SKIPPED: <test>: <reason>` where the machine has no CUDA driver or no device
-/// ([`gpu_or_skip`]; any other error opening the backend fails the test).
+/// (`gpu_or_skip`; any other error opening the backend fails the test).
 ///
 /// Installs the run options of the environment (`CARP_*` variables run the tests on that
 /// path), with TF32 off: GPU results are compared at f32 tolerances. Every device buffer is
