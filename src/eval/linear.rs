@@ -104,10 +104,7 @@ pub fn linear_probe(
     // rather than to a copy of the features, which may be gigabytes (ImageNet: 1.28M x 2048).
     let (mean, inv_std) = feature_stats(train, d);
 
-    let mut w = vec![0.0f32; classes * d]; // (classes, d)
-    let mut b = vec![0.0f32; classes]; // (classes,)
-    let mut vw = vec![0.0f32; classes * d]; // momentum buffers, same shapes
-    let mut vb = vec![0.0f32; classes];
+    let mut head = Classifier::zeros(classes, d);
 
     let steps_per_epoch = n_train.div_ceil(cfg.batch);
     let total_steps = steps_per_epoch * cfg.epochs;
@@ -136,7 +133,15 @@ pub fn linear_probe(
             for (y, &i) in yb.iter_mut().zip(idx) {
                 *y = train_labels[i];
             }
-            let loss = loss_and_grad(&xb[..bsz * d], &yb[..bsz], &w, &b, d, classes, &mut grads)?;
+            let loss = loss_and_grad(
+                &xb[..bsz * d],
+                &yb[..bsz],
+                &head.w,
+                &head.b,
+                d,
+                classes,
+                &mut grads,
+            )?;
             if !loss.is_finite() {
                 bail!(
                     NonFinite,
@@ -148,21 +153,22 @@ pub fn linear_probe(
             loss_sum += loss * bsz as f64;
 
             let lr = cosine_lr(step, total_steps, 0, cfg.lr, 0.0);
-            sgd_momentum(
-                &mut w,
-                &mut vw,
-                &grads.dw,
-                lr,
-                cfg.momentum,
-                cfg.weight_decay,
-            );
-            sgd_momentum(&mut b, &mut vb, &grads.db, lr, cfg.momentum, 0.0);
+            head.sgd_step(&grads, lr, cfg.momentum, cfg.weight_decay);
             step += 1;
         }
         train_loss.push((loss_sum / n_train as f64) as f32);
     }
 
-    let (top1, top5) = accuracy(test, test_labels, &mean, &inv_std, &w, &b, d, classes)?;
+    let (top1, top5) = accuracy(
+        test,
+        test_labels,
+        &mean,
+        &inv_std,
+        &head.w,
+        &head.b,
+        d,
+        classes,
+    )?;
     Ok(LinearProbeReport {
         top1,
         top5,
@@ -296,8 +302,8 @@ fn standardize_row(src: &[f32], mean: &[f32], inv_std: &[f32], dst: &mut [f32]) 
 /// Gradient buffers of one step: dw (classes, d), db (classes,), and the scratch logits /
 /// dlogits (B, classes).
 pub(crate) struct Grads {
-    pub(crate) dw: Vec<f32>,
-    pub(crate) db: Vec<f32>,
+    dw: Vec<f32>,
+    db: Vec<f32>,
     logits: Vec<f32>,
 }
 
@@ -374,8 +380,35 @@ pub(crate) fn loss_and_grad(
     Ok(loss)
 }
 
+/// The classifier `x w^T + b` of both probes and its SGD momentum buffers, started at zero
+/// (the problem is convex: no symmetry to break).
+pub(crate) struct Classifier {
+    pub(crate) w: Vec<f32>, // (classes, d)
+    pub(crate) b: Vec<f32>, // (classes,)
+    vw: Vec<f32>,           // momentum buffers, same shapes
+    vb: Vec<f32>,
+}
+
+impl Classifier {
+    pub(crate) fn zeros(classes: usize, d: usize) -> Classifier {
+        Classifier {
+            w: vec![0.0; classes * d],
+            b: vec![0.0; classes],
+            vw: vec![0.0; classes * d],
+            vb: vec![0.0; classes],
+        }
+    }
+
+    /// One SGD-with-momentum step on `g`'s gradients at learning rate `lr`; the weight decay
+    /// applies to the weights, not the bias.
+    pub(crate) fn sgd_step(&mut self, g: &Grads, lr: f32, momentum: f32, weight_decay: f32) {
+        sgd_momentum(&mut self.w, &mut self.vw, &g.dw, lr, momentum, weight_decay);
+        sgd_momentum(&mut self.b, &mut self.vb, &g.db, lr, momentum, 0.0);
+    }
+}
+
 /// One SGD-with-momentum step: g' = g + wd * p; v = mu * v + g'; p -= lr * v.
-pub(crate) fn sgd_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f32) {
+fn sgd_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, mu: f32, wd: f32) {
     p.par_iter_mut()
         .zip(v.par_iter_mut())
         .zip(g.par_iter())

@@ -29,7 +29,7 @@ use crate::data::augment::{finish_view, sample_view, ViewConfig};
 use crate::data::loader::image_rng;
 use crate::data::{eval_batches, Dataset};
 use crate::error::{Error, Result};
-use crate::eval::linear::{accuracy, check_sgd, loss_and_grad, sgd_momentum, Grads};
+use crate::eval::linear::{accuracy, check_sgd, loss_and_grad, Classifier, Grads};
 use crate::nn::Network;
 use crate::optim::schedule::cosine_lr;
 use crate::tensor::{Device, Tensor};
@@ -205,10 +205,7 @@ pub fn linear_eval(
     let (zero, one) = (vec![0.0f32; d], vec![1.0f32; d]);
 
     let view = train_view_config(size);
-    let mut w = vec![0.0f32; classes * d]; // (classes, D)
-    let mut b = vec![0.0f32; classes]; // (classes,)
-    let mut vw = vec![0.0f32; classes * d]; // momentum buffers, same shapes
-    let mut vb = vec![0.0f32; classes];
+    let mut head = Classifier::zeros(classes, d);
     let bmax = cfg.batch.min(n_train);
     let mut grads = Grads::new(classes, d, bmax);
     let total_steps = n_train.div_ceil(cfg.batch) * cfg.epochs;
@@ -245,7 +242,7 @@ pub fn linear_eval(
                 let (x, y) = item?;
                 let bsz = y.len();
                 let f = pooled(net, x, size, device, cfg.precision)?; // (B, D)
-                let loss = loss_and_grad(&f, &y, &w, &b, d, classes, &mut grads)?;
+                let loss = loss_and_grad(&f, &y, &head.w, &head.b, d, classes, &mut grads)?;
                 if !loss.is_finite() {
                     bail!(
                         NonFinite,
@@ -256,22 +253,14 @@ pub fn linear_eval(
                 }
                 loss_sum += loss * bsz as f64;
                 let lr = cosine_lr(step, total_steps, 0, cfg.lr, 0.0);
-                sgd_momentum(
-                    &mut w,
-                    &mut vw,
-                    &grads.dw,
-                    lr,
-                    cfg.momentum,
-                    cfg.weight_decay,
-                );
-                sgd_momentum(&mut b, &mut vb, &grads.db, lr, cfg.momentum, 0.0);
+                head.sgd_step(&grads, lr, cfg.momentum, cfg.weight_decay);
                 step += 1;
             }
             Ok(())
         })?;
         let secs = t_epoch.elapsed().as_secs_f64();
         train_secs += secs;
-        let (top1, top5) = accuracy(&val_x, &val_y, &zero, &one, &w, &b, d, classes)?;
+        let (top1, top5) = accuracy(&val_x, &val_y, &zero, &one, &head.w, &head.b, d, classes)?;
         let r = EpochResult {
             epoch: epoch + 1,
             train_loss: (loss_sum / n_train as f64) as f32,
