@@ -1490,6 +1490,107 @@ mod tests {
 
     /// Input with per-channel offsets and scales, so channels really differ (and the shifted
     /// variance formula is exercised with |mean| >> 0).
+    /// Synchronized BN on W thread ranks, each holding N / W samples whose statistics differ
+    /// from the whole batch's (rank r's samples shifted by 2 r), against one rank holding all
+    /// N: the same batch statistics, outputs and dx (the rows of the rank), and per-rank
+    /// dgamma, dbeta that sum to the single rank's; plain BN and BN + add + ReLU. Ranks that
+    /// normalized with their own statistics would be off by O(1).
+    #[test]
+    fn synchronized_batch_norm_matches_the_whole_batch_on_one_rank() {
+        use crate::device::collective::ThreadGroup;
+        let (n, c, s, eps) = (8, 3, 6, BN_EPS);
+        let shape = [n, c, 2, 3];
+        let mut xv = channel_input(&shape, 41).to_vec().unwrap();
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v += 2.0 * (i / (c * s) * 4 / n) as f32;
+        }
+        let dyv = randn_vec(n * c * s, 42);
+        let resv = randn_vec(n * c * s, 43);
+        let (gv, bv) = (vec![0.7f32, 1.3, -0.4], vec![0.1f32, -0.2, 0.5]);
+        // (y, dx, dgamma, dbeta, dresidual, mean, unbiased var) of one rank's rows.
+        let run = |rows: std::ops::Range<usize>, act: Act, comm: Option<Arc<dyn Collective>>| {
+            let cut = |v: &[f32]| v[rows.start * c * s..rows.end * c * s].to_vec();
+            let sh = [rows.len(), c, 2, 3];
+            let x = Tensor::from_vec(cut(&xv), &sh).unwrap();
+            let dy = Tensor::from_vec(cut(&dyv), &sh).unwrap();
+            let res = (act == Act::Relu).then(|| Tensor::from_vec(cut(&resv), &sh).unwrap());
+            let (g, b) = (
+                Tensor::from_vec(gv.clone(), &[c]).unwrap(),
+                Tensor::from_vec(bv.clone(), &[c]).unwrap(),
+            );
+            let d = BnDims::of("test", &sh).unwrap();
+            let (stats, (mean, var)) = bn_batch_stats("test", &x, d, eps, comm.as_ref()).unwrap();
+            let y = bn_apply("test", act, &x, res.as_ref(), &g, &b, &stats, d).unwrap();
+            let ym = (act == Act::Relu).then_some(&y);
+            let gr =
+                bn_backward("test", act, true, &stats, &x, ym, &g, &dy, d, res.is_some()).unwrap();
+            let v = |t: &Tensor| t.to_vec().unwrap();
+            let dres = gr.dresidual.as_ref().map(v).unwrap_or_default();
+            [&y, &gr.dx, &gr.dgamma, &gr.dbeta]
+                .map(v)
+                .into_iter()
+                .chain([dres, v(&mean), v(&var)])
+                .collect::<Vec<_>>()
+        };
+        for act in [Act::Identity, Act::Relu] {
+            let whole = run(0..n, act, None);
+            for world in [2, 4] {
+                let per = n / world;
+                let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
+                    let run = &run;
+                    let hs: Vec<_> = ThreadGroup::ranks(world)
+                        .unwrap()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(r, comm)| {
+                            sc.spawn(move || run(r * per..(r + 1) * per, act, Some(comm)))
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let what = format!("{act:?}, world {world}");
+                let close = |got: &[f32], want: &[f32], name: &str| {
+                    assert_eq!(got.len(), want.len(), "{what}: {name}");
+                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
+                            "{what}: {name}[{i}] = {a}, the whole batch gives {b}"
+                        );
+                    }
+                };
+                let sum = |k: usize| -> Vec<f32> {
+                    (0..c)
+                        .map(|ch| ranks.iter().map(|o| o[k][ch]).sum())
+                        .collect()
+                };
+                close(&sum(2), &whole[2], "sum of the ranks' dgamma");
+                close(&sum(3), &whole[3], "sum of the ranks' dbeta");
+                for (r, o) in ranks.iter().enumerate() {
+                    let rows = |v: &[f32]| v[r * per * c * s..(r + 1) * per * c * s].to_vec();
+                    close(&o[0], &rows(&whole[0]), "y");
+                    close(&o[1], &rows(&whole[1]), "dx");
+                    if act == Act::Relu {
+                        close(&o[4], &rows(&whole[4]), "dresidual");
+                    }
+                    close(&o[5], &whole[5], "batch mean");
+                    close(&o[6], &whole[6], "unbiased batch variance");
+                    // The per-rank gradients are not the whole batch's: the test can fail.
+                    assert!(o[2]
+                        .iter()
+                        .zip(&whole[2])
+                        .any(|(a, b)| (a - b).abs() > 1e-2));
+                }
+            }
+        }
+        // Without the collective a rank's statistics are its own, far from the batch's.
+        let own = run(0..n / 2, Act::Identity, None);
+        let whole = run(0..n, Act::Identity, None);
+        assert!(own[5]
+            .iter()
+            .zip(&whole[5])
+            .all(|(a, b)| (a - b).abs() > 0.5));
+    }
+
     fn channel_input(shape: &[usize], seed: u64) -> Tensor {
         let d = BnDims::of("test", shape).unwrap();
         let mut x = randn(shape, seed).to_vec().unwrap();
