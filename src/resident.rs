@@ -28,11 +28,13 @@
 //! Without the `cuda` feature the device state is an uninhabited stub (as candle's dummy
 //! backend), so that the step is one body that compiles everywhere.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::autograd::{Gradients, Tape};
 use crate::bail;
 use crate::carp::teacher::ema_update;
+use crate::device::collective::{self, Collective};
 use crate::error::{Error, Result};
 use crate::nn::model::apply_bn_updates;
 use crate::nn::params::{ParamLeaves, ParamStore};
@@ -247,18 +249,33 @@ impl TrainState {
     }
 
     /// This step's gradients of the student's leaves into the state's flat gradient (the host
-    /// store's `grad`, or the device's), zeros where an entry has none.
+    /// store's `grad`, or the device's), zeros where an entry has none; with a collective of
+    /// more than one rank, averaged over the ranks (before the NaN guard and LARS, which then
+    /// run on the same values on every rank).
     pub fn gather_grads(
         &mut self,
         params: &mut ParamStore,
         leaves: &ParamLeaves,
         grads: &Gradients,
+        comm: Option<&Arc<dyn Collective>>,
     ) -> Result<()> {
+        let comm = collective::multi(comm);
         match self {
             TrainState::Host(_) => {
                 params.zero_grad();
-                params.accumulate_grads(leaves, grads)
+                params.accumulate_grads(leaves, grads)?;
+                if let Some(c) = comm {
+                    c.all_reduce_sum(&mut params.grad)?;
+                    let w = c.world_size() as f32;
+                    params.grad.iter_mut().for_each(|g| *g /= w);
+                }
+                Ok(())
             }
+            TrainState::Device(_) if comm.is_some() => bail!(
+                Device,
+                "data-parallel training (averaging gradients across ranks) is not implemented \
+                 on the CUDA backend yet: run it with --device cpu, or train on one rank"
+            ),
             TrainState::Device(ds) => ds.gather_grads(params, leaves, grads),
         }
     }

@@ -14,8 +14,10 @@
 //! activations are rounded to bf16 on the way back. See `Tape::bf16_inputs`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::bail;
+use crate::device::collective::Collective;
 use crate::error::Result;
 use crate::tensor::{DType, Device, Layout, Tensor, TensorId};
 
@@ -96,6 +98,9 @@ pub struct Tape {
     /// Tensors whose gradient is wanted: leaves marked with `track`, and every recorded
     /// output that depends on one.
     tracked: HashSet<TensorId>,
+    /// The ranks this tape's training-mode batch norms synchronize their statistics with
+    /// (none: this process alone).
+    collective: Option<Arc<dyn Collective>>,
 }
 
 impl Default for Tape {
@@ -114,6 +119,7 @@ impl Tape {
             casts: HashMap::new(),
             nodes: Vec::new(),
             tracked: HashSet::new(),
+            collective: None,
         }
     }
 
@@ -129,6 +135,18 @@ impl Tape {
     pub fn with_precision(mut self, precision: Precision) -> Tape {
         self.precision = precision;
         self
+    }
+
+    /// The same tape with its training-mode batch norms synchronized across the ranks of
+    /// `collective` (statistics of the global batch, forward and backward).
+    pub fn with_collective(mut self, collective: Arc<dyn Collective>) -> Tape {
+        self.collective = Some(collective);
+        self
+    }
+
+    /// The ranks the batch norms synchronize with, if any.
+    pub fn collective(&self) -> Option<&Arc<dyn Collective>> {
+        self.collective.as_ref()
     }
 
     pub fn precision(&self) -> Precision {

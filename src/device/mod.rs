@@ -1,6 +1,7 @@
 //! Backends. The CPU backend is the reference (plain f32, NCHW, rayon); the CUDA backend joins
 //! behind the `cuda` feature.
 
+pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod profiler;

@@ -6,10 +6,13 @@
 //! The CPU kernels view the input as (N, C, S) with S = H * W (S = 1 for 2-d inputs): channel
 //! reductions run in parallel over channels, elementwise passes in parallel over (n, c) planes.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
+use crate::device::collective::{self, Collective};
 use crate::device::nvtx;
 use crate::error::Result;
 #[cfg(feature = "cuda")]
@@ -18,6 +21,11 @@ use crate::ops::Backend;
 use crate::tensor::Tensor;
 
 pub const BN_EPS: f32 = 1e-5;
+
+/// What a GPU batch norm says when asked to synchronize across ranks.
+pub const SYNC_BN_CUDA: &str =
+    "synchronized batch norm across ranks is not implemented on the CUDA backend yet: run \
+     data-parallel training with --device cpu, or train on one rank";
 pub const BN_MOMENTUM: f32 = 0.1;
 
 /// Elementwise passes hand rayon at least this many elements per task.
@@ -166,6 +174,81 @@ pub fn batch_norm_stats_cpu(x: &[f32], d: BnDims, mean: &mut [f32], var: &mut [f
         var[ch] = (s2 / mf - dm * dm).max(0.0) as f32;
     }
     Ok(())
+}
+
+/// Synchronized batch norm's statistics: the per-channel mean (C,) and biased variance (C,) of
+/// the global batch, x (N, C, S) being this rank's part of it. Returns the global number of
+/// values per channel. Two all-reduces: the sums and counts give the global mean, then the
+/// sums of (x - k) and (x - k)^2 around k = that mean rounded to f32 (the same on every rank)
+/// give the variance without the cancellation of sum(x^2) - M mean^2 when |mean| >> std.
+pub fn batch_norm_stats_sync_cpu(
+    x: &[f32],
+    d: BnDims,
+    comm: &dyn Collective,
+    mean: &mut [f32],
+    var: &mut [f32],
+) -> Result<usize> {
+    let op = "batch_norm_stats_sync_cpu";
+    check_len(op, "x", x.len(), d.numel())?;
+    check_len(op, "mean", mean.len(), d.c)?;
+    check_len(op, "var", var.len(), d.c)?;
+    let mut sums = vec![(0.0, 0.0); d.c];
+    channel_sums2(d, |_, r| shifted_sums(&x[r], 0.0), &mut sums);
+    let mut buf: Vec<f64> = sums.iter().map(|s| s.0).collect();
+    buf.push(d.per_channel() as f64);
+    comm.all_reduce_sum_f64(&mut buf)?;
+    let m = buf[d.c] as usize;
+    if m == 0 {
+        bail!(
+            Shape,
+            "{op}: no elements per channel on any of the {} ranks",
+            comm.world_size()
+        );
+    }
+    let mf = m as f64;
+    let shift: Vec<f32> = buf[..d.c].iter().map(|&s| (s / mf) as f32).collect();
+    channel_sums2(d, |ch, r| shifted_sums(&x[r], shift[ch]), &mut sums);
+    let mut buf: Vec<f64> = sums.iter().flat_map(|s| [s.0, s.1]).collect();
+    comm.all_reduce_sum_f64(&mut buf)?;
+    for ch in 0..d.c {
+        let (s1, s2) = (buf[2 * ch], buf[2 * ch + 1]);
+        let dm = s1 / mf;
+        mean[ch] = (shift[ch] as f64 + dm) as f32;
+        var[ch] = (s2 / mf - dm * dm).max(0.0) as f32;
+    }
+    Ok(m)
+}
+
+/// The backward of a synchronized batch norm: the ranks to sum the per-channel reductions
+/// over, and the global number of values per channel.
+pub(crate) type BnSync<'a> = Option<(&'a dyn Collective, usize)>;
+
+/// The coefficients of dx from this rank's per-channel sums, with `sync` from the global ones.
+/// dgamma and dbeta stay this rank's own (the gradient average across ranks sums them), while
+/// dx uses the global batch's sums, as the global statistics depend on every rank's x.
+#[allow(clippy::too_many_arguments)]
+fn bn_backward_coefs_sync(
+    batch_stats: bool,
+    sums: &[(f64, f64)],
+    gamma: &[f32],
+    var: &[f32],
+    m: usize,
+    eps: f32,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    sync: BnSync,
+) -> Result<Vec<(f32, f32, f32)>> {
+    let coef = bn_backward_coefs(batch_stats, sums, gamma, var, m, eps, dgamma, dbeta);
+    let Some((comm, m_global)) = sync.filter(|_| batch_stats) else {
+        return Ok(coef);
+    };
+    let mut buf: Vec<f64> = sums.iter().flat_map(|s| [s.0, s.1]).collect();
+    comm.all_reduce_sum_f64(&mut buf)?;
+    let global: Vec<(f64, f64)> = buf.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+    let (mut dg, mut db) = (vec![0.0; sums.len()], vec![0.0; sums.len()]);
+    Ok(bn_backward_coefs(
+        true, &global, gamma, var, m_global, eps, &mut dg, &mut db,
+    ))
 }
 
 /// Per-channel scale gamma / sqrt(var + eps), so that y = (x - mean) * scale + beta. Centering
@@ -335,6 +418,7 @@ fn batch_norm_backward(
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    sync: BnSync,
 ) -> Result<()> {
     for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.len())] {
         check_len(op, what, len, d.numel())?;
@@ -359,7 +443,7 @@ fn batch_norm_backward(
         |ch, r| dot_sums(&dy[r.clone()], &x[r], mean[ch]),
         &mut sums,
     );
-    let coef = bn_backward_coefs(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta);
+    let coef = bn_backward_coefs_sync(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta, sync)?;
     for_each_plane(dx, d, |ch, p, plane| {
         let (a, b, c) = coef[ch];
         let mu = mean[ch];
@@ -399,6 +483,7 @@ pub fn batch_norm_train_backward_cpu(
         dx,
         dgamma,
         dbeta,
+        None,
     )
 }
 
@@ -429,6 +514,7 @@ pub fn batch_norm_eval_backward_cpu(
         dx,
         dgamma,
         dbeta,
+        None,
     )
 }
 
@@ -593,6 +679,42 @@ pub fn bn_act_backward_cpu(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
+    bn_act_backward_sync_cpu(
+        batch_stats,
+        x,
+        y,
+        dy,
+        gamma,
+        mean,
+        var,
+        d,
+        eps,
+        dx,
+        dresidual,
+        dgamma,
+        dbeta,
+        None,
+    )
+}
+
+/// [`bn_act_backward_cpu`], with `sync` the backward of a synchronized batch norm.
+#[allow(clippy::too_many_arguments)] // a kernel signature: every buffer is explicit
+pub(crate) fn bn_act_backward_sync_cpu(
+    batch_stats: bool,
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    d: BnDims,
+    eps: f32,
+    dx: &mut [f32],
+    dresidual: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    sync: BnSync,
+) -> Result<()> {
     let op = "bn_act_backward_cpu";
     for (what, len) in [
         ("x", x.len()),
@@ -635,7 +757,7 @@ pub fn bn_act_backward_cpu(
         },
         &mut sums,
     );
-    let coef = bn_backward_coefs(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta);
+    let coef = bn_backward_coefs_sync(batch_stats, &sums, gamma, var, m, eps, dgamma, dbeta, sync)?;
     // dx = a * dy' + b * (x - mean) + c per channel (bn_backward_coefs); dy' is read back from
     // dresidual when there is one (two reads instead of dy and y).
     let dres: Option<&[f32]> = dres.map(|p| {
@@ -684,10 +806,13 @@ pub(crate) enum Act {
 /// backward: the batch statistics in training mode, the running ones (constants) in eval mode.
 pub(crate) enum BnStats {
     /// Mean and variance (C,) (the biased variance for batch statistics), and eps.
+    /// With `sync`, the statistics of a synchronized batch norm: the ranks and the global
+    /// number of values per channel, for the backward's reductions.
     Cpu {
         mean: Vec<f32>,
         var: Vec<f32>,
         eps: f32,
+        sync: Option<(Arc<dyn Collective>, usize)>,
     },
     /// Mean (C,) and 1 / sqrt(var + eps) (C,), f32 on the GPU.
     #[cfg(feature = "cuda")]
@@ -700,28 +825,51 @@ pub(crate) enum BnStats {
 
 /// The batch statistics of x (N, C, S), at least 2 values per channel, on x's device: what the
 /// apply and the backward use, and the (mean, unbiased variance) of the running update.
+/// With a collective of more than one rank, the statistics are the global batch's (x being
+/// this rank's part of it): synchronized batch norm.
 pub(crate) fn bn_batch_stats(
     op: &str,
     x: &Tensor,
     d: BnDims,
     eps: f32,
+    comm: Option<&Arc<dyn Collective>>,
 ) -> Result<(BnStats, BatchStats)> {
+    let comm = collective::multi(comm);
     match Backend::of(op, &[x])? {
         Backend::Cpu => {
             let mut mean = vec![0.0; d.c]; // (C,)
             let mut var = vec![0.0; d.c]; // (C,) biased
-            batch_norm_stats_cpu(x.cpu()?, d, &mut mean, &mut var)?;
-            let m = d.per_channel();
+            let (m, sync) = match comm {
+                None => {
+                    batch_norm_stats_cpu(x.cpu()?, d, &mut mean, &mut var)?;
+                    (d.per_channel(), None)
+                }
+                Some(c) => {
+                    let m = batch_norm_stats_sync_cpu(x.cpu()?, d, &**c, &mut mean, &mut var)?;
+                    (m, Some((c.clone(), m)))
+                }
+            };
             let unbiased = m as f32 / (m - 1) as f32;
             let var_unbiased: Vec<f32> = var.iter().map(|&v| v * unbiased).collect();
             let batch = (
                 Tensor::from_vec(mean.clone(), &[d.c])?,
                 Tensor::from_vec(var_unbiased, &[d.c])?,
             );
-            Ok((BnStats::Cpu { mean, var, eps }, batch))
+            Ok((
+                BnStats::Cpu {
+                    mean,
+                    var,
+                    eps,
+                    sync,
+                },
+                batch,
+            ))
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda(be) => {
+            if comm.is_some() {
+                bail!(Device, "{op}: {SYNC_BN_CUDA}");
+            }
             let mut mean = be.alloc_f32(d.c)?; // (C,)
             let mut invstd = be.alloc_f32(d.c)?; // (C,)
             let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
@@ -760,6 +908,7 @@ pub(crate) fn bn_running_stats(
             mean: running_mean.cpu()?.to_vec(),
             var: running_var.cpu()?.to_vec(),
             eps,
+            sync: None,
         }),
         #[cfg(feature = "cuda")]
         Backend::Cuda(be) => {
@@ -793,7 +942,7 @@ pub(crate) fn bn_apply(
     all.extend(residual);
     Backend::of(op, &all)?;
     match stats {
-        BnStats::Cpu { mean, var, eps } => {
+        BnStats::Cpu { mean, var, eps, .. } => {
             let mut y = vec![0.0; d.numel()]; // (N, C, S)
             let (xv, g, b) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
             match act {
@@ -870,7 +1019,13 @@ pub(crate) fn bn_backward(
         ),
     };
     match stats {
-        BnStats::Cpu { mean, var, eps } => {
+        BnStats::Cpu {
+            mean,
+            var,
+            eps,
+            sync,
+        } => {
+            let sync = sync.as_ref().map(|(c, m)| (&**c, *m));
             let mut dx = vec![0.0; d.numel()]; // (N, C, S)
             let mut dres = if with_residual {
                 vec![0.0; d.numel()] // (N, C, S)
@@ -901,9 +1056,10 @@ pub(crate) fn bn_backward(
                         &mut dx,
                         &mut dgamma,
                         &mut dbeta,
+                        sync,
                     )?
                 }
-                Some(y) => bn_act_backward_cpu(
+                Some(y) => bn_act_backward_sync_cpu(
                     training,
                     xv,
                     y.cpu()?,
@@ -917,6 +1073,7 @@ pub(crate) fn bn_backward(
                     with_residual.then_some(&mut dres[..]),
                     &mut dgamma,
                     &mut dbeta,
+                    sync,
                 )?,
             }
             Ok(BnGrads {
@@ -1093,7 +1250,7 @@ impl Tape {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let _r = nvtx::Range::new(op);
         let [x, gamma, beta] = t;
-        let (stats, (mean, var)) = bn_batch_stats(op, x, d, eps)?;
+        let (stats, (mean, var)) = bn_batch_stats(op, x, d, eps, self.collective())?;
         let y = bn_apply(op, act, x, residual, gamma, beta, &stats, d)?;
         self.record_bn(op, act, true, t, residual, &y, stats, d);
         Ok((y, mean, var))
@@ -1333,6 +1490,107 @@ mod tests {
 
     /// Input with per-channel offsets and scales, so channels really differ (and the shifted
     /// variance formula is exercised with |mean| >> 0).
+    /// Synchronized BN on W thread ranks, each holding N / W samples whose statistics differ
+    /// from the whole batch's (rank r's samples shifted by 2 r), against one rank holding all
+    /// N: the same batch statistics, outputs and dx (the rows of the rank), and per-rank
+    /// dgamma, dbeta that sum to the single rank's; plain BN and BN + add + ReLU. Ranks that
+    /// normalized with their own statistics would be off by O(1).
+    #[test]
+    fn synchronized_batch_norm_matches_the_whole_batch_on_one_rank() {
+        use crate::device::collective::ThreadGroup;
+        let (n, c, s, eps) = (8, 3, 6, BN_EPS);
+        let shape = [n, c, 2, 3];
+        let mut xv = channel_input(&shape, 41).to_vec().unwrap();
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v += 2.0 * (i / (c * s) * 4 / n) as f32;
+        }
+        let dyv = randn_vec(n * c * s, 42);
+        let resv = randn_vec(n * c * s, 43);
+        let (gv, bv) = (vec![0.7f32, 1.3, -0.4], vec![0.1f32, -0.2, 0.5]);
+        // (y, dx, dgamma, dbeta, dresidual, mean, unbiased var) of one rank's rows.
+        let run = |rows: std::ops::Range<usize>, act: Act, comm: Option<Arc<dyn Collective>>| {
+            let cut = |v: &[f32]| v[rows.start * c * s..rows.end * c * s].to_vec();
+            let sh = [rows.len(), c, 2, 3];
+            let x = Tensor::from_vec(cut(&xv), &sh).unwrap();
+            let dy = Tensor::from_vec(cut(&dyv), &sh).unwrap();
+            let res = (act == Act::Relu).then(|| Tensor::from_vec(cut(&resv), &sh).unwrap());
+            let (g, b) = (
+                Tensor::from_vec(gv.clone(), &[c]).unwrap(),
+                Tensor::from_vec(bv.clone(), &[c]).unwrap(),
+            );
+            let d = BnDims::of("test", &sh).unwrap();
+            let (stats, (mean, var)) = bn_batch_stats("test", &x, d, eps, comm.as_ref()).unwrap();
+            let y = bn_apply("test", act, &x, res.as_ref(), &g, &b, &stats, d).unwrap();
+            let ym = (act == Act::Relu).then_some(&y);
+            let gr =
+                bn_backward("test", act, true, &stats, &x, ym, &g, &dy, d, res.is_some()).unwrap();
+            let v = |t: &Tensor| t.to_vec().unwrap();
+            let dres = gr.dresidual.as_ref().map(v).unwrap_or_default();
+            [&y, &gr.dx, &gr.dgamma, &gr.dbeta]
+                .map(v)
+                .into_iter()
+                .chain([dres, v(&mean), v(&var)])
+                .collect::<Vec<_>>()
+        };
+        for act in [Act::Identity, Act::Relu] {
+            let whole = run(0..n, act, None);
+            for world in [2, 4] {
+                let per = n / world;
+                let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
+                    let run = &run;
+                    let hs: Vec<_> = ThreadGroup::ranks(world)
+                        .unwrap()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(r, comm)| {
+                            sc.spawn(move || run(r * per..(r + 1) * per, act, Some(comm)))
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let what = format!("{act:?}, world {world}");
+                let close = |got: &[f32], want: &[f32], name: &str| {
+                    assert_eq!(got.len(), want.len(), "{what}: {name}");
+                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
+                            "{what}: {name}[{i}] = {a}, the whole batch gives {b}"
+                        );
+                    }
+                };
+                let sum = |k: usize| -> Vec<f32> {
+                    (0..c)
+                        .map(|ch| ranks.iter().map(|o| o[k][ch]).sum())
+                        .collect()
+                };
+                close(&sum(2), &whole[2], "sum of the ranks' dgamma");
+                close(&sum(3), &whole[3], "sum of the ranks' dbeta");
+                for (r, o) in ranks.iter().enumerate() {
+                    let rows = |v: &[f32]| v[r * per * c * s..(r + 1) * per * c * s].to_vec();
+                    close(&o[0], &rows(&whole[0]), "y");
+                    close(&o[1], &rows(&whole[1]), "dx");
+                    if act == Act::Relu {
+                        close(&o[4], &rows(&whole[4]), "dresidual");
+                    }
+                    close(&o[5], &whole[5], "batch mean");
+                    close(&o[6], &whole[6], "unbiased batch variance");
+                    // The per-rank gradients are not the whole batch's: the test can fail.
+                    assert!(o[2]
+                        .iter()
+                        .zip(&whole[2])
+                        .any(|(a, b)| (a - b).abs() > 1e-2));
+                }
+            }
+        }
+        // Without the collective a rank's statistics are its own, far from the batch's.
+        let own = run(0..n / 2, Act::Identity, None);
+        let whole = run(0..n, Act::Identity, None);
+        assert!(own[5]
+            .iter()
+            .zip(&whole[5])
+            .all(|(a, b)| (a - b).abs() > 0.5));
+    }
+
     fn channel_input(shape: &[usize], seed: u64) -> Tensor {
         let d = BnDims::of("test", shape).unwrap();
         let mut x = randn(shape, seed).to_vec().unwrap();

@@ -39,10 +39,13 @@
 //! block sums and dots; pbar sums, the loss terms and H in f64. Pass 1's tasks are fixed sample
 //! ranges whose pbar partials are added in order, so results do not depend on the thread count.
 
+use std::sync::Arc;
+
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
 use crate::bail;
+use crate::device::collective::{self, Collective};
 use crate::error::Result;
 use crate::ops::Backend;
 use crate::tensor::{Device, Tensor};
@@ -427,6 +430,21 @@ pub fn carp_loss_pass2(
     pbar_sum_global: &[f64],
     world: usize,
 ) -> Result<CarpLossOutput> {
+    carp_loss_pass2_scaled(student, teacher, perm, pass1, pbar_sum_global, world, world)
+}
+
+/// [`carp_loss_pass2`] with the uniformity gradient scaled by `entropy_scale` instead of the
+/// world size: 1 is the mistake of forgetting that the gradient average divides it by the
+/// world size, which the data-parallel tests show to matter.
+pub(crate) fn carp_loss_pass2_scaled(
+    student: &[&[f32]],
+    teacher: &[&[f32]],
+    perm: &[u32],
+    pass1: &CarpPass1,
+    pbar_sum_global: &[f64],
+    world: usize,
+    entropy_scale: usize,
+) -> Result<CarpLossOutput> {
     let (v, n, k, nb) = (pass1.views, pass1.n, pass1.k, pass1.nb);
     check_inputs(student, teacher, n, k, nb, perm)?;
     if student.len() != v {
@@ -453,7 +471,7 @@ pub fn carp_loss_pass2(
 
     // Uniformity: H and its gradient g (NP, NB) w.r.t. one row's p.
     let global_rows = (pass1.rows * world) as f64;
-    let gscale = world as f64 / (global_rows * np as f64);
+    let gscale = entropy_scale as f64 / (global_rows * np as f64);
     let mut h = 0.0f64;
     let mut g = vec![0.0f64; k]; // (NP, NB)
     for j in 0..np {
@@ -598,6 +616,43 @@ pub fn carp_loss_dist(
     carp_loss_pass2(student, teacher, perm, &p1, &pbar, world)
 }
 
+/// [`carp_loss_dist`] with the ranks of `comm`, checking that every rank holds `n` samples,
+/// and reporting the consistency averaged over the ranks (the global batch's).
+#[allow(clippy::too_many_arguments)] // carp_loss's six, the ranks and the test switch
+fn carp_loss_ranks(
+    student: &[&[f32]],
+    teacher: &[&[f32]],
+    n: usize,
+    k: usize,
+    nb: usize,
+    perm: &[u32],
+    comm: &dyn Collective,
+    entropy_scaled: bool,
+) -> Result<CarpLossOutput> {
+    let world = comm.world_size();
+    let p1 = carp_loss_pass1(student, teacher, n, k, nb, perm)?;
+    // The samples ride along with the pbar sums: one all-reduce checks the batches.
+    let mut pbar = p1.pbar_sum.clone();
+    pbar.push(n as f64);
+    comm.all_reduce_sum_f64(&mut pbar)?;
+    if pbar[k] != (n * world) as f64 {
+        bail!(
+            Config,
+            "carp_loss: {} samples over {world} ranks, {n} on rank {}: every rank must hold \
+             the same number of samples (split the global batch evenly)",
+            pbar[k],
+            comm.rank()
+        );
+    }
+    let scale = if entropy_scaled { world } else { 1 };
+    let mut out = carp_loss_pass2_scaled(student, teacher, perm, &p1, &pbar[..k], world, scale)?;
+    let mut terms = [out.consistency as f64];
+    comm.all_reduce_sum_f64(&mut terms)?;
+    out.consistency = (terms[0] / world as f64) as f32;
+    out.loss = out.consistency + out.entropy;
+    Ok(out)
+}
+
 /// A step's prototype partition where its loss runs: the permutation of 0..K (block j holds
 /// `perm[j NB .. (j + 1) NB]`) and, for a GPU, its i32 copy in device memory. Made before the
 /// step's work is queued: an upload from pageable memory waits for the queue, and would drain
@@ -667,7 +722,39 @@ pub fn carp_loss_forward(
     nb: usize,
     partition: &Partition,
 ) -> Result<StepLoss> {
+    carp_loss_forward_on(student, teacher, vs, nb, partition, None)
+}
+
+/// [`carp_loss_forward`] on this rank's rows of a data-parallel batch, the ranks those of
+/// `comm` (none, or a world of one: the single-rank loss, bit for bit). Every rank must hold
+/// the same number of rows. pbar is the mean over every rank's rows; the terms are the global
+/// H and the consistency averaged over the ranks; the gradient is the one
+/// [`carp_loss_pass2`] describes (its uniformity part scaled by the world size), so that the
+/// average of the ranks' parameter gradients is the gradient of the global batch's loss.
+pub fn carp_loss_forward_on(
+    student: &Tensor,
+    teacher: &Tensor,
+    vs: usize,
+    nb: usize,
+    partition: &Partition,
+    comm: Option<&Arc<dyn Collective>>,
+) -> Result<StepLoss> {
+    carp_loss_forward_scaled(student, teacher, vs, nb, partition, comm, true)
+}
+
+/// [`carp_loss_forward_on`]; without `entropy_scaled` the uniformity gradient is not scaled
+/// by the world size (wrong: for the tests that show it).
+pub(crate) fn carp_loss_forward_scaled(
+    student: &Tensor,
+    teacher: &Tensor,
+    vs: usize,
+    nb: usize,
+    partition: &Partition,
+    comm: Option<&Arc<dyn Collective>>,
+    entropy_scaled: bool,
+) -> Result<StepLoss> {
     let op = "carp_loss";
+    let comm = collective::multi(comm);
     student.expect_rank("student logits (VS N, K)", 2)?;
     let (rows, k) = (student.dim(0), student.dim(1));
     if vs < 2 || !rows.is_multiple_of(vs) || rows == 0 {
@@ -700,7 +787,14 @@ pub fn carp_loss_forward(
             let (s, t) = (student.to_vec()?, teacher.to_vec()?); // (VS N, K), (2N, K)
             let nk = n * k;
             let sv: Vec<&[f32]> = s.chunks_exact(nk).collect();
-            let out = carp_loss(&sv, &[&t[..nk], &t[nk..]], n, k, nb, &partition.perm)?;
+            let tv = [&t[..nk], &t[nk..]];
+            let out = match comm {
+                None => carp_loss(&sv, &tv, n, k, nb, &partition.perm)?,
+                Some(c) => {
+                    let perm = &partition.perm;
+                    carp_loss_ranks(&sv, &tv, n, k, nb, perm, &**c, entropy_scaled)?
+                }
+            };
             let dstudent = Tensor::from_vec(out.dstudent.concat(), &[rows, k])?;
             Ok(StepLoss {
                 terms: Tensor::from_vec(vec![out.entropy, out.consistency], &[2])?,
@@ -711,6 +805,13 @@ pub fn carp_loss_forward(
         Backend::Cuda(be) => {
             use crate::ops::gpu::{dbuf, wrap};
             use crate::tensor::DType;
+            if comm.is_some() {
+                bail!(
+                    Device,
+                    "{op}: the loss across ranks is not implemented on the CUDA backend yet: run \
+                     data-parallel training with --device cpu, or train on one rank"
+                );
+            }
             let Some(dperm) = &partition.on_gpu else {
                 bail!(Device, "{op}: the partition has no device copy (a bug)");
             };

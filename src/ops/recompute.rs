@@ -19,8 +19,11 @@
 //! BN backward (on a GPU both are bf16 storage), and the ReLU mask comes from the unrounded
 //! output, as the unfused op saves it.
 
+use std::sync::Arc;
+
 use crate::autograd::{Bf16Path, Tape};
 use crate::bail;
+use crate::device::collective::Collective;
 use crate::device::nvtx;
 use crate::error::Result;
 use crate::ops::batchnorm::{
@@ -76,8 +79,9 @@ impl BnRelu {
         d: BnDims,
         eps: f32,
         bf16_mid: bool,
+        comm: Option<&Arc<dyn Collective>>,
     ) -> Result<(BnRelu, BnReluOut, BatchStats)> {
-        let (stats, batch) = bn_batch_stats(op, x, d, eps)?;
+        let (stats, batch) = bn_batch_stats(op, x, d, eps, comm)?;
         let bn = BnRelu {
             op,
             x: x.clone(),
@@ -137,8 +141,9 @@ impl BnReluConv {
         s: Conv2dShape,
         eps: f32,
         bf16_mid: bool,
+        comm: Option<&Arc<dyn Collective>>,
     ) -> Result<(BnReluConv, Tensor, BatchStats)> {
-        let (bn, out, stats) = BnRelu::forward(op, [x, gamma, beta], d, eps, bf16_mid)?;
+        let (bn, out, stats) = BnRelu::forward(op, [x, gamma, beta], d, eps, bf16_mid, comm)?;
         let (z, w) = conv2d_forward(&out.input, w, s)?;
         Ok((BnReluConv { bn, w, s }, z, stats))
     }
@@ -224,7 +229,7 @@ impl Tape {
         let d = check_bn_act_train(OP, x, gamma, beta, None, eps)?;
         let s = Conv2dShape::from_shapes(x.shape(), w.shape(), stride, padding)?;
         let t = [x, gamma, beta, w];
-        let (seg, z, stats) = BnReluConv::forward(OP, t, d, s, eps, bf16_mid)?;
+        let (seg, z, stats) = BnReluConv::forward(OP, t, d, s, eps, bf16_mid, self.collective())?;
         // Decided at forward time, as conv2d does: a frozen weight needs no dw, a frozen BN
         // with a constant input no BN backward.
         let need_dw = self.requires_grad(w);
@@ -307,10 +312,11 @@ impl Tape {
             &[("gamma3", gamma3), ("beta3", beta3)],
         )?;
         let seg_in = [x, gamma2, beta2, w];
-        let (seg, x3, s2) = BnReluConv::forward(TAIL, seg_in, d2, s, eps, bf16_mid)?;
+        let (seg, x3, s2) =
+            BnReluConv::forward(TAIL, seg_in, d2, s, eps, bf16_mid, self.collective())?;
         // The convolution's output (N, O, H, W), rounded where the unfused conv's bf16 output is.
         let x3 = at_bf16_point(x3, bf16_mid)?;
-        let (stats3, s3) = bn_batch_stats(TAIL, &x3, d3, eps)?;
+        let (stats3, s3) = bn_batch_stats(TAIL, &x3, d3, eps, self.collective())?;
         let y = bn_apply(
             TAIL,
             Act::Relu,
@@ -394,7 +400,7 @@ impl Tape {
         let d = check_bn_act_train(POOL, x, gamma, beta, None, eps)?;
         let s = Pool2dShape::from_shape(x.shape(), kernel, stride, padding)?;
         let t = [x, gamma, beta];
-        let (bn, out, stats) = BnRelu::forward(POOL, t, d, eps, bf16_mid)?;
+        let (bn, out, stats) = BnRelu::forward(POOL, t, d, eps, bf16_mid, self.collective())?;
         let (p, _) = max_pool2d_forward(&out.input, s)?; // (N, C, HO, WO)
         drop(out);
         self.record(POOL, &p, &t, move |dp| {

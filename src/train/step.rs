@@ -5,6 +5,7 @@
 //! (`resident::TrainState`: the host stores on the CPU, device buffers on a GPU). Nothing in
 //! the state changes unless the whole step is finite.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::SeedableRng;
@@ -12,13 +13,14 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::autograd::{Precision, Tape};
 use crate::bail;
+use crate::device::collective::Collective;
 use crate::device::nvtx;
 use crate::error::{Error, Result};
 use crate::nn::model::Forward;
 use crate::nn::params::ParamLeaves;
 use crate::nn::{ModelConfig, Network};
 use crate::ops::batchnorm::BN_MOMENTUM;
-use crate::ops::loss::{carp_loss_forward, random_partition, Partition};
+use crate::ops::loss::{carp_loss_forward_scaled, random_partition, Partition};
 use crate::ops::rows::stack_rows;
 use crate::optim::lars::{Lars, LarsConfig};
 use crate::resident::{step_sync_forced, DeviceTrainState, TrainState};
@@ -59,6 +61,25 @@ pub struct CarpState {
     /// The state the steps run on: the host stores (the CPU), or the device buffers that hold
     /// it while steps run on a GPU; none before the first step and after `move_to_host`.
     pub(crate) state: Option<TrainState>,
+    /// The ranks of a data-parallel run this state is one of (none: a single process). Each
+    /// rank steps on its own rows of the global batch; batch norm, the loss's batch mean and
+    /// the gradient average span the ranks, so every rank takes the global batch's step.
+    pub collective: Option<Arc<dyn Collective>>,
+    /// Parts of the data-parallel synchronization to leave out: only for the tests that show
+    /// each part is needed (training leaves nothing out).
+    #[doc(hidden)]
+    pub unsynced: Unsynced,
+}
+
+/// What a data-parallel step leaves out ([`CarpState::unsynced`]); the default is nothing.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unsynced {
+    /// Batch norm normalizes with each rank's own statistics (DDP without SyncBN).
+    pub batch_norm: bool,
+    /// The uniformity gradient is not scaled by the world size (the gradient average then
+    /// divides it by the world size).
+    pub entropy_scale: bool,
 }
 
 /// What one step measured.
@@ -126,7 +147,27 @@ impl CarpState {
             nb,
             precision: Precision::F32,
             state: None,
+            collective: None,
+            unsynced: Unsynced::default(),
         })
+    }
+
+    /// This state as one rank of `collective` (see [`CarpState::collective`]). Every rank
+    /// must start from the same state (the same seed), which keeps the prototype partitions
+    /// the same on every rank.
+    pub fn with_collective(mut self, collective: Arc<dyn Collective>) -> CarpState {
+        self.collective = Some(collective);
+        self
+    }
+
+    /// A tape of this state's precision, its batch norms synchronized across the ranks.
+    fn tape(&self, record: bool) -> Tape {
+        let t = if record { Tape::new() } else { Tape::no_grad() };
+        let t = t.with_precision(self.precision);
+        match &self.collective {
+            Some(c) if !self.unsynced.batch_norm => t.with_collective(c.clone()),
+            _ => t,
+        }
     }
 
     /// Moves the training state home: a device-resident state is copied into the host stores
@@ -175,6 +216,8 @@ impl CarpState {
             nb: self.nb,
             precision: self.precision,
             state: None,
+            collective: self.collective.clone(),
+            unsynced: self.unsynced,
         }
     }
 
@@ -351,7 +394,7 @@ impl CarpState {
         // Teacher: forward only, BN in training mode, nothing recorded.
         let tfwd = {
             let _r = nvtx::Range::new("teacher forward");
-            let mut ttape = Tape::no_grad().with_precision(self.precision);
+            let mut ttape = self.tape(false);
             let tleaves = self
                 .state()?
                 .leaves(&self.teacher.params, true, &mut ttape)?;
@@ -360,7 +403,7 @@ impl CarpState {
         phases.teacher_forward_ms = phase_ms(&device, &mut clock)?;
 
         // Student: forward on the tape.
-        let mut tape = Tape::new().with_precision(self.precision);
+        let mut tape = self.tape(true);
         let (leaves, sfwd) = {
             let _r = nvtx::Range::new("student forward");
             let leaves = self
@@ -377,7 +420,9 @@ impl CarpState {
         // The loss on the logits' device; on a GPU nothing waits for it.
         let loss = {
             let _r = nvtx::Range::new("loss");
-            carp_loss_forward(&sfwd.logits, &tfwd.logits, vs, self.nb, &partition)
+            let (s, t, comm) = (&sfwd.logits, &tfwd.logits, self.collective.as_ref());
+            let scaled = !self.unsynced.entropy_scale;
+            carp_loss_forward_scaled(s, t, vs, self.nb, &partition, comm, scaled)
                 .map_err(|e| Error::NonFinite(format!("step {}: {e}", self.step)))?
         };
         phases.loss_ms = phase_ms(&device, &mut clock)?;
@@ -398,7 +443,8 @@ impl CarpState {
         {
             let _r = nvtx::Range::new("backward");
             let grads = tape.backward_from(vec![(sfwd.logits.clone(), loss.dstudent)])?;
-            ts.gather_grads(&mut self.student.params, &leaves, &grads)?;
+            let comm = self.collective.as_ref();
+            ts.gather_grads(&mut self.student.params, &leaves, &grads, comm)?;
             drop(leaves);
             // The NaN guard, fused with LARS pass 1 (its norms are kept for pass 2), and the
             // verdict the updates below read.
