@@ -4,34 +4,16 @@
 //! up to the order of float sums; every rank ends bit-identical to the others. Leaving out
 //! SyncBN or the world-size scaling of the uniformity gradient breaks the equivalence.
 
+mod common;
+
+use common::small_model;
 use std::sync::Arc;
 
 use carp::device::collective::{Collective, ThreadGroup};
-use carp::nn::head::HeadConfig;
-use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
-use carp::nn::ModelConfig;
 use carp::optim::schedule::{cosine_lr, teacher_momentum};
 use carp::testutil::randn_vec;
 use carp::train::step::{CarpState, Unsynced};
 use carp::Tensor;
-
-/// The model of tests/train_step.rs.
-fn small_model() -> ModelConfig {
-    ModelConfig {
-        arch: "small".into(),
-        backbone: ResNetConfig {
-            layers: vec![1, 1],
-            base_width: 4,
-            stem: Stem::Cifar,
-            block: BlockKind::Bottleneck,
-        },
-        head: HeadConfig {
-            hidden: 32,
-            out: 16,
-            prototypes: 128,
-        },
-    }
-}
 
 const B: usize = 16; // global batch
 const STEPS: usize = 3;

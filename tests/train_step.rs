@@ -1,31 +1,14 @@
 //! The CARP training step on structured synthetic data: the loss falls, the uniformity term
 //! stays low (no collapse onto a few prototypes), and the CPU run is bit-reproducible.
 
-use carp::nn::head::HeadConfig;
-use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
-use carp::nn::ModelConfig;
+mod common;
+
 use carp::optim::schedule::{cosine_lr, teacher_momentum};
 use carp::testutil::{randn_vec, rng};
 use carp::train::step::CarpState;
 use carp::Tensor;
+use common::small_model;
 use rand::Rng;
-
-fn small_model() -> ModelConfig {
-    ModelConfig {
-        arch: "small".into(),
-        backbone: ResNetConfig {
-            layers: vec![1, 1],
-            base_width: 4,
-            stem: Stem::Cifar,
-            block: BlockKind::Bottleneck,
-        },
-        head: HeadConfig {
-            hidden: 32,
-            out: 16,
-            prototypes: 128,
-        },
-    }
-}
 
 /// Images from 4 classes (each a fixed random 3x12x12 pattern); each view is its class
 /// pattern, randomly shifted by up to 2 pixels, scaled, plus noise: two views of one image

@@ -1,8 +1,13 @@
-//! Helpers of the integration tests that read the crate's own sources (tests/module_order.rs,
-//! tests/run_options.rs). Each test file uses a part of them.
+//! Helpers of the integration tests: the source walker of the tests that read the crate's own
+//! sources (tests/module_order.rs, tests/run_options.rs) and the small model of the step tests
+//! (tests/train_step.rs, tests/data_parallel.rs). Each test file uses a part of them.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+use carp::nn::head::HeadConfig;
+use carp::nn::resnet::{BlockKind, ResNetConfig, Stem};
+use carp::nn::ModelConfig;
 
 /// The crate's `src/`.
 pub fn src_dir() -> PathBuf {
@@ -27,4 +32,23 @@ pub fn src_relative(file: &Path) -> String {
         .unwrap_or_else(|_| panic!("{} is not under src/", file.display()))
         .to_string_lossy()
         .replace('\\', "/")
+}
+
+/// A two-stage bottleneck ResNet of width 4 with a 32 / 16 head and 128 prototypes: a CARP step
+/// in milliseconds on the CPU.
+pub fn small_model() -> ModelConfig {
+    ModelConfig {
+        arch: "small".into(),
+        backbone: ResNetConfig {
+            layers: vec![1, 1],
+            base_width: 4,
+            stem: Stem::Cifar,
+            block: BlockKind::Bottleneck,
+        },
+        head: HeadConfig {
+            hidden: 32,
+            out: 16,
+            prototypes: 128,
+        },
+    }
 }
