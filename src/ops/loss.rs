@@ -275,10 +275,16 @@ fn check_inputs(
             );
         }
     }
+    check_permutation("carp_loss", perm, k)
+}
+
+/// That `perm` is a permutation of 0..`k` (each prototype index once), the partition's form;
+/// `what` names the caller in the error.
+pub fn check_permutation(what: &str, perm: &[u32], k: usize) -> Result<()> {
     if perm.len() != k {
         bail!(
             Shape,
-            "carp_loss: the permutation has {} entries, expected K = {k}",
+            "{what}: the permutation has {} entries, expected K = {k}",
             perm.len()
         );
     }
@@ -288,7 +294,7 @@ fn check_inputs(
         if p >= k || seen[p] {
             bail!(
                 Shape,
-                "carp_loss: perm is not a permutation of 0..{k} (entry {pos} = {p})"
+                "{what}: perm is not a permutation of 0..{k} (entry {pos} = {p}): pass each prototype index once"
             );
         }
         seen[p] = true;

@@ -20,7 +20,7 @@ use crate::nn::model::Forward;
 use crate::nn::params::ParamLeaves;
 use crate::nn::{ModelConfig, Network};
 use crate::ops::batchnorm::BN_MOMENTUM;
-use crate::ops::loss::{carp_loss_forward_scaled, random_partition, Partition};
+use crate::ops::loss::{carp_loss_forward_scaled, check_permutation, random_partition, Partition};
 use crate::ops::rows::stack_rows;
 use crate::optim::lars::{Lars, LarsConfig};
 use crate::resident::{step_sync_forced, DeviceTrainState, TrainState};
@@ -314,19 +314,11 @@ impl CarpState {
         lr: f32,
         m: f32,
     ) -> Result<StepStats> {
-        let k = self.student.cfg.head.prototypes;
-        let mut seen = vec![false; k];
-        let is_perm = perm.len() == k
-            && perm
-                .iter()
-                .all(|&p| (p as usize) < k && !std::mem::replace(&mut seen[p as usize], true));
-        if !is_perm {
-            bail!(
-                Config,
-                "step {}: the given partition is not a permutation of 0..{k} (K): pass each prototype index once",
-                self.step
-            );
-        }
+        check_permutation(
+            &format!("step {}: the given partition", self.step),
+            &perm,
+            self.student.cfg.head.prototypes,
+        )?;
         self.step_with(view1, view2, None, Some(perm), lr, m)
     }
 
