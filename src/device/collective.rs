@@ -40,8 +40,16 @@ pub trait Collective: Send + Sync {
     /// Replaces `buf` on every rank with rank `root`'s values.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
 
+    /// Every rank's `mine` (all of the same length), concatenated in rank order, on every
+    /// rank.
+    fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<f64>>;
+
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+
+    /// Tells the other ranks that this one is giving up (`why`), so that they stop with that
+    /// message instead of waiting for it. A transport without peers to tell does nothing.
+    fn abort(&self, _why: &str) {}
 }
 
 /// The collective of a one-rank world: every operation leaves its buffer as it is.
@@ -63,6 +71,10 @@ impl Collective for SingleRank {
 
     fn broadcast(&self, _buf: &mut [f32], root: usize) -> Result<()> {
         check_root(root, 1)
+    }
+
+    fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<f64>> {
+        Ok(mine.to_vec())
     }
 
     fn barrier(&self) -> Result<()> {
@@ -185,6 +197,15 @@ impl Collective for ThreadGroup {
         })
     }
 
+    fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(mine.len() * self.shared.world);
+        self.exchange(mine.to_vec(), |slots| {
+            slots.iter().for_each(|s| out.extend_from_slice(s));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     fn barrier(&self) -> Result<()> {
         self.shared.barrier.wait();
         Ok(())
@@ -269,6 +290,11 @@ mod tests {
                 let mut v = values(r, 5);
                 c.broadcast(&mut v, root).unwrap();
                 c.barrier().unwrap();
+                let g = c.all_gather_f64(&[r as f64, 10.0 * r as f64]).unwrap();
+                let want: Vec<f64> = (0..world)
+                    .flat_map(|q| [q as f64, 10.0 * q as f64])
+                    .collect();
+                assert_eq!(g, want);
                 assert!(c.broadcast(&mut v, world).is_err());
                 v
             });

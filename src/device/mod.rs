@@ -5,6 +5,7 @@ pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod profiler;
+pub mod tcp;
 
 use crate::bail;
 use crate::error::Result;
