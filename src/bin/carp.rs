@@ -8,13 +8,14 @@ use carp::autograd::Precision;
 use carp::nn::{ModelConfig, Network};
 use carp::train::checkpoint;
 use carp::train::config::TrainConfig;
+use carp::train::launch;
 use carp::train::step::CarpState;
-use carp::train::trainer::{self, TrainOptions};
+use carp::train::trainer::{self, DistOptions, TrainOptions};
 use carp::{Error, Result};
 
 #[path = "carp/cli.rs"]
 mod cli;
-use cli::{Cli, Cmd, KnnArgs, LinearArgs, Protocol, TrainArgs};
+use cli::{Cli, Cmd, DistArgs, KnnArgs, LinearArgs, Protocol, TrainArgs};
 
 /// Features of one split, cached next to the checkpoint and keyed by the checkpoint's CRC and
 /// the dataset's manifest, so a stale cache is never used.
@@ -328,6 +329,89 @@ fn linear_cached(args: &LinearArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--dist-timeout` as a duration, refusing what is not a positive number of seconds.
+fn dist_timeout(d: &DistArgs) -> Result<std::time::Duration> {
+    if !(d.dist_timeout.is_finite() && d.dist_timeout > 0.0) {
+        return Err(Error::Config(format!(
+            "--dist-timeout {}: give a positive number of seconds",
+            d.dist_timeout
+        )));
+    }
+    Ok(std::time::Duration::from_secs_f64(d.dist_timeout))
+}
+
+/// This process's rank when a launcher (carp's, torchrun or srun) started it as one of
+/// several; None for a single process.
+fn dist_options(d: &DistArgs) -> Result<Option<DistOptions>> {
+    let Some(w) = launch::world_from_env(&|k| std::env::var(k).ok())? else {
+        return Ok(None);
+    };
+    if w.world == 1 {
+        return Ok(None);
+    }
+    Ok(Some(DistOptions {
+        rendezvous: w.rendezvous(d.master_addr.as_deref(), d.master_port, dist_timeout(d)?)?,
+        local_rank: w.local_rank,
+    }))
+}
+
+/// `--nproc-per-node N`: checks what can be checked before anything starts (the batch, the
+/// GPUs, the port), then starts the N workers of this machine and waits for them.
+fn launch_workers(d: &DistArgs, nproc: usize, cfg: &TrainConfig) -> Result<()> {
+    if let Some(w) = launch::world_from_env(&|k| std::env::var(k).ok())? {
+        return Err(Error::Config(format!(
+            "--nproc-per-node starts the ranks itself, but this process already is rank {} of \
+             {} (set by {}): drop --nproc-per-node under torchrun or srun",
+            w.rank, w.world, w.source
+        )));
+    }
+    let plan = launch::LaunchPlan {
+        nproc,
+        nnodes: d.nnodes,
+        node_rank: d.node_rank,
+        master_addr: d
+            .master_addr
+            .clone()
+            .or_else(|| std::env::var("MASTER_ADDR").ok())
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        master_port: match d.master_port {
+            Some(p) => p,
+            None => match std::env::var("MASTER_PORT") {
+                Ok(p) => p.trim().parse().map_err(|_| {
+                    Error::Config(format!("MASTER_PORT={p:?} is not a port number"))
+                })?,
+                Err(_) => launch::DEFAULT_MASTER_PORT,
+            },
+        },
+    };
+    plan.validate(cfg.batch)?;
+    dist_timeout(d)?;
+    if let carp::Device::Cuda(_) = carp::Device::parse(&cfg.device)? {
+        let gpus = carp::device::gpu_count();
+        if nproc > gpus {
+            return Err(Error::Config(format!(
+                "--nproc-per-node {nproc} with a CUDA device, but this machine has {gpus} GPU(s): \
+                 one rank per GPU, so at most {gpus} (or --device cpu for CPU ranks)"
+            )));
+        }
+    }
+    if d.node_rank == 0 {
+        // Rank 0 will listen there: a busy port is reported now, not by a worker.
+        std::net::TcpListener::bind(("0.0.0.0", plan.master_port)).map_err(|e| {
+            Error::Config(format!(
+                "port {} is not free on this machine ({e}): pick another --master-port",
+                plan.master_port
+            ))
+        })?;
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Msg(format!("cannot find this program's executable: {e}")))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    launch::launch(&plan, &exe, &launch::worker_args(&args), &|s| {
+        eprintln!("carp launcher: {s}")
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(args) => {
@@ -388,17 +472,27 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            if let Some(n) = args.dist.nproc_per_node {
+                return launch_workers(&args.dist, n, &cfg);
+            }
+            let dist = dist_options(&args.dist)?;
+            let rank = dist.as_ref().map_or(0, |d| d.rendezvous.rank);
             let opts = TrainOptions {
                 resume: args.resume,
                 stop_after: args.stop_after,
                 no_eval: args.no_eval,
                 inject_nan_at_step: args.inject_nan_at_step,
-                quiet: false,
+                // Rank 0 speaks for a data-parallel run.
+                quiet: rank != 0,
                 profile_steps: args.profile_steps,
                 force: args.force,
+                dist,
             };
-            let report = trainer::train(&cfg, &opts)?;
-            if args.json {
+            let report = trainer::train(&cfg, &opts).map_err(|e| match rank {
+                0 => e,
+                r => Error::Msg(format!("rank {r}: {e}")),
+            })?;
+            if args.json && rank == 0 {
                 let knn: serde_json::Map<String, serde_json::Value> = report
                     .knn
                     .iter()

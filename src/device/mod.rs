@@ -169,6 +169,14 @@ impl std::fmt::Display for Layout {
     }
 }
 
+/// GPUs this build can use on this machine (0 without the `cuda` feature, a driver or a GPU).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    return cuda::device_count();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// Name of the backend this build can run, for `--device auto`.
 /// With the `cuda` feature, "cuda" is listed only when a CUDA driver and at least one GPU are
 /// present on this machine.

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod launch;
 pub mod memory;
 pub mod plot;
 pub mod step;

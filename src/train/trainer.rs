@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use crate::bail;
 use crate::data::{eval_batches, Dataset, LoaderConfig, LocalViews, TwoViewLoader, ViewConfig};
+use crate::device::collective::Collective;
 use crate::device::profiler::{ProfileSteps, Profiler};
+use crate::device::tcp::{Identity, Rendezvous, TcpGroup};
 use crate::error::{Error, Result};
 use crate::eval::knn::{knn_top1, l2_normalize_rows, KNN_KS};
 use crate::nn::Network;
@@ -39,6 +41,29 @@ pub struct TrainOptions {
     pub profile_steps: Option<ProfileSteps>,
     /// Start even when the memory estimate exceeds the memory available (`--force`).
     pub force: bool,
+    /// This process as one rank of a data-parallel run (None: a single process).
+    pub dist: Option<DistOptions>,
+}
+
+/// One rank of a data-parallel run: where the ranks meet, and which GPU of its machine it
+/// takes. `--batch` stays the global batch; each rank steps on batch / world images.
+#[derive(Clone, Debug)]
+pub struct DistOptions {
+    pub rendezvous: Rendezvous,
+    /// The rank within its machine: a CUDA rank takes GPU `local_rank`.
+    pub local_rank: usize,
+}
+
+impl TrainOptions {
+    /// The world size of the run (1 without `dist`).
+    pub fn world(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.rendezvous.world)
+    }
+
+    /// This process's rank (0 without `dist`).
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, |d| d.rendezvous.rank)
+    }
 }
 
 /// The summary of a run (the `--json` line).
@@ -236,23 +261,33 @@ fn top1_k20(knn: &[(usize, f64)]) -> Option<f64> {
     knn.iter().find(|(k, _)| *k == 20).map(|(_, a)| *a)
 }
 
+/// metrics.jsonl, written by rank 0 only (the other ranks' `file` is None).
 struct Metrics {
-    file: fs::File,
+    file: Option<fs::File>,
     path: PathBuf,
 }
 
 impl Metrics {
-    fn open(run_dir: &Path) -> Result<Metrics> {
+    fn open(run_dir: &Path, lead: bool) -> Result<Metrics> {
         let path = run_dir.join("metrics.jsonl");
+        if !lead {
+            return Ok(Metrics { file: None, path });
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(Metrics { file, path })
+        Ok(Metrics {
+            file: Some(file),
+            path,
+        })
     }
     fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))
+        match &mut self.file {
+            Some(f) => writeln!(f, "{v}").map_err(|e| Error::io(&self.path, e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -291,47 +326,128 @@ fn open_dataset(path: &Path, what: &str) -> Result<Dataset> {
 /// Runs (or resumes) a training run as configured; returns its summary.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     let run = open_run(cfg, opts)?;
-    let data = build_loaders(&run)?;
-    let (mut state, mut metrics) = resume_or_start(&run, &data)?;
-    let knn_random = evaluate_random_init(&run, &data, &state, &mut metrics)?;
-    let totals = epoch_loop(&run, &data, &mut state, &mut metrics)?;
-    save_final_checkpoint(&run, &data, &mut state)?;
-    let knn = evaluate_final(&run, &data, &state, &mut metrics)?;
-    Ok(close(&run, &data, &state, totals, knn, knn_random))
+    let report = run_phases(&run);
+    if let (Err(e), Some(c)) = (&report, &run.comm) {
+        // The other ranks stop with this rank's reason instead of waiting for it.
+        c.abort(&e.to_string());
+    }
+    report
 }
 
-/// What every phase of a run reads: its configuration, how it runs, its device and folder.
+fn run_phases(run: &Run) -> Result<TrainReport> {
+    let data = build_loaders(run)?;
+    let (mut state, mut metrics) = resume_or_start(run, &data)?;
+    let knn_random = evaluate_random_init(run, &data, &state, &mut metrics)?;
+    let totals = epoch_loop(run, &data, &mut state, &mut metrics)?;
+    save_final_checkpoint(run, &data, &mut state)?;
+    let knn = evaluate_final(run, &data, &state, &mut metrics)?;
+    if let Some(c) = &run.comm {
+        // Every rank ends once rank 0 has written the final checkpoint and evaluated.
+        c.barrier()?;
+    }
+    Ok(close(run, &data, &state, totals, knn, knn_random))
+}
+
+/// What every phase of a run reads: its configuration, how it runs, its device and folder, and
+/// (data-parallel) its rank's place and collective.
 struct Run<'a> {
     cfg: &'a TrainConfig,
     opts: &'a TrainOptions,
     device: Device,
     run_dir: PathBuf,
+    rank: usize,
+    world: usize,
+    /// The other ranks (None: a single process).
+    comm: Option<Arc<dyn Collective>>,
 }
 
 impl Run<'_> {
-    /// A line for the user on stderr, unless `--quiet`.
+    /// A line for the user on stderr, unless `--quiet`; rank 0 speaks for the run.
     fn say(&self, s: String) {
-        if !self.opts.quiet {
+        if !self.opts.quiet && self.lead() {
             eprintln!("{s}");
         }
     }
+
+    /// Rank 0, which owns the run folder: checkpoints, metrics, progress and evaluation.
+    fn lead(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// What the ranks of a run must agree on: the configuration and every option that changes
+/// what runs.
+fn identity(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Identity> {
+    let mut config = serde_json::to_value(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    if let serde_json::Value::Object(m) = &mut config {
+        m.insert("resume".into(), opts.resume.into());
+        m.insert("stop_after".into(), serde_json::json!(opts.stop_after));
+        m.insert("no_eval".into(), opts.no_eval.into());
+        m.insert(
+            "inject_nan_at_step".into(),
+            serde_json::json!(opts.inject_nan_at_step),
+        );
+        m.insert(
+            "profile_steps".into(),
+            format!("{:?}", opts.profile_steps).into(),
+        );
+        m.insert("force".into(), opts.force.into());
+    }
+    Ok(Identity {
+        config,
+        binary: crate::train::launch::binary_identity()?,
+    })
+}
+
+/// Joins the other ranks of a data-parallel run (before anything is written): the rendezvous
+/// checks that they run this binary with this configuration.
+fn join_world(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    device: &Device,
+) -> Result<Option<Arc<dyn Collective>>> {
+    let Some(d) = opts.dist.as_ref().filter(|d| d.rendezvous.world > 1) else {
+        return Ok(None);
+    };
+    if let Device::Cuda(_) = device {
+        bail!(
+            Device,
+            "data-parallel training on GPUs (NCCL) is not available in this build yet: run the              ranks with --device cpu, or train on one GPU"
+        );
+    }
+    let group = TcpGroup::join(&d.rendezvous, &identity(cfg, opts)?)?;
+    Ok(Some(Arc::new(group)))
 }
 
 /// Validates the configuration, installs its run options, opens the device, refuses a run that
 /// cannot fit in memory and creates the run folder.
 fn open_run<'a>(cfg: &'a TrainConfig, opts: &'a TrainOptions) -> Result<Run<'a>> {
     cfg.validate()?;
+    let (rank, world) = (opts.rank(), opts.world());
+    crate::train::launch::check_batch_divides(cfg.batch, world)?;
     // Everything built and run from here on (the memory probe too) follows the run's recorded
     // options.
     crate::options::install(cfg.run_options);
+    let device = match (resolve_device(&cfg.device)?, &opts.dist) {
+        // One GPU per rank of a machine.
+        (Device::Cuda(_), Some(d)) if world > 1 => Device::Cuda(d.local_rank),
+        (device, _) => device,
+    };
+    let comm = join_world(cfg, opts, &device)?;
     let run = Run {
         cfg,
         opts,
-        device: resolve_device(&cfg.device)?,
+        device,
         run_dir: cfg.out.clone(),
+        rank,
+        world,
+        comm,
     };
-    // Before anything big is allocated: a run that cannot fit is refused here.
-    let mem = crate::train::memory::estimate(cfg, &run.device)?;
+    // Before anything big is allocated: a run that cannot fit is refused here (each rank
+    // holds its share of the batch).
+    let mut per_rank = cfg.clone();
+    per_rank.batch = cfg.batch / world;
+    let mem = crate::train::memory::estimate(&per_rank, &run.device)?;
     if let Some(warning) = crate::train::memory::check(&mem, opts.force)? {
         run.say(warning);
     }
@@ -341,7 +457,9 @@ fn open_run<'a>(cfg: &'a TrainConfig, opts: &'a TrainOptions) -> Result<Run<'a>>
             cfg.run_options.summary()
         ));
     }
-    fs::create_dir_all(&run.run_dir).map_err(|e| Error::io(&run.run_dir, e))?;
+    if run.lead() {
+        fs::create_dir_all(&run.run_dir).map_err(|e| Error::io(&run.run_dir, e))?;
+    }
     Ok(run)
 }
 
@@ -375,18 +493,22 @@ impl Data {
 fn build_loaders(run: &Run) -> Result<Data> {
     let (cfg, opts) = (run.cfg, run.opts);
     let train_ds = Arc::new(open_dataset(&cfg.data, "training")?);
+    // Rank 0 evaluates for the run.
     let eval_ds = match &cfg.eval_data {
-        Some(p) if !opts.no_eval => Some(open_dataset(p, "evaluation")?),
+        Some(p) if !opts.no_eval && run.lead() => Some(open_dataset(p, "evaluation")?),
         _ => None,
     };
     let view = view_config(cfg);
     let loader = TwoViewLoader::new(
         train_ds.clone(),
         LoaderConfig {
-            batch: cfg.batch,
+            // Each rank's share of the global batch: its slices of every global batch, so any
+            // world size steps on the same images (each image's views depend only on the
+            // seed, the epoch and its index).
+            batch: cfg.batch / run.world,
             seed: cfg.seed,
-            rank: 0,
-            world: 1,
+            rank: run.rank,
+            world: run.world,
             workers: cfg.workers,
             prefetch: 4,
             drop_last: true,
@@ -425,10 +547,13 @@ fn resume_or_start(run: &Run, data: &Data) -> Result<(CarpState, Metrics)> {
     let cfg = run.cfg;
     let mut state = CarpState::new(&cfg.model, cfg.nb, cfg.weight_decay, cfg.seed)?;
     state.precision = cfg.precision;
-    let mut metrics = Metrics::open(&run.run_dir)?;
+    if let Some(c) = &run.comm {
+        state = state.with_collective(c.clone());
+    }
+    let mut metrics = Metrics::open(&run.run_dir, run.lead())?;
     if run.opts.resume {
         resume(run, data, &mut state)?;
-    } else {
+    } else if run.lead() {
         if run.run_dir.join(checkpoint::LATEST).exists() {
             bail!(
                 Config,
@@ -441,9 +566,20 @@ fn resume_or_start(run: &Run, data: &Data) -> Result<(CarpState, Metrics)> {
             data.config_json.as_bytes(),
         )?;
     }
+    agree_on_step(run, state.step)?;
     let (backbone, head, protos) = state.student.param_counts();
+    let ranks = if run.world > 1 {
+        format!(
+            " ({} per rank on {} ranks, {})",
+            cfg.batch / run.world,
+            run.world,
+            run.device
+        )
+    } else {
+        String::new()
+    };
     run.say(format!(
-        "carp: {} ({backbone} backbone + {head} head + {protos} prototype parameters) on {}, {} images, batch {}, {} steps ({} per epoch)",
+        "carp: {} ({backbone} backbone + {head} head + {protos} prototype parameters) on {}, {} images, batch {}{ranks}, {} steps ({} per epoch)",
         cfg.model.arch,
         run.device,
         data.train_ds.len(),
@@ -462,16 +598,45 @@ fn resume_or_start(run: &Run, data: &Data) -> Result<(CarpState, Metrics)> {
     metrics.write(serde_json::json!({
         "type": "run", "step": state.step, "resume": run.opts.resume,
         "device": run.device.to_string(), "precision": cfg.precision,
-        "run_options": cfg.run_options,
+        "run_options": cfg.run_options, "world_size": run.world,
     }))?;
     Ok((state, metrics))
+}
+
+/// Every rank starts from the same step (they read the same checkpoint). Also the point where
+/// the other ranks learn that rank 0 refused the run folder.
+fn agree_on_step(run: &Run, step: usize) -> Result<()> {
+    let Some(c) = &run.comm else {
+        return Ok(());
+    };
+    let steps = c.all_gather_f64(&[step as f64])?;
+    if let Some(r) = steps.iter().position(|&s| s != steps[0]) {
+        bail!(
+            Config,
+            "rank {r} starts at step {} but rank 0 at step {}: the ranks read different run \
+             folders (with several machines, --out must be on a shared filesystem)",
+            steps[r],
+            steps[0]
+        );
+    }
+    Ok(())
 }
 
 /// Loads the run folder's last checkpoint into `state`, refusing one made with another model,
 /// seed, batch, NB or local crops; reports the run options that changed since.
 fn resume(run: &Run, data: &Data, state: &mut CarpState) -> Result<()> {
     let cfg = run.cfg;
-    let (path, meta, warnings) = checkpoint::load_latest(&run.run_dir, state)?;
+    let (path, meta, warnings) = checkpoint::load_latest(&run.run_dir, state).map_err(|e| {
+        if run.lead() {
+            e
+        } else {
+            Error::Msg(format!(
+                "rank {} cannot resume from rank 0's run folder: {e} (with several machines, \
+                 --out must be on a shared filesystem)",
+                run.rank
+            ))
+        }
+    })?;
     for w in warnings {
         run.say(format!("warning: {w}"));
     }
@@ -553,7 +718,7 @@ fn epoch_loop(
     metrics: &mut Metrics,
 ) -> Result<LoopTotals> {
     let (cfg, opts, total) = (run.cfg, run.opts, data.total);
-    let pb = progress_bar(opts, total, state.step)?;
+    let pb = progress_bar(opts.quiet || !run.lead(), total, state.step)?;
     run.say(format!(
         "views finished on the {}",
         views::finish_path(&run.device)
@@ -603,6 +768,8 @@ fn epoch_loop(
             };
             let dt = t0.elapsed().as_secs_f64();
             profiler.after_step(state.step)?;
+            // The whole run's images: every rank steps on n.
+            let n = n * run.world;
             totals.train_secs += dt;
             totals.images += n;
             totals.last = stats;
@@ -624,8 +791,8 @@ fn epoch_loop(
 }
 
 /// The progress bar on a terminal (hidden otherwise, or with `--quiet`), at step `step`.
-fn progress_bar(opts: &TrainOptions, total: usize, step: usize) -> Result<ProgressBar> {
-    let pb = if opts.quiet || !std::io::stderr().is_terminal() {
+fn progress_bar(quiet: bool, total: usize, step: usize) -> Result<ProgressBar> {
+    let pb = if quiet || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total as u64)
@@ -666,7 +833,11 @@ fn log_step(
         stats.loss, stats.entropy, ips, peak_gib
     ));
     let log_every = (total / 20).max(1);
-    if pb.is_hidden() && !run.opts.quiet && (step.is_multiple_of(log_every) || step == total) {
+    if pb.is_hidden()
+        && !run.opts.quiet
+        && run.lead()
+        && (step.is_multiple_of(log_every) || step == total)
+    {
         eprintln!(
             "step {step}/{total}: loss {:.4} consistency {:.4} entropy {:.4} lr {:.4} m {:.5} {:.0} img/s, peak {:.2} GiB",
             stats.loss, stats.consistency, stats.entropy, stats.lr, stats.momentum, ips, peak_gib
@@ -679,7 +850,7 @@ fn log_step(
 /// `--eval-every`; the last step's are the run's close).
 fn after_step(run: &Run, data: &Data, state: &mut CarpState, metrics: &mut Metrics) -> Result<()> {
     let cfg = run.cfg;
-    if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
+    if run.lead() && cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
         let meta = data.meta_at(state.step);
         state.move_to_host()?; // the file is made of the host stores
         checkpoint::save(&run.run_dir, state, &meta)?;
@@ -703,6 +874,9 @@ fn after_step(run: &Run, data: &Data, state: &mut CarpState, metrics: &mut Metri
 
 /// The checkpoint of the step the loop stopped at (the end, or `--stop-after`).
 fn save_final_checkpoint(run: &Run, data: &Data, state: &mut CarpState) -> Result<()> {
+    if !run.lead() {
+        return Ok(());
+    }
     let meta = data.meta_at(state.step);
     // Checkpoint and the final k-NN below read the host stores.
     state.move_to_host()?;

@@ -254,6 +254,39 @@ pub struct TrainArgs {
     pub inject_nan_at_step: Option<usize>,
     #[command(flatten)]
     pub run_options: carp::options::RunOptionArgs,
+    #[command(flatten)]
+    pub dist: DistArgs,
+}
+
+/// Data parallelism: several ranks (processes) share each step, `--batch` being the global
+/// batch. Start them with `--nproc-per-node`, with torchrun, or with Slurm's `srun`
+/// (docs/multi-gpu.md).
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Data parallel")]
+pub struct DistArgs {
+    /// Start N worker processes on this machine, one rank each (one GPU each with a CUDA
+    /// device, CPU ranks with --device cpu), pass Ctrl-C on to them, and stop them all when
+    /// one fails. Without it, a process started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or
+    /// srun (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID) is one rank of the run.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Machines in the run (with --nproc-per-node): run the same command on each, with its
+    /// own --node-rank and rank 0's machine as --master-addr.
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    pub nnodes: usize,
+    /// This machine's index among the --nnodes machines (0 hosts rank 0).
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    pub node_rank: usize,
+    /// Rank 0's host, which every rank must reach (default: MASTER_ADDR, else 127.0.0.1).
+    #[arg(long, value_name = "HOST")]
+    pub master_addr: Option<String>,
+    /// The TCP port rank 0 listens on (default: MASTER_PORT, else 29500).
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
+    /// Seconds the rendezvous waits for every rank, and that a rank may stay silent (no
+    /// heartbeat) before the others stop, naming it.
+    #[arg(long, default_value_t = carp::train::launch::DEFAULT_DIST_TIMEOUT_S, value_name = "SECS")]
+    pub dist_timeout: f64,
 }
 
 #[derive(Args)]
