@@ -28,10 +28,18 @@ pub enum Error {
     /// A NaN or Inf where finite numbers are required.
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// This rank of a data-parallel run stops because another rank failed, exited or hung (the
+    /// message names it); the launcher reports the rank that failed first, not this one.
+    #[error("{0}")]
+    Peer(String),
     /// Anything else, with a message that says what to do.
     #[error("{0}")]
     Msg(String),
 }
+
+/// The exit status of a rank that stops because of another rank ([`Error::Peer`]), which the
+/// launcher tells apart from the failure that caused it.
+pub const PEER_EXIT_CODE: u8 = 3;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -488,9 +488,10 @@ fn run(cli: Cli) -> Result<()> {
                 force: args.force,
                 dist,
             };
-            let report = trainer::train(&cfg, &opts).map_err(|e| match rank {
-                0 => e,
-                r => Error::Msg(format!("rank {r}: {e}")),
+            let report = trainer::train(&cfg, &opts).map_err(|e| match (rank, e) {
+                (0, e) => e,
+                (r, Error::Peer(m)) => Error::Peer(format!("rank {r}: {m}")),
+                (r, e) => Error::Msg(format!("rank {r}: {e}")),
             })?;
             if args.json && rank == 0 {
                 let knn: serde_json::Map<String, serde_json::Value> = report
@@ -573,7 +574,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            match e {
+                Error::Peer(_) => ExitCode::from(carp::error::PEER_EXIT_CODE),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

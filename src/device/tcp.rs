@@ -122,13 +122,14 @@ impl TcpGroup {
 
     fn check_not_failed(&self) -> Result<()> {
         if let Some(why) = self.failed.lock().ok().and_then(|f| f.clone()) {
-            return Err(Error::Msg(why));
+            return Err(Error::Peer(why));
         }
         Ok(())
     }
 
-    /// Records `why` as this rank's failure, tells the other ranks (rank 0: all of them;
-    /// another rank: rank 0, which relays), and returns it as the error.
+    /// Records `why` (another rank's failure, or what went wrong with it) as the reason this
+    /// rank stops, tells the other ranks (rank 0: all of them; another rank: rank 0, which
+    /// relays), and returns it as the error.
     fn fail(&self, why: String) -> Error {
         if let Ok(mut f) = self.failed.lock() {
             if f.is_none() {
@@ -138,7 +139,7 @@ impl TcpGroup {
                 }
             }
         }
-        Error::Msg(why)
+        Error::Peer(why)
     }
 
     /// Reads the next data frame from `l`, skipping heartbeats; an abort, a closed connection,

@@ -295,7 +295,8 @@ fn stop_all(children: &mut [(usize, Child)], sig: libc::c_int) {
 }
 
 fn supervise(mut children: Vec<(usize, Child)>, say: &dyn Fn(String)) -> Result<()> {
-    let mut first_failure: Option<(usize, String)> = None;
+    // Failures in the order they were seen: (rank, how, whether it stopped because of another).
+    let mut failures: Vec<(usize, String, bool)> = Vec::new();
     let mut failed_at: Option<Instant> = None;
     let mut terminated = false;
     let mut interrupted: Option<i32> = None;
@@ -313,19 +314,21 @@ fn supervise(mut children: Vec<(usize, Child)>, say: &dyn Fn(String)) -> Result<
             match c.try_wait() {
                 Ok(Some(status)) => {
                     running[i] = false;
-                    if !status.success() && first_failure.is_none() && interrupted.is_none() {
-                        first_failure = Some((*rank, describe(status)));
-                        failed_at = Some(Instant::now());
+                    if !status.success() && !terminated {
+                        let secondary = status.code() == Some(crate::error::PEER_EXIT_CODE as i32);
+                        failures.push((*rank, describe(status), secondary));
+                        failed_at.get_or_insert_with(Instant::now);
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
                     running[i] = false;
-                    first_failure.get_or_insert((*rank, format!("could not be waited for: {e}")));
+                    failures.push((*rank, format!("could not be waited for: {e}"), false));
+                    failed_at.get_or_insert_with(Instant::now);
                 }
             }
         }
-        if let Some(t) = failed_at {
+        if let (Some(t), None) = (failed_at, interrupted) {
             if !terminated && t.elapsed() > GRACE {
                 say("stopping the remaining ranks".into());
                 stop_all(&mut children, libc::SIGTERM);
@@ -343,11 +346,13 @@ fn supervise(mut children: Vec<(usize, Child)>, say: &dyn Fn(String)) -> Result<
              checkpoint (continue with --resume)"
         );
     }
-    if let Some((rank, how)) = first_failure {
+    // The cause: the first rank that failed on its own (the others stopped because of it).
+    let cause = failures.iter().find(|f| !f.2).or_else(|| failures.first());
+    if let Some((rank, how, _)) = cause {
         bail!(
             Msg,
-            "rank {rank} {how} (its error is above); every other rank was stopped. The run \
-             folder keeps its last checkpoint (continue with --resume)"
+            "rank {rank} {how} (its error, if any, is above); every other rank was stopped. The \
+             run folder keeps its last checkpoint (continue with --resume)"
         );
     }
     Ok(())

@@ -760,10 +760,14 @@ fn epoch_loop(
                 Ok(s) => s,
                 Err(e) => {
                     pb.abandon();
-                    return Err(Error::Msg(format!(
+                    let msg = format!(
                         "{e}\nthe run stopped; the last good checkpoint in {} is untouched",
                         run.run_dir.display()
-                    )));
+                    );
+                    return Err(match e {
+                        Error::Peer(_) => Error::Peer(msg),
+                        _ => Error::Msg(msg),
+                    });
                 }
             };
             let dt = t0.elapsed().as_secs_f64();
