@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(
     name = "carp-bench",
     version,
@@ -82,6 +82,11 @@ pub struct Args {
     /// records the timed steps only. On the CPU the run goes on without a capture.
     #[arg(long, value_name = "A:B", conflicts_with = "loader")]
     pub profile_steps: Option<carp::device::profiler::ProfileSteps>,
+    /// Data parallel: N ranks (threads over the TCP transport, `--batch` images each) against
+    /// one rank in the same run: per-rank images/s, efficiency, and the collectives' calls,
+    /// values and time per step (the gradient all-reduce apart from SyncBN's and the loss's).
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
     #[command(flatten)]
     pub run_options: carp::options::RunOptionArgs,
 }

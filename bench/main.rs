@@ -1,6 +1,6 @@
 //! carp-bench: measures one CARP training configuration on synthetic inputs (per-phase
 //! breakdown, median step time, images/s, peak memory), the data loader alone (`--loader`), or
-//! the loader feeding the step (`--data`).
+//! the loader feeding the step (`--data`), or N data-parallel ranks against one (`--nproc`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::Parser;
 
 mod cli;
+mod dp;
 use cli::Args;
 
 use carp::data::{Dataset, LoaderConfig, TwoViewLoader};
@@ -104,6 +105,9 @@ fn gpu_peak_gib(device: &Device) -> Result<Option<(f64, f64, f64)>> {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(n) = args.nproc {
+        return dp::run(&args, n);
+    }
     if let Some(dir) = &args.loader {
         let dir = match args.make_imagenet_like {
             Some(n) => {

@@ -212,6 +212,88 @@ impl Collective for ThreadGroup {
     }
 }
 
+/// One call a [`Metered`] collective saw: the operation, the values this rank contributed and
+/// how long the call took (waiting for the slowest rank included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallRecord {
+    pub op: &'static str,
+    pub values: usize,
+    pub secs: f64,
+}
+
+/// A collective that records every call it passes on (for `carp-bench --nproc`).
+pub struct Metered {
+    inner: Arc<dyn Collective>,
+    calls: Mutex<Vec<CallRecord>>,
+}
+
+impl Metered {
+    pub fn new(inner: Arc<dyn Collective>) -> Metered {
+        Metered {
+            inner,
+            calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The calls recorded since the last `take`, in order.
+    pub fn take(&self) -> Vec<CallRecord> {
+        self.calls
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+
+    fn timed<T>(
+        &self,
+        op: &'static str,
+        values: usize,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let t0 = std::time::Instant::now();
+        let r = f();
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(CallRecord {
+                op,
+                values,
+                secs: t0.elapsed().as_secs_f64(),
+            });
+        }
+        r
+    }
+}
+
+impl Collective for Metered {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        let n = buf.len();
+        self.timed("all_reduce", n, || self.inner.all_reduce_sum_f64(buf))
+    }
+
+    fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<f64>> {
+        self.timed("all_gather", mine.len(), || self.inner.all_gather_f64(mine))
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        let n = buf.len();
+        self.timed("broadcast", n, || self.inner.broadcast(buf, root))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.timed("barrier", 0, || self.inner.barrier())
+    }
+
+    fn abort(&self, why: &str) {
+        self.inner.abort(why)
+    }
+}
+
 /// The world size of an optional collective (none: a single rank).
 pub fn world_size(c: Option<&Arc<dyn Collective>>) -> usize {
     c.map_or(1, |c| c.world_size())
@@ -301,6 +383,26 @@ mod tests {
             for v in got {
                 assert_eq!(v, values(root, 5));
             }
+        }
+    }
+
+    #[test]
+    fn metered_records_each_call_and_changes_nothing() {
+        let got = on_ranks(2, |r, c| {
+            let m = Metered::new(c);
+            let mut v = values(r, 7);
+            m.all_reduce_sum(&mut v).unwrap();
+            m.barrier().unwrap();
+            (v, m.take(), m.take())
+        });
+        let want: Vec<f32> = (0..7)
+            .map(|i| (values(0, 7)[i] as f64 + values(1, 7)[i] as f64) as f32)
+            .collect();
+        for (v, calls, again) in got {
+            assert_eq!(v, want);
+            let ops: Vec<_> = calls.iter().map(|c| (c.op, c.values)).collect();
+            assert_eq!(ops, [("all_reduce", 7), ("barrier", 0)]);
+            assert!(again.is_empty());
         }
     }
 
