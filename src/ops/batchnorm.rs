@@ -22,10 +22,6 @@ use crate::tensor::Tensor;
 
 pub const BN_EPS: f32 = 1e-5;
 
-/// What a GPU batch norm says when asked to synchronize across ranks.
-pub const SYNC_BN_CUDA: &str =
-    "synchronized batch norm across ranks is not implemented on the CUDA backend yet: run \
-     data-parallel training with --device cpu, or train on one rank";
 pub const BN_MOMENTUM: f32 = 0.1;
 
 /// Elementwise passes hand rayon at least this many elements per task.
@@ -814,12 +810,13 @@ pub(crate) enum BnStats {
         eps: f32,
         sync: Option<(Arc<dyn Collective>, usize)>,
     },
-    /// Mean (C,) and 1 / sqrt(var + eps) (C,), f32 on the GPU.
+    /// Mean (C,) and 1 / sqrt(var + eps) (C,), f32 on the GPU. With `sync`, as the CPU's.
     #[cfg(feature = "cuda")]
     Cuda {
         be: gpu::Be,
         mean: Tensor,
         invstd: crate::device::cuda::DeviceBuffer,
+        sync: Option<(Arc<dyn Collective>, usize)>,
     },
 }
 
@@ -867,28 +864,48 @@ pub(crate) fn bn_batch_stats(
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda(be) => {
-            if comm.is_some() {
-                bail!(Device, "{op}: {SYNC_BN_CUDA}");
-            }
             let mut mean = be.alloc_f32(d.c)?; // (C,)
             let mut invstd = be.alloc_f32(d.c)?; // (C,)
             let mut var_unbiased = be.alloc_f32(d.c)?; // (C,)
-            be.batch_norm_stats(
-                gpu::dbuf(op, x)?,
-                d.n,
-                d.c,
-                d.s,
-                eps,
-                &mut mean,
-                &mut invstd,
-                &mut var_unbiased,
-            )?;
+            let xb = gpu::dbuf(op, x)?;
+            let sync = match comm {
+                None => {
+                    be.batch_norm_stats(
+                        xb,
+                        d.n,
+                        d.c,
+                        d.s,
+                        eps,
+                        &mut mean,
+                        &mut invstd,
+                        &mut var_unbiased,
+                    )?;
+                    None
+                }
+                Some(c) => {
+                    // Synchronized: the per-channel sums on the device, all-reduced on the
+                    // host, the statistics as the CPU arm computes them.
+                    let m = be.batch_norm_stats_sync(
+                        xb,
+                        d.n,
+                        d.c,
+                        d.s,
+                        eps,
+                        &**c,
+                        &mut mean,
+                        &mut invstd,
+                        &mut var_unbiased,
+                    )?;
+                    Some((c.clone(), m))
+                }
+            };
             let mean = gpu::wrap(&be, mean, &[d.c])?;
             let var = gpu::wrap(&be, var_unbiased, &[d.c])?;
             let stats = BnStats::Cuda {
                 be,
                 mean: mean.clone(),
                 invstd,
+                sync,
             };
             Ok((stats, (mean, var)))
         }
@@ -919,6 +936,7 @@ pub(crate) fn bn_running_stats(
                 be,
                 mean: running_mean.clone(),
                 invstd,
+                sync: None,
             })
         }
     }
@@ -955,7 +973,9 @@ pub(crate) fn bn_apply(
             x.like(y)
         }
         #[cfg(feature = "cuda")]
-        BnStats::Cuda { be, mean, invstd } => {
+        BnStats::Cuda {
+            be, mean, invstd, ..
+        } => {
             let f = gpu::format_of(x);
             let mut y = gpu::alloc_fmt(be, f, d.numel())?; // (N, C, S)
             let (xb, mb) = (gpu::dbuf(op, x)?, gpu::dbuf(op, mean)?);
@@ -1084,7 +1104,13 @@ pub(crate) fn bn_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        BnStats::Cuda { be, mean, invstd } => {
+        BnStats::Cuda {
+            be,
+            mean,
+            invstd,
+            sync,
+        } => {
+            let sync = sync.as_ref().map(|(c, m)| (&**c, *m));
             let f = gpu::format_of(x);
             let dy = gpu::on_gpu_as(be, dy, f)?;
             let mut dx = gpu::alloc_fmt(be, f, d.numel())?; // (N, C, S)
@@ -1098,7 +1124,7 @@ pub(crate) fn bn_backward(
             let (dyb, xb) = (gpu::dbuf(op, &dy)?, gpu::dbuf(op, x)?);
             let (mb, g) = (gpu::dbuf(op, mean)?, gpu::dbuf(op, gamma)?);
             match y {
-                None => be.batch_norm_backward(
+                None => be.batch_norm_backward_sync(
                     training,
                     dyb,
                     xb,
@@ -1111,8 +1137,9 @@ pub(crate) fn bn_backward(
                     &mut dx,
                     &mut dgamma,
                     &mut dbeta,
+                    sync,
                 )?,
-                Some(y) => be.bn_act_backward(
+                Some(y) => be.bn_act_backward_sync(
                     training,
                     dyb,
                     gpu::dbuf(op, y)?,
@@ -1127,6 +1154,7 @@ pub(crate) fn bn_backward(
                     dres.as_mut(),
                     &mut dgamma,
                     &mut dbeta,
+                    sync,
                 )?,
             }
             Ok(BnGrads {
