@@ -9,13 +9,14 @@
 //!
 //! Layout: `alloc` (pool + DeviceBuffer), `blas` (row-major gemm over cuBLAS), `dnn` (cuDNN
 //! convolutions, per-shape algorithm + workspace cache), `ops` (typed launchers for every
-//! kernel), `nvtx` (profiler ranges).
+//! kernel), `nvtx` (profiler ranges), `nccl` (the data-parallel collective over NCCL).
 
 pub mod alloc;
 pub mod augment;
 pub mod blas;
 pub mod dnn;
 pub mod kernels;
+pub mod nccl;
 pub mod nvtx;
 pub mod ops;
 
@@ -27,6 +28,7 @@ use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig
 
 pub use alloc::{DeviceBuffer, Pool, PoolStats};
 pub use dnn::{conv_find, conv_tf32, ConvShape};
+pub use nccl::{nccl_group, NcclGroup};
 pub use ops::{CarpLossGpu, CarpLossQueued, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::device::DType;
