@@ -1492,6 +1492,85 @@ mod tests {
     }
     crate::test_device!(step_loss_on, step_loss_cpu, step_loss_cuda);
 
+    /// The loss across W thread ranks (`carp_loss_forward_on` with a collective), each rank
+    /// holding its rows of every view, against the whole batch on one rank on the same device:
+    /// every rank reports the whole batch's terms, and its gradient is W times the whole
+    /// batch's on its rows (the gradient average across ranks divides by W). On a GPU: the
+    /// loss kernels with the pbar all-reduce in their hook and the consistency averaged after.
+    fn loss_across_ranks_on(dev: &Device) {
+        use crate::device::collective::ThreadGroup;
+        let (vs, n, k, nb) = (4usize, 8usize, 48usize, 16usize);
+        let s = logits(vs, n, k, 51, 3.0);
+        let t = logits(2, n, k, 52, 3.0);
+        let perm = random_partition(k, &mut rng(53));
+        // Rows `rows` of every view, view-major, on the device.
+        let on = |v: &[Vec<f32>], rows: std::ops::Range<usize>| {
+            let data: Vec<f32> = v
+                .iter()
+                .flat_map(|view| view[rows.start * k..rows.end * k].to_vec())
+                .collect();
+            Tensor::from_vec(data, &[v.len() * rows.len(), k])
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        };
+        let part = Partition::on(perm.clone(), dev).unwrap();
+        let whole = carp_loss_forward(&on(&s, 0..n), &on(&t, 0..n), vs, nb, &part).unwrap();
+        let (wt, wg) = (whole.read().unwrap(), whole.dstudent.to_vec().unwrap());
+        let scale = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let tol = if *dev == Device::Cpu { 1e-5 } else { 1e-4 };
+        for world in [2usize, 4] {
+            let per = n / world;
+            let got: Vec<((f32, f32, f32), Vec<f32>)> = std::thread::scope(|sc| {
+                let hs: Vec<_> = ThreadGroup::ranks(world)
+                    .unwrap()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, comm)| {
+                        let (on, part) = (&on, &part);
+                        let (s, t) = (&s, &t);
+                        sc.spawn(move || {
+                            let rows = r * per..(r + 1) * per;
+                            let (st, tt) = (on(s, rows.clone()), on(t, rows));
+                            let out =
+                                carp_loss_forward_on(&st, &tt, vs, nb, part, Some(&comm)).unwrap();
+                            (out.read().unwrap(), out.dstudent.to_vec().unwrap())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, (terms, g)) in got.iter().enumerate() {
+                let tag = format!("{dev}, world {world}, rank {r}");
+                for (name, a, b) in [
+                    ("loss", terms.0, wt.0),
+                    ("consistency", terms.1, wt.1),
+                    ("entropy", terms.2, wt.2),
+                ] {
+                    assert!(
+                        (a - b).abs() <= tol * b.abs().max(1.0),
+                        "{tag}: {name} {a}, the whole batch's {b}"
+                    );
+                }
+                for v in 0..vs {
+                    for i in 0..per * k {
+                        let a = g[v * per * k + i];
+                        let b = world as f32 * wg[(v * n + r * per) * k + i];
+                        assert!(
+                            (a - b).abs() <= tol * world as f32 * scale,
+                            "{tag}: dstudent view {v} element {i}: {a}, W x the whole batch's {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    crate::test_device!(
+        loss_across_ranks_on,
+        loss_across_ranks_cpu,
+        loss_across_ranks_cuda
+    );
+
     /// Timing at full size (N 256, K 65536, NB 512): `cargo test --release -- --ignored
     /// carp_loss_full_size --nocapture`.
     #[test]
