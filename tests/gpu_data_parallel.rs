@@ -5,7 +5,8 @@
 //! (per-channel sums on the device, staged through the host for the all-reduces). The batch
 //! is tests/data_parallel.rs's (rows whose statistics differ by rank), so per-rank batch norm
 //! deviates far: the test also checks that leaving SyncBN out breaks the equivalence, which
-//! shows the synchronized path is the one that ran.
+//! shows the synchronized path is the one that ran. The gradient average through a host
+//! transport gives the CPU average's bits.
 //!
 //! Tolerance: 2e-3 relative to each field's largest magnitude, the GPU-against-CPU tolerance of
 //! a whole training step (tests/gpu_tape.rs): the ranks sum in another order than one rank
@@ -77,4 +78,52 @@ fn gpu_ranks_without_syncbn_deviate() {
         d > 10.0 * TOL,
         "per-rank batch norm: deviation {d:.3e} ({field}) is not far above the tolerance {TOL:.0e}"
     );
+}
+
+/// The gradient average of the CUDA backend with a host transport (the trait's default
+/// `all_reduce_mean_device`: download, all-reduce in f64, divide, upload) on 2 thread ranks:
+/// every rank gets the CPU gradient average's values, bit for bit.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_gradient_average_through_the_host_is_the_cpu_average() {
+    use carp::device::collective::ThreadGroup;
+    let Some((_dev, _serial)) =
+        gpu_for_test("gpu_gradient_average_through_the_host_is_the_cpu_average")
+    else {
+        return;
+    };
+    let be = carp::device::cuda::backend(0).unwrap();
+    let n = 10_007;
+    let values = |r: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 31 + r * 17) % 97) as f32 * 10f32.powi((i % 5) as i32 - 2) - 0.3)
+            .collect()
+    };
+    let got: Vec<Vec<f32>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ThreadGroup::ranks(2)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let (be, values) = (&be, &values);
+                sc.spawn(move || {
+                    let mut buf = be.upload_f32(&values(r)).unwrap();
+                    c.all_reduce_mean_device(be, &mut buf).unwrap();
+                    be.download_f32(&buf).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // The CPU arm of TrainState::gather_grads: all_reduce_sum (f64, rounded once), then / W.
+    let (a, b) = (values(0), values(1));
+    let want: Vec<u32> = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| ((x as f64 + y as f64) as f32 / 2.0).to_bits())
+        .collect();
+    for (r, g) in got.iter().enumerate() {
+        let bits: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+        assert!(bits == want, "rank {r}: not the CPU gradient average");
+    }
 }
