@@ -1,4 +1,4 @@
-//! NCCL on the CUDA backend (`carp::device::cuda::NcclGroup`), on the one GPU a test machine
+//! NCCL on the CUDA backend (`carp::device::nccl::NcclGroup`), on the one GPU a test machine
 //! has: a group of world size 1 (NCCL refuses two ranks on one GPU, so the multi-rank
 //! equivalence runs on thread ranks in tests/gpu_data_parallel.rs). Its device all-reduce is a
 //! real ncclAllReduce that leaves the gradient as it is (a sum over one rank, no scale), and a
@@ -16,7 +16,8 @@ mod common;
 use std::sync::Arc;
 
 use carp::device::collective::{Collective, SingleRank};
-use carp::device::cuda::{backend, nccl_group, NcclGroup};
+use carp::device::cuda::backend;
+use carp::device::nccl::{nccl_group, NcclGroup};
 use carp::testutil::gpu_for_test;
 use carp::train::step::Unsynced;
 use common::ranks::{deviation, rank_run};

@@ -885,13 +885,14 @@ pub(crate) fn bn_batch_stats(
                 Some(c) => {
                     // Synchronized: the per-channel sums on the device, all-reduced on the
                     // host, the statistics as the CPU arm computes them.
+                    let all_reduce = |b: &mut [f64]| c.all_reduce_sum_f64(b);
                     let m = be.batch_norm_stats_sync(
                         xb,
                         d.n,
                         d.c,
                         d.s,
                         eps,
-                        &**c,
+                        &all_reduce,
                         &mut mean,
                         &mut invstd,
                         &mut var_unbiased,
@@ -1110,7 +1111,14 @@ pub(crate) fn bn_backward(
             invstd,
             sync,
         } => {
-            let sync = sync.as_ref().map(|(c, m)| (&**c, *m));
+            // The all-reduce of a synchronized BN for the launchers (which stay below the
+            // collectives).
+            let all_reduce = sync
+                .as_ref()
+                .map(|(c, m)| (move |b: &mut [f64]| c.all_reduce_sum_f64(b), *m));
+            let sync = all_reduce
+                .as_ref()
+                .map(|(f, m)| (f as &dyn Fn(&mut [f64]) -> Result<()>, *m));
             let f = gpu::format_of(x);
             let dy = gpu::on_gpu_as(be, dy, f)?;
             let mut dx = gpu::alloc_fmt(be, f, d.numel())?; // (N, C, S)

@@ -9,14 +9,14 @@
 //!
 //! Layout: `alloc` (pool + DeviceBuffer), `blas` (row-major gemm over cuBLAS), `dnn` (cuDNN
 //! convolutions, per-shape algorithm + workspace cache), `ops` (typed launchers for every
-//! kernel), `nvtx` (profiler ranges), `nccl` (the data-parallel collective over NCCL).
+//! kernel), `nvtx` (profiler ranges). NCCL is `device::nccl` (above the collectives, which
+//! this backend does not import).
 
 pub mod alloc;
 pub mod augment;
 pub mod blas;
 pub mod dnn;
 pub mod kernels;
-pub mod nccl;
 pub mod nvtx;
 pub mod ops;
 
@@ -28,7 +28,6 @@ use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, LaunchConfig
 
 pub use alloc::{DeviceBuffer, Pool, PoolStats};
 pub use dnn::{conv_find, conv_tf32, ConvShape};
-pub use nccl::{nccl_group, NcclGroup};
 pub use ops::{CarpLossGpu, CarpLossQueued, LarsPlan, PbarHook, Pool2dShape};
 
 use crate::device::DType;
@@ -268,7 +267,9 @@ impl CudaBackend {
         Ok(b)
     }
 
-    fn bind(&self) -> Result<()> {
+    /// Makes this backend's context current on the calling thread (before a call that uses
+    /// the current device, such as creating an NCCL communicator).
+    pub(crate) fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("binding the CUDA context", e))

@@ -3,11 +3,15 @@
 //! fused ops (`bn_fused`) share.
 
 use super::*;
-use crate::device::collective::Collective;
 
-/// A synchronized batch norm's backward on the device: the ranks to sum the per-channel
-/// reductions over and the global number of values per channel; `None` for a single rank.
-pub type BnSyncDev<'a> = Option<(&'a dyn Collective, usize)>;
+/// The all-reduce of a synchronized batch norm: replaces the f64 values on every rank with
+/// their sum over the ranks (a `Collective`'s `all_reduce_sum_f64`; the launchers stay below
+/// the collectives, which they do not import).
+pub type AllReduceF64<'a> = &'a dyn Fn(&mut [f64]) -> Result<()>;
+
+/// A synchronized batch norm's backward on the device: the all-reduce over the ranks and the
+/// global number of values per channel; `None` for a single rank.
+pub type BnSyncDev<'a> = Option<(AllReduceF64<'a>, usize)>;
 
 /// Slices per channel for the BN reductions over `m` elements per channel (see
 /// `CudaBackend::bn_reduce_cfg`): enough that c * s reaches 8 blocks per SM, none shorter
@@ -469,8 +473,8 @@ impl CudaBackend {
         // A synchronized BN's dx reads the global sums (scaled to this rank's count).
         let global = match sync.filter(|_| training) {
             None => None,
-            Some((comm, m_global)) => {
-                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, comm, m_global)?)
+            Some((all_reduce, m_global)) => {
+                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, all_reduce, m_global)?)
             }
         };
         let (pdg, pdb) = if let Some((g, b)) = &global {
@@ -591,7 +595,7 @@ impl CudaBackend {
 
     /// Synchronized batch norm's training statistics: [`CudaBackend::batch_norm_stats`]'s
     /// outputs (mean, invstd, unbiased variance, (c,) each) for the global batch of the ranks
-    /// of `comm`, x (n, c, hw) being this rank's part of it. The algorithm of the CPU's
+    /// `all_reduce` sums over, x (n, c, hw) being this rank's part of it. The algorithm of the CPU's
     /// `batch_norm_stats_sync_cpu`, with the per-channel sums on the device: the sums and the
     /// count, all-reduced, give the global mean; the sums of (x - k) and (x - k)^2 around
     /// k = that mean rounded to f32 (the same on every rank), all-reduced, give the variance.
@@ -605,7 +609,7 @@ impl CudaBackend {
         c: usize,
         hw: usize,
         eps: f32,
-        comm: &dyn Collective,
+        all_reduce: AllReduceF64<'_>,
         mean: &mut DeviceBuffer,
         invstd: &mut DeviceBuffer,
         var_unbiased: &mut DeviceBuffer,
@@ -632,12 +636,11 @@ impl CudaBackend {
             .map(|&v| v as f64)
             .collect();
         buf.push((n * hw) as f64);
-        comm.all_reduce_sum_f64(&mut buf)?;
+        all_reduce(&mut buf)?;
         let m = buf[c] as usize;
         if m == 0 {
             return Err(Error::Shape(format!(
-                "{op}: no elements per channel on any of the {} ranks",
-                comm.world_size()
+                "{op}: no elements per channel on any rank"
             )));
         }
         let mf = m as f64;
@@ -650,7 +653,7 @@ impl CudaBackend {
             .zip(&h2)
             .flat_map(|(&a, &b)| [a as f64, b as f64])
             .collect();
-        comm.all_reduce_sum_f64(&mut buf)?;
+        all_reduce(&mut buf)?;
         let (mut hm, mut hi, mut hv) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
         // The unbiased variance as the CPU arm rounds it (M / (M - 1) in f32).
         let unbiased = m as f32 / (m - 1).max(1) as f32;
@@ -669,8 +672,8 @@ impl CudaBackend {
     }
 
     /// For the dx pass of a synchronized BN backward: this rank's parameter-gradient sums
-    /// `dgamma` = sum(dy * xhat) and `dbeta` = sum(dy) (c,), all-reduced over the ranks of
-    /// `comm` (staged through the host: waits for the device) and scaled by m_local / m_global,
+    /// `dgamma` = sum(dy * xhat) and `dbeta` = sum(dy) (c,), all-reduced over the ranks by
+    /// `all_reduce` (staged through the host: waits for the device) and scaled by m_local / m_global,
     /// so that the single-rank dx kernels, which divide by this rank's m_local values per
     /// channel, compute dx = gamma * invstd * (dy - sum_global(dy) / M - xhat
     /// sum_global(dy xhat) / M) with M = m_global, the CPU's `bn_backward_coefs_sync`.
@@ -681,7 +684,7 @@ impl CudaBackend {
         dbeta: &DeviceBuffer,
         c: usize,
         m_local: usize,
-        comm: &dyn Collective,
+        all_reduce: AllReduceF64<'_>,
         m_global: usize,
     ) -> Result<(DeviceBuffer, DeviceBuffer)> {
         if m_global == 0 {
@@ -696,7 +699,7 @@ impl CudaBackend {
             .zip(&g)
             .flat_map(|(&b, &g)| [b as f64, g as f64])
             .collect();
-        comm.all_reduce_sum_f64(&mut buf)?;
+        all_reduce(&mut buf)?;
         let scale = m_local as f64 / m_global as f64;
         let gb: Vec<f32> = buf.iter().step_by(2).map(|&v| (v * scale) as f32).collect();
         let gg: Vec<f32> = buf[1..]

@@ -217,8 +217,8 @@ impl CudaBackend {
         // A synchronized BN's dx reads the global sums (scaled to this rank's count).
         let global = match sync.filter(|_| training) {
             None => None,
-            Some((comm, m_global)) => {
-                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, comm, m_global)?)
+            Some((all_reduce, m_global)) => {
+                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, all_reduce, m_global)?)
             }
         };
         let (pdg, pdb) = if let Some((g, b)) = &global {

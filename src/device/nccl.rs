@@ -13,6 +13,9 @@
 //!   depends on the topology and algorithm). Staging them through NCCL would add a copy each
 //!   way for nothing.
 //!
+//! It lives beside the collectives rather than in `device::cuda`: it implements `Collective`,
+//! whose device method takes the CUDA backend's buffers, so the backend cannot import it back.
+//!
 //! libnccl is loaded at run time (cudarc's dynamic loading): without NCCL 2.x the group is not
 //! made and the error says to install it or to use another transport.
 
@@ -22,8 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::nccl::{result as nccl, sys};
 
-use super::{backend, CudaBackend, DeviceBuffer};
 use crate::device::collective::Collective;
+use crate::device::cuda::{backend, CudaBackend, DeviceBuffer};
 use crate::device::{DType, Device};
 use crate::error::{Error, Result};
 
