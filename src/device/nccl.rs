@@ -93,20 +93,23 @@ impl NcclGroup {
                  collectives for a CPU run"
             )));
         };
-        let be = backend(ordinal)?;
         let (rank, world) = (control.rank(), control.world_size());
-        // Every rank says whether it has NCCL before anyone waits on the id.
+        // Every rank says whether it has its GPU and NCCL before anyone waits on the id, so a
+        // rank that cannot go on does not leave the others waiting.
+        let be = backend(ordinal);
         let present = nccl_present();
-        let mut missing = [f64::from(u8::from(present.is_err()))];
-        control.all_reduce_sum_f64(&mut missing)?;
+        let mut failed = [f64::from(u8::from(be.is_err() || present.is_err()))];
+        control.all_reduce_sum_f64(&mut failed)?;
+        let be = be?;
         if let Err(why) = present {
             return Err(Error::Device(format!("rank {rank}: {why}")));
         }
-        if missing[0] > 0.0 {
+        if failed[0] > 0.0 {
             return Err(Error::Device(format!(
-                "{} of the {world} ranks cannot load the NCCL library: install NCCL 2.x on \
-                 every machine of the run, or train with --device cpu",
-                missing[0]
+                "{} of the {world} ranks cannot open their GPU or load the NCCL library (see \
+                 their errors): install NCCL 2.x on every machine of the run, or train with \
+                 --device cpu",
+                failed[0]
             )));
         }
         // The id: a status then its 128 bytes as f32 values 0..=255 (exact), from rank 0.
