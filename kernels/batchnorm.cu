@@ -820,3 +820,102 @@ extern "C" __global__ void bn_backward_partial_nhwc_bf16(
     i64 R, int C) {
     bn_backward_partial_nhwc(dy, x, mean, invstd, part_g, part_b, R, C);
 }
+
+// ---------------------------------------------------------------- synchronized statistics
+// Synchronized batch norm across data-parallel ranks (src/ops/batchnorm.rs
+// `bn_batch_stats`, the CUDA arm with a collective): the statistics of the global batch come
+// from per-channel sums that every rank computes on its own rows, the host all-reduces and
+// turns into the mean and variance, as the CPU's `batch_norm_stats_sync_cpu`. Two launches of
+// the kernels below with a given per-channel shift k (0 for the sums, then the global mean
+// rounded to f32, the same on every rank): part_sum[c * S + s] = sum of (x - k_c) and
+// part_sq[c * S + s] = sum of (x - k_c)^2 over slice s of channel c, on the grids of the
+// kernels above; bn_backward_finalize_f32 then sums the S partials of each channel.
+
+// NCHW: x (N, C, HW); shift (C,); part_sum, part_sq (C, S), grid (C, S).
+template <class T>
+__device__ __forceinline__ void bn_shifted_partial(const T* __restrict__ x,
+                                                   const float* __restrict__ shift,
+                                                   float* __restrict__ part_sum,
+                                                   float* __restrict__ part_sq, i64 N, int C,
+                                                   i64 HW) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
+    const float k = shift[c];
+    i64 m0, m1;
+    bn_slice(N * HW, &m0, &m1);
+    float s1 = 0.0f, s2 = 0.0f;
+    bn_channel_walk(c, C, HW, m0, m1, [&](i64 i) {
+        const float d = ld(x, i) - k;
+        s1 += d;
+        s2 += d * d;
+    });
+    s1 = block_sum(s1, scratch);
+    s2 = block_sum(s2, scratch);
+    if (threadIdx.x == 0) {
+        part_sum[(i64)c * gridDim.y + blockIdx.y] = s1;
+        part_sq[(i64)c * gridDim.y + blockIdx.y] = s2;
+    }
+}
+extern "C" __global__ void bn_shifted_partial_f32(const float* __restrict__ x,
+                                                  const float* __restrict__ shift,
+                                                  float* __restrict__ part_sum,
+                                                  float* __restrict__ part_sq, i64 N, int C,
+                                                  i64 HW) {
+    bn_shifted_partial(x, shift, part_sum, part_sq, N, C, HW);
+}
+extern "C" __global__ void bn_shifted_partial_bf16(const bf16* __restrict__ x,
+                                                   const float* __restrict__ shift,
+                                                   float* __restrict__ part_sum,
+                                                   float* __restrict__ part_sq, i64 N, int C,
+                                                   i64 HW) {
+    bn_shifted_partial(x, shift, part_sum, part_sq, N, C, HW);
+}
+
+// Channels-last: x (R, C) NHWC; shift (C,); part_sum, part_sq (C, S), on the grid of
+// bn_nhwc_reduce_cfg (blocks of bn_nhwc_block, V channels per thread as bn_nhwc_v4 says).
+template <int V, class T>
+__device__ __forceinline__ void bn_shifted_partial_nhwc_v(const T* __restrict__ x,
+                                                          const float* __restrict__ shift,
+                                                          float* __restrict__ part_sum,
+                                                          float* __restrict__ part_sq, i64 R,
+                                                          int C) {
+    const int G = C / V;
+    const Lanes<V> k = bn_nhwc_params<V>(shift, G);
+    i64 r0, r1;
+    bn_slice(R, &r0, &r1);
+    Lanes<V> s1 = {}, s2 = {};
+    bn_nhwc_walk(G, r0, r1, [&](i64 u) {
+        const Lanes<V> v = ldv<V>(x, u);
+        for (int j = 0; j < V; ++j) {
+            const float d = v.v[j] - k.v[j];
+            s1.v[j] += d;
+            s2.v[j] += d * d;
+        }
+    });
+    bn_nhwc_store(part_sum, G, bn_nhwc_rows_sum(s1));
+    bn_nhwc_store(part_sq, G, bn_nhwc_rows_sum(s2));
+}
+template <class T>
+__device__ __forceinline__ void bn_shifted_partial_nhwc(const T* __restrict__ x,
+                                                        const float* __restrict__ shift,
+                                                        float* __restrict__ part_sum,
+                                                        float* __restrict__ part_sq, i64 R,
+                                                        int C) {
+    bn_nhwc_dispatch(bn_nhwc_v4(C, x), [&](auto w) {
+        bn_shifted_partial_nhwc_v<decltype(w)::v>(x, shift, part_sum, part_sq, R, C);
+    });
+}
+extern "C" __global__ void bn_shifted_partial_nhwc_f32(const float* __restrict__ x,
+                                                       const float* __restrict__ shift,
+                                                       float* __restrict__ part_sum,
+                                                       float* __restrict__ part_sq, i64 R,
+                                                       int C) {
+    bn_shifted_partial_nhwc(x, shift, part_sum, part_sq, R, C);
+}
+extern "C" __global__ void bn_shifted_partial_nhwc_bf16(const bf16* __restrict__ x,
+                                                        const float* __restrict__ shift,
+                                                        float* __restrict__ part_sum,
+                                                        float* __restrict__ part_sq, i64 R,
+                                                        int C) {
+    bn_shifted_partial_nhwc(x, shift, part_sum, part_sq, R, C);
+}

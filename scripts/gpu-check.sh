@@ -75,6 +75,9 @@ run_step() { # name timeout_s command...
 
 overall=0
 # 1. The GPU tests (gpu_* binaries), then the rest of the suite built with --features cuda.
+# Data parallelism on the CUDA backend: gpu_data_parallel (2 thread ranks on GPU 0 against one
+# rank: SyncBN, the loss across ranks and the gradient average staged through the host) and
+# gpu_nccl (an NCCL group of one rank; needs libnccl: without it that row fails saying so).
 for t in "$B"/tests/gpu_*; do
     [ -x "$t" ] || continue
     # GPU_CHECK_TESTS=0: a second call that only benches (the tests ran in the first).

@@ -271,12 +271,13 @@ impl TrainState {
                 }
                 Ok(())
             }
-            TrainState::Device(_) if comm.is_some() => bail!(
-                Device,
-                "data-parallel training (averaging gradients across ranks) is not implemented \
-                 on the CUDA backend yet: run it with --device cpu, or train on one rank"
-            ),
-            TrainState::Device(ds) => ds.gather_grads(params, leaves, grads),
+            TrainState::Device(ds) => {
+                ds.gather_grads(params, leaves, grads)?;
+                if let Some(c) = comm {
+                    ds.average_grads(&**c)?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -385,6 +386,7 @@ mod gpu {
 
     use crate::autograd::{Gradients, Tape};
     use crate::bail;
+    use crate::device::collective::Collective;
     use crate::device::cuda::{CudaBackend, DeviceBuffer, LarsPlan};
     use crate::error::Result;
     use crate::nn::params::{ParamLeaves, ParamStore};
@@ -552,6 +554,12 @@ mod gpu {
             self.check_store(params)?;
             let parts = params.leaf_grads(leaves, grads)?;
             crate::ops::flat::gather_flat_gpu(&self.be, &parts, &mut self.grad)
+        }
+
+        /// The gradient averaged over the ranks of `comm` (its device all-reduce: NCCL's on
+        /// the device, any other transport's staged through the host), in place.
+        pub fn average_grads(&mut self, comm: &dyn Collective) -> Result<()> {
+            comm.all_reduce_mean_device(&self.be, &mut self.grad)
         }
 
         /// An error unless `params` has this state's parameter count.
@@ -754,6 +762,7 @@ mod gpu {
 mod stub {
     use crate::autograd::{Gradients, Tape};
     use crate::bail;
+    use crate::device::collective::Collective;
     use crate::error::Result;
     use crate::nn::params::{ParamLeaves, ParamStore};
     use crate::nn::resnet::BnUpdate;
@@ -801,6 +810,10 @@ mod stub {
             _: &ParamLeaves,
             _: &Gradients,
         ) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn average_grads(&mut self, _: &dyn Collective) -> Result<()> {
             match *self {}
         }
 

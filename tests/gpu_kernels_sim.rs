@@ -6,7 +6,9 @@
 //! against the f32 ones (bit for bit after rounding) and against the Rust `round_bf16` (the CPU
 //! emulation of bf16), and the channels-last (NHWC) kernels and layout conversions against their
 //! NCHW twins on the transposed data (bit for bit where the arithmetic is the same, 1e-6
-//! relative where only the summation order differs) and f64. This checks the kernels' logic
+//! relative where only the summation order differs) and f64, and synchronized batch norm across
+//! ranks as the CUDA backend stages it (the shifted-sum kernels, the host all-reduces emulated)
+//! against f64 batch norm of the global batch. This checks the kernels' logic
 //! where no GPU exists (CI); the real-GPU checks are in tests/gpu_ops.rs. Needs g++ with C++20
 //! (<barrier>); without one it prints SKIPPED and returns.
 

@@ -50,6 +50,29 @@ pub trait Collective: Send + Sync {
     /// Tells the other ranks that this one is giving up (`why`), so that they stop with that
     /// message instead of waiting for it. A transport without peers to tell does nothing.
     fn abort(&self, _why: &str) {}
+
+    /// Replaces the f32 device buffer `buf` (all of it, on `be`'s device) on every rank with
+    /// the elementwise mean over the ranks: the gradient average of a data-parallel step on
+    /// the CUDA backend. The default stages through the host, so that any host transport
+    /// (threads, TCP) serves the CUDA backend: one download (which waits for the work queued
+    /// on `be`), [`Collective::all_reduce_sum`], a division by the world size in f32 (the CPU
+    /// gradient average's arithmetic, value for value), one upload. A device transport (NCCL)
+    /// overrides it with a native all-reduce on the device.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_mean_device(
+        &self,
+        be: &crate::device::cuda::CudaBackend,
+        buf: &mut crate::device::cuda::DeviceBuffer,
+    ) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let mut host = be.download_f32(buf)?;
+        self.all_reduce_sum(&mut host)?;
+        let w = self.world_size() as f32;
+        host.iter_mut().for_each(|g| *g /= w);
+        be.copy_from_host_f32(buf, &host)
+    }
 }
 
 /// The collective of a one-rank world: every operation leaves its buffer as it is.
@@ -291,6 +314,18 @@ impl Collective for Metered {
 
     fn abort(&self, why: &str) {
         self.inner.abort(why)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn all_reduce_mean_device(
+        &self,
+        be: &crate::device::cuda::CudaBackend,
+        buf: &mut crate::device::cuda::DeviceBuffer,
+    ) -> Result<()> {
+        let n = buf.len();
+        self.timed("all_reduce_device", n, || {
+            self.inner.all_reduce_mean_device(be, buf)
+        })
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod profiler;
 pub mod tcp;
 

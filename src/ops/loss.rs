@@ -659,6 +659,70 @@ fn carp_loss_ranks(
     Ok(out)
 }
 
+/// [`carp_loss_ranks`] on the GPU: the loss kernels of one GPU with the CPU arm's
+/// communication, staged through the host (each waits for the device). The (K,) pbar sums,
+/// with this rank's sample count appended (the check that every rank holds the same number),
+/// are all-reduced between the softmax pass and their use (the kernels' pbar hook); the
+/// uniformity mean runs over the global rows, its gradient scaled by the world size with
+/// `entropy_scaled`; the consistency term is averaged over the ranks afterwards.
+#[cfg(feature = "cuda")]
+fn carp_loss_ranks_gpu(
+    be: &crate::ops::gpu::Be,
+    student: &crate::device::cuda::DeviceBuffer,
+    teacher: &crate::device::cuda::DeviceBuffer,
+    perm: &crate::device::cuda::DeviceBuffer,
+    (vs, n, k, nb): (usize, usize, usize, usize),
+    comm: &dyn Collective,
+    entropy_scaled: bool,
+) -> Result<crate::device::cuda::CarpLossQueued> {
+    let world = comm.world_size();
+    let mut hook = |pbar: &mut crate::device::cuda::DeviceBuffer| -> Result<()> {
+        let mut sums: Vec<f64> = be.download_f32(pbar)?.iter().map(|&v| v as f64).collect();
+        if sums.len() != k {
+            bail!(
+                Shape,
+                "carp_loss: {} pbar sums, expected K = {k}",
+                sums.len()
+            );
+        }
+        // The samples ride along with the pbar sums: one all-reduce checks the batches.
+        sums.push(n as f64);
+        comm.all_reduce_sum_f64(&mut sums)?;
+        if sums[k] != (n * world) as f64 {
+            bail!(
+                Config,
+                "carp_loss: {} samples over {world} ranks, {n} on rank {}: every rank must \
+                 hold the same number of samples (split the global batch evenly)",
+                sums[k],
+                comm.rank()
+            );
+        }
+        let global: Vec<f32> = sums[..k].iter().map(|&v| v as f32).collect();
+        be.copy_from_host_f32(pbar, &global)
+    };
+    let scale = (entropy_scaled && world > 1).then_some(world as f32);
+    let rows = (vs + 2) * n * world;
+    let mut out = be.carp_loss_queued_scaled(
+        student,
+        teacher,
+        perm,
+        vs,
+        n,
+        k,
+        nb,
+        rows,
+        Some(&mut hook),
+        scale,
+    )?;
+    // [H, consistency]: H is the global batch's already; the consistency is this rank's.
+    let mut terms = be.download_f32(&out.scalars)?;
+    let mut cons = [terms[1] as f64];
+    comm.all_reduce_sum_f64(&mut cons)?;
+    terms[1] = (cons[0] / world as f64) as f32;
+    be.copy_from_host_f32(&mut out.scalars, &terms)?;
+    Ok(out)
+}
+
 /// A step's prototype partition where its loss runs: the permutation of 0..K (block j holds
 /// `perm[j NB .. (j + 1) NB]`) and, for a GPU, its i32 copy in device memory. Made before the
 /// step's work is queued: an upload from pageable memory waits for the queue, and would drain
@@ -811,28 +875,28 @@ pub(crate) fn carp_loss_forward_scaled(
         Backend::Cuda(be) => {
             use crate::ops::gpu::{dbuf, wrap};
             use crate::tensor::DType;
-            if comm.is_some() {
-                bail!(
-                    Device,
-                    "{op}: the loss across ranks is not implemented on the CUDA backend yet: run \
-                     data-parallel training with --device cpu, or train on one rank"
-                );
-            }
             let Some(dperm) = &partition.on_gpu else {
                 bail!(Device, "{op}: the partition has no device copy (a bug)");
             };
             let (s, t) = (student.to_dtype(DType::F32)?, teacher.to_dtype(DType::F32)?);
-            let out = be.carp_loss_queued(
-                dbuf(op, &s)?,
-                dbuf(op, &t)?,
-                dperm,
-                vs,
-                n,
-                k,
-                nb,
-                (vs + 2) * n,
-                None,
-            )?;
+            let out = match comm {
+                None => be.carp_loss_queued(
+                    dbuf(op, &s)?,
+                    dbuf(op, &t)?,
+                    dperm,
+                    vs,
+                    n,
+                    k,
+                    nb,
+                    (vs + 2) * n,
+                    None,
+                )?,
+                Some(c) => {
+                    let (s, t) = (dbuf(op, &s)?, dbuf(op, &t)?);
+                    let shape = (vs, n, k, nb);
+                    carp_loss_ranks_gpu(&be, s, t, dperm, shape, &**c, entropy_scaled)?
+                }
+            };
             Ok(StepLoss {
                 terms: wrap(&be, out.scalars, &[2])?,
                 dstudent: wrap(&be, out.dstudent, &[rows, k])?,
@@ -1427,6 +1491,85 @@ mod tests {
         }
     }
     crate::test_device!(step_loss_on, step_loss_cpu, step_loss_cuda);
+
+    /// The loss across W thread ranks (`carp_loss_forward_on` with a collective), each rank
+    /// holding its rows of every view, against the whole batch on one rank on the same device:
+    /// every rank reports the whole batch's terms, and its gradient is W times the whole
+    /// batch's on its rows (the gradient average across ranks divides by W). On a GPU: the
+    /// loss kernels with the pbar all-reduce in their hook and the consistency averaged after.
+    fn loss_across_ranks_on(dev: &Device) {
+        use crate::device::collective::ThreadGroup;
+        let (vs, n, k, nb) = (4usize, 8usize, 48usize, 16usize);
+        let s = logits(vs, n, k, 51, 3.0);
+        let t = logits(2, n, k, 52, 3.0);
+        let perm = random_partition(k, &mut rng(53));
+        // Rows `rows` of every view, view-major, on the device.
+        let on = |v: &[Vec<f32>], rows: std::ops::Range<usize>| {
+            let data: Vec<f32> = v
+                .iter()
+                .flat_map(|view| view[rows.start * k..rows.end * k].to_vec())
+                .collect();
+            Tensor::from_vec(data, &[v.len() * rows.len(), k])
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        };
+        let part = Partition::on(perm.clone(), dev).unwrap();
+        let whole = carp_loss_forward(&on(&s, 0..n), &on(&t, 0..n), vs, nb, &part).unwrap();
+        let (wt, wg) = (whole.read().unwrap(), whole.dstudent.to_vec().unwrap());
+        let scale = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let tol = if *dev == Device::Cpu { 1e-5 } else { 1e-4 };
+        for world in [2usize, 4] {
+            let per = n / world;
+            let got: Vec<((f32, f32, f32), Vec<f32>)> = std::thread::scope(|sc| {
+                let hs: Vec<_> = ThreadGroup::ranks(world)
+                    .unwrap()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, comm)| {
+                        let (on, part) = (&on, &part);
+                        let (s, t) = (&s, &t);
+                        sc.spawn(move || {
+                            let rows = r * per..(r + 1) * per;
+                            let (st, tt) = (on(s, rows.clone()), on(t, rows));
+                            let out =
+                                carp_loss_forward_on(&st, &tt, vs, nb, part, Some(&comm)).unwrap();
+                            (out.read().unwrap(), out.dstudent.to_vec().unwrap())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, (terms, g)) in got.iter().enumerate() {
+                let tag = format!("{dev}, world {world}, rank {r}");
+                for (name, a, b) in [
+                    ("loss", terms.0, wt.0),
+                    ("consistency", terms.1, wt.1),
+                    ("entropy", terms.2, wt.2),
+                ] {
+                    assert!(
+                        (a - b).abs() <= tol * b.abs().max(1.0),
+                        "{tag}: {name} {a}, the whole batch's {b}"
+                    );
+                }
+                for v in 0..vs {
+                    for i in 0..per * k {
+                        let a = g[v * per * k + i];
+                        let b = world as f32 * wg[(v * n + r * per) * k + i];
+                        assert!(
+                            (a - b).abs() <= tol * world as f32 * scale,
+                            "{tag}: dstudent view {v} element {i}: {a}, W x the whole batch's {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    crate::test_device!(
+        loss_across_ranks_on,
+        loss_across_ranks_cpu,
+        loss_across_ranks_cuda
+    );
 
     /// Timing at full size (N 256, K 65536, NB 512): `cargo test --release -- --ignored
     /// carp_loss_full_size --nocapture`.

@@ -409,14 +409,15 @@ fn join_world(
     let Some(d) = opts.dist.as_ref().filter(|d| d.rendezvous.world > 1) else {
         return Ok(None);
     };
-    if let Device::Cuda(_) = device {
-        bail!(
-            Device,
-            "data-parallel training on GPUs (NCCL) is not available in this build yet: run the              ranks with --device cpu, or train on one GPU"
-        );
+    // The TCP group is the run's control plane (rendezvous, heartbeats, SyncBN's and the
+    // loss's small sums); on GPUs the gradient average goes over NCCL.
+    let control: Arc<dyn Collective> =
+        Arc::new(TcpGroup::join(&d.rendezvous, &identity(cfg, opts)?)?);
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::device::nccl::nccl_group(control, device).map(Some),
+        _ => Ok(Some(control)),
     }
-    let group = TcpGroup::join(&d.rendezvous, &identity(cfg, opts)?)?;
-    Ok(Some(Arc::new(group)))
 }
 
 /// Validates the configuration, installs its run options, opens the device, refuses a run that

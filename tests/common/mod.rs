@@ -1,7 +1,10 @@
 //! Helpers of the integration tests: the source walker of the tests that read the crate's own
 //! sources (tests/module_order.rs, tests/run_options.rs) and the small model of the step tests
-//! (tests/train_step.rs, tests/data_parallel.rs). Each test file uses a part of them.
+//! (tests/train_step.rs, tests/data_parallel.rs); `ranks`, the data-parallel runs of
+//! tests/data_parallel.rs and tests/gpu_data_parallel.rs. Each test file uses a part of them.
 #![allow(dead_code)]
+
+pub mod ranks;
 
 use std::path::{Path, PathBuf};
 

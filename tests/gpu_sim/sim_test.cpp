@@ -1513,6 +1513,121 @@ void test_nhwc_all() {
     test_convert_nhwc(3, 3, 70, 3);
 }
 
+// Synchronized batch norm across `ranks` data-parallel ranks as the CUDA backend runs it
+// (src/device/cuda/ops/batchnorm.rs batch_norm_stats_sync and bn_sync_dx_sums, the host's
+// all-reduces done here in f64 in rank order): the statistics from two launches of the
+// bn_shifted_partial kernels per rank (shift 0, then the global mean rounded to f32) and
+// bn_backward_finalize_f32, the host's mean and variance, then the backward's per-rank
+// partials, the global sums scaled by m_local / M and the single-rank dx kernel. Compared with
+// f64 batch norm over the ranks' values together (the global batch). Rank r's values have mean
+// r - 1.5 and scale 0.5 + 0.4 r: per-rank statistics would be far off.
+template <class T>
+void test_bn_sync(int nr, int c, int hw, int ranks, unsigned S, bool nhwc, unsigned threads = 32) {
+    const size_t per = (size_t)nr * c * hw, cs = (size_t)c * S;
+    const int R = nr * hw;  // values per channel on one rank
+    const double M = (double)R * ranks;
+    const float eps = 1e-5f;
+    std::vector<std::vector<T>> xs(ranks), dys(ranks);      // as stored, in the tested layout
+    std::vector<std::vector<float>> xw(ranks), dyw(ranks);  // NCHW f32 values
+    for (int r = 0; r < ranks; ++r) {
+        auto x = randn(per, 0.5f + 0.4f * r), dy = randn(per);
+        for (auto& v : x) v += (float)r - 1.5f;
+        auto xT = store<T>(x), dyT = store<T>(dy);
+        xw[r] = widen(xT);
+        dyw[r] = widen(dyT);
+        xs[r] = nhwc ? to_nhwc(xT, nr, c, hw) : xT;
+        dys[r] = nhwc ? to_nhwc(dyT, nr, c, hw) : dyT;
+    }
+    const auto gm = randn(c);
+    // Rank r's per-channel sums of (x - k) and (x - k)^2.
+    auto sums = [&](int r, const std::vector<float>& k, std::vector<float>& s1, std::vector<float>& s2) {
+        std::vector<float> ps = nanv(cs), pq = nanv(cs);
+        s1 = nanv(c);
+        s2 = nanv(c);
+        if (nhwc)
+            launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_shifted_partial_nhwc), (const T*)xs[r].data(), (const float*)k.data(), ps.data(), pq.data(), (i64)R, c);
+        else
+            launch({(unsigned)c, S}, threads, KT(bn_shifted_partial), (const T*)xs[r].data(), (const float*)k.data(), ps.data(), pq.data(), (i64)nr, c, (i64)hw);
+        launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)ps.data(), (const float*)pq.data(), s1.data(), s2.data(), (int)S);
+    };
+    std::vector<float> zero(c, 0.0f), shift(c), s1, s2;
+    std::vector<double> a1(c, 0.0), b1(c, 0.0), b2(c, 0.0);
+    for (int r = 0; r < ranks; ++r) {
+        sums(r, zero, s1, s2);
+        for (int ch = 0; ch < c; ++ch) a1[ch] += s1[ch];
+    }
+    for (int ch = 0; ch < c; ++ch) shift[ch] = (float)(a1[ch] / M);
+    for (int r = 0; r < ranks; ++r) {
+        sums(r, shift, s1, s2);
+        for (int ch = 0; ch < c; ++ch) { b1[ch] += s1[ch]; b2[ch] += s2[ch]; }
+    }
+    std::vector<float> mean(c), is(c), vu(c);
+    for (int ch = 0; ch < c; ++ch) {
+        const double dm = b1[ch] / M;
+        mean[ch] = (float)(shift[ch] + dm);
+        const float var = (float)std::max(b2[ch] / M - dm * dm, 0.0);
+        is[ch] = (float)(1.0 / std::sqrt((double)var + eps));
+        vu[ch] = var * ((float)M / (float)(M - 1));
+    }
+    // f64 over the global batch
+    std::vector<double> rm(c), ris(c), rvu(c), rb(c, 0.0), rg(c, 0.0);
+    auto at = [&](int ch, int a, int h) { return ((size_t)a * c + ch) * hw + h; };
+    for (int ch = 0; ch < c; ++ch) {
+        double s = 0, q = 0;
+        for (int r = 0; r < ranks; ++r) for (int a = 0; a < nr; ++a) for (int h = 0; h < hw; ++h) s += xw[r][at(ch, a, h)];
+        const double mu = s / M;
+        for (int r = 0; r < ranks; ++r) for (int a = 0; a < nr; ++a) for (int h = 0; h < hw; ++h) { const double d = xw[r][at(ch, a, h)] - mu; q += d * d; }
+        rm[ch] = mu; ris[ch] = 1 / std::sqrt(q / M + eps); rvu[ch] = q / (M - 1);
+        for (int r = 0; r < ranks; ++r) for (int a = 0; a < nr; ++a) for (int h = 0; h < hw; ++h) {
+            const size_t i = at(ch, a, h);
+            rb[ch] += dyw[r][i];
+            rg[ch] += dyw[r][i] * (xw[r][i] - mu) * ris[ch];
+        }
+    }
+    char tag[128];
+    snprintf(tag, sizeof tag, "bn_sync %s %s (%d ranks of n=%d,c=%d,hw=%d) S=%u", tname<T>(), nhwc ? "nhwc" : "nchw", ranks, nr, c, hw, S);
+    std::string t(tag);
+    check((t + " mean").c_str(), mean, rm, 1e-5);
+    check((t + " invstd").c_str(), is, ris, 1e-5);
+    check((t + " var_u").c_str(), vu, rvu, 1e-5);
+    // backward: every rank's parameter-gradient sums with the global statistics, all-reduced
+    std::vector<double> gg(c, 0.0), gb(c, 0.0);
+    for (int r = 0; r < ranks; ++r) {
+        std::vector<float> pg = nanv(cs), pb = nanv(cs), dg = nanv(c), db = nanv(c);
+        if (nhwc)
+            launch(nhwc_grid(c, S), nhwc_block(c), KT(bn_backward_partial_nhwc), (const T*)dys[r].data(), (const T*)xs[r].data(), (const float*)mean.data(), (const float*)is.data(), pg.data(), pb.data(), (i64)R, c);
+        else
+            launch({(unsigned)c, S}, threads, KT(bn_backward_partial), (const T*)dys[r].data(), (const T*)xs[r].data(), (const float*)mean.data(), (const float*)is.data(), pg.data(), pb.data(), (i64)nr, c, (i64)hw);
+        launch({(unsigned)c}, 64, bn_backward_finalize_f32, (const float*)pg.data(), (const float*)pb.data(), dg.data(), db.data(), (int)S);
+        for (int ch = 0; ch < c; ++ch) { gg[ch] += dg[ch]; gb[ch] += db[ch]; }
+    }
+    std::vector<float> sg(c), sb(c);
+    for (int ch = 0; ch < c; ++ch) { sg[ch] = (float)(gg[ch] * R / M); sb[ch] = (float)(gb[ch] * R / M); }
+    check((t + " global sum dy").c_str(), std::vector<float>(gb.begin(), gb.end()), rb, 1e-5);
+    check((t + " global sum dy xhat").c_str(), std::vector<float>(gg.begin(), gg.end()), rg, 1e-4);
+    for (int r = 0; r < ranks; ++r) {
+        auto dx = nant<T>(per);
+        launch({3}, 64, KT(bn_backward_dx), (const T*)dys[r].data(), (const T*)xs[r].data(), (const float*)mean.data(), (const float*)is.data(), (const float*)gm.data(), (const float*)sg.data(), (const float*)sb.data(), dx.data(), (i64)(nhwc ? R : nr), c, (i64)(nhwc ? 1 : hw));
+        const auto dxv = widen(nhwc ? to_nchw(dx, nr, c, hw) : dx);
+        std::vector<double> rdx(per);
+        for (int ch = 0; ch < c; ++ch) for (int a = 0; a < nr; ++a) for (int h = 0; h < hw; ++h) {
+            const size_t i = at(ch, a, h);
+            const double xh = (xw[r][i] - rm[ch]) * ris[ch];
+            rdx[i] = gm[ch] * ris[ch] * (dyw[r][i] - rb[ch] / M - xh * rg[ch] / M);
+        }
+        check((t + " dx rank " + std::to_string(r)).c_str(), dxv, rdx, std::is_same_v<T, float> ? 1e-4 : 1e-2);
+    }
+}
+
+void test_bn_sync_all() {
+    for (bool nhwc : {false, true}) {
+        test_bn_sync<float>(2, 5, 7, 2, 3, nhwc);
+        test_bn_sync<float>(3, 8, 9, 4, 2, nhwc);  // NHWC: 4 channels per thread
+        test_bn_sync<float>(4, 3, 1, 2, 1, nhwc);  // (N, C): HW = 1
+        test_bn_sync<bf16>(2, 8, 9, 2, 3, nhwc);
+    }
+}
+
 int main(int argc, char** argv) {
     if (argc == 4 && std::strcmp(argv[1], "augment") == 0) return run_augment(argv[2], argv[3]);
     if (argc == 4 && std::strcmp(argv[1], "bf16round") == 0) return run_bf16_round(argv[2], argv[3]);
@@ -1565,6 +1680,8 @@ int main(int argc, char** argv) {
     test_bf16_all();
     // channels-last kernels (after the others: their random draws are unchanged)
     test_nhwc_all();
+    // synchronized batch norm across ranks (after the others: their random draws are unchanged)
+    test_bn_sync_all();
     printf(fails ? "FAILURES: %d\n" : "ALL OK\n", fails);
     return fails != 0;
 }

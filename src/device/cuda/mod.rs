@@ -9,7 +9,8 @@
 //!
 //! Layout: `alloc` (pool + DeviceBuffer), `blas` (row-major gemm over cuBLAS), `dnn` (cuDNN
 //! convolutions, per-shape algorithm + workspace cache), `ops` (typed launchers for every
-//! kernel), `nvtx` (profiler ranges).
+//! kernel), `nvtx` (profiler ranges). NCCL is `device::nccl` (above the collectives, which
+//! this backend does not import).
 
 pub mod alloc;
 pub mod augment;
@@ -266,7 +267,9 @@ impl CudaBackend {
         Ok(b)
     }
 
-    fn bind(&self) -> Result<()> {
+    /// Makes this backend's context current on the calling thread (before a call that uses
+    /// the current device, such as creating an NCCL communicator).
+    pub(crate) fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("binding the CUDA context", e))

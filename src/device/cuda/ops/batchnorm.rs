@@ -4,6 +4,15 @@
 
 use super::*;
 
+/// The all-reduce of a synchronized batch norm: replaces the f64 values on every rank with
+/// their sum over the ranks (a `Collective`'s `all_reduce_sum_f64`; the launchers stay below
+/// the collectives, which they do not import).
+pub type AllReduceF64<'a> = &'a dyn Fn(&mut [f64]) -> Result<()>;
+
+/// A synchronized batch norm's backward on the device: the all-reduce over the ranks and the
+/// global number of values per channel; `None` for a single rank.
+pub type BnSyncDev<'a> = Option<(AllReduceF64<'a>, usize)>;
+
 /// Slices per channel for the BN reductions over `m` elements per channel (see
 /// `CudaBackend::bn_reduce_cfg`): enough that c * s reaches 8 blocks per SM, none shorter
 /// than BN_MIN_SLICE elements, in [1, BN_MAX_SLICES].
@@ -364,6 +373,33 @@ impl CudaBackend {
         dgamma: &mut DeviceBuffer,
         dbeta: &mut DeviceBuffer,
     ) -> Result<()> {
+        self.batch_norm_backward_sync(
+            training, dy, x, mean, invstd, gamma, n, c, hw, dx, dgamma, dbeta, None,
+        )
+    }
+
+    /// [`CudaBackend::batch_norm_backward`] of a synchronized batch norm with `sync` (the ranks
+    /// and the global number of values per channel; training mode only): dgamma and dbeta stay
+    /// this rank's sums, while dx uses the global batch's ([`CudaBackend::bn_sync_dx_sums`]),
+    /// as the CPU's `bn_backward_coefs_sync`. Without `sync` the kernels of the single-rank
+    /// backward, unchanged.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_backward_sync(
+        &self,
+        training: bool,
+        dy: &DeviceBuffer,
+        x: &DeviceBuffer,
+        mean: &DeviceBuffer,
+        invstd: &DeviceBuffer,
+        gamma: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dx: &mut DeviceBuffer,
+        dgamma: &mut DeviceBuffer,
+        dbeta: &mut DeviceBuffer,
+        sync: BnSyncDev<'_>,
+    ) -> Result<()> {
         let op = "batch_norm_backward";
         let total = n * c * hw;
         let dt = x.dtype();
@@ -434,6 +470,18 @@ impl CudaBackend {
             pdb,
             ss
         );
+        // A synchronized BN's dx reads the global sums (scaled to this rank's count).
+        let global = match sync.filter(|_| training) {
+            None => None,
+            Some((all_reduce, m_global)) => {
+                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, all_reduce, m_global)?)
+            }
+        };
+        let (pdg, pdb) = if let Some((g, b)) = &global {
+            (g.ptr(), b.ptr())
+        } else {
+            (pdg, pdb)
+        };
         let cfg = self.bn_elementwise_cfg(total, hw);
         if training {
             launch!(
@@ -467,6 +515,199 @@ impl CudaBackend {
             );
         }
         Ok(())
+    }
+
+    /// The sums (sum of (x - k), sum of (x - k)^2) per channel, (c,) each, of x (n, c, hw) in
+    /// either layout and element type around the per-channel shift k (c,): the partials on the
+    /// statistics' (c, s) grid (kernels/batchnorm.cu `bn_shifted_partial*`), then
+    /// `bn_backward_finalize_f32` over the s partials of each channel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_shifted_sums(
+        &self,
+        x: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        shift: &DeviceBuffer,
+        sum: &mut DeviceBuffer,
+        sum_sq: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let op = "batch_norm_shifted_sums";
+        let dt = x.dtype();
+        need_dt(op, "x", x, n * c * hw, dt)?;
+        need(op, "shift", shift, c)?;
+        need(op, "sum", sum, c)?;
+        need(op, "sum_sq", sum_sq, c)?;
+        if n * hw == 0 {
+            return Err(Error::Shape(format!("{op}: empty batch (n={n}, hw={hw})")));
+        }
+        if c == 0 {
+            return Ok(());
+        }
+        let cc = i32_of(op, c)?;
+        let v4 = nhwc_v4(c, dt, &[x.ptr()]);
+        let (rcfg, s) = self.bn_reduce_cfg_for(x.layout(), c, n * hw, v4);
+        // (c, s) workspaces: the partial sums of (x - k) and (x - k)^2.
+        let part_sum = self.alloc_f32(c * s as usize)?;
+        let part_sq = self.alloc_f32(c * s as usize)?;
+        let (px, pk, pps, ppq) = (x.ptr(), shift.ptr(), part_sum.ptr(), part_sq.ptr());
+        if x.layout() == Layout::Nhwc {
+            let rr = i64_of(n * hw);
+            launch!(
+                self,
+                &kname("bn_shifted_partial_nhwc", dt),
+                rcfg,
+                px,
+                pk,
+                pps,
+                ppq,
+                rr,
+                cc
+            );
+        } else {
+            let (nn, hh) = (i64_of(n), i64_of(hw));
+            launch!(
+                self,
+                &kname("bn_shifted_partial", dt),
+                rcfg,
+                px,
+                pk,
+                pps,
+                ppq,
+                nn,
+                cc,
+                hh
+            );
+        }
+        let (p1, p2, ss) = (sum.ptr(), sum_sq.ptr(), s as i32);
+        launch!(
+            self,
+            "bn_backward_finalize_f32",
+            Self::bn_finalize_cfg(c, s),
+            pps,
+            ppq,
+            p1,
+            p2,
+            ss
+        );
+        Ok(())
+    }
+
+    /// Synchronized batch norm's training statistics: [`CudaBackend::batch_norm_stats`]'s
+    /// outputs (mean, invstd, unbiased variance, (c,) each) for the global batch of the ranks
+    /// `all_reduce` sums over, x (n, c, hw) being this rank's part of it. The algorithm of the CPU's
+    /// `batch_norm_stats_sync_cpu`, with the per-channel sums on the device: the sums and the
+    /// count, all-reduced, give the global mean; the sums of (x - k) and (x - k)^2 around
+    /// k = that mean rounded to f32 (the same on every rank), all-reduced, give the variance.
+    /// Each all-reduce stages its (c,) vectors through the host (waits for the device).
+    /// Returns the global number of values per channel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_stats_sync(
+        &self,
+        x: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        eps: f32,
+        all_reduce: AllReduceF64<'_>,
+        mean: &mut DeviceBuffer,
+        invstd: &mut DeviceBuffer,
+        var_unbiased: &mut DeviceBuffer,
+    ) -> Result<usize> {
+        let op = "batch_norm_stats_sync";
+        for (nm, b) in [
+            ("mean", &*mean),
+            ("invstd", &*invstd),
+            ("var", &*var_unbiased),
+        ] {
+            if b.dtype() != DType::F32 || b.len32() != c {
+                return Err(Error::Shape(format!(
+                    "{op}: {nm} must be an f32 buffer of exactly {c} values, got {b:?}"
+                )));
+            }
+        }
+        let mut s1 = self.alloc_f32(c)?; // (C,)
+        let mut s2 = self.alloc_f32(c)?; // (C,)
+        let zero = self.zeros_f32(c)?; // (C,)
+        self.batch_norm_shifted_sums(x, n, c, hw, &zero, &mut s1, &mut s2)?;
+        let mut buf: Vec<f64> = self
+            .dtoh::<f32>(&s1, c)?
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        buf.push((n * hw) as f64);
+        all_reduce(&mut buf)?;
+        let m = buf[c] as usize;
+        if m == 0 {
+            return Err(Error::Shape(format!(
+                "{op}: no elements per channel on any rank"
+            )));
+        }
+        let mf = m as f64;
+        let shift: Vec<f32> = buf[..c].iter().map(|&s| (s / mf) as f32).collect();
+        let dshift = self.upload_f32(&shift)?;
+        self.batch_norm_shifted_sums(x, n, c, hw, &dshift, &mut s1, &mut s2)?;
+        let (h1, h2) = (self.dtoh::<f32>(&s1, c)?, self.dtoh::<f32>(&s2, c)?);
+        let mut buf: Vec<f64> = h1
+            .iter()
+            .zip(&h2)
+            .flat_map(|(&a, &b)| [a as f64, b as f64])
+            .collect();
+        all_reduce(&mut buf)?;
+        let (mut hm, mut hi, mut hv) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
+        // The unbiased variance as the CPU arm rounds it (M / (M - 1) in f32).
+        let unbiased = m as f32 / (m - 1).max(1) as f32;
+        for ch in 0..c {
+            let (a, b) = (buf[2 * ch], buf[2 * ch + 1]);
+            let dm = a / mf;
+            hm[ch] = (shift[ch] as f64 + dm) as f32;
+            let var = (b / mf - dm * dm).max(0.0) as f32;
+            hi[ch] = (1.0 / (var as f64 + eps as f64).sqrt()) as f32;
+            hv[ch] = var * unbiased;
+        }
+        self.copy_from_host_f32(mean, &hm)?;
+        self.copy_from_host_f32(invstd, &hi)?;
+        self.copy_from_host_f32(var_unbiased, &hv)?;
+        Ok(m)
+    }
+
+    /// For the dx pass of a synchronized BN backward: this rank's parameter-gradient sums
+    /// `dgamma` = sum(dy * xhat) and `dbeta` = sum(dy) (c,), all-reduced over the ranks by
+    /// `all_reduce` (staged through the host: waits for the device) and scaled by m_local / m_global,
+    /// so that the single-rank dx kernels, which divide by this rank's m_local values per
+    /// channel, compute dx = gamma * invstd * (dy - sum_global(dy) / M - xhat
+    /// sum_global(dy xhat) / M) with M = m_global, the CPU's `bn_backward_coefs_sync`.
+    /// Returns the (dgamma, dbeta) buffers for the dx kernel.
+    pub(super) fn bn_sync_dx_sums(
+        &self,
+        dgamma: &DeviceBuffer,
+        dbeta: &DeviceBuffer,
+        c: usize,
+        m_local: usize,
+        all_reduce: AllReduceF64<'_>,
+        m_global: usize,
+    ) -> Result<(DeviceBuffer, DeviceBuffer)> {
+        if m_global == 0 {
+            return Err(Error::Shape(
+                "synchronized batch norm backward: no values per channel on any rank".into(),
+            ));
+        }
+        let (g, b) = (self.dtoh::<f32>(dgamma, c)?, self.dtoh::<f32>(dbeta, c)?);
+        // Per channel (sum dy, sum dy * xhat): the CPU arm's pairs.
+        let mut buf: Vec<f64> = b
+            .iter()
+            .zip(&g)
+            .flat_map(|(&b, &g)| [b as f64, g as f64])
+            .collect();
+        all_reduce(&mut buf)?;
+        let scale = m_local as f64 / m_global as f64;
+        let gb: Vec<f32> = buf.iter().step_by(2).map(|&v| (v * scale) as f32).collect();
+        let gg: Vec<f32> = buf[1..]
+            .iter()
+            .step_by(2)
+            .map(|&v| (v * scale) as f32)
+            .collect();
+        Ok((self.upload_f32(&gg)?, self.upload_f32(&gb)?))
     }
 
     /// In place: r = (1 - momentum) r + momentum * batch (unbiased variance for r_var).

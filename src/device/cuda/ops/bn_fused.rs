@@ -100,6 +100,34 @@ impl CudaBackend {
         dgamma: &mut DeviceBuffer,
         dbeta: &mut DeviceBuffer,
     ) -> Result<()> {
+        self.bn_act_backward_sync(
+            training, dy, y, x, mean, invstd, gamma, n, c, hw, dx, dresidual, dgamma, dbeta, None,
+        )
+    }
+
+    /// [`CudaBackend::bn_act_backward`] of a synchronized batch norm with `sync` (training
+    /// mode only): dgamma and dbeta stay this rank's sums, dx uses the global batch's
+    /// (`bn_sync_dx_sums`), as `batch_norm_backward_sync`. Without `sync` the single-rank
+    /// kernels, unchanged.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_act_backward_sync(
+        &self,
+        training: bool,
+        dy: &DeviceBuffer,
+        y: &DeviceBuffer,
+        x: &DeviceBuffer,
+        mean: &DeviceBuffer,
+        invstd: &DeviceBuffer,
+        gamma: &DeviceBuffer,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dx: &mut DeviceBuffer,
+        dresidual: Option<&mut DeviceBuffer>,
+        dgamma: &mut DeviceBuffer,
+        dbeta: &mut DeviceBuffer,
+        sync: BnSyncDev<'_>,
+    ) -> Result<()> {
         let op = "bn_act_backward";
         let total = n * c * hw;
         let dt = x.dtype();
@@ -186,6 +214,18 @@ impl CudaBackend {
             pdb,
             ss
         );
+        // A synchronized BN's dx reads the global sums (scaled to this rank's count).
+        let global = match sync.filter(|_| training) {
+            None => None,
+            Some((all_reduce, m_global)) => {
+                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, all_reduce, m_global)?)
+            }
+        };
+        let (pdg, pdb) = if let Some((g, b)) = &global {
+            (g.ptr(), b.ptr())
+        } else {
+            (pdg, pdb)
+        };
         let cfg = self.bn_elementwise_cfg(total, hw);
         let tr = i32::from(training);
         // With a residual the dx pass reads the masked gradient the partial pass wrote (y null:

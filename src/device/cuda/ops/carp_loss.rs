@@ -73,6 +73,29 @@ impl CudaBackend {
         rows_total: usize,
         pbar_hook: Option<PbarHook<'_>>,
     ) -> Result<CarpLossQueued> {
+        self.carp_loss_queued_scaled(
+            student, teacher, perm, vs, n, k, nb, rows_total, pbar_hook, None,
+        )
+    }
+
+    /// [`CudaBackend::carp_loss_queued`] with the uniformity gradient factor g multiplied by
+    /// `entropy_grad_scale` when given (a data-parallel rank's loss: the world size, so that
+    /// the average of the ranks' gradients is the global batch's, as the CPU's
+    /// `carp_loss_pass2_scaled`); `None` launches exactly `carp_loss_queued`'s kernels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn carp_loss_queued_scaled(
+        &self,
+        student: &DeviceBuffer,
+        teacher: &DeviceBuffer,
+        perm: &DeviceBuffer,
+        vs: usize,
+        n: usize,
+        k: usize,
+        nb: usize,
+        rows_total: usize,
+        pbar_hook: Option<PbarHook<'_>>,
+        entropy_grad_scale: Option<f32>,
+    ) -> Result<CarpLossQueued> {
         let op = "carp_loss";
         if vs < 2 || n == 0 || nb == 0 || k == 0 || !k.is_multiple_of(nb) || rows_total == 0 {
             return Err(Error::Shape(format!(
@@ -135,6 +158,10 @@ impl CudaBackend {
             nbi,
             r
         );
+        let mut g = g;
+        if let Some(scale) = entropy_grad_scale {
+            self.scale_in_place(&mut g, scale)?;
+        }
         let dstudent = self.alloc_f32(vs * n * k)?; // (vs, n, k)
         let partial = self.alloc_f32(n * np)?; // (n, np)
         let cfg = LaunchConfig {
