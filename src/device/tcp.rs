@@ -297,14 +297,26 @@ impl Collective for TcpGroup {
     }
 }
 
+/// The wire's little-endian f64s (on a little-endian host, the values' own bytes).
 fn to_bytes(v: &[f64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice::<f64, u8>(v).to_vec()
+    } else {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
 }
 
 fn from_bytes(b: &[u8]) -> Vec<f64> {
-    b.chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("chunks of 8")))
-        .collect()
+    let n = b.len() / 8;
+    let mut out = vec![0f64; n];
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice_mut::<f64, u8>(&mut out).copy_from_slice(&b[..n * 8]);
+    } else {
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+            *o = f64::from_le_bytes(c.try_into().expect("chunks of 8"));
+        }
+    }
+    out
 }
 
 fn send(l: &Link, kind: u8, payload: &[u8]) -> std::result::Result<(), String> {
