@@ -14,7 +14,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,21 @@ struct Link {
     peer: usize,
     reader: Mutex<TcpStream>,
     writer: Arc<Mutex<TcpStream>>,
+    /// Frames the owning thread has read from the peer (heartbeats included): the watchdog's
+    /// sign that the peer lives while the owning thread reads.
+    frames: Arc<AtomicU64>,
+}
+
+/// What the watchdog does when a peer is lost while this rank's own thread cannot notice
+/// (busy, or stuck inside a device collective): by default print why and end the process
+/// with [`crate::error::PEER_EXIT_CODE`].
+pub type OnPeerLost = Arc<dyn Fn(String) + Send + Sync>;
+
+fn exit_on_peer_lost() -> OnPeerLost {
+    Arc::new(|why: String| {
+        eprintln!("error: {why}");
+        std::process::exit(crate::error::PEER_EXIT_CODE as i32);
+    })
 }
 
 /// One rank of a data-parallel run whose ranks are processes connected over TCP.
@@ -85,7 +101,7 @@ pub struct TcpGroup {
     /// Set on drop: the heartbeat thread stops.
     closed: Arc<AtomicBool>,
     /// Set once this rank has aborted: later calls fail at once instead of waiting.
-    failed: Mutex<Option<String>>,
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 impl TcpGroup {
@@ -95,6 +111,18 @@ impl TcpGroup {
     /// mismatch. Returns when all ranks are connected, or an error that names the cause (a port
     /// in use, an unreachable master, a rank that never arrived, a mismatch).
     pub fn join(rv: &Rendezvous, identity: &Identity) -> Result<TcpGroup> {
+        Self::join_watched(rv, identity, exit_on_peer_lost())
+    }
+
+    /// [`TcpGroup::join`] with another action for the watchdog: it runs when a peer has
+    /// closed its connection, or sent nothing for one and a half timeouts, and this rank has
+    /// not noticed on its own (its thread is busy elsewhere, or stuck in an NCCL call whose
+    /// peer died and that will never return).
+    pub fn join_watched(
+        rv: &Rendezvous,
+        identity: &Identity,
+        on_lost: OnPeerLost,
+    ) -> Result<TcpGroup> {
         if rv.world == 0 || rv.rank >= rv.world {
             crate::bail!(
                 Config,
@@ -109,14 +137,15 @@ impl TcpGroup {
             vec![reach_master(rv, identity)?]
         };
         let closed = Arc::new(AtomicBool::new(false));
-        start_heartbeat(&links, rv.timeout, closed.clone())?;
+        let failed = Arc::new(Mutex::new(None));
+        start_heartbeat(&links, rv.timeout, closed.clone(), failed.clone(), on_lost)?;
         Ok(TcpGroup {
             rank: rv.rank,
             world: rv.world,
             timeout: rv.timeout,
             links,
             closed,
-            failed: Mutex::new(None),
+            failed,
         })
     }
 
@@ -349,7 +378,11 @@ fn recv(l: &Link, timeout: Duration) -> std::result::Result<(u8, Vec<u8>), Strin
         .lock()
         .map_err(|_| format!("the connection to rank {} is unusable", l.peer))?;
     loop {
-        match read_frame(&mut *r) {
+        let frame = read_frame(&mut *r);
+        if frame.is_ok() {
+            l.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        match frame {
             Ok((BEAT, _)) => continue,
             Ok(f) => return Ok(f),
             Err(e) => return Err(describe_read_error(l.peer, &e, timeout)),
@@ -388,13 +421,69 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     Ok((head[0], payload))
 }
 
-/// Sends a heartbeat on every link each quarter of the timeout until the group is dropped.
-fn start_heartbeat(links: &[Link], timeout: Duration, closed: Arc<AtomicBool>) -> Result<()> {
+/// Bytes the peer has sent that nobody has read yet (FIONREAD), or None when the socket
+/// cannot say; and whether it has closed its end with nothing left to read.
+fn pending(fd: std::os::fd::RawFd) -> (Option<i64>, bool) {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which points at `n`; `fd` is a socket
+    // this group owns for as long as the watchdog runs (the group stops it before closing).
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    let mut byte = 0u8;
+    // SAFETY: a peek of at most one byte into `byte`; MSG_DONTWAIT leaves the socket's own
+    // (blocking) mode alone. 0 means the peer closed its end and nothing is left to read.
+    let peeked = unsafe {
+        libc::recv(
+            fd,
+            &mut byte as *mut u8 as *mut libc::c_void,
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    ((r == 0).then_some(n as i64), peeked == 0)
+}
+
+/// Sends a heartbeat on every link each quarter of the timeout until the group is dropped, and
+/// watches the peers: one is alive while its frames are read or its unread bytes grow (its
+/// heartbeats pile up while this rank is busy). A peer that closed (for a timeout) or went
+/// silent (for one and a half) while this rank has not failed on its own is reported to
+/// `on_lost`; the rank's own reads, with the timeout, normally notice first.
+fn start_heartbeat(
+    links: &[Link],
+    timeout: Duration,
+    closed: Arc<AtomicBool>,
+    failed: Arc<Mutex<Option<String>>>,
+    on_lost: OnPeerLost,
+) -> Result<()> {
     if links.is_empty() {
         return Ok(());
     }
-    let writers: Vec<_> = links.iter().map(|l| l.writer.clone()).collect();
+    struct Watch {
+        peer: usize,
+        writer: Arc<Mutex<TcpStream>>,
+        fd: std::os::fd::RawFd,
+        frames: Arc<AtomicU64>,
+        last: (u64, Option<i64>),
+        alive_at: Instant,
+        closed_at: Option<Instant>,
+    }
+    let mut watches: Vec<Watch> = links
+        .iter()
+        .map(|l| {
+            let writer = l.writer.clone();
+            let fd = writer.lock().map(|w| w.as_raw_fd()).unwrap_or(-1);
+            Watch {
+                peer: l.peer,
+                writer,
+                fd,
+                frames: l.frames.clone(),
+                last: (0, None),
+                alive_at: Instant::now(),
+                closed_at: None,
+            }
+        })
+        .collect();
     let every = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let silent_limit = timeout + timeout / 2;
     std::thread::Builder::new()
         .name("carp-heartbeat".into())
         .spawn(move || {
@@ -406,12 +495,48 @@ fn start_heartbeat(links: &[Link], timeout: Duration, closed: Arc<AtomicBool>) -
                     continue;
                 }
                 last = Instant::now();
-                for w in &writers {
+                for w in &mut watches {
                     // A failed heartbeat is reported by the reads and writes of the
                     // collectives, which know what was going on.
-                    if let Ok(mut w) = w.lock() {
-                        let _ = write_frame(&mut *w, BEAT, &[]);
+                    if let Ok(mut s) = w.writer.lock() {
+                        let _ = write_frame(&mut *s, BEAT, &[]);
                     }
+                    let (unread, eof) = pending(w.fd);
+                    let now = (w.frames.load(Ordering::Relaxed), unread);
+                    if now != w.last {
+                        w.last = now;
+                        w.alive_at = Instant::now();
+                    }
+                    if eof {
+                        w.closed_at.get_or_insert_with(Instant::now);
+                    }
+                }
+                let noticed = failed.lock().map(|f| f.is_some()).unwrap_or(true);
+                if noticed || closed.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let lost = watches.iter().find_map(|w| {
+                    if w.closed_at.is_some_and(|t| t.elapsed() > timeout) {
+                        Some(format!(
+                            "rank {} closed its connection (it exited or was killed) while this \
+                             rank was busy; the watchdog ends this rank",
+                            w.peer
+                        ))
+                    } else if w.alive_at.elapsed() > silent_limit {
+                        Some(format!(
+                            "rank {} sent nothing (not even a heartbeat) for {:.0} s while this \
+                             rank was busy: it hung, was stopped, or its machine became \
+                             unreachable; the watchdog ends this rank",
+                            w.peer,
+                            silent_limit.as_secs_f64()
+                        ))
+                    } else {
+                        None
+                    }
+                });
+                if let Some(why) = lost {
+                    on_lost(why);
+                    return;
                 }
             }
         })
@@ -430,6 +555,7 @@ fn link(peer: usize, stream: TcpStream, timeout: Duration) -> Result<Link> {
         peer,
         reader: Mutex::new(stream),
         writer: Arc::new(Mutex::new(writer)),
+        frames: Arc::new(AtomicU64::new(0)),
     })
 }
 
@@ -493,6 +619,8 @@ fn gather_ranks(rv: &Rendezvous, identity: &Identity) -> Result<Vec<Link>> {
         if let Err(why) = verdict {
             let _ = send(&l, ABORT, why.as_bytes());
             refuse_all(&arrived, &why);
+            let missing = arrived.iter().filter(|a| a.is_none()).count() - 1;
+            refuse_late_arrivals(&listener, &why, missing);
             return Err(Error::Config(format!("{why} (connection from {from})")));
         }
         arrived[hello.rank - 1] = Some(l);
@@ -502,6 +630,24 @@ fn gather_ranks(rv: &Rendezvous, identity: &Identity) -> Result<Vec<Link>> {
         send(l, WELCOME, &[]).map_err(Error::Msg)?;
     }
     Ok(links)
+}
+
+/// After a refusal, tells the ranks still on their way why (for a few seconds), so that every
+/// rank reports the cause rather than a closed connection.
+fn refuse_late_arrivals(listener: &TcpListener, why: &str, mut missing: usize) {
+    let until = Instant::now() + Duration::from_secs(3);
+    while missing > 0 && Instant::now() < until {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if let Some((mut stream, _)) = read_hello(stream, Duration::from_secs(1)) {
+                    let _ = write_frame(&mut stream, ABORT, why.as_bytes());
+                    missing -= 1;
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 fn refuse_all(arrived: &[Option<Link>], why: &str) {
@@ -680,6 +826,12 @@ mod tests {
     use super::*;
     use crate::device::collective::ThreadGroup;
 
+    /// A join whose watchdog only records (the tests' own assertions see the errors): the
+    /// default action would end the test process.
+    fn join_quiet(rv: &Rendezvous, id: &Identity) -> Result<TcpGroup> {
+        TcpGroup::join_watched(rv, id, Arc::new(|_| {}))
+    }
+
     fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -718,9 +870,7 @@ mod tests {
         let handles: Vec<_> = (0..world)
             .map(|r| {
                 let (f, id) = (f.clone(), ident(r));
-                std::thread::spawn(move || {
-                    f(r, TcpGroup::join(&rv(r, world, port, timeout_ms), &id))
-                })
+                std::thread::spawn(move || f(r, join_quiet(&rv(r, world, port, timeout_ms), &id)))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -817,7 +967,7 @@ mod tests {
     fn a_rank_that_never_arrives_times_out_with_its_number() {
         let port = free_port();
         let t0 = Instant::now();
-        let e = TcpGroup::join(&rv(0, 3, port, 400), &identity(0.6))
+        let e = join_quiet(&rv(0, 3, port, 400), &identity(0.6))
             .err()
             .unwrap()
             .to_string();
@@ -828,7 +978,7 @@ mod tests {
     #[test]
     fn an_unreachable_master_and_a_port_in_use_are_clear_errors() {
         let port = free_port();
-        let e = TcpGroup::join(&rv(1, 2, port, 300), &identity(0.6))
+        let e = join_quiet(&rv(1, 2, port, 300), &identity(0.6))
             .err()
             .unwrap()
             .to_string();
@@ -838,7 +988,7 @@ mod tests {
         );
         let busy = TcpListener::bind(("0.0.0.0", 0)).unwrap();
         let port = busy.local_addr().unwrap().port();
-        let e = TcpGroup::join(&rv(0, 2, port, 300), &identity(0.6))
+        let e = join_quiet(&rv(0, 2, port, 300), &identity(0.6))
             .err()
             .unwrap()
             .to_string();
@@ -902,7 +1052,7 @@ mod tests {
     fn a_silent_rank_is_reported_as_hung_after_the_timeout() {
         let port = free_port();
         let rank0 = std::thread::spawn(move || {
-            let g = TcpGroup::join(&rv(0, 2, port, 500), &identity(0.6)).unwrap();
+            let g = join_quiet(&rv(0, 2, port, 500), &identity(0.6)).unwrap();
             let t0 = Instant::now();
             let e = g.barrier().unwrap_err().to_string();
             (e, t0.elapsed())
@@ -925,6 +1075,88 @@ mod tests {
         let (e, waited) = rank0.join().unwrap();
         assert!(e.contains("rank 1 sent nothing"), "{e}");
         assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5));
+    }
+
+    /// Rank 1 by hand: joins rank 0 on `port`, then does nothing more (a stopped process).
+    fn silent_rank_one(port: u16) -> TcpStream {
+        let mut s = connect_until(
+            &format!("127.0.0.1:{port}"),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        let hello = serde_json::to_vec(&Hello {
+            rank: 1,
+            world: 2,
+            identity: identity(0.6),
+        })
+        .unwrap();
+        s.write_all(MAGIC).unwrap();
+        write_frame(&mut s, HELLO, &hello).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap().0, WELCOME);
+        s
+    }
+
+    #[test]
+    fn the_watchdog_reports_a_lost_peer_while_the_rank_is_busy() {
+        for close in [false, true] {
+            let port = free_port();
+            let (tx, rx) = std::sync::mpsc::channel::<String>();
+            let tx = Mutex::new(tx);
+            let rank0 = std::thread::spawn(move || {
+                let on_lost: OnPeerLost = Arc::new(move |why| {
+                    let _ = tx.lock().unwrap().send(why);
+                });
+                // Joined, then busy (no collective call) for longer than the watchdog needs.
+                let g =
+                    TcpGroup::join_watched(&rv(0, 2, port, 400), &identity(0.6), on_lost).unwrap();
+                std::thread::sleep(Duration::from_secs(3));
+                drop(g);
+            });
+            let s = silent_rank_one(port);
+            if close {
+                drop(s);
+                let why = rx.recv_timeout(Duration::from_secs(2)).expect("no report");
+                assert!(why.contains("rank 1 closed its connection"), "{why}");
+            } else {
+                let t0 = Instant::now();
+                let why = rx.recv_timeout(Duration::from_secs(3)).expect("no report");
+                assert!(why.contains("rank 1 sent nothing"), "{why}");
+                assert!(
+                    t0.elapsed() >= Duration::from_millis(500),
+                    "{:?}",
+                    t0.elapsed()
+                );
+                drop(s);
+            }
+            rank0.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn the_watchdog_stays_quiet_while_busy_ranks_send_heartbeats() {
+        let port = free_port();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let handles: Vec<_> = (0..2)
+            .map(|r| {
+                let tx = Mutex::new(tx.clone());
+                std::thread::spawn(move || {
+                    let on_lost: OnPeerLost = Arc::new(move |why| {
+                        let _ = tx.lock().unwrap().send(why);
+                    });
+                    let g = TcpGroup::join_watched(&rv(r, 2, port, 300), &identity(0.6), on_lost)
+                        .unwrap();
+                    // Both busy for five timeouts (a long evaluation on rank 0, say), then
+                    // back in step.
+                    std::thread::sleep(Duration::from_millis(1500));
+                    g.barrier().unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        drop(tx);
+        assert_eq!(rx.recv().ok(), None, "the watchdog fired on live ranks");
     }
 
     #[test]
