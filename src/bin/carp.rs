@@ -428,16 +428,33 @@ fn run(cli: Cli) -> Result<()> {
                     b + h + p
                 );
                 println!("precision: {}", cfg.precision);
+                // Each rank of a data-parallel run holds its share of the global batch.
+                let world = match args.dist.nproc_per_node {
+                    Some(n) => n * args.dist.nnodes,
+                    None => {
+                        launch::world_from_env(&|k| std::env::var(k).ok())?.map_or(1, |w| w.world)
+                    }
+                };
+                launch::check_batch_divides(cfg.batch, world)?;
+                let mut per_rank = cfg.clone();
+                per_rank.batch = cfg.batch / world;
+                if world > 1 {
+                    println!(
+                        "data parallel: {world} ranks, global batch {} = {} per rank",
+                        cfg.batch, per_rank.batch
+                    );
+                }
                 // A dry run does not need the device: without it, no estimate.
                 let mem = match carp::Device::parse(&cfg.device) {
-                    Ok(device) => Some(carp::train::memory::estimate(&cfg, &device)?),
+                    Ok(device) => Some(carp::train::memory::estimate(&per_rank, &device)?),
                     Err(e) => {
                         println!("memory estimate: none ({e})");
                         None
                     }
                 };
                 if let Some(mem) = &mem {
-                    println!("memory estimate: {}", mem.summary());
+                    let each = if world > 1 { " per rank" } else { "" };
+                    println!("memory estimate{each}: {}", mem.summary());
                     if mem.exceeds_available() {
                         println!("memory: this run would be refused (it does not fit; --force starts it anyway)");
                     }
