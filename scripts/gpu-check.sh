@@ -11,7 +11,8 @@
 # variants; GPU_CHECK_LOADER=0 skips the data-path benches (LOADER_IMAGES, 2048, sizes their
 # ImageNet-like set).
 # GPU_CHECK_MULTICROP=0 skips the 6-local-crop bench; GPU_CHECK_TRAIN=0 the `carp train` run;
-# GPU_CHECK_TESTS=0 the GPU tests; GPU_CHECK_BUDGET_S (530) bounds the whole run.
+# GPU_CHECK_TESTS=0 the GPU tests; GPU_CHECK_DP=0 the data-parallel launch (step 5);
+# GPU_CHECK_BUDGET_S (530) bounds the whole run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
@@ -264,6 +265,34 @@ if [ "${GPU_CHECK_TRAIN:-1}" != 0 ]; then
             overall=1
         row "  train summary ($prec)" INFO "-" "$(tail -1 "${OUT:-/tmp}/train-$prec.json" 2>/dev/null | grep -o '"knn_top1":[0-9.]*\|"knn_top1_random_init":[0-9.]*\|"images_per_s":[0-9.]*' | tr '\n' ' ')"
     done
+fi
+
+if [ "${GPU_CHECK_DP:-1}" != 0 ]; then
+    # 5. Data parallel from the launcher (issue 35): with two GPUs or more, 2 ranks over NCCL
+    # against one rank at the same global batch (the final losses must agree); with one GPU,
+    # the launcher must refuse a second rank with the GPU count (NCCL needs a GPU per rank).
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+    dp="${OUT:-/tmp}/gpu-dp"
+    rm -rf "$dp"
+    dp_args="train --device cuda --steps 10 --batch 128 --no-eval --json"
+    if [ "$gpus" -ge 2 ]; then
+        run_step "carp train --nproc-per-node 2 (NCCL)" 240 bash -o pipefail -c \
+            "'$B/bin/carp' $dp_args --out '$dp/one' | tail -1 > '$dp-one.json' && '$B/bin/carp' $dp_args --nproc-per-node 2 --out '$dp/two' | tail -1 > '$dp-two.json'" ||
+            overall=1
+        l1=$(json_field "$dp-one.json" loss)
+        l2=$(json_field "$dp-two.json" loss)
+        if python3 -c "import sys; a,b=float('$l1'),float('$l2'); sys.exit(0 if abs(a-b) <= 1e-3*max(1,abs(a)) else 1)" 2>/dev/null; then
+            row "  2 ranks vs 1: final loss" PASS "-" "$l2 vs $l1"
+        else
+            row "  2 ranks vs 1: final loss" FAIL "-" "$l2 vs $l1"
+            overall=1
+        fi
+    else
+        run_step "carp train --nproc-per-node 2 refused on 1 GPU" 60 bash -c \
+            "! '$B/bin/carp' $dp_args --nproc-per-node 2 --out '$dp/two' 2> '$dp-err.txt'; grep -q 'GPU(s)' '$dp-err.txt'" ||
+            overall=1
+        row "  (one GPU: the 2-rank NCCL run needs a second)" INFO "-" "$(head -c 120 "$dp-err.txt" 2>/dev/null)"
+    fi
 fi
 
 echo
