@@ -171,6 +171,19 @@ impl std::fmt::Display for Layout {
     }
 }
 
+/// The collective a data-parallel rank on `device` steps with, over the host `control` plane
+/// (the TCP group): on a GPU an NCCL group for the gradient average, elsewhere `control`.
+pub fn rank_collective(
+    control: std::sync::Arc<dyn collective::Collective>,
+    device: &Device,
+) -> Result<std::sync::Arc<dyn collective::Collective>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => nccl::nccl_group(control, device),
+        _ => Ok(control),
+    }
+}
+
 /// GPUs this build can use on this machine (0 without the `cuda` feature, a driver or a GPU).
 pub fn gpu_count() -> usize {
     #[cfg(feature = "cuda")]

@@ -413,11 +413,7 @@ fn join_world(
     // loss's small sums); on GPUs the gradient average goes over NCCL.
     let control: Arc<dyn Collective> =
         Arc::new(TcpGroup::join(&d.rendezvous, &identity(cfg, opts)?)?);
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::device::nccl::nccl_group(control, device).map(Some),
-        _ => Ok(Some(control)),
-    }
+    crate::device::rank_collective(control, device).map(Some)
 }
 
 /// Validates the configuration, installs its run options, opens the device, refuses a run that
