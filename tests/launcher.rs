@@ -24,6 +24,7 @@ fn carp() -> Command {
         "LOCAL_RANK",
         "MASTER_ADDR",
         "MASTER_PORT",
+        "LOCAL_WORLD_SIZE",
         "SLURM_PROCID",
         "SLURM_STEP_NUM_TASKS",
         "SLURM_LOCALID",
@@ -221,6 +222,34 @@ fn two_and_four_ranks_as_processes_take_the_one_rank_steps() {
         }
     }
     assert_same_run(&one, &four, "4 ranks from RANK / WORLD_SIZE");
+
+    // Two processes of an srun job step: Slurm's variables, and MASTER_ADDR as exported.
+    let slurm = tmp.path().join("slurm");
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| {
+            carp()
+                .args(train_args(&slurm, &[]))
+                .env("SLURM_PROCID", r.to_string())
+                .env("SLURM_STEP_NUM_TASKS", "2")
+                .env("SLURM_LOCALID", r.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (r, c) in ranks.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "slurm rank {r}: {}", stderr(&o));
+    }
+    assert_same_run(
+        &one,
+        &slurm,
+        "2 ranks from SLURM_PROCID / SLURM_STEP_NUM_TASKS",
+    );
 
     // Multi-crop: the local views are sliced with their images. Two steps: from the third
     // on, a few channels of the tiny model's layer3 on the 14x14 local views sit at the ReLU
