@@ -594,3 +594,39 @@ fn ctrl_c_reaches_every_rank() {
         assert!(!alive, "worker {pid} still runs");
     }
 }
+
+#[test]
+fn a_killed_launcher_takes_its_workers_along() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let port = free_port().to_string();
+    let args = with_steps(
+        train_args(&out, &["--nproc-per-node", "2", "--master-port", &port]),
+        1000,
+    );
+    let mut launcher = carp()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ranks = children_by_rank(launcher.id());
+    wait_for_steps(&out, 2);
+    signal(launcher.id(), libc::SIGKILL);
+    let _ = launcher.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for pid in ranks.values() {
+        // The workers were the launcher's children: once it is gone they are reaped by init,
+        // so a missing /proc entry (or a zombie) means the worker ended.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} outlived its launcher"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

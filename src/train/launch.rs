@@ -242,7 +242,18 @@ pub fn launch(
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(plan.nproc);
     for local in 0..plan.nproc {
         let rank = plan.node_rank * plan.nproc + local;
-        let child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe: a worker gets SIGTERM if the launcher itself dies
+        // (killed by the OOM killer, say), instead of running on without supervision.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
