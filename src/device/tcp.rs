@@ -354,10 +354,20 @@ fn send(l: &Link, kind: u8, payload: &[u8]) -> std::result::Result<(), String> {
         .lock()
         .map_err(|_| format!("the connection to rank {} is unusable", l.peer))?;
     write_frame(&mut *w, kind, payload).map_err(|e| {
-        format!(
-            "cannot send to rank {}: {e} (it exited, hung or became unreachable)",
-            l.peer
-        )
+        let peer = l.peer;
+        match e.kind() {
+            ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::UnexpectedEof => format!(
+                "rank {peer} closed its connection: it exited or was killed (see its own output)"
+            ),
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => format!(
+                "rank {peer} stopped taking data for longer than --dist-timeout: it hung, was \
+                 stopped, or its machine became unreachable"
+            ),
+            _ => format!("cannot send to rank {peer}: {e} (it exited, hung or became unreachable)"),
+        }
     })
 }
 
