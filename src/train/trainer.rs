@@ -425,11 +425,12 @@ fn open_run<'a>(cfg: &'a TrainConfig, opts: &'a TrainOptions) -> Result<Run<'a>>
     // Everything built and run from here on (the memory probe too) follows the run's recorded
     // options.
     crate::options::install(cfg.run_options);
-    let device = match (resolve_device(&cfg.device)?, &opts.dist) {
-        // One GPU per rank of a machine.
+    let device = match (Device::parse(&cfg.device)?, &opts.dist) {
+        // One GPU per rank of a machine (opened only there: no rank touches another's GPU).
         (Device::Cuda(_), Some(d)) if world > 1 => Device::Cuda(d.local_rank),
         (device, _) => device,
     };
+    device.open()?;
     let comm = join_world(cfg, opts, &device)?;
     let run = Run {
         cfg,
