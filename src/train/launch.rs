@@ -246,6 +246,7 @@ pub fn launch(
         // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
         // which is async-signal-safe: a worker gets SIGTERM if the launcher itself dies
         // (killed by the OOM killer, say), instead of running on without supervision.
+        #[cfg(target_os = "linux")]
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
