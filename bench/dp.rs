@@ -20,6 +20,7 @@ use carp::train::step::CarpState;
 use carp::{Error, Result};
 
 use crate::cli::Args;
+use crate::median;
 
 /// What one rank measured: its timed steps and the collective calls of each.
 struct RankRun {
@@ -36,14 +37,6 @@ pub struct CallCost {
     /// On this transport's wire, each way: f64 values (8 bytes), sent and received.
     pub bytes: f64,
     pub ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// One rank's loop: `warmup` untimed steps, then `steps` timed ones on its own synthetic
@@ -93,10 +86,10 @@ fn rank_loop(
 fn cost(calls: &[Vec<CallRecord>], pick: impl Fn(&CallRecord) -> bool) -> CallCost {
     let per_step = |f: &dyn Fn(&CallRecord) -> f64| {
         median(
-            calls
+            &mut calls
                 .iter()
                 .map(|step| step.iter().filter(|c| pick(c)).map(f).sum())
-                .collect(),
+                .collect::<Vec<f64>>(),
         )
     };
     let values = per_step(&|c| c.values as f64);
@@ -141,7 +134,7 @@ pub fn run(args: &Args, nproc: usize) -> Result<()> {
 
     eprintln!("one rank ...");
     let one = rank_loop(args, &model, &device, None)?;
-    let one_ms = median(one.step_ms.clone());
+    let one_ms = median(&mut one.step_ms.clone());
 
     eprintln!("{nproc} ranks ...");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -183,7 +176,7 @@ pub fn run(args: &Args, nproc: usize) -> Result<()> {
     // The run goes at its slowest rank's pace.
     let many_ms = ranks
         .iter()
-        .map(|r| median(r.step_ms.clone()))
+        .map(|r| median(&mut r.step_ms.clone()))
         .fold(0.0, f64::max);
     let n = args.batch as f64;
     let (one_ips, rank_ips) = (n / (one_ms / 1e3), n / (many_ms / 1e3));
