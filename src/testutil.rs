@@ -152,6 +152,16 @@ macro_rules! test_device {
     };
 }
 
+/// An environment of its own for code that reads variables through a `get` function: `pairs`
+/// set, everything else unset.
+pub fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let m: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| m.get(k).cloned()
+}
+
 /// A seeded RNG for tests.
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)

@@ -365,6 +365,8 @@ fn launch_workers(d: &DistArgs, nproc: usize, cfg: &TrainConfig) -> Result<()> {
             w.rank, w.world, w.source
         )));
     }
+    // The flags, else the environment, else a single machine's defaults.
+    let (env_addr, env_port) = launch::master_from_env(&|k| std::env::var(k).ok())?;
     let plan = launch::LaunchPlan {
         nproc,
         nnodes: d.nnodes,
@@ -372,17 +374,12 @@ fn launch_workers(d: &DistArgs, nproc: usize, cfg: &TrainConfig) -> Result<()> {
         master_addr: d
             .master_addr
             .clone()
-            .or_else(|| std::env::var("MASTER_ADDR").ok())
-            .unwrap_or_else(|| "127.0.0.1".into()),
-        master_port: match d.master_port {
-            Some(p) => p,
-            None => match std::env::var("MASTER_PORT") {
-                Ok(p) => p.trim().parse().map_err(|_| {
-                    Error::Config(format!("MASTER_PORT={p:?} is not a port number"))
-                })?,
-                Err(_) => launch::DEFAULT_MASTER_PORT,
-            },
-        },
+            .or(env_addr)
+            .unwrap_or_else(|| launch::DEFAULT_MASTER_ADDR.into()),
+        master_port: d
+            .master_port
+            .or(env_port)
+            .unwrap_or(launch::DEFAULT_MASTER_PORT),
     };
     plan.validate(cfg.batch)?;
     dist_timeout(d)?;

@@ -12,6 +12,9 @@ use crate::bail;
 use crate::device::tcp::Rendezvous;
 use crate::error::{Error, Result};
 
+/// The default `--master-addr`: a single machine.
+pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
+
 /// The default `--master-port` (torchrun's).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
@@ -47,14 +50,24 @@ fn parse_var<T: std::str::FromStr>(
     }
 }
 
+/// MASTER_ADDR (an empty one counts as unset) and MASTER_PORT when set (`get` reads a
+/// variable).
+pub fn master_from_env(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Option<String>, Option<u16>)> {
+    Ok((
+        get("MASTER_ADDR").filter(|a| !a.trim().is_empty()),
+        parse_var::<u16>(get, "MASTER_PORT")?,
+    ))
+}
+
 /// The rank, world size and local rank a launcher set in the environment (`get` reads a
 /// variable): torchrun's RANK, WORLD_SIZE, LOCAL_RANK (carp's own launcher sets the same), else
 /// Slurm's SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID inside an `srun` job step (a
 /// batch script's own variables are not a job step and do not count). None: no launcher, a
 /// single process.
 pub fn world_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<WorldEnv>> {
-    let master_addr = get("MASTER_ADDR").filter(|a| !a.trim().is_empty());
-    let master_port = parse_var::<u16>(get, "MASTER_PORT")?;
+    let (master_addr, master_port) = master_from_env(get)?;
     let torch = (
         parse_var::<usize>(get, "RANK")?,
         parse_var::<usize>(get, "WORLD_SIZE")?,
@@ -119,7 +132,7 @@ impl WorldEnv {
                  MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)) or \
                  pass --master-addr"
             ),
-            (None, None) => "127.0.0.1".to_string(),
+            (None, None) => DEFAULT_MASTER_ADDR.to_string(),
         };
         Ok(Rendezvous {
             rank: self.rank,
@@ -386,15 +399,7 @@ pub fn binary_identity() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
-    }
+    use crate::testutil::env_of as env;
 
     #[test]
     fn torchrun_and_slurm_variables_name_the_rank() {
