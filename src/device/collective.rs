@@ -341,7 +341,7 @@ pub fn multi(c: Option<&Arc<dyn Collective>>) -> Option<&Arc<dyn Collective>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Runs `f(rank, collective)` on each rank of a `world`-rank thread group and returns the
@@ -364,7 +364,7 @@ mod tests {
     }
 
     /// Rank r's contribution: values spread over magnitudes so the summation order matters.
-    fn values(r: usize, n: usize) -> Vec<f32> {
+    pub(crate) fn values(r: usize, n: usize) -> Vec<f32> {
         (0..n)
             .map(|i| ((r * 31 + i * 7) % 13) as f32 * 10f32.powi((i % 5) as i32 - 2) - 0.3)
             .collect()

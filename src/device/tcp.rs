@@ -834,6 +834,7 @@ fn connect_until(target: &str, deadline: Instant) -> std::result::Result<TcpStre
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::collective::tests::values;
     use crate::device::collective::ThreadGroup;
 
     /// A join whose watchdog only records (the tests' own assertions see the errors): the
@@ -884,13 +885,6 @@ mod tests {
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
-    }
-
-    /// Rank r's contribution: magnitudes spread so that the summation order shows in the bits.
-    fn values(r: usize, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((r * 31 + i * 7) % 13) as f32 * 10f32.powi((i % 5) as i32 - 2) - 0.3)
-            .collect()
     }
 
     #[test]
@@ -1067,21 +1061,8 @@ mod tests {
             let e = g.barrier().unwrap_err().to_string();
             (e, t0.elapsed())
         });
-        // Rank 1 by hand: it joins, then sends nothing, not even heartbeats (a stopped process).
-        let mut s = connect_until(
-            &format!("127.0.0.1:{port}"),
-            Instant::now() + Duration::from_secs(5),
-        )
-        .unwrap();
-        let hello = serde_json::to_vec(&Hello {
-            rank: 1,
-            world: 2,
-            identity: identity(0.6),
-        })
-        .unwrap();
-        s.write_all(MAGIC).unwrap();
-        write_frame(&mut s, HELLO, &hello).unwrap();
-        assert_eq!(read_frame(&mut s).unwrap().0, WELCOME);
+        // Kept open, not a word sent: not even heartbeats.
+        let _rank1 = silent_rank_one(port);
         let (e, waited) = rank0.join().unwrap();
         assert!(e.contains("rank 1 sent nothing"), "{e}");
         assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5));
