@@ -352,6 +352,29 @@ fn wait_for_steps(run_dir: &Path, steps: usize) {
     }
 }
 
+/// A launcher of 2 ranks on a long run (1000 steps, `extra` flags added) into `out`, its stderr
+/// piped, and its workers by rank once they have started.
+fn long_launch(out: &Path, extra: &[&str]) -> (Child, HashMap<usize, u32>) {
+    let port = free_port().to_string();
+    let mut flags = vec!["--nproc-per-node", "2", "--master-port", &port];
+    flags.extend_from_slice(extra);
+    let launcher = carp()
+        .args(with_steps(train_args(out, &flags), 1000))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ranks = children_by_rank(launcher.id());
+    (launcher, ranks)
+}
+
+/// Whether process `pid` still runs (a missing /proc entry or a zombie: it ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z"))
+        .unwrap_or(false)
+}
+
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on a process this test started and has not reaped.
     unsafe {
@@ -375,28 +398,7 @@ fn wait_bounded(c: Child, limit: Duration) -> (Output, Duration) {
 fn a_killed_rank_stops_the_launcher_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let port = free_port().to_string();
-    let args = with_steps(
-        train_args(
-            &out,
-            &[
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                &port,
-                "--checkpoint-every",
-                "1",
-            ],
-        ),
-        1000,
-    );
-    let launcher = carp()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ranks = children_by_rank(launcher.id());
+    let (launcher, ranks) = long_launch(&out, &["--checkpoint-every", "1"]);
     wait_for_steps(&out, 3);
     signal(ranks[&1], libc::SIGKILL);
     let (o, took) = wait_bounded(launcher, Duration::from_secs(60));
@@ -406,13 +408,7 @@ fn a_killed_rank_stops_the_launcher_and_keeps_the_last_checkpoint() {
     assert!(err.contains("rank 1 was killed by signal 9"), "{err}");
     assert!(err.contains("rank 1 closed its connection"), "{err}");
     // Rank 0 is gone too, and the checkpoint it left loads.
-    assert!(
-        std::fs::read(format!("/proc/{}/stat", ranks[&0])).is_err() || {
-            let s =
-                std::fs::read_to_string(format!("/proc/{}/stat", ranks[&0])).unwrap_or_default();
-            s.contains(") Z")
-        }
-    );
+    assert!(!running(ranks[&0]));
     let t = tensors(&out);
     assert!(!t.is_empty());
 }
@@ -567,18 +563,7 @@ fn bad_launches_are_one_line_errors_that_lose_nothing() {
 fn ctrl_c_reaches_every_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let port = free_port().to_string();
-    let args = with_steps(
-        train_args(&out, &["--nproc-per-node", "2", "--master-port", &port]),
-        1000,
-    );
-    let launcher = carp()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ranks = children_by_rank(launcher.id());
+    let (launcher, ranks) = long_launch(&out, &[]);
     wait_for_steps(&out, 2);
     // Only the launcher gets it (as from `kill -INT`); it passes it on.
     signal(launcher.id(), libc::SIGINT);
@@ -588,10 +573,7 @@ fn ctrl_c_reaches_every_rank() {
     assert!(err.contains("interrupted"), "{err}");
     assert!(took < Duration::from_secs(20), "took {took:?}");
     for pid in ranks.values() {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z"))
-            .unwrap_or(false);
-        assert!(!alive, "worker {pid} still runs");
+        assert!(!running(*pid), "worker {pid} still runs");
     }
 }
 
@@ -599,18 +581,7 @@ fn ctrl_c_reaches_every_rank() {
 fn a_killed_launcher_takes_its_workers_along() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let port = free_port().to_string();
-    let args = with_steps(
-        train_args(&out, &["--nproc-per-node", "2", "--master-port", &port]),
-        1000,
-    );
-    let mut launcher = carp()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let ranks = children_by_rank(launcher.id());
+    let (mut launcher, ranks) = long_launch(&out, &[]);
     wait_for_steps(&out, 2);
     signal(launcher.id(), libc::SIGKILL);
     let _ = launcher.wait();
@@ -618,10 +589,7 @@ fn a_killed_launcher_takes_its_workers_along() {
     for pid in ranks.values() {
         // The workers were the launcher's children: once it is gone they are reaped by init,
         // so a missing /proc entry (or a zombie) means the worker ended.
-        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z"))
-            .unwrap_or(false)
-        {
+        while running(*pid) {
             assert!(
                 Instant::now() < deadline,
                 "worker {pid} outlived its launcher"
