@@ -471,17 +471,10 @@ impl CudaBackend {
             ss
         );
         // A synchronized BN's dx reads the global sums (scaled to this rank's count).
-        let global = match sync.filter(|_| training) {
-            None => None,
-            Some((all_reduce, m_global)) => {
-                Some(self.bn_sync_dx_sums(dgamma, dbeta, c, n * hw, all_reduce, m_global)?)
-            }
-        };
-        let (pdg, pdb) = if let Some((g, b)) = &global {
-            (g.ptr(), b.ptr())
-        } else {
-            (pdg, pdb)
-        };
+        let global = self.bn_sync_dx_sums(sync.filter(|_| training), dgamma, dbeta, c, n * hw)?;
+        let (pdg, pdb) = global
+            .as_ref()
+            .map_or((pdg, pdb), |(g, b)| (g.ptr(), b.ptr()));
         let cfg = self.bn_elementwise_cfg(total, hw);
         if training {
             launch!(
@@ -677,16 +670,19 @@ impl CudaBackend {
     /// so that the single-rank dx kernels, which divide by this rank's m_local values per
     /// channel, compute dx = gamma * invstd * (dy - sum_global(dy) / M - xhat
     /// sum_global(dy xhat) / M) with M = m_global, the CPU's `bn_backward_coefs_sync`.
-    /// Returns the (dgamma, dbeta) buffers for the dx kernel.
+    /// Returns the (dgamma, dbeta) buffers for the dx kernel; None without `sync` (one rank, or
+    /// eval mode), where the dx kernel reads this rank's sums as they are.
     pub(super) fn bn_sync_dx_sums(
         &self,
+        sync: BnSyncDev<'_>,
         dgamma: &DeviceBuffer,
         dbeta: &DeviceBuffer,
         c: usize,
         m_local: usize,
-        all_reduce: AllReduceF64<'_>,
-        m_global: usize,
-    ) -> Result<(DeviceBuffer, DeviceBuffer)> {
+    ) -> Result<Option<(DeviceBuffer, DeviceBuffer)>> {
+        let Some((all_reduce, m_global)) = sync else {
+            return Ok(None);
+        };
         if m_global == 0 {
             return Err(Error::Shape(
                 "synchronized batch norm backward: no values per channel on any rank".into(),
@@ -707,7 +703,7 @@ impl CudaBackend {
             .step_by(2)
             .map(|&v| (v * scale) as f32)
             .collect();
-        Ok((self.upload_f32(&gg)?, self.upload_f32(&gb)?))
+        Ok(Some((self.upload_f32(&gg)?, self.upload_f32(&gb)?)))
     }
 
     /// In place: r = (1 - momentum) r + momentum * batch (unbiased variance for r_var).
