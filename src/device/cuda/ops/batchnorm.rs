@@ -472,9 +472,12 @@ impl CudaBackend {
         );
         // A synchronized BN's dx reads the global sums (scaled to this rank's count).
         let global = self.bn_sync_dx_sums(sync.filter(|_| training), dgamma, dbeta, c, n * hw)?;
-        let (pdg, pdb) = global
-            .as_ref()
-            .map_or((pdg, pdb), |(g, b)| (g.ptr(), b.ptr()));
+        // (An if-else of tuples, the form the launch-argument test follows to the pointers.)
+        let (pdg, pdb) = if let Some((g, b)) = &global {
+            (g.ptr(), b.ptr())
+        } else {
+            (pdg, pdb)
+        };
         let cfg = self.bn_elementwise_cfg(total, hw);
         if training {
             launch!(
