@@ -710,14 +710,14 @@ extern "C" __global__ void bn_sqdev_partial_nhwc_bf16(const bf16* __restrict__ x
 // then E[(x - k)^2] - (E[x - k])^2 (bn_stats_finalize_shifted_f32): the cancellation that makes
 // E[x^2] - E[x]^2 unusable is bounded by (mean - k)^2 / var, a small factor, not by mean^2 / var.
 // x: (R, C) NHWC; part_sum, part_sq: (C, S); shift: (C,).
+// This thread's sums of (x - k) and (x - k)^2 over its rows of the block's slice, reduced over
+// the block's rows into part_sum and part_sq (C, S): the shifted statistics' partials, with the
+// shift k of this thread's channel group. x: (R, C) NHWC.
 template <int V, class T>
-__device__ __forceinline__ void bn_stats_partial_nhwc_v(const T* __restrict__ x,
-                                                        float* __restrict__ part_sum,
-                                                        float* __restrict__ part_sq,
-                                                        float* __restrict__ shift, i64 R, int C) {
-    const int G = C / V, g = blockIdx.x * blockDim.x + threadIdx.x;
-    Lanes<V> k = {};
-    if (g < G && R > 0) k = ldv<V>(x, g);  // row 0's unit of this group
+__device__ __forceinline__ void bn_nhwc_shifted_sums(const T* __restrict__ x, const Lanes<V>& k,
+                                                     float* __restrict__ part_sum,
+                                                     float* __restrict__ part_sq, i64 R, int C) {
+    const int G = C / V;
     i64 r0, r1;
     bn_slice(R, &r0, &r1);
     Lanes<V> s1 = {}, s2 = {};
@@ -731,6 +731,16 @@ __device__ __forceinline__ void bn_stats_partial_nhwc_v(const T* __restrict__ x,
     });
     bn_nhwc_store(part_sum, G, bn_nhwc_rows_sum(s1));
     bn_nhwc_store(part_sq, G, bn_nhwc_rows_sum(s2));
+}
+template <int V, class T>
+__device__ __forceinline__ void bn_stats_partial_nhwc_v(const T* __restrict__ x,
+                                                        float* __restrict__ part_sum,
+                                                        float* __restrict__ part_sq,
+                                                        float* __restrict__ shift, i64 R, int C) {
+    const int G = C / V, g = blockIdx.x * blockDim.x + threadIdx.x;
+    Lanes<V> k = {};
+    if (g < G && R > 0) k = ldv<V>(x, g);  // row 0's unit of this group
+    bn_nhwc_shifted_sums<V>(x, k, part_sum, part_sq, R, C);
     if (blockIdx.y == 0 && threadIdx.y == 0 && g < G)
         for (int j = 0; j < V; ++j) shift[g * V + j] = k.v[j];
 }
@@ -879,21 +889,7 @@ __device__ __forceinline__ void bn_shifted_partial_nhwc_v(const T* __restrict__ 
                                                           float* __restrict__ part_sum,
                                                           float* __restrict__ part_sq, i64 R,
                                                           int C) {
-    const int G = C / V;
-    const Lanes<V> k = bn_nhwc_params<V>(shift, G);
-    i64 r0, r1;
-    bn_slice(R, &r0, &r1);
-    Lanes<V> s1 = {}, s2 = {};
-    bn_nhwc_walk(G, r0, r1, [&](i64 u) {
-        const Lanes<V> v = ldv<V>(x, u);
-        for (int j = 0; j < V; ++j) {
-            const float d = v.v[j] - k.v[j];
-            s1.v[j] += d;
-            s2.v[j] += d * d;
-        }
-    });
-    bn_nhwc_store(part_sum, G, bn_nhwc_rows_sum(s1));
-    bn_nhwc_store(part_sq, G, bn_nhwc_rows_sum(s2));
+    bn_nhwc_shifted_sums<V>(x, bn_nhwc_params<V>(shift, C / V), part_sum, part_sq, R, C);
 }
 template <class T>
 __device__ __forceinline__ void bn_shifted_partial_nhwc(const T* __restrict__ x,
